@@ -1,0 +1,1 @@
+"""lopa: fast diffusion-LLM inference with Lookahead PArallel decoding."""

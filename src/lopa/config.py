@@ -1,0 +1,141 @@
+"""Per-request decoding settings, engine-wide runner settings, and the paper's presets as data.
+
+Every field is validated in ``__post_init__``; a bad value raises ``ConfigError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+STRATEGIES = ("threshold", "d2f", "lopa", "dream")
+CONFIDENCES = ("prob", "neg_entropy", "margin")
+ATTENTIONS = ("full", "block_causal")
+COMPATS = ("default", "published")
+DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {message}")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How to decode one request. Defaults are the paper's D2F-Dream GSM8K row (Table 5).
+
+    tau compares the max probability (Eq. 1, strict ``>``); ``confidence`` picks the measure that ranks
+    positions (the top-1 fallback, lookahead candidates) and scores branches (Eq. 2).
+    """
+
+    strategy: str = "lopa"
+    gen_length: int = 256  # max new tokens
+    block_size: int = 32
+    tau: float = 0.9  # τ_conf: fill threshold on max probability
+    add_threshold: float = 0.1  # τ_add: add a block once the last one is this complete
+    complete_threshold: float = 0.95  # τ_act: a block is fully active once its predecessor is this complete
+    k: int = 14  # lookahead branches (lopa); K = k + 1 rows per forward
+    base: str = "d2f"  # what lopa branches over: "d2f" pipelined blocks or "threshold" plain window
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    confidence: str = "prob"
+    branch_confidence: str = "mean"
+    attention: str | None = None  # window attention; None = the strategy's own default
+    steps: int | None = None  # dream sampler: diffusion steps (None = gen_length)
+    alg: str = "entropy"  # dream sampler's confidence algorithm
+    compat: str = "default"  # "published" reproduces zhijie-group/LoPA's decode loop
+    max_rounds: int | None = None  # safety cap on forward rounds (None = derived from gen_length)
+    trace: bool = False  # keep a per-step record (positions filled, winner, branch scores)
+
+    def __post_init__(self) -> None:
+        _check(self.strategy in STRATEGIES, "strategy", f"must be one of {STRATEGIES}, got {self.strategy!r}")
+        _check(self.gen_length >= 1, "gen_length", f"must be >= 1, got {self.gen_length}")
+        _check(self.block_size >= 1, "block_size", f"must be >= 1, got {self.block_size}")
+        _check(0.0 < self.tau <= 1.0, "tau", f"must be in (0, 1], got {self.tau}")
+        _check(0.0 <= self.add_threshold <= 1.0, "add_threshold", f"must be in [0, 1], got {self.add_threshold}")
+        _check(
+            0.0 <= self.complete_threshold <= 1.0,
+            "complete_threshold",
+            f"must be in [0, 1], got {self.complete_threshold}",
+        )
+        _check(self.k >= 0, "k", f"must be >= 0, got {self.k}")
+        _check(self.base in ("d2f", "threshold"), "base", f"must be 'd2f' or 'threshold', got {self.base!r}")
+        _check(self.temperature >= 0.0, "temperature", f"must be >= 0, got {self.temperature}")
+        _check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(self.confidence in CONFIDENCES, "confidence", f"must be one of {CONFIDENCES}, got {self.confidence!r}")
+        _check(
+            self.attention is None or self.attention in ATTENTIONS,
+            "attention",
+            f"must be one of {ATTENTIONS} or None, got {self.attention!r}",
+        )
+        _check(self.steps is None or self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        _check(self.alg in DREAM_ALGS, "alg", f"must be one of {DREAM_ALGS}, got {self.alg!r}")
+        _check(self.compat in COMPATS, "compat", f"must be one of {COMPATS}, got {self.compat!r}")
+        _check(self.max_rounds is None or self.max_rounds >= 1, "max_rounds", f"must be >= 1, got {self.max_rounds}")
+        from .decoding.confidence import BRANCH_SCORES  # registry of pluggable branch-confidence functions
+
+        _check(
+            self.branch_confidence in BRANCH_SCORES,
+            "branch_confidence",
+            f"must be one of {tuple(BRANCH_SCORES)}, got {self.branch_confidence!r}",
+        )
+
+    def replace(self, **changes) -> "DecodeConfig":
+        """A copy with some fields changed; unknown names raise ConfigError."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        _check(not unknown, "DecodeConfig", f"unknown field(s) {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def window_attention(self) -> str:
+        """The attention used inside the active window: D2F keeps its block-causal mask, the rest are full."""
+        if self.attention is not None:
+            return self.attention
+        return "block_causal" if self.strategy == "d2f" else "full"
+
+
+# The paper's Table 5 (D2F-Dream rows). Each is a complete DecodeConfig; override fields with .replace().
+PRESETS: dict[str, DecodeConfig] = {
+    "gsm8k": DecodeConfig(block_size=32, add_threshold=0.1, complete_threshold=0.95, tau=0.90, k=14),
+    "math": DecodeConfig(block_size=16, add_threshold=0.1, complete_threshold=0.95, tau=0.90, k=7),
+    "humaneval": DecodeConfig(block_size=32, add_threshold=0.3, complete_threshold=0.95, tau=0.95, k=7),
+    "mbpp": DecodeConfig(block_size=32, add_threshold=0.3, complete_threshold=0.95, tau=0.95, k=7),
+}
+
+# D2F-LLaDA's published settings differ from Dream's: larger blocks, later block addition, longer answers.
+LLADA_DEFAULTS: dict[str, object] = dict(block_size=64, add_threshold=0.7, complete_threshold=0.95, tau=0.9, gen_length=512)
+
+
+def decode_config(preset: str | None = None, model_type: str = "dream", **overrides) -> DecodeConfig:
+    """Build a DecodeConfig: a named preset (Dream) or the model family's defaults, then overrides."""
+    if preset is not None:
+        _check(preset in PRESETS, "preset", f"must be one of {tuple(PRESETS)}, got {preset!r}")
+        base = PRESETS[preset]
+    elif model_type == "llada":
+        base = DecodeConfig(**LLADA_DEFAULTS)
+    else:
+        base = DecodeConfig()
+    return base.replace(**overrides)
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """Engine-wide settings: where and how the model runs."""
+
+    device: str = "auto"  # "auto" = cuda if available else cpu
+    dtype: str = "auto"  # "auto" = bfloat16 on GPU, float32 on CPU; or float32 / bfloat16 / float16
+    compile: bool = False  # torch.compile the model forward (GPU)
+    cuda_graphs: bool = False  # capture one CUDA graph per (K, W) shape bucket (GPU)
+    quantize: str | None = None  # None | "int8" (weight-only) | "fp8" (Hopper)
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", f"unknown dtype {self.dtype!r}")
+        _check(self.quantize in (None, "int8", "fp8"), "quantize", f"must be None, 'int8' or 'fp8', got {self.quantize!r}")
+        _check(
+            self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
+            "device",
+            f"must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}",
+        )
