@@ -19,11 +19,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from ..config import DecodeConfig
+if TYPE_CHECKING:  # config validates against decoding.confidence, so import it for typing only
+    from ..config import DecodeConfig
 
 
 @dataclass(frozen=True)

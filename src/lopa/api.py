@@ -1,0 +1,128 @@
+"""The public API: ``load_model`` and ``generate``. Front ends (CLI, eval, server) use only this."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import DecodeConfig, RunnerConfig, decode_config
+from .decoding import make_strategy
+from .decoding.base import DecodeState, Step
+from .errors import CheckpointError, ConfigError
+from .models.loader import LoadedModel, load_folder
+from .runner.single import Runner, Stats
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_model_path() -> Path:
+    """The small D2F-trained Dream-architecture model that ships inside the package."""
+    return Path(str(resources.files("lopa") / "assets" / "default_model"))
+
+
+@dataclass
+class LopaModel:
+    """A loaded model with its tokenizer and a runner on its device."""
+
+    path: Path
+    loaded: LoadedModel
+    runner: Runner
+    runner_config: RunnerConfig
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    @property
+    def config(self):
+        return self.loaded.config
+
+    @property
+    def model_type(self) -> str:
+        return self.loaded.config.model_type
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # generated ids up to and including the first EOS
+    prompt_ids: list[int]
+    stats: Stats
+    config: DecodeConfig
+    trace: list[Step] = field(default_factory=list)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} requested but CUDA is not available")
+    return device
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def load_model(
+    path: str | Path | None = None,
+    adapter: str | Path | None = None,
+    runner: RunnerConfig | None = None,
+) -> LopaModel:
+    """Load an HF-format Dream or LLaDA folder (default: the embedded model), optionally merging a LoRA adapter."""
+    runner = runner or RunnerConfig()
+    folder = Path(path) if path is not None else default_model_path()
+    if path is None and not (folder / "config.json").is_file():
+        raise CheckpointError(f"the embedded default model is missing from {folder}; pass a model folder")
+    device = _resolve_device(runner.device)
+    dtype = _resolve_dtype(runner.dtype, device)
+    loaded = load_folder(folder, device=device, dtype=dtype, adapter=adapter)
+    if runner.quantize is not None:
+        from .models.quant import quantize_model
+
+        quantize_model(loaded.model, runner.quantize)
+    return LopaModel(folder, loaded, Runner(loaded.model, loaded.spec, device, dtype), runner)
+
+
+def _prompt_ids(model: LopaModel, prompt: str | list[int], chat: bool) -> list[int]:
+    if isinstance(prompt, str):
+        text = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+        ids = model.tokenizer.encode(text)
+    else:
+        if chat:
+            raise ConfigError("chat: a chat template needs a text prompt, not token ids")
+        ids = [int(t) for t in prompt]
+    if not ids:
+        raise ConfigError("prompt: must not be empty")
+    return ids
+
+
+def generate(
+    model: LopaModel,
+    prompt: str | list[int],
+    config: DecodeConfig | None = None,
+    *,
+    chat: bool = False,
+    preset: str | None = None,
+    on_step: Callable[[DecodeState], None] | None = None,
+    **overrides,
+) -> GenerationResult:
+    """Decode one prompt. ``config`` (or a ``preset`` / the model family's defaults) plus field overrides."""
+    if config is None:
+        config = decode_config(preset, model.model_type, **overrides)
+    elif overrides or preset:
+        if preset:
+            raise ConfigError("preset: pass either config or preset, not both")
+        config = config.replace(**overrides)
+    ids = _prompt_ids(model, prompt, chat)
+    strategy = make_strategy(config, model.loaded.spec)
+    out = model.runner.run(strategy, ids, seed=config.seed, on_step=on_step)
+    text = model.tokenizer.decode(out.token_ids)
+    return GenerationResult(text, out.token_ids, ids, out.stats, config, out.trace)

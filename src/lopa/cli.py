@@ -1,0 +1,120 @@
+"""The `lopa` command line: parses flags, calls the public API, prints with Rich."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import api
+from .config import RunnerConfig
+from .errors import LopaError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fast diffusion-LLM inference with LoPA.")
+console = Console(stderr=True)
+out = Console()
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[bold red]error:[/] {type(err).__name__}: {err}")
+    raise typer.Exit(code=2)
+
+
+def _decode_overrides(**flags) -> dict:
+    """CLI flags map one-to-one onto DecodeConfig fields; unset flags keep the preset's value."""
+    return {name: value for name, value in flags.items() if value is not None}
+
+
+@app.command()
+def generate(
+    path: Optional[Path] = typer.Argument(None, help="HF model folder (default: the embedded model)."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text ('-' reads stdin)."),
+    strategy: Optional[str] = typer.Option(None, help="threshold | d2f | lopa | dream"),
+    preset: Optional[str] = typer.Option(None, help="Paper Table 5 row: gsm8k | math | humaneval | mbpp"),
+    k: Optional[int] = typer.Option(None, help="LoPA lookahead branches."),
+    tau: Optional[float] = typer.Option(None, help="Fill threshold on max probability, in (0, 1]."),
+    block_size: Optional[int] = typer.Option(None),
+    gen_length: Optional[int] = typer.Option(None, help="Max new tokens."),
+    add_threshold: Optional[float] = typer.Option(None, help="D2F τ_add."),
+    complete_threshold: Optional[float] = typer.Option(None, help="D2F τ_act."),
+    base: Optional[str] = typer.Option(None, help="What lopa branches over: d2f | threshold"),
+    attention: Optional[str] = typer.Option(None, help="Window attention: full | block_causal"),
+    confidence: Optional[str] = typer.Option(None, help="prob | neg_entropy | margin"),
+    branch_confidence: Optional[str] = typer.Option(None, help="Branch score function (default: mean)."),
+    temperature: Optional[float] = typer.Option(None),
+    top_p: Optional[float] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    steps: Optional[int] = typer.Option(None, help="dream sampler: diffusion steps."),
+    alg: Optional[str] = typer.Option(None, help="dream sampler: origin | maskgit_plus | topk_margin | entropy"),
+    compat: Optional[str] = typer.Option(None, help="default | published (the published LoPA code's loop)"),
+    max_rounds: Optional[int] = typer.Option(None, help="Cap on decode forwards."),
+    chat: bool = typer.Option(False, "--chat", help="Apply the model's chat template."),
+    adapter: Optional[Path] = typer.Option(None, help="PEFT LoRA adapter folder (e.g. a D2F adapter)."),
+    device: str = typer.Option("auto"),
+    dtype: str = typer.Option("auto"),
+    trace: Optional[Path] = typer.Option(None, help="Write the per-step trace and stats as JSON here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Generate text for one prompt and print the stats line."""
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    overrides = _decode_overrides(
+        strategy=strategy, k=k, tau=tau, block_size=block_size, gen_length=gen_length,
+        add_threshold=add_threshold, complete_threshold=complete_threshold, base=base, attention=attention,
+        confidence=confidence, branch_confidence=branch_confidence, temperature=temperature, top_p=top_p,
+        seed=seed, steps=steps, alg=alg, compat=compat, max_rounds=max_rounds,
+    )
+    if trace is not None:
+        overrides["trace"] = True
+    try:
+        with console.status("loading model"):
+            model = api.load_model(path, adapter=adapter, runner=RunnerConfig(device=device, dtype=dtype))
+        gen_total = overrides.get("gen_length")
+        with Progress(TextColumn("decoding"), BarColumn(), TextColumn("{task.completed}/{task.total} positions"),
+                      TimeElapsedColumn(), console=console, transient=True) as bar:
+            task = bar.add_task("decode", total=gen_total)
+
+            def on_step(state) -> None:
+                generated = state.canvas[state.prompt_len:]
+                bar.update(task, total=len(generated), completed=int((generated != model.loaded.spec.mask_id).sum()))
+
+            result = api.generate(model, prompt, chat=chat, preset=preset, on_step=on_step, **overrides)
+    except LopaError as err:
+        _fail(err)
+    s = result.stats
+    if as_json:
+        out.print_json(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": s.as_dict()}))
+    else:
+        out.print(result.text, markup=False, highlight=False)
+        console.print(
+            f"[dim]{result.config.strategy}: {s.generated_tokens} tokens in {s.decode_forwards} decode forwards "
+            f"(+{s.prefill_forwards} prefill) | TPF {s.tpf:.2f} | {s.tokens_per_s:.1f} tok/s | "
+            f"{s.mean_branches:.1f} branches/forward | prefill {s.prefill_s * 1e3:.0f} ms, decode {s.decode_s:.2f} s"
+            + (" | STOPPED AT ROUND CAP" if s.hit_round_cap else "") + "[/]"
+        )
+    if trace is not None:
+        record = {"config": asdict(result.config), "stats": s.as_dict(), "prompt_ids": result.prompt_ids,
+                  "token_ids": result.token_ids, "trace": [asdict(step) for step in result.trace]}
+        trace.write_text(json.dumps(record, indent=1))
+        console.print(f"[dim]trace written to {trace}[/]")
+
+
+@app.command()
+def info(path: Optional[Path] = typer.Argument(None, help="HF model folder (default: the embedded model).")) -> None:
+    """Show a model folder's architecture and special tokens."""
+    try:
+        model = api.load_model(path, runner=RunnerConfig(device="cpu", dtype="float32"))
+    except LopaError as err:
+        _fail(err)
+    cfg = model.config
+    params = sum(p.numel() for p in model.loaded.model.parameters())
+    out.print(f"{model.path}\n  model_type {cfg.model_type}, {params / 1e6:.2f}M parameters")
+    out.print(f"  layers {cfg.num_layers}, hidden {cfg.hidden_size}, heads {cfg.num_heads}/{cfg.num_kv_heads}, "
+              f"vocab {cfg.vocab_size}, context {cfg.max_position_embeddings}")
+    out.print(f"  mask id {model.loaded.spec.mask_id}, eos ids {list(model.loaded.spec.eos_ids)}")

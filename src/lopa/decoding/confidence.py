@@ -1,0 +1,79 @@
+"""From logits to per-position predictions and confidences, and the branch-confidence functions (Eq. 2).
+
+Everything here is vectorized and stays on the logits' device until the final (small) copy to the CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .base import PredictSpec, Predictions
+
+
+def predict(logits: torch.Tensor, spec: PredictSpec, generator: torch.Generator | None = None) -> Predictions:
+    """logits [K, C, V] -> Predictions [K, C] on the CPU.
+
+    Temperature 0: the argmax token. Otherwise a token sampled from softmax(logits / temperature), restricted
+    to the top-p nucleus, drawn with the exponential-race trick (argmax of p / Exp(1) noise: no host sync).
+    ``prob`` is the chosen token's probability under that (tempered, nucleus-renormalized) distribution, as
+    Fast-dLLM and D2F use it; ``conf`` is the measure named by spec.measure on the same distribution.
+    """
+    logits = logits.float()
+    if spec.suppress_ids:
+        logits = logits.clone()
+        logits[..., list(spec.suppress_ids)] = float("-inf")
+    if spec.temperature > 0:
+        logits = logits / spec.temperature
+    probs = torch.softmax(logits, dim=-1)  # [K, C, V]
+    if spec.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p > spec.top_p  # keep the smallest prefix reaching top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
+        probs = probs / probs.sum(-1, keepdim=True)
+    if spec.temperature > 0:
+        noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+        tokens = (probs / noise).argmax(-1)
+    else:
+        tokens = probs.argmax(-1)
+    chosen = probs.gather(-1, tokens[..., None])[..., 0]
+    if spec.measure == "prob":
+        conf = chosen
+    elif spec.measure == "neg_entropy":
+        conf = (probs * torch.log(probs + 1e-10)).sum(-1)
+    elif spec.measure == "margin":
+        top2 = probs.topk(2, dim=-1).values
+        conf = top2[..., 0] - top2[..., 1]
+    else:
+        raise ValueError(f"unknown confidence measure {spec.measure!r}")
+    return Predictions(tokens.cpu(), chosen.cpu(), conf.cpu())
+
+
+def mean_confidence(conf: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Eq. 2: mean confidence over each branch's still-masked positions. conf/masked [K, C] -> [K].
+
+    A branch with nothing left to fill scores +inf: it has finished its window, the best possible outcome.
+    """
+    count = masked.sum(-1)
+    total = torch.where(masked, conf, torch.zeros_like(conf)).sum(-1)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("inf")))
+
+
+def lowest_confidence(conf: torch.Tensor, masked: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
+    """DeepConf's weak-link variant: mean over the least confident 10% (at least one) of masked positions."""
+    scores = []
+    for row_conf, row_mask in zip(conf, masked):
+        values = row_conf[row_mask]
+        if values.numel() == 0:
+            scores.append(float("inf"))
+            continue
+        n = max(1, int(values.numel() * fraction))
+        scores.append(values.sort().values[:n].mean().item())
+    return torch.tensor(scores)
+
+
+BRANCH_SCORES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "mean": mean_confidence,
+    "lowest": lowest_confidence,
+}

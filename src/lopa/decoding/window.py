@@ -1,0 +1,190 @@
+"""Decoding over a window of blocks after a committed prefix, with optional LoPA branching.
+
+`threshold` and `d2f` subclass WindowStrategy and differ only in their block pipeline (which blocks exist,
+which may be filled, where the window ends). LoPA (lookahead > 0) branches over either pipeline; with
+lookahead 0 the very same loop is plain threshold / D2F decoding.
+
+Per decode forward: the rows are the anchor (the current canvas, whose fills were already applied from
+the previous winner's predictions) and up to k lookaheads, each the anchor plus ONE more position filled
+with its predicted token. After the forward the winner is the argmax branch confidence (ties: the lower
+row, so the anchor wins ties); its tokens become the canvas, its predictions drive the next fill.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import PromptTooLongError
+from .base import DecodeState, ForwardBatch, ModelSpec, Predictions, Step, Strategy
+from .blocks import Block, fill_block
+from .confidence import BRANCH_SCORES
+
+
+@dataclass
+class WindowState(DecodeState):
+    blocks: list[Block] = field(default_factory=list)
+    pred_tok: torch.Tensor | None = None  # [T] the winner's predicted token per position (valid where pred_ok)
+    pred_prob: torch.Tensor | None = None  # [T]
+    pred_conf: torch.Tensor | None = None  # [T]
+    pred_ok: torch.Tensor | None = None  # [T] bool
+    prefilled: bool = False
+    eos_at: int | None = None  # first EOS in the generated region
+    pending: tuple = ()  # (scored positions, lookahead position per row) of the batch in flight
+
+
+class WindowStrategy(Strategy):
+    """The shared loop. Subclasses define the block pipeline through the four hooks below."""
+
+    def __init__(self, cfg, spec: ModelSpec, lookahead: int = 0) -> None:
+        super().__init__(cfg, spec)
+        self.lookahead = lookahead
+        self.score = BRANCH_SCORES[cfg.branch_confidence]
+        self.max_rounds = cfg.max_rounds or 2 * cfg.gen_length + 8
+
+    # -- pipeline hooks -----------------------------------------------------------------------------
+    @abstractmethod
+    def initial_blocks(self, prompt_len: int) -> list[Block]:
+        """Blocks present before the first decode forward."""
+
+    @abstractmethod
+    def fill(self, state: WindowState) -> list[int]:
+        """Apply the fill rule with the current predictions; return the positions filled."""
+
+    @abstractmethod
+    def grow(self, state: WindowState) -> None:
+        """Add blocks if the pipeline wants more (d2f); called before each forward."""
+
+    @abstractmethod
+    def scored(self, state: WindowState) -> list[int]:
+        """Positions that may be filled next: lookahead candidates and the set branch confidence averages over."""
+
+    # -- shared helpers -------------------------------------------------------------------------------
+    def masked(self, state: WindowState, lo: int, hi: int) -> torch.Tensor:
+        return state.canvas[lo:hi] == self.spec.mask_id
+
+    def window_end(self, state: WindowState) -> int:
+        return state.blocks[-1].end
+
+    def block_complete(self, state: WindowState, block: Block) -> bool:
+        return not bool(self.masked(state, block.start, block.end).any())
+
+    def settle_eos(self, state: WindowState) -> None:
+        """EOS ends the answer: every masked position after the first EOS becomes EOS (not counted)."""
+        gen = state.canvas[state.prompt_len:]
+        hits = torch.isin(gen, torch.tensor(self.spec.eos_ids)).nonzero()
+        if len(hits) == 0:
+            return
+        state.eos_at = state.prompt_len + int(hits[0])
+        tail = state.canvas[state.eos_at + 1:]
+        tail[tail == self.spec.mask_id] = self.spec.eos_ids[0]
+
+    def finished(self, state: WindowState) -> bool:
+        covered = state.blocks[-1].end - state.prompt_len
+        all_filled = not bool(self.masked(state, state.prompt_len, state.blocks[-1].end).any())
+        return all_filled and (state.eos_at is not None or covered >= self.cfg.gen_length)
+
+    def commit_end(self, state: WindowState) -> int:
+        """End of the leading run of complete blocks after the committed prefix."""
+        end = state.cached
+        for block in state.blocks:
+            if block.end <= end:
+                continue
+            if block.start != end or not self.block_complete(state, block):
+                break
+            end = block.end
+        return end
+
+    # -- Strategy -----------------------------------------------------------------------------------
+    def start(self, prompt: list[int]) -> WindowState:
+        P, T = len(prompt), len(prompt) + self.cfg.gen_length
+        if T > self.spec.max_length:
+            raise PromptTooLongError(
+                f"prompt ({P} tokens) + gen_length ({self.cfg.gen_length}) = {T} exceeds the context ({self.spec.max_length})"
+            )
+        canvas = torch.full((T,), self.spec.mask_id, dtype=torch.int64)
+        canvas[:P] = torch.tensor(prompt, dtype=torch.int64)
+        return WindowState(
+            canvas=canvas, prompt_len=P, blocks=self.initial_blocks(P),
+            pred_tok=torch.zeros(T, dtype=torch.int64), pred_prob=torch.zeros(T), pred_conf=torch.zeros(T),
+            pred_ok=torch.zeros(T, dtype=torch.bool),
+        )
+
+    def propose(self, state: WindowState) -> ForwardBatch | None:
+        if not state.prefilled:  # the prompt alone, bidirectional within itself; its K/V are committed
+            state.prefilled = True
+            P = state.prompt_len
+            return ForwardBatch(state.canvas[None, :P].clone(), 0, torch.empty(0, dtype=torch.int64), commit=P, prefill=True)
+        self.grow(state)
+        if self.finished(state):
+            state.done = True
+            return None
+        if state.rounds >= self.max_rounds:
+            state.done = state.hit_round_cap = True
+            return None
+        lo, hi = state.cached, self.window_end(state)
+        anchor = state.canvas[lo:hi]
+        scored = self.scored(state)
+        rows, extra = [anchor], [None]
+        for pos in self.lookahead_positions(state, scored):
+            row = anchor.clone()
+            row[pos - lo] = state.pred_tok[pos]
+            rows.append(row)
+            extra.append(pos)
+        state.pending = (scored, extra)
+        block_ids = None
+        if self.cfg.window_attention == "block_causal":
+            block_ids = torch.cat([torch.full((b.end - max(b.start, lo),), i) for i, b in enumerate(state.blocks) if b.end > lo])
+        cols = self.masked(state, lo, hi).nonzero()[:, 0]
+        return ForwardBatch(torch.stack(rows), lo, cols, commit=self.commit_end(state) - lo, block_ids=block_ids)
+
+    def lookahead_positions(self, state: WindowState, scored: list[int]) -> list[int]:
+        """The k most confident still-masked candidates (ties: lower position), each spawning one branch."""
+        if not self.lookahead:
+            return []
+        cands = [p for p in scored if bool(state.pred_ok[p])]
+        cands.sort(key=lambda p: (-float(state.pred_conf[p]), p))
+        return cands[: self.lookahead]
+
+    def accept(self, state: WindowState, batch: ForwardBatch, preds: Predictions) -> int:
+        if batch.prefill:
+            state.cached += batch.commit
+            return 0
+        scored, extra = state.pending
+        lo = batch.start
+        K = batch.tokens.shape[0]
+        scores: list[float] = []
+        winner = 0
+        if K > 1:
+            col_of = {int(c): j for j, c in enumerate(batch.logit_cols)}
+            in_set = torch.zeros(len(col_of), dtype=torch.bool)
+            in_set[[col_of[p - lo] for p in scored if p - lo in col_of]] = True
+            still = batch.tokens[:, batch.logit_cols] == self.spec.mask_id  # [K, C]
+            score = self.score(preds.conf, still & in_set)  # [K]
+            winner = int(torch.argmax(score))  # first maximum: ties go to the lower row
+            scores = score.tolist()
+        hi = lo + batch.tokens.shape[1]
+        state.canvas[lo:hi] = batch.tokens[winner]
+        positions = lo + batch.logit_cols
+        state.pred_ok[:] = False
+        state.pred_ok[positions] = True
+        state.pred_tok[positions] = preds.tokens[winner]
+        state.pred_prob[positions] = preds.prob[winner]
+        state.pred_conf[positions] = preds.conf[winner]
+        state.cached += batch.commit
+        state.rounds += 1
+        filled = [extra[winner]] if extra[winner] is not None else []
+        self.settle_eos(state)
+        filled += self.fill(state)
+        self.settle_eos(state)
+        if self.cfg.trace:
+            state.trace.append(Step(filled, winner, scores))
+        return winner
+
+    def output(self, state: WindowState) -> list[int]:
+        end = state.eos_at + 1 if state.eos_at is not None else len(state.canvas)
+        ids = state.canvas[state.prompt_len:end]
+        holes = (ids == self.spec.mask_id).nonzero()
+        return ids[: int(holes[0])].tolist() if len(holes) else ids.tolist()  # a round cap keeps the filled prefix

@@ -1,0 +1,136 @@
+"""ModelConfig: the architecture, read from a Dream (Qwen2-style) or LLaDA config.json."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import CheckpointError, UnsupportedModelError
+
+# config.json field names per family: our field -> (their field, default or REQUIRED)
+REQUIRED = object()
+DREAM_FIELDS = {
+    "vocab_size": ("vocab_size", REQUIRED),
+    "hidden_size": ("hidden_size", REQUIRED),
+    "intermediate_size": ("intermediate_size", REQUIRED),
+    "num_layers": ("num_hidden_layers", REQUIRED),
+    "num_heads": ("num_attention_heads", REQUIRED),
+    "num_kv_heads": ("num_key_value_heads", None),
+    "rope_theta": ("rope_theta", 1_000_000.0),
+    "rms_norm_eps": ("rms_norm_eps", 1e-6),
+    "max_position_embeddings": ("max_position_embeddings", 32768),
+    "mask_token_id": ("mask_token_id", 151666),
+    "eos_token_id": ("eos_token_id", 151643),
+    "pad_token_id": ("pad_token_id", None),
+    "bos_token_id": ("bos_token_id", None),
+    "tie_word_embeddings": ("tie_word_embeddings", False),
+}
+LLADA_FIELDS = {
+    "vocab_size": ("embedding_size", REQUIRED),  # LLaDA pads the embedding past `vocab_size`
+    "hidden_size": ("d_model", REQUIRED),
+    "intermediate_size": ("mlp_hidden_size", REQUIRED),
+    "num_layers": ("n_layers", REQUIRED),
+    "num_heads": ("n_heads", REQUIRED),
+    "num_kv_heads": ("n_kv_heads", None),
+    "rope_theta": ("rope_theta", 500_000.0),
+    "rms_norm_eps": ("rms_norm_eps", 1e-5),
+    "max_position_embeddings": ("max_sequence_length", 4096),
+    "mask_token_id": ("mask_token_id", 126336),
+    "eos_token_id": ("eos_token_id", 126081),
+    "pad_token_id": ("pad_token_id", None),
+    "bos_token_id": ("bos_token_id", None),
+    "tie_word_embeddings": ("weight_tying", False),
+}
+FAMILIES = {"dream": DREAM_FIELDS, "llada": LLADA_FIELDS}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str  # "dream" | "llada"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    rope_theta: float
+    rms_norm_eps: float
+    max_position_embeddings: int
+    mask_token_id: int
+    eos_token_id: int
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    tie_word_embeddings: bool = False
+    extra_eos_ids: tuple[int, ...] = ()  # e.g. <|im_end|> for chat models, from the tokenizer
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.model_type == "dream"  # Qwen2 has q/k/v biases, LLaDA (LLaMA-style) has none
+
+    @property
+    def logit_shift(self) -> int:
+        return 1 if self.model_type == "dream" else 0  # Dream predicts position i from the hidden state at i-1
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise CheckpointError(
+                f"config.json: hidden_size {self.hidden_size}, heads {self.num_heads}, kv heads {self.num_kv_heads} "
+                "do not divide evenly"
+            )
+
+    @staticmethod
+    def family_of(raw: dict) -> str:
+        name = str(raw.get("model_type", "")).lower()
+        if name in FAMILIES:
+            return name
+        raise UnsupportedModelError(f"config.json: model_type {raw.get('model_type')!r} is not supported (dream, llada)")
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ModelConfig":
+        family = cls.family_of(raw)
+        values: dict = {"model_type": family}
+        for ours, (theirs, default) in FAMILIES[family].items():
+            value = raw.get(theirs, default)
+            if value is REQUIRED:
+                raise CheckpointError(f"config.json: required field {theirs!r} is missing")
+            values[ours] = value
+        if values["num_kv_heads"] is None:
+            values["num_kv_heads"] = values["num_heads"]
+        if isinstance(values["eos_token_id"], list):
+            values["extra_eos_ids"] = tuple(values["eos_token_id"][1:])
+            values["eos_token_id"] = values["eos_token_id"][0]
+        try:
+            return cls(**values)
+        except TypeError as err:
+            raise CheckpointError(f"config.json: {err}") from err
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: config.json not found") from None
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+        return cls.from_dict(raw)
+
+    def to_json_dict(self) -> dict:
+        """config.json in the family's own format (what Dream / LLaDA tooling expects)."""
+        if self.model_type == "dream":
+            raw = {"architectures": ["DreamModel"], "model_type": "Dream", "hidden_act": "silu",
+                   "attention_dropout": 0.0, "rope_scaling": None, "use_sliding_window": False, "torch_dtype": "float32"}
+        else:
+            raw = {"architectures": ["LLaDAModelLM"], "model_type": "llada", "activation_type": "silu",
+                   "block_type": "llama", "rope": True, "include_bias": False, "vocab_size": self.vocab_size}
+        mine = asdict(self)
+        for ours, (theirs, _) in FAMILIES[self.model_type].items():
+            raw[theirs] = mine[ours]
+        if self.extra_eos_ids:
+            raw["eos_token_id"] = [self.eos_token_id, *self.extra_eos_ids]
+        return raw

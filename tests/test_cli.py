@@ -1,0 +1,45 @@
+"""The `lopa` CLI through Typer's runner: output, stats line, trace file, and typed errors with exit code 2."""
+
+import json
+
+from typer.testing import CliRunner
+
+from lopa.cli import app
+
+runner = CliRunner()
+
+
+def test_generate_prints_text_and_writes_trace(tiny_dream_dir, tmp_path):
+    trace = tmp_path / "trace.json"
+    res = runner.invoke(app, ["generate", str(tiny_dream_dir), "--prompt", "hello there", "--strategy", "lopa",
+                              "--k", "2", "--gen-length", "16", "--block-size", "8", "--device", "cpu",
+                              "--trace", str(trace)])
+    assert res.exit_code == 0, res.output
+    record = json.loads(trace.read_text())
+    assert record["config"]["k"] == 2 and record["config"]["strategy"] == "lopa"
+    assert record["stats"]["decode_forwards"] == len(record["trace"]) >= 1
+    assert record["stats"]["generated_tokens"] == len(record["token_ids"])
+
+
+def test_generate_json_output(tiny_llada_dir):
+    res = runner.invoke(app, ["generate", str(tiny_llada_dir), "-p", "abc", "--strategy", "d2f", "--gen-length", "16",
+                              "--block-size", "8", "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(res.stdout[res.stdout.index("{"):])
+    assert payload["stats"]["tpf"] > 0
+
+
+def test_bad_tau_exits_with_a_clear_error(tiny_dream_dir):
+    res = runner.invoke(app, ["generate", str(tiny_dream_dir), "-p", "x", "--tau", "1.5", "--device", "cpu"])
+    assert res.exit_code == 2
+    assert "tau" in res.output and "Traceback" not in res.output
+
+
+def test_missing_model_folder(tmp_path):
+    res = runner.invoke(app, ["generate", str(tmp_path / "missing"), "-p", "x", "--device", "cpu"])
+    assert res.exit_code == 2 and "CheckpointError" in res.output
+
+
+def test_info(tiny_dream_dir):
+    res = runner.invoke(app, ["info", str(tiny_dream_dir)])
+    assert res.exit_code == 0 and "model_type dream" in res.output
