@@ -12,8 +12,9 @@ import torch
 from .base import PredictSpec, Predictions
 
 
-def predict(logits: torch.Tensor, spec: PredictSpec, generator: torch.Generator | None = None) -> Predictions:
-    """logits [K, C, V] -> Predictions [K, C] on the CPU.
+def predict(logits: torch.Tensor, spec: PredictSpec, generator: torch.Generator | None = None,
+            to_cpu: bool = True) -> Predictions:
+    """logits [K, C, V] -> Predictions [K, C] (on the CPU unless to_cpu=False, e.g. inside a CUDA graph).
 
     Temperature 0: the argmax token. Otherwise a token sampled from softmax(logits / temperature), restricted
     to the top-p nucleus, drawn with the exponential-race trick (argmax of p / Exp(1) noise: no host sync).
@@ -23,7 +24,8 @@ def predict(logits: torch.Tensor, spec: PredictSpec, generator: torch.Generator 
     logits = logits.float()
     if spec.suppress_ids:
         logits = logits.clone()
-        logits[..., list(spec.suppress_ids)] = float("-inf")
+        for token in spec.suppress_ids:  # scalar indexing: no host-to-device index copy (CUDA-graph safe)
+            logits[..., token] = float("-inf")
     if spec.temperature > 0:
         logits = logits / spec.temperature
     probs = torch.softmax(logits, dim=-1)  # [K, C, V]
@@ -47,6 +49,8 @@ def predict(logits: torch.Tensor, spec: PredictSpec, generator: torch.Generator 
         conf = top2[..., 0] - top2[..., 1]
     else:
         raise ValueError(f"unknown confidence measure {spec.measure!r}")
+    if not to_cpu:
+        return Predictions(tokens, chosen, conf)
     return Predictions(tokens.cpu(), chosen.cpu(), conf.cpu())
 
 
