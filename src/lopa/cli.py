@@ -152,6 +152,33 @@ def demo(
 
 
 @app.command()
+def train(
+    out: Path = typer.Option(Path("runs/default_model"), help="Where to write the model folder."),
+    minutes: float = typer.Option(8.0, help="Wall-clock training budget (the LR schedule follows it)."),
+    batch_size: int = typer.Option(256),
+    lr: float = typer.Option(2e-3),
+    hidden_size: int = typer.Option(256),
+    num_layers: int = typer.Option(8),
+    num_heads: int = typer.Option(4),
+    num_kv_heads: int = typer.Option(2),
+    intermediate_size: int = typer.Option(768),
+    vocab_size: int = typer.Option(768),
+    block_size: int = typer.Option(32),
+    full_attention_fraction: float = typer.Option(0.5),
+    n_train: int = typer.Option(200_000, help="Distinct training problems generated."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Train the default model (Dream architecture, D2F recipe) on generated math problems."""
+    from .train.trainer import TrainConfig, train as run_training
+
+    run_training(TrainConfig(out=str(out), minutes=minutes, batch_size=batch_size, lr=lr, hidden_size=hidden_size,
+                             num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                             intermediate_size=intermediate_size, vocab_size=vocab_size, block_size=block_size,
+                             full_attention_fraction=full_attention_fraction, n_train=n_train, seed=seed, device=device))
+
+
+@app.command()
 def info(path: Optional[Path] = typer.Argument(None, help="HF model folder (default: the embedded model).")) -> None:
     """Show a model folder's architecture and special tokens."""
     try:
