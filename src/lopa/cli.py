@@ -151,6 +151,64 @@ def demo(
                   "branches at once. Prefill is counted apart.[/]")
 
 
+@app.command("eval")
+def evaluate(
+    path: Optional[Path] = typer.Argument(None, help="HF model folder (default: the embedded model)."),
+    task: str = typer.Option("gsm8k", help="gsm8k | humaneval"),
+    data: Optional[Path] = typer.Option(None, help="GSM8K-format JSONL (default: lopa's generated test split)."),
+    n: int = typer.Option(100, help="Number of problems."),
+    strategies: str = typer.Option("threshold,d2f,lopa", help="Comma-separated strategies to compare."),
+    k: str = typer.Option("7", help="LoPA k; a comma-separated list sweeps it (0 = batch verification, no lookahead)."),
+    tau: str = typer.Option("", help="τ; a comma-separated list sweeps it (default: the preset's)."),
+    preset: Optional[str] = typer.Option(None, help="Paper Table 5 row for every strategy."),
+    gen_length: int = typer.Option(128),
+    compare: Optional[str] = typer.Option(None, help="A,B: paired accuracy difference of B vs A (default: d2f vs each lopa)."),
+    out: Path = typer.Option(Path("runs/eval"), help="Folder for eval.json, eval.md, eval.png."),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Run strategies side by side on the same problems: accuracy, TPF, forwards, tokens/s; paired comparisons."""
+    import datetime
+
+    from .config import decode_config
+    from .eval.harness import paired_difference, run_eval, write_reports
+    from .eval.tasks import TASKS
+
+    try:
+        if task not in TASKS:
+            raise LopaError(f"task: must be one of {tuple(TASKS)}, got {task!r}")
+        problems = TASKS["gsm8k"](data, n) if task == "gsm8k" else TASKS[task](n)
+        model = api.load_model(path, runner=RunnerConfig(device=device))
+        taus = [float(t) for t in tau.split(",") if t] or [None]
+        configs = {}
+        for name in strategies.split(","):
+            for t in taus:
+                for kk in ([int(x) for x in k.split(",")] if name == "lopa" else [0]):
+                    label = name + (f" k={kk}" if name == "lopa" else "") + (f" tau={t}" if t is not None else "")
+                    extra = {"tau": t} if t is not None else {}
+                    configs[label] = decode_config(preset, model.model_type, strategy=name, k=kk,
+                                                   gen_length=gen_length, **extra)
+        reports = run_eval(model, problems, configs)
+    except LopaError as err:
+        _fail(err)
+    by_label = {r.label: r for r in reports}
+    if compare:
+        a, b = compare.split(",")
+        pairs = [paired_difference(by_label[a], by_label[b])]
+    else:
+        base = next((r for r in reports if r.label.startswith("d2f")), reports[0])
+        pairs = [paired_difference(base, r) for r in reports if r.label.startswith("lopa")]
+    meta = {"model": str(model.path), "task": task, "data": str(data) if data else "generated test split",
+            "n": len(problems), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "counting": "tokens up to and including the first EOS; one decode forward per iteration however many "
+                        "branches; prefill apart"}
+    write_reports(reports, pairs, out, meta)
+    from .eval.harness import markdown
+
+    out.mkdir(parents=True, exist_ok=True)
+    console.print(markdown(reports, pairs))
+    console.print(f"[dim]written: {out}/eval.json, eval.md, eval.png[/]")
+
+
 @app.command()
 def train(
     out: Path = typer.Option(Path("runs/default_model"), help="Where to write the model folder."),

@@ -54,6 +54,7 @@ class TrainConfig:
     max_answer_tokens: int = 160
     seed: int = 0
     device: str = "auto"
+    log_every: int = 100
 
 
 def encode_examples(tok: Tokenizer, examples: list[dict], cfg: TrainConfig, eos: int) -> list[tuple[list[int], list[int]]]:
@@ -146,7 +147,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         opt.step()
         step += 1
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 100 == 0:
+        if step % cfg.log_every == 0:
             log.append((step, time.time() - start, running))
             if progress:
                 print(f"step {step} | {time.time() - start:.0f}s | loss {running:.4f} | lr {lr:.2e}", flush=True)

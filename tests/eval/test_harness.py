@@ -1,0 +1,78 @@
+"""The evaluation harness: tasks, scoring, the sandbox, side-by-side runs, paired comparison, reports."""
+
+import json
+
+import pytest
+
+import lopa
+from lopa.errors import ConfigError
+from lopa.eval.harness import Record, StrategyReport, paired_difference, run_eval, write_reports
+from lopa.eval.sandbox import check_humaneval, run_program
+from lopa.eval.tasks import gsm8k, humaneval
+
+
+def test_gsm8k_jsonl_and_generated_split(tmp_path):
+    path = tmp_path / "gsm.jsonl"
+    path.write_text(json.dumps({"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}) + "\n")
+    (p,) = gsm8k(path)
+    assert p.reference == "5" and p.prompt.startswith("Question: What is 2 + 3?")
+    assert len(gsm8k(None, 7)) == 7
+    path.write_text("{not json}\n")
+    with pytest.raises(ConfigError, match="line 1"):
+        gsm8k(path)
+    with pytest.raises(ConfigError, match="not found"):
+        gsm8k(tmp_path / "missing.jsonl")
+
+
+def test_humaneval_ships_164_problems():
+    problems = humaneval()
+    assert len(problems) == 164 and problems[0].entry_point and "def " in problems[0].prompt
+
+
+def test_sandbox_pass_fail_timeout_and_no_network():
+    assert run_program("assert 1 + 1 == 2").passed
+    failed = run_program("assert 1 + 1 == 3")
+    assert not failed.passed and failed.status == "failed"
+    assert run_program("while True: pass", timeout_s=1).status == "timeout"
+    net = run_program("import socket\nsocket.create_connection(('127.0.0.1', 9))")
+    assert not net.passed and "network" in net.detail
+    prompt = "def add(a, b):\n"
+    test = "def check(f):\n    assert f(2, 3) == 5\n"
+    assert check_humaneval(prompt, "    return a + b\n", test, "add").passed
+    assert not check_humaneval(prompt, "    return a - b\n", test, "add").passed
+
+
+def test_paired_difference():
+    a, b = StrategyReport("a", {}), StrategyReport("b", {})
+    for i, (x, y) in enumerate([(1, 1), (0, 1), (1, 0), (0, 1)]):
+        a.records.append(Record(str(i), bool(x), 10, 5, 1, 0.1, False, None))
+        b.records.append(Record(str(i), bool(y), 10, 2, 1, 0.1, False, None))
+    p = paired_difference(a, b)
+    assert p["difference"] == pytest.approx(0.25) and p["b_only_correct"] == 2 and p["a_only_correct"] == 1
+    assert p["ci95"][0] < 0.25 < p["ci95"][1] and p["tpf_ratio"] == pytest.approx(2.5)
+
+
+def test_run_eval_end_to_end_on_a_tiny_model(tiny_dream_dir, tmp_path):
+    model = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu"))
+    problems = gsm8k(None, 2)
+    cfgs = {"d2f": lopa.DecodeConfig(strategy="d2f", gen_length=16, block_size=8),
+            "lopa k=2": lopa.DecodeConfig(strategy="lopa", k=2, gen_length=16, block_size=8)}
+    reports = run_eval(model, problems, cfgs, progress=False)
+    assert [len(r.records) for r in reports] == [2, 2]
+    assert all(r.records[0].forwards >= 1 for r in reports)
+    write_reports(reports, [paired_difference(*reports)], tmp_path, {"model": "tiny"})
+    payload = json.loads((tmp_path / "eval.json").read_text())
+    assert payload["summary"][1]["label"] == "lopa k=2" and (tmp_path / "eval.md").read_text().startswith("| strategy")
+    assert (tmp_path / "eval.png").stat().st_size > 0
+
+
+def test_eval_command(tiny_dream_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from lopa.cli import app
+
+    res = CliRunner().invoke(app, ["eval", str(tiny_dream_dir), "--n", "2", "--strategies", "d2f,lopa", "--k", "0,2",
+                                   "--gen-length", "16", "--out", str(tmp_path), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "eval.json").read_text())["summary"]
+    assert [s["label"] for s in summary] == ["d2f", "lopa k=0", "lopa k=2"]

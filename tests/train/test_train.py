@@ -1,0 +1,53 @@
+"""Data generator (format, determinism, disjoint splits) and a CPU smoke run of the D2F trainer."""
+
+import json
+
+import torch
+
+from lopa.train.data import extract_answer, math_split, prompt_for, split_of
+from lopa.train.trainer import TrainConfig, make_batch, train
+
+
+def test_problems_are_gsm8k_shaped_and_reproducible():
+    a, b = math_split("test", 50, seed=3), math_split("test", 50, seed=3)
+    assert a == b
+    for ex in a:
+        assert ex["answer"].splitlines()[-1].startswith("#### ")
+        assert extract_answer(ex["answer"]).lstrip("-").isdigit()
+        assert split_of(ex["question"]) == "test"
+    assert prompt_for(a[0]).startswith("Question: ")
+
+
+def test_splits_share_no_question():
+    train = {ex["question"] for ex in math_split("train", 3000)}
+    test = {ex["question"] for ex in math_split("test", 300)}
+    val = {ex["question"] for ex in math_split("validation", 300)}
+    assert not (train & test) and not (train & val) and not (test & val)
+
+
+def test_answers_have_free_choices():
+    answers = [ex["answer"] for ex in math_split("train", 400)]
+    openings = {a.splitlines()[0] for a in answers}
+    assert len(openings) > 20  # several phrasings and optional lines, not one fixed template
+
+
+def test_batch_masks_increase_block_by_block():
+    cfg = TrainConfig(block_size=4)
+    pairs = [([1, 2, 3], list(range(10, 26)))] * 200  # 4 answer blocks
+    tokens, targets, loss_mask, block = make_batch(pairs, cfg, mask_id=99, eos=98, rng=torch.Generator().manual_seed(0))
+    assert (tokens[loss_mask] == 99).all() and not loss_mask[:, :3].any()
+    per_block = [loss_mask[:, 3 + 4 * j: 7 + 4 * j].float().mean().item() for j in range(4)]
+    assert per_block == sorted(per_block)  # later blocks are more masked on average
+    assert block[0, :3].tolist() == [0, 0, 0] and block[0, 3:7].tolist() == [1] * 4
+
+
+def test_training_smoke_loss_decreases_and_folder_loads(tmp_path):
+    import lopa
+
+    out = train(TrainConfig(out=str(tmp_path / "m"), minutes=0.25, max_steps=120, batch_size=16, n_train=500,
+                            hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                            vocab_size=320, warmup_steps=5, device="cpu", log_every=10), progress=False)
+    log = json.loads((out / "train_log.json").read_text())["log"]
+    assert log[-1][2] < log[0][2]
+    model = lopa.load_model(out, runner=lopa.RunnerConfig(device="cpu"))
+    assert model.model_type == "dream" and (out / "loss.png").exists()
