@@ -84,10 +84,6 @@ def load_model(
     device = _resolve_device(runner.device)
     dtype = _resolve_dtype(runner.dtype, device)
     loaded = load_folder(folder, device=device, dtype=dtype, adapter=adapter)
-    if runner.quantize is not None:
-        from .models.quant import quantize_model
-
-        quantize_model(loaded.model, runner.quantize)
     return LopaModel(folder, loaded, Runner(loaded.model, loaded.spec, device, dtype), runner)
 
 

@@ -127,13 +127,9 @@ class RunnerConfig:
 
     device: str = "auto"  # "auto" = cuda if available else cpu
     dtype: str = "auto"  # "auto" = bfloat16 on GPU, float32 on CPU; or float32 / bfloat16 / float16
-    compile: bool = False  # torch.compile the model forward (GPU)
-    cuda_graphs: bool = False  # capture one CUDA graph per (K, W) shape bucket (GPU)
-    quantize: str | None = None  # None | "int8" (weight-only) | "fp8" (Hopper)
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", f"unknown dtype {self.dtype!r}")
-        _check(self.quantize in (None, "int8", "fp8"), "quantize", f"must be None, 'int8' or 'fp8', got {self.quantize!r}")
         _check(
             self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
             "device",
