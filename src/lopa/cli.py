@@ -52,7 +52,6 @@ def generate(
     seed: Optional[int] = typer.Option(None),
     steps: Optional[int] = typer.Option(None, help="dream sampler: diffusion steps."),
     alg: Optional[str] = typer.Option(None, help="dream sampler: origin | maskgit_plus | topk_margin | entropy"),
-    compat: Optional[str] = typer.Option(None, help="default | published (the published LoPA code's loop)"),
     max_rounds: Optional[int] = typer.Option(None, help="Cap on decode forwards."),
     chat: bool = typer.Option(False, "--chat", help="Apply the model's chat template."),
     adapter: Optional[Path] = typer.Option(None, help="PEFT LoRA adapter folder (e.g. a D2F adapter)."),
@@ -68,7 +67,7 @@ def generate(
         strategy=strategy, k=k, tau=tau, block_size=block_size, gen_length=gen_length,
         add_threshold=add_threshold, complete_threshold=complete_threshold, base=base, attention=attention,
         confidence=confidence, branch_confidence=branch_confidence, temperature=temperature, top_p=top_p,
-        seed=seed, steps=steps, alg=alg, compat=compat, max_rounds=max_rounds,
+        seed=seed, steps=steps, alg=alg, max_rounds=max_rounds,
     )
     if trace is not None:
         overrides["trace"] = True

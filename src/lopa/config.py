@@ -13,7 +13,6 @@ from .errors import ConfigError
 STRATEGIES = ("threshold", "d2f", "lopa", "dream")
 CONFIDENCES = ("prob", "neg_entropy", "margin")
 ATTENTIONS = ("full", "block_causal")
-COMPATS = ("default", "published")
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
 
@@ -46,7 +45,6 @@ class DecodeConfig:
     attention: str | None = None  # window attention; None = the strategy's own default
     steps: int | None = None  # dream sampler: diffusion steps (None = gen_length)
     alg: str = "entropy"  # dream sampler's confidence algorithm
-    compat: str = "default"  # "published" reproduces zhijie-group/LoPA's decode loop
     max_rounds: int | None = None  # safety cap on forward rounds (None = derived from gen_length)
     trace: bool = False  # keep a per-step record (positions filled, winner, branch scores)
 
@@ -73,7 +71,6 @@ class DecodeConfig:
         )
         _check(self.steps is None or self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         _check(self.alg in DREAM_ALGS, "alg", f"must be one of {DREAM_ALGS}, got {self.alg!r}")
-        _check(self.compat in COMPATS, "compat", f"must be one of {COMPATS}, got {self.compat!r}")
         _check(self.max_rounds is None or self.max_rounds >= 1, "max_rounds", f"must be >= 1, got {self.max_rounds}")
         from .decoding.confidence import BRANCH_SCORES  # registry of pluggable branch-confidence functions
 

@@ -37,7 +37,7 @@ def test_sampling_is_seeded_and_top_p_restricts():
 
 
 @pytest.mark.parametrize("field,value", [("tau", 0.0), ("tau", 1.01), ("k", -1), ("block_size", 0), ("gen_length", 0),
-                                         ("top_p", 0.0), ("strategy", "x"), ("compat", "x"), ("attention", "x"),
+                                         ("top_p", 0.0), ("strategy", "x"), ("attention", "x"),
                                          ("branch_confidence", "x")])
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
