@@ -104,21 +104,17 @@ def generate(
         console.print(f"[dim]trace written to {trace}[/]")
 
 
-DEMO_PROMPTS = [
-    "Question: Mia has 4 boxes with 6 pens each. She gives away 5 pens. How many pens does she have left?\nAnswer:",
-    "Question: A train travels 60 km per hour for 3 hours. How far does it go?\nAnswer:",
-    "Question: Leo buys 3 books for 7 dollars each and pays with 50 dollars. What is his change?\nAnswer:",
-]
-
-
 @app.command()
 def demo(
     path: Optional[Path] = typer.Argument(None, help="HF model folder (default: the embedded model)."),
+    n: int = typer.Option(8, help="Held-out problems to decode."),
     k: int = typer.Option(7, help="LoPA lookahead branches."),
     device: str = typer.Option("auto"),
 ) -> None:
-    """Decode a few problems with threshold, d2f and lopa side by side and print TPF and speed."""
-    from rich.table import Table
+    """Decode a few held-out math problems with threshold, d2f and lopa side by side: accuracy, TPF, speed."""
+    from .config import decode_config
+    from .eval.harness import markdown, run_eval
+    from .eval.tasks import gsm8k
 
     if path is None and not (api.default_model_path() / "config.json").is_file():
         import tempfile
@@ -126,28 +122,23 @@ def demo(
         from .models.tiny import write_tiny_checkpoint
 
         path = write_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="lopa-demo-")) / "tiny", hidden_size=128, num_layers=4)
-        console.print(f"[yellow]The embedded default model is not in this checkout yet: using a tiny RANDOM "
-                      f"checkpoint written to {path}. Its text is noise; the counts show the mechanics.[/]")
+        console.print(f"[yellow]The embedded default model is missing from this checkout: using a tiny RANDOM "
+                      f"checkpoint written to {path}. Its answers are noise; the counts show the mechanics.[/]")
     try:
         model = api.load_model(path, runner=RunnerConfig(device=device))
-        runs = {name: [api.generate(model, p, strategy=name, k=k, gen_length=64, block_size=16) for p in DEMO_PROMPTS]
-                for name in ("threshold", "d2f", "lopa")}
+        problems = gsm8k(None, n)
+        configs = {name: decode_config(None, model.model_type, strategy=name, k=k, gen_length=128)
+                   for name in ("threshold", "d2f", "lopa")}
+        configs[f"lopa k={k}"] = configs.pop("lopa")
+        reports = run_eval(model, problems, configs)
     except LopaError as err:
         _fail(err)
-    table = Table(title=f"{model.path.name}: {len(DEMO_PROMPTS)} prompts, gen_length 64, block 16, lopa k={k}")
-    for col in ("strategy", "tokens", "decode forwards", "TPF", "branches/forward", "tokens/s", "prefill forwards"):
-        table.add_column(col, justify="right")
-    for name, results in runs.items():
-        tokens = sum(r.stats.generated_tokens for r in results)
-        fwd = sum(r.stats.decode_forwards for r in results)
-        rows = sum(r.stats.branch_rows for r in results)
-        secs = sum(r.stats.decode_s for r in results)
-        table.add_row(name, str(tokens), str(fwd), f"{tokens / fwd:.2f}", f"{rows / fwd:.1f}", f"{tokens / secs:.0f}",
-                      str(sum(r.stats.prefill_forwards for r in results)))
-    out.print(table)
-    out.print(f"[dim]lopa answer 1: {runs['lopa'][0].text[:200]!r}[/]")
+    out.print(f"{model.path.name}: {n} held-out problems, gen_length 128\n")
+    out.print(markdown(reports, []), markup=False)
+    last = api.generate(model, problems[0].prompt, configs[f"lopa k={k}"])
+    out.print(f"lopa k={k} on problem 1:\n{problems[0].prompt}{last.text}", markup=False, highlight=False)
     console.print("[dim]TPF = generated tokens (up to EOS) / decode forwards; a LoPA forward verifies all its "
-                  "branches at once. Prefill is counted apart.[/]")
+                  "branches at once; prefill is counted apart. `lopa eval` runs larger comparisons.[/]")
 
 
 @app.command("eval")
