@@ -43,3 +43,17 @@ def test_missing_model_folder(tmp_path):
 def test_info(tiny_dream_dir):
     res = runner.invoke(app, ["info", str(tiny_dream_dir)])
     assert res.exit_code == 0 and "model_type dream" in res.output
+
+
+def test_demo_prints_the_side_by_side_table(tiny_dream_dir):
+    res = runner.invoke(app, ["demo", str(tiny_dream_dir), "--n", "1", "--k", "2", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "| threshold | 1 |" in res.stdout and "| lopa k=2 | 1 |" in res.stdout
+
+
+def test_default_model_loads_and_is_a_dream_folder():
+    import lopa
+
+    model = lopa.load_model(runner=lopa.RunnerConfig(device="cpu"))
+    assert model.model_type == "dream" and model.config.num_layers == 8
+    assert model.loaded.spec.mask_id == model.tokenizer.token_id("<|mask|>")
