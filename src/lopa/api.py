@@ -14,6 +14,7 @@ from .decoding import make_strategy
 from .decoding.base import DecodeState, Step
 from .errors import CheckpointError, ConfigError
 from .models.loader import LoadedModel, load_folder
+from .runner.graphs import GraphRunner
 from .runner.single import Runner, Stats
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,7 +85,8 @@ def load_model(
     device = _resolve_device(runner.device)
     dtype = _resolve_dtype(runner.dtype, device)
     loaded = load_folder(folder, device=device, dtype=dtype, adapter=adapter)
-    return LopaModel(folder, loaded, Runner(loaded.model, loaded.spec, device, dtype), runner)
+    runner_cls = GraphRunner if device.type == "cuda" and runner.cuda_graphs else Runner
+    return LopaModel(folder, loaded, runner_cls(loaded.model, loaded.spec, device, dtype), runner)
 
 
 def _prompt_ids(model: LopaModel, prompt: str | list[int], chat: bool) -> list[int]:

@@ -19,10 +19,21 @@ class KVCache:
         self.capacity = capacity
         self.length = 0  # committed positions
         self.last_hidden: torch.Tensor | None = None  # [E] final hidden state at position length-1
+        # Static mode (CUDA graphs): the window goes to these slots and attention reads [0, static_len).
+        self.static_index: torch.Tensor | None = None  # [K*W] int64 device tensor
+        self.static_len = 0
+
+    def key_length(self, window: int) -> int:
+        """Keys one forward attends over: the prefix plus the K*W window columns (or the static span)."""
+        return self.static_len if self.static_index is not None else self.length + window
 
     def write_scratch(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store K branches' window K/V ([K, Hkv, W, D]) after the prefix; return keys/values [Hkv, P+K*W, D]."""
         K, Hkv, W, D = k.shape
+        if self.static_index is not None:  # addresses fixed for graph replay; slots computed on the device
+            self.k[layer].index_copy_(1, self.static_index, k.transpose(0, 1).reshape(Hkv, K * W, D))
+            self.v[layer].index_copy_(1, self.static_index, v.transpose(0, 1).reshape(Hkv, K * W, D))
+            return self.k[layer, :, :self.static_len], self.v[layer, :, :self.static_len]
         end = self.length + K * W
         if end > self.capacity:
             raise RuntimeError(f"KV cache capacity {self.capacity} < {end} positions needed")

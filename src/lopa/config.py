@@ -124,6 +124,7 @@ class RunnerConfig:
 
     device: str = "auto"  # "auto" = cuda if available else cpu
     dtype: str = "auto"  # "auto" = bfloat16 on GPU, float32 on CPU; or float32 / bfloat16 / float16
+    cuda_graphs: bool = True  # on a GPU, replay greedy decode forwards from CUDA graphs (runner/graphs.py)
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", f"unknown dtype {self.dtype!r}")

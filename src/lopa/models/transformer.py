@@ -113,12 +113,14 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     def forward(self, tokens: torch.Tensor, start: int = 0, cache: KVCache | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``positions`` ([T], device) overrides start + arange(T): graph replays read them from a buffer."""
         B, T = tokens.shape
         if cache is not None:
-            assert start == cache.length, (start, cache.length)
-            assert attn_mask is not None and attn_mask.shape == (B * T, start + B * T), attn_mask.shape
-        positions = torch.arange(start, start + T, device=tokens.device)
+            assert positions is not None or start == cache.length, (start, cache.length)
+            assert attn_mask is not None and attn_mask.shape == (B * T, cache.key_length(B * T)), attn_mask.shape
+        if positions is None:
+            positions = torch.arange(start, start + T, device=tokens.device)
         cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta)
         x = self.embed(tokens)  # [B, T, E]
         for i, layer in enumerate(self.layers):

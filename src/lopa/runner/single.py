@@ -89,6 +89,10 @@ class Runner:
         cfg = self.model.config
         return KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, capacity, self.device, self.dtype)
 
+    def capacity_for(self, canvas_len: int, branches: int) -> int:
+        """Initial cache size for a request; the eager path grows it when a forward needs more."""
+        return canvas_len + 64
+
     def _ensure_capacity(self, needed: int) -> None:
         """Grow (re-allocate) the cache so that prefix + scratch fits; keeps the committed prefix."""
         assert self.cache is not None
@@ -136,7 +140,7 @@ class Runner:
     ) -> RunOutput:
         """Decode one prompt with one strategy. ``on_step`` is called after every forward (progress bars)."""
         state = strategy.start(prompt)
-        self.cache = self._new_cache(len(state.canvas) + 64)
+        self.cache = self._new_cache(self.capacity_for(len(state.canvas), getattr(strategy, "lookahead", 0) + 1))
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         stats = Stats()
         pspec = strategy.predict_spec
