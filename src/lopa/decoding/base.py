@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from ..errors import PromptTooLongError
+
 if TYPE_CHECKING:  # config validates against decoding.confidence, so import it for typing only
     from ..config import DecodeConfig
 
@@ -127,3 +129,35 @@ class Strategy(ABC):
     @abstractmethod
     def output(self, state: DecodeState) -> list[int]:
         """Generated token ids: from the prompt's end up to and including the first EOS (all, if none)."""
+
+
+def new_canvas(prompt: list[int], gen_length: int, spec: ModelSpec) -> torch.Tensor:
+    """[T] prompt followed by gen_length mask ids; PromptTooLongError when it exceeds the context."""
+    P, T = len(prompt), len(prompt) + gen_length
+    if T > spec.max_length:
+        raise PromptTooLongError(f"prompt ({P} tokens) + gen_length ({gen_length}) = {T} exceeds the context ({spec.max_length})")
+    canvas = torch.full((T,), spec.mask_id, dtype=torch.int64)
+    canvas[:P] = torch.tensor(prompt, dtype=torch.int64)
+    return canvas
+
+
+def first_eos(canvas: torch.Tensor, prompt_len: int, spec: ModelSpec) -> int | None:
+    hits = torch.isin(canvas[prompt_len:], torch.tensor(spec.eos_ids)).nonzero()
+    return prompt_len + int(hits[0]) if len(hits) else None
+
+
+def settle_eos(canvas: torch.Tensor, prompt_len: int, spec: ModelSpec) -> int | None:
+    """EOS ends the answer: masked positions after the first EOS become EOS (never counted). Returns its position."""
+    eos = first_eos(canvas, prompt_len, spec)
+    if eos is not None:
+        tail = canvas[eos + 1:]
+        tail[tail == spec.mask_id] = spec.eos_ids[0]
+    return eos
+
+
+def answer_ids(canvas: torch.Tensor, prompt_len: int, spec: ModelSpec) -> list[int]:
+    """Generated ids up to and including the first EOS; if decoding stopped early, the filled prefix only."""
+    eos = first_eos(canvas, prompt_len, spec)
+    ids = canvas[prompt_len: eos + 1 if eos is not None else len(canvas)]
+    holes = (ids == spec.mask_id).nonzero()
+    return ids[: int(holes[0])].tolist() if len(holes) else ids.tolist()

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import PromptTooLongError
-from .base import DecodeState, ForwardBatch, PredictSpec, Predictions, Step, Strategy
+from .base import DecodeState, ForwardBatch, PredictSpec, Predictions, Step, Strategy, answer_ids, new_canvas, settle_eos
 
 EPS = 1e-3
 ALG_MEASURE = {"origin": "prob", "maskgit_plus": "prob", "topk_margin": "margin", "entropy": "neg_entropy"}
@@ -32,14 +31,7 @@ class DreamStrategy(Strategy):
         return PredictSpec(self.cfg.temperature, self.cfg.top_p, ALG_MEASURE[self.cfg.alg], (self.spec.mask_id,))
 
     def start(self, prompt: list[int]) -> DecodeState:
-        P, T = len(prompt), len(prompt) + self.cfg.gen_length
-        if T > self.spec.max_length:
-            raise PromptTooLongError(
-                f"prompt ({P} tokens) + gen_length ({self.cfg.gen_length}) = {T} exceeds the context ({self.spec.max_length})"
-            )
-        canvas = torch.full((T,), self.spec.mask_id, dtype=torch.int64)
-        canvas[:P] = torch.tensor(prompt, dtype=torch.int64)
-        return DecodeState(canvas=canvas, prompt_len=P)
+        return DecodeState(canvas=new_canvas(prompt, self.cfg.gen_length, self.spec), prompt_len=len(prompt))
 
     def _masked(self, state: DecodeState) -> torch.Tensor:
         return (state.canvas == self.spec.mask_id).nonzero()[:, 0]
@@ -66,18 +58,10 @@ class DreamStrategy(Strategy):
         positions = cols[chosen]
         state.canvas[positions] = preds.tokens[0, chosen]
         state.rounds += 1
-        hits = torch.isin(state.canvas[state.prompt_len:], torch.tensor(self.spec.eos_ids)).nonzero()
-        if len(hits):  # EOS ends the answer: the rest of the canvas becomes EOS
-            tail = state.canvas[state.prompt_len + int(hits[0]) + 1:]
-            tail[tail == self.spec.mask_id] = self.spec.eos_ids[0]
+        settle_eos(state.canvas, state.prompt_len, self.spec)
         if self.cfg.trace:
             state.trace.append(Step(sorted(positions.tolist()), 0, []))
         return 0
 
     def output(self, state: DecodeState) -> list[int]:
-        ids = state.canvas[state.prompt_len:]
-        hits = torch.isin(ids, torch.tensor(self.spec.eos_ids)).nonzero()
-        end = int(hits[0]) + 1 if len(hits) else len(ids)
-        ids = ids[:end]
-        holes = (ids == self.spec.mask_id).nonzero()
-        return ids[: int(holes[0])].tolist() if len(holes) else ids.tolist()
+        return answer_ids(state.canvas, state.prompt_len, self.spec)

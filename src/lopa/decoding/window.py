@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import PromptTooLongError
-from .base import DecodeState, ForwardBatch, ModelSpec, Predictions, Step, Strategy
+from .base import DecodeState, ForwardBatch, ModelSpec, Predictions, Step, Strategy, answer_ids, new_canvas, settle_eos
 from .blocks import Block, fill_block
 from .confidence import BRANCH_SCORES
 
@@ -72,14 +71,7 @@ class WindowStrategy(Strategy):
         return not bool(self.masked(state, block.start, block.end).any())
 
     def settle_eos(self, state: WindowState) -> None:
-        """EOS ends the answer: every masked position after the first EOS becomes EOS (not counted)."""
-        gen = state.canvas[state.prompt_len:]
-        hits = torch.isin(gen, torch.tensor(self.spec.eos_ids)).nonzero()
-        if len(hits) == 0:
-            return
-        state.eos_at = state.prompt_len + int(hits[0])
-        tail = state.canvas[state.eos_at + 1:]
-        tail[tail == self.spec.mask_id] = self.spec.eos_ids[0]
+        state.eos_at = settle_eos(state.canvas, state.prompt_len, self.spec)
 
     def finished(self, state: WindowState) -> bool:
         covered = state.blocks[-1].end - state.prompt_len
@@ -99,13 +91,8 @@ class WindowStrategy(Strategy):
 
     # -- Strategy -----------------------------------------------------------------------------------
     def start(self, prompt: list[int]) -> WindowState:
-        P, T = len(prompt), len(prompt) + self.cfg.gen_length
-        if T > self.spec.max_length:
-            raise PromptTooLongError(
-                f"prompt ({P} tokens) + gen_length ({self.cfg.gen_length}) = {T} exceeds the context ({self.spec.max_length})"
-            )
-        canvas = torch.full((T,), self.spec.mask_id, dtype=torch.int64)
-        canvas[:P] = torch.tensor(prompt, dtype=torch.int64)
+        canvas = new_canvas(prompt, self.cfg.gen_length, self.spec)
+        P, T = len(prompt), len(canvas)
         return WindowState(
             canvas=canvas, prompt_len=P, blocks=self.initial_blocks(P),
             pred_tok=torch.zeros(T, dtype=torch.int64), pred_prob=torch.zeros(T), pred_conf=torch.zeros(T),
@@ -184,7 +171,4 @@ class WindowStrategy(Strategy):
         return winner
 
     def output(self, state: WindowState) -> list[int]:
-        end = state.eos_at + 1 if state.eos_at is not None else len(state.canvas)
-        ids = state.canvas[state.prompt_len:end]
-        holes = (ids == self.spec.mask_id).nonzero()
-        return ids[: int(holes[0])].tolist() if len(holes) else ids.tolist()  # a round cap keeps the filled prefix
+        return answer_ids(state.canvas, state.prompt_len, self.spec)
