@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .base import DecodeState, ForwardBatch, ModelSpec, Predictions, Step, Strategy, answer_ids, new_canvas, settle_eos
-from .blocks import Block, fill_block
+from .blocks import Block
 from .confidence import BRANCH_SCORES
 
 

@@ -70,7 +70,7 @@ def rates(rng: random.Random) -> tuple[str, str]:
 
 
 def sharing(rng: random.Random) -> tuple[str, str]:
-    name, _, (item, items) = rng.choice(NAMES), None, rng.choice(ITEMS)
+    name, items = rng.choice(NAMES), rng.choice(ITEMS)[1]
     k, each, keep = rng.randint(2, 6), rng.randint(2, 9), rng.randint(1, 9)
     total = k * each + keep
     q = (f"{name} has {total} {items}. {name} keeps {keep} and shares the rest equally among {k} friends. "
@@ -96,7 +96,7 @@ def ages(rng: random.Random) -> tuple[str, str]:
 
 
 def percent(rng: random.Random) -> tuple[str, str]:
-    name, (item, items) = rng.choice(NAMES), rng.choice(ITEMS)
+    name, items = rng.choice(NAMES), rng.choice(ITEMS)[1]
     pct = rng.choice([10, 20, 25, 50])
     n = (100 // pct) * rng.randint(1, 9)
     part = n * pct // 100
@@ -110,7 +110,7 @@ def percent(rng: random.Random) -> tuple[str, str]:
 
 def collecting(rng: random.Random) -> tuple[str, str]:
     """Multi-step: 3 to 5 independent gains and losses, steps in random order."""
-    name, (item, items) = rng.choice(NAMES), rng.choice(ITEMS)
+    name, items = rng.choice(NAMES), rng.choice(ITEMS)[1]
     start = rng.randint(5, 30)
     events = [(rng.choice(["finds", "gets", "buys"]), rng.randint(1, 9)) for _ in range(rng.randint(2, 4))]
     events.append(("loses", rng.randint(1, 5)))
