@@ -156,3 +156,13 @@ def test_adapter_for_another_base_is_rejected(tiny_dream_dir, tmp_path):
         load_folder(tiny_dream_dir, adapter=adapter)
     with pytest.raises(AdapterError, match="missing"):
         load_folder(tiny_dream_dir, adapter=tmp_path / "no-adapter")
+
+
+def test_llada_switches_we_do_not_compute_are_rejected(tiny_llada_dir, tmp_path):
+    for field, value in [("scale_logits", True), ("alibi", True), ("include_bias", True), ("block_type", "sequential")]:
+        folder = _copy(tiny_llada_dir, tmp_path, field)
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg[field] = value
+        (folder / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(UnsupportedModelError, match=field):
+            load_folder(folder)

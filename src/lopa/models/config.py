@@ -43,6 +43,9 @@ LLADA_FIELDS = {
     "tie_word_embeddings": ("weight_tying", False),
 }
 FAMILIES = {"dream": DREAM_FIELDS, "llada": LLADA_FIELDS}
+# LLaDA (OLMo-style) switches this implementation does not compute: field -> the only supported value.
+LLADA_FIXED = {"scale_logits": False, "input_emb_norm": False, "alibi": False, "rope": True, "include_bias": False,
+               "include_qkv_bias": False, "multi_query_attention": None, "block_type": "llama"}
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,11 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict) -> "ModelConfig":
         family = cls.family_of(raw)
+        if family == "llada":
+            for name, supported in LLADA_FIXED.items():
+                value = raw.get(name, supported)
+                if value != supported and not (value is None and supported is False):  # null reads as off
+                    raise UnsupportedModelError(f"config.json: {name}={raw[name]!r} is not supported (only {supported!r})")
         values: dict = {"model_type": family}
         for ours, (theirs, default) in FAMILIES[family].items():
             value = raw.get(theirs, default)
