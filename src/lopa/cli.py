@@ -153,6 +153,8 @@ def evaluate(
     preset: Optional[str] = typer.Option(None, help="Paper Table 5 row for every strategy."),
     gen_length: int = typer.Option(128),
     compare: Optional[str] = typer.Option(None, help="A,B: paired accuracy difference of B vs A (default: d2f vs each lopa)."),
+    random_tfo: int = typer.Option(0, help="Also run N random token-filling orders per problem (lopa with a random "
+                                           "winner among the same branches, seeds 0..N-1) at the first k."),
     out: Path = typer.Option(Path("runs/eval"), help="Folder for eval.json, eval.md, eval.png."),
     device: str = typer.Option("auto"),
 ) -> None:
@@ -177,6 +179,11 @@ def evaluate(
                     extra = {"tau": t} if t is not None else {}
                     configs[label] = decode_config(preset, model.model_type, strategy=name, k=kk,
                                                    gen_length=gen_length, **extra)
+        first_k = int(k.split(",")[0])
+        for seed in range(random_tfo):
+            configs[f"random-tfo k={first_k} seed={seed}"] = decode_config(
+                preset, model.model_type, strategy="lopa", k=first_k, gen_length=gen_length,
+                branch_confidence="random", seed=seed)
         reports = run_eval(model, problems, configs)
     except LopaError as err:
         _fail(err)
@@ -186,7 +193,7 @@ def evaluate(
         pairs = [paired_difference(by_label[a], by_label[b])]
     else:
         base = next((r for r in reports if r.label.startswith("d2f")), reports[0])
-        pairs = [paired_difference(base, r) for r in reports if r.label.startswith("lopa")]
+        pairs = [paired_difference(base, r) for r in reports if r.label.startswith(("lopa", "random-tfo"))]
     meta = {"model": str(model.path), "task": task, "data": str(data) if data else "generated test split",
             "n": len(problems), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "counting": "tokens up to and including the first EOS; one decode forward per iteration however many "

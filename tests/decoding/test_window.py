@@ -117,3 +117,15 @@ def test_branch_score_functions():
     masked = torch.tensor([[True, True, False, False], [False, False, False, False]])
     assert mean_confidence(conf, masked).tolist() == [pytest.approx(0.5), float("inf")]
     assert lowest_confidence(conf, masked).tolist()[0] == pytest.approx(0.1)
+
+
+def test_random_order_ablation_is_seeded():
+    noisy = lambda row, start, cols: (10 + start + cols, 0.5 + 0.4 * torch.rand(len(cols)), 0.5 + 0.4 * torch.rand(len(cols)))
+    torch.manual_seed(0)
+    a, *_ = run(noisy, strategy="lopa", k=3, branch_confidence="random", seed=1, gen_length=16)
+    torch.manual_seed(0)
+    b, *_ = run(noisy, strategy="lopa", k=3, branch_confidence="random", seed=1, gen_length=16)
+    torch.manual_seed(0)
+    c, *_ = run(noisy, strategy="lopa", k=3, branch_confidence="random", seed=2, gen_length=16)
+    winners = lambda s: [step.winner for step in s.trace]
+    assert winners(a) == winners(b) and winners(a) != winners(c)

@@ -71,8 +71,9 @@ def test_eval_command(tiny_dream_dir, tmp_path):
 
     from lopa.cli import app
 
-    res = CliRunner().invoke(app, ["eval", str(tiny_dream_dir), "--n", "2", "--strategies", "d2f,lopa", "--k", "0,2",
-                                   "--gen-length", "16", "--out", str(tmp_path), "--device", "cpu"])
+    res = CliRunner().invoke(app, ["eval", str(tiny_dream_dir), "--n", "2", "--strategies", "d2f,lopa", "--k", "2,0",
+                                   "--gen-length", "16", "--random-tfo", "2", "--out", str(tmp_path), "--device", "cpu"])
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "eval.json").read_text())["summary"]
-    assert [s["label"] for s in summary] == ["d2f", "lopa k=0", "lopa k=2"]
+    assert [s["label"] for s in summary] == ["d2f", "lopa k=2", "lopa k=0", "random-tfo k=2 seed=0", "random-tfo k=2 seed=1"]
+    assert "Random token-filling orders (2 seeds" in (tmp_path / "eval.md").read_text()

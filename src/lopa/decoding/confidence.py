@@ -54,7 +54,7 @@ def predict(logits: torch.Tensor, spec: PredictSpec, generator: torch.Generator 
     return Predictions(tokens.cpu(), chosen.cpu(), conf.cpu())
 
 
-def mean_confidence(conf: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+def mean_confidence(conf: torch.Tensor, masked: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Eq. 2: mean confidence over each branch's still-masked positions. conf/masked [K, C] -> [K].
 
     A branch with nothing left to fill scores +inf: it has finished its window, the best possible outcome.
@@ -64,7 +64,8 @@ def mean_confidence(conf: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("inf")))
 
 
-def lowest_confidence(conf: torch.Tensor, masked: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
+def lowest_confidence(conf: torch.Tensor, masked: torch.Tensor, generator: torch.Generator | None = None,
+                      fraction: float = 0.1) -> torch.Tensor:
     """DeepConf's weak-link variant: mean over the least confident 10% (at least one) of masked positions."""
     scores = []
     for row_conf, row_mask in zip(conf, masked):
@@ -77,7 +78,15 @@ def lowest_confidence(conf: torch.Tensor, masked: torch.Tensor, fraction: float 
     return torch.tensor(scores)
 
 
-BRANCH_SCORES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+def random_choice(conf: torch.Tensor, masked: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Ablation, not a confidence: a uniformly random winner, i.e. a random token-filling order among the
+    same k+1 candidates LoPA weighs (seeded by DecodeConfig.seed)."""
+    return torch.rand(conf.shape[0], generator=generator)
+
+
+# name -> (conf [K, C], still masked [K, C], generator) -> score [K]; the argmax row wins.
+BRANCH_SCORES: dict[str, Callable[..., torch.Tensor]] = {
     "mean": mean_confidence,
     "lowest": lowest_confidence,
+    "random": random_choice,
 }

@@ -41,6 +41,7 @@ class WindowStrategy(Strategy):
         super().__init__(cfg, spec)
         self.lookahead = lookahead
         self.score = BRANCH_SCORES[cfg.branch_confidence]
+        self.rng = torch.Generator().manual_seed(cfg.seed)  # for score functions that draw (the random ablation)
         self.max_rounds = cfg.max_rounds or 2 * cfg.gen_length + 8
 
     # -- pipeline hooks -----------------------------------------------------------------------------
@@ -149,7 +150,7 @@ class WindowStrategy(Strategy):
             in_set = torch.zeros(len(col_of), dtype=torch.bool)
             in_set[[col_of[p - lo] for p in scored if p - lo in col_of]] = True
             still = batch.tokens[:, batch.logit_cols] == self.spec.mask_id  # [K, C]
-            score = self.score(preds.conf, still & in_set)  # [K]
+            score = self.score(preds.conf, still & in_set, self.rng)  # [K]
             winner = int(torch.argmax(score))  # first maximum: ties go to the lower row
             scores = score.tolist()
         hi = lo + batch.tokens.shape[1]

@@ -118,6 +118,17 @@ def markdown(reports: list[StrategyReport], pairs: list[dict]) -> str:
         s = r.summary()
         lines.append(f"| {s['label']} | {s['n']} | {100 * s['accuracy']:.1f}% | {s['tpf']:.2f} | {s['mean_problem_tpf']:.2f} | "
                      f"{s['decode_forwards']} | {s['tokens']} | {s['tokens_per_s']:.0f} | {s['round_cap_hits']} |")
+    randoms = [r for r in reports if r.label.startswith("random-tfo")]
+    if randoms:
+        k_label = randoms[0].label.split()[1]  # "k=N"
+        tpfs = [r.tpf for r in randoms]
+        accs = [100 * r.accuracy for r in randoms]
+        chosen = next((r for r in reports if r.label == f"lopa {k_label}"), None)
+        lines.append("")
+        lines.append(f"Random token-filling orders ({len(randoms)} seeds, a random winner among the same {k_label} "
+                     f"branches): TPF {sum(tpfs) / len(tpfs):.2f} (min {min(tpfs):.2f}, max {max(tpfs):.2f}), accuracy "
+                     f"{sum(accs) / len(accs):.1f}%" + (f"; the order LoPA picked: TPF {chosen.tpf:.2f}, accuracy "
+                                                        f"{100 * chosen.accuracy:.1f}%." if chosen else "."))
     for p in pairs:
         lines.append("")
         lines.append(f"Paired, {p['b']} vs {p['a']} on the same {p['n']} problems: accuracy difference "
