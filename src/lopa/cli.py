@@ -144,7 +144,7 @@ def demo(
 @app.command("eval")
 def evaluate(
     path: Optional[Path] = typer.Argument(None, help="HF model folder (default: the embedded model)."),
-    task: str = typer.Option("gsm8k", help="gsm8k | humaneval"),
+    task: str = typer.Option("gsm8k", help="gsm8k | humaneval | code"),
     data: Optional[Path] = typer.Option(None, help="GSM8K-format JSONL (default: lopa's generated test split)."),
     n: int = typer.Option(100, help="Number of problems."),
     strategies: str = typer.Option("threshold,d2f,lopa", help="Comma-separated strategies to compare."),

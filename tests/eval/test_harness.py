@@ -77,3 +77,23 @@ def test_eval_command(tiny_dream_dir, tmp_path):
     summary = json.loads((tmp_path / "eval.json").read_text())["summary"]
     assert [s["label"] for s in summary] == ["d2f", "lopa k=2", "lopa k=0", "random-tfo k=2 seed=0", "random-tfo k=2 seed=1"]
     assert "Random token-filling orders (2 seeds" in (tmp_path / "eval.md").read_text()
+
+
+def test_code_tasks_canonical_solutions_pass_and_wrong_ones_fail():
+    from lopa.train.codegen import code_split
+
+    tasks = code_split("test", 12)
+    assert len({t["prompt"] for t in tasks}) == 12
+    assert not {t["prompt"] for t in tasks} & {t["prompt"] for t in code_split("train", 60)}
+    for t in tasks:
+        assert check_humaneval(t["prompt"], t["canonical_solution"], t["test"], t["entry_point"]).passed, t
+    assert not check_humaneval(tasks[0]["prompt"], "    return None\n", tasks[0]["test"], tasks[0]["entry_point"]).passed
+
+
+def test_code_task_runs_through_the_harness(tiny_dream_dir, tmp_path):
+    from lopa.eval.tasks import code
+
+    model = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu"))
+    (report,) = run_eval(model, code(2), {"d2f": lopa.DecodeConfig(strategy="d2f", gen_length=16, block_size=8)},
+                         progress=False)
+    assert len(report.records) == 2 and all(r.prediction in ("passed", "failed", "timeout") for r in report.records)

@@ -1,4 +1,4 @@
-"""Evaluation tasks: GSM8K-format math (any JSONL, or our generated test split) and HumanEval (code)."""
+"""Evaluation tasks: GSM8K-format math (any JSONL, or our generated test split), HumanEval, and our code tasks."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..train.codegen import code_split
 from ..train.data import extract_answer, math_split, prompt_for
 
 
@@ -61,4 +62,10 @@ def humaneval(n: int | None = None) -> list[Problem]:
     return [Problem("humaneval", r["task_id"], r["prompt"], r["test"], r["entry_point"]) for r in rows]
 
 
-TASKS = {"gsm8k": gsm8k, "humaneval": humaneval}
+def code(n: int | None = None, split: str = "test", seed: int = 0) -> list[Problem]:
+    """lopa's own HumanEval-shaped function tasks (lopa.train.codegen), checked the same way as HumanEval."""
+    return [Problem("code", r["task_id"], r["prompt"], r["test"], r["entry_point"])
+            for r in code_split(split, n or 20, seed=seed)]
+
+
+TASKS = {"gsm8k": gsm8k, "humaneval": humaneval, "code": code}
