@@ -1,0 +1,54 @@
+"""`lopa-lm-eval run --model lopa ...` on a local JSONL task (no hub, no downloads)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'lopa[lmeval]')")
+
+
+def test_lm_eval_runs_lopa_on_a_local_generate_until_task(tiny_dream_dir, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(3)))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "lopa_local.yaml").write_text(f"""task: lopa_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:\\n"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["Question:"]
+  max_gen_toks: 16
+metric_list:
+  - metric: exact_match
+""")
+    out = tmp_path / "out"
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "lopa.eval.lm_eval_adapter", "run", "--model", "lopa",
+           "--model_args", f"pretrained={tiny_dream_dir},strategy=lopa,k=2,block_size=8", "--device", "cpu",
+           "--tasks", "lopa_local", "--include_path", str(tasks), "--output_path", str(out), "--log_samples"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = next(out.rglob("results_*.json"))
+    payload = json.loads(results.read_text())
+    assert "lopa_local" in payload["results"] and payload["config"]["model"] == "lopa"
+    samples = list(out.rglob("samples_lopa_local_*.jsonl"))
+    assert samples and len(samples[0].read_text().splitlines()) == 3
+
+
+def test_unknown_model_arg_is_a_clear_error(tiny_dream_dir):
+    from lopa.errors import ConfigError
+    from lopa.eval.lm_eval_adapter import LopaLM
+
+    with pytest.raises(ConfigError, match="bogus"):
+        LopaLM(pretrained=str(tiny_dream_dir), device="cpu", bogus=1)
+    lm = LopaLM(pretrained=str(tiny_dream_dir), device="cpu", k="3", tau="0.5", trace="false")
+    assert lm.decode == {"k": 3, "tau": 0.5, "trace": False}
