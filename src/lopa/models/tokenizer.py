@@ -91,7 +91,11 @@ class Tokenizer:
             raise CheckpointError("this model's tokenizer_config.json has no chat_template; drop --chat")
         import jinja2
 
+        def raise_exception(message: str):  # HF chat templates call this on malformed conversations
+            raise CheckpointError(f"chat template: {message}")
+
         env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
         return env.from_string(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.config.get("bos_token") or "", eos_token=self.config.get("eos_token") or "",
