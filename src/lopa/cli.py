@@ -192,8 +192,12 @@ def evaluate(
         a, b = compare.split(",")
         pairs = [paired_difference(by_label[a], by_label[b])]
     else:
-        base = next((r for r in reports if r.label.startswith("d2f")), reports[0])
-        pairs = [paired_difference(base, r) for r in reports if r.label.startswith(("lopa", "random-tfo"))]
+        def base_for(label: str):  # the d2f run with the same τ (the first d2f, else the first run)
+            tau_part = [p for p in label.split() if p.startswith("tau=")]
+            match = [r for r in reports if r.label.startswith("d2f") and r.label.split()[1:] == tau_part]
+            return match[0] if match else next((r for r in reports if r.label.startswith("d2f")), reports[0])
+
+        pairs = [paired_difference(base_for(r.label), r) for r in reports if r.label.startswith(("lopa", "random-tfo"))]
     meta = {"model": str(model.path), "task": task, "data": str(data) if data else "generated test split",
             "n": len(problems), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "counting": "tokens up to and including the first EOS; one decode forward per iteration however many "

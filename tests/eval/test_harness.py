@@ -97,3 +97,15 @@ def test_code_task_runs_through_the_harness(tiny_dream_dir, tmp_path):
     (report,) = run_eval(model, code(2), {"d2f": lopa.DecodeConfig(strategy="d2f", gen_length=16, block_size=8)},
                          progress=False)
     assert len(report.records) == 2 and all(r.prediction in ("passed", "failed", "timeout") for r in report.records)
+
+
+def test_tau_sweep_pairs_each_lopa_run_with_the_d2f_run_of_the_same_tau(tiny_dream_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from lopa.cli import app
+
+    res = CliRunner().invoke(app, ["eval", str(tiny_dream_dir), "--n", "1", "--strategies", "d2f,lopa", "--k", "2",
+                                   "--tau", "0.5,0.9", "--gen-length", "16", "--out", str(tmp_path), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    pairs = json.loads((tmp_path / "eval.json").read_text())["paired"]
+    assert [(p["a"], p["b"]) for p in pairs] == [("d2f tau=0.5", "lopa k=2 tau=0.5"), ("d2f tau=0.9", "lopa k=2 tau=0.9")]
