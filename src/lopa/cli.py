@@ -134,7 +134,7 @@ def demo(
     except LopaError as err:
         _fail(err)
     out.print(f"{model.path.name}: {n} held-out problems, gen_length 128\n")
-    out.print(markdown(reports, []), markup=False)
+    out.print(markdown(reports, []), markup=False, soft_wrap=True)
     last = api.generate(model, problems[0].prompt, configs[f"lopa k={k}"])
     out.print(f"lopa k={k} on problem 1:\n{problems[0].prompt}{last.text}", markup=False, highlight=False)
     console.print("[dim]TPF = generated tokens (up to EOS) / decode forwards; a LoPA forward verifies all its "
@@ -206,7 +206,7 @@ def evaluate(
     from .eval.harness import markdown
 
     out.mkdir(parents=True, exist_ok=True)
-    console.print(markdown(reports, pairs))
+    console.print(markdown(reports, pairs), markup=False, soft_wrap=True)
     console.print(f"[dim]written: {out}/eval.json, eval.md, eval.png[/]")
 
 
