@@ -32,7 +32,6 @@ class LopaModel:
     path: Path
     loaded: LoadedModel
     runner: Runner
-    runner_config: RunnerConfig
 
     @property
     def tokenizer(self):
@@ -86,7 +85,7 @@ def load_model(
     dtype = _resolve_dtype(runner.dtype, device)
     loaded = load_folder(folder, device=device, dtype=dtype, adapter=adapter)
     runner_cls = GraphRunner if device.type == "cuda" and runner.cuda_graphs else Runner
-    return LopaModel(folder, loaded, runner_cls(loaded.model, loaded.spec, device, dtype), runner)
+    return LopaModel(folder, loaded, runner_cls(loaded.model, loaded.spec, device, dtype))
 
 
 def _prompt_ids(model: LopaModel, prompt: str | list[int], chat: bool) -> list[int]:

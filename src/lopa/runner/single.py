@@ -68,7 +68,6 @@ class RunOutput:
     token_ids: list[int]
     stats: Stats
     trace: list[Step] = field(default_factory=list)
-    state: DecodeState | None = None
 
 
 class Runner:
@@ -168,4 +167,4 @@ class Runner:
         stats.generated_tokens = len(ids)
         stats.hit_round_cap = state.hit_round_cap
         self._hidden = None
-        return RunOutput(ids, stats, state.trace, state)
+        return RunOutput(ids, stats, state.trace)
