@@ -14,6 +14,7 @@ from .decoding import make_strategy
 from .decoding.base import DecodeState, Step
 from .errors import CheckpointError, ConfigError
 from .models.loader import LoadedModel, load_folder
+from .models.quant import quantize_model
 from .runner.graphs import GraphRunner
 from .runner.single import Runner, Stats
 
@@ -84,6 +85,8 @@ def load_model(
     device = _resolve_device(runner.device)
     dtype = _resolve_dtype(runner.dtype, device)
     loaded = load_folder(folder, device=device, dtype=dtype, adapter=adapter)
+    if runner.quantize is not None:
+        quantize_model(loaded.model, runner.quantize)
     runner_cls = GraphRunner if device.type == "cuda" and runner.cuda_graphs else Runner
     return LopaModel(folder, loaded, runner_cls(loaded.model, loaded.spec, device, dtype))
 

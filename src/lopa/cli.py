@@ -57,6 +57,7 @@ def generate(
     adapter: Optional[Path] = typer.Option(None, help="PEFT LoRA adapter folder (e.g. a D2F adapter)."),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto"),
+    quantize: Optional[str] = typer.Option(None, help="Weight-only quantization: int8"),
     trace: Optional[Path] = typer.Option(None, help="Write the per-step trace and stats as JSON here."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -73,7 +74,7 @@ def generate(
         overrides["trace"] = True
     try:
         with console.status("loading model"):
-            model = api.load_model(path, adapter=adapter, runner=RunnerConfig(device=device, dtype=dtype))
+            model = api.load_model(path, adapter=adapter, runner=RunnerConfig(device=device, dtype=dtype, quantize=quantize))
         gen_total = overrides.get("gen_length")
         with Progress(TextColumn("decoding"), BarColumn(), TextColumn("{task.completed}/{task.total} positions"),
                       TimeElapsedColumn(), console=console, transient=True) as bar:
@@ -157,6 +158,7 @@ def evaluate(
                                            "winner among the same branches, seeds 0..N-1) at the first k."),
     out: Path = typer.Option(Path("runs/eval"), help="Folder for eval.json, eval.md, eval.png."),
     device: str = typer.Option("auto"),
+    quantize: Optional[str] = typer.Option(None, help="Weight-only quantization: int8"),
 ) -> None:
     """Run strategies side by side on the same problems: accuracy, TPF, forwards, tokens/s; paired comparisons."""
     import datetime
@@ -169,7 +171,7 @@ def evaluate(
         if task not in TASKS:
             raise LopaError(f"task: must be one of {tuple(TASKS)}, got {task!r}")
         problems = TASKS["gsm8k"](data, n) if task == "gsm8k" else TASKS[task](n)
-        model = api.load_model(path, runner=RunnerConfig(device=device))
+        model = api.load_model(path, runner=RunnerConfig(device=device, quantize=quantize))
         taus = [float(t) for t in tau.split(",") if t] or [None]
         configs = {}
         for name in strategies.split(","):
@@ -198,7 +200,7 @@ def evaluate(
             return match[0] if match else next((r for r in reports if r.label.startswith("d2f")), reports[0])
 
         pairs = [paired_difference(base_for(r.label), r) for r in reports if r.label.startswith(("lopa", "random-tfo"))]
-    meta = {"model": str(model.path), "task": task, "data": str(data) if data else "generated test split",
+    meta = {"model": str(model.path), "quantize": quantize, "task": task, "data": str(data) if data else "generated test split",
             "n": len(problems), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "counting": "tokens up to and including the first EOS; one decode forward per iteration however many "
                         "branches; prefill apart"}

@@ -125,9 +125,11 @@ class RunnerConfig:
     device: str = "auto"  # "auto" = cuda if available else cpu
     dtype: str = "auto"  # "auto" = bfloat16 on GPU, float32 on CPU; or float32 / bfloat16 / float16
     cuda_graphs: bool = True  # on a GPU, replay greedy decode forwards from CUDA graphs (runner/graphs.py)
+    quantize: str | None = None  # None | "int8": weight-only int8 decoder Linears (models/quant.py)
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", f"unknown dtype {self.dtype!r}")
+        _check(self.quantize in (None, "int8"), "quantize", f"must be None or 'int8', got {self.quantize!r}")
         _check(
             self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
             "device",
