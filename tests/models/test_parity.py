@@ -102,3 +102,11 @@ def test_commit_of_a_later_branch_moves_its_kv(tiny_dream_dir):
     assert cache.length == P + n
     torch.testing.assert_close(cache.k[:, :, P:P + n], expected_k)
     torch.testing.assert_close(cache.last_hidden, hidden[2, n - 1])
+
+
+def test_dream_column_zero_needs_the_committed_hidden_state(tiny_dream_dir):
+    model = load_folder(tiny_dream_dir).model
+    hidden = model(torch.randint(0, 100, (1, 5)))
+    with pytest.raises(ValueError, match="last committed hidden state"):
+        model.logits(hidden, torch.arange(5))
+    assert model.logits(hidden, torch.arange(1, 5)).isfinite().all()

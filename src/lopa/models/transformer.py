@@ -127,14 +127,19 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, attn_mask, cache, i)
         return self.norm(x)
 
+    def predicting_hidden(self, hidden: torch.Tensor, last_hidden: torch.Tensor | None) -> torch.Tensor:
+        """hidden [B, T, E] -> [B, T, E]: the state each column's logits come from. Dream predicts position i
+        from the hidden state at i-1, so column 0 uses the last committed position (``last_hidden``; without
+        it column 0 is NaN). Shape-static and sync-free, so CUDA graphs capture it as is."""
+        if not self.config.logit_shift:
+            return hidden
+        B, _, E = hidden.shape
+        first = hidden.new_full((B, 1, E), float("nan")) if last_hidden is None else last_hidden.to(hidden.dtype).expand(B, 1, E)
+        return torch.cat([first, hidden[:, :-1]], dim=1)
+
     def logits(self, hidden: torch.Tensor, cols: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """hidden [B, T, E], cols [C] -> [B, C, V] float32: the prediction for window position cols[j]."""
-        src = cols - self.config.logit_shift  # Dream: position i is predicted from the hidden state at i-1
-        h = hidden[:, src.clamp(min=0)]  # [B, C, E]
-        before = src < 0
-        if bool(before.any()):
-            if cache is None or cache.last_hidden is None:
-                raise ValueError("position 0 of the window needs the last committed hidden state (none cached)")
-            h = h.clone()
-            h[:, before] = cache.last_hidden.to(h.dtype)
-        return self.lm_head(h).float()
+        last = cache.last_hidden if cache is not None else None
+        if last is None and self.config.logit_shift and bool((cols < self.config.logit_shift).any()):
+            raise ValueError("position 0 of the window needs the last committed hidden state (none cached)")
+        return self.lm_head(self.predicting_hidden(hidden, last)[:, cols]).float()

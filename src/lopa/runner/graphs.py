@@ -114,12 +114,8 @@ class GraphRunner(Runner):
     def _body(self, st: Static, pspec: PredictSpec):
         """hidden [K, Wb, E] and device Predictions for every column of the padded window."""
         hidden = self.model(st.tokens, cache=self.cache, attn_mask=st.mask, positions=st.positions)
-        if self.model.config.logit_shift:  # column 0 is predicted from the last committed position
-            K, _, E = hidden.shape
-            hidden_for = torch.cat([st.last_hidden.expand(K, 1, E), hidden[:, :-1]], dim=1)
-        else:
-            hidden_for = hidden
-        return hidden, predict(self.model.lm_head(hidden_for).float(), pspec, None, to_cpu=False)
+        logits = self.model.lm_head(self.model.predicting_hidden(hidden, st.last_hidden)).float()  # [K, Wb, V]
+        return hidden, predict(logits, pspec, None, to_cpu=False)
 
     def _capture(self, st: Static, pspec: PredictSpec) -> None:
         stream = torch.cuda.Stream()
