@@ -57,3 +57,16 @@ def test_default_model_loads_and_is_a_dream_folder():
     model = lopa.load_model(runner=lopa.RunnerConfig(device="cpu"))
     assert model.model_type == "dream" and model.config.num_layers == 8
     assert model.loaded.spec.mask_id == model.tokenizer.token_id("<|mask|>")
+
+
+def test_eval_compare_with_an_unknown_label_is_a_clear_error(tiny_dream_dir, tmp_path):
+    res = runner.invoke(app, ["eval", str(tiny_dream_dir), "--n", "1", "--strategies", "d2f", "--compare", "d2f,nope",
+                              "--out", str(tmp_path), "--device", "cpu"])
+    assert res.exit_code == 2 and "compare" in res.output and "Traceback" not in res.output
+
+
+def test_train_flags_default_to_the_train_config():
+    from lopa.train.trainer import TrainConfig
+
+    res = runner.invoke(app, ["train", "--help"])
+    assert res.exit_code == 0 and str(TrainConfig.n_train) in res.output.replace(",", "").replace("_", "")

@@ -14,7 +14,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import api
 from .config import RunnerConfig
-from .errors import LopaError
+from .errors import ConfigError, LopaError
+from .train.trainer import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fast diffusion-LLM inference with LoPA.")
 console = Console(stderr=True)
@@ -164,12 +165,12 @@ def evaluate(
     import datetime
 
     from .config import decode_config
-    from .eval.harness import paired_difference, run_eval, write_reports
+    from .eval.harness import markdown, paired_difference, run_eval, write_reports
     from .eval.tasks import TASKS
 
     try:
         if task not in TASKS:
-            raise LopaError(f"task: must be one of {tuple(TASKS)}, got {task!r}")
+            raise ConfigError(f"task: must be one of {tuple(TASKS)}, got {task!r}")
         problems = TASKS["gsm8k"](data, n) if task == "gsm8k" else TASKS[task](n)
         model = api.load_model(path, runner=RunnerConfig(device=device, quantize=quantize))
         taus = [float(t) for t in tau.split(",") if t] or [None]
@@ -186,6 +187,8 @@ def evaluate(
             configs[f"random-tfo k={first_k} seed={seed}"] = decode_config(
                 preset, model.model_type, strategy="lopa", k=first_k, gen_length=gen_length,
                 branch_confidence="random", seed=seed)
+        if compare and (len(compare.split(",")) != 2 or not set(compare.split(",")) <= set(configs)):
+            raise ConfigError(f"compare: must be two of the run labels {sorted(configs)}, got {compare!r}")
         reports = run_eval(model, problems, configs)
     except LopaError as err:
         _fail(err)
@@ -205,33 +208,30 @@ def evaluate(
             "counting": "tokens up to and including the first EOS; one decode forward per iteration however many "
                         "branches; prefill apart"}
     write_reports(reports, pairs, out, meta)
-    from .eval.harness import markdown
-
-    out.mkdir(parents=True, exist_ok=True)
     console.print(markdown(reports, pairs), markup=False, soft_wrap=True)
     console.print(f"[dim]written: {out}/eval.json, eval.md, eval.png[/]")
 
 
 @app.command()
 def train(
-    out: Path = typer.Option(Path("runs/default_model"), help="Where to write the model folder."),
-    minutes: float = typer.Option(8.0, help="Wall-clock training budget (the LR schedule follows it)."),
-    batch_size: int = typer.Option(256),
-    lr: float = typer.Option(2e-3),
-    hidden_size: int = typer.Option(256),
-    num_layers: int = typer.Option(8),
-    num_heads: int = typer.Option(4),
-    num_kv_heads: int = typer.Option(2),
-    intermediate_size: int = typer.Option(768),
-    vocab_size: int = typer.Option(768),
-    block_size: int = typer.Option(32),
-    full_attention_fraction: float = typer.Option(0.5),
-    n_train: int = typer.Option(200_000, help="Distinct training problems generated."),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto"),
+    out: Path = typer.Option(Path(TrainConfig.out), help="Where to write the model folder."),
+    minutes: float = typer.Option(TrainConfig.minutes, help="Wall-clock training budget (the LR schedule follows it)."),
+    batch_size: int = typer.Option(TrainConfig.batch_size),
+    lr: float = typer.Option(TrainConfig.lr),
+    hidden_size: int = typer.Option(TrainConfig.hidden_size),
+    num_layers: int = typer.Option(TrainConfig.num_layers),
+    num_heads: int = typer.Option(TrainConfig.num_heads),
+    num_kv_heads: int = typer.Option(TrainConfig.num_kv_heads),
+    intermediate_size: int = typer.Option(TrainConfig.intermediate_size),
+    vocab_size: int = typer.Option(TrainConfig.vocab_size),
+    block_size: int = typer.Option(TrainConfig.block_size),
+    full_attention_fraction: float = typer.Option(TrainConfig.full_attention_fraction),
+    n_train: int = typer.Option(TrainConfig.n_train, help="Distinct training problems generated."),
+    seed: int = typer.Option(TrainConfig.seed),
+    device: str = typer.Option(TrainConfig.device),
 ) -> None:
     """Train the default model (Dream architecture, D2F recipe) on generated math problems."""
-    from .train.trainer import TrainConfig, train as run_training
+    from .train.trainer import train as run_training
 
     run_training(TrainConfig(out=str(out), minutes=minutes, batch_size=batch_size, lr=lr, hidden_size=hidden_size,
                              num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
