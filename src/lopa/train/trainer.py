@@ -116,7 +116,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2:
-                torch.nn.init.normal_(p, std=0.02 if "embed" in name or "lm_head" in name else 0.02 / math.sqrt(2 * cfg.num_layers) if name.endswith(("o.weight", "down.weight")) else 0.02)
+                residual_out = name.endswith(("attn.o.weight", "mlp.down.weight"))  # GPT-2 style scaled init
+                torch.nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.num_layers) if residual_out else 0.02)
     decay = [p for p in model.parameters() if p.dim() == 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
