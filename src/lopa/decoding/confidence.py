@@ -21,9 +21,9 @@ def predict(logits: torch.Tensor, spec: PredictSpec, generator: torch.Generator 
     ``prob`` is the chosen token's probability under that (tempered, nucleus-renormalized) distribution, as
     Fast-dLLM and D2F use it; ``conf`` is the measure named by spec.measure on the same distribution.
     """
-    logits = logits.float()
+    # one float32 copy when ids are suppressed in place (never the caller's tensor), none otherwise
+    logits = logits.to(torch.float32, copy=bool(spec.suppress_ids))
     if spec.suppress_ids:
-        logits = logits.clone()
         for token in spec.suppress_ids:  # scalar indexing: no host-to-device index copy (CUDA-graph safe)
             logits[..., token] = float("-inf")
     if spec.temperature > 0:
