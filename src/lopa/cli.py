@@ -226,17 +226,20 @@ def train(
     vocab_size: int = typer.Option(TrainConfig.vocab_size),
     block_size: int = typer.Option(TrainConfig.block_size),
     full_attention_fraction: float = typer.Option(TrainConfig.full_attention_fraction),
-    n_train: int = typer.Option(TrainConfig.n_train, help="Distinct training problems generated."),
+    n_train: int = typer.Option(TrainConfig.n_train, help="Distinct math problems generated."),
+    n_code: int = typer.Option(TrainConfig.n_code, help="Distinct code tasks (0: math only)."),
+    code_copies: int = typer.Option(TrainConfig.code_copies, help="Times each code task appears in the pool."),
     seed: int = typer.Option(TrainConfig.seed),
     device: str = typer.Option(TrainConfig.device),
 ) -> None:
-    """Train the default model (Dream architecture, D2F recipe) on generated math problems."""
+    """Train the default model (Dream architecture, D2F recipe) on generated math problems and code tasks."""
     from .train.trainer import train as run_training
 
     run_training(TrainConfig(out=str(out), minutes=minutes, batch_size=batch_size, lr=lr, hidden_size=hidden_size,
                              num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
                              intermediate_size=intermediate_size, vocab_size=vocab_size, block_size=block_size,
-                             full_attention_fraction=full_attention_fraction, n_train=n_train, seed=seed, device=device))
+                             full_attention_fraction=full_attention_fraction, n_train=n_train, n_code=n_code,
+                             code_copies=code_copies, seed=seed, device=device))
 
 
 @app.command()

@@ -109,3 +109,10 @@ def test_tau_sweep_pairs_each_lopa_run_with_the_d2f_run_of_the_same_tau(tiny_dre
     assert res.exit_code == 0, res.output
     pairs = json.loads((tmp_path / "eval.json").read_text())["paired"]
     assert [(p["a"], p["b"]) for p in pairs] == [("d2f tau=0.5", "lopa k=2 tau=0.5"), ("d2f tau=0.9", "lopa k=2 tau=0.9")]
+
+
+def test_asking_for_more_code_tasks_than_exist_is_a_config_error():
+    from lopa.eval.tasks import code
+
+    with pytest.raises(ConfigError, match="distinct test code tasks"):
+        code(10_000)

@@ -51,3 +51,16 @@ def test_training_smoke_loss_decreases_and_folder_loads(tmp_path):
     assert log[-1][2] < log[0][2]
     model = lopa.load_model(out, runner=lopa.RunnerConfig(device="cpu"))
     assert model.model_type == "dream" and (out / "loss.png").exists()
+
+
+def test_training_pool_mixes_code_tasks_in_the_eval_prompt_format():
+    from lopa.eval.tasks import code
+    from lopa.train.trainer import training_texts
+
+    texts = training_texts(TrainConfig(n_train=20, n_code=10, code_copies=2))
+    assert len(texts) == 20 + 10 * 2
+    assert all(p.startswith("Question: ") for p, _ in texts[:20])
+    code_prompts = {p for p, _ in texts[20:]}
+    assert len(code_prompts) == 10 and all(p.startswith("def ") and '"""' in p for p in code_prompts)
+    assert not code_prompts & {prob.prompt for prob in code(50)}  # the code test split is held out
+    assert training_texts(TrainConfig(n_train=5, n_code=0)) == training_texts(TrainConfig(n_train=5, n_code=0))[:5]

@@ -64,8 +64,11 @@ def humaneval(n: int | None = None) -> list[Problem]:
 
 def code(n: int | None = None, split: str = "test", seed: int = 0) -> list[Problem]:
     """lopa's own HumanEval-shaped function tasks (lopa.train.codegen), checked the same way as HumanEval."""
-    return [Problem("code", r["task_id"], r["prompt"], r["test"], r["entry_point"])
-            for r in code_split(split, n or 20, seed=seed)]
+    try:
+        rows = code_split(split, n or 20, seed=seed)
+    except ValueError as err:  # asked for more tasks than the split holds
+        raise ConfigError(f"task code: {err}") from None
+    return [Problem("code", r["task_id"], r["prompt"], r["test"], r["entry_point"]) for r in rows]
 
 
 TASKS = {"gsm8k": gsm8k, "humaneval": humaneval, "code": code}

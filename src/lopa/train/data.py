@@ -20,8 +20,10 @@ NAMES = ["Mia", "Leo", "Ava", "Sam", "Zoe", "Max", "Lily", "Ben", "Nora", "Eli",
          "Emma", "Noah", "Ella", "Luke", "Anna", "Tom"]
 ITEMS = [("apple", "apples"), ("pen", "pens"), ("book", "books"), ("card", "cards"), ("cookie", "cookies"),
          ("shell", "shells"), ("marble", "marbles"), ("sticker", "stickers"), ("cup", "cups"), ("ball", "balls")]
-OPENINGS = ["", "", "Let's think step by step.", "We solve it step by step.", "Let's work it out."]
-CLOSINGS = ["", "So the answer is {z}.", "The answer is {z}.", "In total that is {z}."]
+OPENINGS = ["", "", "Let's think step by step.", "We solve it step by step.", "Let's work it out.",
+            "Here is the solution.", "We work through it one step at a time."]
+CLOSINGS = ["", "So the answer is {z}.", "The answer is {z}.", "In total that is {z}.", "That makes {z}.",
+            "Therefore the answer is {z}."]
 SPLITS = ("train", "validation", "test")
 
 
@@ -46,13 +48,13 @@ def shopping(rng: random.Random) -> tuple[str, str]:
     a, b, x, y = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 9)
     q = f"{name} buys {a} {p1} for {x} dollars each and {b} {p2} for {y} dollars each. How many dollars does {name} spend?"
     s1 = _say(rng, ["The {p} cost {a} * {x} = {r} dollars.", "{n} pays {a} * {x} = {r} dollars for the {p}.",
-                    "{a} {p} at {x} dollars each is {a} * {x} = {r} dollars."], p=p1, a=a, x=x, r=a * x, n=name)
+                    "{a} {p} at {x} dollars each is {a} * {x} = {r} dollars.", "For the {p}: {a} * {x} = {r} dollars."], p=p1, a=a, x=x, r=a * x, n=name)
     s2 = _say(rng, ["The {p} cost {a} * {x} = {r} dollars.", "{n} pays {a} * {x} = {r} dollars for the {p}.",
-                    "{a} {p} at {x} dollars each is {a} * {x} = {r} dollars."], p=p2, a=b, x=y, r=b * y, n=name)
+                    "{a} {p} at {x} dollars each is {a} * {x} = {r} dollars.", "For the {p}: {a} * {x} = {r} dollars."], p=p2, a=b, x=y, r=b * y, n=name)
     steps = [s1, s2] if rng.random() < 0.5 else [s2, s1]
     z = a * x + b * y
     steps.append(_say(rng, ["Together {n} spends {u} + {v} = {z} dollars.", "In all it costs {u} + {v} = {z} dollars.",
-                            "{u} + {v} = {z} dollars are spent."], n=name, u=a * x, v=b * y, z=z))
+                            "{u} + {v} = {z} dollars are spent.", "The total is {u} + {v} = {z} dollars."], n=name, u=a * x, v=b * y, z=z))
     return q, _finish(rng, steps, z)
 
 
@@ -62,10 +64,10 @@ def rates(rng: random.Random) -> tuple[str, str]:
     q = (f"{name} reads {r} pages every day for {d} days, then reads {extra} more pages. "
          f"How many pages does {name} read in total?")
     steps = [_say(rng, ["In {d} days {n} reads {r} * {d} = {p} pages.", "{r} pages a day for {d} days is {r} * {d} = {p} pages.",
-                        "Each day is {r} pages, so {d} days give {r} * {d} = {p} pages."], n=name, r=r, d=d, p=r * d)]
+                        "Each day is {r} pages, so {d} days give {r} * {d} = {p} pages.", "First, {r} * {d} = {p} pages."], n=name, r=r, d=d, p=r * d)]
     z = r * d + extra
     steps.append(_say(rng, ["Then {p} + {e} = {z} pages.", "Adding the {e} more pages gives {p} + {e} = {z}.",
-                            "With {e} more pages that is {p} + {e} = {z} pages."], p=r * d, e=extra, z=z))
+                            "With {e} more pages that is {p} + {e} = {z} pages.", "In total {n} reads {p} + {e} = {z} pages."], n=name, p=r * d, e=extra, z=z))
     return q, _finish(rng, steps, z)
 
 
@@ -76,9 +78,9 @@ def sharing(rng: random.Random) -> tuple[str, str]:
     q = (f"{name} has {total} {items}. {name} keeps {keep} and shares the rest equally among {k} friends. "
          f"How many {items} does each friend get?")
     steps = [_say(rng, ["{n} shares {t} - {k} = {r} {p}.", "After keeping {k}, {t} - {k} = {r} {p} are left.",
-                        "There are {t} - {k} = {r} {p} to share."], n=name, t=total, k=keep, r=total - keep, p=items),
+                        "There are {t} - {k} = {r} {p} to share.", "{n} gives away {t} - {k} = {r} {p}."], n=name, t=total, k=keep, r=total - keep, p=items),
              _say(rng, ["Each friend gets {r} / {f} = {z} {p}.", "{r} / {f} = {z} {p} for each friend.",
-                        "So each of the {f} friends gets {r} / {f} = {z}."], r=total - keep, f=k, z=each, p=items)]
+                        "So each of the {f} friends gets {r} / {f} = {z}.", "Split among {f} friends, that is {r} / {f} = {z} each."], r=total - keep, f=k, z=each, p=items)]
     return q, _finish(rng, steps, each)
 
 
@@ -89,9 +91,9 @@ def ages(rng: random.Random) -> tuple[str, str]:
     now = age + diff
     z = now + years
     steps = [_say(rng, ["{b} is {x} + {d} = {y} years old now.", "Now {b} is {x} + {d} = {y}.",
-                        "{b}'s age is {x} + {d} = {y} years."], b=b, x=age, d=diff, y=now),
+                        "{b}'s age is {x} + {d} = {y} years.", "Today {b} is {x} + {d} = {y}."], b=b, x=age, d=diff, y=now),
              _say(rng, ["In {t} years {b} will be {y} + {t} = {z}.", "{y} + {t} = {z} years old in {t} years.",
-                        "After {t} years, {b} is {y} + {t} = {z} years old."], b=b, t=years, y=now, z=z)]
+                        "After {t} years, {b} is {y} + {t} = {z} years old.", "Then {b} will be {y} + {t} = {z}."], b=b, t=years, y=now, z=z)]
     return q, _finish(rng, steps, z)
 
 
@@ -102,8 +104,8 @@ def percent(rng: random.Random) -> tuple[str, str]:
     part = n * pct // 100
     q = f"{name} has {n} {items} and gives away {pct}% of them. How many {items} does {name} have left?"
     steps = [_say(rng, ["{p}% of {n} is {n} * {p} / 100 = {g}.", "{n} gives away {n} * {p} / 100 = {g} {i}.",
-                        "Giving away {p}% means {n} * {p} / 100 = {g} {i}."], p=pct, n=n, g=part, i=items),
-             _say(rng, ["{n} has {t} - {g} = {z} {i} left.", "That leaves {t} - {g} = {z} {i}.", "{t} - {g} = {z} {i} remain."],
+                        "Giving away {p}% means {n} * {p} / 100 = {g} {i}.", "The part given away is {n} * {p} / 100 = {g}."], p=pct, n=n, g=part, i=items),
+             _say(rng, ["{n} has {t} - {g} = {z} {i} left.", "That leaves {t} - {g} = {z} {i}.", "{t} - {g} = {z} {i} remain.", "So {t} - {g} = {z} {i} are left."],
                   n=name, t=n, g=part, z=n - part, i=items)]
     return q, _finish(rng, steps, n - part)
 
@@ -122,7 +124,7 @@ def collecting(rng: random.Random) -> tuple[str, str]:
     for verb, n in events:
         new = total - n if verb == "loses" else total + n
         op = "-" if verb == "loses" else "+"
-        steps.append(_say(rng, ["{a} {o} {n} = {b}.", "After that, {a} {o} {n} = {b} {i}.", "Now {a} {o} {n} = {b}."],
+        steps.append(_say(rng, ["{a} {o} {n} = {b}.", "After that, {a} {o} {n} = {b} {i}.", "Now {a} {o} {n} = {b}.", "Then {a} {o} {n} = {b} {i}."],
                           a=total, o=op, n=n, b=new, i=items))
         total = new
     return q, _finish(rng, steps, total)

@@ -30,6 +30,7 @@ from ..models.loader import save_folder
 from ..models.tiny import train_tokenizer, write_tokenizer
 from ..models.tokenizer import Tokenizer
 from ..models.transformer import Transformer
+from .codegen import code_split
 from .data import math_split, prompt_for
 
 
@@ -50,19 +51,31 @@ class TrainConfig:
     vocab_size: int = 768
     block_size: int = 32
     full_attention_fraction: float = 0.5
-    n_train: int = 200_000
+    n_train: int = 200_000  # distinct math problems
+    n_code: int = 1_500  # distinct code tasks (lopa.train.codegen; about 1,950 exist in the train split)
+    code_copies: int = 5  # each code task appears this many times in the training pool (~4% of it)
     max_answer_tokens: int = 160
     seed: int = 0
     device: str = "auto"
     log_every: int = 100
 
 
-def encode_examples(tok: Tokenizer, examples: list[dict], cfg: TrainConfig, eos: int) -> list[tuple[list[int], list[int]]]:
+def training_texts(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """(prompt, answer) texts: the math problems, then each code task ``code_copies`` times (prompt = signature
+    and docstring as `lopa eval --task code` shows them, answer = the function body)."""
+    texts = [(prompt_for(ex), ex["answer"]) for ex in math_split("train", cfg.n_train, seed=cfg.seed)]
+    if cfg.n_code:
+        code = [(t["prompt"], t["canonical_solution"]) for t in code_split("train", cfg.n_code, seed=cfg.seed)]
+        texts += code * cfg.code_copies
+    return texts
+
+
+def encode_examples(tok: Tokenizer, texts: list[tuple[str, str]], cfg: TrainConfig, eos: int) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, answer ids + EOS padding to the end of its block + one more EOS block)."""
     out = []
-    for ex in examples:
-        prompt = tok.encode(prompt_for(ex))
-        answer = tok.encode(ex["answer"])[: cfg.max_answer_tokens] + [eos]
+    for prompt_text, answer_text in texts:
+        prompt = tok.encode(prompt_text)
+        answer = tok.encode(answer_text)[: cfg.max_answer_tokens] + [eos]
         padded = -(-len(answer) // cfg.block_size) * cfg.block_size + cfg.block_size
         out.append((prompt, answer + [eos] * (padded - len(answer))))
     return out
@@ -99,13 +112,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     random.seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    examples = math_split("train", cfg.n_train, seed=cfg.seed)
-    texts = [prompt_for(ex) + ex["answer"] for ex in examples]
-    hf_tok = train_tokenizer(texts, cfg.vocab_size)
+    texts = training_texts(cfg)
+    hf_tok = train_tokenizer([p + a for p, a in texts], cfg.vocab_size)
     ids = write_tokenizer(hf_tok, out, "json")
     tok = Tokenizer(out)
     mask_id, eos = ids["<|mask|>"], ids["<|endoftext|>"]
-    pairs = encode_examples(tok, examples, cfg, eos)
+    pairs = encode_examples(tok, texts, cfg, eos)
     longest = max(len(p) + len(a) for p, a in pairs)
     mcfg = ModelConfig(model_type="dream", vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                        intermediate_size=cfg.intermediate_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
@@ -124,7 +136,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                             lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     rng = torch.Generator().manual_seed(cfg.seed)
     params = sum(p.numel() for p in model.parameters())
-    print(f"training {params / 1e6:.2f}M parameters on {device} for {cfg.minutes} min, {len(pairs)} problems, "
+    print(f"training {params / 1e6:.2f}M parameters on {device} for {cfg.minutes} min, {len(pairs)} examples ({cfg.n_code} code tasks x {cfg.code_copies}), "
           f"vocab {cfg.vocab_size}, longest sequence {longest}", flush=True)
     log: list[tuple[int, float, float]] = []
     start, step, running = time.time(), 0, None
