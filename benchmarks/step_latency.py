@@ -1,6 +1,7 @@
 """Time one full LoPA iteration at Dream-7B / LLaDA-8B shape, against transformers, against the roofline.
 
-One iteration, through lopa's own runner (eager, and with CUDA graphs: runner/graphs.py) = forward of
+One iteration, through lopa's own runner (eager; CUDA graphs: runner/graphs.py; CUDA graphs with the fused
+elementwise kernels the engine uses by default: models/fused.py) = forward of
 K = k+1 branches x W window columns over a cached P-token prefix, logits for the still-masked columns, confidences (lopa.decoding.confidence.predict), branch scores (Eq. 2), the winner's
 selection and its KV commit. In the same run, the same iteration the way users can do it today with
 `transformers` (Qwen2 with a bidirectional 4-D mask, SDPA): the k+1 branches one after another over the
@@ -28,6 +29,7 @@ from lopa.decoding.base import ForwardBatch, ModelSpec, PredictSpec
 from lopa.decoding.confidence import mean_confidence, predict
 from lopa.models.attention import branch_mask
 from lopa.models.config import ModelConfig
+from lopa.models.fused import EAGER, fused_ops
 from lopa.models.transformer import Transformer
 from lopa.runner.graphs import GraphRunner
 from lopa.runner.single import Runner
@@ -95,12 +97,15 @@ def costs(cfg: ModelConfig, K: int, W: int, P: int, bytes_per_param: float = 2.0
     return flops, weight_bytes + kv_bytes
 
 
-def lopa_iteration(model, cfg, K, W, P, device, dtype, graphs: bool = False):
-    """A closure running one LoPA iteration through lopa's runner (eager, or GraphRunner with CUDA graphs).
+def lopa_iteration(model, cfg, K, W, P, device, dtype, graphs: bool = False, fuse: bool = False):
+    """A closure running one LoPA iteration through lopa's runner (eager, or GraphRunner with CUDA graphs,
+    optionally with the fused elementwise kernels as load_model sets them up on a GPU).
 
     The prefix stays fixed: after the winner's commit the cache length is rolled back each time."""
     spec = ModelSpec(cfg.mask_token_id, (cfg.eos_token_id,), cfg.max_position_embeddings, cfg.vocab_size)
-    runner = (GraphRunner if graphs else Runner)(model, spec, device, dtype)
+    ops = fused_ops(device, dtype) if fuse else EAGER
+    model.ops = ops
+    runner = GraphRunner(model, spec, device, dtype, fuse=fuse) if graphs else Runner(model, spec, device, dtype)
     runner.cache = runner._new_cache(P + K * W + 256)  # room for the prefix and every branch's window
     with torch.inference_mode():
         prefix = torch.randint(0, cfg.vocab_size - 2, (1, P), device=device)
@@ -113,12 +118,43 @@ def lopa_iteration(model, cfg, K, W, P, device, dtype, graphs: bool = False):
 
     @torch.inference_mode()
     def step():
+        model.ops = ops  # closures of one model share it: each sets its own
         preds = runner.forward(batch, pspec)
         still = tokens[:, batch.logit_cols] == cfg.mask_token_id
         winner = int(torch.argmax(mean_confidence(preds.conf, still)))
         runner.commit(winner, batch.commit)
         runner.cache.length = P  # roll back so every repetition sees the same prefix
+    step.runner = runner
     return step
+
+
+def profile_case(cfg: ModelConfig, k: int, W: int, P: int, device, dtype, out: Path) -> None:
+    """Kernel-level breakdown of one iteration (eager and graphs): where the time above the roofline goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Transformer(cfg).to(dtype).eval()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    report = []
+    for name, graphs, fuse in (("eager", False, False), ("CUDA graphs", True, False), ("CUDA graphs, fused", True, True)):
+        step = lopa_iteration(model, cfg, k + 1, W, P, device, dtype, graphs=graphs, fuse=fuse)
+        wall = timed(step, device, warmup=3, reps=10)
+        with profile(activities=acts) as prof:
+            for _ in range(5):
+                step()
+            sync(device)
+        table = prof.key_averages().table(sort_by="cuda_time_total" if device.type == "cuda" else "cpu_time_total",
+                                          row_limit=30, max_name_column_width=70)
+        replay = ""
+        if graphs and device.type == "cuda":  # the captured graph alone: the GPU's share of the iteration
+            (st,) = step.runner.statics.values()
+            replay = f" (graph replay alone {timed(st.graph.replay, device, warmup=3, reps=10) * 1e3:.2f} ms)"
+        report.append(f"## {name}: k={k} W={W} P={P}, median {wall * 1e3:.2f} ms per iteration{replay}; "
+                      f"the table sums 5 iterations\n\n{table}\n")
+        print(report[-1], flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.txt").write_text("\n".join(report))
 
 
 def hf_model(cfg: ModelConfig, device, dtype):
@@ -189,6 +225,8 @@ def main() -> None:
     ap.add_argument("--hf", default="dream-7b", help="shapes for which to time transformers too")
     ap.add_argument("--hf-cases", default="10:32:512,10:64:512", help="k:W:P cases for the transformers baselines")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--profile", default="", help="k:W:P: instead of the grid, profile that case (first shape; "
+                    "eager and CUDA-graph iterations) with torch.profiler and write the kernel table")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -201,6 +239,9 @@ def main() -> None:
     peak = measure_device(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor()}: "
           f"{peak['matmul_flops'] / 1e12:.0f} TFLOP/s bf16 matmul, {peak['copy_bytes_per_s'] / 1e12:.2f} TB/s copy", flush=True)
+    if args.profile:
+        profile_case(ModelConfig(**SHAPES[shapes[0]]), *(int(v) for v in args.profile.split(":")), device, dtype, args.out)
+        return
     rows = []
     for shape in shapes:
         cfg = ModelConfig(**SHAPES[shape])
@@ -219,11 +260,14 @@ def main() -> None:
                                bound="compute" if flops / peak["matmul_flops"] > nbytes / peak["copy_bytes_per_s"] else "memory")
                     if device.type == "cuda":
                         tg = timed(lopa_iteration(model, cfg, K, W, P, device, dtype, graphs=True), device, reps=args.reps)
-                        row.update(lopa_graph_ms=tg * 1e3, graph_x_roofline=tg / roof)
+                        tf = timed(lopa_iteration(model, cfg, K, W, P, device, dtype, graphs=True, fuse=True), device,
+                                   reps=args.reps)
+                        row.update(lopa_graph_ms=tg * 1e3, graph_x_roofline=tg / roof, lopa_fused_ms=tf * 1e3,
+                                   fused_x_roofline=tf / roof)
                     if hf is not None and ((k, W, P) in hf_cases or args.tiny):
                         row["hf_sequential_ms"] = timed(hf_iteration(hf, cfg, K, W, P, device, dtype, False), device, 1, 3) * 1e3
                         row["hf_batched_ms"] = timed(hf_iteration(hf, cfg, K, W, P, device, dtype, True), device, 2, 5) * 1e3
-                        best = row.get("lopa_graph_ms", row["lopa_ms"])
+                        best = row.get("lopa_fused_ms", row["lopa_ms"])  # the engine's default path
                         row["speedup_vs_hf_sequential"] = row["hf_sequential_ms"] / best
                         row["speedup_vs_hf_batched"] = row["hf_batched_ms"] / best
                     rows.append(row)
@@ -238,15 +282,16 @@ def main() -> None:
     (args.out / "step_latency.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"device {meta['device']}, torch {meta['torch']}, commit {meta['commit']}, {meta['date']}; measured "
              f"{meta['peak_tflops']:.0f} TFLOP/s, {meta['copy_tbps']:.2f} TB/s", "",
-             "| shape | k | W | P | lopa eager ms | lopa graphs ms | roofline ms | graphs x roofline | HF sequential ms | HF batched ms | graphs vs seq | graphs vs batched |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | k | W | P | lopa eager ms | lopa graphs ms | lopa graphs+fused ms | roofline ms | graphs+fused x roofline "
+             "| HF sequential ms | HF batched ms | graphs+fused vs seq | graphs+fused vs batched |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hf_cols = [f"{r[c]:.1f}" if c in r else "" for c in ("hf_sequential_ms", "hf_batched_ms")]
         sp = [f"{r[c]:.2f}x" if c in r else "" for c in ("speedup_vs_hf_sequential", "speedup_vs_hf_batched")]
-        graph = f"{r['lopa_graph_ms']:.2f}" if "lopa_graph_ms" in r else ""
-        gx = f"{r['graph_x_roofline']:.2f}" if "graph_x_roofline" in r else ""
-        lines.append(f"| {r['shape']} | {r['k']} | {r['W']} | {r['P']} | {r['lopa_ms']:.2f} | {graph} | {r['roofline_ms']:.2f} | "
-                     f"{gx} | {' | '.join(hf_cols)} | {' | '.join(sp)} |")
+        graph, fused = (f"{r[c]:.2f}" if c in r else "" for c in ("lopa_graph_ms", "lopa_fused_ms"))
+        fx = f"{r['fused_x_roofline']:.2f}" if "fused_x_roofline" in r else ""
+        lines.append(f"| {r['shape']} | {r['k']} | {r['W']} | {r['P']} | {r['lopa_ms']:.2f} | {graph} | {fused} | "
+                     f"{r['roofline_ms']:.2f} | {fx} | {' | '.join(hf_cols)} | {' | '.join(sp)} |")
     (args.out / "step_latency.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
@@ -257,9 +302,12 @@ def main() -> None:
         fig, ax = plt.subplots(figsize=(7, 4))
         for shape in shapes:
             for W in windows:
-                pts = [(r["k"], r["lopa_ms"]) for r in rows if r["shape"] == shape and r["W"] == W and r["P"] == 512]
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=f"{shape} W={W} P=512")
+                case = [r for r in rows if r["shape"] == shape and r["W"] == W and r["P"] == 512]
+                if case:  # the engine's default path (graphs + fused on a GPU, eager on a CPU) and its roofline
+                    line, = ax.plot([r["k"] for r in case], [r.get("lopa_fused_ms", r["lopa_ms"]) for r in case],
+                                    marker="o", label=f"{shape} W={W} P=512")
+                    ax.plot([r["k"] for r in case], [r["roofline_ms"] for r in case], ls="--", color=line.get_color(),
+                            label=f"roofline {shape} W={W}")
         ax.set_xlabel("k (lookahead branches)")
         ax.set_ylabel("ms per LoPA iteration")
         ax.set_title(f"one LoPA iteration on {meta['device']}")

@@ -13,12 +13,13 @@ from .config import DecodeConfig, RunnerConfig, decode_config
 from .decoding import make_strategy
 from .decoding.base import DecodeState, Step
 from .errors import CheckpointError, ConfigError
+from .models.fused import EAGER, fused_ops
 from .models.loader import LoadedModel, load_folder
 from .models.quant import quantize_model
 from .runner.graphs import GraphRunner
 from .runner.single import Runner, Stats
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def default_model_path() -> Path:
@@ -46,11 +47,16 @@ class LopaModel:
     def model_type(self) -> str:
         return self.loaded.config.model_type
 
+    @property
+    def fused(self) -> bool:
+        """Whether the elementwise kernels run fused (RunnerConfig.fuse on a GPU where torch.compile works)."""
+        return self.loaded.model.ops is not EAGER
+
 
 @dataclass
 class GenerationResult:
     text: str
-    token_ids: list[int]  # generated ids up to and including the first EOS
+    token_ids: list[int]  # generated ids up to and including the first EOS (compat "published": every generated block)
     prompt_ids: list[int]
     stats: Stats
     config: DecodeConfig
@@ -87,8 +93,13 @@ def load_model(
     loaded = load_folder(folder, device=device, dtype=dtype, adapter=adapter)
     if runner.quantize is not None:
         quantize_model(loaded.model, runner.quantize)
-    runner_cls = GraphRunner if device.type == "cuda" and runner.cuda_graphs else Runner
-    return LopaModel(folder, loaded, runner_cls(loaded.model, loaded.spec, device, dtype))
+    if device.type == "cuda" and runner.fuse:
+        loaded.model.ops = fused_ops(device, dtype)
+    if device.type == "cuda" and runner.cuda_graphs:
+        engine = GraphRunner(loaded.model, loaded.spec, device, dtype, fuse=loaded.model.ops is not EAGER)
+    else:
+        engine = Runner(loaded.model, loaded.spec, device, dtype)
+    return LopaModel(folder, loaded, engine)
 
 
 def _prompt_ids(model: LopaModel, prompt: str | list[int], chat: bool) -> list[int]:
@@ -121,6 +132,8 @@ def generate(
         if preset:
             raise ConfigError("preset: pass either config or preset, not both")
         config = config.replace(**overrides)
+    if config.compat == "published" and model.model_type != "dream":
+        raise ConfigError(f"compat: 'published' follows the published Dream code; this is a {model.model_type} model")
     ids = _prompt_ids(model, prompt, chat)
     strategy = make_strategy(config, model.loaded.spec)
     out = model.runner.run(strategy, ids, seed=config.seed, on_step=on_step)

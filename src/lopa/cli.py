@@ -54,11 +54,14 @@ def generate(
     steps: Optional[int] = typer.Option(None, help="dream sampler: diffusion steps."),
     alg: Optional[str] = typer.Option(None, help="dream sampler: origin | maskgit_plus | topk_margin | entropy"),
     max_rounds: Optional[int] = typer.Option(None, help="Cap on decode forwards."),
+    compat: Optional[str] = typer.Option(None, help="'published': the published LoPA code's loop, token for token "
+                                                    "(Dream models, lopa strategy; docs/fidelity.md)."),
     chat: bool = typer.Option(False, "--chat", help="Apply the model's chat template."),
     adapter: Optional[Path] = typer.Option(None, help="PEFT LoRA adapter folder (e.g. a D2F adapter)."),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto"),
     quantize: Optional[str] = typer.Option(None, help="Weight-only quantization: int8"),
+    fuse: bool = typer.Option(True, help="On a GPU, fuse RMSNorm/RoPE/SiLU/confidence kernels with torch.compile."),
     trace: Optional[Path] = typer.Option(None, help="Write the per-step trace and stats as JSON here."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -69,13 +72,14 @@ def generate(
         strategy=strategy, k=k, tau=tau, block_size=block_size, gen_length=gen_length,
         add_threshold=add_threshold, complete_threshold=complete_threshold, base=base, attention=attention,
         confidence=confidence, branch_confidence=branch_confidence, temperature=temperature, top_p=top_p,
-        seed=seed, steps=steps, alg=alg, max_rounds=max_rounds,
+        seed=seed, steps=steps, alg=alg, max_rounds=max_rounds, compat=compat,
     )
     if trace is not None:
         overrides["trace"] = True
     try:
         with console.status("loading model"):
-            model = api.load_model(path, adapter=adapter, runner=RunnerConfig(device=device, dtype=dtype, quantize=quantize))
+            runner = RunnerConfig(device=device, dtype=dtype, quantize=quantize, fuse=fuse)
+            model = api.load_model(path, adapter=adapter, runner=runner)
         gen_total = overrides.get("gen_length")
         with Progress(TextColumn("decoding"), BarColumn(), TextColumn("{task.completed}/{task.total} positions"),
                       TimeElapsedColumn(), console=console, transient=True) as bar:
@@ -149,7 +153,8 @@ def evaluate(
     task: str = typer.Option("gsm8k", help="gsm8k | humaneval | code"),
     data: Optional[Path] = typer.Option(None, help="GSM8K-format JSONL (default: lopa's generated test split)."),
     n: int = typer.Option(100, help="Number of problems."),
-    strategies: str = typer.Option("threshold,d2f,lopa", help="Comma-separated strategies to compare."),
+    strategies: str = typer.Option("threshold,d2f,lopa", help="Comma-separated strategies to compare "
+                                   "('published': lopa in the published code's loop, compat='published')."),
     k: str = typer.Option("7", help="LoPA k; a comma-separated list sweeps it (0 = batch verification, no lookahead)."),
     tau: str = typer.Option("", help="τ; a comma-separated list sweeps it (default: the preset's)."),
     preset: Optional[str] = typer.Option(None, help="Paper Table 5 row for every strategy."),
@@ -160,6 +165,7 @@ def evaluate(
     out: Path = typer.Option(Path("runs/eval"), help="Folder for eval.json, eval.md, eval.png."),
     device: str = typer.Option("auto"),
     quantize: Optional[str] = typer.Option(None, help="Weight-only quantization: int8"),
+    fuse: bool = typer.Option(True, help="On a GPU, fuse RMSNorm/RoPE/SiLU/confidence kernels with torch.compile."),
 ) -> None:
     """Run strategies side by side on the same problems: accuracy, TPF, forwards, tokens/s; paired comparisons."""
     import datetime
@@ -172,16 +178,19 @@ def evaluate(
         if task not in TASKS:
             raise ConfigError(f"task: must be one of {tuple(TASKS)}, got {task!r}")
         problems = TASKS["gsm8k"](data, n) if task == "gsm8k" else TASKS[task](n)
-        model = api.load_model(path, runner=RunnerConfig(device=device, quantize=quantize))
+        model = api.load_model(path, runner=RunnerConfig(device=device, quantize=quantize, fuse=fuse))
         taus = [float(t) for t in tau.split(",") if t] or [None]
         configs = {}
         for name in strategies.split(","):
             for t in taus:
-                for kk in ([int(x) for x in k.split(",")] if name == "lopa" else [0]):
-                    label = name + (f" k={kk}" if name == "lopa" else "") + (f" tau={t}" if t is not None else "")
+                branching = name in ("lopa", "published")
+                for kk in ([int(x) for x in k.split(",")] if branching else [0]):
+                    label = name + (f" k={kk}" if branching else "") + (f" tau={t}" if t is not None else "")
                     extra = {"tau": t} if t is not None else {}
-                    configs[label] = decode_config(preset, model.model_type, strategy=name, k=kk,
-                                                   gen_length=gen_length, **extra)
+                    if name == "published":
+                        extra.update(strategy="lopa", compat="published")
+                    configs[label] = decode_config(preset, model.model_type, **{"strategy": name, "k": kk,
+                                                   "gen_length": gen_length, **extra})
         first_k = int(k.split(",")[0])
         for seed in range(random_tfo):
             configs[f"random-tfo k={first_k} seed={seed}"] = decode_config(
@@ -202,8 +211,11 @@ def evaluate(
             match = [r for r in reports if r.label.startswith("d2f") and r.label.split()[1:] == tau_part]
             return match[0] if match else next((r for r in reports if r.label.startswith("d2f")), reports[0])
 
-        pairs = [paired_difference(base_for(r.label), r) for r in reports if r.label.startswith(("lopa", "random-tfo"))]
-    meta = {"model": str(model.path), "quantize": quantize, "task": task, "data": str(data) if data else "generated test split",
+        pairs = [paired_difference(base_for(r.label), r) for r in reports
+                 if r.label.startswith(("lopa", "published", "random-tfo"))]
+    meta = {"model": str(model.path), "device": str(model.runner.device), "quantize": quantize,
+            "fused kernels": model.fused,
+            "task": task, "data": str(data) if data else "generated test split",
             "n": len(problems), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "counting": "tokens up to and including the first EOS; one decode forward per iteration however many "
                         "branches; prefill apart"}

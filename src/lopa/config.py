@@ -14,6 +14,7 @@ STRATEGIES = ("threshold", "d2f", "lopa", "dream")
 CONFIDENCES = ("prob", "neg_entropy", "margin")
 ATTENTIONS = ("full", "block_causal")
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+COMPATS = ("published",)
 
 
 def _check(ok: bool, name: str, message: str) -> None:
@@ -47,6 +48,7 @@ class DecodeConfig:
     alg: str = "entropy"  # dream sampler's confidence algorithm
     max_rounds: int | None = None  # safety cap on forward rounds (None = derived from gen_length)
     trace: bool = False  # keep a per-step record (positions filled, winner, branch scores)
+    compat: str | None = None  # "published": the published LoPA code's loop, token for token (decoding/published.py)
 
     def __post_init__(self) -> None:
         _check(self.strategy in STRATEGIES, "strategy", f"must be one of {STRATEGIES}, got {self.strategy!r}")
@@ -72,6 +74,18 @@ class DecodeConfig:
         _check(self.steps is None or self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         _check(self.alg in DREAM_ALGS, "alg", f"must be one of {DREAM_ALGS}, got {self.alg!r}")
         _check(self.max_rounds is None or self.max_rounds >= 1, "max_rounds", f"must be >= 1, got {self.max_rounds}")
+        _check(self.compat is None or self.compat in COMPATS, "compat", f"must be None or one of {COMPATS}, got {self.compat!r}")
+        if self.compat == "published":
+            _check(self.strategy == "lopa", "compat", f"'published' reproduces the published LoPA loop: strategy must be "
+                                                      f"'lopa', got {self.strategy!r}")
+            _check(self.k != 1, "k", "the published code cannot run exactly one lookahead (its branching factor 2 "
+                                     "spawns two); use k = 0 or k >= 2")
+            _check(self.temperature == 0.0 and self.top_p == 1.0, "compat",
+                   "'published' reproduces greedy decoding only (temperature 0, top_p 1)")
+            _check(self.attention in (None, "full"), "attention", "the published loop attends fully; got "
+                                                                  f"{self.attention!r}")
+            _check(self.branch_confidence == "mean", "branch_confidence",
+                   "the published loop scores a branch by its mean confidence; got " + repr(self.branch_confidence))
         from .decoding.confidence import BRANCH_SCORES  # registry of pluggable branch-confidence functions
 
         _check(
@@ -107,7 +121,9 @@ LLADA_DEFAULTS: dict[str, object] = dict(block_size=64, add_threshold=0.7, compl
 
 
 def decode_config(preset: str | None = None, model_type: str = "dream", **overrides) -> DecodeConfig:
-    """Build a DecodeConfig: a named preset (Dream) or the model family's defaults, then overrides."""
+    """Build a DecodeConfig: a named preset (Dream) or the model family's defaults, then overrides.
+
+    With ``compat="published"`` the confidence measure defaults to the published scripts' negative entropy."""
     if preset is not None:
         _check(preset in PRESETS, "preset", f"must be one of {tuple(PRESETS)}, got {preset!r}")
         base = PRESETS[preset]
@@ -115,6 +131,8 @@ def decode_config(preset: str | None = None, model_type: str = "dream", **overri
         base = DecodeConfig(**LLADA_DEFAULTS)
     else:
         base = DecodeConfig()
+    if overrides.get("compat") == "published" and "confidence" not in overrides:
+        overrides["confidence"] = "neg_entropy"  # the published scripts' sampling_strategy
     return base.replace(**overrides)
 
 
@@ -123,12 +141,13 @@ class RunnerConfig:
     """Engine-wide settings: where and how the model runs."""
 
     device: str = "auto"  # "auto" = cuda if available else cpu
-    dtype: str = "auto"  # "auto" = bfloat16 on GPU, float32 on CPU; or float32 / bfloat16 / float16
+    dtype: str = "auto"  # "auto" = bfloat16 on GPU, float32 on CPU; or float32 / bfloat16 / float16 / float64
     cuda_graphs: bool = True  # on a GPU, replay greedy decode forwards from CUDA graphs (runner/graphs.py)
+    fuse: bool = True  # on a GPU, fuse RMSNorm / RoPE / SiLU·up / confidences with torch.compile (models/fused.py)
     quantize: str | None = None  # None | "int8": weight-only int8 decoder Linears (models/quant.py)
 
     def __post_init__(self) -> None:
-        _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", f"unknown dtype {self.dtype!r}")
+        _check(self.dtype in ("auto", "float32", "bfloat16", "float16", "float64"), "dtype", f"unknown dtype {self.dtype!r}")
         _check(self.quantize in (None, "int8"), "quantize", f"must be None or 'int8', got {self.quantize!r}")
         _check(
             self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),

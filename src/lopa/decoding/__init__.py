@@ -9,6 +9,7 @@ from .base import ModelSpec, Strategy
 from .d2f import D2FStrategy
 from .dream import DreamStrategy
 from .lopa import lopa_strategy
+from .published import PublishedStrategy
 from .threshold import ThresholdStrategy
 
 STRATEGIES: dict[str, Callable[[DecodeConfig, ModelSpec], Strategy]] = {
@@ -20,4 +21,6 @@ STRATEGIES: dict[str, Callable[[DecodeConfig, ModelSpec], Strategy]] = {
 
 
 def make_strategy(cfg: DecodeConfig, spec: ModelSpec) -> Strategy:
+    if cfg.compat == "published":
+        return PublishedStrategy(cfg, spec)
     return STRATEGIES[cfg.strategy](cfg, spec)

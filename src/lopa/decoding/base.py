@@ -161,3 +161,13 @@ def answer_ids(canvas: torch.Tensor, prompt_len: int, spec: ModelSpec) -> list[i
     ids = canvas[prompt_len: eos + 1 if eos is not None else len(canvas)]
     holes = (ids == spec.mask_id).nonzero()
     return ids[: int(holes[0])].tolist() if len(holes) else ids.tolist()
+
+
+def counted_tokens(ids: list[int], spec: ModelSpec) -> int:
+    """What TPF and tokens/s count: ids up to and including the first EOS, never a still-masked position."""
+    for i, t in enumerate(ids):
+        if t == spec.mask_id:
+            return i
+        if t in spec.eos_ids:
+            return i + 1
+    return len(ids)

@@ -21,11 +21,10 @@ def predict(logits: torch.Tensor, spec: PredictSpec, generator: torch.Generator 
     ``prob`` is the chosen token's probability under that (tempered, nucleus-renormalized) distribution, as
     Fast-dLLM and D2F use it; ``conf`` is the measure named by spec.measure on the same distribution.
     """
-    # one float32 copy when ids are suppressed in place (never the caller's tensor), none otherwise
-    logits = logits.to(torch.float32, copy=bool(spec.suppress_ids))
-    if spec.suppress_ids:
-        for token in spec.suppress_ids:  # scalar indexing: no host-to-device index copy (CUDA-graph safe)
-            logits[..., token] = float("-inf")
+    # float32 (float64 stays float64): one copy when ids are suppressed in place (never the caller's tensor)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32), copy=len(spec.suppress_ids) > 0)
+    for token in spec.suppress_ids:  # scalar indexing: no host-to-device index copy (CUDA-graph safe)
+        logits[..., token] = float("-inf")
     if spec.temperature > 0:
         logits = logits / spec.temperature
     probs = torch.softmax(logits, dim=-1)  # [K, C, V]

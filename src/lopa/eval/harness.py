@@ -34,6 +34,7 @@ class Record:
     decode_s: float
     hit_round_cap: bool
     prediction: str | None
+    returned: int = 0  # ids the strategy returned (compat "published": every block, past EOS); `tokens` counts to EOS
 
 
 @dataclass
@@ -94,7 +95,7 @@ def run_eval(model: LopaModel, problems: list[Problem], strategies: dict[str, De
                 ok, pred = score(problem, res.text)
                 s = res.stats
                 report.records.append(Record(problem.id, ok, s.generated_tokens, s.decode_forwards,
-                                             s.prefill_forwards, s.decode_s, s.hit_round_cap, pred))
+                                             s.prefill_forwards, s.decode_s, s.hit_round_cap, pred, len(res.token_ids)))
                 bar.advance(task)
     return reports
 

@@ -35,3 +35,20 @@ def branch_mask(
         window &= valid.reshape(1, K * W)
     prefix = torch.ones(K * W, P, dtype=torch.bool, device=device)
     return torch.cat([prefix, window], dim=1)
+
+
+def padded_branch_mask(P: torch.Tensor, W: torch.Tensor, block_ids: torch.Tensor, K: int, Wb: int, L: int) -> torch.Tensor:
+    """branch_mask built on the device for a window padded to Wb columns, over a fixed span of L keys: [K*Wb, L].
+
+    P (committed prefix length) and W (real window width) are 0-dim tensors and block_ids is [Wb] (padding
+    columns: one block after the last), so nothing here reads a value on the host: CUDA graphs capture it
+    and replay it for any P and W. Keys past the window, and padding columns as keys, are hidden.
+    """
+    dev = block_ids.device
+    q = torch.arange(K * Wb, device=dev)
+    q_branch, q_col = q // Wb, q % Wb  # [K*Wb]
+    rel = torch.arange(L, device=dev) - P  # [L] key slot relative to the window start
+    k_branch, k_col = rel.div(Wb, rounding_mode="floor"), rel.remainder(Wb)
+    key_in_window = (rel >= 0) & (rel < K * Wb) & (k_col < W)
+    own = (k_branch[None, :] == q_branch[:, None]) & (block_ids[k_col][None, :] <= block_ids[q_col][:, None])
+    return (rel < 0)[None, :] | (key_in_window[None, :] & own)

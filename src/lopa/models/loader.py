@@ -109,6 +109,11 @@ def save_folder(model: Transformer, tokenizer_dir: str | Path, path: str | Path,
     raw = cfg.to_json_dict()
     raw["torch_dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(raw, indent=2))
+    if cfg.model_type == "dream":  # Dream's own loader (DreamModel.from_pretrained) requires this file
+        generation = {"mask_token_id": cfg.mask_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+                      "bos_token_id": raw.get("bos_token_id"), "alg": "origin",
+                      "steps": 512, "max_length": cfg.max_position_embeddings}
+        (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
     sizes = {"attn.qkv": [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim],
              "mlp.gate_up": [cfg.intermediate_size, cfg.intermediate_size]}

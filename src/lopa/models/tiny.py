@@ -83,8 +83,12 @@ def write_tiny_checkpoint(
     max_position_embeddings: int = 512,
     tokenizer: str = "json",
     logit_scale: float = 0.5,
+    weight_std: float = 0.08,
+    special_scale: float = 1.0,
 ) -> Path:
-    """A complete random model folder. ``logit_scale`` (lm_head init std) sets how peaked predictions are."""
+    """A complete random model folder. ``logit_scale`` (lm_head init std) sets how peaked predictions are;
+    ``weight_std`` (every other matrix) how much they vary from position to position; ``special_scale``
+    multiplies the lm_head rows of EOS and the mask token (> 1: they are predicted more often)."""
     folder = Path(path)
     tok = train_tokenizer(CORPUS, vocab_size)
     ids = write_tokenizer(tok, folder, tokenizer)
@@ -100,8 +104,9 @@ def write_tiny_checkpoint(
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
             else:
-                std = logit_scale if name == "lm_head.weight" else (1.0 if name == "embed.weight" else 0.08)
+                std = logit_scale if name == "lm_head.weight" else (1.0 if name == "embed.weight" else weight_std)
                 p.copy_(std * torch.randn(p.shape, generator=gen))
+        model.lm_head.weight[[cfg.eos_token_id, cfg.mask_token_id]] *= special_scale
     save_folder(model, folder, folder)
     return folder
 

@@ -1,7 +1,7 @@
 """The decoder stack shared by Dream (Qwen2-style) and LLaDA (LLaMA-style), bidirectional, with a branch-aware KV cache.
 
 forward(tokens [B, T], start, cache, attn_mask) -> hidden [B, T, E] (after the final norm)
-logits(hidden, cols, cache) -> [B, C, V] float32, logits for position cols[j] (the logit shift is handled here)
+logits(hidden, cols, cache) -> [B, C, V] float32 (float64 models: float64), logits for position cols[j] (the logit shift is handled here)
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from torch import nn
 
 from ..cache import KVCache
 from .config import ModelConfig
+from .fused import EAGER, Ops
 
 _TORCH = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
 _NATIVE_GQA = _TORCH >= (2, 5)
@@ -23,10 +24,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+    def forward(self, x: torch.Tensor, ops: Ops = EAGER) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 def rope(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,13 +34,6 @@ def rope(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Te
     freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D]; cos/sin [T, D]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -60,11 +52,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, (self.H + 2 * self.Hkv) * self.D, bias=cfg.qkv_bias)  # fused q, k, v
         self.o = nn.Linear(self.H * self.D, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, ops: Ops = EAGER) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split([self.H * self.D, self.Hkv * self.D, self.Hkv * self.D], dim=-1)
-        q = apply_rope(q.view(B, T, self.H, self.D).transpose(1, 2), cos, sin)  # [B, H, T, D]
-        k = apply_rope(k.view(B, T, self.Hkv, self.D).transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
+        q = ops.rope(q.view(B, T, self.H, self.D).transpose(1, 2), cos, sin)  # [B, H, T, D]
+        k = ops.rope(k.view(B, T, self.Hkv, self.D).transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
         v = v.view(B, T, self.Hkv, self.D).transpose(1, 2)
         if cache is None:  # independent rows; mask None, [T, T] or [B, T, T]
             m = None if mask is None else (mask[None, None] if mask.dim() == 2 else mask[:, None])
@@ -83,9 +75,8 @@ class MLP(nn.Module):
         self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # fused gate, up
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, ops: Ops = EAGER) -> torch.Tensor:
+        return self.down(ops.silu_mul(self.gate_up(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -96,9 +87,9 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache, layer):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x, cos, sin, mask, cache, layer, ops: Ops = EAGER):
+        x = x + self.attn(self.attn_norm(x, ops), cos, sin, mask, cache, layer, ops)
+        return x + self.mlp(self.mlp_norm(x, ops), ops)
 
 
 class Transformer(nn.Module):
@@ -111,6 +102,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.ops = EAGER  # models.fused: compiled() fuses the elementwise chains on a GPU
 
     def forward(self, tokens: torch.Tensor, start: int = 0, cache: KVCache | None = None,
                 attn_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -124,8 +116,8 @@ class Transformer(nn.Module):
         cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta)
         x = self.embed(tokens)  # [B, T, E]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, attn_mask, cache, i)
-        return self.norm(x)
+            x = layer(x, cos, sin, attn_mask, cache, i, self.ops)
+        return self.norm(x, self.ops)
 
     def predicting_hidden(self, hidden: torch.Tensor, last_hidden: torch.Tensor | None) -> torch.Tensor:
         """hidden [B, T, E] -> [B, T, E]: the state each column's logits come from. Dream predicts position i
@@ -137,9 +129,14 @@ class Transformer(nn.Module):
         first = hidden.new_full((B, 1, E), float("nan")) if last_hidden is None else last_hidden.to(hidden.dtype).expand(B, 1, E)
         return torch.cat([first, hidden[:, :-1]], dim=1)
 
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., E] -> [..., V] logits in float32 (float64 for a float64 model)."""
+        out = self.lm_head(hidden)
+        return out.to(torch.promote_types(out.dtype, torch.float32))
+
     def logits(self, hidden: torch.Tensor, cols: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """hidden [B, T, E], cols [C] -> [B, C, V] float32: the prediction for window position cols[j]."""
+        """hidden [B, T, E], cols [C] -> [B, C, V] (see head): the prediction for window position cols[j]."""
         last = cache.last_hidden if cache is not None else None
         if last is None and self.config.logit_shift and bool((cols < self.config.logit_shift).any()):
             raise ValueError("position 0 of the window needs the last committed hidden state (none cached)")
-        return self.lm_head(self.predicting_hidden(hidden, last)[:, cols]).float()
+        return self.head(self.predicting_hidden(hidden, last)[:, cols])

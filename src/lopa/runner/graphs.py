@@ -3,7 +3,9 @@
 An eager LoPA iteration at Dream-7B size is launch-bound (hundreds of small kernels). Here a decode forward
 runs on static tensors instead: the window is padded to a multiple of WIDTH_STEP columns (padding columns
 are masked out as keys), the K/V go to slots computed on the device, and attention reads a fixed span of
-the cache rounded up to KEY_STEP positions (unused slots masked). Shapes then depend only on
+the cache rounded up to KEY_STEP positions (unused slots masked). The mask, positions and slots are built
+inside the graph from the prefix length and window width, so an iteration sends one small host-to-device
+copy (tokens, block ids, P, W) and reads back the predictions. Shapes then depend only on
 (K, padded W, key span), so one captured graph serves every iteration with those shapes, across commits
 and requests; the cache is allocated once, large enough, so buffer addresses never change.
 
@@ -19,7 +21,7 @@ import torch
 
 from ..decoding.base import ForwardBatch, PredictSpec, Predictions
 from ..decoding.confidence import predict
-from ..models.attention import branch_mask
+from ..models.attention import padded_branch_mask
 from .single import Runner
 
 WIDTH_STEP = 16
@@ -32,19 +34,22 @@ def round_up(x: int, step: int) -> int:
 
 @dataclass
 class Static:
-    tokens: torch.Tensor  # [K, Wb]
-    positions: torch.Tensor  # [Wb]
-    index: torch.Tensor  # [K*Wb] cache slots of the window
-    mask: torch.Tensor  # [K*Wb, Lb]
+    K: int
+    Wb: int
+    Lb: int
+    host: torch.Tensor  # [K*Wb + Wb + 2] int64 (pinned on a GPU): tokens [K, Wb], block ids [Wb], P, W
+    inputs: torch.Tensor  # the same on the device, copied in one transfer; the graph reads only this
     last_hidden: torch.Tensor  # [E]
     graph: torch.cuda.CUDAGraph | None = None
     out: tuple | None = None  # (hidden [K, Wb, E], Predictions on the device)
 
 
 class GraphRunner(Runner):
-    def __init__(self, *args, capture: bool | None = None, **kw) -> None:
+    def __init__(self, *args, capture: bool | None = None, fuse: bool = False, **kw) -> None:
         super().__init__(*args, **kw)
         self.capture = self.device.type == "cuda" if capture is None else capture
+        # fuse: softmax, argmax and confidence over the [K, Wb, V] logits in one compiled pass (models/fused.py)
+        self.predict = torch.compile(predict, fullgraph=True) if fuse else predict
         self.statics: dict[tuple, Static] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
 
@@ -74,8 +79,7 @@ class GraphRunner(Runner):
         fresh = st is None
         if fresh:
             st = self.statics[key] = self._allocate(K, Wb, Lb)
-        self._fill(st, batch, P, W, Wb)
-        self.cache.static_index, self.cache.static_len = st.index, Lb
+        self._fill(st, batch, P)
         try:
             if not self.capture:
                 st.out = self._body(st, pspec)
@@ -87,35 +91,45 @@ class GraphRunner(Runner):
             self.cache.static_index = None
         hidden, preds = st.out
         self._hidden, self._width = hidden, Wb  # commit reads branch rows at a stride of Wb
-        cols = batch.logit_cols.to(self.device)
-        return Predictions(preds.tokens[:, cols].cpu(), preds.prob[:, cols].cpu(), preds.conf[:, cols].cpu())
+        cols = batch.logit_cols  # [K, Wb] each is small: copy whole, select on the host
+        return Predictions(preds.tokens.cpu()[:, cols], preds.prob.cpu()[:, cols], preds.conf.cpu()[:, cols])
 
     def _allocate(self, K: int, Wb: int, Lb: int) -> Static:
-        dev = self.device
+        n = K * Wb + Wb + 2
+        host = torch.zeros(n, dtype=torch.long, pin_memory=self.device.type == "cuda")
         E = self.model.config.hidden_size
-        return Static(torch.zeros(K, Wb, dtype=torch.long, device=dev), torch.zeros(Wb, dtype=torch.long, device=dev),
-                      torch.zeros(K * Wb, dtype=torch.long, device=dev),
-                      torch.zeros(K * Wb, Lb, dtype=torch.bool, device=dev), torch.zeros(E, dtype=self.dtype, device=dev))
+        return Static(K, Wb, Lb, host, torch.zeros(n, dtype=torch.long, device=self.device),
+                      torch.zeros(E, dtype=self.dtype, device=self.device))
 
-    def _fill(self, st: Static, batch: ForwardBatch, P: int, W: int, Wb: int) -> None:
-        K = batch.tokens.shape[0]
-        st.tokens[:, :W].copy_(batch.tokens, non_blocking=True)
-        st.tokens[:, W:] = self.spec.mask_id
-        st.positions.copy_(torch.arange(P, P + Wb))
-        st.index.copy_(torch.arange(P, P + K * Wb))
-        block_ids = None
-        if batch.block_ids is not None:  # padding columns form one more block after the last
-            block_ids = torch.cat([batch.block_ids, torch.full((Wb - W,), int(batch.block_ids.max()) + 1)])
-        mask = branch_mask(P, K, Wb, block_ids, (W,) * K)  # [K*Wb, P + K*Wb]; padding columns hidden as keys
-        st.mask.zero_()
-        st.mask[:, : mask.shape[1]].copy_(mask.to(self.device, non_blocking=True))
+    def _fill(self, st: Static, batch: ForwardBatch, P: int) -> None:
+        """Stage the iteration's inputs on the host and send them in one copy (the mask is built on the device)."""
+        K, W = batch.tokens.shape
+        n = K * st.Wb
+        tokens, blocks = st.host[:n].view(K, st.Wb), st.host[n:n + st.Wb]
+        tokens[:, :W] = batch.tokens
+        tokens[:, W:] = self.spec.mask_id
+        if batch.block_ids is None:  # one block: every column sees every (unpadded) column of its branch
+            blocks.zero_()
+        else:  # padding columns form one more block after the last
+            blocks[:W] = batch.block_ids
+            blocks[W:] = int(batch.block_ids.max()) + 1
+        st.host[-2], st.host[-1] = P, W
+        st.inputs.copy_(st.host, non_blocking=True)  # safe: the previous iteration's results were read (synced)
         st.last_hidden.copy_(self.cache.last_hidden)
 
     def _body(self, st: Static, pspec: PredictSpec):
         """hidden [K, Wb, E] and device Predictions for every column of the padded window."""
-        hidden = self.model(st.tokens, cache=self.cache, attn_mask=st.mask, positions=st.positions)
-        logits = self.model.lm_head(self.model.predicting_hidden(hidden, st.last_hidden)).float()  # [K, Wb, V]
-        return hidden, predict(logits, pspec, None, to_cpu=False)
+        n = st.K * st.Wb
+        P, W = st.inputs[-2], st.inputs[-1]
+        tokens, blocks = st.inputs[:n].view(st.K, st.Wb), st.inputs[n:n + st.Wb]
+        positions = P + torch.arange(st.Wb, device=self.device)  # [Wb]
+        self.cache.static_index = P + torch.arange(n, device=self.device)  # [K*Wb] cache slots of the window
+        self.cache.static_len = st.Lb
+        mask = padded_branch_mask(P, W, blocks, st.K, st.Wb, st.Lb)  # [K*Wb, Lb]
+        hidden = self.model(tokens, cache=self.cache, attn_mask=mask, positions=positions)
+        # [K, Wb, V] in the model's dtype: predict promotes to float32 itself (fused: inside its one pass)
+        logits = self.model.lm_head(self.model.predicting_hidden(hidden, st.last_hidden))
+        return hidden, self.predict(logits, pspec, None, to_cpu=False)
 
     def _capture(self, st: Static, pspec: PredictSpec) -> None:
         stream = torch.cuda.Stream()

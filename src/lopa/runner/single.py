@@ -8,7 +8,7 @@
 
 Counting (what every report says it counted): a batch marked ``prefill`` is a prefill forward and is
 reported apart; every other batch is one decode forward however many branch rows it holds. Generated
-tokens are the strategy's output (up to and including the first EOS). TPF = generated / decode forwards;
+tokens are the strategy's output up to and including the first EOS (decoding/base.py: counted_tokens). TPF = generated / decode forwards;
 tokens/s = generated / decode seconds (prefill seconds are reported apart).
 """
 
@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from ..cache import KVCache
-from ..decoding.base import DecodeState, ForwardBatch, ModelSpec, PredictSpec, Predictions, Step, Strategy
+from ..decoding.base import DecodeState, ForwardBatch, ModelSpec, PredictSpec, Predictions, Step, Strategy, counted_tokens
 from ..decoding.confidence import predict
 from ..models.attention import branch_mask
 
@@ -164,7 +164,7 @@ class Runner:
             if on_step is not None:
                 on_step(state)
         ids = strategy.output(state)
-        stats.generated_tokens = len(ids)
+        stats.generated_tokens = counted_tokens(ids, self.spec)
         stats.hit_round_cap = state.hit_round_cap
         self._hidden = None
         return RunOutput(ids, stats, state.trace)

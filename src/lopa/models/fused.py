@@ -1,0 +1,67 @@
+"""The decoder layer's elementwise chains (RMSNorm, RoPE, SiLU·up) as plain functions, and a fused set of them.
+
+Run eagerly, each chain is several kernels with float32 round trips through memory: RMSNorm six, RoPE about
+nine per tensor, SiLU·up two over strided halves. At Dream-7B size on an H100 those kernels cost about as much
+as the non-GEMM rest of a LoPA iteration (the profile in docs/benchmarks.md). ``compiled()`` wraps the same
+functions in torch.compile, which turns each chain into one generated kernel with the same arithmetic. The
+runner uses it on a GPU (RunnerConfig.fuse); on a CPU the eager functions run.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., E] -> [..., E]: normalized in float32, cast back, then scaled (Qwen2's and LLaMA's order)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; cos/sin [T, D] float32. Rotate-half RoPE in float32 (float64 for a float64 model)."""
+    dt = torch.promote_types(x.dtype, torch.float32)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.to(dt) * cos.to(dt) + rotated.to(dt) * sin.to(dt)).to(x.dtype)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[..., 2I] (gate then up) -> [..., I]: silu(gate) * up."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@dataclass(frozen=True)
+class Ops:
+    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    silu_mul: Callable[[torch.Tensor], torch.Tensor]
+
+
+EAGER = Ops(rms_norm, rope, silu_mul)
+
+
+def compiled(backend: str = "inductor") -> Ops:
+    """The same functions through torch.compile (one graph each, no breaks). backend="eager" only traces."""
+    return Ops(*(torch.compile(f, backend=backend, fullgraph=True) for f in (rms_norm, rope, silu_mul)))
+
+
+def fused_ops(device: torch.device, dtype: torch.dtype) -> Ops:
+    """compiled() if it works on this device, checked on a small input; otherwise EAGER with a warning
+    (torch.compile needs Triton and a C compiler on a GPU machine)."""
+    try:
+        ops = compiled()
+        x = torch.ones(2, 8, device=device, dtype=dtype)
+        torch.testing.assert_close(ops.rms_norm(x, x[0], 1e-6), rms_norm(x, x[0], 1e-6))
+        return ops
+    except Exception as err:  # noqa: BLE001 - any compiler failure means: run unfused
+        warnings.warn(f"fuse: torch.compile is unavailable here ({type(err).__name__}: {err}); running unfused",
+                      RuntimeWarning, stacklevel=2)
+        return EAGER
