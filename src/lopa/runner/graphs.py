@@ -91,7 +91,7 @@ class GraphRunner(Runner):
             self.cache.static_index = None
         hidden, preds = st.out
         self._hidden, self._width = hidden, Wb  # commit reads branch rows at a stride of Wb
-        cols = batch.logit_cols  # [K, Wb] each is small: copy whole, select on the host
+        cols = batch.logit_cols  # the predictions are [K, Wb]: copy them whole, select the columns on the host
         return Predictions(preds.tokens.cpu()[:, cols], preds.prob.cpu()[:, cols], preds.conf.cpu()[:, cols])
 
     def _allocate(self, K: int, Wb: int, Lb: int) -> Static:
