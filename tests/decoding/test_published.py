@@ -13,7 +13,7 @@ import pytest
 
 import lopa
 from lopa.config import decode_config
-from lopa.errors import ConfigError
+from lopa.errors import ConfigError, PromptTooLongError
 from lopa.models.tiny import write_tiny_checkpoint
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "published_lopa.json"
@@ -103,6 +103,9 @@ def test_published_mode_rejects_what_the_published_loop_cannot_do(tiny_dream_dir
         decode_config(None, compat="paper")
     assert decode_config(None, compat="published").confidence == "neg_entropy"
     assert decode_config(None, compat="published", confidence="prob").confidence == "prob"
+    dream = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu"))
+    with pytest.raises(PromptTooLongError, match="exceed the context"):  # 500 + 2 blocks of 8 > 512 positions
+        lopa.generate(dream, [5] * 500, compat="published", gen_length=16, block_size=8)
     llada = lopa.load_model(tiny_llada_dir, runner=lopa.RunnerConfig(device="cpu"))
     with pytest.raises(ConfigError, match="published Dream code"):
         lopa.generate(llada, [5, 6, 7], compat="published", gen_length=16, block_size=8)

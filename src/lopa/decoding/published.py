@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import PromptTooLongError
 from .base import DecodeState, ForwardBatch, ModelSpec, PredictSpec, Predictions, Step, Strategy
 
 ACTIVE, TO_CACHE, IN_CACHE = "active", "to_cache", "in_cache"
@@ -84,8 +85,6 @@ class PublishedStrategy(Strategy):
     def start(self, prompt: list[int]) -> PublishedState:
         P = len(prompt)
         if P + self.max_blocks * self.cfg.block_size > self.spec.max_length:
-            from ..errors import PromptTooLongError
-
             raise PromptTooLongError(f"prompt ({P} tokens) + {self.max_blocks} blocks of {self.cfg.block_size} "
                                      f"exceed the context ({self.spec.max_length})")
         tokens = torch.tensor(prompt, dtype=torch.int64)
@@ -184,10 +183,6 @@ class PublishedStrategy(Strategy):
             holes = (ids == self.spec.mask_id).nonzero()
             return ids[: int(holes[0])].tolist() if len(holes) else ids.tolist()
         return state.output_branch.tokens[state.prompt_len:].tolist()
-
-    def steps(self, state: PublishedState) -> int | None:
-        """The published code's step count for this run (rounds + 1), None if it did not finish."""
-        return None if state.output_branch is None else state.output_branch.finished_at
 
     # -- the published bookkeeping ------------------------------------------------------------------
     def _grow(self, b: PBranch) -> None:
