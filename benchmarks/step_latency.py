@@ -103,8 +103,7 @@ def lopa_iteration(model, cfg, K, W, P, device, dtype, graphs: bool = False, fus
 
     The prefix stays fixed: after the winner's commit the cache length is rolled back each time."""
     spec = ModelSpec(cfg.mask_token_id, (cfg.eos_token_id,), cfg.max_position_embeddings, cfg.vocab_size)
-    ops = fused_ops(device, dtype) if fuse else EAGER
-    model.ops = ops
+    ops = fused_ops(device, dtype) if fuse else EAGER  # set on the model by each step (shared model)
     runner = GraphRunner(model, spec, device, dtype, fuse=fuse) if graphs else Runner(model, spec, device, dtype)
     runner.cache = runner._new_cache(P + K * W + 256)  # room for the prefix and every branch's window
     with torch.inference_mode():

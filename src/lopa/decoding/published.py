@@ -149,7 +149,7 @@ class PublishedStrategy(Strategy):
         completed = []
         for i in active_ids:
             x = best.blocks[i]
-            x.masks = int((best.tokens[x.start:x.end] == self.spec.mask_id).sum())
+            x.masks = len(self._masked(best, x))
             if x.masks == 0:
                 completed.append(i)
 
@@ -166,7 +166,7 @@ class PublishedStrategy(Strategy):
             live_ids = [i for i, x in enumerate(nb.blocks) if x.state == ACTIVE]
             for i in live_ids:
                 x = nb.blocks[i]
-                x.masks = int((nb.tokens[x.start:x.end] == self.spec.mask_id).sum())
+                x.masks = len(self._masked(nb, x))
             for i in live_ids:
                 if i in completed and nb.blocks[i].masks == 0 and all(x.state != ACTIVE for x in nb.blocks[:i]):
                     nb.blocks[i].state = TO_CACHE
@@ -213,6 +213,10 @@ class PublishedStrategy(Strategy):
         n = min(leading(b) for b in live)
         return live[0].blocks[n - 1].end if n else live[0].blocks[0].end
 
+    def _masked(self, b: PBranch, x: PBlock) -> list[int]:
+        """Absolute positions of block x that are still masked in branch b."""
+        return (x.start + (b.tokens[x.start:x.end] == self.spec.mask_id).nonzero()[:, 0]).tolist()
+
     def _pred(self, preds: Predictions, row: int, positions: list[int], S: int):
         idx = torch.tensor([p - S for p in positions], dtype=torch.int64)
         return preds.tokens[row, idx], preds.prob[row, idx], preds.conf[row, idx]
@@ -233,8 +237,7 @@ class PublishedStrategy(Strategy):
         writes: dict[int, int] = {}
         for i in active_ids:
             x = best.blocks[i]
-            masked = [p for p in (x.start + (best.tokens[x.start:x.end] == self.spec.mask_id).nonzero()[:, 0]).tolist()
-                      if S <= p < len(best.tokens)]
+            masked = [p for p in self._masked(best, x) if S <= p < len(best.tokens)]
             if not masked:
                 continue
             tok, prob, conf = self._pred(preds, row, masked, S)
@@ -256,7 +259,7 @@ class PublishedStrategy(Strategy):
         cands = []
         for i in active_ids:
             x = best.blocks[i]
-            for p in (x.start + (best.tokens[x.start:x.end] == self.spec.mask_id).nonzero()[:, 0]).tolist():
+            for p in self._masked(best, x):
                 if p not in chosen and S <= p < len(best.tokens):
                     cands.append(p)
         if not cands:
