@@ -15,6 +15,7 @@ bf16 matmul rate and copy bandwidth, from which the roofline of each case is com
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import platform
@@ -30,6 +31,7 @@ from lopa.decoding.confidence import mean_confidence, predict
 from lopa.models.attention import branch_mask
 from lopa.models.config import ModelConfig
 from lopa.models.fused import EAGER, fused_ops
+from lopa.models.quant import quantize_model, quantize_rows
 from lopa.models.transformer import Transformer
 from lopa.runner.graphs import GraphRunner
 from lopa.runner.single import Runner
@@ -82,30 +84,63 @@ def measure_device(device, dtype) -> dict:
     src = torch.randn(size // 2, device=device, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     t = timed(lambda: dst.copy_(src), device, warmup=3, reps=10)
-    return {"matmul_flops": flops, "copy_bytes_per_s": 2 * src.numel() * 2 / t}
+    peak = {"matmul_flops": flops, "copy_bytes_per_s": 2 * src.numel() * 2 / t}
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):  # fp8 tensor cores
+        (a8, sa), (b8, sb) = quantize_rows(a), quantize_rows(b)
+        t = timed(lambda: torch._scaled_mm(a8, b8.t(), scale_a=sa, scale_b=sb.t().contiguous(), out_dtype=dtype),
+                  device, warmup=3, reps=10)
+        peak["fp8_matmul_flops"] = 2 * n**3 / t
+    return peak
 
 
-def costs(cfg: ModelConfig, K: int, W: int, P: int, bytes_per_param: float = 2.0) -> tuple[float, float]:
-    """(FLOPs, minimum bytes) of one iteration: all weights read once, the prefix KV read once."""
+def costs(cfg: ModelConfig, K: int, W: int, P: int) -> dict:
+    """One iteration's work: FLOPs of the decoder Linears and of the rest (lm_head over the window,
+    attention), and the minimum bytes: all weights read once (decoder Linears counted apart, for fp8) and
+    the prefix KV read once. Embedding lookups are not FLOPs."""
     E, L, H, Hkv, D, I, V = (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                              cfg.intermediate_size, cfg.vocab_size)
     per_layer = E * (H + 2 * Hkv) * D + H * D * E + 3 * E * I
     n = K * W
-    flops = 2 * n * (L * per_layer + E * V) + L * 4 * n * (P + W) * H * D
-    weight_bytes = (L * per_layer + 2 * E * V) * bytes_per_param
-    kv_bytes = L * 2 * Hkv * D * (P + n) * 2
-    return flops, weight_bytes + kv_bytes
+    return {"linear_flops": 2 * n * L * per_layer, "other_flops": 2 * n * E * V + L * 4 * n * (P + W) * H * D,
+            "linear_params": L * per_layer, "other_bytes": 2 * E * V * 2 + L * 2 * Hkv * D * (P + n) * 2}
 
 
-def lopa_iteration(model, cfg, K, W, P, device, dtype, graphs: bool = False, fuse: bool = False):
-    """A closure running one LoPA iteration through lopa's runner (eager, or GraphRunner with CUDA graphs,
-    optionally with the fused elementwise kernels as load_model sets them up on a GPU).
+def roofline(c: dict, peak: dict, fp8: bool = False) -> tuple[float, str]:
+    """(seconds, bound): max(compute time, memory time) at the measured rates; fp8: the decoder Linears at the
+    fp8 matmul rate and one byte per weight."""
+    rate = peak["fp8_matmul_flops"] if fp8 else peak["matmul_flops"]
+    compute = c["linear_flops"] / rate + c["other_flops"] / peak["matmul_flops"]
+    memory = (c["linear_params"] * (1 if fp8 else 2) + c["other_bytes"]) / peak["copy_bytes_per_s"]
+    return max(compute, memory), "compute" if compute > memory else "memory"
+
+
+VARIANTS = {  # name -> (runner class, None for eager; fused kernels; decoder Linears quantized)
+    "eager": (None, False, None),
+    "graphs": (GraphRunner, False, None),
+    "graphs+fused": (GraphRunner, True, None),  # the engine's default on a GPU
+    "graphs+fused, fp8": (GraphRunner, True, "fp8"),  # RunnerConfig(quantize="fp8")
+}
+
+
+def fp8_copy(model: Transformer, device, dtype) -> Transformer:
+    """The same weights with fp8 decoder Linears and the fused activation quantizer, as load_model builds it."""
+    fp8 = copy.deepcopy(model)
+    quantize_model(fp8, "fp8", fused_ops(device, dtype).quantize_rows)
+    return fp8
+
+
+def lopa_iteration(model, cfg, K, W, P, device, dtype, variant: str = "eager"):
+    """A closure running one LoPA iteration through lopa's runner (see VARIANTS: eager, or a GraphRunner with
+    CUDA graphs, optionally with the fused kernels as load_model sets them up on a GPU). It returns the
+    window's final hidden states [K, W, E] (to compare variants).
 
     The prefix stays fixed: after the winner's commit the cache length is rolled back each time."""
     spec = ModelSpec(cfg.mask_token_id, (cfg.eos_token_id,), cfg.max_position_embeddings, cfg.vocab_size)
+    cls, fuse, _ = VARIANTS[variant]
     ops = fused_ops(device, dtype) if fuse else EAGER  # set on the model by each step (shared model)
-    runner = GraphRunner(model, spec, device, dtype, fuse=fuse) if graphs else Runner(model, spec, device, dtype)
+    runner = cls(model, spec, device, dtype, fuse=fuse) if cls else Runner(model, spec, device, dtype)
     runner.cache = runner._new_cache(P + K * W + 256)  # room for the prefix and every branch's window
+    torch.manual_seed(P + K + W)  # the same prefix and window for every variant
     with torch.inference_mode():
         prefix = torch.randint(0, cfg.vocab_size - 2, (1, P), device=device)
         h = model(prefix, start=0, cache=runner.cache, attn_mask=branch_mask(0, 1, P, device=device))
@@ -119,15 +154,21 @@ def lopa_iteration(model, cfg, K, W, P, device, dtype, graphs: bool = False, fus
     def step():
         model.ops = ops  # closures of one model share it: each sets its own
         preds = runner.forward(batch, pspec)
+        hidden = runner._hidden[:, :W]
         still = tokens[:, batch.logit_cols] == cfg.mask_token_id
         winner = int(torch.argmax(mean_confidence(preds.conf, still)))
         runner.commit(winner, batch.commit)
         runner.cache.length = P  # roll back so every repetition sees the same prefix
+        return hidden
     step.runner = runner
     return step
 
 
-def profile_case(cfg: ModelConfig, k: int, W: int, P: int, device, dtype, out: Path) -> None:
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def profile_case(cfg: ModelConfig, k: int, W: int, P: int, device, dtype, out: Path, variants: list[str]) -> None:
     """Kernel-level breakdown of one iteration (eager and graphs): where the time above the roofline goes."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -136,8 +177,13 @@ def profile_case(cfg: ModelConfig, k: int, W: int, P: int, device, dtype, out: P
         model = Transformer(cfg).to(dtype).eval()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     report = []
-    for name, graphs, fuse in (("eager", False, False), ("CUDA graphs", True, False), ("CUDA graphs, fused", True, True)):
-        step = lopa_iteration(model, cfg, k + 1, W, P, device, dtype, graphs=graphs, fuse=fuse)
+    fp8_ok = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    for name, (cls, _, quant) in VARIANTS.items():
+        graphs = cls is not None
+        if name.replace(", ", "-") not in variants or (quant == "fp8" and not fp8_ok):
+            continue
+        net = fp8_copy(model, device, dtype) if quant == "fp8" else model
+        step = lopa_iteration(net, cfg, k + 1, W, P, device, dtype, name)
         wall = timed(step, device, warmup=3, reps=10)
         with profile(activities=acts) as prof:
             for _ in range(5):
@@ -224,6 +270,8 @@ def main() -> None:
     ap.add_argument("--hf", default="dream-7b", help="shapes for which to time transformers too")
     ap.add_argument("--hf-cases", default="10:32:512,10:64:512", help="k:W:P cases for the transformers baselines")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--variants", default="graphs,graphs+fused,graphs+fused-fp8",
+                    help="engine variants timed beside eager (a GPU grid of every variant takes long)")
     ap.add_argument("--profile", default="", help="k:W:P: instead of the grid, profile that case (first shape; "
                     "eager and CUDA-graph iterations) with torch.profiler and write the kernel table")
     args = ap.parse_args()
@@ -239,30 +287,47 @@ def main() -> None:
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor()}: "
           f"{peak['matmul_flops'] / 1e12:.0f} TFLOP/s bf16 matmul, {peak['copy_bytes_per_s'] / 1e12:.2f} TB/s copy", flush=True)
     if args.profile:
-        profile_case(ModelConfig(**SHAPES[shapes[0]]), *(int(v) for v in args.profile.split(":")), device, dtype, args.out)
+        profile_case(ModelConfig(**SHAPES[shapes[0]]), *(int(v) for v in args.profile.split(":")), device, dtype, args.out,
+                     ["eager", *args.variants.split(",")])
         return
-    rows = []
+    meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
+                commit=git_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                command="benchmarks/step_latency.py " + " ".join(f"--{k}={v}" for k, v in vars(args).items()),
+                peak_tflops=peak["matmul_flops"] / 1e12, copy_tbps=peak["copy_bytes_per_s"] / 1e12,
+                fp8_peak_tflops=peak.get("fp8_matmul_flops", 0) / 1e12)
+    rows = []  # the JSON is rewritten after every case, so a run cut short keeps what it measured
     for shape in shapes:
         cfg = ModelConfig(**SHAPES[shape])
         torch.manual_seed(0)
         with torch.device(device):
             model = Transformer(cfg).to(dtype).eval()
         hf = hf_model(cfg, device, dtype) if (shape in args.hf.split(",") or args.tiny) and cfg.model_type == "dream" else None
+        want_fp8 = "graphs+fused-fp8" in args.variants.split(",") and ("fp8_matmul_flops" in peak or args.tiny)
+        fp8 = fp8_copy(model, device, dtype) if want_fp8 else None  # on a CPU: the reference kernel
         for P in prefixes:
             for W in windows:
                 for k in ks:
                     K = k + 1
-                    t = timed(lopa_iteration(model, cfg, K, W, P, device, dtype), device, reps=args.reps)
-                    flops, nbytes = costs(cfg, K, W, P)
-                    roof = max(flops / peak["matmul_flops"], nbytes / peak["copy_bytes_per_s"])
+                    eager = lopa_iteration(model, cfg, K, W, P, device, dtype)
+                    t = timed(eager, device, reps=args.reps)
+                    ref = eager()
+                    c = costs(cfg, K, W, P)
+                    roof, bound = roofline(c, peak)
                     row = dict(shape=shape, k=k, W=W, P=P, lopa_ms=t * 1e3, roofline_ms=roof * 1e3, x_roofline=t / roof,
-                               bound="compute" if flops / peak["matmul_flops"] > nbytes / peak["copy_bytes_per_s"] else "memory")
-                    if device.type == "cuda":
-                        tg = timed(lopa_iteration(model, cfg, K, W, P, device, dtype, graphs=True), device, reps=args.reps)
-                        tf = timed(lopa_iteration(model, cfg, K, W, P, device, dtype, graphs=True, fuse=True), device,
-                                   reps=args.reps)
-                        row.update(lopa_graph_ms=tg * 1e3, graph_x_roofline=tg / roof, lopa_fused_ms=tf * 1e3,
-                                   fused_x_roofline=tf / roof)
+                               bound=bound)
+                    if device.type == "cuda" or args.tiny:
+                        for name, col in (("graphs", "lopa_graph"), ("graphs+fused", "lopa_fused"),
+                                          ("graphs+fused, fp8", "lopa_fp8")):
+                            if name.replace(", ", "-") not in args.variants.split(",") or (col == "lopa_fp8" and fp8 is None):
+                                continue
+                            step = lopa_iteration(fp8 if col == "lopa_fp8" else model, cfg, K, W, P, device, dtype, name)
+                            tv = timed(step, device, reps=args.reps)
+                            row.update({f"{col}_ms": tv * 1e3, f"{col}_x_roofline": tv / roof,
+                                        f"{col}_rel_err": rel_err(step(), ref)})  # final hidden states vs eager bf16
+                        if "lopa_fp8_ms" in row and "lopa_fused_ms" in row and "fp8_matmul_flops" in peak:
+                            roof8, _ = roofline(c, peak, fp8=True)
+                            row.update(fp8_roofline_ms=roof8 * 1e3, fp8_x_fp8_roofline=row["lopa_fp8_ms"] / 1e3 / roof8,
+                                       fp8_speedup=row["lopa_fused_ms"] / row["lopa_fp8_ms"])
                     if hf is not None and ((k, W, P) in hf_cases or args.tiny):
                         row["hf_sequential_ms"] = timed(hf_iteration(hf, cfg, K, W, P, device, dtype, False), device, 1, 3) * 1e3
                         row["hf_batched_ms"] = timed(hf_iteration(hf, cfg, K, W, P, device, dtype, True), device, 2, 5) * 1e3
@@ -271,26 +336,29 @@ def main() -> None:
                         row["speedup_vs_hf_batched"] = row["hf_batched_ms"] / best
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-        del model, hf
+                    (args.out / "step_latency.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        del model, hf, fp8
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
-                commit=git_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                command="benchmarks/step_latency.py " + " ".join(f"--{k}={v}" for k, v in vars(args).items()),
-                peak_tflops=peak["matmul_flops"] / 1e12, copy_tbps=peak["copy_bytes_per_s"] / 1e12)
     (args.out / "step_latency.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"device {meta['device']}, torch {meta['torch']}, commit {meta['commit']}, {meta['date']}; measured "
              f"{meta['peak_tflops']:.0f} TFLOP/s, {meta['copy_tbps']:.2f} TB/s", "",
-             "| shape | k | W | P | lopa eager ms | lopa graphs ms | lopa graphs+fused ms | roofline ms | graphs+fused x roofline "
-             "| HF sequential ms | HF batched ms | graphs+fused vs seq | graphs+fused vs batched |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Columns: lopa eager; CUDA graphs; CUDA graphs + fused kernels (the engine's GPU default); the bf16 "
+             "roofline and graphs+fused as a multiple of it; the same engine with fp8 decoder Linears "
+             "(--quantize fp8), its speedup over bf16 and its multiple of the fp8 roofline (decoder Linears at the "
+             f"measured fp8 rate, {meta['fp8_peak_tflops']:.0f} TFLOP/s); transformers one branch at a time and "
+             "batched, and graphs+fused's speedup over each.",
+             "", "| shape | k | W | P | eager ms | graphs ms | graphs+fused ms | roofline ms | x roofline "
+             "| fp8 ms | fp8 speedup | fp8 x fp8 roofline | HF sequential ms | HF batched ms | vs seq | vs batched |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        hf_cols = [f"{r[c]:.1f}" if c in r else "" for c in ("hf_sequential_ms", "hf_batched_ms")]
-        sp = [f"{r[c]:.2f}x" if c in r else "" for c in ("speedup_vs_hf_sequential", "speedup_vs_hf_batched")]
-        graph, fused = (f"{r[c]:.2f}" if c in r else "" for c in ("lopa_graph_ms", "lopa_fused_ms"))
-        fx = f"{r['fused_x_roofline']:.2f}" if "fused_x_roofline" in r else ""
-        lines.append(f"| {r['shape']} | {r['k']} | {r['W']} | {r['P']} | {r['lopa_ms']:.2f} | {graph} | {fused} | "
-                     f"{r['roofline_ms']:.2f} | {fx} | {' | '.join(hf_cols)} | {' | '.join(sp)} |")
+        def f(c, fmt="{:.2f}"):
+            return fmt.format(r[c]) if c in r else ""
+        lines.append(f"| {r['shape']} | {r['k']} | {r['W']} | {r['P']} | {f('lopa_ms')} | {f('lopa_graph_ms')} | "
+                     f"{f('lopa_fused_ms')} | {f('roofline_ms')} | {f('lopa_fused_x_roofline')} | {f('lopa_fp8_ms')} | "
+                     f"{f('fp8_speedup', '{:.2f}x')} | {f('fp8_x_fp8_roofline')} | {f('hf_sequential_ms', '{:.1f}')} | "
+                     f"{f('hf_batched_ms', '{:.1f}')} | {f('speedup_vs_hf_sequential', '{:.2f}x')} | "
+                     f"{f('speedup_vs_hf_batched', '{:.2f}x')} |")
     (args.out / "step_latency.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
@@ -307,6 +375,10 @@ def main() -> None:
                                     marker="o", label=f"{shape} W={W} P=512")
                     ax.plot([r["k"] for r in case], [r["roofline_ms"] for r in case], ls="--", color=line.get_color(),
                             label=f"roofline {shape} W={W}")
+                    fp8 = [r for r in case if "lopa_fp8_ms" in r]
+                    if fp8:
+                        ax.plot([r["k"] for r in fp8], [r["lopa_fp8_ms"] for r in fp8], ls=":", marker="x",
+                                color=line.get_color(), label=f"{shape} W={W} fp8")
         ax.set_xlabel("k (lookahead branches)")
         ax.set_ylabel("ms per LoPA iteration")
         ax.set_title(f"one LoPA iteration on {meta['device']}")

@@ -78,6 +78,17 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def _check_quantize(scheme: str, device: torch.device, dtype: torch.dtype) -> None:
+    """fp8 GEMMs on a GPU need fp8 tensor cores (compute capability 8.9+: Ada, Hopper) and a 16-bit model."""
+    if scheme != "fp8" or device.type != "cuda":
+        return
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 9):
+        raise ConfigError(f"quantize: 'fp8' needs a GPU with fp8 tensor cores (compute capability 8.9+), this one is {cap}")
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ConfigError(f"quantize: 'fp8' on a GPU needs dtype bfloat16 or float16, got {dtype}")
+
+
 def load_model(
     path: str | Path | None = None,
     adapter: str | Path | None = None,
@@ -91,10 +102,11 @@ def load_model(
     device = _resolve_device(runner.device)
     dtype = _resolve_dtype(runner.dtype, device)
     loaded = load_folder(folder, device=device, dtype=dtype, adapter=adapter)
-    if runner.quantize is not None:
-        quantize_model(loaded.model, runner.quantize)
     if device.type == "cuda" and runner.fuse:
         loaded.model.ops = fused_ops(device, dtype)
+    if runner.quantize is not None:
+        _check_quantize(runner.quantize, device, dtype)
+        quantize_model(loaded.model, runner.quantize, loaded.model.ops.quantize_rows)
     if device.type == "cuda" and runner.cuda_graphs:
         engine = GraphRunner(loaded.model, loaded.spec, device, dtype, fuse=loaded.model.ops is not EAGER)
     else:

@@ -60,7 +60,7 @@ def generate(
     adapter: Optional[Path] = typer.Option(None, help="PEFT LoRA adapter folder (e.g. a D2F adapter)."),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto"),
-    quantize: Optional[str] = typer.Option(None, help="Weight-only quantization: int8"),
+    quantize: Optional[str] = typer.Option(None, help="Decoder Linears: int8 (weight-only) or fp8 (W8A8, fp8 GEMMs on Hopper/Ada GPUs)."),
     fuse: bool = typer.Option(True, help="On a GPU, fuse RMSNorm/RoPE/SiLU/confidence kernels with torch.compile."),
     trace: Optional[Path] = typer.Option(None, help="Write the per-step trace and stats as JSON here."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -164,7 +164,7 @@ def evaluate(
                                            "winner among the same branches, seeds 0..N-1) at the first k."),
     out: Path = typer.Option(Path("runs/eval"), help="Folder for eval.json, eval.md, eval.png."),
     device: str = typer.Option("auto"),
-    quantize: Optional[str] = typer.Option(None, help="Weight-only quantization: int8"),
+    quantize: Optional[str] = typer.Option(None, help="Decoder Linears: int8 (weight-only) or fp8 (W8A8, fp8 GEMMs on Hopper/Ada GPUs)."),
     fuse: bool = typer.Option(True, help="On a GPU, fuse RMSNorm/RoPE/SiLU/confidence kernels with torch.compile."),
 ) -> None:
     """Run strategies side by side on the same problems: accuracy, TPF, forwards, tokens/s; paired comparisons."""

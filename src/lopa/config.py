@@ -144,11 +144,11 @@ class RunnerConfig:
     dtype: str = "auto"  # "auto" = bfloat16 on GPU, float32 on CPU; or float32 / bfloat16 / float16 / float64
     cuda_graphs: bool = True  # on a GPU, replay greedy decode forwards from CUDA graphs (runner/graphs.py)
     fuse: bool = True  # on a GPU, fuse RMSNorm / RoPE / SiLU·up / confidences with torch.compile (models/fused.py)
-    quantize: str | None = None  # None | "int8": weight-only int8 decoder Linears (models/quant.py)
+    quantize: str | None = None  # None | "int8" (weight-only) | "fp8" (W8A8 e4m3): decoder Linears (models/quant.py)
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16", "float64"), "dtype", f"unknown dtype {self.dtype!r}")
-        _check(self.quantize in (None, "int8"), "quantize", f"must be None or 'int8', got {self.quantize!r}")
+        _check(self.quantize in (None, "int8", "fp8"), "quantize", f"must be None, 'int8' or 'fp8', got {self.quantize!r}")
         _check(
             self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
             "device",

@@ -27,3 +27,10 @@ def test_fused_ops_fall_back_to_eager_with_a_warning(monkeypatch):
     monkeypatch.setattr(fused, "compiled", broken)
     with pytest.warns(RuntimeWarning, match="no Triton here"):
         assert fused.fused_ops(torch.device("cpu"), torch.float32) is fused.EAGER
+
+
+def test_compiled_fp8_quantizer_traces_whole_and_matches():
+    x = torch.randn(5, 32) * 3
+    q, scale = fused.compiled(backend="eager").quantize_rows(x)
+    ref_q, ref_scale = fused.EAGER.quantize_rows(x)
+    assert torch.equal(q.float(), ref_q.float()) and torch.equal(scale, ref_scale)

@@ -1,4 +1,5 @@
-"""The decoder layer's elementwise chains (RMSNorm, RoPE, SiLU·up) as plain functions, and a fused set of them.
+"""The decoder layer's elementwise chains (RMSNorm with the residual add before it, RoPE, SiLU·up, fp8
+activation quantization) as plain functions, and a fused set of them.
 
 Run eagerly, each chain is several kernels with float32 round trips through memory: RMSNorm six, RoPE about
 nine per tensor, SiLU·up two over strided halves. At Dream-7B size on an H100 those kernels cost about as much
@@ -16,12 +17,20 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .quant import quantize_rows
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., E] -> [..., E]: normalized in float32, cast back, then scaled (Qwen2's and LLaMA's order)."""
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the next RMSNorm in one pass: (x + delta, rms_norm(x + delta))."""
+    x = x + delta
+    return x, rms_norm(x, weight, eps)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -41,16 +50,31 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class Ops:
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    add_rms_norm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
     rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     silu_mul: Callable[[torch.Tensor], torch.Tensor]
+    quantize_rows: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # fp8 activations (models/quant.py)
 
 
-EAGER = Ops(rms_norm, rope, silu_mul)
+EAGER = Ops(rms_norm, add_rms_norm, rope, silu_mul, quantize_rows)
+
+
+def _static_width(fn: Callable) -> Callable:
+    """Call a compiled row reduction with the row width marked static. torch.compile makes a dimension
+    dynamic once it has seen two sizes of it; the fp8 quantizer sees widths 3584 and 18944 (Dream-7B), and
+    one generic kernel for any width ran ~8x slower than the specialized ones. The row count may still
+    become dynamic, so new window shapes do not recompile."""
+    def call(x: torch.Tensor):
+        torch._dynamo.mark_static(x, x.dim() - 1)
+        return fn(x)
+    return call
 
 
 def compiled(backend: str = "inductor") -> Ops:
     """The same functions through torch.compile (one graph each, no breaks). backend="eager" only traces."""
-    return Ops(*(torch.compile(f, backend=backend, fullgraph=True) for f in (rms_norm, rope, silu_mul)))
+    rms, add_rms, rope_, silu, quant = (torch.compile(f, backend=backend, fullgraph=True)
+                                        for f in (rms_norm, add_rms_norm, rope, silu_mul, quantize_rows))
+    return Ops(rms, add_rms, rope_, silu, _static_width(quant))
 
 
 def fused_ops(device: torch.device, dtype: torch.dtype) -> Ops:

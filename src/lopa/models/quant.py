@@ -1,13 +1,33 @@
-"""Weight-only int8: Linear layers of the decoder stack keep int8 weights with one scale per output channel
-(symmetric, round to nearest); activations stay in the model's dtype and the weight is dequantized per call.
-This halves (bf16) or quarters (fp32) the weight memory; it is not a faster kernel. The embeddings, norms and
-lm_head stay in full precision. Chosen by RunnerConfig.quantize, never by a file name."""
+"""Quantized decoder Linears, chosen by RunnerConfig.quantize (never by a file name). The embeddings, norms
+and lm_head stay in full precision in both schemes.
+
+int8: weight-only. int8 weights with one scale per output channel (symmetric, round to nearest);
+activations stay in the model's dtype and the weight is dequantized per call. This halves (bf16) or quarters
+(fp32) the weight memory; it is not a faster kernel.
+
+fp8: W8A8 in float8 e4m3 (the paper's Ascend path is W8A8 too). Weights get one scale per output channel,
+activations one scale per row computed at run time (dynamic), and the product is one scaled GEMM with
+float32 accumulation: torch._scaled_mm on the fp8 tensor cores of Hopper and Ada GPUs; elsewhere
+scaled_mm_reference, the same quantized product in float32 ops, so that its accuracy cost can be measured
+on a CPU."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, N] -> (fp8 e4m3 [M, N], float32 scales [M, 1]): row m is x[m] / scale[m], its largest magnitude
+    mapped to the format's largest value (448). models/fused.compiled() turns this into one kernel."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 class Int8Linear(nn.Module):
@@ -25,15 +45,48 @@ class Int8Linear(nn.Module):
         return F.linear(x, weight, self.bias)
 
 
-def quantize_model(model: nn.Module, scheme: str) -> int:
-    """Swap the Linears inside the decoder layers in place; returns how many were swapped."""
-    if scheme != "int8":
+class Fp8Linear(nn.Module):
+    """y = (x quantized per row) @ (W quantized per output channel)^T * scales + bias, in one scaled GEMM."""
+
+    def __init__(self, linear: nn.Linear, quantize: Callable = quantize_rows) -> None:
+        super().__init__()
+        qweight, scale = quantize_rows(linear.weight.detach())  # rows of [out, in] = output channels
+        self.register_buffer("qweight", qweight)  # [out, in] fp8
+        self.register_buffer("scale", scale.t().contiguous())  # [1, out] float32
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.quantize = quantize  # the activations' quantizer: quantize_rows, or its fused (compiled) form
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        xq, xscale = self.quantize(x.reshape(-1, self.in_features))  # [M, in] fp8, [M, 1]
+        if x.is_cuda:  # fp8 tensor cores (load_model checks the GPU has them)
+            out = torch._scaled_mm(xq, self.qweight.t(), scale_a=xscale, scale_b=self.scale, bias=self.bias,
+                                   out_dtype=x.dtype)  # [M, out]
+        else:
+            out = scaled_mm_reference(xq, self.qweight, xscale, self.scale, self.bias, x.dtype)
+        return out.view(*lead, self.out_features)
+
+
+def scaled_mm_reference(xq: torch.Tensor, wq: torch.Tensor, xscale: torch.Tensor, wscale: torch.Tensor,
+                        bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """What torch._scaled_mm computes, in plain float32 ops (any device, any torch): the fp8 values' products
+    are exact in float32 and summed there, then scaled per row and per column, then the bias is added.
+    xq [M, K], wq [N, K] fp8; xscale [M, 1], wscale [1, N] float32 -> [M, N] in dtype."""
+    out = (xq.float() @ wq.float().t()) * xscale * wscale
+    return (out if bias is None else out + bias.float()).to(dtype)
+
+
+def quantize_model(model: nn.Module, scheme: str, quantize: Callable = quantize_rows) -> int:
+    """Swap the Linears inside the decoder layers in place; returns how many were swapped. ``quantize`` is
+    the fp8 activation quantizer (the runner passes the fused one on a GPU)."""
+    if scheme not in ("int8", "fp8"):
         raise ValueError(f"unknown quantization scheme {scheme!r}")
     swapped = 0
     for layer in model.layers:
         for parent in (layer.attn, layer.mlp):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(parent, name, Int8Linear(child))
+                    setattr(parent, name, Int8Linear(child) if scheme == "int8" else Fp8Linear(child, quantize))
                     swapped += 1
     return swapped

@@ -87,9 +87,15 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache, layer, ops: Ops = EAGER):
-        x = x + self.attn(self.attn_norm(x, ops), cos, sin, mask, cache, layer, ops)
-        return x + self.mlp(self.mlp_norm(x, ops), ops)
+    def forward(self, x, delta, cos, sin, mask, cache, layer, ops: Ops = EAGER):
+        """x [B, T, E] is the residual stream without ``delta``, the previous layer's MLP output (None before
+        the first layer); returns (x, delta) the same way, so each residual add runs inside the next norm."""
+        if delta is None:
+            h = self.attn_norm(x, ops)
+        else:
+            x, h = ops.add_rms_norm(x, delta, self.attn_norm.weight, self.attn_norm.eps)
+        x, h = ops.add_rms_norm(x, self.attn(h, cos, sin, mask, cache, layer, ops), self.mlp_norm.weight, self.mlp_norm.eps)
+        return x, self.mlp(h, ops)
 
 
 class Transformer(nn.Module):
@@ -114,10 +120,10 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device)
         cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta)
-        x = self.embed(tokens)  # [B, T, E]
+        x, delta = self.embed(tokens), None  # [B, T, E]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, attn_mask, cache, i, self.ops)
-        return self.norm(x, self.ops)
+            x, delta = layer(x, delta, cos, sin, attn_mask, cache, i, self.ops)
+        return self.ops.add_rms_norm(x, delta, self.norm.weight, self.norm.eps)[1]
 
     def predicting_hidden(self, hidden: torch.Tensor, last_hidden: torch.Tensor | None) -> torch.Tensor:
         """hidden [B, T, E] -> [B, T, E]: the state each column's logits come from. Dream predicts position i

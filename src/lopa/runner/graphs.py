@@ -125,7 +125,9 @@ class GraphRunner(Runner):
         positions = P + torch.arange(st.Wb, device=self.device)  # [Wb]
         self.cache.static_index = P + torch.arange(n, device=self.device)  # [K*Wb] cache slots of the window
         self.cache.static_len = st.Lb
-        mask = padded_branch_mask(P, W, blocks, st.K, st.Wb, st.Lb)  # [K*Wb, Lb]
+        allowed = padded_branch_mask(P, W, blocks, st.K, st.Wb, st.Lb)  # [K*Wb, Lb] bool
+        # additive, in the model's dtype, built once: SDPA would turn a bool mask into this in every layer
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
         hidden = self.model(tokens, cache=self.cache, attn_mask=mask, positions=positions)
         # [K, Wb, V] in the model's dtype: predict promotes to float32 itself (fused: inside its one pass)
         logits = self.model.lm_head(self.model.predicting_hidden(hidden, st.last_hidden))
