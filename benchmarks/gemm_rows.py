@@ -4,7 +4,8 @@ Answers, for the engine: does padding the window's rows to a rounder count buy G
 other GEMM paths buy at these row counts? Paths, side by side in the same run: bf16 through cuBLAS
 (F.linear, what the engine runs); bf16 through Inductor's autotuned Triton templates (torch.compile
 max-autotune); fp8 (e4m3) with one scale per row of the activation and per output channel of the weight
-(torch._scaled_mm, Hopper), timed alone and with the activation's quantization included.
+(torch._scaled_mm, Hopper), timed alone and with the activation's quantization (the engine's fused
+quantizer, models/quant.py) included. Each is timed as a CUDA-graph replay, as the engine runs it.
 
     PYTHONPATH=src python3 benchmarks/gemm_rows.py --out benchmarks/results   # writes gemm_rows.{json,md}
 """
@@ -18,29 +19,31 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lopa.models.fused import fused_ops
+from lopa.models.quant import quantize_rows
+
 E, I, HQKV, LAYERS = 3584, 18944, (28 + 8) * 128, 28  # Dream-7B: hidden, intermediate, q+k+v width, layers
 SHAPES = {"qkv": (E, HQKV), "o": (E, E), "gate_up": (E, 2 * I), "down": (I, E)}
-FP8 = torch.float8_e4m3fn
-
-
 def median_ms(fn, reps=20) -> float:
-    for _ in range(3):
+    """Median GPU time of fn, captured in a CUDA graph and replayed (as the engine runs it: no launch gaps)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
         fn()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        graph.replay()
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b))
     return sorted(times)[len(times) // 2]
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[M, K] -> fp8 [M, K] and float32 scales [M, 1] (row amax maps to the format's max)."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / torch.finfo(FP8).max
-    return (x / scale).to(FP8), scale
 
 
 def main() -> None:
@@ -52,7 +55,7 @@ def main() -> None:
     dev, dt = torch.device("cuda"), torch.bfloat16
     weights = {n: torch.randn(o, i, device=dev, dtype=dt) * 0.02 for n, (i, o) in SHAPES.items()}
     wq = {n: quantize_rows(w) for n, w in weights.items()}  # per output channel
-    quant = torch.compile(quantize_rows, fullgraph=True)
+    quant = fused_ops(dev, dt).quantize_rows  # the engine's fused quantizer
     autotuned = torch.compile(F.linear, mode="max-autotune-no-cudagraphs", fullgraph=True)
     autotune_rows = {int(m) for m in args.autotune_rows.split(",") if m}
     paths = ["bf16 cuBLAS", "bf16 autotuned", "fp8 GEMM", "fp8 GEMM + quant"]
@@ -93,7 +96,7 @@ def main() -> None:
         print(lines[-1], json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "what": "the four GEMMs of one layer times 28 layers, median of 20 each; fp8 rel err = relative "
+            "what": "the four GEMMs of one layer times 28 layers, median of 20 CUDA-graph replays each; fp8 rel err = relative "
                     "Frobenius error of the fp8 product against bf16 on random data"}
     (args.out / "gemm_rows.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (args.out / "gemm_rows.md").write_text(f"{meta['device']}, torch {meta['torch']}; {meta['what']}\n\n"
