@@ -31,6 +31,7 @@ from lopa.decoding.confidence import mean_confidence, predict
 from lopa.models.attention import branch_mask
 from lopa.models.config import ModelConfig
 from lopa.models.fused import EAGER, fused_ops
+from lopa.models import quant
 from lopa.models.quant import quantize_model, quantize_rows
 from lopa.models.transformer import Transformer
 from lopa.runner.graphs import GraphRunner
@@ -114,11 +115,13 @@ def roofline(c: dict, peak: dict, fp8: bool = False) -> tuple[float, str]:
     return max(compute, memory), "compute" if compute > memory else "memory"
 
 
+PADDED_ROWS = quant.ROW_MULTIPLE  # the engine's fp8 GEMM row padding
 VARIANTS = {  # name -> (runner class, None for eager; fused kernels; decoder Linears quantized)
     "eager": (None, False, None),
     "graphs": (GraphRunner, False, None),
     "graphs+fused": (GraphRunner, True, None),  # the engine's default on a GPU
     "graphs+fused, fp8": (GraphRunner, True, "fp8"),  # RunnerConfig(quantize="fp8")
+    "graphs+fused, fp8 unpadded": (GraphRunner, True, "fp8"),  # the same with the GEMM rows not padded
 }
 
 
@@ -178,11 +181,12 @@ def profile_case(cfg: ModelConfig, k: int, W: int, P: int, device, dtype, out: P
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     report = []
     fp8_ok = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-    for name, (cls, _, quant) in VARIANTS.items():
+    for name, (cls, _, scheme) in VARIANTS.items():
         graphs = cls is not None
-        if name.replace(", ", "-") not in variants or (quant == "fp8" and not fp8_ok):
+        if name.replace(", ", "-").replace(" ", "-") not in variants or (scheme == "fp8" and not fp8_ok):
             continue
-        net = fp8_copy(model, device, dtype) if quant == "fp8" else model
+        net = fp8_copy(model, device, dtype) if scheme == "fp8" else model
+        quant.ROW_MULTIPLE = 1 if "unpadded" in name else PADDED_ROWS
         step = lopa_iteration(net, cfg, k + 1, W, P, device, dtype, name)
         wall = timed(step, device, warmup=3, reps=10)
         with profile(activities=acts) as prof:
@@ -271,7 +275,7 @@ def main() -> None:
     ap.add_argument("--hf-cases", default="10:32:512,10:64:512", help="k:W:P cases for the transformers baselines")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--variants", default="graphs,graphs+fused,graphs+fused-fp8",
-                    help="engine variants timed beside eager (a GPU grid of every variant takes long)")
+                    help="engine variants timed beside eager: graphs, graphs+fused, graphs+fused-fp8, graphs+fused-fp8-unpadded")
     ap.add_argument("--profile", default="", help="k:W:P: instead of the grid, profile that case (first shape; "
                     "eager and CUDA-graph iterations) with torch.profiler and write the kernel table")
     args = ap.parse_args()
@@ -302,7 +306,7 @@ def main() -> None:
         with torch.device(device):
             model = Transformer(cfg).to(dtype).eval()
         hf = hf_model(cfg, device, dtype) if (shape in args.hf.split(",") or args.tiny) and cfg.model_type == "dream" else None
-        want_fp8 = "graphs+fused-fp8" in args.variants.split(",") and ("fp8_matmul_flops" in peak or args.tiny)
+        want_fp8 = "graphs+fused-fp8" in args.variants and ("fp8_matmul_flops" in peak or args.tiny)
         fp8 = fp8_copy(model, device, dtype) if want_fp8 else None  # on a CPU: the reference kernel
         for P in prefixes:
             for W in windows:
@@ -317,13 +321,16 @@ def main() -> None:
                                bound=bound)
                     if device.type == "cuda" or args.tiny:
                         for name, col in (("graphs", "lopa_graph"), ("graphs+fused", "lopa_fused"),
-                                          ("graphs+fused, fp8", "lopa_fp8")):
-                            if name.replace(", ", "-") not in args.variants.split(",") or (col == "lopa_fp8" and fp8 is None):
+                                          ("graphs+fused, fp8", "lopa_fp8"), ("graphs+fused, fp8 unpadded", "lopa_fp8_unpadded")):
+                            if name.replace(", ", "-").replace(" ", "-") not in args.variants.split(",") or ("fp8" in col and fp8 is None):
                                 continue
-                            step = lopa_iteration(fp8 if col == "lopa_fp8" else model, cfg, K, W, P, device, dtype, name)
+                            step = lopa_iteration(fp8 if "fp8" in col else model, cfg, K, W, P, device, dtype, name)
+                            quant.ROW_MULTIPLE = 1 if "unpadded" in name else PADDED_ROWS  # read when a graph is captured
                             tv = timed(step, device, reps=args.reps)
                             row.update({f"{col}_ms": tv * 1e3, f"{col}_x_roofline": tv / roof,
                                         f"{col}_rel_err": rel_err(step(), ref)})  # final hidden states vs eager bf16
+                        if "lopa_fp8_unpadded_ms" in row and "lopa_fp8_ms" in row:
+                            row["fp8_padding_speedup"] = row["lopa_fp8_unpadded_ms"] / row["lopa_fp8_ms"]
                         if "lopa_fp8_ms" in row and "lopa_fused_ms" in row and "fp8_matmul_flops" in peak:
                             roof8, _ = roofline(c, peak, fp8=True)
                             row.update(fp8_roofline_ms=roof8 * 1e3, fp8_x_fp8_roofline=row["lopa_fp8_ms"] / 1e3 / roof8,
@@ -346,17 +353,20 @@ def main() -> None:
              "Columns: lopa eager; CUDA graphs; CUDA graphs + fused kernels (the engine's GPU default); the bf16 "
              "roofline and graphs+fused as a multiple of it; the same engine with fp8 decoder Linears "
              "(--quantize fp8), its speedup over bf16 and its multiple of the fp8 roofline (decoder Linears at the "
-             f"measured fp8 rate, {meta['fp8_peak_tflops']:.0f} TFLOP/s); transformers one branch at a time and "
+             f"measured fp8 rate, {meta['fp8_peak_tflops']:.0f} TFLOP/s), and fp8 without the GEMM row padding "
+             "(models/quant.ROW_MULTIPLE = 1); transformers one branch at a time and "
              "batched, and graphs+fused's speedup over each.",
              "", "| shape | k | W | P | eager ms | graphs ms | graphs+fused ms | roofline ms | x roofline "
-             "| fp8 ms | fp8 speedup | fp8 x fp8 roofline | HF sequential ms | HF batched ms | vs seq | vs batched |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| fp8 ms | fp8 speedup | fp8 x fp8 roofline | fp8 unpadded rows ms | HF sequential ms | HF batched ms "
+             "| vs seq | vs batched |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         def f(c, fmt="{:.2f}"):
             return fmt.format(r[c]) if c in r else ""
         lines.append(f"| {r['shape']} | {r['k']} | {r['W']} | {r['P']} | {f('lopa_ms')} | {f('lopa_graph_ms')} | "
                      f"{f('lopa_fused_ms')} | {f('roofline_ms')} | {f('lopa_fused_x_roofline')} | {f('lopa_fp8_ms')} | "
-                     f"{f('fp8_speedup', '{:.2f}x')} | {f('fp8_x_fp8_roofline')} | {f('hf_sequential_ms', '{:.1f}')} | "
+                     f"{f('fp8_speedup', '{:.2f}x')} | {f('fp8_x_fp8_roofline')} | {f('lopa_fp8_unpadded_ms')} | "
+                     f"{f('hf_sequential_ms', '{:.1f}')} | "
                      f"{f('hf_batched_ms', '{:.1f}')} | {f('speedup_vs_hf_sequential', '{:.2f}x')} | "
                      f"{f('speedup_vs_hf_batched', '{:.2f}x')} |")
     (args.out / "step_latency.md").write_text("\n".join(lines) + "\n")

@@ -25,6 +25,8 @@ def test_fp8_rows_and_linear():
     assert q.dtype == FP8 and scale.shape == (6, 1)
     assert torch.equal(q.float().abs().amax(dim=1), torch.full((6,), 448.0))  # each row uses the full range
     torch.testing.assert_close(q.float() * scale, x, rtol=0.07, atol=0)  # e4m3: 3 mantissa bits
+    padded, _ = quantize_rows(x, 16)  # zero rows after the real ones (the GEMM's padded row count)
+    assert padded.shape == (16, 64) and torch.equal(padded[:6].float(), q.float()) and not padded[6:].float().any()
     lin = torch.nn.Linear(64, 32)
     f = Fp8Linear(lin)
     assert f.qweight.dtype == FP8 and f.scale.shape == (1, 32)

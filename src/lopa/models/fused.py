@@ -53,7 +53,7 @@ class Ops:
     add_rms_norm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
     rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     silu_mul: Callable[[torch.Tensor], torch.Tensor]
-    quantize_rows: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # fp8 activations (models/quant.py)
+    quantize_rows: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # fp8 activations (models/quant.py)
 
 
 EAGER = Ops(rms_norm, add_rms_norm, rope, silu_mul, quantize_rows)
@@ -64,9 +64,9 @@ def _static_width(fn: Callable) -> Callable:
     dynamic once it has seen two sizes of it; the fp8 quantizer sees widths 3584 and 18944 (Dream-7B), and
     one generic kernel for any width ran ~8x slower than the specialized ones. The row count may still
     become dynamic, so new window shapes do not recompile."""
-    def call(x: torch.Tensor):
+    def call(x: torch.Tensor, *args):
         torch._dynamo.mark_static(x, x.dim() - 1)
-        return fn(x)
+        return fn(x, *args)
     return call
 
 

@@ -21,11 +21,18 @@ from torch import nn
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
+# fp8 GEMMs run on rows padded to a multiple of this: on an H200, cuBLAS's fp8 kernels took 11.6 ms for the
+# 28 layers' GEMMs at 704 rows and 10.4 ms at 768 (benchmarks/results/gemm_rows.md); padding is free inside
+# the quantizer's kernel, and the padded rows are zeros whose outputs are dropped.
+ROW_MULTIPLE = 128
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, N] -> (fp8 e4m3 [M, N], float32 scales [M, 1]): row m is x[m] / scale[m], its largest magnitude
-    mapped to the format's largest value (448). models/fused.compiled() turns this into one kernel."""
+def quantize_rows(x: torch.Tensor, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, N] -> (fp8 e4m3 [R, N], float32 scales [R, 1]), R = rows or M: row m is x[m] / scale[m], its
+    largest magnitude mapped to the format's largest value (448); rows past M are zeros.
+    models/fused.compiled() turns this into one kernel."""
+    if rows is not None and rows > x.shape[0]:
+        x = F.pad(x, (0, 0, 0, rows - x.shape[0]))
     scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
@@ -59,13 +66,15 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        xq, xscale = self.quantize(x.reshape(-1, self.in_features))  # [M, in] fp8, [M, 1]
+        rows = x.reshape(-1, self.in_features)  # [M, in]
+        M = rows.shape[0]
+        xq, xscale = self.quantize(rows, -(-M // ROW_MULTIPLE) * ROW_MULTIPLE)  # [R, in] fp8, [R, 1]
         if x.is_cuda:  # fp8 tensor cores (load_model checks the GPU has them)
             out = torch._scaled_mm(xq, self.qweight.t(), scale_a=xscale, scale_b=self.scale, bias=self.bias,
-                                   out_dtype=x.dtype)  # [M, out]
+                                   out_dtype=x.dtype)  # [R, out]
         else:
             out = scaled_mm_reference(xq, self.qweight, xscale, self.scale, self.bias, x.dtype)
-        return out.view(*lead, self.out_features)
+        return out[:M].view(*lead, self.out_features)
 
 
 def scaled_mm_reference(xq: torch.Tensor, wq: torch.Tensor, xscale: torch.Tensor, wscale: torch.Tensor,
