@@ -1,14 +1,17 @@
 """Time one full LoPA iteration at Dream-7B / LLaDA-8B shape, against transformers, against the roofline.
 
-One iteration, through lopa's own runner (eager; CUDA graphs: runner/graphs.py; CUDA graphs with the fused
-elementwise kernels the engine uses by default: models/fused.py) = forward of
-K = k+1 branches x W window columns over a cached P-token prefix, logits for the still-masked columns, confidences (lopa.decoding.confidence.predict), branch scores (Eq. 2), the winner's
-selection and its KV commit. In the same run, the same iteration the way users can do it today with
-`transformers` (Qwen2 with a bidirectional 4-D mask, SDPA): the k+1 branches one after another over the
+One iteration, through lopa's own runner (VARIANTS: eager; CUDA graphs, runner/graphs.py; CUDA graphs with
+the fused kernels the engine uses by default, models/fused.py; the same with fp8 decoder Linears,
+models/quant.py, with and without the GEMM row padding) = forward of K = k+1 branches x W window columns
+over a cached P-token prefix, logits, confidences (lopa.decoding.confidence.predict), branch scores (Eq. 2),
+the winner's selection and its KV commit. In the same run, the same iteration the way users can do it today
+with `transformers` (Qwen2 with a bidirectional 4-D mask, SDPA): the k+1 branches one after another over the
 prefix cache (as the published LoPA code does), and batched. Also measured in the same run: the device's
-bf16 matmul rate and copy bandwidth, from which the roofline of each case is computed.
+bf16 (and fp8) matmul rate and copy bandwidth, from which the roofline of each case is computed.
 
-    PYTHONPATH=src python3 benchmarks/step_latency.py --out results/      # GPU
+    PYTHONPATH=src python3 benchmarks/step_latency.py --out results/      # GPU: every variant
+    PYTHONPATH=src python3 benchmarks/step_latency.py --variants graphs+fused,graphs+fused-fp8 --out results/
+    PYTHONPATH=src python3 benchmarks/step_latency.py --profile 10:32:512 --out results/  # kernel tables
     PYTHONPATH=src python3 benchmarks/step_latency.py --tiny --out /tmp/x  # CPU smoke test
 """
 
@@ -274,7 +277,7 @@ def main() -> None:
     ap.add_argument("--hf", default="dream-7b", help="shapes for which to time transformers too")
     ap.add_argument("--hf-cases", default="10:32:512,10:64:512", help="k:W:P cases for the transformers baselines")
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--variants", default="graphs,graphs+fused,graphs+fused-fp8",
+    ap.add_argument("--variants", default="graphs,graphs+fused,graphs+fused-fp8,graphs+fused-fp8-unpadded",
                     help="engine variants timed beside eager: graphs, graphs+fused, graphs+fused-fp8, graphs+fused-fp8-unpadded")
     ap.add_argument("--profile", default="", help="k:W:P: instead of the grid, profile that case (first shape; "
                     "eager and CUDA-graph iterations) with torch.profiler and write the kernel table")

@@ -62,7 +62,7 @@ EAGER = Ops(rms_norm, add_rms_norm, rope, silu_mul, quantize_rows)
 def _static_width(fn: Callable) -> Callable:
     """Call a compiled row reduction with the row width marked static. torch.compile makes a dimension
     dynamic once it has seen two sizes of it; the fp8 quantizer sees widths 3584 and 18944 (Dream-7B), and
-    one generic kernel for any width ran ~8x slower than the specialized ones. The row count may still
+    one generic kernel for any width ran ~5x slower than the specialized ones. The row count may still
     become dynamic, so new window shapes do not recompile."""
     def call(x: torch.Tensor, *args):
         torch._dynamo.mark_static(x, x.dim() - 1)

@@ -1,0 +1,35 @@
+"""The benchmark scripts run end to end on a CPU (tiny shapes) and write what docs/benchmarks.md reads."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], check=True, env=env, cwd=ROOT,
+                   capture_output=True, timeout=600)
+
+
+def test_step_latency_tiny(tmp_path):
+    run("step_latency.py", "--tiny", "--ks", "2", "--windows", "16", "--prefixes", "32", "--out", str(tmp_path))
+    (row,) = json.loads((tmp_path / "step_latency.json").read_text())["rows"]
+    for key in ("lopa_ms", "lopa_graph_ms", "lopa_fused_ms", "lopa_fp8_ms", "lopa_fp8_unpadded_ms",
+                "roofline_ms", "hf_sequential_ms", "hf_batched_ms"):
+        assert row[key] > 0, key
+    assert row["lopa_graph_rel_err"] < 1e-4 and row["lopa_fused_rel_err"] < 1e-4  # float32: same numbers
+    assert 0 < row["lopa_fp8_rel_err"] < 0.2 and abs(row["lopa_fp8_unpadded_rel_err"] - row["lopa_fp8_rel_err"]) < 1e-3
+    assert (tmp_path / "step_latency.md").read_text().count("| tiny |") == 1
+
+
+def test_quant_accuracy_pairs_every_scheme_with_full_precision(tmp_path):
+    run("quant_accuracy.py", "--n", "2", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "quant_accuracy.json").read_text())["rows"]
+    assert [(r["precision"], r["strategy"]) for r in rows] == [
+        (p, s) for p in ("full", "int8", "fp8") for s in ("d2f", "lopa k=7")]
+    assert all(("vs_full" in r) == (r["precision"] != "full") for r in rows)
+    assert all(r["vs_full"]["n"] == 2 for r in rows if "vs_full" in r)
