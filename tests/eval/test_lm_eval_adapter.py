@@ -52,3 +52,11 @@ def test_unknown_model_arg_is_a_clear_error(tiny_dream_dir):
         LopaLM(pretrained=str(tiny_dream_dir), device="cpu", bogus=1)
     lm = LopaLM(pretrained=str(tiny_dream_dir), device="cpu", k="3", tau="0.5", trace="false")
     assert lm.decode == {"k": 3, "tau": 0.5, "trace": False}
+
+
+def test_quantize_model_arg(tiny_dream_dir):
+    from lopa.eval.lm_eval_adapter import LopaLM
+    from lopa.models.quant import Fp8Linear
+
+    lm = LopaLM(pretrained=str(tiny_dream_dir), device="cpu", quantize="fp8")
+    assert any(isinstance(m, Fp8Linear) for m in lm.model.loaded.model.modules())

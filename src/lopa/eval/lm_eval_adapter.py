@@ -42,13 +42,15 @@ def _typed(name: str, value):
 @register_model("lopa")
 class LopaLM(LM):
     def __init__(self, pretrained: str | None = None, adapter: str | None = None, device: str = "auto",
-                 dtype: str = "auto", batch_size: int | str = 1, max_batch_size: int | None = None, **decode) -> None:
+                 dtype: str = "auto", quantize: str | None = None, batch_size: int | str = 1,
+                 max_batch_size: int | None = None, **decode) -> None:
         super().__init__()
         unknown = sorted(set(decode) - set(DECODE_FIELDS))
         if unknown:
             raise ConfigError(f"model_args: unknown lopa option(s) {unknown}; known: {sorted(DECODE_FIELDS)}")
         self.decode = {name: _typed(name, value) for name, value in decode.items()}
-        self.model = load_model(pretrained or None, adapter=adapter, runner=RunnerConfig(device=device, dtype=dtype))
+        runner = RunnerConfig(device=device, dtype=dtype, quantize=quantize or None)  # quantize: int8 | fp8
+        self.model = load_model(pretrained or None, adapter=adapter, runner=runner)
         self.stats = []  # one lopa Stats per request, for whoever wants TPF next to lm-eval's scores
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
