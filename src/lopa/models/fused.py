@@ -1,6 +1,5 @@
 """The decoder layer's elementwise chains (RMSNorm with the residual add before it, RoPE, SiLU·up, fp8
-activation quantization, alone or at the end of the norm and of SiLU·up) as plain functions, and a fused
-set of them.
+activation quantization) as plain functions, and a fused set of them.
 
 Run eagerly, each chain is several kernels with float32 round trips through memory: RMSNorm six, RoPE about
 nine per tensor, SiLU·up two over strided halves. At Dream-7B size on an H100 those kernels cost about as much
@@ -34,14 +33,6 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     return x, rms_norm(x, weight, eps)
 
 
-def add_rms_norm_fp8(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
-                     rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """add_rms_norm whose normed output goes straight to fp8 for the next Linear: (x + delta, values, scales)
-    as quant.quantize_rows gives them for the [M, E] rows, padded to ``rows``."""
-    x, h = add_rms_norm(x, delta, weight, eps)
-    return (x, *quantize_rows(h.reshape(-1, h.shape[-1]), rows))
-
-
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, H, T, D]; cos/sin [T, D] float32. Rotate-half RoPE in float32 (float64 for a float64 model)."""
     dt = torch.promote_types(x.dtype, torch.float32)
@@ -56,12 +47,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def silu_mul_fp8(gate_up: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """silu_mul straight to fp8 for the down projection: quant.quantize_rows of its [M, I] rows."""
-    out = silu_mul(gate_up)
-    return quantize_rows(out.reshape(-1, out.shape[-1]), rows)
-
-
 @dataclass(frozen=True)
 class Ops:
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -69,11 +54,9 @@ class Ops:
     rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     silu_mul: Callable[[torch.Tensor], torch.Tensor]
     quantize_rows: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # fp8 activations (models/quant.py)
-    add_rms_norm_fp8: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    silu_mul_fp8: Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
-EAGER = Ops(rms_norm, add_rms_norm, rope, silu_mul, quantize_rows, add_rms_norm_fp8, silu_mul_fp8)
+EAGER = Ops(rms_norm, add_rms_norm, rope, silu_mul, quantize_rows)
 
 
 def _static_width(fn: Callable) -> Callable:
@@ -89,10 +72,9 @@ def _static_width(fn: Callable) -> Callable:
 
 def compiled(backend: str = "inductor") -> Ops:
     """The same functions through torch.compile (one graph each, no breaks). backend="eager" only traces."""
-    rms, add_rms, rope_, silu, quant, add_rms8, silu8 = (
-        torch.compile(f, backend=backend, fullgraph=True)
-        for f in (rms_norm, add_rms_norm, rope, silu_mul, quantize_rows, add_rms_norm_fp8, silu_mul_fp8))
-    return Ops(rms, add_rms, rope_, silu, _static_width(quant), add_rms8, silu8)
+    rms, add_rms, rope_, silu, quant = (torch.compile(f, backend=backend, fullgraph=True)
+                                        for f in (rms_norm, add_rms_norm, rope, silu_mul, quantize_rows))
+    return Ops(rms, add_rms, rope_, silu, _static_width(quant))
 
 
 def fused_ops(device: torch.device, dtype: torch.dtype) -> Ops:

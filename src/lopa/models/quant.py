@@ -13,7 +13,7 @@ on a CPU."""
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,20 +37,6 @@ def quantize_rows(x: torch.Tensor, rows: int | None = None) -> tuple[torch.Tenso
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
-def padded_rows(m: int) -> int:
-    """The row count an fp8 GEMM runs on for m rows of activations (see ROW_MULTIPLE)."""
-    return -(-m // ROW_MULTIPLE) * ROW_MULTIPLE
-
-
-class QuantizedRows(NamedTuple):
-    """Activations already quantized for an Fp8Linear, by the kernel that produced them (models/fused.py:
-    add_rms_norm_fp8, silu_mul_fp8), so the Linear skips its own quantization pass."""
-
-    values: torch.Tensor  # [padded_rows(M), N] fp8
-    scales: torch.Tensor  # [padded_rows(M), 1] float32
-    shape: torch.Size  # [..., N]: the activations' shape, M = product of the leading dims
-
-
 class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -67,8 +53,7 @@ class Int8Linear(nn.Module):
 
 
 class Fp8Linear(nn.Module):
-    """y = (x quantized per row) @ (W quantized per output channel)^T * scales + bias, in one scaled GEMM.
-    x is the activations (quantized here) or QuantizedRows (quantized by the kernel that produced them)."""
+    """y = (x quantized per row) @ (W quantized per output channel)^T * scales + bias, in one scaled GEMM."""
 
     def __init__(self, linear: nn.Linear, quantize: Callable = quantize_rows) -> None:
         super().__init__()
@@ -77,21 +62,18 @@ class Fp8Linear(nn.Module):
         self.register_buffer("scale", scale.t().contiguous())  # [1, out] float32
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.out_dtype = linear.weight.dtype  # the model's dtype
         self.quantize = quantize  # the activations' quantizer: quantize_rows, or its fused (compiled) form
 
-    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        M = lead.numel()
-        if isinstance(x, QuantizedRows):
-            xq, xscale = x.values, x.scales  # [R, in] fp8, [R, 1]
-        else:
-            xq, xscale = self.quantize(x.reshape(M, self.in_features), padded_rows(M))
-        if xq.is_cuda:  # fp8 tensor cores (load_model checks the GPU has them)
+        rows = x.reshape(-1, self.in_features)  # [M, in]
+        M = rows.shape[0]
+        xq, xscale = self.quantize(rows, -(-M // ROW_MULTIPLE) * ROW_MULTIPLE)  # [R, in] fp8, [R, 1]
+        if x.is_cuda:  # fp8 tensor cores (load_model checks the GPU has them)
             out = torch._scaled_mm(xq, self.qweight.t(), scale_a=xscale, scale_b=self.scale, bias=self.bias,
-                                   out_dtype=self.out_dtype)  # [R, out]
+                                   out_dtype=x.dtype)  # [R, out]
         else:
-            out = scaled_mm_reference(xq, self.qweight, xscale, self.scale, self.bias, self.out_dtype)
+            out = scaled_mm_reference(xq, self.qweight, xscale, self.scale, self.bias, x.dtype)
         return out[:M].view(*lead, self.out_features)
 
 

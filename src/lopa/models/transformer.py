@@ -13,7 +13,6 @@ from torch import nn
 from ..cache import KVCache
 from .config import ModelConfig
 from .fused import EAGER, Ops
-from .quant import Fp8Linear, QuantizedRows, padded_rows
 
 _TORCH = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
 _NATIVE_GQA = _TORCH >= (2, 5)
@@ -76,12 +75,8 @@ class MLP(nn.Module):
         self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # fused gate, up
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor | QuantizedRows, ops: Ops = EAGER) -> torch.Tensor:
-        gate_up = self.gate_up(x)  # [..., 2I]
-        if isinstance(self.down, Fp8Linear):  # SiLU·up writes fp8 rows for the down projection directly
-            shape = gate_up.shape[:-1] + (gate_up.shape[-1] // 2,)
-            return self.down(QuantizedRows(*ops.silu_mul_fp8(gate_up, padded_rows(shape[:-1].numel())), shape))
-        return self.down(ops.silu_mul(gate_up))
+    def forward(self, x: torch.Tensor, ops: Ops = EAGER) -> torch.Tensor:
+        return self.down(ops.silu_mul(self.gate_up(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -98,19 +93,9 @@ class DecoderLayer(nn.Module):
         if delta is None:
             h = self.attn_norm(x, ops)
         else:
-            x, h = add_norm(x, delta, self.attn_norm, self.attn.qkv, ops)
-        x, h = add_norm(x, self.attn(h, cos, sin, mask, cache, layer, ops), self.mlp_norm, self.mlp.gate_up, ops)
+            x, h = ops.add_rms_norm(x, delta, self.attn_norm.weight, self.attn_norm.eps)
+        x, h = ops.add_rms_norm(x, self.attn(h, cos, sin, mask, cache, layer, ops), self.mlp_norm.weight, self.mlp_norm.eps)
         return x, self.mlp(h, ops)
-
-
-def add_norm(x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm, consumer: nn.Module,
-             ops: Ops) -> tuple[torch.Tensor, torch.Tensor | QuantizedRows]:
-    """(x + delta, its RMSNorm) with the norm in the form ``consumer`` takes: fp8 rows, quantized in the same
-    kernel, for an Fp8Linear; the model's dtype otherwise."""
-    if isinstance(consumer, Fp8Linear):
-        x, values, scales = ops.add_rms_norm_fp8(x, delta, norm.weight, norm.eps, padded_rows(x.shape[:-1].numel()))
-        return x, QuantizedRows(values, scales, x.shape)
-    return ops.add_rms_norm(x, delta, norm.weight, norm.eps)
 
 
 class Transformer(nn.Module):
