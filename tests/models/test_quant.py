@@ -50,6 +50,22 @@ def test_quantized_model_matches_and_decodes(tiny_dream_dir, scheme, cls, tol):
     assert res.stats.decode_forwards >= 1
 
 
+def test_fp8_refused_with_a_typed_error_where_the_gpu_cannot_run_it(monkeypatch):
+    """load_model's check, with the GPU's compute capability faked (runs on a CPU machine)."""
+    from lopa.api import _check_quantize
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # A100: no fp8
+    with pytest.raises(lopa.ConfigError, match="compute capability"):
+        _check_quantize("fp8", cuda, torch.bfloat16)
+    _check_quantize("int8", cuda, torch.float32)  # int8 runs anywhere
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # H100 / H200
+    with pytest.raises(lopa.ConfigError, match="bfloat16"):
+        _check_quantize("fp8", cuda, torch.float32)
+    _check_quantize("fp8", cuda, torch.bfloat16)
+    _check_quantize("fp8", torch.device("cpu"), torch.float32)  # the reference product
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp8 GEMMs need a GPU")
 def test_fp8_on_gpu_needs_fp8_tensor_cores_and_16_bit(tiny_dream_dir):
     if torch.cuda.get_device_capability() < (8, 9):
