@@ -79,14 +79,15 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _check_quantize(scheme: str, device: torch.device, dtype: torch.dtype) -> None:
-    """fp8 GEMMs on a GPU need fp8 tensor cores (compute capability 8.9+: Ada, Hopper) and a 16-bit model."""
+    """fp8 GEMMs on a GPU need fp8 tensor cores (compute capability 8.9+: Ada, Hopper) and a bfloat16 model
+    (torch._scaled_mm with per-row scales writes bfloat16 only)."""
     if scheme != "fp8" or device.type != "cuda":
         return
     cap = torch.cuda.get_device_capability(device)
     if cap < (8, 9):
         raise ConfigError(f"quantize: 'fp8' needs a GPU with fp8 tensor cores (compute capability 8.9+), this one is {cap}")
-    if dtype not in (torch.bfloat16, torch.float16):
-        raise ConfigError(f"quantize: 'fp8' on a GPU needs dtype bfloat16 or float16, got {dtype}")
+    if dtype != torch.bfloat16:
+        raise ConfigError(f"quantize: 'fp8' on a GPU needs dtype bfloat16, got {dtype}")
 
 
 def load_model(

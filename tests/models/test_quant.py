@@ -60,8 +60,9 @@ def test_fp8_refused_with_a_typed_error_where_the_gpu_cannot_run_it(monkeypatch)
         _check_quantize("fp8", cuda, torch.bfloat16)
     _check_quantize("int8", cuda, torch.float32)  # int8 runs anywhere
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # H100 / H200
-    with pytest.raises(lopa.ConfigError, match="bfloat16"):
-        _check_quantize("fp8", cuda, torch.float32)
+    for dtype in (torch.float32, torch.float16):
+        with pytest.raises(lopa.ConfigError, match="bfloat16"):
+            _check_quantize("fp8", cuda, dtype)
     _check_quantize("fp8", cuda, torch.bfloat16)
     _check_quantize("fp8", torch.device("cpu"), torch.float32)  # the reference product
 

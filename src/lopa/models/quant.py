@@ -88,7 +88,7 @@ def scaled_mm_reference(xq: torch.Tensor, wq: torch.Tensor, xscale: torch.Tensor
 
 def quantize_model(model: nn.Module, scheme: str, quantize: Callable = quantize_rows) -> int:
     """Swap the Linears inside the decoder layers in place; returns how many were swapped. ``quantize`` is
-    the fp8 activation quantizer (the runner passes the fused one on a GPU)."""
+    the fp8 activation quantizer (load_model passes the fused one on a GPU)."""
     if scheme not in ("int8", "fp8"):
         raise ValueError(f"unknown quantization scheme {scheme!r}")
     swapped = 0
