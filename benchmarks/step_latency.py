@@ -128,6 +128,11 @@ VARIANTS = {  # name -> (runner class, None for eager; fused kernels; decoder Li
 }
 
 
+def cli_name(variant: str) -> str:
+    """A VARIANTS name as --variants spells it: "graphs+fused, fp8 unpadded" -> "graphs+fused-fp8-unpadded"."""
+    return variant.replace(", ", "-").replace(" ", "-")
+
+
 def fp8_copy(model: Transformer, device, dtype) -> Transformer:
     """The same weights with fp8 decoder Linears and the fused activation quantizer, as load_model builds it."""
     fp8 = copy.deepcopy(model)
@@ -144,6 +149,7 @@ def lopa_iteration(model, cfg, K, W, P, device, dtype, variant: str = "eager"):
     spec = ModelSpec(cfg.mask_token_id, (cfg.eos_token_id,), cfg.max_position_embeddings, cfg.vocab_size)
     cls, fuse, _ = VARIANTS[variant]
     ops = fused_ops(device, dtype) if fuse else EAGER  # set on the model by each step (shared model)
+    row_multiple = 1 if "unpadded" in variant else PADDED_ROWS  # fp8 GEMM rows, read when a graph is captured
     runner = cls(model, spec, device, dtype, fuse=fuse) if cls else Runner(model, spec, device, dtype)
     runner.cache = runner._new_cache(P + K * W + 256)  # room for the prefix and every branch's window
     torch.manual_seed(P + K + W)  # the same prefix and window for every variant
@@ -159,6 +165,7 @@ def lopa_iteration(model, cfg, K, W, P, device, dtype, variant: str = "eager"):
     @torch.inference_mode()
     def step():
         model.ops = ops  # closures of one model share it: each sets its own
+        quant.ROW_MULTIPLE = row_multiple
         preds = runner.forward(batch, pspec)
         hidden = runner._hidden[:, :W]
         still = tokens[:, batch.logit_cols] == cfg.mask_token_id
@@ -186,10 +193,9 @@ def profile_case(cfg: ModelConfig, k: int, W: int, P: int, device, dtype, out: P
     fp8_ok = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
     for name, (cls, _, scheme) in VARIANTS.items():
         graphs = cls is not None
-        if name.replace(", ", "-").replace(" ", "-") not in variants or (scheme == "fp8" and not fp8_ok):
+        if cli_name(name) not in variants or (scheme == "fp8" and not fp8_ok):
             continue
         net = fp8_copy(model, device, dtype) if scheme == "fp8" else model
-        quant.ROW_MULTIPLE = 1 if "unpadded" in name else PADDED_ROWS
         step = lopa_iteration(net, cfg, k + 1, W, P, device, dtype, name)
         wall = timed(step, device, warmup=3, reps=10)
         with profile(activities=acts) as prof:
@@ -325,10 +331,9 @@ def main() -> None:
                     if device.type == "cuda" or args.tiny:
                         for name, col in (("graphs", "lopa_graph"), ("graphs+fused", "lopa_fused"),
                                           ("graphs+fused, fp8", "lopa_fp8"), ("graphs+fused, fp8 unpadded", "lopa_fp8_unpadded")):
-                            if name.replace(", ", "-").replace(" ", "-") not in args.variants.split(",") or ("fp8" in col and fp8 is None):
+                            if cli_name(name) not in args.variants.split(",") or ("fp8" in col and fp8 is None):
                                 continue
                             step = lopa_iteration(fp8 if "fp8" in col else model, cfg, K, W, P, device, dtype, name)
-                            quant.ROW_MULTIPLE = 1 if "unpadded" in name else PADDED_ROWS  # read when a graph is captured
                             tv = timed(step, device, reps=args.reps)
                             row.update({f"{col}_ms": tv * 1e3, f"{col}_x_roofline": tv / roof,
                                         f"{col}_rel_err": rel_err(step(), ref)})  # final hidden states vs eager bf16
@@ -388,9 +393,9 @@ def main() -> None:
                                     marker="o", label=f"{shape} W={W} P=512")
                     ax.plot([r["k"] for r in case], [r["roofline_ms"] for r in case], ls="--", color=line.get_color(),
                             label=f"roofline {shape} W={W}")
-                    fp8 = [r for r in case if "lopa_fp8_ms" in r]
-                    if fp8:
-                        ax.plot([r["k"] for r in fp8], [r["lopa_fp8_ms"] for r in fp8], ls=":", marker="x",
+                    fp8_rows = [r for r in case if "lopa_fp8_ms" in r]
+                    if fp8_rows:
+                        ax.plot([r["k"] for r in fp8_rows], [r["lopa_fp8_ms"] for r in fp8_rows], ls=":", marker="x",
                                 color=line.get_color(), label=f"{shape} W={W} fp8")
         ax.set_xlabel("k (lookahead branches)")
         ax.set_ylabel("ms per LoPA iteration")
