@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -69,6 +70,8 @@ def _resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device: {name!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device: {name!r} requested but this machine has {torch.cuda.device_count()} GPU(s)")
     return device
 
 
@@ -97,7 +100,8 @@ def load_model(
 ) -> LopaModel:
     """Load an HF-format Dream or LLaDA folder (default: the embedded model), optionally merging a LoRA adapter."""
     runner = runner or RunnerConfig()
-    folder = Path(path) if path is not None else default_model_path()
+    folder = Path(path).expanduser() if path is not None else default_model_path()
+    adapter = Path(adapter).expanduser() if adapter is not None else None
     if path is None and not (folder / "config.json").is_file():
         raise CheckpointError(f"the embedded default model is missing from {folder}; pass a model folder")
     device = _resolve_device(runner.device)
@@ -115,14 +119,50 @@ def load_model(
     return LopaModel(folder, loaded, engine)
 
 
-def _prompt_ids(model: LopaModel, prompt: str | list[int], chat: bool) -> list[int]:
-    if isinstance(prompt, str):
+def _check_text(field: str, text) -> str:
+    if not isinstance(text, str):
+        raise ConfigError(f"{field}: must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # lone surrogates: bytes that were not UTF-8 (e.g. a file read with errors=)
+        raise ConfigError(f"{field}: not valid UTF-8 text (character {err.start}: {text[err.start]!r})") from None
+    return text
+
+
+def _check_messages(messages) -> list[dict]:
+    """A chat as [{"role": ..., "content": ...}, ...], each role and content a string."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ConfigError("messages: must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not {"role", "content"} <= set(m):
+            raise ConfigError(f"messages[{i}]: must be a dict with 'role' and 'content', got {m!r}")
+        _check_text(f"messages[{i}].role", m["role"])
+        _check_text(f"messages[{i}].content", m["content"])
+    return [dict(m) for m in messages]
+
+
+def _prompt_ids(model: LopaModel, prompt: str | list[int] | None, chat: bool, messages: list[dict] | None) -> list[int]:
+    if messages is not None:
+        if prompt is not None:
+            raise ConfigError("messages: pass either prompt or messages, not both")
+        ids = model.tokenizer.encode(model.tokenizer.apply_chat_template(_check_messages(messages)))
+    elif prompt is None:
+        raise ConfigError("prompt: give a prompt (text or token ids) or messages")
+    elif isinstance(prompt, str):
+        _check_text("prompt", prompt)
         text = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
         ids = model.tokenizer.encode(text)
     else:
         if chat:
             raise ConfigError("chat: a chat template needs a text prompt, not token ids")
-        ids = [int(t) for t in prompt]
+        vocab = model.loaded.spec.vocab_size
+        try:
+            ids = [operator.index(t) for t in prompt]
+        except TypeError:
+            raise ConfigError("prompt: must be text or a list of integer token ids") from None
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ConfigError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {vocab})")
     if not ids:
         raise ConfigError("prompt: must not be empty")
     return ids
@@ -130,15 +170,19 @@ def _prompt_ids(model: LopaModel, prompt: str | list[int], chat: bool) -> list[i
 
 def generate(
     model: LopaModel,
-    prompt: str | list[int],
+    prompt: str | list[int] | None = None,
     config: DecodeConfig | None = None,
     *,
+    messages: list[dict] | None = None,
     chat: bool = False,
     preset: str | None = None,
     on_step: Callable[[DecodeState], None] | None = None,
     **overrides,
 ) -> GenerationResult:
-    """Decode one prompt. ``config`` (or a ``preset`` / the model family's defaults) plus field overrides."""
+    """Decode one prompt. ``config`` (or a ``preset`` / the model family's defaults) plus field overrides.
+
+    The prompt is text, token ids, or (instead) ``messages=[{"role": "user", "content": ...}, ...]``, rendered
+    with the model's chat template (``chat=True`` does the same for a single user turn given as text)."""
     if config is None:
         config = decode_config(preset, model.model_type, **overrides)
     elif overrides or preset:
@@ -147,7 +191,7 @@ def generate(
         config = config.replace(**overrides)
     if config.compat == "published" and model.model_type != "dream":
         raise ConfigError(f"compat: 'published' follows the published Dream code; this is a {model.model_type} model")
-    ids = _prompt_ids(model, prompt, chat)
+    ids = _prompt_ids(model, prompt, chat, messages)
     strategy = make_strategy(config, model.loaded.spec)
     out = model.runner.run(strategy, ids, seed=config.seed, on_step=on_step)
     text = model.tokenizer.decode(out.token_ids)

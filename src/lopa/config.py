@@ -6,6 +6,8 @@ Every field is validated in ``__post_init__``; a bad value raises ``ConfigError`
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import re
 from dataclasses import dataclass
 
 from .errors import ConfigError
@@ -20,6 +22,27 @@ COMPATS = ("published",)
 def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{name}: {message}")
+
+
+# What each annotation accepts. bool is an int subclass in Python: refused where a number is meant, so that
+# k=True or tau=False never pass for 1 and 0. Every int also passes where a float is meant.
+_TYPE_TESTS = {
+    "int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "bool": lambda v: isinstance(v, bool),
+}
+
+
+def check_types(obj) -> None:
+    """Every field of a config dataclass has its annotated type ("int", "float | None", ...): ConfigError if not."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        if value is None and "None" in kinds:
+            continue
+        if not any(_TYPE_TESTS[k](value) for k in kinds if k != "None"):
+            raise ConfigError(f"{f.name}: must be {' or '.join(kinds)}, got {value!r} ({type(value).__name__})")
 
 
 @dataclass(frozen=True)
@@ -51,6 +74,7 @@ class DecodeConfig:
     compat: str | None = None  # "published": the published LoPA code's loop, token for token (decoding/published.py)
 
     def __post_init__(self) -> None:
+        check_types(self)
         _check(self.strategy in STRATEGIES, "strategy", f"must be one of {STRATEGIES}, got {self.strategy!r}")
         _check(self.gen_length >= 1, "gen_length", f"must be >= 1, got {self.gen_length}")
         _check(self.block_size >= 1, "block_size", f"must be >= 1, got {self.block_size}")
@@ -147,10 +171,11 @@ class RunnerConfig:
     quantize: str | None = None  # None | "int8" (weight-only) | "fp8" (W8A8 e4m3): decoder Linears (models/quant.py)
 
     def __post_init__(self) -> None:
+        check_types(self)
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16", "float64"), "dtype", f"unknown dtype {self.dtype!r}")
         _check(self.quantize in (None, "int8", "fp8"), "quantize", f"must be None, 'int8' or 'fp8', got {self.quantize!r}")
         _check(
-            self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
+            re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device) is not None,
             "device",
             f"must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}",
         )
