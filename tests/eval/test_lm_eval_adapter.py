@@ -33,7 +33,7 @@ metric_list:
     out = tmp_path / "out"
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "lopa.eval.lm_eval_adapter", "run", "--model", "lopa",
-           "--model_args", f"pretrained={tiny_dream_dir},strategy=lopa,k=2,block_size=8", "--device", "cpu",
+           "--model_args", f"pretrained={tiny_dream_dir},strategy=lopa,k=2,block_size=8",  # no --device: lopa's auto
            "--tasks", "lopa_local", "--include_path", str(tasks), "--output_path", str(out), "--log_samples"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -42,6 +42,17 @@ metric_list:
     assert "lopa_local" in payload["results"] and payload["config"]["model"] == "lopa"
     samples = list(out.rglob("samples_lopa_local_*.jsonl"))
     assert samples and len(samples[0].read_text().splitlines()) == 3
+    stats = json.loads(results.with_name(results.name.replace("results_", "lopa_stats_")).read_text())
+    assert stats["requests"] == 3 and stats["decode"] == {"strategy": "lopa", "k": 2, "block_size": 8}
+    assert stats["decode_forwards"] >= 3 and stats["tpf"] == stats["generated_tokens"] / stats["decode_forwards"]
+    assert "TPF" in proc.stderr
+
+
+def test_help_lists_lopas_model_args():
+    proc = subprocess.run([sys.executable, "-m", "lopa.eval.lm_eval_adapter", "run", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0
+    assert "pretrained=PATH" in proc.stdout and "branch_confidence" in proc.stdout and "--tasks" in proc.stdout
 
 
 def test_unknown_model_arg_is_a_clear_error(tiny_dream_dir):
