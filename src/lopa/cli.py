@@ -43,7 +43,7 @@ def _default(name: str, what: str = "") -> str:
     """Help text ending in the field's default: DecodeConfig's, LLaDA's where it differs, a preset's if given."""
     value = getattr(DEFAULTS, name)
     llada = f"; LLaDA models {LLADA_DEFAULTS[name]}" if name in LLADA_DEFAULTS and LLADA_DEFAULTS[name] != value else ""
-    return f"{what} [default: {value}{llada}; or the --preset's]".strip()
+    return f"{what} \\[default: {value}{llada}; or the --preset's]".strip()  # \\[: not Rich markup
 
 
 def _decode_overrides(**flags) -> dict:
@@ -112,17 +112,17 @@ def generate(
     add_threshold: Optional[float] = typer.Option(None, help=_default("add_threshold", "D2F τ_add.")),
     complete_threshold: Optional[float] = typer.Option(None, help=_default("complete_threshold", "D2F τ_act.")),
     base: Optional[str] = typer.Option(None, help=_default("base", "What lopa branches over: d2f | threshold.")),
-    attention: Optional[str] = typer.Option(None, help="Window attention: full | block_causal [default: block_causal "
+    attention: Optional[str] = typer.Option(None, help="Window attention: full | block_causal \\[default: block_causal "
                                                        "for d2f, full for the others]"),
     confidence: Optional[str] = typer.Option(None, help=_default("confidence", "prob | neg_entropy | margin.")),
     branch_confidence: Optional[str] = typer.Option(None, help=_default("branch_confidence", "Branch score function.")),
     temperature: Optional[float] = typer.Option(None, help=_default("temperature")),
     top_p: Optional[float] = typer.Option(None, help=_default("top_p")),
     seed: Optional[int] = typer.Option(None, help=_default("seed")),
-    steps: Optional[int] = typer.Option(None, help="dream sampler: diffusion steps [default: gen_length]"),
+    steps: Optional[int] = typer.Option(None, help="dream sampler: diffusion steps \\[default: gen_length]"),
     alg: Optional[str] = typer.Option(None, help=_default("alg", "dream sampler: origin | maskgit_plus | topk_margin "
                                                                  "| entropy.")),
-    max_rounds: Optional[int] = typer.Option(None, help="Cap on decode forwards [default: 2 x gen_length + 8]"),
+    max_rounds: Optional[int] = typer.Option(None, help="Cap on decode forwards \\[default: 2 x gen_length + 8]"),
     compat: Optional[str] = typer.Option(None, help="'published': the published LoPA code's loop, token for token "
                                                     "(Dream models, lopa strategy; docs/fidelity.md)."),
     chat: bool = typer.Option(False, "--chat", help="Apply the model's chat template."),

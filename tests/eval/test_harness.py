@@ -116,3 +116,12 @@ def test_asking_for_more_code_tasks_than_exist_is_a_config_error():
 
     with pytest.raises(ConfigError, match="distinct test code tasks"):
         code(10_000)
+
+
+@pytest.mark.parametrize("n", [0, -3, 1.5])
+def test_task_counts_must_be_positive(n):
+    from lopa.eval.tasks import code
+
+    for task in (lambda: gsm8k(None, n), lambda: humaneval(n), lambda: code(n)):
+        with pytest.raises(ConfigError, match="n: must be a positive count"):
+            task()
