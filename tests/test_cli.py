@@ -143,3 +143,14 @@ def test_help_shows_the_defaults():
     text = flat_help("generate")
     for value in (d.gen_length, d.tau, d.block_size):
         assert f"[default:{value}" in text
+
+
+def test_dream_sampler_defaults_give_an_answer_on_the_embedded_model():
+    from lopa.config import STRATEGY_DEFAULTS
+    from lopa.eval.tasks import gsm8k
+
+    res = runner.invoke(app, ["generate", "-p", gsm8k(None, 1)[0].prompt, "--strategy", "dream", "--device", "cpu",
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(res.stdout)
+    assert payload["text"].strip() and payload["stats"]["decode_forwards"] == STRATEGY_DEFAULTS["dream"]["gen_length"]

@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import api
-from .config import LLADA_DEFAULTS, DecodeConfig, RunnerConfig
+from .config import LLADA_DEFAULTS, STRATEGY_DEFAULTS, DecodeConfig, RunnerConfig
 from .errors import ConfigError, LopaError
 from .train.trainer import TrainConfig
 
@@ -43,7 +43,8 @@ def _default(name: str, what: str = "") -> str:
     """Help text ending in the field's default: DecodeConfig's, LLaDA's where it differs, a preset's if given."""
     value = getattr(DEFAULTS, name)
     llada = f"; LLaDA models {LLADA_DEFAULTS[name]}" if name in LLADA_DEFAULTS and LLADA_DEFAULTS[name] != value else ""
-    return f"{what} \\[default: {value}{llada}; or the --preset's]".strip()  # \\[: not Rich markup
+    own = "".join(f"; {strategy} {d[name]}" for strategy, d in STRATEGY_DEFAULTS.items() if name in d)
+    return f"{what} \\[default: {value}{llada}{own}; or the --preset's]".strip()  # \\[: not Rich markup
 
 
 def _decode_overrides(**flags) -> dict:

@@ -144,8 +144,16 @@ PRESETS: dict[str, DecodeConfig] = {
 LLADA_DEFAULTS: dict[str, object] = dict(block_size=64, add_threshold=0.7, complete_threshold=0.95, tau=0.9, gen_length=512)
 
 
+# Where one strategy needs another default than DecodeConfig's, and why. The dream sampler denoises its whole
+# canvas at every step, with no cache and no stop at EOS, so the canvas length is part of what the model sees:
+# on the embedded model a 256-position canvas fills with EOS from the end and the answer comes out empty
+# (256 forwards for nothing), while 128 positions (steps = 128) answer the held-out problems.
+STRATEGY_DEFAULTS: dict[str, dict[str, object]] = {"dream": {"gen_length": 128}}
+
+
 def decode_config(preset: str | None = None, model_type: str = "dream", **overrides) -> DecodeConfig:
-    """Build a DecodeConfig: a named preset (Dream) or the model family's defaults, then overrides.
+    """Build a DecodeConfig: a named preset (Dream) or the model family's defaults, the strategy's own
+    defaults (STRATEGY_DEFAULTS), then overrides.
 
     With ``compat="published"`` the confidence measure defaults to the published scripts' negative entropy."""
     if preset is not None:
@@ -155,6 +163,8 @@ def decode_config(preset: str | None = None, model_type: str = "dream", **overri
         base = DecodeConfig(**LLADA_DEFAULTS)
     else:
         base = DecodeConfig()
+    for name, value in STRATEGY_DEFAULTS.get(overrides.get("strategy", base.strategy), {}).items():
+        overrides.setdefault(name, value)
     if overrides.get("compat") == "published" and "confidence" not in overrides:
         overrides["confidence"] = "neg_entropy"  # the published scripts' sampling_strategy
     return base.replace(**overrides)
