@@ -25,7 +25,7 @@ from lm_eval.api.registry import register_model
 
 from ..api import generate, load_model
 from ..config import DecodeConfig, RunnerConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, LopaError
 
 DECODE_FIELDS = {f.name: f.type for f in dataclasses.fields(DecodeConfig)}
 LOPA_HELP = f"""lopa's model (--model lopa): --model_args key=value,... with
@@ -46,12 +46,17 @@ def _typed(name: str, value):
     if not isinstance(value, str):
         return value
     kind = str(DECODE_FIELDS[name])
+    if "None" in kind and value.lower() in ("none", ""):
+        return None
     if "bool" in kind:
         return value.lower() in ("1", "true", "yes")
-    if kind.startswith("int"):
-        return int(value)
-    if kind.startswith("float"):
-        return float(value)
+    try:
+        if kind.startswith("int"):
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+    except ValueError:
+        raise ConfigError(f"model_args: {name}={value!r} must be {kind}") from None
     return value
 
 
@@ -143,7 +148,11 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     parser = HarnessCLI()
     args = parser.parse_args()
-    parser.execute(args)
+    try:
+        parser.execute(args)
+    except LopaError as err:  # lopa's typed errors (bad model_args, model folder, ...): one line, exit 2
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     _write_stats(getattr(args, "output_path", None))
 
 
