@@ -16,6 +16,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..api import LopaModel, generate_many
@@ -38,6 +39,7 @@ class Record:
     hit_round_cap: bool
     prediction: str | None
     returned: int = 0  # ids the strategy returned (compat "published": every block, past EOS); `tokens` counts to EOS
+    text: str = ""  # the generated text, as the model wrote it (before any scoring cut)
 
 
 @dataclass
@@ -92,7 +94,7 @@ def run_eval(model: LopaModel, problems: list[Problem], strategies: dict[str, De
     decoded concurrently by the engine (up to RunnerConfig.max_num_seqs at once)."""
     reports = [StrategyReport(label, asdict(cfg)) for label, cfg in strategies.items()]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=True) as bar:
+    with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=True) as bar:
         task = bar.add_task("evaluating", total=len(problems) * len(strategies))
         for report, cfg in zip(reports, strategies.values()):
             bar.update(task, description=f"{report.label:>12}")
@@ -108,7 +110,8 @@ def run_eval(model: LopaModel, problems: list[Problem], strategies: dict[str, De
                 ok, pred = score(problem, res.text)
                 s = res.stats
                 report.records.append(Record(problem.id, ok, s.generated_tokens, s.decode_forwards,
-                                             s.prefill_forwards, s.decode_s, s.hit_round_cap, pred, len(res.token_ids)))
+                                             s.prefill_forwards, s.decode_s, s.hit_round_cap, pred, len(res.token_ids),
+                                             res.text))
     return reports
 
 
@@ -136,7 +139,8 @@ def markdown(reports: list[StrategyReport], pairs: list[dict]) -> str:
         k_label = randoms[0].label.split()[1]  # "k=N"
         tpfs = [r.tpf for r in randoms]
         accs = [100 * r.accuracy for r in randoms]
-        chosen = next((r for r in reports if r.label == f"lopa {k_label}"), None)
+        same_run = " ".join(["lopa"] + [p for p in randoms[0].label.split()[1:] if not p.startswith("seed=")])
+        chosen = next((r for r in reports if r.label == same_run), None)  # "lopa k=N" (and its " tau=T")
         lines.append("")
         lines.append(f"Random token-filling orders ({len(randoms)} seeds, a random winner among the same {k_label} "
                      f"branches): TPF {sum(tpfs) / len(tpfs):.2f} (min {min(tpfs):.2f}, max {max(tpfs):.2f}), accuracy "
