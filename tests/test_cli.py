@@ -154,3 +154,36 @@ def test_dream_sampler_defaults_give_an_answer_on_the_embedded_model():
     assert res.exit_code == 0, res.output
     payload = json.loads(res.stdout)
     assert payload["text"].strip() and payload["stats"]["decode_forwards"] == STRATEGY_DEFAULTS["dream"]["gen_length"]
+
+
+def test_generate_prompts_file_decodes_concurrently_and_matches_the_api(tiny_dream_dir, tmp_path):
+    """--prompts-file: plain lines or JSONL (with per-prompt fields and chats); JSONL out in the file's order,
+    each result equal to lopa.generate alone; one engine step serves several requests."""
+    import lopa
+
+    plain = tmp_path / "prompts.txt"
+    plain.write_text("hello there\n\nthe cat sat\nx y z\n")
+    common = ["--strategy", "lopa", "--k", "2", "--gen-length", "16", "--block-size", "8", "--device", "cpu"]
+    res = runner.invoke(app, ["generate", str(tiny_dream_dir), "--prompts-file", str(plain), *common])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    model = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu"))
+    for i, p in enumerate(["hello there", "the cat sat", "x y z"]):
+        alone = lopa.generate(model, p, strategy="lopa", k=2, gen_length=16, block_size=8)
+        assert rows[i]["index"] == i and rows[i]["token_ids"] == alone.token_ids and rows[i]["text"] == alone.text
+        assert rows[i]["stats"]["decode_forwards"] == alone.stats.decode_forwards
+    assert "requests and" in res.stderr and "per step" in res.stderr
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text(json.dumps({"prompt": "Question:\nAnswer:\n", "k": 0, "strategy": "d2f"}) + "\n"
+                     + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    res = runner.invoke(app, ["generate", str(tiny_dream_dir), "--prompts-file", str(jsonl), *common])
+    assert res.exit_code == 0, res.output
+    first, chat = [json.loads(line) for line in res.stdout.splitlines()]
+    assert first["token_ids"] == lopa.generate(model, "Question:\nAnswer:\n", strategy="d2f", k=0, gen_length=16,
+                                               block_size=8).token_ids
+    assert chat["token_ids"] == lopa.generate(model, messages=[{"role": "user", "content": "hi"}], strategy="lopa",
+                                              k=2, gen_length=16, block_size=8).token_ids
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "kk": 3}\n')
+    res = runner.invoke(app, ["generate", str(tiny_dream_dir), "--prompts-file", str(bad), "--device", "cpu"])
+    assert res.exit_code == 2 and "kk" in res.stderr and "Traceback" not in res.output

@@ -208,7 +208,7 @@ def generate(
 
 def generate_many(
     model: LopaModel,
-    prompts: list[str | list[int]],
+    prompts: list[str | list[int] | list[dict]],
     configs: DecodeConfig | list[DecodeConfig] | None = None,
     *,
     chat: bool = False,
@@ -217,7 +217,8 @@ def generate_many(
     **overrides,
 ) -> list[GenerationResult]:
     """Decode many prompts concurrently (up to RunnerConfig.max_num_seqs at a time, one forward per engine
-    step for all of them); results in the prompts' order. ``configs``: one for all, or one per prompt
+    step for all of them); results in the prompts' order. A prompt is text, token ids, or a chat as a list
+    of message dicts (as ``generate(messages=...)``). ``configs``: one for all, or one per prompt
     (each with ``overrides`` applied). ``on_result(i, result)`` runs as each request finishes. Each result
     counts what that request alone cost (tokens, its decode forwards); the engine's counters
     (``model.engine.counters``) count the shared steps."""
@@ -227,7 +228,11 @@ def generate_many(
         cfgs = [_config(model, c, preset, dict(overrides)) for c in configs]
     else:
         cfgs = [_config(model, configs, preset, dict(overrides))] * len(prompts)
-    seqs = [model.engine.prepare(_prompt_ids(model, p, chat, None), c) for p, c in zip(prompts, cfgs)]
+    def ids(p):  # a list of message dicts is a chat, like generate(messages=...)
+        is_chat = isinstance(p, (list, tuple)) and bool(p) and isinstance(p[0], dict)
+        return _prompt_ids(model, None if is_chat else p, chat, p if is_chat else None)
+
+    seqs = [model.engine.prepare(ids(p), c) for p, c in zip(prompts, cfgs)]
     index = {s.id: i for i, s in enumerate(seqs)}
     finish = None if on_result is None else lambda s, out: on_result(index[s.id], _result(model, s, out))
     with torch.inference_mode():

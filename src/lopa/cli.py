@@ -6,6 +6,7 @@ rewrap lines and read `[...]` / `:name:` as markup); stats, progress and errors 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -16,7 +17,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import api
 from .config import LLADA_DEFAULTS, STRATEGY_DEFAULTS, DecodeConfig, RunnerConfig
@@ -103,7 +104,11 @@ def _writable_file(name: str, path: Path) -> Path:
 @app.command()
 def generate(
     path: Optional[Path] = typer.Argument(None, help="HF model folder (default: the embedded model)."),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text ('-' reads stdin, as UTF-8)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text ('-' reads stdin, as UTF-8)."),
+    prompts_file: Optional[Path] = typer.Option(None, help="Many prompts, decoded concurrently: one per line, or JSONL "
+                                                "(.jsonl: objects with 'prompt' or 'messages', plus any decoding field "
+                                                "such as 'k' or 'strategy' for that prompt). Prints JSONL, one result a line."),
+    max_num_seqs: int = typer.Option(8, help="With --prompts-file: requests decoded together (one forward per step)."),
     strategy: Optional[str] = typer.Option(None, help=_default("strategy", "threshold | d2f | lopa | dream")),
     preset: Optional[str] = typer.Option(None, help="Paper Table 5 row: gsm8k | math | humaneval | mbpp"),
     k: Optional[int] = typer.Option(None, help=_default("k", "LoPA lookahead branches.")),
@@ -136,8 +141,8 @@ def generate(
     trace: Optional[Path] = typer.Option(None, help="Write the per-step trace and stats as JSON here."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one line of JSON."),
 ) -> None:
-    """Generate text for one prompt. The text goes to stdout byte for byte, followed by one newline; the stats
-    line goes to stderr."""
+    """Generate text for one prompt (the text goes to stdout byte for byte, followed by one newline; the stats
+    line goes to stderr), or for every prompt of --prompts-file (JSONL on stdout, in the file's order)."""
     overrides = _decode_overrides(
         strategy=strategy, k=k, tau=tau, block_size=block_size, gen_length=gen_length,
         add_threshold=add_threshold, complete_threshold=complete_threshold, base=base, attention=attention,
@@ -146,7 +151,13 @@ def generate(
     )
     if trace is not None:
         overrides["trace"] = True
+    if prompts_file is not None:
+        return _generate_many(path, prompts_file, overrides, chat=chat, preset=preset, adapter=adapter, trace=trace,
+                              runner=dict(device=device, dtype=dtype, quantize=quantize, fuse=fuse,
+                                          max_num_seqs=max_num_seqs))
     try:
+        if prompt is None:
+            raise ConfigError("prompt: give --prompt TEXT (or '-' for stdin) or --prompts-file FILE")
         prompt = _read_prompt(prompt)
         if trace is not None:
             _writable_file("trace", trace)
@@ -182,6 +193,72 @@ def generate(
                   "token_ids": result.token_ids, "trace": [asdict(step) for step in result.trace]}
         trace.write_text(json.dumps(record, indent=1))
         console.print(f"[dim]trace written to {escape(str(trace))}[/]", soft_wrap=True)
+
+
+def _read_prompts(path: Path) -> list[tuple[object, dict]]:
+    """(prompt, per-prompt decoding overrides) for each entry: lines of text, or JSONL objects."""
+    try:
+        text = path.expanduser().read_bytes().decode("utf-8")
+    except OSError as err:
+        raise ConfigError(f"prompts_file: cannot read {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"prompts_file: {path} is not UTF-8 text (byte {err.start})") from None
+    lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise ConfigError(f"prompts_file: {path} holds no prompt")
+    if path.suffix != ".jsonl":
+        return [(line, {}) for _, line in lines]
+    fields = {f.name for f in dataclasses.fields(DecodeConfig)} - {"trace"}
+    entries = []
+    for i, line in lines:
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"prompts_file: {path} line {i} is not JSON ({err.msg})") from None
+        if not isinstance(obj, dict) or ("prompt" in obj) == ("messages" in obj):
+            raise ConfigError(f"prompts_file: {path} line {i} must be an object with 'prompt' or 'messages'")
+        unknown = set(obj) - fields - {"prompt", "messages"}
+        if unknown:
+            raise ConfigError(f"prompts_file: {path} line {i}: unknown field(s) {sorted(unknown)}")
+        entries.append((obj.pop("prompt") if "prompt" in obj else obj.pop("messages"), obj))
+    return entries
+
+
+def _generate_many(path, prompts_file: Path, overrides: dict, *, chat: bool, preset, adapter, trace, runner: dict):
+    from .config import decode_config
+
+    try:
+        _count("max_num_seqs", runner["max_num_seqs"])
+        entries = _read_prompts(prompts_file)
+        if trace is not None:
+            _writable_file("trace", trace)
+        with console.status("loading model"):
+            model = api.load_model(path, adapter=adapter, runner=RunnerConfig(**runner))
+        configs = [decode_config(preset, model.model_type, **{**overrides, **own}) for _, own in entries]
+        with Progress(TextColumn("decoding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task("decode", total=len(entries))
+            before = dataclasses.replace(model.engine.counters)
+            results = api.generate_many(model, [p for p, _ in entries], configs, chat=chat,
+                                        on_result=lambda i, r: bar.advance(task))
+    except LopaError as err:
+        _fail(err)
+    for i, r in enumerate(results):
+        _emit(json.dumps({"index": i, "text": r.text, "token_ids": r.token_ids, "stats": r.stats.as_dict()},
+                         ensure_ascii=False) + "\n")
+    c = model.engine.counters
+    tokens = sum(r.stats.generated_tokens for r in results)
+    forwards = sum(r.stats.decode_forwards for r in results)
+    steps, seconds = c.decode_steps - before.decode_steps, c.decode_s - before.decode_s
+    console.print(f"[dim]{len(results)} requests: {tokens} tokens in {forwards} decode forwards (TPF {tokens / max(1, forwards):.2f}"
+                  f" per request) | {steps} engine decode steps, {(c.requests - before.requests) / max(1, steps):.1f} "
+                  f"requests and {(c.rows - before.rows) / max(1, steps):.1f} branch rows per step | "
+                  f"{tokens / max(1e-9, seconds):.1f} tok/s over {seconds:.2f} s of decode steps[/]", soft_wrap=True)
+    if trace is not None:
+        records = [{"config": asdict(r.config), "stats": r.stats.as_dict(), "prompt_ids": r.prompt_ids,
+                    "token_ids": r.token_ids, "trace": [asdict(step) for step in r.trace]} for r in results]
+        trace.write_text(json.dumps(records, indent=1))
+        console.print(f"[dim]traces written to {escape(str(trace))}[/]", soft_wrap=True)
 
 
 @app.command()
