@@ -147,6 +147,16 @@ def demo(
                   "branches at once; prefill is counted apart. `lopa eval` runs larger comparisons.[/]")
 
 
+def branch_variants(scores: str, policies: str) -> list[tuple[str, dict]]:
+    """(label suffix, DecodeConfig fields) for each LoPA branch score x budget asked for; [("", {})] for none."""
+    out = []
+    for bc in [x for x in scores.split(",") if x] or [None]:
+        for pol in [x for x in policies.split(",") if x] or [None]:
+            label = (f" score={bc}" if bc else "") + (f" budget={pol}" if pol else "")
+            out.append((label, {**({"branch_confidence": bc} if bc else {}), **({"k_policy": pol} if pol else {})}))
+    return out
+
+
 @app.command("eval")
 def evaluate(
     path: Optional[Path] = typer.Argument(None, help="HF model folder (default: the embedded model)."),
@@ -162,6 +172,16 @@ def evaluate(
     compare: Optional[str] = typer.Option(None, help="A,B: paired accuracy difference of B vs A (default: d2f vs each lopa)."),
     random_tfo: int = typer.Option(0, help="Also run N random token-filling orders per problem (lopa with a random "
                                            "winner among the same branches, seeds 0..N-1) at the first k."),
+    branch_confidence: str = typer.Option("", help="LoPA branch score(s), comma-separated: mean (Eq. 2), count, "
+                                          "top_m, segment, logsum, lowest (default: DecodeConfig's); a list sweeps them, "
+                                          "each run also paired with the first."),
+    k_policy: str = typer.Option("", help="LoPA branch budget(s), comma-separated: fixed, text, load (default: "
+                                 "DecodeConfig's); a list sweeps them, each run also paired with the first."),
+    checks: str = typer.Option("", help="The paper's missing checks at the first lopa setting, comma-separated: "
+                               "lookahead (k=0 vs k), tfo (random filling orders), predictor (Eq. 2 vs fills); "
+                               "written to checks.json/.md/_*.png."),
+    tfo_orders: int = typer.Option(100, help="Random token-filling orders per problem for --checks tfo."),
+    tfo_n: int = typer.Option(50, help="Problems for --checks tfo (the first N; each is decoded orders+1 times)."),
     out: Path = typer.Option(Path("runs/eval"), help="Folder for eval.json, eval.md, eval.png."),
     device: str = typer.Option("auto"),
     quantize: Optional[str] = typer.Option(None, help="Decoder Linears: int8 (weight-only) or fp8 (W8A8, fp8 GEMMs on Hopper/Ada GPUs)."),
@@ -171,6 +191,7 @@ def evaluate(
     import datetime
 
     from .config import decode_config
+    from .eval.checks import CHECKS
     from .eval.harness import markdown, paired_difference, run_eval, write_reports
     from .eval.tasks import TASKS
 
@@ -180,17 +201,24 @@ def evaluate(
         problems = TASKS["gsm8k"](data, n) if task == "gsm8k" else TASKS[task](n)
         model = api.load_model(path, runner=RunnerConfig(device=device, quantize=quantize, fuse=fuse))
         taus = [float(t) for t in tau.split(",") if t] or [None]
-        configs = {}
+        variants = branch_variants(branch_confidence, k_policy)
+        unknown = set(c for c in checks.split(",") if c) - set(CHECKS)
+        if unknown:
+            raise ConfigError(f"checks: must be among {CHECKS}, got {sorted(unknown)}")
+        configs, refs = {}, {}
         for name in strategies.split(","):
             for t in taus:
                 branching = name in ("lopa", "published")
                 for kk in ([int(x) for x in k.split(",")] if branching else [0]):
-                    label = name + (f" k={kk}" if branching else "") + (f" tau={t}" if t is not None else "")
-                    extra = {"tau": t} if t is not None else {}
-                    if name == "published":
-                        extra.update(strategy="lopa", compat="published")
-                    configs[label] = decode_config(preset, model.model_type, **{"strategy": name, "k": kk,
-                                                   "gen_length": gen_length, **extra})
+                    for variant, fields in (variants if name == "lopa" else [("", {})]):
+                        label = name + (f" k={kk}" if branching else "") + variant + (f" tau={t}" if t is not None else "")
+                        extra = {"tau": t} if t is not None else {}
+                        if name == "published":
+                            extra.update(strategy="lopa", compat="published")
+                        configs[label] = decode_config(preset, model.model_type, **{"strategy": name, "k": kk,
+                                                       "gen_length": gen_length, **fields, **extra})
+                        if name == "lopa" and variant != variants[0][0]:  # paired with the first score / budget at the same k and τ
+                            refs[label] = label.replace(variant, variants[0][0], 1)
         first_k = int(k.split(",")[0])
         for seed in range(random_tfo):
             configs[f"random-tfo k={first_k} seed={seed}"] = decode_config(
@@ -213,6 +241,7 @@ def evaluate(
 
         pairs = [paired_difference(base_for(r.label), r) for r in reports
                  if r.label.startswith(("lopa", "published", "random-tfo"))]
+        pairs += [paired_difference(by_label[ref], by_label[label]) for label, ref in refs.items()]
     meta = {"model": str(model.path), "device": str(model.runner.device), "quantize": quantize,
             "fused kernels": model.fused,
             "task": task, "data": str(data) if data else "generated test split",
@@ -222,6 +251,21 @@ def evaluate(
     write_reports(reports, pairs, out, meta)
     console.print(markdown(reports, pairs), markup=False, soft_wrap=True)
     console.print(f"[dim]written: {out}/eval.json, eval.md, eval.png[/]")
+    if checks:
+        from .eval.checks import markdown as checks_markdown
+        from .eval.checks import run_checks, write_checks
+
+        lopa_cfg = next((c for c in configs.values() if c.strategy == "lopa" and c.compat is None and c.k > 0),
+                        decode_config(preset, model.model_type, strategy="lopa", k=max(1, first_k), gen_length=gen_length))
+        try:
+            result = run_checks(model, problems, lopa_cfg, [c for c in checks.split(",") if c], tfo_orders, tfo_n,
+                                progress=True)
+        except LopaError as err:
+            _fail(err)
+        result["meta"] = meta
+        write_checks(result, out)
+        console.print(checks_markdown(result), markup=False, soft_wrap=True)
+        console.print(f"[dim]written: {out}/checks.json, checks.md, checks_*.png[/]")
 
 
 @app.command()

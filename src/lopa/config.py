@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from .errors import ConfigError
 
 STRATEGIES = ("threshold", "d2f", "lopa", "dream")
+K_POLICIES = ("fixed", "text", "load")
 CONFIDENCES = ("prob", "neg_entropy", "margin")
 ATTENTIONS = ("full", "block_causal")
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
@@ -42,7 +43,10 @@ class DecodeConfig:
     top_p: float = 1.0
     seed: int = 0
     confidence: str = "prob"
-    branch_confidence: str = "mean"
+    branch_confidence: str = "mean"  # branch score (decoding/confidence.py: BRANCH_SCORES); Eq. 2 is "mean"
+    branch_m: int = 8  # m of the "top_m" score (m most confident positions) and "segment" (window of m columns)
+    k_policy: str = "fixed"  # lookaheads per iteration (decoding/budget.py): "fixed" k, "text" (<= k, from the
+    # confidence landscape), "load" (<= k, from the row budget the engine sets per step)
     attention: str | None = None  # window attention; None = the strategy's own default
     steps: int | None = None  # dream sampler: diffusion steps (None = gen_length)
     alg: str = "entropy"  # dream sampler's confidence algorithm
@@ -86,13 +90,20 @@ class DecodeConfig:
                                                                   f"{self.attention!r}")
             _check(self.branch_confidence == "mean", "branch_confidence",
                    "the published loop scores a branch by its mean confidence; got " + repr(self.branch_confidence))
-        from .decoding.confidence import BRANCH_SCORES  # registry of pluggable branch-confidence functions
+        from .decoding.confidence import BRANCH_SCORES, SCORE_MEASURES  # registry of branch-confidence functions
 
         _check(
             self.branch_confidence in BRANCH_SCORES,
             "branch_confidence",
             f"must be one of {tuple(BRANCH_SCORES)}, got {self.branch_confidence!r}",
         )
+        measures = SCORE_MEASURES.get(self.branch_confidence, CONFIDENCES)
+        _check(self.confidence in measures, "confidence", f"branch_confidence {self.branch_confidence!r} reads "
+                                                          f"probabilities: needs one of {measures}, got {self.confidence!r}")
+        _check(self.branch_m >= 1, "branch_m", f"must be >= 1, got {self.branch_m}")
+        _check(self.k_policy in K_POLICIES, "k_policy", f"must be one of {K_POLICIES}, got {self.k_policy!r}")
+        if self.compat == "published":
+            _check(self.k_policy == "fixed", "k_policy", f"the published loop runs a fixed k; got {self.k_policy!r}")
 
     def replace(self, **changes) -> "DecodeConfig":
         """A copy with some fields changed; unknown names raise ConfigError."""

@@ -85,6 +85,7 @@ class Step:
     filled: list[int]  # absolute positions the winner filled this iteration, in fill order
     winner: int  # winning row (0 = anchor)
     scores: list[float]  # branch confidence per row ([] when there was only one branch)
+    fills: list[int] = field(default_factory=list)  # per row: positions it would have filled had it won ([] if one row)
 
 
 @dataclass
