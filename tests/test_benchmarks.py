@@ -33,3 +33,17 @@ def test_quant_accuracy_pairs_every_scheme_with_full_precision(tmp_path):
         (p, s) for p in ("full", "int8", "fp8") for s in ("d2f", "lopa k=7")]
     assert all(("vs_full" in r) == (r["precision"] != "full") for r in rows)
     assert all(r["vs_full"]["n"] == 2 for r in rows if "vs_full" in r)
+
+
+def test_branch_research_pairs_every_variant_with_fixed_k_mean(tmp_path):
+    run("branch_research.py", "--n", "2", "--k", "2", "--frontier", "1", "--scores", "mean,count", "--budgets",
+        "fixed,text", "--gen-length", "16", "--checks", "lookahead,tfo", "--orders", "2", "--tfo-n", "1",
+        "--device", "cpu", "--out", str(tmp_path))
+    payload = json.loads((tmp_path / "main" / "eval.json").read_text())
+    labels = [s["label"] for s in payload["summary"]]
+    assert labels == ["lopa k=2", "lopa k=2 budget=text", "lopa k=2 score=count", "lopa k=2 score=count budget=text",
+                      "lopa k=1"]
+    assert [p["b"] for p in payload["paired"]] == labels[1:] and {p["a"] for p in payload["paired"]} == {"lopa k=2"}
+    checks = json.loads((tmp_path / "checks" / "checks.json").read_text())
+    assert checks["tfo"]["n"] == 1 and checks["lookahead"]["paired"]["n"] == 2
+    assert "Token-filling orders" in (tmp_path / "summary.md").read_text()
