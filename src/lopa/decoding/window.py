@@ -35,7 +35,6 @@ class WindowState(DecodeState):
     eos_at: int | None = None  # first EOS in the generated region
     pending: tuple = ()  # (scored positions, lookahead position per row) of the batch in flight
     last_fill: int = 0  # positions the last iteration filled (the "text" branch budget reads it)
-    row_budget: int | None = None  # rows (K * W) the engine allows the next forward ("load" budget); None = no limit
 
 
 class WindowStrategy(Strategy):
@@ -182,8 +181,8 @@ class WindowStrategy(Strategy):
         state.pred_ok[:] = False
         state.pred_ok[positions] = True
         state.pred_tok[positions] = preds.tokens[row]
-        state.pred_prob[positions] = preds.prob[row]
-        state.pred_conf[positions] = preds.conf[row]
+        state.pred_prob[positions] = preds.prob[row].to(state.pred_prob.dtype)
+        state.pred_conf[positions] = preds.conf[row].to(state.pred_conf.dtype)
         filled = [extra[row]] if extra[row] is not None else []
         self.settle_eos(state)
         filled += self.fill(state)
