@@ -25,7 +25,7 @@ from lopa.eval.checks import run_checks, write_checks
 from lopa.eval.harness import markdown, paired_difference, run_eval, write_reports
 from lopa.eval.tasks import gsm8k
 
-SCORES = ("mean", "count", "top_m", "segment", "logsum")
+SCORES = ("mean", "count", "top_m", "segment", "logsum")  # mean first: the reference
 
 
 def main() -> None:
@@ -33,8 +33,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--k", type=int, default=14)
     ap.add_argument("--frontier", default="4,7", help="smaller fixed k (mean score) for the cost frontier")
-    ap.add_argument("--scores", default=",".join(SCORES))
-    ap.add_argument("--budgets", default="fixed,text")
+    ap.add_argument("--variants", default=",".join([f"{s}:fixed" for s in SCORES] + ["mean:text", "count:text"]),
+                    help="score:budget pairs at k; the first must be mean:fixed (the reference)")
     ap.add_argument("--gen-length", type=int, default=128)
     ap.add_argument("--checks", default="lookahead,predictor,tfo")
     ap.add_argument("--orders", type=int, default=100)
@@ -51,10 +51,10 @@ def main() -> None:
     base = dict(strategy="lopa", gen_length=args.gen_length)
     ref = f"lopa k={args.k}"
     configs = {}
-    for score in args.scores.split(","):
-        for budget in args.budgets.split(","):
-            label = ref + (f" score={score}" if score != "mean" else "") + (f" budget={budget}" if budget != "fixed" else "")
-            configs[label] = decode_config(None, model.model_type, k=args.k, branch_confidence=score, k_policy=budget, **base)
+    for variant in args.variants.split(","):
+        score, budget = variant.split(":")
+        label = ref + (f" score={score}" if score != "mean" else "") + (f" budget={budget}" if budget != "fixed" else "")
+        configs[label] = decode_config(None, model.model_type, k=args.k, branch_confidence=score, k_policy=budget, **base)
     for k in [int(x) for x in args.frontier.split(",") if x]:
         configs[f"lopa k={k}"] = decode_config(None, model.model_type, k=k, **base)
     timings = {"load_s": time.perf_counter() - t0}

@@ -36,8 +36,8 @@ def test_quant_accuracy_pairs_every_scheme_with_full_precision(tmp_path):
 
 
 def test_branch_research_pairs_every_variant_with_fixed_k_mean(tmp_path):
-    run("branch_research.py", "--n", "2", "--k", "2", "--frontier", "1", "--scores", "mean,count", "--budgets",
-        "fixed,text", "--gen-length", "16", "--checks", "lookahead,tfo", "--orders", "2", "--tfo-n", "1",
+    run("branch_research.py", "--n", "2", "--k", "2", "--frontier", "1", "--variants",
+        "mean:fixed,mean:text,count:fixed,count:text", "--gen-length", "16", "--checks", "lookahead,tfo", "--orders", "2", "--tfo-n", "1",
         "--device", "cpu", "--out", str(tmp_path))
     payload = json.loads((tmp_path / "main" / "eval.json").read_text())
     labels = [s["label"] for s in payload["summary"]]
