@@ -35,6 +35,15 @@ def test_quant_accuracy_pairs_every_scheme_with_full_precision(tmp_path):
     assert all(r["vs_full"]["n"] == 2 for r in rows if "vs_full" in r)
 
 
+def test_batch_throughput_tiny(tmp_path):
+    run("batch_throughput.py", "--tiny", "--reps", "2", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "batch_throughput.json").read_text())["rows"]
+    assert {(r["k"], r["n"]) for r in rows} == {(0, 1), (0, 2), (3, 1), (3, 2)}
+    assert all(r["step_ms"] > 0 and r["roofline_ms"] > 0 and r["rows_per_step"] == r["n"] * (r["k"] + 1) * 8
+               for r in rows)
+    assert "| 3 | 2 | 64 |" in (tmp_path / "batch_throughput.md").read_text()
+
+
 def test_branch_research_pairs_every_variant_with_fixed_k_mean(tmp_path):
     run("branch_research.py", "--n", "2", "--k", "2", "--frontier", "1", "--variants",
         "mean:fixed,mean:text,count:fixed,count:text", "--gen-length", "16", "--checks", "lookahead,tfo", "--orders", "2", "--tfo-n", "1",

@@ -182,8 +182,12 @@ def evaluate(
                                "written to checks.json/.md/_*.png."),
     tfo_orders: int = typer.Option(100, help="Random token-filling orders per problem for --checks tfo."),
     tfo_n: int = typer.Option(50, help="Problems for --checks tfo (the first N; each is decoded orders+1 times)."),
+    step_rows: Optional[int] = typer.Option(None, help="Query rows (sum of K*W) one engine step aims at: requests "
+                                            "with --k-policy load share them evenly (RunnerConfig.step_rows)."),
     out: Path = typer.Option(Path("runs/eval"), help="Folder for eval.json, eval.md, eval.png."),
+    batch_size: int = typer.Option(1, help="Problems decoded concurrently (one forward per engine step for all)."),
     device: str = typer.Option("auto"),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16 | float64"),
     quantize: Optional[str] = typer.Option(None, help="Decoder Linears: int8 (weight-only) or fp8 (W8A8, fp8 GEMMs on Hopper/Ada GPUs)."),
     fuse: bool = typer.Option(True, help="On a GPU, fuse RMSNorm/RoPE/SiLU/confidence kernels with torch.compile."),
 ) -> None:
@@ -199,7 +203,8 @@ def evaluate(
         if task not in TASKS:
             raise ConfigError(f"task: must be one of {tuple(TASKS)}, got {task!r}")
         problems = TASKS["gsm8k"](data, n) if task == "gsm8k" else TASKS[task](n)
-        model = api.load_model(path, runner=RunnerConfig(device=device, quantize=quantize, fuse=fuse))
+        model = api.load_model(path, runner=RunnerConfig(device=device, dtype=dtype, quantize=quantize, fuse=fuse,
+                                                         max_num_seqs=batch_size, step_rows=step_rows))
         taus = [float(t) for t in tau.split(",") if t] or [None]
         variants = branch_variants(branch_confidence, k_policy)
         unknown = set(c for c in checks.split(",") if c) - set(CHECKS)
@@ -242,7 +247,8 @@ def evaluate(
         pairs = [paired_difference(base_for(r.label), r) for r in reports
                  if r.label.startswith(("lopa", "published", "random-tfo"))]
         pairs += [paired_difference(by_label[ref], by_label[label]) for label, ref in refs.items()]
-    meta = {"model": str(model.path), "device": str(model.runner.device), "quantize": quantize,
+    meta = {"model": str(model.path), "device": str(model.runner.device), "dtype": str(model.runner.dtype),
+            "batch_size": batch_size, "step_rows": step_rows, "quantize": quantize,
             "fused kernels": model.fused,
             "task": task, "data": str(data) if data else "generated test split",
             "n": len(problems), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

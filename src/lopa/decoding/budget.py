@@ -7,9 +7,9 @@ task. Here a policy may spend fewer, from what the strategy sees on the host bef
     text   from the confidence landscape: the positions the last iteration filled (many filled: the text is
            easy here and the anchor alone fills a lot) and how far apart the candidates' confidences are
            (all alike: the branches are near-copies of one another). See ``text_budget``.
-    load   from the load: the engine sets ``WindowState.row_budget``, the rows this request may use in its
-           next forward (engine/budget.py shares one forward's rows among the running requests); the policy
-           takes as many branches as fit, at least one lookahead, at most k. No budget set: k.
+    load   from the load: the engine sets ``DecodeState.row_budget``, the rows this request may use in its
+           next forward (Engine.row_budget: RunnerConfig.step_rows split evenly among the requests of the
+           step); the policy takes as many branches as fit, at least one lookahead, at most k. No budget: k.
 
 Pure host code on small CPU tensors: deterministic, the same on every rank.
 """

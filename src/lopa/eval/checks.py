@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..api import LopaModel, generate
+from ..api import LopaModel, generate_many
 from ..config import DecodeConfig
 from .harness import paired_difference, run_eval
 from .tasks import Problem
@@ -93,8 +93,8 @@ def predictor_check(model: LopaModel, problems: list[Problem], cfg: DecodeConfig
     scores, fills, step_rho, winner_score, next_fill = [], [], [], [], []
     steps = agree = infinite = 0
     regret = 0.0
-    for problem in problems:
-        trace = generate(model, problem.prompt, cfg.replace(trace=True)).trace
+    for result in generate_many(model, [p.prompt for p in problems], cfg.replace(trace=True)):
+        trace = result.trace
         for t, step in enumerate(trace):
             if not step.fills:
                 continue
