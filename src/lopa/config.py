@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .errors import ConfigError
 
 STRATEGIES = ("threshold", "d2f", "lopa", "dream")
+K_POLICIES = ("fixed", "text", "load")
 CONFIDENCES = ("prob", "neg_entropy", "margin")
 ATTENTIONS = ("full", "block_causal")
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
@@ -65,7 +66,10 @@ class DecodeConfig:
     top_p: float = 1.0
     seed: int = 0
     confidence: str = "prob"
-    branch_confidence: str = "mean"
+    branch_confidence: str = "mean"  # branch score (decoding/confidence.py: BRANCH_SCORES); Eq. 2 is "mean"
+    branch_m: int = 8  # m of the "top_m" score (m most confident positions) and "segment" (window of m columns)
+    k_policy: str = "fixed"  # lookaheads per iteration (decoding/budget.py): "fixed" k, "text" (<= k, from the
+    # confidence landscape), "load" (<= k, from the row budget the engine sets per step)
     attention: str | None = None  # window attention; None = the strategy's own default
     steps: int | None = None  # dream sampler: diffusion steps (None = gen_length)
     alg: str = "entropy"  # dream sampler's confidence algorithm
@@ -110,13 +114,20 @@ class DecodeConfig:
                                                                   f"{self.attention!r}")
             _check(self.branch_confidence == "mean", "branch_confidence",
                    "the published loop scores a branch by its mean confidence; got " + repr(self.branch_confidence))
-        from .decoding.confidence import BRANCH_SCORES  # registry of pluggable branch-confidence functions
+        from .decoding.confidence import BRANCH_SCORES, SCORE_MEASURES  # registry of branch-confidence functions
 
         _check(
             self.branch_confidence in BRANCH_SCORES,
             "branch_confidence",
             f"must be one of {tuple(BRANCH_SCORES)}, got {self.branch_confidence!r}",
         )
+        measures = SCORE_MEASURES.get(self.branch_confidence, CONFIDENCES)
+        _check(self.confidence in measures, "confidence", f"branch_confidence {self.branch_confidence!r} reads "
+                                                          f"probabilities: needs one of {measures}, got {self.confidence!r}")
+        _check(self.branch_m >= 1, "branch_m", f"must be >= 1, got {self.branch_m}")
+        _check(self.k_policy in K_POLICIES, "k_policy", f"must be one of {K_POLICIES}, got {self.k_policy!r}")
+        if self.compat == "published":
+            _check(self.k_policy == "fixed", "k_policy", f"the published loop runs a fixed k; got {self.k_policy!r}")
 
     def replace(self, **changes) -> "DecodeConfig":
         """A copy with some fields changed; unknown names raise ConfigError."""
@@ -181,6 +192,8 @@ class RunnerConfig:
     quantize: str | None = None  # None | "int8" (weight-only) | "fp8" (W8A8 e4m3): decoder Linears (models/quant.py)
     max_num_seqs: int = 8  # requests decoded together, one forward per engine step (each holds a KV slot)
     max_positions: int | None = None  # KV positions per slot; None = grow on demand (else longer requests are refused)
+    step_rows: int | None = None  # query rows (sum of K*W) one decode step aims at: requests with k_policy "load"
+    # share it evenly (engine/engine.py: row_budget); None = no budget (they take k)
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -188,6 +201,8 @@ class RunnerConfig:
                f"must be an integer >= 1, got {self.max_num_seqs!r}")
         _check(self.max_positions is None or (isinstance(self.max_positions, int) and self.max_positions >= 2),
                "max_positions", f"must be None or an integer >= 2, got {self.max_positions!r}")
+        _check(self.step_rows is None or (isinstance(self.step_rows, int) and self.step_rows >= 1), "step_rows",
+               f"must be None or an integer >= 1, got {self.step_rows!r}")
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16", "float64"), "dtype", f"unknown dtype {self.dtype!r}")
         _check(self.quantize in (None, "int8", "fp8"), "quantize", f"must be None, 'int8' or 'fp8', got {self.quantize!r}")
         _check(
