@@ -37,6 +37,17 @@ class ApiError(Exception):
             status, message, type_, param, code, headers)
 
 
+class EventStream(StreamingResponse):
+    """A StreamingResponse that always closes its generator when the response ends (client gone, server
+    cancelled it, or done), so the generator's ``finally`` aborts an unfinished request right away."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
 class RequestTimeout(Exception):
     """The request ran past ServeConfig.request_timeout_s and was aborted."""
 
@@ -152,28 +163,30 @@ def create_app(model, config: ServeConfig | None = None, engine=None) -> FastAPI
         return Job(rid, chat, req, cfg, len(ids), box, loop.time() + config.request_timeout_s, time.perf_counter())
 
     async def outputs(job: Job):
-        """The job's RequestOutputs until its last; raises what the engine loop sent or RequestTimeout."""
-        loop = asyncio.get_running_loop()
+        """The job's RequestOutputs until its last; raises what the engine loop sent, or RequestTimeout (a
+        timer puts it in the box at the deadline: asyncio.wait_for would swallow a cancellation on 3.11)."""
+        timer = asyncio.get_running_loop().call_at(job.deadline, job.box.put_nowait, RequestTimeout(
+            f"request ran past {config.request_timeout_s} s and was aborted"))
         first = True
-        while True:
-            try:
-                item = await asyncio.wait_for(job.box.get(), max(job.deadline - loop.time(), 0.0))
-            except TimeoutError:
-                raise RequestTimeout(f"request ran past {config.request_timeout_s} s and was aborted") from None
-            if isinstance(item, BaseException):
-                job.done = True
-                raise item
-            if item.finished:
-                job.done = True
-                if item.finish_reason == "abort":
-                    raise Cancelled("the request was aborted: the server is shutting down")
-            if first and item.new_ids:
-                metrics.first_block_s.observe(time.perf_counter() - job.t0)
-                first = False
-            yield item
-            if item.finished:
-                metrics.on_finished(item.result.stats, time.perf_counter() - job.t0)
-                return
+        try:
+            while True:
+                item = await job.box.get()
+                if isinstance(item, BaseException):
+                    job.done = not isinstance(item, RequestTimeout)
+                    raise item
+                if item.finished:
+                    job.done = True
+                    if item.finish_reason == "abort":
+                        raise Cancelled("the request was aborted: the server is shutting down")
+                if first and item.new_ids:
+                    metrics.first_block_s.observe(time.perf_counter() - job.t0)
+                    first = False
+                yield item
+                if item.finished:
+                    metrics.on_finished(item.result.stats, time.perf_counter() - job.t0)
+                    return
+        finally:
+            timer.cancel()
 
     def abandon(job: Job) -> bool:
         """Abort a request that has not finished (its KV is freed); True if there was one."""
@@ -204,7 +217,7 @@ def create_app(model, config: ServeConfig | None = None, engine=None) -> FastAPI
 
     async def answer(request: Request, job: Job) -> Response:
         if job.req.stream:
-            return StreamingResponse(sse(job), media_type="text/event-stream",
+            return EventStream(sse(job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         collector = asyncio.ensure_future(collect(job))
         watcher = asyncio.ensure_future(until_disconnect(request))
