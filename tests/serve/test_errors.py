@@ -15,12 +15,12 @@ def server(model):
         yield url, app
 
 
-def good(model, **extra):
-    return {"model": model.path.name, "prompt": "Question: 1 + 2?\nAnswer:", "max_tokens": 8, "block_size": 8, **extra}
+def good(m, **extra):
+    return {"model": m.path.name, "prompt": "Question: 1 + 2?\nAnswer:", "max_tokens": 8, "block_size": 8, **extra}
 
 
-def chat(model, **extra):
-    return {"model": model.path.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, **extra}
+def chat(m, **extra):
+    return {"model": m.path.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, **extra}
 
 
 # (what is wrong, route, body builder, the field the error must name)

@@ -1,6 +1,6 @@
 """A bounded load test: 200 requests from 16 concurrent clients with mixed settings, over real HTTP.
 
-The queue bound (12) is below the number of clients, so some requests get 429 (with Retry-After); the
+The queue bound (14) is below the number of clients, so some requests get 429 (with Retry-After); the
 client then retries, as the openai client does. Every request is answered (a 429 or a 200, none lost),
 every 200 equals its prompt's solo decode through lopa.generate (none mixed up), and the server then
 shuts down cleanly with nothing left in the engine.
@@ -19,14 +19,12 @@ from .conftest import serving
 
 PROMPTS = [
     "Question: Tom has 3 apples and buys 4 more. How many apples?\nAnswer:",
-    "Question: A box holds 6 pens. How many pens are in 2 boxes?\nAnswer:",
-    "Question: Ivy reads 5 pages a day for 3 days. How many pages?\nAnswer:",
     "def add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n",
 ]
 SETTINGS = [
     dict(strategy="lopa", k=3, block_size=8, max_tokens=16),
     dict(strategy="d2f", block_size=8, max_tokens=16),
-    dict(strategy="threshold", block_size=4, max_tokens=12),
+    dict(strategy="threshold", block_size=4, max_tokens=8),
     dict(strategy="lopa", k=2, block_size=8, max_tokens=16, temperature=0.7, seed=3),
 ]
 N_REQUESTS, N_CLIENTS = 200, 16
@@ -50,7 +48,7 @@ def solo(model):
 def test_200_requests_from_16_clients_are_all_answered_and_none_is_mixed_up(model, solo):
     answers: dict[int, httpx.Response] = {}
     rejected: list[httpx.Response] = []
-    with serving(model, max_pending=12) as (url, app):
+    with serving(model, max_pending=14) as (url, app):
         def client(c: int) -> None:
             with httpx.Client(base_url=url, timeout=120) as http:
                 for i in range(c, N_REQUESTS, N_CLIENTS):
@@ -58,7 +56,7 @@ def test_200_requests_from_16_clients_are_all_answered_and_none_is_mixed_up(mode
                     while (r := http.post("/v1/completions", json={"model": model.path.name, "prompt": PROMPTS[p],
                                                                    **SETTINGS[s]})).status_code == 429:
                         rejected.append(r)
-                        time.sleep(0.02)  # the server says Retry-After: 1; a short wait keeps the test fast
+                        time.sleep(0.1)  # the server says Retry-After: 1; a shorter wait keeps the test fast
                     answers[i] = r
 
         threads = [threading.Thread(target=client, args=(c,)) for c in range(N_CLIENTS)]

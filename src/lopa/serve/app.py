@@ -114,7 +114,8 @@ def create_app(model, config: ServeConfig | None = None, engine=None) -> FastAPI
     tokenizer, context = model.tokenizer, model.config.max_position_embeddings
     vocab = model.config.vocab_size
     metrics = Metrics()
-    core = AsyncEngine(engine, config.max_pending, device=getattr(engine, "device", None),
+    device = getattr(getattr(engine, "runner", None), "device", None)  # the engine thread sets it current
+    core = AsyncEngine(engine, config.max_pending, device=device,
                        on_delivery=lambda d: metrics.on_step(d.step, d.running, d.waiting, core.pending))
 
     @asynccontextmanager
@@ -178,12 +179,12 @@ def create_app(model, config: ServeConfig | None = None, engine=None) -> FastAPI
                     job.done = True
                     if item.finish_reason == "abort":
                         raise Cancelled("the request was aborted: the server is shutting down")
+                    metrics.on_finished(item.result.stats, time.perf_counter() - job.t0)
                 if first and item.new_ids:
                     metrics.first_block_s.observe(time.perf_counter() - job.t0)
                     first = False
                 yield item
                 if item.finished:
-                    metrics.on_finished(item.result.stats, time.perf_counter() - job.t0)
                     return
         finally:
             timer.cancel()

@@ -231,8 +231,10 @@ def decode_settings(req: _Request, model_type: str, n_prompt: int, context: int,
         overrides["top_p"] = req.top_p
     overrides["seed"] = req.seed if req.seed is not None else secrets.randbits(31)
     cfg = decode_config(req.preset, model_type, **overrides)
+    if cfg.compat == "published" and model_type != "dream":
+        raise ConfigError(f"compat: 'published' follows the published Dream code; this is a {model_type} model")
     if n_prompt + cfg.gen_length > context:
-        name = field if req.gen_length() is not None else prompt_field
+        name = field if req.gen_length() is not None and n_prompt < context else prompt_field
         raise ConfigError(f"{name}: prompt ({n_prompt} tokens) + max_tokens ({cfg.gen_length}) exceeds the "
                           f"model's context ({context})")
     return cfg
