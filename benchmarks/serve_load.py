@@ -7,7 +7,8 @@ c clients each send one streaming request at a time (stream_options.include_usag
 Per request: time to first block (first chunk carrying text) and to the last token. Throughput:
 requests/s and generated tokens/s over the level's wall time (tokens = usage.completion_tokens: up to and
 including the first EOS). The ceiling for level c: the same N prompts through ``lopa.generate_many`` on a
-model loaded with max_num_seqs = c, in this process, with no server (its tokens/s over its wall time).
+model loaded with max_num_seqs = c, in this process, with no server (tokens/s over the wall time of its
+second pass; the first warms up). The server gets a warm-up of 8 requests before the levels.
 
     PYTHONPATH=src python3 benchmarks/serve_load.py --out benchmarks/results/serve_cpu     # writes serve_load.{json,md}
 """
@@ -112,7 +113,7 @@ def ceiling(args, prompts: list[str], concurrency: int, settings: dict) -> dict:
 
     model = lopa.load_model(runner=lopa.RunnerConfig(device=args.device, max_num_seqs=concurrency))
     config = lopa.decode_config(None, model.model_type, **settings)
-    lopa.generate_many(model, prompts[:concurrency], config)  # warm-up
+    lopa.generate_many(model, prompts, config)  # warm-up: the same shapes the timed pass meets
     t0 = time.perf_counter()
     results = lopa.generate_many(model, prompts, config)
     wall = time.perf_counter() - t0
