@@ -126,7 +126,8 @@ def ceiling(args, prompts: list[str], concurrency: int, settings: dict) -> dict:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"Device: {meta['device']}; commit {meta['commit']}; {meta['date']}; settings {meta['settings']}.",
+    lines = [f"Device: {meta['device']} ({meta['threads']} torch threads); commit {meta['commit']}; {meta['date']}; "
+             f"settings {meta['settings']}.",
              "", "| concurrency | requests | req/s | tok/s | first block p50 / p99 | last token p50 / p99 | "
              "generate_many tok/s | server / generate_many | tok/s vs c=1 | answers equal generate_many |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -148,7 +149,14 @@ def main() -> None:
     ap.add_argument("--gen-length", type=int, default=128)
     ap.add_argument("--strategy", default="lopa")
     ap.add_argument("--k", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads in both processes (default: "
+                    "torch's); 1 on a CPU shared with other work, where spinning OpenMP threads cost most")
     args = ap.parse_args()
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the server process reads it at start
     from lopa.eval.tasks import gsm8k
 
     settings = {"strategy": args.strategy, "k": args.k, "gen_length": args.gen_length}
@@ -190,7 +198,7 @@ def main() -> None:
         device = torch.cuda.get_device_name()
     meta = {"device": device, "commit": git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "settings": settings, "torch": torch.__version__,
+            "settings": settings, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "counting": "tokens = usage.completion_tokens (up to and including the first EOS); first block = "
                         "first SSE chunk with text; rates over each level's wall time"}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -33,3 +33,15 @@ def test_quant_accuracy_pairs_every_scheme_with_full_precision(tmp_path):
         (p, s) for p in ("full", "int8", "fp8") for s in ("d2f", "lopa k=7")]
     assert all(("vs_full" in r) == (r["precision"] != "full") for r in rows)
     assert all(r["vs_full"]["n"] == 2 for r in rows if "vs_full" in r)
+
+
+def test_serve_load_tiny(tmp_path):
+    run("serve_load.py", "--device", "cpu", "--concurrency", "1,2", "--min-requests", "2", "--gen-length", "8",
+        "--k", "1", "--threads", "1", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "serve_load.json").read_text())["rows"]
+    assert [r["concurrency"] for r in rows] == [1, 2] and [r["requests"] for r in rows] == [4, 8]
+    for r in rows:
+        assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["ceiling_tokens_per_s"] > 0
+        assert 0 < r["first_block_p50_s"] <= r["last_token_p99_s"]
+        assert r["equal_to_ceiling"] == r["requests"]  # greedy: the server's answers are generate_many's
+    assert (tmp_path / "serve_load.md").read_text().count("\n| ") == 3  # header + 2 rows

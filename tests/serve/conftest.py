@@ -3,12 +3,23 @@
 from contextlib import contextmanager
 
 import pytest
+import torch
 
 import lopa
 from lopa.config import ServeConfig
 from lopa.serve import BackgroundServer, create_app
 
 MAX_NUM_SEQS = 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The server tests run a server, its engine thread and clients on 2 cores shared with other work, where
+    torch's spinning intra-op threads cost several times their gain; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,7 @@ def test_closing_a_stream_after_the_first_chunk_aborts_the_request_and_frees_its
             assert first.startswith("data: {")
         wait_for(lambda: core.pending == 0, "the aborted request to leave")
         assert engine.num_running == 0 and engine.num_waiting == 0 and not engine.has_work()
+        assert not any(model.runner.pool.lengths), "a KV slot still holds committed positions"
         text = httpx.get(url + "/metrics").text
         assert metric(text, 'lopa_requests_total{status="cancelled"}') == 1
         assert metric(text, 'lopa_requests_total{status="ok"}') == 0
