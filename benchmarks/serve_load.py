@@ -162,7 +162,10 @@ def main() -> None:
     settings = {"strategy": args.strategy, "k": args.k, "gen_length": args.gen_length}
     n_max = max(args.min_requests, 4 * max(args.concurrency))
     prompts = [p.prompt for p in gsm8k(None, n_max)]
-    ceilings = {c: ceiling(args, prompts[:max(args.min_requests, 4 * c)], c, settings) for c in args.concurrency}
+    ceilings = {}
+    for c in args.concurrency:
+        ceilings[c] = ceiling(args, prompts[:max(args.min_requests, 4 * c)], c, settings)
+        print(f"generate_many, max_num_seqs {c}: {ceilings[c]['tokens_per_s']:.0f} tok/s", flush=True)
 
     port = free_port()
     server = start_server(args, port)
@@ -179,6 +182,7 @@ def main() -> None:
             last = [r["last_token_s"] for r in results]
             tokens = sum(r["tokens"] for r in results)
             equal = sum(r["text"] == t for r, t in zip(results, ceilings[c]["texts"]))
+            print(f"server, concurrency {c}: {tokens / wall:.0f} tok/s, {n / wall:.2f} req/s", flush=True)
             rows.append({"concurrency": c, "requests": n, "wall_s": wall, "requests_per_s": n / wall,
                          "tokens": tokens, "tokens_per_s": tokens / wall,
                          "first_block_p50_s": percentile(first, 50), "first_block_p99_s": percentile(first, 99),
