@@ -3,7 +3,7 @@
 Request path: auth -> parse and validate (protocol.py) -> prompt ids and DecodeConfig -> engine.prepare
 (host-only; a bad request stops here and never reaches the engine) -> submit (429 when full) -> stream
 SSE chunks or collect the answer, aborting the request if the client goes away or its time runs out.
-Every error becomes OpenAI's {"error": {...}} body in one place (``classify``).
+Every error becomes OpenAI's {"error": {...}} body in one place (serve/errors.py).
 """
 
 from __future__ import annotations
@@ -22,19 +22,12 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from ..config import ServeConfig
-from ..errors import CheckpointError, ConfigError, EngineDeadError, LopaError, PromptTooLongError, QueueFullError
+from ..errors import EngineDeadError, LopaError
 from . import protocol
 from .engine_loop import AsyncEngine
+from .errors import ApiError, Cancelled, RequestTimeout, classify, outcome
 from .metrics import Metrics
 from .text import TextStream
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code, self.headers = (
-            status, message, type_, param, code, headers)
 
 
 class EventStream(StreamingResponse):
@@ -46,49 +39,6 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
-
-
-class RequestTimeout(Exception):
-    """The request ran past ServeConfig.request_timeout_s and was aborted."""
-
-
-class Cancelled(Exception):
-    """The engine aborted the request (server shutdown)."""
-
-
-def classify(exc: Exception) -> ApiError:
-    """Every error -> its HTTP status and OpenAI error fields (the one table of design §10)."""
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, ValidationError):
-        first = exc.errors()[0]
-        loc = [str(p) for p in first["loc"]]
-        param = loc[0] if loc else None
-        where = ".".join(loc)
-        return ApiError(400, f"{where}: {first['msg']}" if where else first["msg"], param=param,
-                        code="invalid_json" if first["type"] == "json_invalid" else "invalid_value")
-    if isinstance(exc, ConfigError):
-        return ApiError(400, str(exc), param=protocol.error_param(exc), code="invalid_value")
-    if isinstance(exc, PromptTooLongError):
-        return ApiError(400, str(exc), param="prompt", code="context_length_exceeded")
-    if isinstance(exc, CheckpointError):  # chat template refused the conversation, or the model has none
-        return ApiError(400, str(exc), param="messages", code="invalid_value")
-    if isinstance(exc, QueueFullError):
-        return ApiError(429, str(exc), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-    if isinstance(exc, (EngineDeadError, Cancelled)):
-        return ApiError(503, str(exc) or "the server is shutting down", "server_error", code="engine_unavailable")
-    if isinstance(exc, RequestTimeout):
-        return ApiError(504, str(exc), "timeout", code="request_timeout")
-    if isinstance(exc, HTTPException):
-        return ApiError(exc.status_code, str(exc.detail), "invalid_request_error", headers=exc.headers)
-    if isinstance(exc, LopaError):
-        return ApiError(400, str(exc))
-    return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
-
-
-def outcome(status: int) -> str:
-    """The lopa_requests_total status of an error answer."""
-    return "rejected" if status < 500 else "cancelled" if status == 504 else "error"
 
 
 @dataclass
@@ -219,7 +169,7 @@ def create_app(model, config: ServeConfig | None = None, engine=None) -> FastAPI
     async def answer(request: Request, job: Job) -> Response:
         if job.req.stream:
             return EventStream(sse(job), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         collector = asyncio.ensure_future(collect(job))
         watcher = asyncio.ensure_future(until_disconnect(request))
         try:

@@ -69,7 +69,8 @@ class AsyncEngine:
     def submit(self, seq) -> asyncio.Queue:
         """Queue a prepared Sequence; its RequestOutputs arrive on the returned queue (an Exception on death)."""
         if not self.alive:
-            raise EngineDeadError(f"the engine is not running ({self.dead!r})" if self.dead else "the engine is not running")
+            why = f" ({self.dead!r})" if self.dead else ""
+            raise EngineDeadError(f"the engine is not running{why}")
         if self.pending >= self.max_pending:
             raise QueueFullError(f"{self.pending} requests in flight (max_pending {self.max_pending}); retry later")
         box: asyncio.Queue = asyncio.Queue()
