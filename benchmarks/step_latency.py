@@ -31,14 +31,13 @@ import torch
 
 from lopa.decoding.base import ForwardBatch, ModelSpec, PredictSpec
 from lopa.decoding.confidence import mean_confidence, predict
-from lopa.models.attention import branch_mask
 from lopa.models.config import ModelConfig
 from lopa.models.fused import EAGER, fused_ops
 from lopa.models import quant
 from lopa.models.quant import quantize_model, quantize_rows
 from lopa.models.transformer import Transformer
-from lopa.runner.graphs import GraphRunner
-from lopa.runner.single import Runner
+from lopa.runner.model_runner import ModelRunner
+from lopa.runner.step import Commit, StepItem
 
 SHAPES = {
     "dream-7b": dict(model_type="dream", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
@@ -119,12 +118,12 @@ def roofline(c: dict, peak: dict, fp8: bool = False) -> tuple[float, str]:
 
 
 PADDED_ROWS = quant.ROW_MULTIPLE  # the engine's fp8 GEMM row padding
-VARIANTS = {  # name -> (runner class, None for eager; fused kernels; decoder Linears quantized)
-    "eager": (None, False, None),
-    "graphs": (GraphRunner, False, None),
-    "graphs+fused": (GraphRunner, True, None),  # the engine's default on a GPU
-    "graphs+fused, fp8": (GraphRunner, True, "fp8"),  # RunnerConfig(quantize="fp8")
-    "graphs+fused, fp8 unpadded": (GraphRunner, True, "fp8"),  # the same with the GEMM rows not padded
+VARIANTS = {  # name -> (static path with CUDA graphs; fused kernels; decoder Linears quantized)
+    "eager": (False, False, None),
+    "graphs": (True, False, None),
+    "graphs+fused": (True, True, None),  # the engine's default on a GPU
+    "graphs+fused, fp8": (True, True, "fp8"),  # RunnerConfig(quantize="fp8")
+    "graphs+fused, fp8 unpadded": (True, True, "fp8"),  # the same with the GEMM rows not padded
 }
 
 
@@ -141,37 +140,39 @@ def fp8_copy(model: Transformer, device, dtype) -> Transformer:
 
 
 def lopa_iteration(model, cfg, K, W, P, device, dtype, variant: str = "eager"):
-    """A closure running one LoPA iteration through lopa's runner (see VARIANTS: eager, or a GraphRunner with
-    CUDA graphs, optionally with the fused kernels as load_model sets them up on a GPU). It returns the
-    window's final hidden states [K, W, E] (to compare variants).
+    """A closure running one LoPA iteration through lopa's model runner (see VARIANTS: eager, or the static
+    path with CUDA graphs, optionally with the fused kernels as load_model sets them up on a GPU). It returns
+    the window's final hidden states [K, W, E] (to compare variants).
 
-    The prefix stays fixed: after the winner's commit the cache length is rolled back each time."""
+    The prefix stays fixed: after the winner's commit the slot's length is rolled back each time."""
     spec = ModelSpec(cfg.mask_token_id, (cfg.eos_token_id,), cfg.max_position_embeddings, cfg.vocab_size)
-    cls, fuse, _ = VARIANTS[variant]
+    graphs, fuse, _ = VARIANTS[variant]
     ops = fused_ops(device, dtype) if fuse else EAGER  # set on the model by each step (shared model)
     row_multiple = 1 if "unpadded" in variant else PADDED_ROWS  # fp8 GEMM rows, read when a graph is captured
-    runner = cls(model, spec, device, dtype, fuse=fuse) if cls else Runner(model, spec, device, dtype)
-    runner.cache = runner._new_cache(P + K * W + 256)  # room for the prefix and every branch's window
+    runner = ModelRunner(model, spec, device, dtype, static=graphs, fuse=fuse)
+    runner.reserve(1, P + K * W + 256)  # room for the prefix and every branch's window
     torch.manual_seed(P + K + W)  # the same prefix and window for every variant
     with torch.inference_mode():
-        prefix = torch.randint(0, cfg.vocab_size - 2, (1, P), device=device)
-        h = model(prefix, start=0, cache=runner.cache, attn_mask=branch_mask(0, 1, P, device=device))
-        runner.cache.commit(0, P, P, h[0, -1])
+        prefix = torch.randint(0, cfg.vocab_size - 2, (1, P))
+        model.ops = ops
+        runner.execute([StepItem(0, ForwardBatch(prefix, 0, torch.empty(0, dtype=torch.long), commit=P, prefill=True),
+                                 PredictSpec())])
+        runner.commit([Commit(0, 0, 0, P)])
     tokens = torch.randint(0, cfg.vocab_size - 2, (K, W))
     tokens[:, W // 2:] = cfg.mask_token_id
     batch = ForwardBatch(tokens, P, torch.arange(W // 4, W), commit=W // 4)  # predictions for the ¾ still open
-    pspec = PredictSpec(suppress_ids=(cfg.mask_token_id,))
+    item = StepItem(0, batch, PredictSpec(suppress_ids=(cfg.mask_token_id,)))
 
     @torch.inference_mode()
     def step():
         model.ops = ops  # closures of one model share it: each sets its own
         quant.ROW_MULTIPLE = row_multiple
-        preds = runner.forward(batch, pspec)
-        hidden = runner._hidden[:, :W]
+        (preds,) = runner.execute([item])
+        hidden = runner.hidden[0, :K * W].view(K, W, -1)
         still = tokens[:, batch.logit_cols] == cfg.mask_token_id
         winner = int(torch.argmax(mean_confidence(preds.conf, still)))
-        runner.commit(winner, batch.commit)
-        runner.cache.length = P  # roll back so every repetition sees the same prefix
+        runner.commit([Commit(0, 0, winner, batch.commit)])
+        runner.pool.lengths[0] = P  # roll back so every repetition sees the same prefix
         return hidden
     step.runner = runner
     return step
@@ -191,8 +192,7 @@ def profile_case(cfg: ModelConfig, k: int, W: int, P: int, device, dtype, out: P
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     report = []
     fp8_ok = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-    for name, (cls, _, scheme) in VARIANTS.items():
-        graphs = cls is not None
+    for name, (graphs, _, scheme) in VARIANTS.items():
         if cli_name(name) not in variants or (scheme == "fp8" and not fp8_ok):
             continue
         net = fp8_copy(model, device, dtype) if scheme == "fp8" else model
@@ -206,7 +206,7 @@ def profile_case(cfg: ModelConfig, k: int, W: int, P: int, device, dtype, out: P
                                           row_limit=30, max_name_column_width=70)
         replay = ""
         if graphs and device.type == "cuda":  # the captured graph alone: the GPU's share of the iteration
-            (st,) = step.runner.statics.values()
+            (st,) = step.runner.graphs.statics.values()
             replay = f" (graph replay alone {timed(st.graph.replay, device, warmup=3, reps=10) * 1e3:.2f} ms)"
         report.append(f"## {name}: k={k} W={W} P={P}, median {wall * 1e3:.2f} ms per iteration{replay}; "
                       f"the table sums 5 iterations\n\n{table}\n")

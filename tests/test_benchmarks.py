@@ -35,6 +35,15 @@ def test_quant_accuracy_pairs_every_scheme_with_full_precision(tmp_path):
     assert all(r["vs_full"]["n"] == 2 for r in rows if "vs_full" in r)
 
 
+def test_batch_throughput_tiny(tmp_path):
+    run("batch_throughput.py", "--tiny", "--reps", "2", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "batch_throughput.json").read_text())["rows"]
+    assert {(r["k"], r["n"]) for r in rows} == {(0, 1), (0, 2), (3, 1), (3, 2)}
+    assert all(r["step_ms"] > 0 and r["roofline_ms"] > 0 and r["rows_per_step"] == r["n"] * (r["k"] + 1) * 8
+               for r in rows)
+    assert "| 3 | 2 | 64 |" in (tmp_path / "batch_throughput.md").read_text()
+
+
 def test_serve_load_tiny(tmp_path):
     run("serve_load.py", "--device", "cpu", "--concurrency", "1,2", "--min-requests", "2", "--gen-length", "8",
         "--k", "1", "--threads", "1", "--out", str(tmp_path))

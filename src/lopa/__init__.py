@@ -6,7 +6,7 @@
     print(result.text, result.stats.tpf)
 """
 
-from .api import GenerationResult, LopaModel, default_model_path, generate, load_model
+from .api import GenerationResult, LopaModel, default_model_path, generate, generate_many, load_model
 from .config import PRESETS, DecodeConfig, RunnerConfig, decode_config
 from .errors import (
     AdapterError,
@@ -18,7 +18,7 @@ from .errors import (
 )
 
 __all__ = [
-    "load_model", "generate", "default_model_path", "LopaModel", "GenerationResult",
+    "load_model", "generate", "generate_many", "default_model_path", "LopaModel", "GenerationResult",
     "DecodeConfig", "RunnerConfig", "PRESETS", "decode_config",
     "LopaError", "ConfigError", "CheckpointError", "UnsupportedModelError", "AdapterError", "PromptTooLongError",
 ]

@@ -1,4 +1,4 @@
-"""The public API: ``load_model`` and ``generate``. Front ends (CLI, eval, server) use only this."""
+"""The public API: ``load_model``, ``generate`` and ``generate_many``. Front ends (CLI, eval, server) use only this."""
 
 from __future__ import annotations
 
@@ -10,14 +10,13 @@ from typing import Callable
 import torch
 
 from .config import DecodeConfig, RunnerConfig, decode_config
-from .decoding import make_strategy
 from .decoding.base import DecodeState, Step
+from .engine import Engine, Sequence, Stats
 from .errors import CheckpointError, ConfigError
 from .models.fused import EAGER, fused_ops
 from .models.loader import LoadedModel, load_folder
 from .models.quant import quantize_model
-from .runner.graphs import GraphRunner
-from .runner.single import Runner, Stats
+from .runner.model_runner import ModelRunner
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -29,11 +28,12 @@ def default_model_path() -> Path:
 
 @dataclass
 class LopaModel:
-    """A loaded model with its tokenizer and a runner on its device."""
+    """A loaded model with its tokenizer, the runner that owns its device and the engine that batches requests."""
 
     path: Path
     loaded: LoadedModel
-    runner: Runner
+    runner: ModelRunner
+    engine: Engine
 
     @property
     def tokenizer(self):
@@ -108,11 +108,10 @@ def load_model(
     if runner.quantize is not None:
         _check_quantize(runner.quantize, device, dtype)
         quantize_model(loaded.model, runner.quantize, loaded.model.ops.quantize_rows)
-    if device.type == "cuda" and runner.cuda_graphs:
-        engine = GraphRunner(loaded.model, loaded.spec, device, dtype, fuse=loaded.model.ops is not EAGER)
-    else:
-        engine = Runner(loaded.model, loaded.spec, device, dtype)
-    return LopaModel(folder, loaded, engine)
+    model_runner = ModelRunner(loaded.model, loaded.spec, device, dtype, max_num_seqs=runner.max_num_seqs,
+                               max_positions=runner.max_positions, static=device.type == "cuda" and runner.cuda_graphs,
+                               fuse=loaded.model.ops is not EAGER)
+    return LopaModel(folder, loaded, model_runner, Engine(model_runner, loaded.spec, runner.max_num_seqs))
 
 
 def _prompt_ids(model: LopaModel, prompt: str | list[int], chat: bool) -> list[int]:
@@ -128,6 +127,23 @@ def _prompt_ids(model: LopaModel, prompt: str | list[int], chat: bool) -> list[i
     return ids
 
 
+def _config(model: LopaModel, config: DecodeConfig | None, preset: str | None, overrides: dict) -> DecodeConfig:
+    if config is None:
+        config = decode_config(preset, model.model_type, **overrides)
+    elif overrides or preset:
+        if preset:
+            raise ConfigError("preset: pass either config or preset, not both")
+        config = config.replace(**overrides)
+    if config.compat == "published" and model.model_type != "dream":
+        raise ConfigError(f"compat: 'published' follows the published Dream code; this is a {model.model_type} model")
+    return config
+
+
+def _result(model: LopaModel, seq: Sequence, out) -> GenerationResult:
+    return GenerationResult(model.tokenizer.decode(out.token_ids), out.token_ids, seq.prompt, out.stats, seq.config,
+                            out.trace)
+
+
 def generate(
     model: LopaModel,
     prompt: str | list[int],
@@ -139,16 +155,37 @@ def generate(
     **overrides,
 ) -> GenerationResult:
     """Decode one prompt. ``config`` (or a ``preset`` / the model family's defaults) plus field overrides."""
-    if config is None:
-        config = decode_config(preset, model.model_type, **overrides)
-    elif overrides or preset:
-        if preset:
-            raise ConfigError("preset: pass either config or preset, not both")
-        config = config.replace(**overrides)
-    if config.compat == "published" and model.model_type != "dream":
-        raise ConfigError(f"compat: 'published' follows the published Dream code; this is a {model.model_type} model")
-    ids = _prompt_ids(model, prompt, chat)
-    strategy = make_strategy(config, model.loaded.spec)
-    out = model.runner.run(strategy, ids, seed=config.seed, on_step=on_step)
-    text = model.tokenizer.decode(out.token_ids)
-    return GenerationResult(text, out.token_ids, ids, out.stats, config, out.trace)
+    config = _config(model, config, preset, overrides)
+    seq = model.engine.prepare(_prompt_ids(model, prompt, chat), config)
+    with torch.inference_mode():
+        (out,) = model.engine.generate([seq], on_step=None if on_step is None else lambda s: on_step(s.state))
+    return _result(model, seq, out)
+
+
+def generate_many(
+    model: LopaModel,
+    prompts: list[str | list[int]],
+    configs: DecodeConfig | list[DecodeConfig] | None = None,
+    *,
+    chat: bool = False,
+    preset: str | None = None,
+    on_result: Callable[[int, GenerationResult], None] | None = None,
+    **overrides,
+) -> list[GenerationResult]:
+    """Decode many prompts concurrently (up to RunnerConfig.max_num_seqs at a time, one forward per engine
+    step for all of them); results in the prompts' order. ``configs``: one for all, or one per prompt
+    (each with ``overrides`` applied). ``on_result(i, result)`` runs as each request finishes. Each result
+    counts what that request alone cost (tokens, its decode forwards); the engine's counters
+    (``model.engine.counters``) count the shared steps."""
+    if isinstance(configs, (list, tuple)):
+        if len(configs) != len(prompts):
+            raise ConfigError(f"configs: {len(configs)} configs for {len(prompts)} prompts")
+        cfgs = [_config(model, c, preset, dict(overrides)) for c in configs]
+    else:
+        cfgs = [_config(model, configs, preset, dict(overrides))] * len(prompts)
+    seqs = [model.engine.prepare(_prompt_ids(model, p, chat), c) for p, c in zip(prompts, cfgs)]
+    index = {s.id: i for i, s in enumerate(seqs)}
+    finish = None if on_result is None else lambda s, out: on_result(index[s.id], _result(model, s, out))
+    with torch.inference_mode():
+        outs = model.engine.generate(seqs, on_finish=finish)
+    return [_result(model, s, out) for s, out in zip(seqs, outs)]

@@ -1,8 +1,12 @@
-"""KV cache of one sequence: the committed prefix, plus scratch for the current forward's K branches.
+"""KV cache for many sequences: a pool of fixed slots allocated once, and the view one forward writes through.
 
-Layout per layer: [Hkv, capacity, D]. Positions [0, length) are committed. A forward with K branches of
-W columns writes its K/V to [length, length + K*W), branch r at length + r*W, and attends over
-[0, length + K*W) with attention.branch_mask: the prefix is read once for all branches, never copied.
+``KVPool.kv`` is one zeroed tensor [2, L, S, Hkv, cap, D]: S slots, each the cache of one running request.
+In a slot, positions [0, lengths[s]) are the committed prefix; a forward writes its window's K/V right after
+it (request b's query q at P_b + q) and attends over [0, Lb) with the step mask (models/attention.py:
+step_mask), so the prefix is read once for all of a request's branches and never copied per branch. The
+last position, cap - 1, is a trash slot that padding queries may write and no query ever reads.
+
+The tensor never moves while the pool lives (fixed addresses for CUDA graphs); ``grow`` makes a new one.
 """
 
 from __future__ import annotations
@@ -10,49 +14,69 @@ from __future__ import annotations
 import torch
 
 
-class KVCache:
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int,
-                 device: torch.device | str, dtype: torch.dtype) -> None:
-        shape = (num_layers, num_kv_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # [L, Hkv, capacity, D]
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.capacity = capacity
-        self.length = 0  # committed positions
-        self.last_hidden: torch.Tensor | None = None  # [E] final hidden state at position length-1
-        # Static mode (CUDA graphs): the window goes to these slots and attention reads [0, static_len).
-        self.static_index: torch.Tensor | None = None  # [K*W] int64 device tensor
-        self.static_len = 0
+class KVPool:
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, hidden_size: int, slots: int,
+                 capacity: int, device: torch.device | str, dtype: torch.dtype) -> None:
+        self.kv = torch.zeros(2, num_layers, slots, num_kv_heads, capacity, head_dim, device=device, dtype=dtype)
+        # [S, E] final hidden state at each slot's last committed position (zeros: finite when nothing is committed)
+        self.last_hidden = torch.zeros(slots, hidden_size, device=device, dtype=dtype)
+        self.lengths = [0] * slots  # committed prefix per slot (host; mirrors each running request's state.cached)
 
-    def key_length(self, window: int) -> int:
-        """Keys one forward attends over: the prefix plus the K*W window columns (or the static span)."""
-        return self.static_len if self.static_index is not None else self.length + window
+    @property
+    def slots(self) -> int:
+        return self.kv.shape[2]
 
-    def write_scratch(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store K branches' window K/V ([K, Hkv, W, D]) after the prefix; return keys/values [Hkv, P+K*W, D]."""
-        K, Hkv, W, D = k.shape
-        if self.static_index is not None:  # addresses fixed for graph replay; slots computed on the device
-            self.k[layer].index_copy_(1, self.static_index, k.transpose(0, 1).reshape(Hkv, K * W, D))
-            self.v[layer].index_copy_(1, self.static_index, v.transpose(0, 1).reshape(Hkv, K * W, D))
-            return self.k[layer, :, :self.static_len], self.v[layer, :, :self.static_len]
-        end = self.length + K * W
-        if end > self.capacity:
-            raise RuntimeError(f"KV cache capacity {self.capacity} < {end} positions needed")
-        self.k[layer, :, self.length:end] = k.transpose(0, 1).reshape(Hkv, K * W, D)
-        self.v[layer, :, self.length:end] = v.transpose(0, 1).reshape(Hkv, K * W, D)
-        return self.k[layer, :, :end], self.v[layer, :, :end]
+    @property
+    def capacity(self) -> int:
+        return self.kv.shape[4]
 
-    def commit(self, row: int, n: int, width: int, last_hidden: torch.Tensor) -> None:
-        """Branch ``row``'s first n window columns (of a width-W forward) become committed positions."""
-        P = self.length
-        if row:  # source starts at P + row*W >= P + n: the copy never overlaps its destination
-            src = P + row * width
-            self.k[:, :, P:P + n] = self.k[:, :, src:src + n]
-            self.v[:, :, P:P + n] = self.v[:, :, src:src + n]
-        self.length = P + n
-        self.last_hidden = last_hidden.detach().clone()
+    def view(self, first: int, B: int, Lb: int, write_index: torch.Tensor) -> "CacheView":
+        return CacheView(self, first, B, Lb, write_index)
 
-    def copy_prefix_from(self, other: "KVCache") -> None:
-        n = other.length
-        self.k[:, :, :n] = other.k[:, :, :n]
-        self.v[:, :, :n] = other.v[:, :, :n]
-        self.length, self.last_hidden = n, other.last_hidden
+    def commit(self, slots: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy K/V at positions src to dst within each slot (index tensors [N] on the device, src never
+        overlapping any dst): the winning branch's leading columns become committed positions."""
+        self.kv[:, :, slots, :, dst] = self.kv[:, :, slots, :, src]  # [N, 2, L, Hkv, D] gathered, then scattered
+
+    def move(self, src: int, dst: int) -> None:
+        """Compaction: slot src's committed K/V, last hidden state and length go to the free slot dst."""
+        n = self.lengths[src]
+        self.kv[:, :, dst, :, :n] = self.kv[:, :, src, :, :n]
+        self.last_hidden[dst] = self.last_hidden[src]
+        self.lengths[dst], self.lengths[src] = n, 0
+
+    def grown(self, slots: int, capacity: int) -> "KVPool":
+        """A larger pool holding this one's committed K/V (the caller drops whatever captured the old tensor)."""
+        L, S, Hkv, D = self.kv.shape[1], self.slots, self.kv.shape[3], self.kv.shape[5]
+        new = KVPool(L, Hkv, D, self.last_hidden.shape[1], max(slots, S), max(capacity, self.capacity),
+                     self.kv.device, self.kv.dtype)
+        n = max(self.lengths, default=0)
+        new.kv[:, :, :S, :, :n] = self.kv[:, :, :, :, :n]
+        new.last_hidden[:S] = self.last_hidden
+        new.lengths[:S] = self.lengths
+        return new
+
+
+class CacheView:
+    """One forward's access to slots [first, first + B): where its queries' K/V go, which keys it reads.
+
+    write_index [B, Qb] (device, int64): the position in its slot where each query's K/V are written.
+    """
+
+    def __init__(self, pool: KVPool, first: int, B: int, Lb: int, write_index: torch.Tensor) -> None:
+        assert first + B <= pool.slots and Lb <= pool.capacity, (first, B, pool.slots, Lb, pool.capacity)
+        assert write_index.shape[0] == B, write_index.shape
+        self.pool, self.first, self.B, self.Lb = pool, first, B, Lb
+        Hkv, cap = pool.kv.shape[3], pool.capacity
+        heads = torch.arange(Hkv, device=write_index.device)
+        # [B, Hkv, Qb] flat row in kv[i, layer, first:first+B] viewed as [B*Hkv*cap, D]
+        rows = (torch.arange(B, device=write_index.device)[:, None, None] * Hkv + heads[None, :, None]) * cap
+        self.flat_index = (rows + write_index[:, None, :]).reshape(-1)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k/v [B, Hkv, Qb, D] -> keys/values [B, Hkv, Lb, D]: strided views of the slots, no copy."""
+        D = k.shape[-1]
+        span = slice(self.first, self.first + self.B)
+        for i, x in enumerate((k, v)):
+            self.pool.kv[i, layer, span].view(-1, D).index_copy_(0, self.flat_index, x.reshape(-1, D))
+        return self.pool.kv[0, layer, span, :, :self.Lb], self.pool.kv[1, layer, span, :, :self.Lb]

@@ -142,11 +142,17 @@ class RunnerConfig:
 
     device: str = "auto"  # "auto" = cuda if available else cpu
     dtype: str = "auto"  # "auto" = bfloat16 on GPU, float32 on CPU; or float32 / bfloat16 / float16 / float64
-    cuda_graphs: bool = True  # on a GPU, replay greedy decode forwards from CUDA graphs (runner/graphs.py)
+    cuda_graphs: bool = True  # on a GPU, replay greedy decode steps from CUDA graphs (runner/graphs.py)
     fuse: bool = True  # on a GPU, fuse RMSNorm / RoPE / SiLU·up / confidences with torch.compile (models/fused.py)
     quantize: str | None = None  # None | "int8" (weight-only) | "fp8" (W8A8 e4m3): decoder Linears (models/quant.py)
+    max_num_seqs: int = 8  # requests decoded together, one forward per engine step (each holds a KV slot)
+    max_positions: int | None = None  # KV positions per slot; None = grow on demand (else longer requests are refused)
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1, "max_num_seqs",
+               f"must be an integer >= 1, got {self.max_num_seqs!r}")
+        _check(self.max_positions is None or (isinstance(self.max_positions, int) and self.max_positions >= 2),
+               "max_positions", f"must be None or an integer >= 2, got {self.max_positions!r}")
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16", "float64"), "dtype", f"unknown dtype {self.dtype!r}")
         _check(self.quantize in (None, "int8", "fp8"), "quantize", f"must be None, 'int8' or 'fp8', got {self.quantize!r}")
         _check(

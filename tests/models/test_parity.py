@@ -5,9 +5,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from lopa.cache import KVCache
-from lopa.models.attention import block_causal_mask, branch_mask
+from lopa.decoding.base import ForwardBatch, PredictSpec
+from lopa.models.attention import block_causal_mask
 from lopa.models.loader import load_folder
+from lopa.runner.model_runner import ModelRunner
+from lopa.runner.step import Commit, StepItem
 
 
 def _hf_twin(cfg, model_type):
@@ -59,6 +61,17 @@ def test_matches_transformers_with_bidirectional_mask(family, request):
     torch.testing.assert_close(got, ref[:, : 17 - shift], atol=2e-5, rtol=1e-4)
 
 
+def _prefilled_runner(loaded, prefix):
+    """A one-slot runner whose slot holds ``prefix`` committed (the prompt prefill, as the engine runs it)."""
+    runner = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), torch.float32)
+    runner.reserve(1, 128)
+    P = len(prefix)
+    runner.execute([StepItem(0, ForwardBatch(prefix[None], 0, torch.empty(0, dtype=torch.long), commit=P, prefill=True),
+                             PredictSpec())])
+    runner.commit([Commit(0, 0, 0, P)])
+    return runner
+
+
 @pytest.mark.parametrize("family", ["dream", "llada"])
 @pytest.mark.parametrize("block_causal", [False, True])
 def test_branch_batched_cache_equals_uncached(family, block_causal, request):
@@ -71,12 +84,11 @@ def test_branch_batched_cache_equals_uncached(family, block_causal, request):
     prefix = torch.randint(0, cfg.vocab_size, (P,))
     branches = torch.randint(0, cfg.vocab_size, (K, W))
     block_ids = torch.tensor([0] * 3 + [1] * 5) if block_causal else None
-    cache = KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, P + K * W, "cpu", torch.float32)
     with torch.no_grad():
-        h0 = model(prefix[None], start=0, cache=cache, attn_mask=branch_mask(0, 1, P))
-        cache.commit(0, P, P, h0[0, P - 1])
-        hidden = model(branches, start=P, cache=cache, attn_mask=branch_mask(P, K, W, block_ids))
-        got = model.logits(hidden, torch.arange(W), cache)
+        runner = _prefilled_runner(loaded, prefix)
+        runner.execute([StepItem(0, ForwardBatch(branches, P, torch.arange(W), block_ids=block_ids), PredictSpec())])
+        hidden = runner.hidden[0].view(K, W, -1)
+        got = model.logits(hidden, torch.arange(W), runner.pool.last_hidden[0])
         for r in range(K):
             seq = torch.cat([prefix, branches[r]])[None]
             ids = torch.cat([torch.zeros(P, dtype=torch.long), 1 + (block_ids if block_causal else torch.zeros(W, dtype=torch.long))])
@@ -87,21 +99,22 @@ def test_branch_batched_cache_equals_uncached(family, block_causal, request):
 
 def test_commit_of_a_later_branch_moves_its_kv(tiny_dream_dir):
     loaded = load_folder(tiny_dream_dir)
-    model, cfg = loaded.model, loaded.config
+    cfg = loaded.config
     torch.manual_seed(2)
     P, W, K, n = 6, 5, 3, 4
     prefix = torch.randint(0, cfg.vocab_size, (P,))
     branches = torch.randint(0, cfg.vocab_size, (K, W))
-    cache = KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 64, "cpu", torch.float32)
     with torch.no_grad():
-        h0 = model(prefix[None], start=0, cache=cache, attn_mask=branch_mask(0, 1, P))
-        cache.commit(0, P, P, h0[0, P - 1])
-        hidden = model(branches, start=P, cache=cache, attn_mask=branch_mask(P, K, W, torch.tensor([0] * n + [1])))
-        expected_k = cache.k[:, :, P + 2 * W: P + 2 * W + n].clone()
-        cache.commit(2, n, W, hidden[2, n - 1])
-    assert cache.length == P + n
-    torch.testing.assert_close(cache.k[:, :, P:P + n], expected_k)
-    torch.testing.assert_close(cache.last_hidden, hidden[2, n - 1])
+        runner = _prefilled_runner(loaded, prefix)
+        batch = ForwardBatch(branches, P, torch.arange(W), commit=n, block_ids=torch.tensor([0] * n + [1]))
+        runner.execute([StepItem(0, batch, PredictSpec())])
+        kv = runner.pool.kv
+        expected = kv[:, :, 0, :, P + 2 * W: P + 2 * W + n].clone()
+        winner_hidden = runner.hidden[0, 2 * W + n - 1].clone()
+        runner.commit([Commit(0, 0, 2, n)])
+    assert runner.pool.lengths[0] == P + n
+    torch.testing.assert_close(kv[:, :, 0, :, P:P + n], expected)
+    torch.testing.assert_close(runner.pool.last_hidden[0], winner_hidden)
 
 
 def test_dream_column_zero_needs_the_committed_hidden_state(tiny_dream_dir):

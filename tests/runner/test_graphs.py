@@ -1,69 +1,86 @@
-"""The static-shape decode path behind CUDA graphs, run without capture on the CPU: same tokens and counts
-as the eager runner (padding columns and unused cache slots are masked out exactly)."""
+"""The static decode path behind CUDA graphs: its batched predict and its mask equal the eager ones."""
+
+import dataclasses
 
 import pytest
 import torch
 
 import lopa
-from lopa.decoding import make_strategy
-from lopa.decoding.confidence import predict
-from lopa.models.attention import branch_mask, padded_branch_mask
-from lopa.runner.graphs import GraphRunner, round_up
-from lopa.runner.single import Runner
-
-
-@pytest.mark.parametrize("family", ["dream", "llada"])
-@pytest.mark.parametrize("strategy,extra", [("d2f", {}), ("lopa", {"k": 3}), ("threshold", {}),
-                                            ("lopa", {"k": 2, "base": "threshold", "attention": "block_causal"})])
-def test_static_path_matches_eager(family, strategy, extra, request):
-    model = lopa.load_model(request.getfixturevalue(f"tiny_{family}_dir"), runner=lopa.RunnerConfig(device="cpu"))
-    loaded = model.loaded
-    cfg = lopa.DecodeConfig(strategy=strategy, gen_length=40, block_size=8, tau=0.5, trace=True, **extra)
-    prompt = model.tokenizer.encode("Tom has 12 apples and")
-    eager = Runner(loaded.model, loaded.spec, torch.device("cpu"), torch.float32)
-    static = GraphRunner(loaded.model, loaded.spec, torch.device("cpu"), torch.float32, capture=False)
-    a = eager.run(make_strategy(cfg, loaded.spec), prompt)
-    b = static.run(make_strategy(cfg, loaded.spec), prompt)
-    assert a.token_ids == b.token_ids
-    assert a.stats.decode_forwards == b.stats.decode_forwards
-    assert [s.winner for s in a.trace] == [s.winner for s in b.trace]
-    assert static.statics, "the static path was not exercised"
-    # a second request reuses the cache and the static buffers
-    c = static.run(make_strategy(cfg, loaded.spec), prompt)
-    assert c.token_ids == a.token_ids
+from lopa.engine import Engine
+from lopa.models.attention import branch_mask, step_mask
+from lopa.runner import graphs
+from lopa.runner.model_runner import ModelRunner
 
 
 def test_static_path_with_fused_kernels_matches_eager(tiny_dream_dir, monkeypatch):
-    """GraphRunner(fuse=True) compiles the confidence pass; the eager backend checks it traces whole."""
+    """fuse=True compiles the batched confidence pass; the eager backend checks that it traces whole."""
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": "eager"}))
     model = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu"))
     loaded = model.loaded
-    cfg = lopa.DecodeConfig(strategy="lopa", k=3, gen_length=40, block_size=8, tau=0.5, trace=True)
-    prompt = model.tokenizer.encode("Tom has 12 apples and")
-    a = Runner(loaded.model, loaded.spec, torch.device("cpu"), torch.float32).run(make_strategy(cfg, loaded.spec), prompt)
-    static = GraphRunner(loaded.model, loaded.spec, torch.device("cpu"), torch.float32, capture=False, fuse=True)
-    assert static.predict is not predict
-    b = static.run(make_strategy(cfg, loaded.spec), prompt)
-    assert a.token_ids == b.token_ids and [s.winner for s in a.trace] == [s.winner for s in b.trace]
+    runner = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), torch.float32, max_num_seqs=2, static=True,
+                         capture=False, fuse=True)
+    assert runner.graphs.predict is not graphs.predict_rows
+    fused = dataclasses.replace(model, runner=runner, engine=Engine(runner, loaded.spec, 2))
+    cfgs = [lopa.DecodeConfig(strategy="lopa", k=3, gen_length=40, block_size=8, tau=0.5, trace=True),
+            lopa.DecodeConfig(strategy="lopa", k=2, gen_length=24, block_size=8, tau=0.5, confidence="margin", trace=True)]
+    prompts = ["Tom has 12 apples and", "The cat"]
+    ref = [lopa.generate(model, p, c) for p, c in zip(prompts, cfgs)]
+    got = lopa.generate_many(fused, prompts, cfgs)
+    assert runner.graphs.statics, "the static path was not exercised"
+    for a, b in zip(ref, got):
+        assert a.token_ids == b.token_ids and [s.winner for s in a.trace] == [s.winner for s in b.trace]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graph_replay_matches_eager_on_gpu(tiny_dream_dir):
-    fast = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cuda", dtype="float32"))
-    slow = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cuda", dtype="float32", cuda_graphs=False))
+    """Batched graph replay equals batched eager on the GPU in float32 (the tiny model)."""
+    fast = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cuda", dtype="float32", max_num_seqs=4))
+    slow = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cuda", dtype="float32", cuda_graphs=False,
+                                                                    max_num_seqs=4))
+    prompts = ["Tom has 12 apples and", "The cat sat", "A B C", "one two"]
     for strategy in ("d2f", "lopa"):
-        a = lopa.generate(slow, "Tom has 12 apples and", strategy=strategy, k=3, gen_length=40, block_size=8)
-        b = lopa.generate(fast, "Tom has 12 apples and", strategy=strategy, k=3, gen_length=40, block_size=8)
-        assert a.token_ids == b.token_ids
+        a = lopa.generate_many(slow, prompts, strategy=strategy, k=3, gen_length=40, block_size=8)
+        b = lopa.generate_many(fast, prompts, strategy=strategy, k=3, gen_length=40, block_size=8)
+        assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert fast.runner.graphs.statics and all(s.graph is not None for s in fast.runner.graphs.statics.values())
 
 
-@pytest.mark.parametrize("P,K,W,Wb,blocks", [(5, 3, 10, 16, None), (0, 1, 16, 16, None),
-                                             (7, 2, 12, 16, [0] * 4 + [1] * 8), (33, 4, 32, 32, [i // 8 for i in range(32)])])
-def test_device_built_mask_equals_branch_mask(P, K, W, Wb, blocks):
-    """The graph's mask (built from P and W as tensors) is branch_mask with padding columns hidden as keys."""
-    L = round_up(P + K * Wb + 1, 64)
-    ids = torch.zeros(Wb, dtype=torch.long) if blocks is None else torch.tensor(blocks + [max(blocks) + 1] * (Wb - W))
-    ref = branch_mask(P, K, Wb, None if blocks is None else ids, (W,) * K)
-    ref = torch.cat([ref, torch.zeros(K * Wb, L - ref.shape[1], dtype=torch.bool)], dim=1)
-    assert torch.equal(padded_branch_mask(torch.tensor(P), torch.tensor(W), ids, K, Wb, L), ref)
+@pytest.mark.parametrize("seed", range(6))
+def test_step_mask_equals_branch_mask_per_request(seed):
+    """For random mixes of requests (K, W, P, block ids, row lengths) the device-built step mask, on each
+    request's real queries, is branch_mask embedded in the key span; padding queries read key 0 only."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))  # noqa: E731
+    reqs = []
+    for _ in range(rand(1, 5)):
+        K, W, P = rand(1, 5), rand(1, 12), rand(0, 20)
+        blocks = torch.sort(torch.randint(0, 3, (W,), generator=g)).values if rand(0, 2) else None
+        lengths = tuple(rand(1, W + 1) for _ in range(K)) if rand(0, 3) == 0 else None
+        if lengths is not None:
+            lengths = lengths[:-1] + (W,)
+        reqs.append((K, W, P, blocks, lengths))
+    Qb = graphs.round_up(max(K * W for K, W, *_ in reqs), 8)
+    Lb = max(P + Qb for _, _, P, *_ in reqs) + 3
+    B = len(reqs) + 1  # one all-padding row
+    branch = torch.full((B, Qb), -1)
+    block = torch.zeros(B, Qb, dtype=torch.long)
+    P_ = torch.zeros(B, dtype=torch.long)
+    for b, (K, W, P, blocks, lengths) in enumerate(reqs):
+        rows = torch.arange(K).repeat_interleave(W)
+        cols = torch.arange(W).repeat(K)
+        if lengths is not None:
+            rows = torch.where(cols < torch.tensor(lengths).repeat_interleave(W), rows, -1)
+        branch[b, :K * W] = rows
+        if blocks is not None:
+            block[b, :K * W] = blocks.repeat(K)
+        P_[b] = P
+    mask = step_mask(P_, branch, block, Lb)
+    assert mask.any(-1).all()  # no query row is fully masked
+    for b, (K, W, P, blocks, lengths) in enumerate(reqs):
+        ref = branch_mask(P, K, W, blocks, lengths)  # [K*W, P + K*W]
+        real = branch[b, :K * W] >= 0
+        assert torch.equal(mask[b, :K * W, :P + K * W][real], ref[real])
+        assert not mask[b, :K * W, P + K * W:][real].any()
+    pad = branch < 0
+    assert torch.equal(mask[pad], (torch.arange(Lb) == 0).expand(int(pad.sum()), Lb))

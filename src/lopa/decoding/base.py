@@ -1,12 +1,17 @@
 """The contract between decoding strategies and the runner.
 
-A strategy never touches the model or a device. Each iteration the runner asks it for a batch,
-runs ONE forward for all branches, turns logits into small CPU ``Predictions`` and hands them back:
+A strategy never touches the model or a device. Each iteration the engine asks it for a batch, runs ONE
+forward for all its branches (together with every other running request's), turns logits into small CPU
+``Predictions`` and hands them back:
 
     batch = strategy.propose(state)        # tokens [K, W] over the committed prefix, or None when done
-    preds = runner.forward(batch)          # Predictions [K, C] for the requested window columns
+    preds = runner.execute([...batch...])  # Predictions [K, C] for the requested window columns
     row   = strategy.accept(state, batch, preds)   # fill, pick the winner, update the state
-    runner.commit(row, batch.commit)       # the winner's leading K/V become part of the cache
+    runner.commit([...row, batch.commit...])       # the winner's leading K/V become part of its KV slot
+
+Rules that batching and Branch Parallel rely on: one strategy instance per request (it holds the request's
+seeded rng); propose is called once per forward and its batch may wait until it runs (it copies its rows);
+no wall-clock, no process-global RNG, nothing that depends on the device or rank.
 
 Shape letters, used in comments across the package:
     K  branches in one forward (k lookaheads + 1 anchor)     W  window columns (positions after the cache)

@@ -39,18 +39,22 @@ def predict(logits: torch.Tensor, spec: PredictSpec, generator: torch.Generator 
     else:
         tokens = probs.argmax(-1)
     chosen = probs.gather(-1, tokens[..., None])[..., 0]
-    if spec.measure == "prob":
-        conf = chosen
-    elif spec.measure == "neg_entropy":
-        conf = (probs * torch.log(probs + 1e-10)).sum(-1)
-    elif spec.measure == "margin":
-        top2 = probs.topk(2, dim=-1).values
-        conf = top2[..., 0] - top2[..., 1]
-    else:
-        raise ValueError(f"unknown confidence measure {spec.measure!r}")
+    conf = measure_confidence(probs, chosen, spec.measure)
     if not to_cpu:
         return Predictions(tokens, chosen, conf)
     return Predictions(tokens.cpu(), chosen.cpu(), conf.cpu())
+
+
+def measure_confidence(probs: torch.Tensor, chosen: torch.Tensor, measure: str) -> torch.Tensor:
+    """probs [..., V], chosen [...] (the chosen token's probability) -> the confidence named by ``measure``."""
+    if measure == "prob":
+        return chosen
+    if measure == "neg_entropy":
+        return (probs * torch.log(probs + 1e-10)).sum(-1)
+    if measure == "margin":
+        top2 = probs.topk(2, dim=-1).values
+        return top2[..., 0] - top2[..., 1]
+    raise ValueError(f"unknown confidence measure {measure!r}")
 
 
 def mean_confidence(conf: torch.Tensor, masked: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -159,8 +159,8 @@ class WindowStrategy(Strategy):
         state.pred_ok[:] = False
         state.pred_ok[positions] = True
         state.pred_tok[positions] = preds.tokens[winner]
-        state.pred_prob[positions] = preds.prob[winner]
-        state.pred_conf[positions] = preds.conf[winner]
+        state.pred_prob[positions] = preds.prob[winner].to(state.pred_prob.dtype)
+        state.pred_conf[positions] = preds.conf[winner].to(state.pred_conf.dtype)
         state.cached += batch.commit
         state.rounds += 1
         filled = [extra[winner]] if extra[winner] is not None else []

@@ -37,18 +37,21 @@ def branch_mask(
     return torch.cat([prefix, window], dim=1)
 
 
-def padded_branch_mask(P: torch.Tensor, W: torch.Tensor, block_ids: torch.Tensor, K: int, Wb: int, L: int) -> torch.Tensor:
-    """branch_mask built on the device for a window padded to Wb columns, over a fixed span of L keys: [K*Wb, L].
+def step_mask(P: torch.Tensor, branch: torch.Tensor, block: torch.Tensor, Lb: int) -> torch.Tensor:
+    """The mask of one engine step, built on the device from per-query metadata: bool [B, Qb, Lb].
 
-    P (committed prefix length) and W (real window width) are 0-dim tensors and block_ids is [Wb] (padding
-    columns: one block after the last), so nothing here reads a value on the host: CUDA graphs capture it
-    and replay it for any P and W. Keys past the window, and padding columns as keys, are hidden.
+    Row b is one request: P [B] its committed prefix length; its queries q are its branches' window columns
+    flattened branch-major, with branch [B, Qb] (-1 = padding) and block [B, Qb] per query. Query q wrote its
+    K/V to key slot P_b + q. A real query sees the whole prefix and the keys written this step by its own
+    branch's columns of its own and earlier blocks (branch_mask, per request). A padding query sees key 0
+    only, so every softmax row stays finite. Nothing is read on the host: CUDA graphs capture it as is.
     """
-    dev = block_ids.device
-    q = torch.arange(K * Wb, device=dev)
-    q_branch, q_col = q // Wb, q % Wb  # [K*Wb]
-    rel = torch.arange(L, device=dev) - P  # [L] key slot relative to the window start
-    k_branch, k_col = rel.div(Wb, rounding_mode="floor"), rel.remainder(Wb)
-    key_in_window = (rel >= 0) & (rel < K * Wb) & (k_col < W)
-    own = (k_branch[None, :] == q_branch[:, None]) & (block_ids[k_col][None, :] <= block_ids[q_col][:, None])
-    return (rel < 0)[None, :] | (key_in_window[None, :] & own)
+    B, Qb = branch.shape
+    j = torch.arange(Lb, device=P.device)
+    rel = j[None] - P[:, None]  # [B, Lb] key slot relative to the request's window start
+    src = rel.clamp(0, Qb - 1)  # the query that wrote key j this step (where 0 <= rel < Qb)
+    key_branch = torch.where((rel >= 0) & (rel < Qb), branch.gather(1, src), -1)  # [B, Lb]
+    key_block = block.gather(1, src)
+    real = (branch >= 0)[:, :, None]  # [B, Qb, 1]
+    own = (key_branch[:, None] == branch[:, :, None]) & (key_block[:, None] <= block[:, :, None])
+    return (real & ((rel < 0)[:, None] | own)) | (~real & (j == 0))

@@ -1,7 +1,8 @@
-"""The decoder stack shared by Dream (Qwen2-style) and LLaDA (LLaMA-style), bidirectional, with a branch-aware KV cache.
+"""The decoder stack shared by Dream (Qwen2-style) and LLaDA (LLaMA-style), bidirectional, with a KV-cache view.
 
-forward(tokens [B, T], start, cache, attn_mask) -> hidden [B, T, E] (after the final norm)
-logits(hidden, cols, cache) -> [B, C, V] float32 (float64 models: float64), logits for position cols[j] (the logit shift is handled here)
+forward(tokens [B, T], start | positions [B, T], cache view, attn_mask) -> hidden [B, T, E] (after the final norm)
+logits(hidden, cols, last_hidden) -> [B, C, V] float32 (float64 models: float64), logits for position cols[j]
+predicting_hidden(hidden, last_hidden, first): the state each column's logits come from (the logit shift)
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import KVCache
+from ..cache import CacheView
 from .config import ModelConfig
 from .fused import EAGER, Ops
 
@@ -29,10 +30,13 @@ class RMSNorm(nn.Module):
 
 
 def rope(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, D] for the rotate-half convention (Qwen2, LLaMA, LLaDA)."""
+    """cos, sin for the rotate-half convention (Qwen2, LLaMA, LLaDA): positions [T] -> [T, D];
+    [B, T] (one row per request) -> [B, 1, T, D], broadcasting over the heads."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
+    freqs = positions.float()[..., None] * inv_freq  # [..., T, D/2]
     emb = torch.cat([freqs, freqs], dim=-1)
+    if emb.dim() == 3:
+        emb = emb[:, None]
     return emb.cos(), emb.sin()
 
 
@@ -52,7 +56,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, (self.H + 2 * self.Hkv) * self.D, bias=cfg.qkv_bias)  # fused q, k, v
         self.o = nn.Linear(self.H * self.D, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, ops: Ops = EAGER) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: CacheView | None, layer: int, ops: Ops = EAGER) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split([self.H * self.D, self.Hkv * self.D, self.Hkv * self.D], dim=-1)
         q = ops.rope(q.view(B, T, self.H, self.D).transpose(1, 2), cos, sin)  # [B, H, T, D]
@@ -61,11 +65,9 @@ class Attention(nn.Module):
         if cache is None:  # independent rows; mask None, [T, T] or [B, T, T]
             m = None if mask is None else (mask[None, None] if mask.dim() == 2 else mask[:, None])
             out = attend(q, k, v, m).transpose(1, 2)  # [B, T, H, D]
-        else:  # B rows are branches over one shared prefix: queries flattened to one sequence of B*T
-            keys, values = cache.write_scratch(layer, k, v)  # [Hkv, P + B*T, D]
-            qf = q.transpose(0, 1).reshape(1, self.H, B * T, self.D)  # [1, H, B*T, D]
-            out = attend(qf, keys[None], values[None], mask[None, None])  # [1, H, B*T, D]
-            out = out[0].view(self.H, B, T, self.D).permute(1, 2, 0, 3)  # [B, T, H, D]
+        else:  # row b is one request's branches, flattened; its keys are its slot's prefix + this window
+            keys, values = cache.write(layer, k, v)  # [B, Hkv, Lb, D]
+            out = attend(q, keys, values, mask).transpose(1, 2)  # mask [B, 1, T, Lb] -> [B, T, H, D]
         return self.o(out.reshape(B, T, self.H * self.D))
 
 
@@ -110,13 +112,15 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.ops = EAGER  # models.fused: compiled() fuses the elementwise chains on a GPU
 
-    def forward(self, tokens: torch.Tensor, start: int = 0, cache: KVCache | None = None,
+    def forward(self, tokens: torch.Tensor, start: int = 0, cache: CacheView | None = None,
                 attn_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """``positions`` ([T], device) overrides start + arange(T): graph replays read them from a buffer."""
+        """Without a cache, rows are independent sequences at positions start + arange(T); attn_mask None, bool
+        [T, T] or [B, T, T]. With a cache view, row b is request b's window (its branches flattened), at
+        ``positions`` [B, T], attending with the additive mask [B, 1, T, cache.Lb] (runner/step.py builds both)."""
         B, T = tokens.shape
         if cache is not None:
-            assert positions is not None or start == cache.length, (start, cache.length)
-            assert attn_mask is not None and attn_mask.shape == (B * T, cache.key_length(B * T)), attn_mask.shape
+            assert positions is not None and positions.shape == (B, T), positions
+            assert attn_mask is not None and attn_mask.shape == (B, 1, T, cache.Lb), attn_mask.shape
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device)
         cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta)
@@ -125,24 +129,31 @@ class Transformer(nn.Module):
             x, delta = layer(x, delta, cos, sin, attn_mask, cache, i, self.ops)
         return self.ops.add_rms_norm(x, delta, self.norm.weight, self.norm.eps)[1]
 
-    def predicting_hidden(self, hidden: torch.Tensor, last_hidden: torch.Tensor | None) -> torch.Tensor:
+    def predicting_hidden(self, hidden: torch.Tensor, last_hidden: torch.Tensor | None,
+                          first: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [B, T, E] -> [B, T, E]: the state each column's logits come from. Dream predicts position i
-        from the hidden state at i-1, so column 0 uses the last committed position (``last_hidden``; without
-        it column 0 is NaN). Shape-static and sync-free, so CUDA graphs capture it as is."""
+        from the hidden state at i-1, so a window's column 0 uses the last committed position's state
+        (``last_hidden`` [E] or [B, E]; without it column 0 is NaN). ``first`` [B, T] bool marks the columns
+        that start a branch when a row holds several branches flattened (default: column 0 only); the others
+        read the column before them. Shape-static and sync-free, so CUDA graphs capture it as is."""
         if not self.config.logit_shift:
             return hidden
-        B, _, E = hidden.shape
-        first = hidden.new_full((B, 1, E), float("nan")) if last_hidden is None else last_hidden.to(hidden.dtype).expand(B, 1, E)
-        return torch.cat([first, hidden[:, :-1]], dim=1)
+        B, T, E = hidden.shape
+        if last_hidden is None:
+            last = hidden.new_full((B, 1, E), float("nan"))
+        else:
+            last = last_hidden.to(hidden.dtype).reshape(-1, 1, E).expand(B, 1, E)
+        if first is None:
+            return torch.cat([last, hidden[:, :-1]], dim=1)
+        return torch.where(first[..., None], last, hidden.roll(1, dims=1))
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., E] -> [..., V] logits in float32 (float64 for a float64 model)."""
         out = self.lm_head(hidden)
         return out.to(torch.promote_types(out.dtype, torch.float32))
 
-    def logits(self, hidden: torch.Tensor, cols: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, cols: torch.Tensor, last_hidden: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [B, T, E], cols [C] -> [B, C, V] (see head): the prediction for window position cols[j]."""
-        last = cache.last_hidden if cache is not None else None
-        if last is None and self.config.logit_shift and bool((cols < self.config.logit_shift).any()):
+        if last_hidden is None and self.config.logit_shift and bool((cols < self.config.logit_shift).any()):
             raise ValueError("position 0 of the window needs the last committed hidden state (none cached)")
-        return self.head(self.predicting_hidden(hidden, last)[:, cols])
+        return self.head(self.predicting_hidden(hidden, last_hidden)[:, cols])

@@ -1,16 +1,15 @@
-"""CUDA graphs for decode forwards: static buffers, one graph per (K, W bucket, key-length bucket).
+"""The static path: a decode step on bucketed shapes, replayed from CUDA graphs, one graph per shape key.
 
-An eager LoPA iteration at Dream-7B size is launch-bound (hundreds of small kernels). Here a decode forward
-runs on static tensors instead: the window is padded to a multiple of WIDTH_STEP columns (padding columns
-are masked out as keys), the K/V go to slots computed on the device, and attention reads a fixed span of
-the cache rounded up to KEY_STEP positions (unused slots masked). The mask, positions and slots are built
-inside the graph from the prefix length and window width, so an iteration sends one small host-to-device
-copy (tokens, block ids, P, W) and reads back the predictions. Shapes then depend only on
-(K, padded W, key span), so one captured graph serves every iteration with those shapes, across commits
-and requests; the cache is allocated once, large enough, so buffer addresses never change.
+An eager LoPA iteration at Dream-7B size is launch-bound (hundreds of small kernels). Here a decode step
+over B running requests runs on static buffers instead: B is rounded up to a bucket (padding rows are all
+padding queries over free slots), each request row to Qb = a multiple of ROW_STEP queries, and the key span
+to Lb = a multiple of KEY_STEP positions; positions, write slots and the mask are built inside the graph from
+the packed step (runner/step.py), and the K/V pool is allocated once, so buffer addresses never change. A
+step sends ONE host-to-device copy and reads back ONE packed [B, Qb, 3] tensor of predictions. One captured
+graph serves every step with the same key (B bucket, Qb, Lb, the measures and suppressed ids in use).
 
-Greedy decoding only (temperature 0): sampling, prefill and cache-less forwards run eagerly.
-On a CPU the same static path runs without capture, which is how the tests check it against the eager path.
+Greedy requests only (temperature 0, top_p 1): steps with a sampled request, prefill steps and cache-less
+windows run eagerly. On a CPU the same path runs without capture (the tests check it against eager).
 """
 
 from __future__ import annotations
@@ -19,127 +18,119 @@ from dataclasses import dataclass
 
 import torch
 
-from ..decoding.base import ForwardBatch, PredictSpec, Predictions
-from ..decoding.confidence import predict
-from ..models.attention import padded_branch_mask
-from .single import Runner
+from ..decoding.base import Predictions
+from ..decoding.confidence import measure_confidence
+from .step import FIELDS, StepItem, pack, split, unpack
 
-WIDTH_STEP = 16
-KEY_STEP = 256
+ROW_STEP = 32  # request rows padded to a multiple of this many queries
+KEY_STEP = 256  # KV slot capacities and key spans are multiples of this many positions
+BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+MAX_GRAPHS = 48  # captured graphs kept; past this all are dropped and recaptured on demand
 
 
 def round_up(x: int, step: int) -> int:
     return -(-x // step) * step
 
 
+def bucket(n: int, slots: int) -> int:
+    """The smallest bucket >= n, within the pool's slots (the pool size is always the last bucket)."""
+    return min(next((b for b in BUCKETS if b >= n), n), slots)
+
+
+def predict_rows(logits: torch.Tensor, measure: torch.Tensor, suppress: torch.Tensor, measures: tuple[str, ...],
+                 suppress_ids: tuple[int, ...]) -> torch.Tensor:
+    """Greedy predict (decoding/confidence.py) for every query of a step, each request row with its own
+    measure and suppression. logits [B, Qb, V] -> [B, Qb, 3]: token id, its probability, its confidence."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True)
+    for token in suppress_ids:
+        logits[..., token] = torch.where(suppress[:, None].bool(), float("-inf"), logits[..., token])
+    probs = torch.softmax(logits, dim=-1)
+    tokens = probs.argmax(-1)
+    chosen = probs.gather(-1, tokens[..., None])[..., 0]
+    conf = chosen
+    for i, name in enumerate(measures):
+        if name != "prob":
+            conf = torch.where((measure == i)[:, None], measure_confidence(probs, chosen, name), conf)
+    return torch.stack([tokens.to(chosen.dtype), chosen, conf], dim=-1)
+
+
 @dataclass
 class Static:
-    K: int
-    Wb: int
+    host: torch.Tensor  # [B, 4*Qb + 3] int64 (pinned on a GPU): the packed step
+    inputs: torch.Tensor  # the same on the device, one copy per step; the graph reads only this
     Lb: int
-    host: torch.Tensor  # [K*Wb + Wb + 2] int64 (pinned on a GPU): tokens [K, Wb], block ids [Wb], P, W
-    inputs: torch.Tensor  # the same on the device, copied in one transfer; the graph reads only this
-    last_hidden: torch.Tensor  # [E]
     graph: torch.cuda.CUDAGraph | None = None
-    out: tuple | None = None  # (hidden [K, Wb, E], Predictions on the device)
+    out: tuple | None = None  # (hidden [B, Qb, E], packed predictions [B, Qb, 3]) on the device
 
 
-class GraphRunner(Runner):
-    def __init__(self, *args, capture: bool | None = None, fuse: bool = False, **kw) -> None:
-        super().__init__(*args, **kw)
-        self.capture = self.device.type == "cuda" if capture is None else capture
-        # fuse: softmax, argmax and confidence over the [K, Wb, V] logits in one compiled pass (models/fused.py)
-        self.predict = torch.compile(predict, fullgraph=True) if fuse else predict
+class GraphExecutor:
+    def __init__(self, runner, capture: bool, fuse: bool = False) -> None:
+        self.runner = runner
+        self.capture = capture
+        # fuse: softmax, argmax and confidence over the step's logits in one compiled pass (models/fused.py)
+        self.predict = torch.compile(predict_rows, fullgraph=True) if fuse else predict_rows
         self.statics: dict[tuple, Static] = {}
-        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
 
-    def _new_cache(self, capacity: int):
-        """Keep one cache across requests (fixed addresses for the graphs) while it is large enough."""
-        if self.cache is not None and self.cache.capacity >= capacity:
-            self.cache.length, self.cache.last_hidden = 0, None
-            return self.cache
-        # New buffers invalidate every graph; they are recaptured into a fresh pool (a pool whose graphs were
-        # freed cannot take new captures). Over-allocate so that growth is rare.
+    def clear(self) -> None:
+        """Drop every graph (the KV pool they read was replaced); later captures go into a fresh graph pool."""
         self.statics.clear()
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
-        return super()._new_cache(2 * capacity if self.cache is not None else capacity)
 
-    def capacity_for(self, canvas_len: int, branches: int) -> int:
-        return round_up(canvas_len * (branches + 1) + KEY_STEP, KEY_STEP)
+    def supports(self, items: list[StepItem]) -> bool:
+        suppress = {item.pspec.suppress_ids for item in items} - {()}
+        return (items[0].slot == 0 and len(suppress) <= 1
+                and all(item.pspec.temperature == 0 and item.pspec.top_p == 1.0 and not item.batch.prefill
+                        and item.batch.start > 0 for item in items))
 
-    def forward(self, batch: ForwardBatch, pspec: PredictSpec) -> Predictions:
-        K, W = batch.tokens.shape
-        P = self.cache.length
-        Wb = round_up(W, WIDTH_STEP)
-        Lb = round_up(P + K * Wb, KEY_STEP)
-        if pspec.temperature > 0 or batch.prefill or P == 0 or batch.lengths is not None or Lb > self.cache.capacity:
-            return super().forward(batch, pspec)
-        key = (K, Wb, Lb, pspec)
+    def key(self, items: list[StepItem]) -> tuple:
+        pool = self.runner.pool
+        B = bucket(len(items), pool.slots)
+        Qb = round_up(max(item.queries for item in items), ROW_STEP)
+        Lb = min(round_up(max(item.batch.start + item.queries for item in items), KEY_STEP), pool.capacity)
+        measures = tuple(sorted({item.pspec.measure for item in items}))
+        suppress = next((item.pspec.suppress_ids for item in items if item.pspec.suppress_ids), ())
+        return B, Qb, Lb, measures, suppress
+
+    def run(self, items: list[StepItem]) -> tuple[torch.Tensor, list[Predictions]]:
+        key = self.key(items)
+        B, Qb, Lb, measures, suppress = key
         st = self.statics.get(key)
         fresh = st is None
         if fresh:
-            st = self.statics[key] = self._allocate(K, Wb, Lb)
-        self._fill(st, batch, P)
-        try:
-            if not self.capture:
-                st.out = self._body(st, pspec)
-            elif fresh:
-                self._capture(st, pspec)
-            else:
-                st.graph.replay()
-        finally:
-            self.cache.static_index = None
-        hidden, preds = st.out
-        self._hidden, self._width = hidden, Wb  # commit reads branch rows at a stride of Wb
-        cols = batch.logit_cols  # the predictions are [K, Wb]: copy them whole, select the columns on the host
-        return Predictions(preds.tokens.cpu()[:, cols], preds.prob.cpu()[:, cols], preds.conf.cpu()[:, cols])
+            if len(self.statics) >= MAX_GRAPHS:
+                self.clear()
+            cuda = self.runner.device.type == "cuda"
+            host = torch.zeros(B, FIELDS * Qb + 3, dtype=torch.long, pin_memory=cuda)
+            st = self.statics[key] = Static(host, torch.zeros_like(host, device=self.runner.device), Lb)
+        pack(items, st.host, self.runner.spec.mask_id, measures, suppress)
+        st.inputs.copy_(st.host, non_blocking=True)  # safe: the previous step's results were read (synced)
+        if not self.capture:
+            st.out = self._body(st, measures, suppress)
+        elif fresh:
+            self._capture(st, measures, suppress)
+        else:
+            st.graph.replay()
+        hidden, packed = st.out
+        preds = [Predictions(*p) for p in split(packed.cpu(), items)]  # the step's one device-to-host copy
+        return hidden, preds
 
-    def _allocate(self, K: int, Wb: int, Lb: int) -> Static:
-        n = K * Wb + Wb + 2
-        host = torch.zeros(n, dtype=torch.long, pin_memory=self.device.type == "cuda")
-        E = self.model.config.hidden_size
-        return Static(K, Wb, Lb, host, torch.zeros(n, dtype=torch.long, device=self.device),
-                      torch.zeros(E, dtype=self.dtype, device=self.device))
+    def _body(self, st: Static, measures, suppress):
+        runner, model = self.runner, self.runner.model
+        hidden = runner.body(st.inputs, 0, st.Lb)  # [B, Qb, E]
+        _, col, branch, _, _, measure, suppressed = unpack(st.inputs)
+        first = (col == 0) & (branch >= 0)  # each branch's column 0 reads the slot's last committed state
+        B = hidden.shape[0]
+        logits = model.lm_head(model.predicting_hidden(hidden, runner.pool.last_hidden[:B], first))  # [B, Qb, V]
+        return hidden, self.predict(logits, measure, suppressed, measures, suppress)
 
-    def _fill(self, st: Static, batch: ForwardBatch, P: int) -> None:
-        """Stage the iteration's inputs on the host and send them in one copy (the mask is built on the device)."""
-        K, W = batch.tokens.shape
-        n = K * st.Wb
-        tokens, blocks = st.host[:n].view(K, st.Wb), st.host[n:n + st.Wb]
-        tokens[:, :W] = batch.tokens
-        tokens[:, W:] = self.spec.mask_id
-        if batch.block_ids is None:  # one block: every column sees every (unpadded) column of its branch
-            blocks.zero_()
-        else:  # padding columns form one more block after the last
-            blocks[:W] = batch.block_ids
-            blocks[W:] = int(batch.block_ids.max()) + 1
-        st.host[-2], st.host[-1] = P, W
-        st.inputs.copy_(st.host, non_blocking=True)  # safe: the previous iteration's results were read (synced)
-        st.last_hidden.copy_(self.cache.last_hidden)
-
-    def _body(self, st: Static, pspec: PredictSpec):
-        """hidden [K, Wb, E] and device Predictions for every column of the padded window."""
-        n = st.K * st.Wb
-        P, W = st.inputs[-2], st.inputs[-1]
-        tokens, blocks = st.inputs[:n].view(st.K, st.Wb), st.inputs[n:n + st.Wb]
-        positions = P + torch.arange(st.Wb, device=self.device)  # [Wb]
-        self.cache.static_index = P + torch.arange(n, device=self.device)  # [K*Wb] cache slots of the window
-        self.cache.static_len = st.Lb
-        allowed = padded_branch_mask(P, W, blocks, st.K, st.Wb, st.Lb)  # [K*Wb, Lb] bool
-        # additive, in the model's dtype, built once: SDPA would turn a bool mask into this in every layer
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
-        hidden = self.model(tokens, cache=self.cache, attn_mask=mask, positions=positions)
-        # [K, Wb, V] in the model's dtype: predict promotes to float32 itself (fused: inside its one pass)
-        logits = self.model.lm_head(self.model.predicting_hidden(hidden, st.last_hidden))
-        return hidden, self.predict(logits, pspec, None, to_cpu=False)
-
-    def _capture(self, st: Static, pspec: PredictSpec) -> None:
+    def _capture(self, st: Static, measures, suppress) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._body(st, pspec)  # warm-up: lazy kernel initialization stays out of the graph
+            self._body(st, measures, suppress)  # warm-up: lazy kernel initialization stays out of the graph
         torch.cuda.current_stream().wait_stream(stream)
         st.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(st.graph, pool=self.pool):
-            st.out = self._body(st, pspec)
+            st.out = self._body(st, measures, suppress)
         st.graph.replay()

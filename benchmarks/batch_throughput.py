@@ -1,0 +1,160 @@
+"""Engine decode steps over n concurrent requests at Dream-7B shape: step time, rows/s, against the roofline
+and against the same n iterations run one request at a time, all in one run.
+
+One step = the engine's decode step for n requests, each with K = k+1 branches x W window columns over its
+own cached P-token prefix (its own KV slot): ONE forward through lopa's model runner (the static path:
+CUDA graphs + fused kernels on a GPU, the engine's default), the batched confidences, one device-to-host
+copy, the winners' KV commits. "solo" = the same n iterations one request per forward, one after another.
+The roofline of a case: all weights read once per step (shared by the n requests), each request's prefix
+KV read once, and the step's FLOPs at the matmul rate measured in the same run (step_latency.py's model).
+Host time per step = wall time of the step minus the replay of its captured graph alone (CUDA only).
+
+    PYTHONPATH=src python3 benchmarks/batch_throughput.py --out benchmarks/results/batch_h200
+    PYTHONPATH=src python3 benchmarks/batch_throughput.py --tiny --out /tmp/x     # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from lopa.decoding.base import ForwardBatch, ModelSpec, PredictSpec
+from lopa.models.config import ModelConfig
+from lopa.models.fused import EAGER, fused_ops
+from lopa.models.transformer import Transformer
+from lopa.runner.model_runner import ModelRunner
+from lopa.runner.step import Commit, StepItem
+
+from step_latency import SHAPES, costs, git_commit, measure_device, roofline, sync, timed
+
+
+def batch_costs(cfg: ModelConfig, n: int, K: int, W: int, P: int) -> dict:
+    """One step over n requests: n times one iteration's FLOPs and KV bytes, the weights read once."""
+    one = costs(cfg, K, W, P)
+    weights = 2 * cfg.hidden_size * cfg.vocab_size * 2  # embedding + lm_head, bf16 (in other_bytes once)
+    return {"linear_flops": n * one["linear_flops"], "other_flops": n * one["other_flops"],
+            "linear_params": one["linear_params"], "other_bytes": weights + n * (one["other_bytes"] - weights)}
+
+
+def setup(model, spec, device, dtype, n: int, K: int, W: int, P: int, fuse: bool):
+    """A runner with n slots holding random P-token prefixes, and the n requests' decode items."""
+    runner = ModelRunner(model, spec, device, dtype, max_num_seqs=n, static=True, fuse=fuse)
+    runner.reserve(n, P + K * W + 256)
+    torch.manual_seed(P + K + W + n)
+    with torch.inference_mode():
+        for s in range(n):
+            prefix = torch.randint(0, spec.vocab_size - 2, (1, P))
+            empty = torch.empty(0, dtype=torch.long)
+            runner.execute([StepItem(s, ForwardBatch(prefix, 0, empty, commit=P, prefill=True), PredictSpec())])
+            runner.commit([Commit(s, 0, 0, P)])
+    items = []
+    for s in range(n):
+        tokens = torch.randint(0, spec.vocab_size - 2, (K, W))
+        tokens[:, W // 2:] = spec.mask_id
+        batch = ForwardBatch(tokens, P, torch.arange(W // 4, W), commit=W // 4)
+        items.append(StepItem(s, batch, PredictSpec(suppress_ids=(spec.mask_id,))))
+    return runner, items
+
+
+def step_fn(runner, items, P: int):
+    @torch.inference_mode()
+    def step():
+        preds = runner.execute(items)
+        runner.commit([Commit(it.slot, i, int(p.conf.mean(-1).argmax()), it.batch.commit)
+                       for i, (it, p) in enumerate(zip(items, preds))])
+        for it in items:
+            runner.pool.lengths[it.slot] = P  # roll back: every repetition sees the same prefixes
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/batch"))
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test on a tiny shape")
+    ap.add_argument("--shape", default="dream-7b")
+    ap.add_argument("--ns", default="1,2,4,8,16,32")
+    ap.add_argument("--ks", default="0,3,7,10")
+    ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--prefix", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=10)
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shape = "tiny" if args.tiny else args.shape
+    cfg = ModelConfig(**SHAPES[shape])
+    spec = ModelSpec(cfg.mask_token_id, (cfg.eos_token_id,), cfg.max_position_embeddings, cfg.vocab_size)
+    ns = [1, 2] if args.tiny else [int(x) for x in args.ns.split(",")]
+    ks = [0, 3] if args.tiny else [int(x) for x in args.ks.split(",")]
+    W, P = (8, 16) if args.tiny else (args.window, args.prefix)
+    args.out.mkdir(parents=True, exist_ok=True)
+    peak = measure_device(device, dtype)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Transformer(cfg).to(dtype).eval()
+    fuse = device.type == "cuda"
+    model.ops = fused_ops(device, dtype) if fuse else EAGER
+    rows = []
+    for k in ks:
+        K = k + 1
+        for n in ns:
+            runner, items = setup(model, spec, device, dtype, n, K, W, P, fuse)
+            batched = timed(step_fn(runner, items, P), device, warmup=3, reps=args.reps)
+            solo_runner, solo_items = setup(model, spec, device, dtype, 1, K, W, P, fuse)
+            solo = n * timed(step_fn(solo_runner, solo_items, P), device, warmup=3, reps=args.reps)
+            replay = None
+            if device.type == "cuda":
+                (st,) = runner.graphs.statics.values()
+                replay = timed(st.graph.replay, device, warmup=3, reps=args.reps)
+            roof, bound = roofline(batch_costs(cfg, n, K, W, P), peak)
+            row = {"k": k, "n": n, "rows_per_step": n * K * W, "step_ms": batched * 1e3, "solo_ms": solo * 1e3,
+                   "speedup_vs_solo": solo / batched, "roofline_ms": roof * 1e3, "x_roofline": batched / roof,
+                   "bound": bound, "rows_per_s": n * K * W / batched,
+                   "host_ms": None if replay is None else (batched - replay) * 1e3}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del runner, solo_runner
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+            "shape": shape, "dtype": str(dtype), "W": W, "P": P, "peak": peak, "commit": git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "counting": "rows = n*K*W queries per step; solo = n one-request steps"}
+    (args.out / "batch_throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = ["| k | n | rows/step | step ms | x roofline | n solo ms | batched speed-up | rows/s | host ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        host = "" if r["host_ms"] is None else f"{r['host_ms']:.2f}"
+        lines.append(f"| {r['k']} | {r['n']} | {r['rows_per_step']} | {r['step_ms']:.2f} | {r['x_roofline']:.2f} | "
+                     f"{r['solo_ms']:.2f} | {r['speedup_vs_solo']:.2f}x | {r['rows_per_s']:.0f} | {host} |")
+    (args.out / "batch_throughput.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for k in ks:
+            pts = [r for r in rows if r["k"] == k]
+            ax.plot([r["n"] for r in pts], [r["n"] / r["step_ms"] * 1e3 for r in pts], "o-",
+                    label=f"k={k}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent requests n")
+        ax.set_ylabel("LoPA iterations per second (all requests)")
+        ax.set_title(f"{shape}, W={W}, P={P}, {meta['device']}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.out / "batch_throughput.png", dpi=120)
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    main()

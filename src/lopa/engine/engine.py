@@ -1,0 +1,224 @@
+"""The engine: many requests, ONE forward per step, requests joining and leaving between steps.
+
+    seq = engine.prepare(prompt_ids, config)   # host only, any thread: strategy, state, KV need; typed errors
+    engine.add(seq)                            # queued FIFO (the engine's thread)
+    outs = engine.step()                       # schedule -> one forward -> accept -> commit -> propose
+    results = engine.generate(seqs)            # the loop generate / generate_many use
+
+Each request keeps its own strategy and state (decoding/base.py: the contract is unchanged); the engine
+guarantees each strategy that ``propose`` is called exactly once per forward it takes part in, that
+``accept`` gets exactly that forward's predictions, and that its window starts at its committed KV length.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from ..config import DecodeConfig
+from ..decoding import make_strategy
+from ..decoding.base import ModelSpec, counted_tokens
+from ..errors import PromptTooLongError
+from ..runner.model_runner import ModelRunner
+from ..runner.step import Commit, StepItem
+from .scheduler import Scheduler
+from .sequence import RequestOutput, RunOutput, Sequence, Status
+
+
+@dataclass
+class StepInfo:
+    kind: str  # prefill | decode
+    requests: int
+    rows: int  # branch rows computed (sum of K over the step's requests)
+    seconds: float
+
+
+@dataclass
+class EngineCounters:
+    """Engine-wide, cumulative; per-request counts live in each request's Stats."""
+
+    steps: int = 0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    rows: int = 0  # decode steps' branch rows
+    requests: int = 0  # decode steps' requests (requests per step = requests / decode_steps)
+    prefill_s: float = 0.0  # wall seconds of prefill steps
+    decode_s: float = 0.0  # wall seconds of decode steps (throughput = generated tokens / decode_s)
+
+    @property
+    def rows_per_step(self) -> float:
+        return self.rows / self.decode_steps if self.decode_steps else 0.0
+
+    @property
+    def requests_per_step(self) -> float:
+        return self.requests / self.decode_steps if self.decode_steps else 0.0
+
+    def as_dict(self) -> dict:
+        keys = ("steps", "prefill_steps", "decode_steps", "rows", "requests", "prefill_s", "decode_s",
+                "rows_per_step", "requests_per_step")
+        return {k: getattr(self, k) for k in keys}
+
+
+def kv_need(strategy, prompt_len: int, gen_length: int) -> int:
+    """The most KV positions any forward of the request writes, plus the trash slot: a forward writes
+    K*W positions after its committed prefix, with W <= T - cached, largest right after the prompt."""
+    return prompt_len + (getattr(strategy, "lookahead", 0) + 1) * gen_length + 1
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, spec: ModelSpec, max_num_seqs: int = 1) -> None:
+        self.runner, self.spec = runner, spec
+        self.scheduler = Scheduler(max_num_seqs)
+        self.counters = EngineCounters()
+        self.last_step: StepInfo | None = None
+        self._ids = itertools.count()
+        self._done: list[Sequence] = []  # finished or aborted outside a step: reported by the next step()
+
+    # -- requests ------------------------------------------------------------------------------------------
+    def prepare(self, prompt: list[int], config: DecodeConfig, request_id: str | None = None,
+                stream: bool = False) -> Sequence:
+        """A request ready to queue. Host only and touches no engine state (safe from any thread); raises
+        PromptTooLongError when it cannot fit the context or a KV slot."""
+        strategy = make_strategy(config, self.spec)
+        state = strategy.start(prompt)
+        need = kv_need(strategy, len(prompt), config.gen_length)
+        cap = self.runner.slot_capacity()
+        if cap is not None and need > cap:
+            raise PromptTooLongError(f"prompt ({len(prompt)} tokens) with gen_length {config.gen_length} and "
+                                     f"{need - len(prompt) - 1} window positions needs {need} KV positions; a slot "
+                                     f"holds {cap} (RunnerConfig.max_positions)")
+        seq = Sequence(request_id or f"req-{next(self._ids)}", list(prompt), config, strategy, state,
+                       strategy.predict_spec, need, stream=stream)
+        seq.batch = strategy.propose(state)
+        if seq.pspec.temperature > 0:
+            seq.generator = self.runner.new_generator(config.seed)
+        return seq
+
+    def add(self, seq: Sequence) -> None:
+        if seq.batch is None:  # nothing to run (a strategy that is done at once): finishes at the next step
+            self._done.append(seq)
+            return
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request between steps; the next step() reports it (finish_reason "abort") and frees its slot."""
+        for seq in list(self.scheduler.waiting):
+            if seq.id == request_id:
+                self.scheduler.remove_waiting(seq)
+                seq.finish_reason = "abort"
+                self._done.append(seq)
+        for seq in self.scheduler.running:
+            if seq.id == request_id and seq.status is Status.RUNNING:
+                self._release(seq)
+                seq.finish_reason = "abort"
+                self._done.append(seq)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or bool(self._done)
+
+    @property
+    def num_running(self) -> int:
+        return sum(s.status is Status.RUNNING for s in self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # -- one step ---------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs = [self._finish(seq) for seq in self._done]
+        self._done = []
+        plan = self.scheduler.schedule()
+        if not plan.seqs:
+            return outputs
+        running = self.scheduler.running
+        self.runner.reserve(len(running), max(s.need for s in running))
+        self.runner.move(plan.moves)
+        t0 = time.perf_counter()
+        seqs = plan.seqs
+        preds = self.runner.execute([StepItem(s.slot, s.batch, s.pspec, s.generator) for s in seqs])  # ONE forward
+        commits = [Commit(s.slot, i, s.strategy.accept(s.state, s.batch, p), s.batch.commit)
+                   for i, (s, p) in enumerate(zip(seqs, preds))]
+        self.runner.commit(commits)
+        batches = [s.batch for s in seqs]
+        for s in seqs:
+            s.batch = s.strategy.propose(s.state)  # the next forward is decided now; None = finished
+        dt = time.perf_counter() - t0
+        self._count(plan.prefill, batches, dt)
+        for s, batch in zip(seqs, batches):
+            s.stats.add_forward(batch, dt)
+            if s.batch is None:
+                self._release(s)
+                outputs.append(self._finish(s))
+            elif s.stream:
+                out = self._stream(s)
+                if out is not None:
+                    outputs.append(out)
+        return outputs
+
+    def _release(self, seq: Sequence) -> None:
+        """The request leaves: its slot is empty from now on and is reused after the next compaction."""
+        self.runner.release(seq.slot)
+        self.scheduler.finish(seq)
+
+    def _count(self, prefill: bool, batches, seconds: float) -> None:
+        rows = sum(b.tokens.shape[0] for b in batches)
+        c = self.counters
+        c.steps += 1
+        if prefill:
+            c.prefill_steps += 1
+            c.prefill_s += seconds
+        else:
+            c.decode_steps += 1
+            c.decode_s += seconds
+            c.rows += rows
+            c.requests += len(batches)
+        self.last_step = StepInfo("prefill" if prefill else "decode", len(batches), rows, seconds)
+
+    def _stream(self, seq: Sequence) -> RequestOutput | None:
+        """Whole settled blocks since the last output: filled positions never change, so a prefix of the
+        strategy's output without holes is final."""
+        ids = seq.strategy.output(seq.state)
+        size = seq.config.block_size
+        end = seq.emitted + (len(ids) - seq.emitted) // size * size
+        if end <= seq.emitted:
+            return None
+        new, seq.emitted = ids[seq.emitted:end], end
+        return RequestOutput(seq.id, new, False, None)
+
+    def _finish(self, seq: Sequence) -> RequestOutput:
+        seq.status = Status.FINISHED
+        if seq.finish_reason == "abort":
+            return RequestOutput(seq.id, [], True, "abort")
+        ids = seq.strategy.output(seq.state)
+        seq.stats.generated_tokens = counted_tokens(ids, self.spec)
+        seq.stats.hit_round_cap = seq.state.hit_round_cap
+        stopped = any(t in self.spec.eos_ids for t in ids)
+        seq.finish_reason = "stop" if stopped and not seq.state.hit_round_cap else "length"
+        new, seq.emitted = ids[seq.emitted:], len(ids)
+        return RequestOutput(seq.id, new, True, seq.finish_reason, RunOutput(ids, seq.stats, seq.state.trace))
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def generate(self, seqs: list[Sequence], on_step: Callable[[Sequence], None] | None = None,
+                 on_finish: Callable[[Sequence, RunOutput], None] | None = None) -> list[RunOutput]:
+        """Decode every sequence (queued FIFO, at most max_num_seqs at once); results in the given order.
+        ``on_step(seq)`` runs after each forward a sequence took part in (progress bars)."""
+        results: dict[str, RunOutput] = {}
+        by_id = {s.id: s for s in seqs}
+        for seq in seqs:
+            self.add(seq)
+        while len(results) < len(seqs):
+            if not self.has_work():
+                raise RuntimeError("the engine stopped with requests unfinished")
+            step_seqs = [s for s in self.scheduler.running if s.status is Status.RUNNING]
+            for out in self.step():
+                if out.finished and out.request_id in by_id:
+                    results[out.request_id] = out.result
+                    if on_finish is not None:
+                        on_finish(by_id[out.request_id], out.result)
+            if on_step is not None:
+                for s in step_seqs:
+                    on_step(s)
+        return [results[s.id] for s in seqs]

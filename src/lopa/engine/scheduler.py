@@ -1,0 +1,88 @@
+"""Which requests run in the next engine step. Plain Python bookkeeping: no torch, testable without a model.
+
+- FIFO admission while fewer than ``max_num_seqs`` run. A request holds a whole KV slot from admission to
+  its end (its ``need`` was checked against the slot capacity before it was queued), so a running request
+  never runs out of KV and nothing is ever preempted.
+- Running requests sit in slots 0..n-1, in slot order (dense). When some leave, the requests in the highest
+  slots move into the gaps (``Plan.moves``, applied by the runner before the step's forward).
+- A step is a prefill step (the admitted requests whose next forward is their prompt prefill, all in one
+  forward) or a decode step (every running request, one forward). Admitted requests go to the tail in an
+  order that puts those needing a prefill first, so every step's slots are one contiguous range, and a
+  decode step's are exactly 0..n-1 (fixed addresses for CUDA graphs).
+- Admission happens only when no running request waits for its prefill, and while requests decode at most
+  every other step, so arrivals never starve running requests.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .sequence import Sequence, Status
+
+
+@dataclass
+class Plan:
+    seqs: list[Sequence]  # in slot order; their slots form one contiguous range
+    prefill: bool
+    moves: list[tuple[int, int]] = field(default_factory=list)  # (from slot, to slot), applied before the forward
+
+
+class Scheduler:
+    def __init__(self, max_num_seqs: int) -> None:
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._admitted_last = False  # the previous plan admitted requests (its prefill step runs next)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def remove_waiting(self, seq: Sequence) -> None:
+        self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+
+    def finish(self, seq: Sequence) -> None:
+        """The request is done (or aborted): its slot is freed at the next schedule()."""
+        seq.status = Status.FINISHED
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(s.status is Status.RUNNING for s in self.running)
+
+    def _compact(self) -> list[tuple[int, int]]:
+        live = [s for s in self.running if s.status is Status.RUNNING]
+        n = len(live)
+        gaps = sorted(s.slot for s in self.running if s.status is not Status.RUNNING and s.slot < n)
+        movers = sorted((s for s in live if s.slot >= n), key=lambda s: s.slot)
+        moves = []
+        for gap, seq in zip(gaps, movers):
+            moves.append((seq.slot, gap))
+            seq.slot = gap
+        for seq in self.running:
+            if seq.status is not Status.RUNNING:
+                seq.slot = None
+        self.running = sorted(live, key=lambda s: s.slot)
+        return moves
+
+    def _admit(self) -> None:
+        room = self.max_num_seqs - len(self.running)
+        group = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+        group.sort(key=lambda s: not s.prefill_pending)  # stable: FIFO within each kind
+        for seq in group:
+            seq.status, seq.slot = Status.RUNNING, len(self.running)
+            self.running.append(seq)
+
+    def schedule(self) -> Plan:
+        moves = self._compact()
+        decoding = any(not s.prefill_pending for s in self.running)
+        if not any(s.prefill_pending for s in self.running) and not (decoding and self._admitted_last):
+            before = len(self.running)
+            self._admit()
+            self._admitted_last = len(self.running) > before
+        else:
+            self._admitted_last = False
+        prefill = [s for s in self.running if s.prefill_pending]
+        if prefill:
+            return Plan(prefill, True, moves)
+        return Plan(list(self.running), False, moves)

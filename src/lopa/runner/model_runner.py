@@ -1,0 +1,152 @@
+"""The model runner: owns the model, its device and the KV pool; runs one engine step's forward.
+
+    preds = runner.execute(items)      # ONE forward for every request of the step -> Predictions per request
+    runner.commit(commits)             # each winner's leading K/V become committed positions of its slot
+
+A step runs eagerly with exact shapes (prefill steps, sampled requests, the CPU), or on the static path
+(runner/graphs.py: bucketed shapes, replayed from CUDA graphs on a GPU). Both run ``body``, the same device
+code, so the static path is checked against the eager one on the CPU by running it without capture.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..cache import KVPool
+from ..decoding.base import ModelSpec, Predictions
+from ..decoding.confidence import predict
+from ..models.attention import step_mask
+from .graphs import KEY_STEP, GraphExecutor, round_up
+from .step import FIELDS, Commit, StepItem, pack, unpack
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, spec: ModelSpec, device: torch.device, dtype: torch.dtype, *,
+                 max_num_seqs: int = 1, max_positions: int | None = None, static: bool = False,
+                 capture: bool | None = None, fuse: bool = False) -> None:
+        self.model, self.spec, self.device, self.dtype = model, spec, device, dtype
+        self.max_num_seqs = max_num_seqs
+        self.max_positions = max_positions  # None: the pool grows on demand; else every slot holds this many
+        self.pool: KVPool | None = None
+        self.graphs = GraphExecutor(self, capture=device.type == "cuda" if capture is None else capture,
+                                    fuse=fuse) if static else None
+        self.hidden: torch.Tensor | None = None  # [B, Qb, E] of the last forward (commit reads the winners)
+        self._widths: list[int] = []
+
+    def new_generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    # -- the KV pool ----------------------------------------------------------------------------------
+    def slot_capacity(self) -> int | None:
+        """Positions a slot can hold when that is fixed (RunnerConfig.max_positions), else None (it grows)."""
+        return None if self.max_positions is None else round_up(self.max_positions, KEY_STEP)
+
+    def reserve(self, slots: int, positions: int) -> None:
+        """Make the pool hold ``slots`` slots of at least ``positions`` positions (grown between steps; growing
+        drops the captured graphs, which read the old tensor)."""
+        fixed = self.slot_capacity()
+        cap = fixed or round_up(positions, KEY_STEP)
+        if positions > cap:
+            raise RuntimeError(f"a request needs {positions} KV positions; slots hold {cap}")
+        if self.pool is not None and slots <= self.pool.slots and cap <= self.pool.capacity:
+            return
+        cfg = self.model.config
+        if self.pool is None:
+            self.pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size,
+                               slots, cap, self.device, self.dtype)
+        else:
+            S, C = self.pool.slots, self.pool.capacity
+            grow_s = min(self.max_num_seqs, max(slots, 2 * S)) if slots > S else S
+            grow_c = max(cap, round_up(C + C // 2, KEY_STEP)) if cap > C else C
+            self.pool = self.pool.grown(grow_s, grow_c)
+        if self.graphs is not None:
+            self.graphs.clear()
+
+    def release(self, slot: int) -> None:
+        """A request left this slot: nothing in it is committed any more."""
+        if self.pool is not None:
+            self.pool.lengths[slot] = 0
+
+    def move(self, moves: list[tuple[int, int]]) -> None:
+        for src, dst in moves:
+            self.pool.move(src, dst)
+
+    # -- one step ---------------------------------------------------------------------------------------
+    def execute(self, items: list[StepItem]) -> list[Predictions]:
+        """ONE forward over every item's rows; Predictions [K, C] per item for its batch.logit_cols (CPU)."""
+        first = items[0].slot
+        for b, item in enumerate(items):
+            batch = item.batch
+            if item.slot != first + b:
+                raise RuntimeError(f"step slots must be contiguous, got {[i.slot for i in items]}")
+            if batch.start != self.pool.lengths[item.slot]:
+                raise RuntimeError(f"strategy window starts at {batch.start} but slot {item.slot} holds "
+                                   f"{self.pool.lengths[item.slot]} positions")
+            if batch.start + item.queries >= self.pool.capacity:
+                raise RuntimeError(f"a forward needs {batch.start + item.queries + 1} KV positions; the slot holds "
+                                   f"{self.pool.capacity}")
+            shift = self.model.config.logit_shift
+            if shift and batch.start == 0 and bool((batch.logit_cols < shift).any()):
+                raise ValueError("position 0 of the window needs the last committed hidden state (none cached)")
+        self._widths = [item.batch.tokens.shape[1] for item in items]
+        if self.graphs is not None and self.graphs.supports(items):
+            self.hidden, preds = self.graphs.run(items)
+        else:
+            self.hidden, preds = self._eager(items)
+        return preds
+
+    def body(self, inputs: torch.Tensor, first: int, Lb: int) -> torch.Tensor:
+        """The forward of a packed step (runner/step.py) over slots [first, first + B): hidden [B, Qb, E].
+        Positions, write slots and the additive mask are built here on the device (graph-capturable)."""
+        tokens, col, branch, block, P, _, _ = unpack(inputs)
+        B, Qb = tokens.shape
+        q = torch.arange(Qb, device=inputs.device)
+        write = (P[:, None] + q).clamp(max=self.pool.capacity - 1)  # padding past the slot: the trash slot
+        allowed = step_mask(P, branch, block, Lb)  # [B, Qb, Lb]
+        # additive, in the model's dtype, built once: SDPA would turn a bool mask into this in every layer
+        mask = torch.zeros(B, 1, Qb, Lb, dtype=self.dtype, device=inputs.device)
+        mask.masked_fill_(~allowed[:, None], float("-inf"))
+        view = self.pool.view(first, B, Lb, write)
+        return self.model(tokens, cache=view, attn_mask=mask, positions=P[:, None] + col)
+
+    def _eager(self, items: list[StepItem]) -> tuple[torch.Tensor, list[Predictions]]:
+        """Exact shapes; each request's logits for its own columns and its own predict (and generator)."""
+        Qb = max(item.queries for item in items)
+        Lb = min(max(item.batch.start + item.queries for item in items), self.pool.capacity)
+        host = torch.empty(len(items), FIELDS * Qb + 3, dtype=torch.long)
+        pack(items, host, self.spec.mask_id)
+        hidden = self.body(host.to(self.device, non_blocking=True), items[0].slot, Lb)
+        preds = []
+        for b, item in enumerate(items):
+            K, W = item.batch.tokens.shape
+            cols = item.batch.logit_cols
+            if cols.numel() == 0:
+                empty = torch.empty(K, 0)
+                preds.append(Predictions(empty.long(), empty, empty))
+                continue
+            h = hidden[b, :K * W].view(K, W, -1)
+            logits = self.model.logits(h, cols.to(self.device), self.pool.last_hidden[item.slot])  # [K, C, V]
+            preds.append(predict(logits, item.pspec, item.generator))
+        return hidden, preds
+
+    def commit(self, commits: list[Commit]) -> None:
+        """Each winner's first n window columns become committed positions of its slot (one gather-scatter for
+        all requests whose winner is not the anchor row), with its last hidden state."""
+        work = [c for c in commits if c.n > 0]
+        if not work:
+            return
+        slots, src, dst = [], [], []
+        for c in work:
+            if c.row:  # source starts at P + row*W >= P + n: never overlaps its destination
+                P, W = self.pool.lengths[c.slot], self._widths[c.index]
+                slots += [c.slot] * c.n
+                src += range(P + c.row * W, P + c.row * W + c.n)
+                dst += range(P, P + c.n)
+        if slots:
+            as_index = lambda xs: torch.tensor(xs, dtype=torch.long).to(self.device, non_blocking=True)  # noqa: E731
+            self.pool.commit(as_index(slots), as_index(src), as_index(dst))
+        index = torch.tensor([c.index for c in work])
+        query = torch.tensor([c.row * self._widths[c.index] + c.n - 1 for c in work])
+        self.pool.last_hidden[[c.slot for c in work]] = self.hidden[index.to(self.device), query.to(self.device)]
+        for c in work:
+            self.pool.lengths[c.slot] += c.n

@@ -1,0 +1,99 @@
+"""One engine step's forward, described for the device: what each request contributes and how it is packed.
+
+Row b of the forward is request b's K_b x W_b window, its branches flattened branch-major (branch r, column
+c -> query r*W_b + c: the order attention always used for a request's branches), padded at the tail to Qb
+queries. Each query carries four ints, staged on the host in one [B, 4*Qb + 3] int64 tensor and sent in ONE
+host-to-device copy; the device builds positions, cache write slots and the mask from them:
+
+    tokens  [Qb]  the window token (mask id on padding)
+    col     [Qb]  window column (0 on padding)            position   = P_b + col
+    branch  [Qb]  branch index, -1 = padding (also a published row's columns past its length)
+    block   [Qb]  block id of the column (0 without block-causal attention)
+    P, measure, suppress   the committed prefix length, the index of the row's confidence measure in the
+                           step's measure list, whether the row never proposes the suppressed ids
+
+Rows past the real requests (bucket padding, CUDA graphs) are all padding with P = 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..decoding.base import ForwardBatch, PredictSpec
+
+FIELDS = 4  # token, col, branch, block
+
+
+@dataclass
+class StepItem:
+    """One request's share of an engine step."""
+
+    slot: int
+    batch: ForwardBatch  # tokens [K, W]; batch.start must equal the slot's committed length
+    pspec: PredictSpec
+    generator: torch.Generator | None = None  # only when the request samples
+
+    @property
+    def queries(self) -> int:
+        K, W = self.batch.tokens.shape
+        return K * W
+
+
+@dataclass
+class Commit:
+    slot: int
+    index: int  # the request's position in the step (row b of the forward)
+    row: int  # winning branch
+    n: int  # leading window columns whose K/V become committed
+
+
+def pack(items: list[StepItem], host: torch.Tensor, mask_id: int, measures: tuple[str, ...] | None = None,
+         suppress_ids: tuple[int, ...] = ()) -> None:
+    """Stage the step into ``host`` [B, 4*Qb + 3] (B >= len(items); rows past them become padding).
+    ``measures`` / ``suppress_ids``: the batched predict's (runner/graphs.py); None when each request predicts apart."""
+    B, width = host.shape
+    Qb = (width - 3) // FIELDS
+    fields = host[:, :FIELDS * Qb].view(B, FIELDS, Qb)
+    tokens, col, branch, block = fields.unbind(1)
+    tokens.fill_(mask_id)
+    col.zero_()
+    branch.fill_(-1)
+    block.zero_()
+    host[:, FIELDS * Qb:].zero_()
+    for b, item in enumerate(items):
+        batch = item.batch
+        K, W = batch.tokens.shape
+        Q = K * W
+        tokens[b, :Q] = batch.tokens.reshape(-1)
+        col[b, :Q] = torch.arange(W).repeat(K)
+        rows = torch.arange(K).repeat_interleave(W)
+        if batch.lengths is not None:  # rows of different lengths: the padding columns are padding queries
+            rows = torch.where(col[b, :Q] < torch.tensor(batch.lengths).repeat_interleave(W), rows, -1)
+        branch[b, :Q] = rows
+        if batch.block_ids is not None:
+            block[b, :Q] = batch.block_ids.repeat(K)
+        host[b, FIELDS * Qb] = batch.start
+        host[b, FIELDS * Qb + 1] = measures.index(item.pspec.measure) if measures else 0
+        host[b, FIELDS * Qb + 2] = int(bool(suppress_ids) and item.pspec.suppress_ids == suppress_ids)
+
+
+def unpack(inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The device copy of pack's tensor -> tokens, col, branch, block [B, Qb]; P, measure, suppress [B]."""
+    B, width = inputs.shape
+    Qb = (width - 3) // FIELDS
+    tokens, col, branch, block = inputs[:, :FIELDS * Qb].view(B, FIELDS, Qb).unbind(1)
+    P, measure, suppress = inputs[:, FIELDS * Qb:].unbind(1)
+    return tokens, col, branch, block, P, measure, suppress
+
+
+def split(packed: torch.Tensor, items: list[StepItem]):
+    """Host [B, Qb, 3] (token, prob, conf per query, in the predictions' dtype: token ids are exact in it) ->
+    per request (tokens, prob, conf) [K, C] for its logit_cols."""
+    out = []
+    for b, item in enumerate(items):
+        K, W = item.batch.tokens.shape
+        rows = packed[b, :K * W].view(K, W, 3)[:, item.batch.logit_cols]  # [K, C, 3]
+        out.append((rows[..., 0].long(), rows[..., 1], rows[..., 2]))
+    return out

@@ -1,0 +1,146 @@
+"""The key property of the batch engine: a request decoded among others gives exactly the tokens, forward
+count and per-step winners it gives alone, whatever else runs beside it, when it joins, or how many run at
+once; eager and on the static (CUDA-graph) path run without capture; float64 and float32."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import lopa
+from lopa.engine import Engine
+from lopa.runner.model_runner import ModelRunner
+
+COMMON = dict(gen_length=24, block_size=8, tau=0.5, trace=True)
+MIX = [  # (prompt, overrides): every strategy, different k, windows, prompt lengths and gen lengths
+    ("Tom has 12 apples and", dict(strategy="lopa", k=3)),
+    ("The cat sat", dict(strategy="lopa", k=2, base="threshold", attention="block_causal", gen_length=16)),
+    ("one two three four five six", dict(strategy="d2f")),
+    ("Mia has", dict(strategy="threshold", gen_length=32)),
+    ("A B C", dict(strategy="dream", steps=10, gen_length=16)),
+    ("x y z", dict(strategy="lopa", k=2, temperature=0.8, seed=3)),  # sampled, seeded
+    ("Question: what is", dict(strategy="lopa", k=3, compat="published", confidence="neg_entropy")),  # Dream only
+]
+
+
+def _engine(model, max_num_seqs: int, static: bool):
+    loaded = model.loaded
+    runner = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), loaded.model.embed.weight.dtype,
+                         max_num_seqs=max_num_seqs, static=static, capture=False)
+    return dataclasses.replace(model, runner=runner, engine=Engine(runner, loaded.spec, max_num_seqs))
+
+
+def _configs(model):
+    mix = [(p, o) for p, o in MIX if model.model_type == "dream" or "compat" not in o]
+    return [p for p, _ in mix], [lopa.decode_config(None, model.model_type, **{**COMMON, **o}) for _, o in mix]
+
+
+def _key(result):
+    return result.token_ids, result.stats.decode_forwards, result.stats.generated_tokens, [s.winner for s in result.trace]
+
+
+def _staggered(model, prompts, configs, joins):
+    """Requests join at the given engine steps; returns the results in request order."""
+    engine = model.engine
+    seqs = [engine.prepare(model.tokenizer.encode(p), c) for p, c in zip(prompts, configs)]
+    results, step = {}, 0
+    with torch.inference_mode():
+        while len(results) < len(seqs):
+            for seq, at in zip(seqs, joins):
+                if at == step:
+                    engine.add(seq)
+            for out in engine.step():
+                if out.finished:
+                    results[out.request_id] = out.result
+            step += 1
+    return [results[s.id] for s in seqs]
+
+
+@pytest.fixture(scope="module", params=["dream", "llada"])
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module", params=["float64", "float32"])
+def solo(family, request, tmp_path_factory):
+    """The model in that dtype and every request of the mix decoded alone (the reference)."""
+    from lopa.models.tiny import write_tiny_checkpoint
+
+    folder = write_tiny_checkpoint(tmp_path_factory.mktemp(family), model_type=family, seed=0 if family == "dream" else 1)
+    model = lopa.load_model(folder, runner=lopa.RunnerConfig(device="cpu", dtype=request.param))
+    prompts, configs = _configs(model)
+    return model, prompts, configs, [_key(lopa.generate(model, p, c)) for p, c in zip(prompts, configs)]
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_batched_requests_equal_their_solo_decodes(solo, static):
+    model, prompts, configs, ref = solo
+    n = len(prompts)
+    together = _engine(model, n, static)
+    assert [_key(r) for r in lopa.generate_many(together, prompts, configs)] == ref  # (a) all at once
+    steps = together.engine.counters
+    assert steps.decode_steps < sum(r[1] for r in ref)  # the forwards really were shared
+    assert steps.requests_per_step > 1
+    staggered = _engine(model, n, static)
+    assert [_key(r) for r in _staggered(staggered, prompts, configs, [0, 1, 3, 5, 5, 6, 9][:n])] == ref  # (b)
+    queued = _engine(model, 2, static)
+    assert [_key(r) for r in lopa.generate_many(queued, prompts, configs)] == ref  # (c) some wait for a slot
+    assert queued.runner.pool.slots == 2
+
+
+def test_static_path_was_taken_with_padded_buckets(solo):
+    model, prompts, configs, ref = solo
+    greedy = [i for i, c in enumerate(configs) if c.temperature == 0 and c.strategy != "dream"]
+    greedy = (greedy * 2)[:5]  # 5 requests run in a bucket of 6: one padding row over a free slot
+    m = _engine(model, 6, static=True)
+    m.runner.reserve(6, 512)
+    m.runner.pool.kv.uniform_(-50, 50)  # stale garbage everywhere: no real query may read any of it
+    got = lopa.generate_many(m, [prompts[i] for i in greedy], [configs[i] for i in greedy])
+    assert [_key(r) for r in got] == [ref[i] for i in greedy]
+    keys = list(m.runner.graphs.statics)
+    assert any(k[0] == 6 for k in keys), keys
+    assert m.runner.hidden.isfinite().all()  # padding rows (and padding queries) stay finite
+
+
+def test_abort_leaves_the_others_identical(solo):
+    model, prompts, configs, ref = solo
+    m = _engine(model, len(prompts), static=False)
+    engine = m.engine
+    seqs = [engine.prepare(model.tokenizer.encode(p), c) for p, c in zip(prompts, configs)]
+    for s in seqs:
+        engine.add(s)
+    results, aborted, step = {}, None, 0
+    with torch.inference_mode():
+        while engine.has_work():
+            if step == 3:
+                engine.abort(seqs[0].id)
+            for out in engine.step():
+                if out.finished:
+                    results[out.request_id] = out
+            step += 1
+    assert results[seqs[0].id].finish_reason == "abort" and results[seqs[0].id].result is None
+    assert [_key(results[s.id].result) for s in seqs[1:]] == ref[1:]
+    assert engine.num_running == 0 and engine.num_waiting == 0
+
+
+def test_streamed_blocks_concatenate_to_the_final_output(solo):
+    model, prompts, configs, ref = solo
+    m = _engine(model, len(prompts), static=False)
+    engine = m.engine
+    seqs = [engine.prepare(model.tokenizer.encode(p), c, stream=True) for p, c in zip(prompts, configs)]
+    for s in seqs:
+        engine.add(s)
+    streamed = {s.id: [] for s in seqs}
+    final = {}
+    with torch.inference_mode():
+        while engine.has_work():
+            for out in engine.step():
+                if not out.finished:
+                    size = next(s.config.block_size for s in seqs if s.id == out.request_id)
+                    assert len(out.new_ids) % size == 0 and out.new_ids  # whole blocks only, until the end
+                streamed[out.request_id] += out.new_ids
+                if out.finished:
+                    final[out.request_id] = out
+    for s, r in zip(seqs, ref):
+        assert streamed[s.id] == final[s.id].result.token_ids == r[0]
+        assert final[s.id].finish_reason in ("stop", "length")

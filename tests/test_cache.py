@@ -1,0 +1,40 @@
+"""The KV pool: zeroed at allocation, multi-slot commit copies, compaction moves and growth keep what is committed."""
+
+import torch
+
+from lopa.cache import KVPool
+
+
+def _pool(slots=3, cap=16):
+    pool = KVPool(num_layers=2, num_kv_heads=2, head_dim=4, hidden_size=8, slots=slots, capacity=cap, device="cpu",
+                  dtype=torch.float32)
+    assert not pool.kv.any() and not pool.last_hidden.any()
+    pool.kv.normal_()
+    pool.last_hidden.normal_()
+    return pool
+
+
+def test_commit_copies_each_slots_winner_columns():
+    pool = _pool()
+    before = pool.kv.clone()
+    slots = torch.tensor([0, 0, 2, 2, 2])
+    src = torch.tensor([9, 10, 12, 13, 14])
+    dst = torch.tensor([3, 4, 5, 6, 7])
+    pool.commit(slots, src, dst)
+    for s, a, b in zip(slots.tolist(), src.tolist(), dst.tolist()):
+        assert torch.equal(pool.kv[:, :, s, :, b], before[:, :, s, :, a])
+    assert torch.equal(pool.kv[:, :, 1], before[:, :, 1])  # other slots untouched
+
+
+def test_move_and_grow_keep_committed_kv_and_last_hidden():
+    pool = _pool()
+    pool.lengths = [5, 0, 7]
+    slot2, hidden2 = pool.kv[:, :, 2, :, :7].clone(), pool.last_hidden[2].clone()
+    pool.move(2, 1)
+    assert pool.lengths == [5, 7, 0]
+    assert torch.equal(pool.kv[:, :, 1, :, :7], slot2) and torch.equal(pool.last_hidden[1], hidden2)
+    slot0 = pool.kv[:, :, 0, :, :5].clone()
+    big = pool.grown(slots=5, capacity=32)
+    assert big.slots == 5 and big.capacity == 32 and big.lengths == [5, 7, 0, 0, 0]
+    assert torch.equal(big.kv[:, :, 0, :, :5], slot0) and torch.equal(big.kv[:, :, 1, :, :7], slot2)
+    assert not big.kv[:, :, 3:].any()  # new slots start zeroed
