@@ -2,7 +2,7 @@
 
 The server runs in its own process (`python -m lopa serve`, the default model) and the clients are asyncio
 tasks in this one, so the server's event loop and engine thread do not share a GIL with the load. Each
-concurrency level c runs N = max(min_requests, 4c) GSM8K-style prompts (lopa's generated test split):
+concurrency level c runs N = max(min_requests, waves·c) GSM8K-style prompts (waves = 4) (lopa's generated test split):
 c clients each send one streaming request at a time (stream_options.include_usage) until all N are done.
 Per request: time to first block (first chunk carrying text) and to the last token. Throughput:
 requests/s and generated tokens/s over the level's wall time (tokens = usage.completion_tokens: up to and
@@ -140,12 +140,37 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def metadata(args, settings: dict) -> dict:
+    import torch
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        device = torch.cuda.get_device_name()
+    return {"device": device, "commit": git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "settings": settings, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "counting": "tokens = usage.completion_tokens (up to and including the first EOS); first block = "
+                        "first SSE chunk with text; rates over each level's wall time"}
+
+
+def write(args, rows: list[dict], settings: dict) -> None:
+    """JSON + Markdown of the levels measured so far (written after each, so a cut-off run keeps its rows)."""
+    for r in rows:
+        r["vs_ceiling"] = r["tokens_per_s"] / r["ceiling_tokens_per_s"]
+        r["vs_c1"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
+    meta = metadata(args, settings)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serve_load.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (args.out / "serve_load.md").write_text(markdown(rows, meta))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/serve"))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 64])
     ap.add_argument("--min-requests", type=int, default=32)
+    ap.add_argument("--waves", type=int, default=4, help="N = max(min_requests, waves * concurrency)")
     ap.add_argument("--gen-length", type=int, default=128)
     ap.add_argument("--strategy", default="lopa")
     ap.add_argument("--k", type=int, default=7)
@@ -160,11 +185,11 @@ def main() -> None:
     from lopa.eval.tasks import gsm8k
 
     settings = {"strategy": args.strategy, "k": args.k, "gen_length": args.gen_length}
-    n_max = max(args.min_requests, 4 * max(args.concurrency))
+    n_max = max(args.min_requests, args.waves * max(args.concurrency))
     prompts = [p.prompt for p in gsm8k(None, n_max)]
     ceilings = {}
     for c in args.concurrency:
-        ceilings[c] = ceiling(args, prompts[:max(args.min_requests, 4 * c)], c, settings)
+        ceilings[c] = ceiling(args, prompts[:max(args.min_requests, args.waves * c)], c, settings)
         print(f"generate_many, max_num_seqs {c}: {ceilings[c]['tokens_per_s']:.0f} tok/s", flush=True)
 
     port = free_port()
@@ -176,7 +201,7 @@ def main() -> None:
                           "k": args.k, "stream": True, "stream_options": {"include_usage": True}}
         asyncio.run(load_level(url, [body(p) for p in prompts[:8]], 4))  # warm-up
         for c in args.concurrency:
-            n = max(args.min_requests, 4 * c)
+            n = max(args.min_requests, args.waves * c)
             results, wall = asyncio.run(load_level(url, [body(p) for p in prompts[:n]], c))
             first = [r["first_block_s"] for r in results]
             last = [r["last_token_s"] for r in results]
@@ -189,26 +214,11 @@ def main() -> None:
                          "last_token_p50_s": percentile(last, 50), "last_token_p99_s": percentile(last, 99),
                          "ceiling_tokens_per_s": ceilings[c]["tokens_per_s"],
                          "ceiling_requests_per_s": ceilings[c]["requests_per_s"], "equal_to_ceiling": equal})
+            write(args, rows, settings)
     finally:
         server.terminate()
         server.wait(60)
-    for r in rows:
-        r["vs_ceiling"] = r["tokens_per_s"] / r["ceiling_tokens_per_s"]
-        r["vs_c1"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
-    import torch
-
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
-        device = torch.cuda.get_device_name()
-    meta = {"device": device, "commit": git_commit(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "settings": settings, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "counting": "tokens = usage.completion_tokens (up to and including the first EOS); first block = "
-                        "first SSE chunk with text; rates over each level's wall time"}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serve_load.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (args.out / "serve_load.md").write_text(markdown(rows, meta))
-    print(markdown(rows, meta))
+    print(markdown(rows, metadata(args, settings)))
 
 
 if __name__ == "__main__":
