@@ -132,11 +132,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "generate_many tok/s | server / generate_many | tok/s vs c=1 | answers equal generate_many |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        ceil = f"{r['ceiling_tokens_per_s']:.0f} | {r['vs_ceiling']:.0%}" if r["vs_ceiling"] else "- | -"
+        equal = f"{r['equal_to_ceiling']}/{r['requests']}" if r["equal_to_ceiling"] is not None else "-"
         lines.append(f"| {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
                      f"{r['first_block_p50_s'] * 1e3:.0f} / {r['first_block_p99_s'] * 1e3:.0f} ms | "
                      f"{r['last_token_p50_s'] * 1e3:.0f} / {r['last_token_p99_s'] * 1e3:.0f} ms | "
-                     f"{r['ceiling_tokens_per_s']:.0f} | {r['vs_ceiling']:.0%} | {r['vs_c1']:.1f}x | "
-                     f"{r['equal_to_ceiling']}/{r['requests']} |")
+                     f"{ceil} | {r['vs_c1']:.1f}x | {equal} |")
     return "\n".join(lines) + "\n"
 
 
@@ -156,7 +157,7 @@ def metadata(args, settings: dict) -> dict:
 def write(args, rows: list[dict], settings: dict) -> None:
     """JSON + Markdown of the levels measured so far (written after each, so a cut-off run keeps its rows)."""
     for r in rows:
-        r["vs_ceiling"] = r["tokens_per_s"] / r["ceiling_tokens_per_s"]
+        r["vs_ceiling"] = r["tokens_per_s"] / r["ceiling_tokens_per_s"] if r["ceiling_tokens_per_s"] else None
         r["vs_c1"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
     meta = metadata(args, settings)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -174,6 +175,8 @@ def main() -> None:
     ap.add_argument("--gen-length", type=int, default=128)
     ap.add_argument("--strategy", default="lopa")
     ap.add_argument("--k", type=int, default=7)
+    ap.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time generate_many on the same prompts (--no-ceiling: the server only)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads in both processes (default: "
                     "torch's); 1 on a CPU shared with other work, where spinning OpenMP threads cost most")
     args = ap.parse_args()
@@ -188,7 +191,7 @@ def main() -> None:
     n_max = max(args.min_requests, args.waves * max(args.concurrency))
     prompts = [p.prompt for p in gsm8k(None, n_max)]
     ceilings = {}
-    for c in args.concurrency:
+    for c in args.concurrency if args.ceiling else []:
         ceilings[c] = ceiling(args, prompts[:max(args.min_requests, args.waves * c)], c, settings)
         print(f"generate_many, max_num_seqs {c}: {ceilings[c]['tokens_per_s']:.0f} tok/s", flush=True)
 
@@ -206,14 +209,15 @@ def main() -> None:
             first = [r["first_block_s"] for r in results]
             last = [r["last_token_s"] for r in results]
             tokens = sum(r["tokens"] for r in results)
-            equal = sum(r["text"] == t for r, t in zip(results, ceilings[c]["texts"]))
+            ceil = ceilings.get(c, {"tokens_per_s": None, "requests_per_s": None, "texts": []})
+            equal = sum(r["text"] == t for r, t in zip(results, ceil["texts"])) if c in ceilings else None
             print(f"server, concurrency {c}: {tokens / wall:.0f} tok/s, {n / wall:.2f} req/s", flush=True)
             rows.append({"concurrency": c, "requests": n, "wall_s": wall, "requests_per_s": n / wall,
                          "tokens": tokens, "tokens_per_s": tokens / wall,
                          "first_block_p50_s": percentile(first, 50), "first_block_p99_s": percentile(first, 99),
                          "last_token_p50_s": percentile(last, 50), "last_token_p99_s": percentile(last, 99),
-                         "ceiling_tokens_per_s": ceilings[c]["tokens_per_s"],
-                         "ceiling_requests_per_s": ceilings[c]["requests_per_s"], "equal_to_ceiling": equal})
+                         "ceiling_tokens_per_s": ceil["tokens_per_s"],
+                         "ceiling_requests_per_s": ceil["requests_per_s"], "equal_to_ceiling": equal})
             write(args, rows, settings)
     finally:
         server.terminate()
