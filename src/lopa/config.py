@@ -6,6 +6,8 @@ Every field is validated in ``__post_init__``; a bad value raises ``ConfigError`
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import re
 from dataclasses import dataclass
 
 from .errors import ConfigError
@@ -20,6 +22,27 @@ COMPATS = ("published",)
 def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{name}: {message}")
+
+
+# What each annotation accepts. bool is an int subclass in Python: refused where a number is meant, so that
+# k=True or tau=False never pass for 1 and 0. Every int also passes where a float is meant.
+_TYPE_TESTS = {
+    "int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "bool": lambda v: isinstance(v, bool),
+}
+
+
+def check_types(obj) -> None:
+    """Every field of a config dataclass has its annotated type ("int", "float | None", ...): ConfigError if not."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        if value is None and "None" in kinds:
+            continue
+        if not any(_TYPE_TESTS[k](value) for k in kinds if k != "None"):
+            raise ConfigError(f"{f.name}: must be {' or '.join(kinds)}, got {value!r} ({type(value).__name__})")
 
 
 @dataclass(frozen=True)
@@ -51,6 +74,7 @@ class DecodeConfig:
     compat: str | None = None  # "published": the published LoPA code's loop, token for token (decoding/published.py)
 
     def __post_init__(self) -> None:
+        check_types(self)
         _check(self.strategy in STRATEGIES, "strategy", f"must be one of {STRATEGIES}, got {self.strategy!r}")
         _check(self.gen_length >= 1, "gen_length", f"must be >= 1, got {self.gen_length}")
         _check(self.block_size >= 1, "block_size", f"must be >= 1, got {self.block_size}")
@@ -120,8 +144,16 @@ PRESETS: dict[str, DecodeConfig] = {
 LLADA_DEFAULTS: dict[str, object] = dict(block_size=64, add_threshold=0.7, complete_threshold=0.95, tau=0.9, gen_length=512)
 
 
+# Where one strategy needs another default than DecodeConfig's, and why. The dream sampler denoises its whole
+# canvas at every step, with no cache and no stop at EOS, so the canvas length is part of what the model sees:
+# on the embedded model a 256-position canvas fills with EOS from the end and the answer comes out empty
+# (256 forwards for nothing), while 128 positions (steps = 128) answer the held-out problems.
+STRATEGY_DEFAULTS: dict[str, dict[str, object]] = {"dream": {"gen_length": 128}}
+
+
 def decode_config(preset: str | None = None, model_type: str = "dream", **overrides) -> DecodeConfig:
-    """Build a DecodeConfig: a named preset (Dream) or the model family's defaults, then overrides.
+    """Build a DecodeConfig: a named preset (Dream) or the model family's defaults, the strategy's own
+    defaults (STRATEGY_DEFAULTS), then overrides.
 
     With ``compat="published"`` the confidence measure defaults to the published scripts' negative entropy."""
     if preset is not None:
@@ -131,6 +163,8 @@ def decode_config(preset: str | None = None, model_type: str = "dream", **overri
         base = DecodeConfig(**LLADA_DEFAULTS)
     else:
         base = DecodeConfig()
+    for name, value in STRATEGY_DEFAULTS.get(overrides.get("strategy", base.strategy), {}).items():
+        overrides.setdefault(name, value)
     if overrides.get("compat") == "published" and "confidence" not in overrides:
         overrides["confidence"] = "neg_entropy"  # the published scripts' sampling_strategy
     return base.replace(**overrides)
@@ -149,6 +183,7 @@ class RunnerConfig:
     max_positions: int | None = None  # KV positions per slot; None = grow on demand (else longer requests are refused)
 
     def __post_init__(self) -> None:
+        check_types(self)
         _check(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1, "max_num_seqs",
                f"must be an integer >= 1, got {self.max_num_seqs!r}")
         _check(self.max_positions is None or (isinstance(self.max_positions, int) and self.max_positions >= 2),
@@ -156,7 +191,7 @@ class RunnerConfig:
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16", "float64"), "dtype", f"unknown dtype {self.dtype!r}")
         _check(self.quantize in (None, "int8", "fp8"), "quantize", f"must be None, 'int8' or 'fp8', got {self.quantize!r}")
         _check(
-            self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
+            re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device) is not None,
             "device",
             f"must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}",
         )

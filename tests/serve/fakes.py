@@ -119,33 +119,32 @@ class FakeEngine:
 
 
 class Gated:
-    """Wraps a real engine: step() waits while ``gate`` is cleared and raises once ``fail_next`` is set.
-
-    ``clean()`` (call it after the server stopped) aborts what a failed engine still holds, so the shared
-    model's engine is empty again for the next test."""
+    """Wraps a real engine: step() waits while ``gate`` is cleared and raises once ``fail_next`` is set;
+    with ``poison`` set, the next prepared request's strategy raises in accept (a bug in one request)."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
         self.gate = threading.Event()
         self.gate.set()
         self.fail_next = False
-        self.added: list[str] = []
+        self.poison = False
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def add(self, seq) -> None:
-        self.added.append(seq.id)
-        self.engine.add(seq)
+    def prepare(self, *args, **kwargs):
+        seq = self.engine.prepare(*args, **kwargs)
+        if self.poison:
+            self.poison = False
+
+            def broken_accept(*_args):
+                raise ValueError("strategy bug")
+
+            seq.strategy.accept = broken_accept  # this one request only
+        return seq
 
     def step(self):
         self.gate.wait()
         if self.fail_next:
             raise RuntimeError("device lost")
         return self.engine.step()
-
-    def clean(self) -> None:
-        for seq_id in self.added:
-            self.engine.abort(seq_id)
-        while self.engine.has_work():
-            self.engine.step()

@@ -74,15 +74,30 @@ def test_a_request_past_its_time_limit_is_aborted_with_504(model):
 def test_engine_death_fails_waiters_with_503_and_turns_health_503(model):
     gated = Gated(model.engine)
     gated.fail_next = True
-    try:
-        with serving(model, engine=gated) as (url, app):
-            dead = httpx.post(url + "/v1/completions", json=body(model), timeout=60)
-            assert dead.status_code == 503 and "device lost" in dead.json()["error"]["message"]
-            assert httpx.get(url + "/health").status_code == 503
-            assert httpx.post(url + "/v1/completions", json=body(model)).status_code == 503
-            streamed = httpx.post(url + "/v1/completions", json=body(model, stream=True))
-            assert streamed.status_code == 503
-            assert metric(httpx.get(url + "/metrics").text, 'lopa_requests_total{status="error"}') >= 1
-    finally:
-        gated.clean()
+    with serving(model, engine=gated) as (url, app):
+        dead = httpx.post(url + "/v1/completions", json=body(model), timeout=60)
+        assert dead.status_code == 503 and "device lost" in dead.json()["error"]["message"]
+        assert httpx.get(url + "/health").status_code == 503
+        assert httpx.post(url + "/v1/completions", json=body(model)).status_code == 503
+        streamed = httpx.post(url + "/v1/completions", json=body(model, stream=True))
+        assert streamed.status_code == 503
+        assert metric(httpx.get(url + "/metrics").text, 'lopa_requests_total{status="error"}') >= 1
+    assert not model.engine.has_work() and not any(model.runner.pool.lengths)  # fail_all emptied it
+
+
+def test_a_request_whose_strategy_fails_gets_500_and_the_server_goes_on(model):
+    gated = Gated(model.engine)
+    with serving(model, engine=gated) as (url, app):
+        for stream in (False, True):
+            gated.poison = True
+            failed = httpx.post(url + "/v1/completions", json=body(model, stream=stream), timeout=60)
+            if stream:  # the stream had started (200): it ends in an error event, not in [DONE]
+                assert failed.status_code == 200 and "[DONE]" not in failed.text
+                assert '"code": "request_failed"' in failed.text
+            else:
+                assert failed.status_code == 500 and failed.json()["error"]["code"] == "request_failed"
+            assert "strategy bug" in failed.text
+            assert httpx.post(url + "/v1/completions", json=body(model)).status_code == 200
+        assert httpx.get(url + "/health").status_code == 200
+        assert metric(httpx.get(url + "/metrics").text, 'lopa_requests_total{status="error"}') == 2
     assert not model.engine.has_work()

@@ -26,8 +26,8 @@ from .confidence import BRANCH_SCORES
 class WindowState(DecodeState):
     blocks: list[Block] = field(default_factory=list)
     pred_tok: torch.Tensor | None = None  # [T] the winner's predicted token per position (valid where pred_ok)
-    pred_prob: torch.Tensor | None = None  # [T]
-    pred_conf: torch.Tensor | None = None  # [T]
+    pred_prob: torch.Tensor | None = None  # [T] in the predictions' dtype (float32; float64 for a float64 model)
+    pred_conf: torch.Tensor | None = None  # [T] likewise
     pred_ok: torch.Tensor | None = None  # [T] bool
     prefilled: bool = False
     eos_at: int | None = None  # first EOS in the generated region
@@ -156,6 +156,8 @@ class WindowStrategy(Strategy):
         hi = lo + batch.tokens.shape[1]
         state.canvas[lo:hi] = batch.tokens[winner]
         positions = lo + batch.logit_cols
+        if state.pred_prob.dtype != preds.prob.dtype:  # float32, or float64 for a float64 model: keep its precision
+            state.pred_prob, state.pred_conf = state.pred_prob.to(preds.prob.dtype), state.pred_conf.to(preds.conf.dtype)
         state.pred_ok[:] = False
         state.pred_ok[positions] = True
         state.pred_tok[positions] = preds.tokens[winner]

@@ -25,7 +25,7 @@ from ..config import ServeConfig
 from ..errors import EngineDeadError, LopaError
 from . import protocol
 from .engine_loop import AsyncEngine
-from .errors import ApiError, Cancelled, RequestTimeout, classify, outcome
+from .errors import ApiError, Cancelled, RequestFailed, RequestTimeout, classify, outcome
 from .metrics import Metrics
 from .text import TextStream
 
@@ -83,7 +83,8 @@ def create_app(model, config: ServeConfig | None = None, engine=None) -> FastAPI
         return JSONResponse(protocol.error_body(err.message, err.type, err.param, err.code), err.status,
                             headers=err.headers)
 
-    for kind in (ApiError, ValidationError, LopaError, RequestTimeout, Cancelled, HTTPException, Exception):
+    for kind in (ApiError, ValidationError, LopaError, RequestTimeout, RequestFailed, Cancelled, HTTPException,
+                 Exception):
         app.add_exception_handler(kind, error_response)
 
     def require_key(request: Request) -> None:
@@ -129,6 +130,9 @@ def create_app(model, config: ServeConfig | None = None, engine=None) -> FastAPI
                     job.done = True
                     if item.finish_reason == "abort":
                         raise Cancelled("the request was aborted: the server is shutting down")
+                    if item.finish_reason == "error":
+                        raise RequestFailed(f"the request failed in the engine: {type(item.error).__name__}: "
+                                            f"{item.error}")
                     metrics.on_finished(item.result.stats, time.perf_counter() - job.t0)
                 if first and item.new_ids:
                     metrics.first_block_s.observe(time.perf_counter() - job.t0)
@@ -206,7 +210,7 @@ def create_app(model, config: ServeConfig | None = None, engine=None) -> FastAPI
                     yield event(protocol.chunk(job.chat, job.rid, name, created, None, use=use, with_usage=True))
                 metrics.requests.labels("ok").inc()
                 yield "data: [DONE]\n\n"
-        except (EngineDeadError, Cancelled, RequestTimeout) as exc:  # nothing half-way: the stream ends in an error
+        except (EngineDeadError, Cancelled, RequestTimeout, RequestFailed) as exc:  # the stream ends in an error
             abandon(job)
             err = classify(exc)
             metrics.requests.labels(outcome(err.status)).inc()

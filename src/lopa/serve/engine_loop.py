@@ -6,8 +6,9 @@
     _deliver(batch) <-- call_soon_threadsafe --  one Delivery per step: outputs + step info
 
 Only the engine thread calls engine.add / abort / step (the engine is not thread-safe); only the event
-loop touches the outboxes and the pending count. A step that raises kills the engine: every waiter gets
-the error (EngineDeadError), and so does every later submit.
+loop touches the outboxes and the pending count. A step that raises kills the engine (engine.fail_all
+empties it): every waiter gets the error (EngineDeadError), and so does every later submit. A request
+whose own strategy failed ends alone (finish_reason "error"); the engine and the others go on.
 """
 
 from __future__ import annotations
@@ -131,7 +132,13 @@ class AsyncEngine:
                             live.discard(out.request_id)
                     delivery = Delivery(outs, self.engine.last_step, self.engine.num_running, self.engine.num_waiting)
                     self.loop.call_soon_threadsafe(self._deliver, delivery)
-        except BaseException as err:  # noqa: BLE001 (any failure of a step kills the engine; waiters hear why)
+        except BaseException as err:  # noqa: BLE001 (a failed step kills the engine; every waiter hears why)
+            fail_all = getattr(self.engine, "fail_all", None)
+            if fail_all is not None:
+                try:
+                    fail_all(err)  # leaves the engine empty (slots freed); the waiters are answered by Failure
+                except Exception:  # noqa: BLE001 - the engine is dead either way
+                    pass
             self.loop.call_soon_threadsafe(self._deliver, Failure(err))
             return
         self.loop.call_soon_threadsafe(self._deliver, Failure(EngineDeadError("the engine was shut down")))

@@ -5,7 +5,7 @@
     QueueFullError (the in-flight bound)                                                   429 + Retry-After
     EngineDeadError, aborted by shutdown                                                   503
     RequestTimeout (ServeConfig.request_timeout_s)                                         504
-    anything else                                                                          500
+    RequestFailed (its strategy raised in the engine), anything else                       500
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code, self.headers = (
             status, message, type_, param, code, headers)
+
+
+class RequestFailed(Exception):
+    """This request's strategy failed inside the engine (finish_reason "error"); the others go on."""
 
 
 class RequestTimeout(Exception):
@@ -56,6 +60,8 @@ def classify(exc: Exception) -> ApiError:
         return ApiError(503, str(exc) or "the server is shutting down", "server_error", code="engine_unavailable")
     if isinstance(exc, RequestTimeout):
         return ApiError(504, str(exc), "timeout", code="request_timeout")
+    if isinstance(exc, RequestFailed):
+        return ApiError(500, str(exc), "server_error", code="request_failed")
     if isinstance(exc, HTTPException):
         return ApiError(exc.status_code, str(exc.detail), "invalid_request_error", headers=exc.headers)
     if isinstance(exc, LopaError):
