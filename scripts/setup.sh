@@ -16,5 +16,5 @@ if ! .venv/bin/python -c 'import torch' >/dev/null 2>&1; then
   echo "setup: installing torch==2.13.0"
   .venv/bin/python -m pip install -q torch==2.13.0
 fi
-.venv/bin/python -m pip install -q -e '.[dev,eval,lmeval]'
+.venv/bin/python -m pip install -q -e '.[dev,eval,lmeval,serve]'
 touch .venv/.lopa-setup

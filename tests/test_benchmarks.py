@@ -56,3 +56,15 @@ def test_branch_research_pairs_every_variant_with_fixed_k_mean(tmp_path):
     checks = json.loads((tmp_path / "checks" / "checks.json").read_text())
     assert checks["tfo"]["n"] == 1 and checks["lookahead"]["paired"]["n"] == 2
     assert "Token-filling orders" in (tmp_path / "summary.md").read_text()
+
+
+def test_serve_load_tiny(tmp_path):
+    run("serve_load.py", "--device", "cpu", "--concurrency", "1,2", "--min-requests", "2", "--gen-length", "8",
+        "--k", "1", "--threads", "1", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "serve_load.json").read_text())["rows"]
+    assert [r["concurrency"] for r in rows] == [1, 2] and [r["requests"] for r in rows] == [4, 8]
+    for r in rows:
+        assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["ceiling_tokens_per_s"] > 0
+        assert 0 < r["first_block_p50_s"] <= r["last_token_p99_s"]
+        assert r["equal_to_ceiling"] == r["requests"]  # greedy: the server's answers are generate_many's
+    assert (tmp_path / "serve_load.md").read_text().count("\n| ") == 3  # header + 2 rows

@@ -504,3 +504,44 @@ def info(path: Optional[Path] = typer.Argument(None, help="HF model folder (defa
           f"  layers {cfg.num_layers}, hidden {cfg.hidden_size}, heads {cfg.num_heads}/{cfg.num_kv_heads}, "
           f"vocab {cfg.vocab_size}, context {cfg.max_position_embeddings}\n"
           f"  mask id {model.loaded.spec.mask_id}, eos ids {list(model.loaded.spec.eos_ids)}\n")
+
+
+# -- lopa serve ----------------------------------------------------------------------------------------
+@app.command()
+def serve(
+    path: Optional[Path] = typer.Argument(None, help="HF model folder (default: the embedded model)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 for every interface)."),
+    port: int = typer.Option(8000),
+    api_key: Optional[str] = typer.Option(None, envvar="LOPA_API_KEY",
+                                          help="Require `Authorization: Bearer KEY` on /v1/* and /metrics."),
+    max_num_seqs: int = typer.Option(16, help="Requests decoded together in one engine step."),
+    max_pending: int = typer.Option(64, help="Requests in flight (running + waiting) before new ones get 429."),
+    served_model_name: Optional[str] = typer.Option(None, help="The `model` clients send (default: folder name)."),
+    request_timeout: float = typer.Option(600.0, help="Seconds before an unfinished request is aborted (504)."),
+    metrics_public: bool = typer.Option(False, help="Serve /metrics without the API key."),
+    adapter: Optional[Path] = typer.Option(None, help="PEFT LoRA adapter folder (e.g. a D2F adapter)."),
+    device: str = typer.Option("auto"),
+    dtype: str = typer.Option("auto"),
+    quantize: Optional[str] = typer.Option(None, help="Decoder Linears: int8 (weight-only) or fp8 (W8A8)."),
+    fuse: bool = typer.Option(True, help="On a GPU, fuse RMSNorm/RoPE/SiLU/confidence kernels with torch.compile."),
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics)."""
+    from .config import ServeConfig
+
+    try:
+        from .serve import create_app
+        from .serve import serve as run_server
+    except ImportError as err:
+        _fail(ConfigError(f"serve: the server needs the 'serve' extra (pip install 'lopa[serve]'): {err}"))
+    try:
+        config = ServeConfig(host=host, port=port, api_key=api_key, max_pending=max_pending,
+                             served_model_name=served_model_name, request_timeout_s=request_timeout,
+                             metrics_public=metrics_public)
+        runner = RunnerConfig(device=device, dtype=dtype, quantize=quantize, fuse=fuse, max_num_seqs=max_num_seqs)
+        with console.status("loading model"):
+            model = api.load_model(path, adapter=adapter, runner=runner)
+    except LopaError as err:
+        _fail(err)
+    console.print(f"[dim]serving {config.served_model_name or model.path.name} on http://{host}:{port}/v1 "
+                  f"({model.runner.device}, max_num_seqs {max_num_seqs}, auth {'on' if api_key else 'off'})[/]")
+    run_server(create_app(model, config), host, port)

@@ -210,3 +210,22 @@ class RunnerConfig:
             "device",
             f"must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}",
         )
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Settings of `lopa serve` (serve/): the HTTP side. The engine's own bounds live in RunnerConfig."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # None: no auth; else `Authorization: Bearer <key>` on /v1/* (and /metrics)
+    max_pending: int = 64  # requests in flight (waiting + running) before new ones get 429
+    served_model_name: str | None = None  # the `model` clients must send; None = the model folder's name
+    request_timeout_s: float = 600.0  # a request still unfinished after this is aborted (HTTP 504)
+    metrics_public: bool = False  # serve /metrics without the API key
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.port <= 65535, "port", f"must be in [1, 65535], got {self.port}")
+        _check(self.api_key is None or len(self.api_key) > 0, "api_key", "must not be empty")
+        _check(self.max_pending >= 1, "max_pending", f"must be >= 1, got {self.max_pending}")
+        _check(self.request_timeout_s > 0, "request_timeout_s", f"must be > 0, got {self.request_timeout_s}")

@@ -23,3 +23,11 @@ class AdapterError(CheckpointError):
 
 class PromptTooLongError(LopaError, ValueError):
     """Prompt plus generation length exceeds the model's context."""
+
+
+class QueueFullError(LopaError):
+    """The server's bounded queue of requests is full; retry later (HTTP 429)."""
+
+
+class EngineDeadError(LopaError):
+    """The engine thread has stopped (a failed step or a shutdown); no request can be served (HTTP 503)."""

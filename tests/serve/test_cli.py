@@ -1,0 +1,33 @@
+"""`lopa serve` through typer's CliRunner: flags reach the app; bad values are one line and exit 2."""
+
+import httpx
+from typer.testing import CliRunner
+
+import lopa.serve
+from lopa.cli import app
+from lopa.serve import BackgroundServer
+
+
+def test_bad_serve_flags_exit_2_with_one_line():
+    for flags, field in ((["--max-pending", "0"], "max_pending"), (["--port", "0"], "port"),
+                         (["--request-timeout", "-1"], "request_timeout_s")):
+        result = CliRunner().invoke(app, ["serve", *flags])
+        assert result.exit_code == 2, result.output
+        assert field in result.output and "Traceback" not in result.output
+
+
+def test_serve_builds_an_app_with_the_flags_and_the_env_api_key(monkeypatch):
+    seen = {}
+
+    def fake_serve(asgi_app, host, port):  # instead of blocking in uvicorn: serve it in a thread, try it
+        seen["where"] = (host, port)
+        with BackgroundServer(asgi_app) as url:
+            seen["no key"] = httpx.get(url + "/v1/models").status_code
+            seen["models"] = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer env-key"}).json()
+
+    monkeypatch.setattr(lopa.serve, "serve", fake_serve)
+    result = CliRunner().invoke(app, ["serve", "--device", "cpu", "--port", "8123", "--max-num-seqs", "4",
+                                      "--served-model-name", "tiny-lopa"], env={"LOPA_API_KEY": "env-key"})
+    assert result.exit_code == 0, result.output
+    assert seen["where"] == ("127.0.0.1", 8123) and seen["no key"] == 401
+    assert [m["id"] for m in seen["models"]["data"]] == ["tiny-lopa"]
