@@ -23,3 +23,7 @@ class AdapterError(CheckpointError):
 
 class PromptTooLongError(LopaError, ValueError):
     """Prompt plus generation length exceeds the model's context."""
+
+
+class BranchParallelError(LopaError):
+    """A Branch Parallel rank died, hung past RunnerConfig.bp_timeout_s, or diverged from rank 0 (bp_check)."""
