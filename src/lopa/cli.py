@@ -62,6 +62,8 @@ def generate(
     dtype: str = typer.Option("auto"),
     quantize: Optional[str] = typer.Option(None, help="Decoder Linears: int8 (weight-only) or fp8 (W8A8, fp8 GEMMs on Hopper/Ada GPUs)."),
     fuse: bool = typer.Option(True, help="On a GPU, fuse RMSNorm/RoPE/SiLU/confidence kernels with torch.compile."),
+    devices: int = typer.Option(1, help="Branch Parallel: spread each request's branches over N processes "
+                                "(GPUs cuda:0..N-1, or CPU processes), each holding the whole model."),
     trace: Optional[Path] = typer.Option(None, help="Write the per-step trace and stats as JSON here."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -78,7 +80,7 @@ def generate(
         overrides["trace"] = True
     try:
         with console.status("loading model"):
-            runner = RunnerConfig(device=device, dtype=dtype, quantize=quantize, fuse=fuse)
+            runner = RunnerConfig(device=device, dtype=dtype, quantize=quantize, fuse=fuse, branch_parallel=devices)
             model = api.load_model(path, adapter=adapter, runner=runner)
         gen_total = overrides.get("gen_length")
         with Progress(TextColumn("decoding"), BarColumn(), TextColumn("{task.completed}/{task.total} positions"),
@@ -93,8 +95,11 @@ def generate(
     except LopaError as err:
         _fail(err)
     s = result.stats
+    bp = model.engine.bp.as_dict() if devices > 1 else None
+    model.close()
     if as_json:
-        out.print_json(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": s.as_dict()}))
+        record = {"text": result.text, "token_ids": result.token_ids, "stats": s.as_dict()}
+        out.print_json(json.dumps(record if bp is None else {**record, "branch_parallel": {"devices": devices, **bp}}))
     else:
         out.print(result.text, markup=False, highlight=False)
         console.print(
@@ -103,11 +108,21 @@ def generate(
             f"{s.mean_branches:.1f} branches/forward | prefill {s.prefill_s * 1e3:.0f} ms, decode {s.decode_s:.2f} s"
             + (" | STOPPED AT ROUND CAP" if s.hit_round_cap else "") + "[/]"
         )
+        if bp is not None:
+            console.print(f"[dim]{_bp_line(devices, bp)}[/]")
     if trace is not None:
         record = {"config": asdict(result.config), "stats": s.as_dict(), "prompt_ids": result.prompt_ids,
                   "token_ids": result.token_ids, "trace": [asdict(step) for step in result.trace]}
         trace.write_text(json.dumps(record, indent=1))
         console.print(f"[dim]trace written to {trace}[/]")
+
+
+def _bp_line(devices: int, bp: dict) -> str:
+    """The Branch Parallel report: rank 0's phase times and what it sent."""
+    phases = ", ".join(f"{name} {bp[name + '_s'] * 1e3:.1f}" for name in ("prepare", "forward", "gather", "select", "commit"))
+    return (f"branch parallel on {devices} ranks: ms per phase {phases} (Pre-Write inside forward: "
+            f"{bp['prewrite_bytes'] / 1e6:.2f} MB) | {bp['gathers']} gathers ({bp['gather_bytes'] / 1e3:.1f} kB) | "
+            f"{bp['broadcasts']} commit broadcasts, {bp['bytes_per_commit'] / 1e3:.1f} kB each")
 
 
 @app.command()
@@ -166,6 +181,7 @@ def evaluate(
     device: str = typer.Option("auto"),
     quantize: Optional[str] = typer.Option(None, help="Decoder Linears: int8 (weight-only) or fp8 (W8A8, fp8 GEMMs on Hopper/Ada GPUs)."),
     fuse: bool = typer.Option(True, help="On a GPU, fuse RMSNorm/RoPE/SiLU/confidence kernels with torch.compile."),
+    devices: int = typer.Option(1, help="Branch Parallel: spread each request's branches over N processes/GPUs."),
 ) -> None:
     """Run strategies side by side on the same problems: accuracy, TPF, forwards, tokens/s; paired comparisons."""
     import datetime
@@ -178,7 +194,8 @@ def evaluate(
         if task not in TASKS:
             raise ConfigError(f"task: must be one of {tuple(TASKS)}, got {task!r}")
         problems = TASKS["gsm8k"](data, n) if task == "gsm8k" else TASKS[task](n)
-        model = api.load_model(path, runner=RunnerConfig(device=device, quantize=quantize, fuse=fuse))
+        model = api.load_model(path, runner=RunnerConfig(device=device, quantize=quantize, fuse=fuse,
+                                                         branch_parallel=devices))
         taus = [float(t) for t in tau.split(",") if t] or [None]
         configs = {}
         for name in strategies.split(","):
@@ -219,6 +236,10 @@ def evaluate(
             "n": len(problems), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "counting": "tokens up to and including the first EOS; one decode forward per iteration however many "
                         "branches; prefill apart"}
+    if devices > 1:
+        meta["branch parallel"] = {"devices": devices, **model.engine.bp.as_dict()}
+        console.print(_bp_line(devices, meta["branch parallel"]), markup=False, soft_wrap=True)
+    model.close()
     write_reports(reports, pairs, out, meta)
     console.print(markdown(reports, pairs), markup=False, soft_wrap=True)
     console.print(f"[dim]written: {out}/eval.json, eval.md, eval.png[/]")
