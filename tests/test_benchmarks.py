@@ -42,3 +42,16 @@ def test_batch_throughput_tiny(tmp_path):
     assert all(r["step_ms"] > 0 and r["roofline_ms"] > 0 and r["rows_per_step"] == r["n"] * (r["k"] + 1) * 8
                for r in rows)
     assert "| 3 | 2 | 64 |" in (tmp_path / "batch_throughput.md").read_text()
+
+
+def test_bp_latency_tiny_two_ranks(tmp_path):
+    run("bp_latency.py", "--tiny", "--devices", "1,2", "--ks", "2", "--windows", "16", "--prefix", "32",
+        "--precisions", "bf16", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "bp_latency.json").read_text())["rows"]
+    assert [(r["devices"], r["commit"]) for r in rows] == [(1, "broadcast"), (2, "broadcast"), (2, "local")]
+    one, two, local = rows
+    assert two["tokens_equal_1"] is True and two["broadcasts_per_step"] > 0 and two["bytes_per_commit"] > 0
+    assert one["bytes_per_commit"] == 0 and local["broadcasts_per_step"] == 0  # one rank / single-phase: nothing sent
+    assert all(r["iteration_ms"] > 0 and abs(sum(r[p + "_share"] for p in ("prepare", "forward", "gather", "select",
+                                                                             "commit")) - 1) < 1e-9 for r in rows)
+    assert (tmp_path / "bp_latency.md").read_text().count("| 2 | bf16 |") == 2

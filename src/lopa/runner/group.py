@@ -55,7 +55,8 @@ class Source:
 
 @dataclass
 class BPCounters:
-    """Engine-wide, cumulative, on every rank (rank 0's are the run's). Times are host wall seconds (on a GPU
+    """Engine-wide, cumulative, on every rank (rank 0's are the run's), over decode steps (prefill steps are
+    replicated and send nothing; the control sync of every step counts). Times are host wall seconds (on a GPU
     they include the waits for the device only where a phase reads its results: forward ends with the copy of
     the predictions to the host; commit is queued, not waited for, unless sync_timers)."""
 

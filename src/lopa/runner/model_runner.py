@@ -41,6 +41,7 @@ class ModelRunner:
                                     fuse=fuse) if static else None
         self.hidden: torch.Tensor | None = None  # [B, Qb, E] of the last forward (commit reads the winners)
         self._shapes: list[tuple[int, int, bool]] = []  # (K, W, replicated) per request of the last forward
+        self._prefill = False  # the last forward was a prefill step
 
     def new_generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
@@ -110,10 +111,12 @@ class ModelRunner:
         else:
             self.hidden, preds = self._eager(local)
         t2 = time.perf_counter()
-        bp.prepare_s += t1 - t0
-        bp.forward_s += t2 - t1
-        L, Hkv, D = self.pool.kv.shape[1], self.pool.kv.shape[3], self.pool.kv.shape[5]
-        bp.prewrite_bytes += sum(item.queries for item in local) * 2 * L * Hkv * D * self.pool.kv.element_size()
+        self._prefill = all(item.batch.prefill for item in items)  # the counters count decode steps only
+        if not self._prefill:
+            bp.prepare_s += t1 - t0
+            bp.forward_s += t2 - t1
+            L, Hkv, D = self.pool.kv.shape[1], self.pool.kv.shape[3], self.pool.kv.shape[5]
+            bp.prewrite_bytes += sum(item.queries for item in local) * 2 * L * Hkv * D * self.pool.kv.element_size()
         shapes = [(K, item.batch.logit_cols.numel(), rep) for (K, _, rep), item in zip(self._shapes, items)]
         return self.group.gather(preds, shapes, torch.promote_types(self.dtype, torch.float32))
 
@@ -202,7 +205,8 @@ class ModelRunner:
             self.pool.lengths[c.slot] += c.n
         if self.group.sync_timers and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.group.counters.commit_s += time.perf_counter() - t0
+        if not self._prefill:
+            self.group.counters.commit_s += time.perf_counter() - t0
 
     def verify(self, slots: list[int], canvases: list[torch.Tensor]) -> None:
         """RunnerConfig.bp_check: every rank's cache and canvases agree after the commit (no-op in one process)."""
