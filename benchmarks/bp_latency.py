@@ -13,7 +13,7 @@ without those syncs in a separate request.
 
     python benchmarks/bp_latency.py --devices 1,2 --out benchmarks/results/        # GPUs: Dream-7B, bf16 + fp8
     python benchmarks/bp_latency.py --tiny --devices 1,2 --out /tmp/x              # CPU smoke test (gloo)
-    python benchmarks/bp_latency.py --devices 1 --one-rank-group --out /tmp/x      # the NCCL path on one GPU
+    python benchmarks/bp_latency.py --devices 1 --one-rank-group --out /tmp/x      # + the NCCL path on one GPU
 """
 
 from __future__ import annotations
@@ -117,8 +117,8 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=0, help="generated positions per request (default 2*W)")
     ap.add_argument("--precisions", default="bf16,fp8", help="bf16 (float32 on a CPU) and/or fp8 decoder Linears")
     ap.add_argument("--commits", default="broadcast,local", help="Commit-Winner-Cache modes for N > 1")
-    ap.add_argument("--one-rank-group", action="store_true", help="run N = 1 through a one-rank BranchGroup "
-                    "(NCCL on a GPU) instead of the single-process LocalGroup")
+    ap.add_argument("--one-rank-group", action="store_true", help="also run N = 1 through a one-rank BranchGroup "
+                    "(its NCCL collectives on a GPU), beside the single-process LocalGroup")
     args = ap.parse_args()
     args.ks = [int(x) for x in args.ks.split(",")]
     args.windows = [int(x) for x in args.windows.split(",")]
@@ -135,7 +135,10 @@ def main() -> None:
                 command="benchmarks/bp_latency.py " + " ".join(sys.argv[1:]),
                 counting="iteration = decode seconds / decode forwards of one request (prefill apart); phases per "
                          "decode iteration from rank 0's engine.bp, timed with a device sync after each phase")
-    for n in (int(x) for x in args.devices.split(",")):
+    runs = [(int(x), False) for x in args.devices.split(",")]
+    if args.one_rank_group:
+        runs.insert(1 if runs and runs[0][0] == 1 else 0, (1, True))
+    for n, one_rank_group in runs:
         for precision in args.precisions.split(","):
             if precision == "fp8" and cuda and torch.cuda.get_device_capability() < (8, 9):
                 continue
@@ -143,19 +146,20 @@ def main() -> None:
                 runner = RunnerConfig(device=device, dtype="bfloat16" if cuda else "float32", max_num_seqs=1,
                                       quantize="fp8" if precision == "fp8" else None, branch_parallel=n,
                                       bp_commit=mode)
-                group = None
-                if n == 1 and args.one_rank_group:
-                    group = launch.start(1, torch.device(device), runner.bp_timeout_s, mode, False, None)
+                group = launch.start(1, torch.device(device), runner.bp_timeout_s, mode, False, None) \
+                    if one_rank_group else None
                 model = build_model(RandomSource(shape), runner, group, name=Path(f"random-{shape}"))
                 try:
-                    rows += run_cases(model, n, precision, mode, args, prompts)
+                    for row in run_cases(model, n, precision, mode, args, prompts):
+                        rows.append({**row, "group": "one-rank " + group.dist.get_backend() if group else
+                                     ("local" if n == 1 else "spawned")})
                 finally:
                     model.close()
                     del model
                     if cuda:
                         torch.cuda.empty_cache()
                 (args.out / "bp_latency.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    one = {(r["k"], r["W"], r["precision"]): r for r in rows if r["devices"] == 1}
+    one = {(r["k"], r["W"], r["precision"]): r for r in rows if r["group"] == "local"}
     for r in rows:
         base = one.get((r["k"], r["W"], r["precision"]))
         r["tokens_equal_1"] = None if base is None else r["token_ids"] == base["token_ids"]
@@ -163,12 +167,12 @@ def main() -> None:
     (args.out / "bp_latency.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"{meta['device']}, torch {meta['torch']}, commit {meta['commit']}, {meta['date']}, shape {shape}, "
              f"P={args.prefix}; {meta['counting']}", "",
-             "| N | precision | commit | k | W | ms/iteration | x vs 1 | prepare | forward | gather | select | commit "
-             "| kB/commit | broadcasts/step | tokens = N=1 |", "|" + "---|" * 15]
+             "| N | group | precision | commit | k | W | ms/iteration | x vs 1 | prepare | forward | gather | select | commit "
+             "| kB/commit | broadcasts/step | tokens = N=1 |", "|" + "---|" * 16]
     for r in rows:
         share = " | ".join(f"{r[p + '_ms']:.3f} ({r[p + '_share']:.0%})" for p in PHASES)
         speed = "" if r["speedup_vs_1"] is None else f"{r['speedup_vs_1']:.2f}x"
-        lines.append(f"| {r['devices']} | {r['precision']} | {r['commit']} | {r['k']} | {r['W']} | "
+        lines.append(f"| {r['devices']} | {r['group']} | {r['precision']} | {r['commit']} | {r['k']} | {r['W']} | "
                      f"{r['iteration_ms']:.3f} | {speed} | {share} | {r['bytes_per_commit'] / 1e3:.1f} | "
                      f"{r['broadcasts_per_step']:.2f} | {r['tokens_equal_1']} |")
     (args.out / "bp_latency.md").write_text("\n".join(lines) + "\n")

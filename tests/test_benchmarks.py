@@ -54,4 +54,4 @@ def test_bp_latency_tiny_two_ranks(tmp_path):
     assert one["bytes_per_commit"] == 0 and local["broadcasts_per_step"] == 0  # one rank / single-phase: nothing sent
     assert all(r["iteration_ms"] > 0 and abs(sum(r[p + "_share"] for p in ("prepare", "forward", "gather", "select",
                                                                              "commit")) - 1) < 1e-9 for r in rows)
-    assert (tmp_path / "bp_latency.md").read_text().count("| 2 | bf16 |") == 2
+    assert (tmp_path / "bp_latency.md").read_text().count("| 2 | spawned | bf16 |") == 2

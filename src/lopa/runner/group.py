@@ -91,6 +91,7 @@ class LocalGroup:
     """One process: every row here, nothing sent."""
 
     rank, world, is_root, device, commit_mode, check, sync_timers = 0, 1, True, None, "broadcast", False, False
+    distributed = False
 
     def __init__(self) -> None:
         self.counters = BPCounters()
@@ -114,13 +115,15 @@ class LocalGroup:
 class BranchGroup:
     """This rank's view of a torch.distributed group of N ranks (launch.py builds it)."""
 
-    is_root: bool
+    distributed = True  # its collectives run even with one rank (the NCCL path on one GPU)
 
     def __init__(self, rank: int, world: int, device: torch.device, timeout_s: float, commit_mode: str = "broadcast",
                  check: bool = False, procs: list | None = None) -> None:
         import torch.distributed as dist
 
         self.dist = dist
+        # all_gather_single is the newer name (torch >= 2.13) of all_gather_into_tensor: [N*B, ...] <- [B, ...]
+        self._all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         self.rank, self.world, self.device = rank, world, device
         self.is_root = rank == 0
         self.timeout_s, self.commit_mode, self.check = timeout_s, commit_mode, check
@@ -197,10 +200,10 @@ class BranchGroup:
             n = p.tokens.numel()
             local[i, :n] = torch.stack([p.tokens.to(dtype), p.prob.to(dtype), p.conf.to(dtype)], -1).view(n, 3)
         local = local.to(self.device)
-        out = [torch.empty_like(local) for _ in range(self.world)]
+        out = torch.empty(self.world * len(spread), Q, 3, dtype=dtype, device=self.device)
         self._guard("all_gather of the predictions",
-                    lambda: self._wait(self.dist.all_gather(out, local, async_op=True)))
-        host = torch.stack(out).cpu()  # [N, B_spread, Q, 3]
+                    lambda: self._wait(self._all_gather(out, local, async_op=True)))
+        host = out.cpu().view(self.world, len(spread), Q, 3)
         preds = list(preds)
         for i, b in enumerate(spread):
             C = shapes[b][1]
@@ -212,6 +215,23 @@ class BranchGroup:
         c.split_steps += 1
         c.gather_s += time.perf_counter() - t0
         return preds
+
+    def gather_packed(self, packed: torch.Tensor) -> torch.Tensor:
+        """The static path's packed predictions [B, Qb, 3] (device, the same shape on every rank) -> every rank's,
+        [N, B, Qb, 3] on the host: ONE all_gather, then one device-to-host copy."""
+        if self.sync_timers and packed.is_cuda:
+            torch.cuda.synchronize(packed.device)  # the forward's time stays the forward's
+        t0 = time.perf_counter()
+        out = torch.empty(self.world * packed.shape[0], *packed.shape[1:], dtype=packed.dtype, device=packed.device)
+        self._guard("all_gather of the predictions",
+                    lambda: self._wait(self._all_gather(out, packed.contiguous(), async_op=True)))
+        host = out.cpu().view(self.world, *packed.shape)
+        c = self.counters
+        c.gathers += 1
+        c.gather_bytes += packed.numel() * packed.element_size()
+        c.split_steps += 1
+        c.gather_s += time.perf_counter() - t0
+        return host
 
     def broadcast(self, pool, hidden, work: list) -> None:
         """Commit-Winner-Cache for ``work`` [(slot, index, local_row | None, owner, W, P, n)]: each owner packs

@@ -100,32 +100,39 @@ class ModelRunner:
                 raise ValueError("position 0 of the window needs the last committed hidden state (none cached)")
         t0 = time.perf_counter()
         self._shapes = [(*item.batch.tokens.shape, item.pspec.temperature == 0) for item in items]
-        local = [self._local(item) for item in items]  # this rank's rows (all of them in one process)
+        parts = [self.group.parts(K, rep) for K, _, rep in self._shapes]
+        local = [self._local(item, p[self.group.rank]) for item, p in zip(items, parts)]  # this rank's rows
         bp = self.group.counters
         t1 = time.perf_counter()
-        if not any(item.queries for item in local):  # no row of this step is this rank's (K < N)
-            self.hidden = None
-            preds = [self._empty(item) for item in local]
-        elif self.graphs is not None and self.graphs.supports(local):
-            self.hidden, preds = self.graphs.run(local)
+        gather_before = bp.gather_s  # the static path gathers inside its run: not forward time
+        # every rank takes the same path (supports() reads only what all ranks share), so the collectives match
+        if self.graphs is not None and self.graphs.supports(local):
+            spread = [p if not (K == 1 and rep) else p[:1] for p, (K, _, rep) in zip(parts, self._shapes)]
+            bp_step = self.group.distributed and any(not (K == 1 and rep) for K, _, rep in self._shapes)
+            queries = max(max(len(r) for r in p) * item.batch.tokens.shape[1] for p, item in zip(parts, items))
+            self.hidden, preds = self.graphs.run(local, items if bp_step else None, spread if bp_step else None,
+                                                 queries)
+            gathered = True
+        elif not any(item.queries for item in local):  # eager, and no row of this step is this rank's (K < N)
+            self.hidden, preds, gathered = None, [self._empty(item) for item in local], False
         else:
-            self.hidden, preds = self._eager(local)
+            (self.hidden, preds), gathered = self._eager(local), False
         t2 = time.perf_counter()
         self._prefill = all(item.batch.prefill for item in items)  # the counters count decode steps only
         if not self._prefill:
             bp.prepare_s += t1 - t0
-            bp.forward_s += t2 - t1
+            bp.forward_s += t2 - t1 - (bp.gather_s - gather_before)
             L, Hkv, D = self.pool.kv.shape[1], self.pool.kv.shape[3], self.pool.kv.shape[5]
             bp.prewrite_bytes += sum(item.queries for item in local) * 2 * L * Hkv * D * self.pool.kv.element_size()
+        if gathered:
+            return preds
         shapes = [(K, item.batch.logit_cols.numel(), rep) for (K, _, rep), item in zip(self._shapes, items)]
         return self.group.gather(preds, shapes, torch.promote_types(self.dtype, torch.float32))
 
-    def _local(self, item: StepItem) -> StepItem:
+    def _local(self, item: StepItem, rows: range) -> StepItem:
         """The rows of item this rank computes: local branch ids 0..K_r-1 (only their equality matters),
         written at P + local_row * W (Pre-Write into this rank's own slot scratch)."""
-        K, W = item.batch.tokens.shape
-        rows = self.group.parts(K, item.pspec.temperature == 0)[self.group.rank]
-        if len(rows) == K:
+        if len(rows) == item.batch.tokens.shape[0]:
             return item
         b = item.batch
         lengths = None if b.lengths is None or not len(rows) else b.lengths[rows.start:rows.stop]
