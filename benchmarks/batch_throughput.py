@@ -4,7 +4,7 @@ and against the same n iterations run one request at a time, all in one run.
 One step = the engine's decode step for n requests, each with K = k+1 branches x W window columns over its
 own cached P-token prefix (its own KV slot): ONE forward through lopa's model runner (the static path:
 CUDA graphs + fused kernels on a GPU, the engine's default), the batched confidences, one device-to-host
-copy, the winners' KV commits. "solo" = the same n iterations one request per forward, one after another.
+copy, the winners' KV commits. "solo" = the same n iterations one request per forward, one after another (n x one single-request step).
 The roofline of a case: all weights read once per step (shared by the n requests), each request's prefix
 KV read once, and the step's FLOPs at the matmul rate measured in the same run (step_latency.py's model).
 Host time per step = wall time of the step minus the replay of its captured graph alone (CUDA only).
@@ -42,24 +42,29 @@ def batch_costs(cfg: ModelConfig, n: int, K: int, W: int, P: int) -> dict:
             "linear_params": one["linear_params"], "other_bytes": weights + n * (one["other_bytes"] - weights)}
 
 
-def setup(model, spec, device, dtype, n: int, K: int, W: int, P: int, fuse: bool):
-    """A runner with n slots holding random P-token prefixes, and the n requests' decode items."""
-    runner = ModelRunner(model, spec, device, dtype, max_num_seqs=n, static=True, fuse=fuse)
-    runner.reserve(n, P + K * W + 256)
-    torch.manual_seed(P + K + W + n)
+def setup(model, spec, device, dtype, n_max: int, K_max: int, W: int, P: int, fuse: bool):
+    """One runner for the whole run (as the engine has), its n_max slots holding random P-token prefixes."""
+    runner = ModelRunner(model, spec, device, dtype, max_num_seqs=n_max, static=True, fuse=fuse)
+    runner.reserve(n_max, P + K_max * W + 256)
+    torch.manual_seed(P + W)
     with torch.inference_mode():
-        for s in range(n):
+        for s in range(n_max):
             prefix = torch.randint(0, spec.vocab_size - 2, (1, P))
             empty = torch.empty(0, dtype=torch.long)
             runner.execute([StepItem(s, ForwardBatch(prefix, 0, empty, commit=P, prefill=True), PredictSpec())])
             runner.commit([Commit(s, 0, 0, P)])
+    return runner
+
+
+def decode_items(spec, n: int, K: int, W: int, P: int) -> list[StepItem]:
+    """n requests' decode forwards: K branches of W columns over their prefixes, the last half still masked."""
     items = []
     for s in range(n):
         tokens = torch.randint(0, spec.vocab_size - 2, (K, W))
         tokens[:, W // 2:] = spec.mask_id
         batch = ForwardBatch(tokens, P, torch.arange(W // 4, W), commit=W // 4)
         items.append(StepItem(s, batch, PredictSpec(suppress_ids=(spec.mask_id,))))
-    return runner, items
+    return items
 
 
 def step_fn(runner, items, P: int):
@@ -99,18 +104,28 @@ def main() -> None:
         model = Transformer(cfg).to(dtype).eval()
     fuse = device.type == "cuda"
     model.ops = fused_ops(device, dtype) if fuse else EAGER
+    runner = setup(model, spec, device, dtype, max(ns), max(ks) + 1, W, P, fuse)
     rows = []
     for k in ks:
         K = k + 1
+        try:
+            solo_one = timed(step_fn(runner, decode_items(spec, 1, K, W, P), P), device, warmup=3, reps=args.reps)
+        except Exception as err:  # noqa: BLE001 - recorded in the results, the other cases still run
+            print(json.dumps({"k": k, "solo error": repr(err)}), flush=True)
+            continue
         for n in ns:
-            runner, items = setup(model, spec, device, dtype, n, K, W, P, fuse)
-            batched = timed(step_fn(runner, items, P), device, warmup=3, reps=args.reps)
-            solo_runner, solo_items = setup(model, spec, device, dtype, 1, K, W, P, fuse)
-            solo = n * timed(step_fn(solo_runner, solo_items, P), device, warmup=3, reps=args.reps)
-            replay = None
-            if device.type == "cuda":
-                (st,) = runner.graphs.statics.values()
-                replay = timed(st.graph.replay, device, warmup=3, reps=args.reps)
+            items = decode_items(spec, n, K, W, P)
+            try:
+                batched = timed(step_fn(runner, items, P), device, warmup=3, reps=args.reps)
+                replay = None
+                if device.type == "cuda":
+                    st = runner.graphs.statics[runner.graphs.key(items)]
+                    replay = timed(st.graph.replay, device, warmup=3, reps=args.reps)
+            except Exception as err:  # noqa: BLE001
+                print(json.dumps({"k": k, "n": n, "error": repr(err)}), flush=True)
+                rows.append({"k": k, "n": n, "error": repr(err)})
+                continue
+            solo = n * solo_one
             roof, bound = roofline(batch_costs(cfg, n, K, W, P), peak)
             row = {"k": k, "n": n, "rows_per_step": n * K * W, "step_ms": batched * 1e3, "solo_ms": solo * 1e3,
                    "speedup_vs_solo": solo / batched, "roofline_ms": roof * 1e3, "x_roofline": batched / roof,
@@ -118,9 +133,7 @@ def main() -> None:
                    "host_ms": None if replay is None else (batched - replay) * 1e3}
             rows.append(row)
             print(json.dumps(row), flush=True)
-            del runner, solo_runner
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    rows = [r for r in rows if "error" not in r] + [r for r in rows if "error" in r]
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
             "shape": shape, "dtype": str(dtype), "W": W, "P": P, "peak": peak, "commit": git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -129,6 +142,9 @@ def main() -> None:
     lines = ["| k | n | rows/step | step ms | x roofline | n solo ms | batched speed-up | rows/s | host ms |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['k']} | {r['n']} | failed: {r['error'][:80]} |  |  |  |  |  |  |")
+            continue
         host = "" if r["host_ms"] is None else f"{r['host_ms']:.2f}"
         lines.append(f"| {r['k']} | {r['n']} | {r['rows_per_step']} | {r['step_ms']:.2f} | {r['x_roofline']:.2f} | "
                      f"{r['solo_ms']:.2f} | {r['speedup_vs_solo']:.2f}x | {r['rows_per_s']:.0f} | {host} |")
@@ -142,7 +158,7 @@ def main() -> None:
 
         fig, ax = plt.subplots(figsize=(6, 4))
         for k in ks:
-            pts = [r for r in rows if r["k"] == k]
+            pts = [r for r in rows if r["k"] == k and "error" not in r]
             ax.plot([r["n"] for r in pts], [r["n"] / r["step_ms"] * 1e3 for r in pts], "o-",
                     label=f"k={k}")
         ax.set_xscale("log", base=2)

@@ -178,7 +178,9 @@ def evaluate(
     random_tfo: int = typer.Option(0, help="Also run N random token-filling orders per problem (lopa with a random "
                                            "winner among the same branches, seeds 0..N-1) at the first k."),
     out: Path = typer.Option(Path("runs/eval"), help="Folder for eval.json, eval.md, eval.png."),
+    batch_size: int = typer.Option(1, help="Problems decoded concurrently (one forward per engine step for all)."),
     device: str = typer.Option("auto"),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16 | float64"),
     quantize: Optional[str] = typer.Option(None, help="Decoder Linears: int8 (weight-only) or fp8 (W8A8, fp8 GEMMs on Hopper/Ada GPUs)."),
     fuse: bool = typer.Option(True, help="On a GPU, fuse RMSNorm/RoPE/SiLU/confidence kernels with torch.compile."),
     devices: int = typer.Option(1, help="Branch Parallel: spread each request's branches over N processes/GPUs."),
@@ -194,8 +196,8 @@ def evaluate(
         if task not in TASKS:
             raise ConfigError(f"task: must be one of {tuple(TASKS)}, got {task!r}")
         problems = TASKS["gsm8k"](data, n) if task == "gsm8k" else TASKS[task](n)
-        model = api.load_model(path, runner=RunnerConfig(device=device, quantize=quantize, fuse=fuse,
-                                                         branch_parallel=devices))
+        model = api.load_model(path, runner=RunnerConfig(device=device, dtype=dtype, quantize=quantize, fuse=fuse,
+                                                         max_num_seqs=batch_size, branch_parallel=devices))
         taus = [float(t) for t in tau.split(",") if t] or [None]
         configs = {}
         for name in strategies.split(","):
@@ -230,7 +232,8 @@ def evaluate(
 
         pairs = [paired_difference(base_for(r.label), r) for r in reports
                  if r.label.startswith(("lopa", "published", "random-tfo"))]
-    meta = {"model": str(model.path), "device": str(model.runner.device), "quantize": quantize,
+    meta = {"model": str(model.path), "device": str(model.runner.device), "dtype": str(model.runner.dtype),
+            "batch_size": batch_size, "quantize": quantize,
             "fused kernels": model.fused,
             "task": task, "data": str(data) if data else "generated test split",
             "n": len(problems), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -144,3 +144,37 @@ def test_streamed_blocks_concatenate_to_the_final_output(solo):
     for s, r in zip(seqs, ref):
         assert streamed[s.id] == final[s.id].result.token_ids == r[0]
         assert final[s.id].finish_reason in ("stop", "length")
+
+
+def test_a_failing_strategy_ends_only_its_own_request(solo):
+    model, prompts, configs, ref = solo
+    m = _engine(model, len(prompts), static=False)
+    engine = m.engine
+    seqs = [engine.prepare(model.tokenizer.encode(p), c) for p, c in zip(prompts, configs)]
+    accept, calls = seqs[1].strategy.accept, []
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ValueError("boom")
+        return accept(*args)
+
+    seqs[1].strategy.accept = flaky
+    for s in seqs:
+        engine.add(s)
+    outs = {}
+    with torch.inference_mode():
+        while engine.has_work():
+            for out in engine.step():
+                if out.finished:
+                    outs[out.request_id] = out
+    assert outs[seqs[1].id].finish_reason == "error" and isinstance(outs[seqs[1].id].error, ValueError)
+    assert [_key(outs[s.id].result) for i, s in enumerate(seqs) if i != 1] == ref[:1] + ref[2:]
+    with pytest.raises(ValueError, match="boom"):  # the library loop re-raises it, and leaves the engine empty
+        calls.clear()
+        seq = engine.prepare(model.tokenizer.encode(prompts[1]), configs[1])
+        seq.strategy.accept = flaky
+        with torch.inference_mode():
+            engine.generate([seq, engine.prepare(model.tokenizer.encode(prompts[0]), configs[0])])
+    assert not engine.has_work() and engine.num_running == 0
+    assert _key(lopa.generate(m, prompts[0], configs[0])) == ref[0]

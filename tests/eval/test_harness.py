@@ -116,3 +116,28 @@ def test_asking_for_more_code_tasks_than_exist_is_a_config_error():
 
     with pytest.raises(ConfigError, match="distinct test code tasks"):
         code(10_000)
+
+
+def test_eval_batch_size_decodes_concurrently_with_the_same_records(tiny_dream_dir, tmp_path):
+    """`lopa eval --batch-size 4` shares engine steps between problems and records exactly what batch size 1 does."""
+    from typer.testing import CliRunner
+
+    from lopa.cli import app
+
+    payloads = []
+    for bs in (1, 4):
+        out = tmp_path / f"bs{bs}"
+        res = CliRunner().invoke(app, ["eval", str(tiny_dream_dir), "--n", "5", "--strategies", "d2f,lopa", "--k", "2",
+                                       "--gen-length", "16", "--batch-size", str(bs), "--out", str(out),
+                                       "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+        payloads.append(json.loads((out / "eval.json").read_text()))
+    solo, batched = payloads
+    assert batched["meta"]["batch_size"] == 4
+    for label in ("d2f", "lopa k=2"):
+        key = lambda r: (r["problem"], r["correct"], r["tokens"], r["forwards"], r["prediction"])  # noqa: E731
+        assert [key(r) for r in batched["records"][label]] == [key(r) for r in solo["records"][label]]
+    engines = [{s["label"]: s["engine"] for s in p["summary"]} for p in payloads]
+    assert engines[0]["lopa k=2"]["requests_per_step"] == 1
+    assert engines[1]["lopa k=2"]["requests_per_step"] > 1
+    assert engines[1]["lopa k=2"]["decode_steps"] < engines[0]["lopa k=2"]["decode_steps"]

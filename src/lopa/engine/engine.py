@@ -155,8 +155,10 @@ class Engine:
                 if event[0] == "add":
                     _, rid, prompt, config, stream = event
                     self.add(self.prepare(prompt, config, rid, stream))
-                else:
+                elif event[0] == "abort":
                     self.abort(event[1])
+                else:  # "fail_all": rank 0's step failed and it emptied its engine
+                    self.fail_all(RuntimeError(f"rank 0 failed the step: {event[1]}"))
             self._step()
 
     def _step(self) -> list[RequestOutput]:
@@ -171,20 +173,22 @@ class Engine:
         t0 = time.perf_counter()
         seqs = plan.seqs
         preds = self.runner.execute([StepItem(s.slot, s.batch, s.pspec, s.generator) for s in seqs])  # ONE forward
+        batches = [s.batch for s in seqs]
         t1 = time.perf_counter()
-        commits = [Commit(s.slot, i, s.strategy.accept(s.state, s.batch, p), s.batch.commit)
-                   for i, (s, p) in enumerate(zip(seqs, preds))]
+        commits = []
+        for i, (s, p) in enumerate(zip(seqs, preds)):
+            row = self._guard(s, s.strategy.accept, s.state, s.batch, p)
+            commits.append(Commit(s.slot, i, row or 0, s.batch.commit if s.error is None else 0))
         self.bp.select_s += time.perf_counter() - t1
         self.runner.commit(commits)
         self.runner.verify([s.slot for s in seqs], [s.state.canvas for s in seqs])
-        batches = [s.batch for s in seqs]
-        for s in seqs:
-            s.batch = s.strategy.propose(s.state)  # the next forward is decided now; None = finished
+        for s in seqs:  # the next forward is decided now; None = finished
+            s.batch = None if s.error is not None else self._guard(s, s.strategy.propose, s.state)
         dt = time.perf_counter() - t0
         self._count(plan.prefill, batches, dt)
         for s, batch in zip(seqs, batches):
             s.stats.add_forward(batch, dt)
-            if s.batch is None:
+            if s.error is not None or s.batch is None:
                 self._release(s)
                 outputs.append(self._finish(s))
             elif s.stream:
@@ -192,6 +196,31 @@ class Engine:
                 if out is not None:
                     outputs.append(out)
         return outputs
+
+    @staticmethod
+    def _guard(seq: Sequence, fn, *args):
+        """A strategy that fails ends its own request (finish_reason "error"), never the others in the step."""
+        try:
+            return fn(*args)
+        except Exception as err:  # noqa: BLE001 - the error is reported on the request's output
+            seq.error = err
+            return None
+
+    def fail_all(self, error: BaseException) -> list[RequestOutput]:
+        """The step itself failed (the device, a collective): every queued and running request ends with this
+        error and the engine is empty again. Returns their outputs. Under Branch Parallel the workers do the
+        same before their next step."""
+        if self.group.world > 1 and self.group.is_root:
+            self._events.append(("fail_all", f"{type(error).__name__}: {error}"))
+        seqs = list(self.scheduler.waiting) + [s for s in self.scheduler.running if s.status is Status.RUNNING]
+        seqs += self._done
+        self._done = []
+        for seq in seqs:
+            if seq.status is Status.RUNNING:
+                self._release(seq)
+            seq.error = seq.error or error
+        self.scheduler.waiting.clear()
+        return [self._finish(seq) for seq in seqs]
 
     def _release(self, seq: Sequence) -> None:
         """The request leaves: its slot is empty from now on and is reused after the next compaction."""
@@ -227,6 +256,9 @@ class Engine:
         seq.status = Status.FINISHED
         if seq.finish_reason == "abort":
             return RequestOutput(seq.id, [], True, "abort")
+        if seq.error is not None:
+            seq.finish_reason = "error"
+            return RequestOutput(seq.id, [], True, "error", error=seq.error)
         ids = seq.strategy.output(seq.state)
         seq.stats.generated_tokens = counted_tokens(ids, self.spec)
         seq.stats.hit_round_cap = seq.state.hit_round_cap
@@ -248,7 +280,15 @@ class Engine:
             if not self.has_work():
                 raise RuntimeError("the engine stopped with requests unfinished")
             step_seqs = [s for s in self.scheduler.running if s.status is Status.RUNNING]
-            for out in self.step():
+            try:
+                outs = self.step()
+            except BaseException as err:
+                self.fail_all(err)
+                raise
+            for out in outs:
+                if out.error is not None:
+                    self.fail_all(out.error)
+                    raise out.error
                 if out.finished and out.request_id in by_id:
                     results[out.request_id] = out.result
                     if on_finish is not None:

@@ -96,8 +96,9 @@ class Sequence:
     stats: Stats = field(default_factory=Stats)
     stream: bool = False  # emit settled blocks while running (RequestOutput.new_ids), not only at the end
     emitted: int = 0  # generated ids already reported
-    finish_reason: str | None = None  # stop | length | abort
+    finish_reason: str | None = None  # stop | length | abort | error
     generator: Any = None  # torch.Generator on the runner's device, when the request samples
+    error: BaseException | None = None  # what ended it, when its strategy (or the step) failed
 
     @property
     def prefill_pending(self) -> bool:
@@ -111,5 +112,6 @@ class RequestOutput:
     request_id: str
     new_ids: list[int]  # generated ids settled since its previous output (whole blocks until the end)
     finished: bool
-    finish_reason: str | None  # None while running; "stop" (EOS), "length" (gen_length or round cap), "abort"
-    result: RunOutput | None = None  # at finish (not when aborted): token ids, stats, trace
+    finish_reason: str | None  # None while running; "stop" (EOS), "length" (gen_length or round cap), "abort", "error"
+    result: RunOutput | None = None  # at finish (not when aborted or failed): token ids, stats, trace
+    error: BaseException | None = None  # finish_reason "error": what failed

@@ -3,11 +3,14 @@
 Counting, as everywhere in lopa: tokens are generated tokens up to and including the first EOS; forwards
 are decode forwards (a LoPA forward that verifies k+1 branches counts once); prefill is reported apart.
 TPF is total tokens / total decode forwards over the run (`tpf`), and the mean of per-problem TPF
-(`mean_problem_tpf`).
+(`mean_problem_tpf`). The problems of one strategy are decoded concurrently, up to the model's
+RunnerConfig.max_num_seqs at a time (`lopa eval --batch-size`); tokens/s is the strategy's generated tokens
+over the wall seconds of the engine's decode steps for it (prefill apart), so it is throughput when batched.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -15,7 +18,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..api import LopaModel, generate
+from ..api import LopaModel, generate_many
 from ..config import DecodeConfig
 from ..train.data import extract_answer
 from .sandbox import check_humaneval
@@ -42,6 +45,7 @@ class StrategyReport:
     label: str
     config: dict
     records: list[Record] = field(default_factory=list)
+    engine: dict = field(default_factory=dict)  # the engine's counters over this strategy's run (steps, seconds)
 
     def _sum(self, name: str) -> float:
         return sum(getattr(r, name) for r in self.records)
@@ -60,14 +64,15 @@ class StrategyReport:
 
     @property
     def tokens_per_s(self) -> float:
-        return self._sum("tokens") / max(1e-9, self._sum("decode_s"))
+        """Generated tokens per second of the engine's decode steps (throughput when requests share steps)."""
+        return self._sum("tokens") / max(1e-9, self.engine.get("decode_s", self._sum("decode_s")))
 
     def summary(self) -> dict:
         return {"label": self.label, "n": len(self.records), "accuracy": self.accuracy, "tpf": self.tpf,
                 "mean_problem_tpf": self.mean_problem_tpf, "tokens": self._sum("tokens"),
                 "decode_forwards": self._sum("forwards"), "prefill_forwards": self._sum("prefill_forwards"),
                 "decode_s": self._sum("decode_s"), "tokens_per_s": self.tokens_per_s,
-                "round_cap_hits": self._sum("hit_round_cap")}
+                "round_cap_hits": self._sum("hit_round_cap"), "engine": self.engine}
 
 
 def score(problem: Problem, text: str) -> tuple[bool, str | None]:
@@ -83,20 +88,27 @@ def score(problem: Problem, text: str) -> tuple[bool, str | None]:
 
 def run_eval(model: LopaModel, problems: list[Problem], strategies: dict[str, DecodeConfig],
              progress: bool = True) -> list[StrategyReport]:
-    """Every strategy on every problem, problem by problem in the same order (so results pair up)."""
+    """Every strategy on every problem, in the same order (so results pair up); one strategy's problems are
+    decoded concurrently by the engine (up to RunnerConfig.max_num_seqs at once)."""
     reports = [StrategyReport(label, asdict(cfg)) for label, cfg in strategies.items()]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress, transient=True) as bar:
         task = bar.add_task("evaluating", total=len(problems) * len(strategies))
         for report, cfg in zip(reports, strategies.values()):
             bar.update(task, description=f"{report.label:>12}")
-            for problem in problems:
-                res = generate(model, problem.prompt, cfg)
+            before = dataclasses.replace(model.engine.counters)
+            results = generate_many(model, [p.prompt for p in problems], cfg, on_result=lambda i, r: bar.advance(task))
+            after = model.engine.counters
+            report.engine = {"decode_steps": after.decode_steps - before.decode_steps,
+                             "prefill_steps": after.prefill_steps - before.prefill_steps,
+                             "decode_s": after.decode_s - before.decode_s, "prefill_s": after.prefill_s - before.prefill_s,
+                             "requests_per_step": (after.requests - before.requests)
+                             / max(1, after.decode_steps - before.decode_steps)}
+            for problem, res in zip(problems, results):
                 ok, pred = score(problem, res.text)
                 s = res.stats
                 report.records.append(Record(problem.id, ok, s.generated_tokens, s.decode_forwards,
                                              s.prefill_forwards, s.decode_s, s.hit_round_cap, pred, len(res.token_ids)))
-                bar.advance(task)
     return reports
 
 

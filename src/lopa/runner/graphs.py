@@ -25,7 +25,7 @@ from .step import FIELDS, StepItem, pack, split, unpack
 ROW_STEP = 32  # request rows padded to a multiple of this many queries
 KEY_STEP = 256  # KV slot capacities and key spans are multiples of this many positions
 BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
-MAX_GRAPHS = 48  # captured graphs kept; past this all are dropped and recaptured on demand
+MAX_GRAPHS = 256  # captured graphs kept; past this all are dropped and recaptured on demand
 
 
 def round_up(x: int, step: int) -> int:
