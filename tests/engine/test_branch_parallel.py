@@ -4,8 +4,10 @@ Every case runs with the consistency check on (RunnerConfig.bp_check): after eac
 lengths, canvases and committed K/V must equal rank 0's, else BranchParallelError."""
 
 import pytest
+import torch
 
 from lopa import RunnerConfig, generate, generate_many, load_model
+from lopa.config import decode_config
 from lopa.runner.group import split_rows
 
 PROMPTS = ([5, 6, 7, 8], [9, 3, 4, 12, 2, 7])
@@ -53,3 +55,37 @@ def test_two_requests_batched_together(pair):
     outs = generate_many(bp, list(PROMPTS), **kw)
     assert [o.token_ids for o in outs] == solo
     assert bp.engine.counters.requests_per_step > 1  # the two requests shared forwards
+
+
+def test_sampled_requests_stay_consistent_across_ranks(pair):
+    """Sampled rows are drawn by the rank that computes them (never replicated), so every rank holds the same
+    draws: the check passes every step, and the same seed decodes the same tokens again."""
+    _, bp = pair
+    kw = dict(strategy="lopa", k=2, gen_length=16, block_size=8, temperature=0.8, seed=3)
+    checks = bp.engine.bp.checks
+    first, again = generate(bp, PROMPTS[0], **kw), generate(bp, PROMPTS[0], **kw)
+    assert first.token_ids == again.token_ids and bp.engine.bp.checks > checks
+
+
+def test_joins_and_aborts_between_steps_reach_every_rank(pair):
+    """Requests joining at a later step and one aborted mid-run: rank 0's events reach the workers before the
+    step they belong to, so the survivor decodes as it does alone in one process."""
+    ref, bp = pair
+    config = decode_config(None, ref.model_type, strategy="lopa", k=4, gen_length=24, block_size=8)
+    engine = bp.engine
+    a, b = engine.prepare(PROMPTS[0], config), engine.prepare(PROMPTS[1], config)
+    finished = {}
+    with torch.inference_mode():
+        engine.add(a)
+        for _ in range(2):
+            engine.step()
+        engine.add(b)
+        engine.step()
+        engine.abort(a.id)
+        while engine.has_work():
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+    assert finished[a.id].finish_reason == "abort"
+    assert finished[b.id].result.token_ids == generate(ref, PROMPTS[1], config).token_ids
+

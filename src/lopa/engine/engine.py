@@ -145,6 +145,11 @@ class Engine:
             self.group.sync(self._events)
             self._events = []
             self.bp.prepare_s += time.perf_counter() - t0
+            try:
+                return self._step()
+            except Exception as err:  # the ranks are out of step now: the group cannot be used again
+                self.group.failed = self.group.failed or f"rank {self.group.rank}'s step raised {type(err).__name__}"
+                raise
         return self._step()
 
     def serve_worker(self) -> None:

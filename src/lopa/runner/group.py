@@ -351,7 +351,7 @@ class BranchGroup:
             except BranchParallelError:
                 pass
         for proc in self.procs:
-            proc.join(timeout=10)
+            proc.join(timeout=0 if self.failed else 10)  # a failed group's workers may be hung: no waiting
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=5)
