@@ -100,7 +100,8 @@ def run_cases(model, n: int, precision: str, mode: str, args, prompts) -> list[d
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
 
@@ -167,8 +168,8 @@ def main() -> None:
     (args.out / "bp_latency.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"{meta['device']}, torch {meta['torch']}, commit {meta['commit']}, {meta['date']}, shape {shape}, "
              f"P={args.prefix}; {meta['counting']}", "",
-             "| N | group | precision | commit | k | W | ms/iteration | x vs 1 | prepare | forward | gather | select | commit "
-             "| kB/commit | broadcasts/step | tokens = N=1 |", "|" + "---|" * 16]
+             "| N | group | precision | commit | k | W | ms/iteration | x vs 1 | prepare | forward | gather | select "
+             "| commit | kB/commit | broadcasts/step | tokens = N=1 |", "|" + "---|" * 16]
     for r in rows:
         share = " | ".join(f"{r[p + '_ms']:.3f} ({r[p + '_share']:.0%})" for p in PHASES)
         speed = "" if r["speedup_vs_1"] is None else f"{r['speedup_vs_1']:.2f}x"

@@ -119,7 +119,8 @@ def generate(
 
 def _bp_line(devices: int, bp: dict) -> str:
     """The Branch Parallel report: rank 0's phase times and what it sent."""
-    phases = ", ".join(f"{name} {bp[name + '_s'] * 1e3:.1f}" for name in ("prepare", "forward", "gather", "select", "commit"))
+    names = ("prepare", "forward", "gather", "select", "commit")
+    phases = ", ".join(f"{name} {bp[name + '_s'] * 1e3:.1f}" for name in names)
     return (f"branch parallel on {devices} ranks: ms per phase {phases} (Pre-Write inside forward: "
             f"{bp['prewrite_bytes'] / 1e6:.2f} MB) | {bp['gathers']} gathers ({bp['gather_bytes'] / 1e3:.1f} kB) | "
             f"{bp['broadcasts']} commit broadcasts, {bp['bytes_per_commit'] / 1e3:.1f} kB each")

@@ -161,7 +161,8 @@ class BranchGroup:
         except BranchParallelError:
             raise
         except Exception as err:  # DistBackendError, RuntimeError (timeouts, closed sockets)
-            self.failed = f"rank {self.rank}, {what}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            first = str(err).splitlines()[0] if str(err) else ""
+            self.failed = f"rank {self.rank}, {what}: {type(err).__name__}: {first}"
             raise BranchParallelError(f"branch parallel: {self.failed}") from err
 
     def _wait(self, work) -> None:
@@ -279,7 +280,10 @@ class BranchGroup:
         self.steps += 1
         if not size:
             return [] if events is None else events
-        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if self.is_root else torch.empty(size, dtype=torch.uint8)
+        if self.is_root:
+            data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        else:
+            data = torch.empty(size, dtype=torch.uint8)
         self._ctrl_broadcast(data, "control events")
         self.counters.control_bytes += size
         return events if self.is_root else pickle.loads(data.numpy().tobytes())
@@ -314,8 +318,8 @@ class BranchGroup:
         """The debug check after a commit: every rank's committed lengths and canvases equal rank 0's, and so does
         the committed K/V of the step's slots (in "broadcast" mode exactly; "local" mode records the difference)."""
         t0 = time.perf_counter()
-        head = torch.tensor([float(pool.lengths[s]) for s in slots]
-                            + [float((c * torch.arange(1, c.numel() + 1)).sum()) for c in canvases], dtype=torch.float64)
+        sums = [float((c * torch.arange(1, c.numel() + 1)).sum()) for c in canvases]  # position-weighted
+        head = torch.tensor([float(pool.lengths[s]) for s in slots] + sums, dtype=torch.float64)
         heads = self._all_gather_host(head, "check of lengths and canvases")
         if not all(torch.equal(h, heads[0]) for h in heads):
             bad = [r for r, h in enumerate(heads) if not torch.equal(h, heads[0])]

@@ -64,12 +64,14 @@ def start(world: int, device: torch.device, timeout_s: float, commit_mode: str, 
         _init(rank, world, dev, timeout_s)
         return BranchGroup(rank, world, dev, timeout_s, commit_mode, check)
     if device.type == "cuda" and world > torch.cuda.device_count():
-        raise ConfigError(f"branch_parallel: {world} ranks need {world} GPUs; this host has {torch.cuda.device_count()}")
+        raise ConfigError(f"branch_parallel: {world} ranks need {world} GPUs; this host has "
+                          f"{torch.cuda.device_count()}")
     store = torch.distributed.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=timedelta(seconds=RENDEZVOUS_S),
                                        wait_for_workers=False)
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker_main, args=(r, world, store.port, device, timeout_s, commit_mode, check, worker),
-                         daemon=True, name=f"lopa-bp-rank{r}") for r in range(1, world)]
+    procs = [ctx.Process(target=_worker_main, daemon=True, name=f"lopa-bp-rank{r}",
+                         args=(r, world, store.port, device, timeout_s, commit_mode, check, worker))
+             for r in range(1, world)]
     for proc in procs:
         proc.start()
     deadline = time.monotonic() + RENDEZVOUS_S
@@ -89,7 +91,8 @@ def start(world: int, device: torch.device, timeout_s: float, commit_mode: str, 
 
 def _worker_main(rank: int, world: int, port: int, device: torch.device, timeout_s: float, commit_mode: str,
                  check: bool, worker: Callable[[BranchGroup], None]) -> None:
-    store = torch.distributed.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timedelta(seconds=RENDEZVOUS_S))
+    store = torch.distributed.TCPStore("127.0.0.1", port, world, is_master=False,
+                                       timeout=timedelta(seconds=RENDEZVOUS_S))
     store.set(f"up{rank}", "1")
     dev = rank_device(device, rank)
     _init(rank, world, dev, timeout_s, store)
