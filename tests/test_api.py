@@ -79,7 +79,7 @@ def test_bad_decode_settings_raise_config_error(dream, overrides):
 def test_prompt_longer_than_context(dream):
     limit = dream.loaded.spec.max_length
     with pytest.raises(lopa.PromptTooLongError):
-        generate(dream, list(range(5, 5 + limit)), strategy="d2f", gen_length=8, block_size=8)
+        generate(dream, [5 + i % 50 for i in range(limit)], strategy="d2f", gen_length=8, block_size=8)
 
 
 def test_missing_folder_is_a_checkpoint_error(tmp_path):
@@ -105,3 +105,48 @@ def test_token_id_prompt_and_text_prompt_agree(dream):
     a = generate(dream, "same prompt", strategy="d2f", **SMALL)
     b = generate(dream, ids, strategy="d2f", **SMALL)
     assert a.token_ids == b.token_ids and a.prompt_ids == ids
+
+
+@pytest.mark.parametrize("overrides", [dict(k=1.5), dict(gen_length=10.7), dict(k=True), dict(tau="0.9"),
+                                       dict(seed=None), dict(trace=1), dict(strategy=3)])
+def test_decode_config_checks_types(overrides):
+    with pytest.raises(lopa.ConfigError, match=next(iter(overrides))):
+        DecodeConfig(**overrides)
+
+
+def test_runner_config_checks_types_and_device():
+    for bad in (dict(device="cuda:x"), dict(fuse="no"), dict(dtype=None)):
+        with pytest.raises(lopa.ConfigError):
+            lopa.RunnerConfig(**bad)
+
+
+def test_load_model_expands_the_home_folder(tiny_dream_dir, monkeypatch):
+    monkeypatch.setenv("HOME", str(tiny_dream_dir.parent))
+    model = load_model(f"~/{tiny_dream_dir.name}", runner=lopa.RunnerConfig(device="cpu"))
+    assert model.path == tiny_dream_dir
+
+
+def test_messages_use_the_chat_template(dream):
+    messages = [{"role": "user", "content": "Hi"}]
+    a = generate(dream, messages=messages, strategy="d2f", **SMALL)
+    b = generate(dream, "Hi", chat=True, strategy="d2f", **SMALL)
+    assert a.prompt_ids == b.prompt_ids == dream.tokenizer.encode(dream.tokenizer.apply_chat_template(messages))
+    assert a.token_ids == b.token_ids
+    for bad in ([], [{"role": "user"}], [{"role": "user", "content": 3}], "Hi"):
+        with pytest.raises(lopa.ConfigError, match="messages"):
+            generate(dream, messages=bad, **SMALL)
+    with pytest.raises(lopa.ConfigError, match="messages"):
+        generate(dream, "Hi", messages=messages, **SMALL)
+
+
+@pytest.mark.parametrize("prompt", ["bad \udcff byte", [1, 10**9], [1, -2], ["a"], 7])
+def test_bad_prompts_raise_config_error(dream, prompt):
+    with pytest.raises(lopa.ConfigError, match="prompt"):
+        generate(dream, prompt, **SMALL)
+
+
+def test_float64_model_decodes_like_float32(tiny_dream_dir, dream):
+    double = load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu", dtype="float64"))
+    for strategy in ("threshold", "d2f", "lopa"):
+        assert generate(double, "A B", strategy=strategy, k=2, **SMALL).token_ids == \
+            generate(dream, "A B", strategy=strategy, k=2, **SMALL).token_ids

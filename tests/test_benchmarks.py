@@ -55,3 +55,15 @@ def test_bp_latency_tiny_two_ranks(tmp_path):
     assert all(r["iteration_ms"] > 0 and abs(sum(r[p + "_share"] for p in ("prepare", "forward", "gather", "select",
                                                                              "commit")) - 1) < 1e-9 for r in rows)
     assert (tmp_path / "bp_latency.md").read_text().count("| 2 | spawned | bf16 |") == 2
+def test_branch_research_pairs_every_variant_with_fixed_k_mean(tmp_path):
+    run("branch_research.py", "--n", "2", "--k", "2", "--frontier", "1", "--variants",
+        "mean:fixed,mean:text,count:fixed,count:text", "--gen-length", "16", "--checks", "lookahead,tfo", "--orders", "2", "--tfo-n", "1",
+        "--device", "cpu", "--out", str(tmp_path))
+    payload = json.loads((tmp_path / "main" / "eval.json").read_text())
+    labels = [s["label"] for s in payload["summary"]]
+    assert labels == ["lopa k=2", "lopa k=2 budget=text", "lopa k=2 score=count", "lopa k=2 score=count budget=text",
+                      "lopa k=1"]
+    assert [p["b"] for p in payload["paired"]] == labels[1:] and {p["a"] for p in payload["paired"]} == {"lopa k=2"}
+    checks = json.loads((tmp_path / "checks" / "checks.json").read_text())
+    assert checks["tfo"]["n"] == 1 and checks["lookahead"]["paired"]["n"] == 2
+    assert "Token-filling orders" in (tmp_path / "summary.md").read_text()

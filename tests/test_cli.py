@@ -1,6 +1,9 @@
 """The `lopa` CLI through Typer's runner: output, stats line, trace file, and typed errors with exit code 2."""
 
 import json
+import re
+
+import pytest
 
 from typer.testing import CliRunner
 
@@ -81,3 +84,115 @@ def test_generate_on_two_devices_matches_one_and_reports_branch_parallel(tiny_dr
     assert b["token_ids"] == a["token_ids"] and "branch_parallel" not in a
     bp = b["branch_parallel"]
     assert bp["devices"] == 2 and bp["gathers"] > 0 and bp["broadcasts"] > 0 and bp["forward_s"] > 0
+TRICKY = "x" * 120 + "  two  spaces :rocket: [bold]not bold[/bold]\n\tend \\n [red]"
+
+
+def test_generate_prints_the_text_byte_for_byte(tiny_dream_dir, monkeypatch):
+    """Whatever text the API returns reaches stdout unchanged (no rewrapping, markup or emoji), plus one newline."""
+    import lopa
+
+    args = ["-p", "hello", "--strategy", "lopa", "--k", "2", "--gen-length", "40", "--block-size", "8",
+            "--temperature", "5", "--seed", "3", "--device", "cpu"]
+    model = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu"))
+    text = lopa.generate(model, "hello", strategy="lopa", k=2, gen_length=40, block_size=8, temperature=5.0, seed=3).text
+    res = runner.invoke(app, ["generate", str(tiny_dream_dir), *args])
+    assert res.exit_code == 0, res.output
+    assert res.stdout == text + "\n" and "TPF" in res.stderr and "TPF" not in res.stdout
+
+    from lopa.models.tokenizer import Tokenizer
+
+    monkeypatch.setattr(Tokenizer, "decode", lambda self, ids, skip_special=True: TRICKY)
+    res = runner.invoke(app, ["generate", str(tiny_dream_dir), *args])
+    assert res.exit_code == 0 and res.stdout_bytes == (TRICKY + "\n").encode()
+    res = runner.invoke(app, ["generate", str(tiny_dream_dir), *args, "--json"])
+    assert json.loads(res.stdout)["text"] == TRICKY and len(res.stdout.splitlines()) == 1
+
+
+@pytest.mark.parametrize("strategy", ["threshold", "d2f", "lopa"])
+def test_generate_in_float64(tiny_dream_dir, strategy):
+    res = runner.invoke(app, ["generate", str(tiny_dream_dir), "-p", "abc", "--strategy", strategy, "--k", "2",
+                              "--gen-length", "16", "--block-size", "8", "--device", "cpu", "--dtype", "float64"])
+    assert res.exit_code == 0, res.output
+
+
+def test_eval_table_on_stdout_answers_in_json_and_pairs_by_tau(tiny_dream_dir, tmp_path):
+    res = runner.invoke(app, ["eval", str(tiny_dream_dir), "--n", "1", "--strategies", "d2f,lopa", "--k", "2",
+                              "--tau", "0.5,0.9", "--random-tfo", "1", "--gen-length", "16", "--out", str(tmp_path),
+                              "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "| d2f tau=0.5 | 1 |" in res.stdout and "| random-tfo k=2 seed=0 tau=0.5 | 1 |" in res.stdout
+    payload = json.loads((tmp_path / "eval.json").read_text())
+    assert payload["meta"]["data"].startswith("lopa's generated")
+    record = payload["records"]["lopa k=2 tau=0.9"][0]
+    assert isinstance(record["text"], str) and record["text"]
+    pairs = {p["b"]: p["a"] for p in payload["paired"]}
+    assert pairs == {"lopa k=2 tau=0.5": "d2f tau=0.5", "lopa k=2 tau=0.9": "d2f tau=0.9",
+                     "random-tfo k=2 seed=0 tau=0.5": "d2f tau=0.5"}
+    assert "the order LoPA picked" in res.stdout
+
+
+def test_eval_records_the_task_data_source(tiny_dream_dir, tmp_path):
+    res = runner.invoke(app, ["eval", str(tiny_dream_dir), "--task", "code", "--n", "1", "--strategies", "d2f",
+                              "--gen-length", "16", "--out", str(tmp_path), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "codegen" in json.loads((tmp_path / "eval.json").read_text())["meta"]["data"]
+
+
+def test_help_shows_the_defaults():
+    from lopa import DecodeConfig
+
+    def flat_help(command):  # Rich wraps help into boxes: compare without whitespace and box lines
+        res = runner.invoke(app, [command, "--help"])
+        assert res.exit_code == 0
+        return re.sub(r"[\s│]+", "", res.output)
+
+    d = DecodeConfig()
+    for command in ("generate", "demo", "eval"):
+        assert f"[default:{d.k};" in flat_help(command), command
+    text = flat_help("generate")
+    for value in (d.gen_length, d.tau, d.block_size):
+        assert f"[default:{value}" in text
+
+
+def test_dream_sampler_defaults_give_an_answer_on_the_embedded_model():
+    from lopa.config import STRATEGY_DEFAULTS
+    from lopa.eval.tasks import gsm8k
+
+    res = runner.invoke(app, ["generate", "-p", gsm8k(None, 1)[0].prompt, "--strategy", "dream", "--device", "cpu",
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(res.stdout)
+    assert payload["text"].strip() and payload["stats"]["decode_forwards"] == STRATEGY_DEFAULTS["dream"]["gen_length"]
+
+
+def test_generate_prompts_file_decodes_concurrently_and_matches_the_api(tiny_dream_dir, tmp_path):
+    """--prompts-file: plain lines or JSONL (with per-prompt fields and chats); JSONL out in the file's order,
+    each result equal to lopa.generate alone; one engine step serves several requests."""
+    import lopa
+
+    plain = tmp_path / "prompts.txt"
+    plain.write_text("hello there\n\nthe cat sat\nx y z\n")
+    common = ["--strategy", "lopa", "--k", "2", "--gen-length", "16", "--block-size", "8", "--device", "cpu"]
+    res = runner.invoke(app, ["generate", str(tiny_dream_dir), "--prompts-file", str(plain), *common])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    model = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu"))
+    for i, p in enumerate(["hello there", "the cat sat", "x y z"]):
+        alone = lopa.generate(model, p, strategy="lopa", k=2, gen_length=16, block_size=8)
+        assert rows[i]["index"] == i and rows[i]["token_ids"] == alone.token_ids and rows[i]["text"] == alone.text
+        assert rows[i]["stats"]["decode_forwards"] == alone.stats.decode_forwards
+    assert "requests and" in res.stderr and "per step" in res.stderr
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text(json.dumps({"prompt": "Question:\nAnswer:\n", "k": 0, "strategy": "d2f"}) + "\n"
+                     + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    res = runner.invoke(app, ["generate", str(tiny_dream_dir), "--prompts-file", str(jsonl), *common])
+    assert res.exit_code == 0, res.output
+    first, chat = [json.loads(line) for line in res.stdout.splitlines()]
+    assert first["token_ids"] == lopa.generate(model, "Question:\nAnswer:\n", strategy="d2f", k=0, gen_length=16,
+                                               block_size=8).token_ids
+    assert chat["token_ids"] == lopa.generate(model, messages=[{"role": "user", "content": "hi"}], strategy="lopa",
+                                              k=2, gen_length=16, block_size=8).token_ids
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "kk": 3}\n')
+    res = runner.invoke(app, ["generate", str(tiny_dream_dir), "--prompts-file", str(bad), "--device", "cpu"])
+    assert res.exit_code == 2 and "kk" in res.stderr and "Traceback" not in res.output

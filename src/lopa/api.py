@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import operator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -88,6 +89,8 @@ def _resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device: {name!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device: {name!r} requested but this machine has {torch.cuda.device_count()} GPU(s)")
     return device
 
 
@@ -120,10 +123,11 @@ def load_model(
     same folder); under torchrun every rank calls load_model, and on ranks > 0 it serves rank 0's steps and then
     exits the process (SystemExit), so the code after load_model runs on rank 0 only."""
     runner = runner or RunnerConfig()
-    folder = Path(path) if path is not None else default_model_path()
+    folder = Path(path).expanduser() if path is not None else default_model_path()
+    adapter = Path(adapter).expanduser() if adapter is not None else None
     if path is None and not (folder / "config.json").is_file():
         raise CheckpointError(f"the embedded default model is missing from {folder}; pass a model folder")
-    return build_model(FolderSource(folder, Path(adapter) if adapter is not None else None), runner)
+    return build_model(FolderSource(folder, adapter), runner)
 
 
 def build_model(source, runner: RunnerConfig, group=None, name: Path | None = None) -> LopaModel:
@@ -146,7 +150,7 @@ def build_model(source, runner: RunnerConfig, group=None, name: Path | None = No
                                max_positions=runner.max_positions, static=device.type == "cuda" and runner.cuda_graphs,
                                fuse=loaded.model.ops is not EAGER, group=group)
     model = LopaModel(name or getattr(source, "folder", Path(".")), loaded, model_runner,
-                      Engine(model_runner, loaded.spec, runner.max_num_seqs))
+                      Engine(model_runner, loaded.spec, runner.max_num_seqs, runner.step_rows))
     if group.world > 1:
         group.ready()
     if not group.is_root:  # a worker (spawned, or started by torchrun): follow rank 0, then leave
@@ -167,14 +171,50 @@ def _serve_model(model: LopaModel) -> None:
         model.runner.group.close()
 
 
-def _prompt_ids(model: LopaModel, prompt: str | list[int], chat: bool) -> list[int]:
-    if isinstance(prompt, str):
+def _check_text(field: str, text) -> str:
+    if not isinstance(text, str):
+        raise ConfigError(f"{field}: must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # lone surrogates: bytes that were not UTF-8 (e.g. a file read with errors=)
+        raise ConfigError(f"{field}: not valid UTF-8 text (character {err.start}: {text[err.start]!r})") from None
+    return text
+
+
+def _check_messages(messages) -> list[dict]:
+    """A chat as [{"role": ..., "content": ...}, ...], each role and content a string."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ConfigError("messages: must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not {"role", "content"} <= set(m):
+            raise ConfigError(f"messages[{i}]: must be a dict with 'role' and 'content', got {m!r}")
+        _check_text(f"messages[{i}].role", m["role"])
+        _check_text(f"messages[{i}].content", m["content"])
+    return [dict(m) for m in messages]
+
+
+def _prompt_ids(model: LopaModel, prompt: str | list[int] | None, chat: bool, messages: list[dict] | None) -> list[int]:
+    if messages is not None:
+        if prompt is not None:
+            raise ConfigError("messages: pass either prompt or messages, not both")
+        ids = model.tokenizer.encode(model.tokenizer.apply_chat_template(_check_messages(messages)))
+    elif prompt is None:
+        raise ConfigError("prompt: give a prompt (text or token ids) or messages")
+    elif isinstance(prompt, str):
+        _check_text("prompt", prompt)
         text = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
         ids = model.tokenizer.encode(text)
     else:
         if chat:
             raise ConfigError("chat: a chat template needs a text prompt, not token ids")
-        ids = [int(t) for t in prompt]
+        vocab = model.loaded.spec.vocab_size
+        try:
+            ids = [operator.index(t) for t in prompt]
+        except TypeError:
+            raise ConfigError("prompt: must be text or a list of integer token ids") from None
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ConfigError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {vocab})")
     if not ids:
         raise ConfigError("prompt: must not be empty")
     return ids
@@ -199,17 +239,21 @@ def _result(model: LopaModel, seq: Sequence, out) -> GenerationResult:
 
 def generate(
     model: LopaModel,
-    prompt: str | list[int],
+    prompt: str | list[int] | None = None,
     config: DecodeConfig | None = None,
     *,
+    messages: list[dict] | None = None,
     chat: bool = False,
     preset: str | None = None,
     on_step: Callable[[DecodeState], None] | None = None,
     **overrides,
 ) -> GenerationResult:
-    """Decode one prompt. ``config`` (or a ``preset`` / the model family's defaults) plus field overrides."""
+    """Decode one prompt. ``config`` (or a ``preset`` / the model family's defaults) plus field overrides.
+
+    The prompt is text, token ids, or (instead) ``messages=[{"role": "user", "content": ...}, ...]``, rendered
+    with the model's chat template (``chat=True`` does the same for a single user turn given as text)."""
     config = _config(model, config, preset, overrides)
-    seq = model.engine.prepare(_prompt_ids(model, prompt, chat), config)
+    seq = model.engine.prepare(_prompt_ids(model, prompt, chat, messages), config)
     with torch.inference_mode():
         (out,) = model.engine.generate([seq], on_step=None if on_step is None else lambda s: on_step(s.state))
     return _result(model, seq, out)
@@ -217,7 +261,7 @@ def generate(
 
 def generate_many(
     model: LopaModel,
-    prompts: list[str | list[int]],
+    prompts: list[str | list[int] | list[dict]],
     configs: DecodeConfig | list[DecodeConfig] | None = None,
     *,
     chat: bool = False,
@@ -226,7 +270,8 @@ def generate_many(
     **overrides,
 ) -> list[GenerationResult]:
     """Decode many prompts concurrently (up to RunnerConfig.max_num_seqs at a time, one forward per engine
-    step for all of them); results in the prompts' order. ``configs``: one for all, or one per prompt
+    step for all of them); results in the prompts' order. A prompt is text, token ids, or a chat as a list
+    of message dicts (as ``generate(messages=...)``). ``configs``: one for all, or one per prompt
     (each with ``overrides`` applied). ``on_result(i, result)`` runs as each request finishes. Each result
     counts what that request alone cost (tokens, its decode forwards); the engine's counters
     (``model.engine.counters``) count the shared steps."""
@@ -236,7 +281,11 @@ def generate_many(
         cfgs = [_config(model, c, preset, dict(overrides)) for c in configs]
     else:
         cfgs = [_config(model, configs, preset, dict(overrides))] * len(prompts)
-    seqs = [model.engine.prepare(_prompt_ids(model, p, chat), c) for p, c in zip(prompts, cfgs)]
+    def ids(p):  # a list of message dicts is a chat, like generate(messages=...)
+        is_chat = isinstance(p, (list, tuple)) and bool(p) and isinstance(p[0], dict)
+        return _prompt_ids(model, None if is_chat else p, chat, p if is_chat else None)
+
+    seqs = [model.engine.prepare(ids(p), c) for p, c in zip(prompts, cfgs)]
     index = {s.id: i for i, s in enumerate(seqs)}
     finish = None if on_result is None else lambda s, out: on_result(index[s.id], _result(model, s, out))
     with torch.inference_mode():

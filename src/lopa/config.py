@@ -6,11 +6,14 @@ Every field is validated in ``__post_init__``; a bad value raises ``ConfigError`
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import re
 from dataclasses import dataclass
 
 from .errors import ConfigError
 
 STRATEGIES = ("threshold", "d2f", "lopa", "dream")
+K_POLICIES = ("fixed", "text", "load")
 CONFIDENCES = ("prob", "neg_entropy", "margin")
 ATTENTIONS = ("full", "block_causal")
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
@@ -20,6 +23,27 @@ COMPATS = ("published",)
 def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{name}: {message}")
+
+
+# What each annotation accepts. bool is an int subclass in Python: refused where a number is meant, so that
+# k=True or tau=False never pass for 1 and 0. Every int also passes where a float is meant.
+_TYPE_TESTS = {
+    "int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "bool": lambda v: isinstance(v, bool),
+}
+
+
+def check_types(obj) -> None:
+    """Every field of a config dataclass has its annotated type ("int", "float | None", ...): ConfigError if not."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        if value is None and "None" in kinds:
+            continue
+        if not any(_TYPE_TESTS[k](value) for k in kinds if k != "None"):
+            raise ConfigError(f"{f.name}: must be {' or '.join(kinds)}, got {value!r} ({type(value).__name__})")
 
 
 @dataclass(frozen=True)
@@ -42,7 +66,10 @@ class DecodeConfig:
     top_p: float = 1.0
     seed: int = 0
     confidence: str = "prob"
-    branch_confidence: str = "mean"
+    branch_confidence: str = "mean"  # branch score (decoding/confidence.py: BRANCH_SCORES); Eq. 2 is "mean"
+    branch_m: int = 8  # m of the "top_m" score (m most confident positions) and "segment" (window of m columns)
+    k_policy: str = "fixed"  # lookaheads per iteration (decoding/budget.py): "fixed" k, "text" (<= k, from the
+    # confidence landscape), "load" (<= k, from the row budget the engine sets per step)
     attention: str | None = None  # window attention; None = the strategy's own default
     steps: int | None = None  # dream sampler: diffusion steps (None = gen_length)
     alg: str = "entropy"  # dream sampler's confidence algorithm
@@ -51,6 +78,7 @@ class DecodeConfig:
     compat: str | None = None  # "published": the published LoPA code's loop, token for token (decoding/published.py)
 
     def __post_init__(self) -> None:
+        check_types(self)
         _check(self.strategy in STRATEGIES, "strategy", f"must be one of {STRATEGIES}, got {self.strategy!r}")
         _check(self.gen_length >= 1, "gen_length", f"must be >= 1, got {self.gen_length}")
         _check(self.block_size >= 1, "block_size", f"must be >= 1, got {self.block_size}")
@@ -86,13 +114,20 @@ class DecodeConfig:
                                                                   f"{self.attention!r}")
             _check(self.branch_confidence == "mean", "branch_confidence",
                    "the published loop scores a branch by its mean confidence; got " + repr(self.branch_confidence))
-        from .decoding.confidence import BRANCH_SCORES  # registry of pluggable branch-confidence functions
+        from .decoding.confidence import BRANCH_SCORES, SCORE_MEASURES  # registry of branch-confidence functions
 
         _check(
             self.branch_confidence in BRANCH_SCORES,
             "branch_confidence",
             f"must be one of {tuple(BRANCH_SCORES)}, got {self.branch_confidence!r}",
         )
+        measures = SCORE_MEASURES.get(self.branch_confidence, CONFIDENCES)
+        _check(self.confidence in measures, "confidence", f"branch_confidence {self.branch_confidence!r} reads "
+                                                          f"probabilities: needs one of {measures}, got {self.confidence!r}")
+        _check(self.branch_m >= 1, "branch_m", f"must be >= 1, got {self.branch_m}")
+        _check(self.k_policy in K_POLICIES, "k_policy", f"must be one of {K_POLICIES}, got {self.k_policy!r}")
+        if self.compat == "published":
+            _check(self.k_policy == "fixed", "k_policy", f"the published loop runs a fixed k; got {self.k_policy!r}")
 
     def replace(self, **changes) -> "DecodeConfig":
         """A copy with some fields changed; unknown names raise ConfigError."""
@@ -120,8 +155,16 @@ PRESETS: dict[str, DecodeConfig] = {
 LLADA_DEFAULTS: dict[str, object] = dict(block_size=64, add_threshold=0.7, complete_threshold=0.95, tau=0.9, gen_length=512)
 
 
+# Where one strategy needs another default than DecodeConfig's, and why. The dream sampler denoises its whole
+# canvas at every step, with no cache and no stop at EOS, so the canvas length is part of what the model sees:
+# on the embedded model a 256-position canvas fills with EOS from the end and the answer comes out empty
+# (256 forwards for nothing), while 128 positions (steps = 128) answer the held-out problems.
+STRATEGY_DEFAULTS: dict[str, dict[str, object]] = {"dream": {"gen_length": 128}}
+
+
 def decode_config(preset: str | None = None, model_type: str = "dream", **overrides) -> DecodeConfig:
-    """Build a DecodeConfig: a named preset (Dream) or the model family's defaults, then overrides.
+    """Build a DecodeConfig: a named preset (Dream) or the model family's defaults, the strategy's own
+    defaults (STRATEGY_DEFAULTS), then overrides.
 
     With ``compat="published"`` the confidence measure defaults to the published scripts' negative entropy."""
     if preset is not None:
@@ -131,6 +174,8 @@ def decode_config(preset: str | None = None, model_type: str = "dream", **overri
         base = DecodeConfig(**LLADA_DEFAULTS)
     else:
         base = DecodeConfig()
+    for name, value in STRATEGY_DEFAULTS.get(overrides.get("strategy", base.strategy), {}).items():
+        overrides.setdefault(name, value)
     if overrides.get("compat") == "published" and "confidence" not in overrides:
         overrides["confidence"] = "neg_entropy"  # the published scripts' sampling_strategy
     return base.replace(**overrides)
@@ -154,12 +199,17 @@ class RunnerConfig:
     #                               "local": each rank commits its own copy (single-phase; exact only if rows agree)
     bp_timeout_s: float = 60.0  # a rank silent this long during a step ends the run with BranchParallelError
     bp_check: bool = False  # debug: after each commit, check that every rank's cache and canvases agree
+    step_rows: int | None = None  # query rows (sum of K*W) one decode step aims at: requests with k_policy "load"
+    # share it evenly (engine/engine.py: row_budget); None = no budget (they take k)
 
     def __post_init__(self) -> None:
+        check_types(self)
         _check(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1, "max_num_seqs",
                f"must be an integer >= 1, got {self.max_num_seqs!r}")
         _check(self.max_positions is None or (isinstance(self.max_positions, int) and self.max_positions >= 2),
                "max_positions", f"must be None or an integer >= 2, got {self.max_positions!r}")
+        _check(self.step_rows is None or (isinstance(self.step_rows, int) and self.step_rows >= 1), "step_rows",
+               f"must be None or an integer >= 1, got {self.step_rows!r}")
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16", "float64"), "dtype", f"unknown dtype {self.dtype!r}")
         _check(self.quantize in (None, "int8", "fp8"), "quantize", f"must be None, 'int8' or 'fp8', got {self.quantize!r}")
         _check(isinstance(self.branch_parallel, int) and self.branch_parallel >= 1, "branch_parallel",
@@ -167,7 +217,7 @@ class RunnerConfig:
         _check(self.bp_commit in ("broadcast", "local"), "bp_commit", f"must be 'broadcast' or 'local', got {self.bp_commit!r}")
         _check(self.bp_timeout_s > 0, "bp_timeout_s", f"must be > 0, got {self.bp_timeout_s!r}")
         _check(
-            self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
+            re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device) is not None,
             "device",
             f"must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}",
         )

@@ -1,9 +1,12 @@
 """threshold / d2f / lopa on hand-built oracles whose confidences are known."""
 
+import math
+
 import pytest
 import torch
 
 from lopa.config import DecodeConfig
+from lopa.errors import ConfigError
 from lopa.decoding import make_strategy
 from lopa.decoding.confidence import lowest_confidence, mean_confidence
 
@@ -129,3 +132,85 @@ def test_random_order_ablation_is_seeded():
     c, *_ = run(noisy, strategy="lopa", k=3, branch_confidence="random", seed=2, gen_length=16)
     winners = lambda s: [step.winner for step in s.trace]
     assert winners(a) == winners(b) and winners(a) != winners(c)
+
+
+def test_new_branch_scores_by_hand():
+    from lopa.decoding.confidence import count_above, log_confidence_sum, top_m_confidence, weakest_segment
+
+    # row 0 the anchor (4 masked), row 1 a lookahead that filled column 3, row 2 finished
+    conf = torch.tensor([[0.95, 0.2, 0.92, 0.4], [0.95, 0.3, 0.5, 0.0], [0.1, 0.1, 0.1, 0.1]])
+    masked = torch.tensor([[True, True, True, True], [True, True, True, False], [False, False, False, False]])
+    count = count_above(conf, masked, tau=0.9)
+    assert int(count[0]) == 2 and int(count[1]) == 1 + 1 and count[2] >= 4  # lookahead: its own fill + 1 above τ
+    assert count[0] - 2 == pytest.approx(0.5 * (0.95 + 0.2 + 0.92 + 0.4) / 4)  # tiebreak: half the mean
+    assert top_m_confidence(conf, masked, m=2).tolist()[:2] == [pytest.approx(0.935), pytest.approx(0.725)]
+    seg = weakest_segment(conf, masked, m=2)  # windows (0,1) (1,2) (2,3) over masked positions
+    assert seg[0] == pytest.approx(min(0.575, 0.56, 0.66)) and seg[1] == pytest.approx(min(0.625, 0.4, 0.5))
+    logs = log_confidence_sum(conf, masked)
+    assert logs[1] == pytest.approx(math.log(0.95) + math.log(0.3) + math.log(0.5))
+    assert all(f(conf, masked).tolist()[2] == float("inf") for f in (top_m_confidence, weakest_segment, log_confidence_sum))
+
+
+@pytest.mark.parametrize("score", ["count", "top_m", "segment", "logsum"])
+def test_every_branch_score_decodes_through_lopa(score):
+    state, forwards, _, out = run(key_oracle, strategy="lopa", k=3, branch_confidence=score)
+    assert out == [10 + p for p in range(P, P + 8)] and forwards <= 4
+    assert all(len(step.fills) == len(step.scores) for step in state.trace)
+
+
+def test_scores_that_read_probabilities_refuse_other_measures():
+    with pytest.raises(ConfigError, match="confidence"):
+        DecodeConfig(branch_confidence="count", confidence="neg_entropy")
+    with pytest.raises(ConfigError, match="branch_m"):
+        DecodeConfig(branch_m=0)
+    with pytest.raises(ConfigError, match="k_policy"):
+        DecodeConfig(k_policy="sometimes")
+
+
+def test_trace_fills_are_what_each_row_would_have_filled():
+    state, *_ = run(key_oracle, strategy="lopa", k=3)
+    second = state.trace[1]
+    # the KEY row fills itself and then every other position (all 0.95 > τ); the others nothing passes τ: the
+    # top-1 fallback of the fully active block, plus their lookahead
+    assert second.fills[second.winner] == len(second.filled) == 7
+    assert [f for r, f in enumerate(second.fills) if r != second.winner] == [1, 2, 2]
+
+
+def test_text_budget_shrinks_with_the_last_fill_and_flat_candidates():
+    from lopa.decoding.budget import FILL_HALVING, Landscape, load_budget, text_budget
+
+    steep = torch.linspace(0.8, 0.1, 10)
+    assert text_budget(8, Landscape(steep, 0, 16)) == 8
+    assert text_budget(8, Landscape(steep, int(FILL_HALVING), 16)) == 4
+    assert text_budget(8, Landscape(steep, 100, 16)) == 1
+    assert text_budget(8, Landscape(torch.full((10,), 0.5), 0, 16)) == 1  # nothing to choose between
+    assert text_budget(8, Landscape(steep[:3], 0, 16)) == 3  # never more than the candidates
+    assert load_budget(8, Landscape(steep, 0, 16, row_budget=64)) == 3  # 4 rows of 16 columns
+    assert load_budget(8, Landscape(steep, 0, 16, row_budget=8)) == 1  # at least one lookahead
+    assert load_budget(8, Landscape(steep, 0, 16)) == 8
+
+
+def test_text_budget_spends_one_lookahead_when_the_candidates_are_alike():
+    flat = lambda row, start, cols: (10 + start + cols, torch.full((len(cols),), 0.3), 0.3 - 0.001 * cols.float())
+
+    def widths(policy):
+        state, *_ = run(flat, strategy="lopa", k=6, k_policy=policy)
+        return {len(step.scores) for step in state.trace if step.scores}
+
+    assert widths("text") == {2} and 7 in widths("fixed")
+
+
+def test_load_budget_reads_the_row_budget_from_the_state():
+    cfg = DecodeConfig(strategy="lopa", k=5, gen_length=8, block_size=8, tau=0.9, k_policy="load")
+    strat = make_strategy(cfg, SPEC)
+    state = strat.start(PROMPT)
+    strat.accept(state, strat.propose(state), None)  # prefill
+    batch = strat.propose(state)
+    preds = key_oracle(batch.tokens[0], batch.start, batch.logit_cols)
+    from lopa.decoding.base import Predictions
+
+    strat.accept(state, batch, Predictions(*(torch.as_tensor(x)[None] for x in preds)))
+    state.row_budget = 3 * 8  # three rows of the 8-column window
+    assert strat.propose(state).tokens.shape == (3, 8)
+    state.row_budget = None
+    assert strat.propose(state).tokens.shape[0] == 6

@@ -178,3 +178,22 @@ def test_a_failing_strategy_ends_only_its_own_request(solo):
             engine.generate([seq, engine.prepare(model.tokenizer.encode(prompts[0]), configs[0])])
     assert not engine.has_work() and engine.num_running == 0
     assert _key(lopa.generate(m, prompts[0], configs[0])) == ref[0]
+
+
+def test_load_budget_gives_each_request_fewer_branches_when_more_share_a_step(tiny_dream_dir):
+    prompts = ["Tom has 12 apples and", "The cat sat", "one two three", "Mia has"]
+    cfg = lopa.DecodeConfig(strategy="lopa", k=6, gen_length=16, block_size=8, tau=0.5, k_policy="load")
+
+    def rows_per_forward(max_num_seqs, step_rows):
+        model = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu", max_num_seqs=max_num_seqs,
+                                                                         step_rows=step_rows))
+        stats = [r.stats for r in lopa.generate_many(model, prompts, cfg)]
+        return sum(s.branch_rows for s in stats) / sum(s.decode_forwards for s in stats), model.engine.counters
+
+    alone, _ = rows_per_forward(1, 4 * 16)  # one request at a time: its window's 16 columns fit 4 rows
+    shared, counters = rows_per_forward(4, 4 * 16)  # four share the same rows: one lookahead each (the floor)
+    unlimited, _ = rows_per_forward(4, None)
+    assert shared <= 2.0 < alone <= 4.0 < unlimited  # (forwards without candidates have one row)
+    assert counters.rows_per_step <= counters.requests_per_step * 2
+    with pytest.raises(lopa.ConfigError, match="step_rows"):
+        lopa.RunnerConfig(step_rows=0)

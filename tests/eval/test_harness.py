@@ -141,3 +141,12 @@ def test_eval_batch_size_decodes_concurrently_with_the_same_records(tiny_dream_d
     assert engines[0]["lopa k=2"]["requests_per_step"] == 1
     assert engines[1]["lopa k=2"]["requests_per_step"] > 1
     assert engines[1]["lopa k=2"]["decode_steps"] < engines[0]["lopa k=2"]["decode_steps"]
+
+
+@pytest.mark.parametrize("n", [0, -3, 1.5])
+def test_task_counts_must_be_positive(n):
+    from lopa.eval.tasks import code
+
+    for task in (lambda: gsm8k(None, n), lambda: humaneval(n), lambda: code(n)):
+        with pytest.raises(ConfigError, match="n: must be a positive count"):
+            task()

@@ -91,6 +91,7 @@ class Step:
     filled: list[int]  # absolute positions the winner filled this iteration, in fill order
     winner: int  # winning row (0 = anchor)
     scores: list[float]  # branch confidence per row ([] when there was only one branch)
+    fills: list[int] = field(default_factory=list)  # per row: positions it would have filled had it won ([] if one row)
 
 
 @dataclass
@@ -103,6 +104,8 @@ class DecodeState:
     rounds: int = 0  # decode forwards so far
     done: bool = False
     hit_round_cap: bool = False  # stopped by max_rounds rather than by finishing
+    row_budget: int | None = None  # query rows (K * W) the runner allows the next forward; None = no limit. Set
+    # by whoever drives the strategy before propose (the engine, from the step's load); k_policy "load" reads it
     trace: list[Step] = field(default_factory=list)
 
 

@@ -12,6 +12,7 @@ row, so the anchor wins ties); its tokens become the canvas, its predictions dri
 
 from __future__ import annotations
 
+import dataclasses
 from abc import abstractmethod
 from dataclasses import dataclass, field
 
@@ -19,19 +20,21 @@ import torch
 
 from .base import DecodeState, ForwardBatch, ModelSpec, Predictions, Step, Strategy, answer_ids, new_canvas, settle_eos
 from .blocks import Block
-from .confidence import BRANCH_SCORES
+from .budget import BUDGETS, Landscape
+from .confidence import branch_score
 
 
 @dataclass
 class WindowState(DecodeState):
     blocks: list[Block] = field(default_factory=list)
     pred_tok: torch.Tensor | None = None  # [T] the winner's predicted token per position (valid where pred_ok)
-    pred_prob: torch.Tensor | None = None  # [T]
-    pred_conf: torch.Tensor | None = None  # [T]
+    pred_prob: torch.Tensor | None = None  # [T] in the predictions' dtype (float32; float64 for a float64 model)
+    pred_conf: torch.Tensor | None = None  # [T] likewise
     pred_ok: torch.Tensor | None = None  # [T] bool
     prefilled: bool = False
     eos_at: int | None = None  # first EOS in the generated region
     pending: tuple = ()  # (scored positions, lookahead position per row) of the batch in flight
+    last_fill: int = 0  # positions the last iteration filled (the "text" branch budget reads it)
 
 
 class WindowStrategy(Strategy):
@@ -40,7 +43,8 @@ class WindowStrategy(Strategy):
     def __init__(self, cfg, spec: ModelSpec, lookahead: int = 0) -> None:
         super().__init__(cfg, spec)
         self.lookahead = lookahead
-        self.score = BRANCH_SCORES[cfg.branch_confidence]
+        self.score = branch_score(cfg)
+        self.budget = BUDGETS[cfg.k_policy]
         self.rng = torch.Generator().manual_seed(cfg.seed)  # for score functions that draw (the random ablation)
         self.max_rounds = cfg.max_rounds or 2 * cfg.gen_length + 8
 
@@ -129,12 +133,17 @@ class WindowStrategy(Strategy):
         return ForwardBatch(torch.stack(rows), lo, cols, commit=self.commit_end(state) - lo, block_ids=block_ids)
 
     def lookahead_positions(self, state: WindowState, scored: list[int]) -> list[int]:
-        """The k most confident still-masked candidates (ties: lower position), each spawning one branch."""
+        """The most confident still-masked candidates (ties: lower position), each spawning one branch: k of
+        them, or fewer as DecodeConfig.k_policy decides (decoding/budget.py)."""
         if not self.lookahead:
             return []
         cands = [p for p in scored if bool(state.pred_ok[p])]
         cands.sort(key=lambda p: (-float(state.pred_conf[p]), p))
-        return cands[: self.lookahead]
+        if self.cfg.k_policy == "fixed":
+            return cands[: self.lookahead]
+        width = self.window_end(state) - state.cached
+        land = Landscape(state.pred_conf[cands], state.last_fill, width, state.row_budget)
+        return cands[: self.budget(self.lookahead, land)]
 
     def accept(self, state: WindowState, batch: ForwardBatch, preds: Predictions) -> int:
         if batch.prefill:
@@ -153,23 +162,42 @@ class WindowStrategy(Strategy):
             score = self.score(preds.conf, still & in_set, self.rng)  # [K]
             winner = int(torch.argmax(score))  # first maximum: ties go to the lower row
             scores = score.tolist()
-        hi = lo + batch.tokens.shape[1]
-        state.canvas[lo:hi] = batch.tokens[winner]
-        positions = lo + batch.logit_cols
-        state.pred_ok[:] = False
-        state.pred_ok[positions] = True
-        state.pred_tok[positions] = preds.tokens[winner]
-        state.pred_prob[positions] = preds.prob[winner].to(state.pred_prob.dtype)
-        state.pred_conf[positions] = preds.conf[winner].to(state.pred_conf.dtype)
+        fills = [len(self.apply_row(self.what_if(state, batch), batch, preds, r, extra)) for r in range(K)] \
+            if self.cfg.trace and K > 1 else []
         state.cached += batch.commit
         state.rounds += 1
-        filled = [extra[winner]] if extra[winner] is not None else []
+        filled = self.apply_row(state, batch, preds, winner, extra)
+        state.last_fill = len(filled)
+        if self.cfg.trace:
+            state.trace.append(Step(filled, winner, scores, fills))
+        return winner
+
+    def apply_row(self, state: WindowState, batch: ForwardBatch, preds: Predictions, row: int, extra: list) -> list[int]:
+        """Make ``row`` the canvas, its predictions the current ones, then fill; return the positions filled.
+        ``state.cached`` already counts this forward's commit (the fill rule reads it)."""
+        lo, hi = batch.start, batch.start + batch.tokens.shape[1]
+        state.canvas[lo:hi] = batch.tokens[row]
+        positions = lo + batch.logit_cols
+        if state.pred_prob.dtype != preds.prob.dtype:  # float32, or float64 for a float64 model: keep its precision
+            state.pred_prob, state.pred_conf = state.pred_prob.to(preds.prob.dtype), state.pred_conf.to(preds.conf.dtype)
+        state.pred_ok[:] = False
+        state.pred_ok[positions] = True
+        state.pred_tok[positions] = preds.tokens[row]
+        state.pred_prob[positions] = preds.prob[row].to(state.pred_prob.dtype)
+        state.pred_conf[positions] = preds.conf[row].to(state.pred_conf.dtype)
+        filled = [extra[row]] if extra[row] is not None else []
         self.settle_eos(state)
         filled += self.fill(state)
         self.settle_eos(state)
-        if self.cfg.trace:
-            state.trace.append(Step(filled, winner, scores))
-        return winner
+        return filled
+
+    @staticmethod
+    def what_if(state: WindowState, batch: ForwardBatch) -> WindowState:
+        """A copy of the state after this forward's commit, for asking what a row would fill (traces only)."""
+        return dataclasses.replace(
+            state, canvas=state.canvas.clone(), blocks=[dataclasses.replace(b) for b in state.blocks],
+            pred_tok=state.pred_tok.clone(), pred_prob=state.pred_prob.clone(), pred_conf=state.pred_conf.clone(),
+            pred_ok=state.pred_ok.clone(), cached=state.cached + batch.commit, trace=[])
 
     def output(self, state: WindowState) -> list[int]:
         return answer_ids(state.canvas, state.prompt_len, self.spec)

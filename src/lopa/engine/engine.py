@@ -73,8 +73,9 @@ def kv_need(strategy, prompt_len: int, gen_length: int) -> int:
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, spec: ModelSpec, max_num_seqs: int = 1) -> None:
+    def __init__(self, runner: ModelRunner, spec: ModelSpec, max_num_seqs: int = 1, step_rows: int | None = None) -> None:
         self.runner, self.spec = runner, spec
+        self.step_rows = step_rows  # RunnerConfig.step_rows: the rows a decode step aims at (row_budget)
         self.scheduler = Scheduler(max_num_seqs)
         self.counters = EngineCounters()
         self.last_step: StepInfo | None = None
@@ -187,7 +188,9 @@ class Engine:
         self.bp.select_s += time.perf_counter() - t1
         self.runner.commit(commits)
         self.runner.verify([s.slot for s in seqs], [s.state.canvas for s in seqs])
+        budget = self.row_budget()
         for s in seqs:  # the next forward is decided now; None = finished
+            s.state.row_budget = budget  # read by k_policy "load" (decoding/budget.py); a plain int, no device state
             s.batch = None if s.error is not None else self._guard(s, s.strategy.propose, s.state)
         dt = time.perf_counter() - t0
         self._count(plan.prefill, batches, dt)
@@ -226,6 +229,14 @@ class Engine:
             seq.error = seq.error or error
         self.scheduler.waiting.clear()
         return [self._finish(seq) for seq in seqs]
+
+    def row_budget(self) -> int | None:
+        """Each request's share of step_rows in the next step: the rows split evenly among the requests that
+        will run it (those running now, the ones finishing this step included, plus the waiting that fit)."""
+        if self.step_rows is None:
+            return None
+        n = min(self.scheduler.max_num_seqs, self.num_running + self.num_waiting)
+        return self.step_rows // max(1, n)
 
     def _release(self, seq: Sequence) -> None:
         """The request leaves: its slot is empty from now on and is reused after the next compaction."""

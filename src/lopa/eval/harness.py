@@ -16,6 +16,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..api import LopaModel, generate_many
@@ -38,6 +39,8 @@ class Record:
     hit_round_cap: bool
     prediction: str | None
     returned: int = 0  # ids the strategy returned (compat "published": every block, past EOS); `tokens` counts to EOS
+    text: str = ""  # the generated text, as the model wrote it (before any scoring cut)
+    branch_rows: int = 0  # rows (branches) summed over the decode forwards: the compute LoPA's lookahead costs
 
 
 @dataclass
@@ -63,6 +66,11 @@ class StrategyReport:
         return sum(r.tokens / max(1, r.forwards) for r in self.records) / max(1, len(self.records))
 
     @property
+    def rows_per_token(self) -> float:
+        """Branch rows computed per generated token (k+1 per forward for fixed-k LoPA, 1 for d2f)."""
+        return self._sum("branch_rows") / max(1, self._sum("tokens"))
+
+    @property
     def tokens_per_s(self) -> float:
         """Generated tokens per second of the engine's decode steps (throughput when requests share steps)."""
         return self._sum("tokens") / max(1e-9, self.engine.get("decode_s", self._sum("decode_s")))
@@ -72,7 +80,8 @@ class StrategyReport:
                 "mean_problem_tpf": self.mean_problem_tpf, "tokens": self._sum("tokens"),
                 "decode_forwards": self._sum("forwards"), "prefill_forwards": self._sum("prefill_forwards"),
                 "decode_s": self._sum("decode_s"), "tokens_per_s": self.tokens_per_s,
-                "round_cap_hits": self._sum("hit_round_cap"), "engine": self.engine}
+                "round_cap_hits": self._sum("hit_round_cap"), "engine": self.engine,
+                "branch_rows": self._sum("branch_rows"), "rows_per_token": self.rows_per_token}
 
 
 def score(problem: Problem, text: str) -> tuple[bool, str | None]:
@@ -92,7 +101,7 @@ def run_eval(model: LopaModel, problems: list[Problem], strategies: dict[str, De
     decoded concurrently by the engine (up to RunnerConfig.max_num_seqs at once)."""
     reports = [StrategyReport(label, asdict(cfg)) for label, cfg in strategies.items()]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=True) as bar:
+    with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=True) as bar:
         task = bar.add_task("evaluating", total=len(problems) * len(strategies))
         for report, cfg in zip(reports, strategies.values()):
             bar.update(task, description=f"{report.label:>12}")
@@ -108,7 +117,8 @@ def run_eval(model: LopaModel, problems: list[Problem], strategies: dict[str, De
                 ok, pred = score(problem, res.text)
                 s = res.stats
                 report.records.append(Record(problem.id, ok, s.generated_tokens, s.decode_forwards,
-                                             s.prefill_forwards, s.decode_s, s.hit_round_cap, pred, len(res.token_ids)))
+                                             s.prefill_forwards, s.decode_s, s.hit_round_cap, pred, len(res.token_ids),
+                                             res.text, s.branch_rows))
     return reports
 
 
@@ -131,12 +141,14 @@ def markdown(reports: list[StrategyReport], pairs: list[dict]) -> str:
         s = r.summary()
         lines.append(f"| {s['label']} | {s['n']} | {100 * s['accuracy']:.1f}% | {s['tpf']:.2f} | {s['mean_problem_tpf']:.2f} | "
                      f"{s['decode_forwards']} | {s['tokens']} | {s['tokens_per_s']:.0f} | {s['round_cap_hits']} |")
+    lines += branch_cost_table(reports)
     randoms = [r for r in reports if r.label.startswith("random-tfo")]
     if randoms:
         k_label = randoms[0].label.split()[1]  # "k=N"
         tpfs = [r.tpf for r in randoms]
         accs = [100 * r.accuracy for r in randoms]
-        chosen = next((r for r in reports if r.label == f"lopa {k_label}"), None)
+        same_run = " ".join(["lopa"] + [p for p in randoms[0].label.split()[1:] if not p.startswith("seed=")])
+        chosen = next((r for r in reports if r.label == same_run), None)  # "lopa k=N" (and its " tau=T")
         lines.append("")
         lines.append(f"Random token-filling orders ({len(randoms)} seeds, a random winner among the same {k_label} "
                      f"branches): TPF {sum(tpfs) / len(tpfs):.2f} (min {min(tpfs):.2f}, max {max(tpfs):.2f}), accuracy "
@@ -149,6 +161,16 @@ def markdown(reports: list[StrategyReport], pairs: list[dict]) -> str:
                      f"{100 * p['ci95'][1]:+.1f}; {p['b_only_correct']} right only with {p['b']}, "
                      f"{p['a_only_correct']} only with {p['a']}); TPF ratio {p['tpf_ratio']:.2f}x.")
     return "\n".join(lines) + "\n"
+
+
+def branch_cost_table(reports: list[StrategyReport]) -> list[str]:
+    """What the lookahead costs in compute: rows per forward and per generated token (one row = one branch)."""
+    lines = ["", "| strategy | branch rows | rows per forward | rows per token |", "|---|---|---|---|"]
+    for r in reports:
+        s = r.summary()
+        lines.append(f"| {s['label']} | {s['branch_rows']} | {s['branch_rows'] / max(1, s['decode_forwards']):.2f} | "
+                     f"{s['rows_per_token']:.2f} |")
+    return lines
 
 
 def write_reports(reports: list[StrategyReport], pairs: list[dict], out: Path, meta: dict) -> None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError, UnsupportedModelError
+from .files import read_json_object
 
 # config.json field names per family: our field -> (their field, default or REQUIRED)
 REQUIRED = object()
@@ -43,6 +43,32 @@ LLADA_FIELDS = {
     "tie_word_embeddings": ("weight_tying", False),
 }
 FAMILIES = {"dream": DREAM_FIELDS, "llada": LLADA_FIELDS}
+# What each of our fields must hold in config.json, and the smallest allowed value of the numbers.
+POSITIVE, NON_NEGATIVE = 1, 0
+FIELD_RULES = {
+    "vocab_size": (int, POSITIVE), "hidden_size": (int, POSITIVE), "intermediate_size": (int, POSITIVE),
+    "num_layers": (int, POSITIVE), "num_heads": (int, POSITIVE), "num_kv_heads": (int, POSITIVE),
+    "rope_theta": (float, None), "rms_norm_eps": (float, None), "max_position_embeddings": (int, POSITIVE),
+    "mask_token_id": (int, NON_NEGATIVE), "eos_token_id": (int, NON_NEGATIVE), "pad_token_id": (int, NON_NEGATIVE),
+    "bos_token_id": (int, NON_NEGATIVE), "tie_word_embeddings": (bool, None),
+}
+
+
+def _check_field(ours: str, theirs: str, value) -> None:
+    """config.json's ``theirs`` (our ``ours``) has the right JSON type and range; CheckpointError naming it if not."""
+    kind, least = FIELD_RULES[ours]
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    if ok and least is not None:
+        ok = value >= least
+    if not ok:
+        want = {bool: "true or false", int: "an integer", float: "a positive number"}[kind]
+        want += {POSITIVE: " >= 1", NON_NEGATIVE: " >= 0", None: ""}[least]
+        raise CheckpointError(f"config.json: field {theirs!r} must be {want}, got {value!r}")
 # LLaDA (OLMo-style) switches this implementation does not compute: field -> the only supported value.
 LLADA_FIXED = {"scale_logits": False, "input_emb_norm": False, "alibi": False, "rope": True, "include_bias": False,
                "include_qkv_bias": False, "multi_query_attention": None, "block_type": "llama"}
@@ -85,9 +111,13 @@ class ModelConfig:
                 f"config.json: hidden_size {self.hidden_size}, heads {self.num_heads}, kv heads {self.num_kv_heads} "
                 "do not divide evenly"
             )
+        if self.head_dim % 2:
+            raise CheckpointError(f"config.json: head dim {self.head_dim} (hidden_size / heads) must be even for RoPE")
 
     @staticmethod
     def family_of(raw: dict) -> str:
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"config.json: must hold a JSON object, got {type(raw).__name__}")
         name = str(raw.get("model_type", "")).lower()
         if name in FAMILIES:
             return name
@@ -106,27 +136,23 @@ class ModelConfig:
             value = raw.get(theirs, default)
             if value is REQUIRED:
                 raise CheckpointError(f"config.json: required field {theirs!r} is missing")
+            if ours == "eos_token_id" and isinstance(value, list):  # several EOS ids: the first is the main one
+                if not value:
+                    raise CheckpointError(f"config.json: field {theirs!r} is an empty list")
+                for item in value:
+                    _check_field(ours, theirs, item)
+                values["extra_eos_ids"] = tuple(value[1:])
+                value = value[0]
+            if value is not None:
+                _check_field(ours, theirs, value)
             values[ours] = value
         if values["num_kv_heads"] is None:
             values["num_kv_heads"] = values["num_heads"]
-        if isinstance(values["eos_token_id"], list):
-            values["extra_eos_ids"] = tuple(values["eos_token_id"][1:])
-            values["eos_token_id"] = values["eos_token_id"][0]
-        try:
-            return cls(**values)
-        except TypeError as err:
-            raise CheckpointError(f"config.json: {err}") from err
+        return cls(**values)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: config.json not found") from None
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{path}: not valid JSON ({err})") from None
-        return cls.from_dict(raw)
+        return cls.from_dict(read_json_object(Path(path)))
 
     def to_json_dict(self) -> dict:
         """config.json in the family's own format (what Dream / LLaDA tooling expects)."""

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from ..decoding.base import ModelSpec
 from ..errors import CheckpointError
 from .config import ModelConfig
+from .files import field, read_json_object
 from .lora import merge_lora
 from .names import IGNORED_SUFFIXES, parameter_sources
 from .tokenizer import Tokenizer
@@ -36,7 +37,11 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a folder's single or sharded safetensors checkpoint, by checkpoint name."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = field(read_json_object(index), index, "weight_map", dict, required=True)
+        files = sorted(set(weight_map.values()))
+        bad = [f for f in files if not isinstance(f, str) or Path(f).name != f]
+        if bad:
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names, got {bad[0]!r}")
     elif (folder / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import AdapterError
+from .files import field, read_json_object
 
 PEFT_PREFIX = "base_model.model."
 
@@ -21,11 +21,15 @@ def merge_lora(weights: dict[str, torch.Tensor], adapter_dir: str | Path) -> int
     for path in (cfg_path, tensors_path):
         if not path.is_file():
             raise AdapterError(f"{path}: missing (a PEFT adapter folder needs adapter_config.json and adapter_model.safetensors)")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_json_object(cfg_path, AdapterError)
     if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
         raise AdapterError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
-    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    r = field(cfg, cfg_path, "r", int, error=AdapterError, required=True)
+    alpha = field(cfg, cfg_path, "lora_alpha", (int, float), default=r, error=AdapterError)
+    rslora = field(cfg, cfg_path, "use_rslora", bool, default=False, error=AdapterError)
+    if r < 1:
+        raise AdapterError(f"{cfg_path}: field 'r' must be >= 1, got {r}")
+    scale = alpha / math.sqrt(r) if rslora else alpha / r
     try:
         tensors = load_file(str(tensors_path))
     except Exception as err:
@@ -42,7 +46,7 @@ def merge_lora(weights: dict[str, torch.Tensor], adapter_dir: str | Path) -> int
         if target not in weights:
             raise AdapterError(f"adapter targets {target}, which the base model does not have (adapter for another base?)")
         w, b = weights[target], tensors[b_name]
-        if b.shape[0] != w.shape[0] or a.shape[1] != w.shape[1]:
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0] or b.shape[0] != w.shape[0] or a.shape[1] != w.shape[1]:
             raise AdapterError(
                 f"adapter for {target}: B{tuple(b.shape)} @ A{tuple(a.shape)} does not fit the base weight {tuple(w.shape)}"
             )

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from ..errors import CheckpointError
+from .files import field, read_json_object, read_text
 
 # Qwen2's pre-tokenizer pattern: digits split one by one, words with an optional leading non-letter.
 QWEN2_PATTERN = (
@@ -51,12 +52,46 @@ def _bpe_from_files(folder: Path, specials: list[dict]) -> HFTokenizer:
     return tok
 
 
+def _added_tokens(config: dict, path: Path) -> list[dict]:
+    """tokenizer_config.json's ``added_tokens_decoder``: {"<id>": {"content": str, "special": bool}, ...}."""
+    decoder = field(config, path, "added_tokens_decoder", dict, default={})
+    specials = []
+    for key, spec in decoder.items():
+        if not key.isdigit() or not isinstance(spec, dict) or not isinstance(spec.get("content"), str) \
+                or not isinstance(spec.get("special", True), bool):
+            raise CheckpointError(f"{path}: added_tokens_decoder[{key!r}] must map an id to "
+                                  f"{{'content': str, 'special': bool}}, got {spec!r}")
+        specials.append(dict(spec, id=int(key)))
+    return specials
+
+
+def _chat_template(config: dict, path: Path) -> str | None:
+    """``chat_template``: a string, or HF's list of named templates (the one named "default")."""
+    value = field(config, path, "chat_template", (str, list))
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+        if not isinstance(value, str):
+            raise CheckpointError(f"{path}: field 'chat_template' is a list without a 'default' template string")
+    return value
+
+
+def _token_text(config: dict, path: Path, name: str) -> str:
+    """bos_token / eos_token: a string, or HF's serialized AddedToken {"content": ...}; "" when absent."""
+    value = config.get(name)
+    if isinstance(value, dict):
+        value = value.get("content")
+    if value is not None and not isinstance(value, str):
+        raise CheckpointError(f"{path}: field {name!r} must be a string or {{'content': str}}, got {config[name]!r}")
+    return value or ""
+
+
 class Tokenizer:
     def __init__(self, folder: str | Path) -> None:
         folder = Path(folder)
         cfg_path = folder / "tokenizer_config.json"
-        self.config = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
-        specials = [dict(v, id=int(k)) for k, v in self.config.get("added_tokens_decoder", {}).items()]
+        self.config = read_json_object(cfg_path) if cfg_path.is_file() else {}
+        specials = _added_tokens(self.config, cfg_path)
         try:
             if (folder / "tokenizer.json").is_file():
                 self._tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
@@ -68,10 +103,12 @@ class Tokenizer:
             raise
         except Exception as err:  # corrupt tokenizer files: name the folder, not a deep traceback
             raise CheckpointError(f"{folder}: cannot read tokenizer files ({err})") from None
-        template = self.config.get("chat_template")
+        template = _chat_template(self.config, cfg_path)
         if template is None and (folder / "chat_template.jinja").is_file():
-            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+            template = read_text(folder / "chat_template.jinja")
         self.chat_template: str | None = template
+        self.bos_token = _token_text(self.config, cfg_path, "bos_token")
+        self.eos_token = _token_text(self.config, cfg_path, "eos_token")
 
     @property
     def vocab_size(self) -> int:
@@ -96,7 +133,10 @@ class Tokenizer:
 
         env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.config.get("bos_token") or "", eos_token=self.config.get("eos_token") or "",
-        )
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token, eos_token=self.eos_token,
+            )
+        except jinja2.TemplateError as err:
+            raise CheckpointError(f"chat template: cannot render it ({type(err).__name__}: {err})") from None

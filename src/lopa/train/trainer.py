@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..config import RunnerConfig, check_types
+from ..errors import ConfigError
 from ..models.attention import block_causal_mask
 from ..models.config import ModelConfig
 from ..models.loader import save_folder
@@ -58,6 +60,21 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     log_every: int = 100
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        positive = ("minutes", "max_steps", "batch_size", "lr", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                    "intermediate_size", "vocab_size", "block_size", "n_train", "code_copies", "max_answer_tokens",
+                    "log_every")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("warmup_steps", "weight_decay", "n_code"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.full_attention_fraction <= 1.0:
+            raise ConfigError(f"full_attention_fraction: must be in [0, 1], got {self.full_attention_fraction}")
+        RunnerConfig(device=self.device)  # the same device rule as everywhere ("auto", "cpu", "cuda[:N]")
 
 
 def training_texts(cfg: TrainConfig) -> list[tuple[str, str]]:
@@ -108,6 +125,8 @@ def make_batch(pairs, cfg: TrainConfig, mask_id: int, eos: int, rng: torch.Gener
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {cfg.device!r} requested but CUDA is not available")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out = Path(cfg.out)
