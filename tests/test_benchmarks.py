@@ -44,6 +44,17 @@ def test_batch_throughput_tiny(tmp_path):
     assert "| 3 | 2 | 64 |" in (tmp_path / "batch_throughput.md").read_text()
 
 
+def test_bp_latency_tiny_two_ranks(tmp_path):
+    run("bp_latency.py", "--tiny", "--devices", "1,2", "--ks", "2", "--windows", "16", "--prefix", "32",
+        "--precisions", "bf16", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "bp_latency.json").read_text())["rows"]
+    assert [(r["devices"], r["commit"]) for r in rows] == [(1, "broadcast"), (2, "broadcast"), (2, "local")]
+    one, two, local = rows
+    assert two["tokens_equal_1"] is True and two["broadcasts_per_step"] > 0 and two["bytes_per_commit"] > 0
+    assert one["bytes_per_commit"] == 0 and local["broadcasts_per_step"] == 0  # one rank / single-phase: nothing sent
+    assert all(r["iteration_ms"] > 0 and abs(sum(r[p + "_share"] for p in ("prepare", "forward", "gather", "select",
+                                                                             "commit")) - 1) < 1e-9 for r in rows)
+    assert (tmp_path / "bp_latency.md").read_text().count("| 2 | spawned | bf16 |") == 2
 def test_branch_research_pairs_every_variant_with_fixed_k_mean(tmp_path):
     run("branch_research.py", "--n", "2", "--k", "2", "--frontier", "1", "--variants",
         "mean:fixed,mean:text,count:fixed,count:text", "--gen-length", "16", "--checks", "lookahead,tfo", "--orders", "2", "--tfo-n", "1",

@@ -75,6 +75,15 @@ def test_train_flags_default_to_the_train_config():
     assert res.exit_code == 0 and str(TrainConfig.n_train) in res.output.replace(",", "").replace("_", "")
 
 
+def test_generate_on_two_devices_matches_one_and_reports_branch_parallel(tiny_dream_dir):
+    args = ["generate", str(tiny_dream_dir), "-p", "hello there", "--strategy", "lopa", "--k", "3", "--gen-length",
+            "16", "--block-size", "8", "--device", "cpu", "--dtype", "float64", "--json"]
+    one, two = runner.invoke(app, args), runner.invoke(app, [*args, "--devices", "2"])
+    assert one.exit_code == 0 and two.exit_code == 0, two.output
+    a, b = (json.loads(r.stdout[r.stdout.index("{"):]) for r in (one, two))
+    assert b["token_ids"] == a["token_ids"] and "branch_parallel" not in a
+    bp = b["branch_parallel"]
+    assert bp["devices"] == 2 and bp["gathers"] > 0 and bp["broadcasts"] > 0 and bp["forward_s"] > 0
 TRICKY = "x" * 120 + "  two  spaces :rocket: [bold]not bold[/bold]\n\tend \\n [red]"
 
 

@@ -10,6 +10,7 @@ from .api import GenerationResult, LopaModel, default_model_path, generate, gene
 from .config import PRESETS, DecodeConfig, RunnerConfig, decode_config
 from .errors import (
     AdapterError,
+    BranchParallelError,
     CheckpointError,
     ConfigError,
     LopaError,
@@ -21,4 +22,5 @@ __all__ = [
     "load_model", "generate", "generate_many", "default_model_path", "LopaModel", "GenerationResult",
     "DecodeConfig", "RunnerConfig", "PRESETS", "decode_config",
     "LopaError", "ConfigError", "CheckpointError", "UnsupportedModelError", "AdapterError", "PromptTooLongError",
+    "BranchParallelError",
 ]

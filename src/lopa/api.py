@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import operator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -17,6 +19,8 @@ from .errors import CheckpointError, ConfigError
 from .models.fused import EAGER, fused_ops
 from .models.loader import LoadedModel, load_folder
 from .models.quant import quantize_model
+from .runner import launch
+from .runner.group import LocalGroup
 from .runner.model_runner import ModelRunner
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -52,6 +56,21 @@ class LopaModel:
     def fused(self) -> bool:
         """Whether the elementwise kernels run fused (RunnerConfig.fuse on a GPU where torch.compile works)."""
         return self.loaded.model.ops is not EAGER
+
+    def close(self) -> None:
+        """Stop the Branch Parallel workers (also run at exit); a no-op in one process."""
+        self.runner.group.close()
+
+
+@dataclass(frozen=True)
+class FolderSource:
+    """Where a model comes from, picklable for the Branch Parallel workers: each loads the same folder."""
+
+    folder: Path
+    adapter: Path | None = None
+
+    def load(self, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+        return load_folder(self.folder, device=device, dtype=dtype, adapter=self.adapter)
 
 
 @dataclass
@@ -98,15 +117,30 @@ def load_model(
     adapter: str | Path | None = None,
     runner: RunnerConfig | None = None,
 ) -> LopaModel:
-    """Load an HF-format Dream or LLaDA folder (default: the embedded model), optionally merging a LoRA adapter."""
+    """Load an HF-format Dream or LLaDA folder (default: the embedded model), optionally merging a LoRA adapter.
+
+    With ``RunnerConfig(branch_parallel=N)`` this process becomes rank 0 and starts ranks 1..N-1 (they load the
+    same folder); under torchrun every rank calls load_model, and on ranks > 0 it serves rank 0's steps and then
+    exits the process (SystemExit), so the code after load_model runs on rank 0 only."""
     runner = runner or RunnerConfig()
     folder = Path(path).expanduser() if path is not None else default_model_path()
     adapter = Path(adapter).expanduser() if adapter is not None else None
     if path is None and not (folder / "config.json").is_file():
         raise CheckpointError(f"the embedded default model is missing from {folder}; pass a model folder")
+    return build_model(FolderSource(folder, adapter), runner)
+
+
+def build_model(source, runner: RunnerConfig, group=None, name: Path | None = None) -> LopaModel:
+    """A LopaModel from any picklable ``source`` with ``load(device, dtype) -> LoadedModel`` (FolderSource;
+    benchmarks build random weights). ``group``: this rank's Branch Parallel group, else made from ``runner``."""
     device = _resolve_device(runner.device)
+    if group is None and runner.branch_parallel > 1:
+        group = launch.start(runner.branch_parallel, device, runner.bp_timeout_s, runner.bp_commit, runner.bp_check,
+                             functools.partial(build_model, source, runner))
+    group = group or LocalGroup()
+    device = group.device or device
     dtype = _resolve_dtype(runner.dtype, device)
-    loaded = load_folder(folder, device=device, dtype=dtype, adapter=adapter)
+    loaded = source.load(device, dtype)
     if device.type == "cuda" and runner.fuse:
         loaded.model.ops = fused_ops(device, dtype)
     if runner.quantize is not None:
@@ -114,8 +148,27 @@ def load_model(
         quantize_model(loaded.model, runner.quantize, loaded.model.ops.quantize_rows)
     model_runner = ModelRunner(loaded.model, loaded.spec, device, dtype, max_num_seqs=runner.max_num_seqs,
                                max_positions=runner.max_positions, static=device.type == "cuda" and runner.cuda_graphs,
-                               fuse=loaded.model.ops is not EAGER)
-    return LopaModel(folder, loaded, model_runner, Engine(model_runner, loaded.spec, runner.max_num_seqs, runner.step_rows))
+                               fuse=loaded.model.ops is not EAGER, group=group)
+    model = LopaModel(name or getattr(source, "folder", Path(".")), loaded, model_runner,
+                      Engine(model_runner, loaded.spec, runner.max_num_seqs, runner.step_rows))
+    if group.world > 1:
+        group.ready()
+    if not group.is_root:  # a worker (spawned, or started by torchrun): follow rank 0, then leave
+        _serve_model(model)
+        raise SystemExit(0)
+    if group.world > 1:
+        atexit.register(model.close)
+    return model
+
+
+def _serve_model(model: LopaModel) -> None:
+    """A Branch Parallel worker (rank > 0): the same model and engine as rank 0, following its steps until it
+    stops the group (or dies: the closed sockets end the wait)."""
+    try:
+        with torch.inference_mode():
+            model.engine.serve_worker()
+    finally:
+        model.runner.group.close()
 
 
 def _check_text(field: str, text) -> str:

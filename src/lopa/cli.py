@@ -138,6 +138,8 @@ def generate(
                                            "float16 | float64"),
     quantize: Optional[str] = typer.Option(None, help="Decoder Linears: int8 (weight-only) or fp8 (W8A8, fp8 GEMMs on Hopper/Ada GPUs)."),
     fuse: bool = typer.Option(True, help="On a GPU, fuse RMSNorm/RoPE/SiLU/confidence kernels with torch.compile."),
+    devices: int = typer.Option(1, help="Branch Parallel: spread each request's branches over N processes "
+                                "(GPUs cuda:0..N-1, or CPU processes), each holding the whole model."),
     trace: Optional[Path] = typer.Option(None, help="Write the per-step trace and stats as JSON here."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one line of JSON."),
 ) -> None:
@@ -154,7 +156,7 @@ def generate(
     if prompts_file is not None:
         return _generate_many(path, prompts_file, overrides, chat=chat, preset=preset, adapter=adapter, trace=trace,
                               runner=dict(device=device, dtype=dtype, quantize=quantize, fuse=fuse,
-                                          max_num_seqs=max_num_seqs))
+                                          max_num_seqs=max_num_seqs, branch_parallel=devices))
     try:
         if prompt is None:
             raise ConfigError("prompt: give --prompt TEXT (or '-' for stdin) or --prompts-file FILE")
@@ -162,7 +164,7 @@ def generate(
         if trace is not None:
             _writable_file("trace", trace)
         with console.status("loading model"):
-            runner = RunnerConfig(device=device, dtype=dtype, quantize=quantize, fuse=fuse)
+            runner = RunnerConfig(device=device, dtype=dtype, quantize=quantize, fuse=fuse, branch_parallel=devices)
             model = api.load_model(path, adapter=adapter, runner=runner)
         gen_total = overrides.get("gen_length")
         with Progress(TextColumn("decoding"), BarColumn(), TextColumn("{task.completed}/{task.total} positions"),
@@ -177,9 +179,13 @@ def generate(
     except LopaError as err:
         _fail(err)
     s = result.stats
+    bp = model.engine.bp.as_dict() if devices > 1 else None
+    model.close()
     if as_json:
-        _emit(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": s.as_dict()}, ensure_ascii=False)
-              + "\n")
+        record = {"text": result.text, "token_ids": result.token_ids, "stats": s.as_dict()}
+        if bp is not None:
+            record["branch_parallel"] = {"devices": devices, **bp}
+        _emit(json.dumps(record, ensure_ascii=False) + "\n")
     else:
         _emit(result.text + "\n")
         console.print(
@@ -188,6 +194,8 @@ def generate(
             f"{s.mean_branches:.1f} branches/forward | prefill {s.prefill_s * 1e3:.0f} ms, decode {s.decode_s:.2f} s"
             + (" | STOPPED AT ROUND CAP" if s.hit_round_cap else "") + "[/]", soft_wrap=True
         )
+        if bp is not None:
+            console.print(f"[dim]{_bp_line(devices, bp)}[/]")
     if trace is not None:
         record = {"config": asdict(result.config), "stats": s.as_dict(), "prompt_ids": result.prompt_ids,
                   "token_ids": result.token_ids, "trace": [asdict(step) for step in result.trace]}
@@ -259,6 +267,15 @@ def _generate_many(path, prompts_file: Path, overrides: dict, *, chat: bool, pre
                     "token_ids": r.token_ids, "trace": [asdict(step) for step in r.trace]} for r in results]
         trace.write_text(json.dumps(records, indent=1))
         console.print(f"[dim]traces written to {escape(str(trace))}[/]", soft_wrap=True)
+
+
+def _bp_line(devices: int, bp: dict) -> str:
+    """The Branch Parallel report: rank 0's phase times and what it sent."""
+    names = ("prepare", "forward", "gather", "select", "commit")
+    phases = ", ".join(f"{name} {bp[name + '_s'] * 1e3:.1f}" for name in names)
+    return (f"branch parallel on {devices} ranks: ms per phase {phases} (Pre-Write inside forward: "
+            f"{bp['prewrite_bytes'] / 1e6:.2f} MB) | {bp['gathers']} gathers ({bp['gather_bytes'] / 1e3:.1f} kB) | "
+            f"{bp['broadcasts']} commit broadcasts, {bp['bytes_per_commit'] / 1e3:.1f} kB each")
 
 
 @app.command()
@@ -382,6 +399,7 @@ def evaluate(
     dtype: str = typer.Option("auto", help="auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16 | float64"),
     quantize: Optional[str] = typer.Option(None, help="Decoder Linears: int8 (weight-only) or fp8 (W8A8, fp8 GEMMs on Hopper/Ada GPUs)."),
     fuse: bool = typer.Option(True, help="On a GPU, fuse RMSNorm/RoPE/SiLU/confidence kernels with torch.compile."),
+    devices: int = typer.Option(1, help="Branch Parallel: spread each request's branches over N processes/GPUs."),
 ) -> None:
     """Run strategies side by side on the same problems: accuracy, TPF, forwards, tokens/s; paired comparisons.
     The table goes to stdout; eval.json keeps every generated text."""
@@ -404,7 +422,8 @@ def evaluate(
         _writable_dir("out", out)
         problems = TASKS["gsm8k"](data, n) if task == "gsm8k" else TASKS[task](n)
         model = api.load_model(path, runner=RunnerConfig(device=device, dtype=dtype, quantize=quantize, fuse=fuse,
-                                                         max_num_seqs=batch_size, step_rows=step_rows))
+                                                         max_num_seqs=batch_size, step_rows=step_rows,
+                                                         branch_parallel=devices))
         unknown = set(c for c in checks.split(",") if c) - set(CHECKS)
         if unknown:
             raise ConfigError(f"checks: must be among {CHECKS}, got {sorted(unknown)}")
@@ -436,6 +455,10 @@ def evaluate(
             "n": len(problems), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "counting": "tokens up to and including the first EOS; one decode forward per iteration however many "
                         "branches; prefill apart"}
+    if devices > 1:
+        meta["branch parallel"] = {"devices": devices, **model.engine.bp.as_dict()}
+        console.print(_bp_line(devices, meta["branch parallel"]), markup=False, soft_wrap=True)
+    model.close()
     write_reports(reports, pairs, out, meta)
     _emit(markdown(reports, pairs))
     console.print(f"[dim]written: {escape(str(out))}/eval.json (every answer), eval.md, eval.png[/]", soft_wrap=True)
@@ -515,6 +538,7 @@ def serve(
     api_key: Optional[str] = typer.Option(None, envvar="LOPA_API_KEY",
                                           help="Require `Authorization: Bearer KEY` on /v1/* and /metrics."),
     max_num_seqs: int = typer.Option(16, help="Requests decoded together in one engine step."),
+    devices: int = typer.Option(1, help="Branch Parallel: spread each request's branches over N processes/GPUs."),
     max_pending: int = typer.Option(64, help="Requests in flight (running + waiting) before new ones get 429."),
     served_model_name: Optional[str] = typer.Option(None, help="The `model` clients send (default: folder name)."),
     request_timeout: float = typer.Option(600.0, help="Seconds before an unfinished request is aborted (504)."),
@@ -537,7 +561,8 @@ def serve(
         config = ServeConfig(host=host, port=port, api_key=api_key, max_pending=max_pending,
                              served_model_name=served_model_name, request_timeout_s=request_timeout,
                              metrics_public=metrics_public)
-        runner = RunnerConfig(device=device, dtype=dtype, quantize=quantize, fuse=fuse, max_num_seqs=max_num_seqs)
+        runner = RunnerConfig(device=device, dtype=dtype, quantize=quantize, fuse=fuse, max_num_seqs=max_num_seqs,
+                              branch_parallel=devices)
         with console.status("loading model"):
             model = api.load_model(path, adapter=adapter, runner=runner)
     except LopaError as err:

@@ -192,6 +192,13 @@ class RunnerConfig:
     quantize: str | None = None  # None | "int8" (weight-only) | "fp8" (W8A8 e4m3): decoder Linears (models/quant.py)
     max_num_seqs: int = 8  # requests decoded together, one forward per engine step (each holds a KV slot)
     max_positions: int | None = None  # KV positions per slot; None = grow on demand (else longer requests are refused)
+    # Branch Parallel (runner/group.py): one request's branch rows spread over N processes, each holding the
+    # whole model (rank r on cuda:r, or CPU processes over gloo); rank 0 spawns the others, or torchrun starts them
+    branch_parallel: int = 1
+    bp_commit: str = "broadcast"  # "broadcast": the winner's window K/V sent by its owner (two-phase, exact);
+    #                               "local": each rank commits its own copy (single-phase; exact only if rows agree)
+    bp_timeout_s: float = 60.0  # a rank silent this long during a step ends the run with BranchParallelError
+    bp_check: bool = False  # debug: after each commit, check that every rank's cache and canvases agree
     step_rows: int | None = None  # query rows (sum of K*W) one decode step aims at: requests with k_policy "load"
     # share it evenly (engine/engine.py: row_budget); None = no budget (they take k)
 
@@ -205,6 +212,10 @@ class RunnerConfig:
                f"must be None or an integer >= 1, got {self.step_rows!r}")
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16", "float64"), "dtype", f"unknown dtype {self.dtype!r}")
         _check(self.quantize in (None, "int8", "fp8"), "quantize", f"must be None, 'int8' or 'fp8', got {self.quantize!r}")
+        _check(isinstance(self.branch_parallel, int) and self.branch_parallel >= 1, "branch_parallel",
+               f"must be an integer >= 1, got {self.branch_parallel!r}")
+        _check(self.bp_commit in ("broadcast", "local"), "bp_commit", f"must be 'broadcast' or 'local', got {self.bp_commit!r}")
+        _check(self.bp_timeout_s > 0, "bp_timeout_s", f"must be > 0, got {self.bp_timeout_s!r}")
         _check(
             re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device) is not None,
             "device",

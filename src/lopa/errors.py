@@ -31,3 +31,7 @@ class QueueFullError(LopaError):
 
 class EngineDeadError(LopaError):
     """The engine thread has stopped (a failed step or a shutdown); no request can be served (HTTP 503)."""
+
+
+class BranchParallelError(LopaError):
+    """A Branch Parallel rank died, hung past RunnerConfig.bp_timeout_s, or diverged from rank 0 (bp_check)."""

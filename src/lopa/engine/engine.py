@@ -8,6 +8,11 @@
 Each request keeps its own strategy and state (decoding/base.py: the contract is unchanged); the engine
 guarantees each strategy that ``propose`` is called exactly once per forward it takes part in, that
 ``accept`` gets exactly that forward's predictions, and that its window starts at its committed KV length.
+
+Under Branch Parallel the engine is replicated: every rank runs the same Engine over the same requests and
+takes the same decisions (the strategies are deterministic and see the same gathered predictions). Rank 0
+records its joins and aborts; each step opens with ``runner.group.sync``, which ships them to the workers,
+so they take effect at the same point on every rank; the workers run ``serve_worker`` until rank 0 stops.
 """
 
 from __future__ import annotations
@@ -76,6 +81,9 @@ class Engine:
         self.last_step: StepInfo | None = None
         self._ids = itertools.count()
         self._done: list[Sequence] = []  # finished or aborted outside a step: reported by the next step()
+        self.group = runner.group
+        self.bp = runner.group.counters  # Branch Parallel's phase timers and bytes (runner/group.py)
+        self._events: list[tuple] = []  # rank 0 under Branch Parallel: joins/aborts the workers apply next step
 
     # -- requests ------------------------------------------------------------------------------------------
     def prepare(self, prompt: list[int], config: DecodeConfig, request_id: str | None = None,
@@ -98,6 +106,8 @@ class Engine:
         return seq
 
     def add(self, seq: Sequence) -> None:
+        if self.group.world > 1 and self.group.is_root:
+            self._events.append(("add", seq.id, seq.prompt, seq.config, seq.stream))
         if seq.batch is None:  # nothing to run (a strategy that is done at once): finishes at the next step
             self._done.append(seq)
             return
@@ -105,6 +115,8 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request between steps; the next step() reports it (finish_reason "abort") and frees its slot."""
+        if self.group.world > 1 and self.group.is_root:
+            self._events.append(("abort", request_id))
         for seq in list(self.scheduler.waiting):
             if seq.id == request_id:
                 self.scheduler.remove_waiting(seq)
@@ -129,6 +141,33 @@ class Engine:
 
     # -- one step ---------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.group.world > 1:  # rank 0 ships its joins/aborts; every rank then takes the same step
+            t0 = time.perf_counter()
+            self.group.sync(self._events)
+            self._events = []
+            self.bp.prepare_s += time.perf_counter() - t0
+            try:
+                return self._step()
+            except Exception as err:  # the ranks are out of step now: the group cannot be used again
+                self.group.failed = self.group.failed or f"rank {self.group.rank}'s step raised {type(err).__name__}"
+                raise
+        return self._step()
+
+    def serve_worker(self) -> None:
+        """A Branch Parallel worker (rank > 0): apply rank 0's joins/aborts and take the same steps, until rank 0
+        stops the group."""
+        while (events := self.group.sync(None)) is not None:
+            for event in events:
+                if event[0] == "add":
+                    _, rid, prompt, config, stream = event
+                    self.add(self.prepare(prompt, config, rid, stream))
+                elif event[0] == "abort":
+                    self.abort(event[1])
+                else:  # "fail_all": rank 0's step failed and it emptied its engine
+                    self.fail_all(RuntimeError(f"rank 0 failed the step: {event[1]}"))
+            self._step()
+
+    def _step(self) -> list[RequestOutput]:
         outputs = [self._finish(seq) for seq in self._done]
         self._done = []
         plan = self.scheduler.schedule()
@@ -141,11 +180,14 @@ class Engine:
         seqs = plan.seqs
         preds = self.runner.execute([StepItem(s.slot, s.batch, s.pspec, s.generator) for s in seqs])  # ONE forward
         batches = [s.batch for s in seqs]
+        t1 = time.perf_counter()
         commits = []
         for i, (s, p) in enumerate(zip(seqs, preds)):
             row = self._guard(s, s.strategy.accept, s.state, s.batch, p)
             commits.append(Commit(s.slot, i, row or 0, s.batch.commit if s.error is None else 0))
+        self.bp.select_s += time.perf_counter() - t1
         self.runner.commit(commits)
+        self.runner.verify([s.slot for s in seqs], [s.state.canvas for s in seqs])
         budget = self.row_budget()
         for s in seqs:  # the next forward is decided now; None = finished
             s.state.row_budget = budget  # read by k_policy "load" (decoding/budget.py); a plain int, no device state
@@ -174,7 +216,10 @@ class Engine:
 
     def fail_all(self, error: BaseException) -> list[RequestOutput]:
         """The step itself failed (the device, a collective): every queued and running request ends with this
-        error and the engine is empty again. Returns their outputs."""
+        error and the engine is empty again. Returns their outputs. Under Branch Parallel the workers do the
+        same before their next step."""
+        if self.group.world > 1 and self.group.is_root:
+            self._events.append(("fail_all", f"{type(error).__name__}: {error}"))
         seqs = list(self.scheduler.waiting) + [s for s in self.scheduler.running if s.status is Status.RUNNING]
         seqs += self._done
         self._done = []

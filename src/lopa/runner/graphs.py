@@ -83,17 +83,23 @@ class GraphExecutor:
                 and all(item.pspec.temperature == 0 and item.pspec.top_p == 1.0 and not item.batch.prefill
                         and item.batch.start > 0 for item in items))
 
-    def key(self, items: list[StepItem]) -> tuple:
+    def key(self, items: list[StepItem], queries: int | None = None) -> tuple:
+        """``queries``: the most queries of a request row on any rank (Branch Parallel: every rank packs the same
+        Qb, so the step's predictions gather as one [N, B, Qb, 3] tensor); default: these items'."""
         pool = self.runner.pool
         B = bucket(len(items), pool.slots)
-        Qb = round_up(max(item.queries for item in items), ROW_STEP)
+        Qb = round_up(queries or max(item.queries for item in items), ROW_STEP)
         Lb = min(round_up(max(item.batch.start + item.queries for item in items), KEY_STEP), pool.capacity)
         measures = tuple(sorted({item.pspec.measure for item in items}))
         suppress = next((item.pspec.suppress_ids for item in items if item.pspec.suppress_ids), ())
         return B, Qb, Lb, measures, suppress
 
-    def run(self, items: list[StepItem]) -> tuple[torch.Tensor, list[Predictions]]:
-        key = self.key(items)
+    def run(self, items: list[StepItem], spread: list[StepItem] | None = None,
+            layouts: list[list[range]] | None = None, queries: int | None = None) -> tuple[torch.Tensor, list[Predictions]]:
+        """``items``: this rank's rows of each request. Under Branch Parallel ``spread`` holds the whole
+        requests, ``layouts`` which ranks computed which of their rows, and the predictions of every rank are
+        gathered on the device before the one device-to-host copy."""
+        key = self.key(items, queries)
         B, Qb, Lb, measures, suppress = key
         st = self.statics.get(key)
         fresh = st is None
@@ -112,7 +118,10 @@ class GraphExecutor:
         else:
             st.graph.replay()
         hidden, packed = st.out
-        preds = [Predictions(*p) for p in split(packed.cpu(), items)]  # the step's one device-to-host copy
+        if spread is None:
+            preds = [Predictions(*p) for p in split(packed.cpu()[None], items)]  # the step's one device-to-host copy
+        else:  # [N, B, Qb, 3]: one all_gather on the device, then the one copy to the host
+            preds = [Predictions(*p) for p in split(self.runner.group.gather_packed(packed), spread, layouts)]
         return hidden, preds
 
     def _body(self, st: Static, measures, suppress):

@@ -3,12 +3,19 @@
     preds = runner.execute(items)      # ONE forward for every request of the step -> Predictions per request
     runner.commit(commits)             # each winner's leading K/V become committed positions of its slot
 
+Under Branch Parallel (runner/group.py) the runner computes only this rank's rows of each request, the
+group gathers every row's predictions after the forward, and ``commit`` takes a winner's K/V from this
+rank's rows or from the owner's broadcast. One process uses a LocalGroup: every row here, nothing sent.
+
 A step runs eagerly with exact shapes (prefill steps, sampled requests, the CPU), or on the static path
 (runner/graphs.py: bucketed shapes, replayed from CUDA graphs on a GPU). Both run ``body``, the same device
 code, so the static path is checked against the eager one on the CPU by running it without capture.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import time
 
 import torch
 
@@ -17,21 +24,24 @@ from ..decoding.base import ModelSpec, Predictions
 from ..decoding.confidence import predict
 from ..models.attention import step_mask
 from .graphs import KEY_STEP, GraphExecutor, round_up
+from .group import LocalGroup
 from .step import FIELDS, Commit, StepItem, pack, unpack
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, spec: ModelSpec, device: torch.device, dtype: torch.dtype, *,
                  max_num_seqs: int = 1, max_positions: int | None = None, static: bool = False,
-                 capture: bool | None = None, fuse: bool = False) -> None:
+                 capture: bool | None = None, fuse: bool = False, group=None) -> None:
         self.model, self.spec, self.device, self.dtype = model, spec, device, dtype
+        self.group = group or LocalGroup()  # LocalGroup | BranchGroup (runner/group.py)
         self.max_num_seqs = max_num_seqs
         self.max_positions = max_positions  # None: the pool grows on demand; else every slot holds this many
         self.pool: KVPool | None = None
         self.graphs = GraphExecutor(self, capture=device.type == "cuda" if capture is None else capture,
                                     fuse=fuse) if static else None
         self.hidden: torch.Tensor | None = None  # [B, Qb, E] of the last forward (commit reads the winners)
-        self._widths: list[int] = []
+        self._shapes: list[tuple[int, int, bool]] = []  # (K, W, replicated) per request of the last forward
+        self._prefill = False  # the last forward was a prefill step
 
     def new_generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
@@ -88,12 +98,51 @@ class ModelRunner:
             shift = self.model.config.logit_shift
             if shift and batch.start == 0 and bool((batch.logit_cols < shift).any()):
                 raise ValueError("position 0 of the window needs the last committed hidden state (none cached)")
-        self._widths = [item.batch.tokens.shape[1] for item in items]
-        if self.graphs is not None and self.graphs.supports(items):
-            self.hidden, preds = self.graphs.run(items)
+        t0 = time.perf_counter()
+        self._shapes = [(*item.batch.tokens.shape, item.pspec.temperature == 0) for item in items]
+        parts = [self.group.parts(K, rep) for K, _, rep in self._shapes]
+        local = [self._local(item, p[self.group.rank]) for item, p in zip(items, parts)]  # this rank's rows
+        bp = self.group.counters
+        t1 = time.perf_counter()
+        gather_before = bp.gather_s  # the static path gathers inside its run: not forward time
+        # every rank takes the same path (supports() reads only what all ranks share), so the collectives match
+        if self.graphs is not None and self.graphs.supports(local):
+            spread = [p if not (K == 1 and rep) else p[:1] for p, (K, _, rep) in zip(parts, self._shapes)]
+            bp_step = self.group.distributed and any(not (K == 1 and rep) for K, _, rep in self._shapes)
+            queries = max(max(len(r) for r in p) * item.batch.tokens.shape[1] for p, item in zip(parts, items))
+            self.hidden, preds = self.graphs.run(local, items if bp_step else None, spread if bp_step else None,
+                                                 queries)
+            gathered = True
+        elif not any(item.queries for item in local):  # eager, and no row of this step is this rank's (K < N)
+            self.hidden, preds, gathered = None, [self._empty(item) for item in local], False
         else:
-            self.hidden, preds = self._eager(items)
-        return preds
+            (self.hidden, preds), gathered = self._eager(local), False
+        t2 = time.perf_counter()
+        self._prefill = all(item.batch.prefill for item in items)  # the counters count decode steps only
+        if not self._prefill:
+            bp.prepare_s += t1 - t0
+            bp.forward_s += t2 - t1 - (bp.gather_s - gather_before)
+            L, Hkv, D = self.pool.kv.shape[1], self.pool.kv.shape[3], self.pool.kv.shape[5]
+            bp.prewrite_bytes += sum(item.queries for item in local) * 2 * L * Hkv * D * self.pool.kv.element_size()
+        if gathered:
+            return preds
+        shapes = [(K, item.batch.logit_cols.numel(), rep) for (K, _, rep), item in zip(self._shapes, items)]
+        return self.group.gather(preds, shapes, torch.promote_types(self.dtype, torch.float32))
+
+    def _local(self, item: StepItem, rows: range) -> StepItem:
+        """The rows of item this rank computes: local branch ids 0..K_r-1 (only their equality matters),
+        written at P + local_row * W (Pre-Write into this rank's own slot scratch)."""
+        if len(rows) == item.batch.tokens.shape[0]:
+            return item
+        b = item.batch
+        lengths = None if b.lengths is None or not len(rows) else b.lengths[rows.start:rows.stop]
+        batch = dataclasses.replace(b, tokens=b.tokens[rows.start:rows.stop], lengths=lengths)
+        return dataclasses.replace(item, batch=batch)
+
+    def _empty(self, item: StepItem) -> Predictions:
+        empty = torch.empty(item.batch.tokens.shape[0], item.batch.logit_cols.numel(),
+                            dtype=torch.promote_types(self.dtype, torch.float32))
+        return Predictions(empty.long(), empty, empty)
 
     def body(self, inputs: torch.Tensor, first: int, Lb: int) -> torch.Tensor:
         """The forward of a packed step (runner/step.py) over slots [first, first + B): hidden [B, Qb, E].
@@ -120,9 +169,8 @@ class ModelRunner:
         for b, item in enumerate(items):
             K, W = item.batch.tokens.shape
             cols = item.batch.logit_cols
-            if cols.numel() == 0:
-                empty = torch.empty(K, 0)
-                preds.append(Predictions(empty.long(), empty, empty))
+            if cols.numel() == 0 or K == 0:
+                preds.append(self._empty(item))
                 continue
             h = hidden[b, :K * W].view(K, W, -1)
             logits = self.model.logits(h, cols.to(self.device), self.pool.last_hidden[item.slot])  # [K, C, V]
@@ -130,23 +178,44 @@ class ModelRunner:
         return hidden, preds
 
     def commit(self, commits: list[Commit]) -> None:
-        """Each winner's first n window columns become committed positions of its slot (one gather-scatter for
-        all requests whose winner is not the anchor row), with its last hidden state."""
+        """Each winner's first n window columns become committed positions of its slot, with its last hidden
+        state: from this rank's own rows (one gather-scatter for all requests whose source is not the anchor
+        row), or, for a winner another rank computed, from that rank's broadcast (Commit-Winner-Cache)."""
+        t0 = time.perf_counter()
         work = [c for c in commits if c.n > 0]
         if not work:
             return
-        slots, src, dst = [], [], []
+        slots, src, dst, picks, remote = [], [], [], [], []
         for c in work:
-            if c.row:  # source starts at P + row*W >= P + n: never overlaps its destination
-                P, W = self.pool.lengths[c.slot], self._widths[c.index]
-                slots += [c.slot] * c.n
-                src += range(P + c.row * W, P + c.row * W + c.n)
-                dst += range(P, P + c.n)
+            K, W, rep = self._shapes[c.index]
+            P = self.pool.lengths[c.slot]
+            source = self.group.source(K, c.row, rep)
+            row = source.local_row
+            if row is not None:
+                picks.append((c.slot, c.index, row * W + c.n - 1))
+                if row:  # source starts at P + row*W >= P + n: never overlaps its destination
+                    slots += [c.slot] * c.n
+                    src += range(P + row * W, P + row * W + c.n)
+                    dst += range(P, P + c.n)
+            if source.broadcast:
+                remote.append((c.slot, c.index, row, source.owner, W, P, c.n))
+        if remote:  # the owners read their windows before any local copy can overwrite [P, P + n)
+            self.group.broadcast(self.pool, self.hidden, remote)
         if slots:
             as_index = lambda xs: torch.tensor(xs, dtype=torch.long).to(self.device, non_blocking=True)  # noqa: E731
             self.pool.commit(as_index(slots), as_index(src), as_index(dst))
-        index = torch.tensor([c.index for c in work])
-        query = torch.tensor([c.row * self._widths[c.index] + c.n - 1 for c in work])
-        self.pool.last_hidden[[c.slot for c in work]] = self.hidden[index.to(self.device), query.to(self.device)]
+        if picks:
+            index = torch.tensor([i for _, i, _ in picks], device=self.device)
+            query = torch.tensor([q for _, _, q in picks], device=self.device)
+            self.pool.last_hidden[[s for s, _, _ in picks]] = self.hidden[index, query]
         for c in work:
             self.pool.lengths[c.slot] += c.n
+        if self.group.sync_timers and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if not self._prefill:
+            self.group.counters.commit_s += time.perf_counter() - t0
+
+    def verify(self, slots: list[int], canvases: list[torch.Tensor]) -> None:
+        """RunnerConfig.bp_check: every rank's cache and canvases agree after the commit (no-op in one process)."""
+        if self.group.check:
+            self.group.verify(self.pool, slots, canvases)

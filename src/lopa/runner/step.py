@@ -88,12 +88,16 @@ def unpack(inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tokens, col, branch, block, P, measure, suppress
 
 
-def split(packed: torch.Tensor, items: list[StepItem]):
-    """Host [B, Qb, 3] (token, prob, conf per query, in the predictions' dtype: token ids are exact in it) ->
-    per request (tokens, prob, conf) [K, C] for its logit_cols."""
+def split(packed: torch.Tensor, items: list[StepItem], layouts: list[list[range]] | None = None):
+    """Host [N, B, Qb, 3] (each rank's packed predictions: token, prob, conf per query, in the predictions'
+    dtype: token ids are exact in it) -> per request (tokens, prob, conf) [K, C] for its logit_cols.
+    ``layouts[b][r]``: the rows of request b that rank r computed (its local rows 0..), in global order;
+    None: every row on rank 0 (one process, or a request every rank computed alike)."""
     out = []
     for b, item in enumerate(items):
         K, W = item.batch.tokens.shape
-        rows = packed[b, :K * W].view(K, W, 3)[:, item.batch.logit_cols]  # [K, C, 3]
+        parts = layouts[b] if layouts is not None else [range(K)]
+        rows = torch.cat([packed[r, b, :len(p) * W].view(len(p), W, 3) for r, p in enumerate(parts)])
+        rows = rows[:, item.batch.logit_cols]  # [K, C, 3]
         out.append((rows[..., 0].long(), rows[..., 1], rows[..., 2]))
     return out

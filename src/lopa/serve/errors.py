@@ -3,7 +3,7 @@
     ConfigError, PromptTooLongError, validation (pydantic), chat template, unknown model   400
     missing or wrong API key                                                               401
     QueueFullError (the in-flight bound)                                                   429 + Retry-After
-    EngineDeadError, aborted by shutdown                                                   503
+    EngineDeadError, BranchParallelError, aborted by shutdown                              503
     RequestTimeout (ServeConfig.request_timeout_s)                                         504
     RequestFailed (its strategy raised in the engine), anything else                       500
 """
@@ -13,7 +13,8 @@ from __future__ import annotations
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from ..errors import CheckpointError, ConfigError, EngineDeadError, LopaError, PromptTooLongError, QueueFullError
+from ..errors import (BranchParallelError, CheckpointError, ConfigError, EngineDeadError, LopaError, PromptTooLongError,
+                      QueueFullError)
 from . import protocol
 
 
@@ -56,7 +57,7 @@ def classify(exc: Exception) -> ApiError:
         return ApiError(400, str(exc), param="messages", code="invalid_value")
     if isinstance(exc, QueueFullError):
         return ApiError(429, str(exc), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-    if isinstance(exc, (EngineDeadError, Cancelled)):
+    if isinstance(exc, (EngineDeadError, BranchParallelError, Cancelled)):
         return ApiError(503, str(exc) or "the server is shutting down", "server_error", code="engine_unavailable")
     if isinstance(exc, RequestTimeout):
         return ApiError(504, str(exc), "timeout", code="request_timeout")

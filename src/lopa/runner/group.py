@@ -1,0 +1,366 @@
+"""Branch Parallel's comm layer: which branch rows each rank computes, and the collectives of one step.
+
+The runner holds one group. ``LocalGroup`` (one process) computes every row and sends nothing, so every
+single-device run goes through the same runner code. ``BranchGroup`` (torch.distributed: NCCL between GPUs,
+gloo between CPU processes; a gloo control group beside it) spreads each request's K rows over N ranks:
+
+    rows      split_rows(K, N): balanced contiguous parts (sizes differ by <= 1), row 0 on rank 0;
+              K = 1 (prefill, k = 0, the dream sampler) is replicated: every rank computes it, no traffic
+    gather    ONE all_gather of the step's packed local predictions -> every rank holds every row's
+    source    where a winner's window K/V come from: the rank's own rows, or the owner's broadcast
+    broadcast Commit-Winner-Cache: ONE packed broadcast per owning rank per step (window K/V + last hidden)
+    sync      the control plane: rank 0 ships the engine's joins/aborts (or stop) before every step
+    check     the debug mode (RunnerConfig.bp_check): every rank's lengths, canvases and K/V agree
+
+Sampled requests are never replicated: each rank's generator draws only for its own rows, so K = 1 sampled
+rows live on rank 0 and travel like split rows (every rank then holds the same draws).
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from dataclasses import dataclass, fields
+from datetime import timedelta
+
+import torch
+
+from ..decoding.base import Predictions
+from ..errors import BranchParallelError
+
+CTRL_TIMEOUT = timedelta(days=7)  # workers wait on rank 0 between generate calls; a dead peer still fails at once
+
+
+def split_rows(K: int, world: int, replicate: bool = True) -> list[range]:
+    """Rows of each rank: contiguous, balanced, rank 0 first. K = 1 and replicate: every rank computes row 0."""
+    if K == 1 and replicate:
+        return [range(0, 1)] * world
+    q, r = divmod(K, world)
+    parts, start = [], 0
+    for rank in range(world):
+        n = q + (rank < r)
+        parts.append(range(start, start + n))
+        start += n
+    return parts
+
+
+@dataclass
+class Source:
+    """Where one commit's K/V come from on this rank."""
+
+    local_row: int | None  # this rank's row whose window K/V are committed; None = it receives them
+    owner: int  # the rank that computed the winner
+    broadcast: bool  # the owner sends the window to the others
+
+
+@dataclass
+class BPCounters:
+    """Engine-wide, cumulative, on every rank (rank 0's are the run's), over decode steps (prefill steps are
+    replicated and send nothing; the control sync of every step counts). Times are host wall seconds (on a GPU
+    they include the waits for the device only where a phase reads its results: forward ends with the copy of
+    the predictions to the host; commit is queued, not waited for, unless sync_timers)."""
+
+    split_steps: int = 0  # steps with at least one request whose rows were spread
+    gathers: int = 0  # all_gather calls
+    gather_bytes: int = 0  # bytes each rank contributed to them
+    commits: int = 0  # commits of spread requests
+    broadcasts: int = 0  # broadcast calls (at most one per owning rank per step)
+    commit_bytes: int = 0  # bytes broadcast (window K/V + last hidden states)
+    control_bytes: int = 0  # control-plane payload bytes (joins/aborts), beside one 24-byte header per step
+    prewrite_bytes: int = 0  # K/V bytes this rank wrote speculatively into its slots' scratch (its rows)
+    prepare_s: float = 0.0  # control sync + splitting the step into this rank's rows
+    forward_s: float = 0.0  # this rank's forward (Pre-Write included), predictions to the host
+    gather_s: float = 0.0  # the all_gather and putting the rows back in global order
+    select_s: float = 0.0  # the strategies' accept (replicated on every rank)
+    commit_s: float = 0.0  # Commit-Winner-Cache: local copies, packing, broadcasts, unpacking
+    check_s: float = 0.0  # the consistency check (bp_check)
+    checks: int = 0
+    kv_max_diff: float = 0.0  # largest |K/V| difference any check saw between a rank and rank 0
+
+    @property
+    def bytes_per_commit(self) -> float:
+        return self.commit_bytes / self.broadcasts if self.broadcasts else 0.0
+
+    def as_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["bytes_per_commit"] = self.bytes_per_commit
+        return out
+
+
+class LocalGroup:
+    """One process: every row here, nothing sent."""
+
+    rank, world, is_root, device, commit_mode, check, sync_timers = 0, 1, True, None, "broadcast", False, False
+    distributed = False
+
+    def __init__(self) -> None:
+        self.counters = BPCounters()
+
+    def parts(self, K: int, replicate: bool) -> list[range]:
+        return [range(K)]
+
+    def source(self, K: int, row: int, replicate: bool) -> Source:
+        return Source(row, 0, False)
+
+    def gather(self, preds: list[Predictions], shapes, dtype) -> list[Predictions]:
+        return preds
+
+    def sync(self, events):
+        return events
+
+    def close(self) -> None:
+        pass
+
+
+class BranchGroup:
+    """This rank's view of a torch.distributed group of N ranks (launch.py builds it)."""
+
+    distributed = True  # its collectives run even with one rank (the NCCL path on one GPU)
+
+    def __init__(self, rank: int, world: int, device: torch.device, timeout_s: float, commit_mode: str = "broadcast",
+                 check: bool = False, procs: list | None = None) -> None:
+        import torch.distributed as dist
+
+        self.dist = dist
+        # all_gather_single is the newer name (torch >= 2.13) of all_gather_into_tensor: [N*B, ...] <- [B, ...]
+        self._all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        self.rank, self.world, self.device = rank, world, device
+        self.is_root = rank == 0
+        self.timeout_s, self.commit_mode, self.check = timeout_s, commit_mode, check
+        self.procs = procs or []  # rank 0 on one host: the spawned workers (multiprocessing.Process)
+        self.ctrl = dist.new_group(backend="gloo", timeout=CTRL_TIMEOUT)
+        self.counters = BPCounters()
+        self.sync_timers = False  # benchmarks: wait for the device at the end of each phase
+        self.steps = 0
+        self.failed: str | None = None
+        self.stopped = False  # rank 0 sent (or a worker received) the stop
+        self.closed = False
+
+    # -- where rows live --------------------------------------------------------------------------------
+    def parts(self, K: int, replicate: bool) -> list[range]:
+        return split_rows(K, self.world, replicate)
+
+    def source(self, K: int, row: int, replicate: bool) -> Source:
+        parts = split_rows(K, self.world, replicate)
+        if K == 1 and replicate:
+            return Source(0, 0, False)
+        owner = next(r for r, p in enumerate(parts) if row in p)
+        mine = parts[self.rank]
+        if self.commit_mode == "local" and K >= self.world:
+            # single-phase: every rank commits its own first row's copy of the leading columns (equal to the
+            # winner's only under block-causal attention, and only if the rows round the same)
+            return Source(0, owner, False)
+        return Source(row - mine.start if owner == self.rank else None, owner, True)
+
+    # -- collectives ----------------------------------------------------------------------------------
+    def _guard(self, what: str, fn):
+        if self.failed:
+            raise BranchParallelError(f"the branch-parallel group failed earlier ({self.failed}); close the model")
+        try:
+            return fn()
+        except BranchParallelError:
+            raise
+        except Exception as err:  # DistBackendError, RuntimeError (timeouts, closed sockets)
+            first = str(err).splitlines()[0] if str(err) else ""
+            self.failed = f"rank {self.rank}, {what}: {type(err).__name__}: {first}"
+            raise BranchParallelError(f"branch parallel: {self.failed}") from err
+
+    def _wait(self, work) -> None:
+        """Wait for an async collective. gloo applies the group's timeout itself; an NCCL kernel is polled from
+        the host so that a hung peer raises instead of blocking the next device-to-host copy forever."""
+        if self.device.type != "cuda":
+            work.wait()
+            return
+        deadline = time.monotonic() + self.timeout_s
+        while not work.is_completed():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"collective not done after {self.timeout_s} s (bp_timeout_s)")
+            self.check_alive()
+        work.wait()
+
+    def check_alive(self) -> None:
+        if self.failed:
+            raise BranchParallelError(f"the branch-parallel group failed earlier ({self.failed}); close the model")
+        for rank, proc in enumerate(self.procs, start=1):
+            if not proc.is_alive():
+                self.failed = f"rank {rank} exited (code {proc.exitcode})"
+                raise BranchParallelError(f"branch parallel: {self.failed}")
+
+    def gather(self, preds: list[Predictions], shapes: list[tuple[int, int, bool]], dtype) -> list[Predictions]:
+        """preds: this rank's rows of each request ([K_r, C]); shapes: (K, C, replicate) per request. Returns
+        every request's Predictions [K, C] in global row order, identical on every rank."""
+        spread = [b for b, (K, C, rep) in enumerate(shapes) if C > 0 and not (K == 1 and rep)]
+        if not spread:
+            return preds
+        t0 = time.perf_counter()
+        parts = {b: split_rows(shapes[b][0], self.world, shapes[b][2]) for b in spread}
+        Q = max(max(len(p) for p in parts[b]) * shapes[b][1] for b in spread)  # the same on every rank
+        local = torch.zeros(len(spread), Q, 3, dtype=dtype)
+        for i, b in enumerate(spread):
+            p = preds[b]
+            n = p.tokens.numel()
+            local[i, :n] = torch.stack([p.tokens.to(dtype), p.prob.to(dtype), p.conf.to(dtype)], -1).view(n, 3)
+        local = local.to(self.device)
+        out = torch.empty(self.world * len(spread), Q, 3, dtype=dtype, device=self.device)
+        self._guard("all_gather of the predictions",
+                    lambda: self._wait(self._all_gather(out, local, async_op=True)))
+        host = out.cpu().view(self.world, len(spread), Q, 3)
+        preds = list(preds)
+        for i, b in enumerate(spread):
+            C = shapes[b][1]
+            full = torch.cat([host[r, i, :len(p) * C].view(len(p), C, 3) for r, p in enumerate(parts[b])])
+            preds[b] = Predictions(full[..., 0].long(), full[..., 1], full[..., 2])
+        c = self.counters
+        c.gathers += 1
+        c.gather_bytes += local.numel() * local.element_size()
+        c.split_steps += 1
+        c.gather_s += time.perf_counter() - t0
+        return preds
+
+    def gather_packed(self, packed: torch.Tensor) -> torch.Tensor:
+        """The static path's packed predictions [B, Qb, 3] (device, the same shape on every rank) -> every rank's,
+        [N, B, Qb, 3] on the host: ONE all_gather, then one device-to-host copy."""
+        if self.sync_timers and packed.is_cuda:
+            torch.cuda.synchronize(packed.device)  # the forward's time stays the forward's
+        t0 = time.perf_counter()
+        out = torch.empty(self.world * packed.shape[0], *packed.shape[1:], dtype=packed.dtype, device=packed.device)
+        self._guard("all_gather of the predictions",
+                    lambda: self._wait(self._all_gather(out, packed.contiguous(), async_op=True)))
+        host = out.cpu().view(self.world, *packed.shape)
+        c = self.counters
+        c.gathers += 1
+        c.gather_bytes += packed.numel() * packed.element_size()
+        c.split_steps += 1
+        c.gather_s += time.perf_counter() - t0
+        return host
+
+    def broadcast(self, pool, hidden, work: list) -> None:
+        """Commit-Winner-Cache for ``work`` [(slot, index, local_row | None, owner, W, P, n)]: each owner packs
+        its winners' window K/V [2, L, Hkv, n, D] and last hidden state [E] into ONE buffer and broadcasts it;
+        the other ranks write it at [P, P + n) of the slot. Sizes are known on every rank: no size message."""
+        kv = pool.kv
+        L, Hkv, D, E = kv.shape[1], kv.shape[3], kv.shape[5], pool.last_hidden.shape[1]
+        for owner in sorted({w[3] for w in work}):
+            mine = [w for w in work if w[3] == owner]
+            size = sum(2 * L * Hkv * n * D + E for *_, n in mine)
+            if owner == self.rank:
+                buf = torch.cat([t for slot, index, row, _, W, P, n in mine for t in (
+                    kv[:, :, slot, :, P + row * W:P + row * W + n].reshape(-1), hidden[index, row * W + n - 1])])
+            else:
+                buf = torch.empty(size, dtype=kv.dtype, device=kv.device)
+            self._guard(f"broadcast of rank {owner}'s winners",
+                        lambda: self._wait(self.dist.broadcast(buf, src=owner, async_op=True)))
+            if owner != self.rank:
+                at = 0
+                for slot, _, _, _, _, P, n in mine:
+                    window = 2 * L * Hkv * n * D
+                    kv[:, :, slot, :, P:P + n] = buf[at:at + window].view(2, L, Hkv, n, D)
+                    pool.last_hidden[slot] = buf[at + window:at + window + E]
+                    at += window + E
+            self.counters.broadcasts += 1
+            self.counters.commit_bytes += size * kv.element_size()
+        self.counters.commits += len(work)
+
+    def sync(self, events: list | None):
+        """Before each engine step. Rank 0 sends its events (joins, aborts) and gets them back; a worker gets rank
+        0's, or None when rank 0 stopped the group. One 24-byte header, plus the pickled events when any."""
+        if self.is_root:
+            self.check_alive()
+            payload = pickle.dumps(events) if events else b""
+            header = torch.tensor([0, len(payload), self.steps], dtype=torch.long)
+        else:
+            header = torch.zeros(3, dtype=torch.long)
+        self._ctrl_broadcast(header, "control header")
+        stop, size, step = (int(x) for x in header)
+        if stop:
+            self.stopped = True
+            return None
+        if step != self.steps:
+            raise BranchParallelError(f"branch parallel: rank {self.rank} is at step {self.steps}, rank 0 at {step}")
+        self.steps += 1
+        if not size:
+            return [] if events is None else events
+        if self.is_root:
+            data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        else:
+            data = torch.empty(size, dtype=torch.uint8)
+        self._ctrl_broadcast(data, "control events")
+        self.counters.control_bytes += size
+        return events if self.is_root else pickle.loads(data.numpy().tobytes())
+
+    def _ctrl_broadcast(self, tensor: torch.Tensor, what: str) -> None:
+        def send():
+            work = self.dist.broadcast(tensor, src=0, group=self.ctrl, async_op=True)
+            if not self.is_root:
+                work.wait()  # a worker waits for rank 0 as long as it takes (rank 0 gone: sockets close at once)
+                return
+            deadline = time.monotonic() + self.timeout_s
+            while not work.is_completed():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{what} not delivered after {self.timeout_s} s (bp_timeout_s)")
+                self.check_alive()
+                time.sleep(1e-4)
+            work.wait()
+        self._guard(what, send)
+
+    def ready(self) -> None:
+        """Every rank loaded its model (rank 0 fails early if one died while loading)."""
+        flag = torch.ones(1)
+        def barrier():
+            work = self.dist.all_reduce(flag, group=self.ctrl, async_op=True)
+            while self.is_root and not work.is_completed():
+                self.check_alive()
+                time.sleep(0.01)
+            work.wait()
+        self._guard("start-up", barrier)
+
+    def verify(self, pool, slots: list[int], canvases: list[torch.Tensor]) -> None:
+        """The debug check after a commit: every rank's committed lengths and canvases equal rank 0's, and so does
+        the committed K/V of the step's slots (in "broadcast" mode exactly; "local" mode records the difference)."""
+        t0 = time.perf_counter()
+        sums = [float((c * torch.arange(1, c.numel() + 1)).sum()) for c in canvases]  # position-weighted
+        head = torch.tensor([float(pool.lengths[s]) for s in slots] + sums, dtype=torch.float64)
+        heads = self._all_gather_host(head, "check of lengths and canvases")
+        if not all(torch.equal(h, heads[0]) for h in heads):
+            bad = [r for r, h in enumerate(heads) if not torch.equal(h, heads[0])]
+            self.failed = f"ranks {bad} hold other lengths or canvases than rank 0"
+            raise BranchParallelError(f"branch parallel check: {self.failed}")
+        kv = torch.cat([pool.kv[:, :, s, :, :pool.lengths[s]].reshape(-1) for s in slots]  # committed only
+                       + [pool.last_hidden[slots].reshape(-1)]).double().cpu()
+        kvs = self._all_gather_host(kv, "check of the K/V")
+        diff = max(float((x - kvs[0]).abs().max()) if x.numel() else 0.0 for x in kvs)
+        c = self.counters
+        c.kv_max_diff = max(c.kv_max_diff, diff)
+        c.checks += 1
+        c.check_s += time.perf_counter() - t0
+        if diff and self.commit_mode == "broadcast":
+            self.failed = f"the committed K/V differ between ranks by up to {diff:.3g}"
+            raise BranchParallelError(f"branch parallel check: {self.failed}")
+
+    def _all_gather_host(self, x: torch.Tensor, what: str) -> list[torch.Tensor]:
+        dev = x.to(self.device)
+        out = [torch.empty_like(dev) for _ in range(self.world)]
+        self._guard(what, lambda: self._wait(self.dist.all_gather(out, dev, async_op=True)))
+        return [o.cpu() for o in out]
+
+    def close(self) -> None:
+        """Rank 0: tell the workers to stop, wait for them, leave the process group."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.is_root and not self.failed and not self.stopped:
+            self.stopped = True
+            try:
+                self._ctrl_broadcast(torch.tensor([1, 0, self.steps], dtype=torch.long), "stop")
+            except BranchParallelError:
+                pass
+        for proc in self.procs:
+            proc.join(timeout=0 if self.failed else 10)  # a failed group's workers may be hung: no waiting
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+        if self.dist.is_initialized():
+            try:
+                self.dist.destroy_process_group()
+            except Exception:  # a broken group may fail to tear down; the workers are gone either way
+                pass
