@@ -79,11 +79,12 @@ class _Request(BaseModel):
             raise ValueError(f"penalties are not supported; must be 0, got {v}")
         return v
 
-    @field_validator("logit_bias")
+    # OpenAI fields lopa does not implement (each subclass has some of them): set to anything but their off value
+    @field_validator("logit_bias", "echo", "logprobs", "top_logprobs", "suffix", check_fields=False)
     @classmethod
-    def _no_bias(cls, v):
+    def _unsupported(cls, v, info):
         if v:
-            raise ValueError("logit_bias is not supported")
+            raise ValueError(f"{info.field_name} is not supported")
         return v
 
     @field_validator("stop")
@@ -122,32 +123,11 @@ class CompletionRequest(_Request):
             raise ValueError("must not be empty")
         return v
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported")
-        return v
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs are not supported")
-        return v
-
     @field_validator("best_of")
     @classmethod
     def _best_of_one(cls, v):
         if v not in (None, 1):
             raise ValueError(f"best_of must be 1, got {v}")
-        return v
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, v):
-        if v:
-            raise ValueError("suffix (insertion) is not supported")
         return v
 
 
@@ -172,20 +152,6 @@ class ChatRequest(_Request):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = None
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs are not supported")
-        return v
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _no_top_logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs are not supported")
-        return v
 
     def gen_length(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
