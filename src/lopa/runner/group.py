@@ -171,11 +171,17 @@ class BranchGroup:
         if self.device.type != "cuda":
             work.wait()
             return
+        self._poll(work, "collective")
+
+    def _poll(self, work, what: str, pause: float = 0.0) -> None:
+        """Wait for ``work`` from the host, checking the spawned ranks, until bp_timeout_s has passed."""
         deadline = time.monotonic() + self.timeout_s
         while not work.is_completed():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"collective not done after {self.timeout_s} s (bp_timeout_s)")
+                raise TimeoutError(f"{what} not done after {self.timeout_s} s (bp_timeout_s)")
             self.check_alive()
+            if pause:
+                time.sleep(pause)
         work.wait()
 
     def check_alive(self) -> None:
@@ -294,13 +300,7 @@ class BranchGroup:
             if not self.is_root:
                 work.wait()  # a worker waits for rank 0 as long as it takes (rank 0 gone: sockets close at once)
                 return
-            deadline = time.monotonic() + self.timeout_s
-            while not work.is_completed():
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{what} not delivered after {self.timeout_s} s (bp_timeout_s)")
-                self.check_alive()
-                time.sleep(1e-4)
-            work.wait()
+            self._poll(work, what, pause=1e-4)
         self._guard(what, send)
 
     def ready(self) -> None:
