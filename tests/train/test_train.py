@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from lopa.train.data import extract_answer, math_split, prompt_for, split_of
+from lopa.problems.gsm import extract_answer, math_split, prompt_for, split_of
 from lopa.train.trainer import TrainConfig, make_batch, train
 
 

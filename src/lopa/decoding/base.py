@@ -29,19 +29,10 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from ..errors import PromptTooLongError
+from ..models.spec import ModelSpec  # re-exported: strategies are built from (DecodeConfig, ModelSpec)
 
 if TYPE_CHECKING:  # config validates against decoding.confidence, so import it for typing only
     from ..config import DecodeConfig
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a strategy may know about the model: token ids and the context limit."""
-
-    mask_id: int
-    eos_ids: tuple[int, ...]
-    max_length: int  # context limit in positions (prompt + generation)
-    vocab_size: int
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..api import LopaModel, generate_many
 from ..config import DecodeConfig
-from ..train.data import extract_answer
+from ..problems.gsm import extract_answer
 from .sandbox import check_humaneval
 from .tasks import Problem
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..train.codegen import code_split
-from ..train.data import extract_answer, math_split, prompt_for
+from ..problems.code import code_split
+from ..problems.gsm import extract_answer, math_split, prompt_for
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def humaneval(n: int | None = None) -> list[Problem]:
 
 
 def code(n: int | None = None, split: str = "test", seed: int = 0) -> list[Problem]:
-    """lopa's own HumanEval-shaped function tasks (lopa.train.codegen, 20 unless n says otherwise), checked the
+    """lopa's own HumanEval-shaped function tasks (lopa.problems.code, 20 unless n says otherwise), checked the
     same way as HumanEval."""
     _check_count(n)
     try:

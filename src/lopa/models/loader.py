@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..decoding.base import ModelSpec
+from .spec import ModelSpec
 from ..errors import CheckpointError
 from .config import ModelConfig
 from .files import field, read_json_object

@@ -20,7 +20,8 @@ import time
 import torch
 
 from ..cache import KVPool
-from ..decoding.base import ModelSpec, Predictions
+from ..decoding.base import Predictions
+from ..models.spec import ModelSpec
 from ..decoding.confidence import predict
 from ..models.attention import step_mask
 from .graphs import KEY_STEP, GraphExecutor, round_up

@@ -32,8 +32,8 @@ from ..models.loader import save_folder
 from ..models.tiny import train_tokenizer, write_tokenizer
 from ..models.tokenizer import Tokenizer
 from ..models.transformer import Transformer
-from .codegen import code_split
-from .data import math_split, prompt_for
+from ..problems.code import code_split
+from ..problems.gsm import math_split, prompt_for
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class TrainConfig:
     block_size: int = 32
     full_attention_fraction: float = 0.5
     n_train: int = 200_000  # distinct math problems
-    n_code: int = 1_500  # distinct code tasks (lopa.train.codegen; about 1,950 exist in the train split)
+    n_code: int = 1_500  # distinct code tasks (lopa.problems.code; about 1,950 exist in the train split)
     code_copies: int = 5  # each code task appears this many times in the training pool (~4% of it)
     max_answer_tokens: int = 160
     seed: int = 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from .data import SPLITS, split_of
+from .gsm import SPLITS, split_of
 
 VERBS = ["Compute", "Return", "Find", "Give back"]
 NUM = ["x", "n", "value", "num", "k"]
