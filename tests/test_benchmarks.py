@@ -69,6 +69,24 @@ def test_branch_research_pairs_every_variant_with_fixed_k_mean(tmp_path):
     assert "Token-filling orders" in (tmp_path / "summary.md").read_text()
 
 
+def test_load_budget_tiny(tmp_path):
+    run("load_budget.py", "--tiny", "--reps", "2", "--n", "3", "--concurrency", "1,2", "--k", "6", "--fixed-ks", "6,2",
+        "--gen-length", "32", "--step-rows", "40", "--out", str(tmp_path))
+    payload = json.loads((tmp_path / "load_budget.json").read_text())
+    assert payload["meta"]["step_rows"] == 40 and all(r["step_ms"] > 0 for r in payload["cost"])
+    rows = payload["rows"]
+    assert [(r["concurrency"], r["policy"]) for r in rows] == [
+        (c, p) for c in (1, 2) for p in ("k=6 fixed", "k=2 fixed", "k=6 load")]
+    by = {(r["concurrency"], r["policy"]): r for r in rows}
+    for policy in ("k=6 fixed", "k=2 fixed", "k=6 load"):  # float32 on CPU: a request's tokens do not depend on c
+        assert by[(1, policy)]["texts"] == by[(2, policy)]["texts"]
+    for c in (1, 2):
+        assert by[(c, "k=6 fixed")]["vs_ref"] == 1.0 and by[(c, "k=6 fixed")]["texts_equal_ref"] == 3
+        assert by[(c, "k=6 load")]["branch_rows_per_token"] < by[(c, "k=6 fixed")]["branch_rows_per_token"]
+        assert all(r["projected_tokens_per_s"] > 0 and r["latency_p50_s"] <= r["latency_p99_s"] for r in rows)
+    assert (tmp_path / "load_budget.md").read_text().count("| 2 | k=6 load |") == 1
+
+
 def test_serve_load_tiny(tmp_path):
     run("serve_load.py", "--device", "cpu", "--concurrency", "1,2", "--min-requests", "2", "--gen-length", "8",
         "--k", "1", "--threads", "1", "--out", str(tmp_path))

@@ -88,6 +88,26 @@ def test_batched_requests_equal_their_solo_decodes(solo, static):
     assert queued.runner.pool.slots == 2
 
 
+def test_step_log_accounts_for_every_forward(solo):
+    """Engine.step_log: one StepInfo per step, naming the requests it computed and the positions (K*W) it ran."""
+    model, prompts, configs, _ = solo
+    m = _engine(model, len(prompts), False)
+    engine = m.engine
+    seqs = [engine.prepare(m.tokenizer.encode(p), c) for p, c in zip(prompts, configs)]
+    engine.step_log = log = []
+    with torch.inference_mode():
+        outs = engine.generate(seqs)
+    decode = [s for s in log if s.kind == "decode"]
+    assert len(log) == engine.counters.steps and len(decode) == engine.counters.decode_steps
+    assert sum(s.rows for s in decode) == engine.counters.rows
+    for seq, out in zip(seqs, outs):
+        mine = [s for s in log if seq.id in s.request_ids]
+        assert sum(s.kind == "decode" for s in mine) == out.stats.decode_forwards
+        assert sum(s.kind == "prefill" for s in mine) == out.stats.prefill_forwards
+    assert all(s.rows <= s.positions and len(s.request_ids) == s.requests for s in log)
+    assert max(s.positions for s in decode) > max(s.rows for s in decode)  # windows wider than one column
+
+
 def test_static_path_was_taken_with_padded_buckets(solo):
     model, prompts, configs, ref = solo
     greedy = [i for i, c in enumerate(configs) if c.temperature == 0 and c.strategy != "dream"]

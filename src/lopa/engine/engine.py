@@ -24,7 +24,8 @@ from typing import Callable
 
 from ..config import DecodeConfig
 from ..decoding import make_strategy
-from ..decoding.base import ModelSpec, counted_tokens
+from ..decoding.base import counted_tokens
+from ..models.spec import ModelSpec
 from ..errors import PromptTooLongError
 from ..runner.model_runner import ModelRunner
 from ..runner.step import Commit, StepItem
@@ -38,6 +39,8 @@ class StepInfo:
     requests: int
     rows: int  # branch rows computed (sum of K over the step's requests)
     seconds: float
+    positions: int  # query positions computed (sum of K*W; a prefill's prompt positions)
+    request_ids: tuple[str, ...]  # the requests the step computed, in the step's order
 
 
 @dataclass
@@ -79,6 +82,7 @@ class Engine:
         self.scheduler = Scheduler(max_num_seqs)
         self.counters = EngineCounters()
         self.last_step: StepInfo | None = None
+        self.step_log: list[StepInfo] | None = None  # set to a list to keep every step's StepInfo (benchmarks)
         self._ids = itertools.count()
         self._done: list[Sequence] = []  # finished or aborted outside a step: reported by the next step()
         self.group = runner.group
@@ -193,7 +197,7 @@ class Engine:
             s.state.row_budget = budget  # read by k_policy "load" (decoding/budget.py); a plain int, no device state
             s.batch = None if s.error is not None else self._guard(s, s.strategy.propose, s.state)
         dt = time.perf_counter() - t0
-        self._count(plan.prefill, batches, dt)
+        self._count(plan.prefill, batches, dt, [s.id for s in seqs])
         for s, batch in zip(seqs, batches):
             s.stats.add_forward(batch, dt)
             if s.error is not None or s.batch is None:
@@ -243,8 +247,9 @@ class Engine:
         self.runner.release(seq.slot)
         self.scheduler.finish(seq)
 
-    def _count(self, prefill: bool, batches, seconds: float) -> None:
+    def _count(self, prefill: bool, batches, seconds: float, ids: list[str]) -> None:
         rows = sum(b.tokens.shape[0] for b in batches)
+        positions = sum(b.tokens.numel() for b in batches)
         c = self.counters
         c.steps += 1
         if prefill:
@@ -255,7 +260,10 @@ class Engine:
             c.decode_s += seconds
             c.rows += rows
             c.requests += len(batches)
-        self.last_step = StepInfo("prefill" if prefill else "decode", len(batches), rows, seconds)
+        self.last_step = StepInfo("prefill" if prefill else "decode", len(batches), rows, seconds, positions,
+                                  tuple(ids))
+        if self.step_log is not None:
+            self.step_log.append(self.last_step)
 
     def _stream(self, seq: Sequence) -> RequestOutput | None:
         """Whole settled blocks since the last output: filled positions never change, so a prefix of the
