@@ -225,6 +225,13 @@ def main() -> None:
     step_rows = args.step_rows or cost.knee(args.knee)
     print(f"cost grid in {time.perf_counter() - t0:.0f} s; step_rows = {step_rows}", flush=True)
 
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "shape": shape, "W": W, "P": P,
+            "dtype": "bfloat16" if device.type == "cuda" else "float32", "gen_length": args.gen_length, "n": n,
+            "knee": args.knee, "step_rows": step_rows, "commit": git_commit(), "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "counting": "tokens up to EOS; TPF per request's own decode forwards; tok/s over the engine's decode-step "
+                        "seconds (prefill apart); latency = a request's own step seconds (queueing not counted); "
+                        f"projected = the same steps re-timed at the {shape} step cost (a projection)"}
     problems = gsm8k(None, n)
     fixed = [int(x) for x in args.fixed_ks.split(",")]
     rows = []
@@ -243,22 +250,19 @@ def main() -> None:
         model.close()
         del model
         gc.collect()
+        write(args.out, meta, grid, rows)  # after each level: a run cut off keeps the levels it finished
+    print(markdown(meta, grid, rows))
+
+
+def write(out: Path, meta: dict, grid: list[dict], rows: list[dict]) -> None:
     for r in rows:  # each against the reference (the first fixed k) at the same concurrency
         ref = next(x for x in rows if x["concurrency"] == r["concurrency"])
         r["vs_ref"] = r["tokens_per_s"] / ref["tokens_per_s"]
         r["projected_vs_ref"] = r["projected_tokens_per_s"] / ref["projected_tokens_per_s"]
         r["texts_equal_ref"] = sum(a == b for a, b in zip(r["texts"], ref["texts"]))
-    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "shape": shape, "W": W, "P": P,
-            "dtype": "bfloat16" if device.type == "cuda" else "float32", "gen_length": args.gen_length, "n": n,
-            "knee": args.knee, "step_rows": step_rows, "commit": git_commit(), "torch": torch.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "counting": "tokens up to EOS; TPF per request's own decode forwards; tok/s over the engine's decode-step "
-                        "seconds (prefill apart); latency = a request's own step seconds (queueing not counted); "
-                        "projected = the same steps re-timed at the Dream-7B step cost (a projection)"}
-    (args.out / "load_budget.json").write_text(json.dumps({"meta": meta, "cost": grid, "rows": rows}, indent=1))
-    (args.out / "load_budget.md").write_text(markdown(meta, grid, rows))
-    plot(rows, args.out)
-    print(markdown(meta, grid, rows))
+    (out / "load_budget.json").write_text(json.dumps({"meta": meta, "cost": grid, "rows": rows}, indent=1))
+    (out / "load_budget.md").write_text(markdown(meta, grid, rows))
+    plot(rows, out)
 
 
 if __name__ == "__main__":
