@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import json
 import os
@@ -46,6 +47,18 @@ def git_commit() -> str:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def engine_steps(url: str) -> dict:
+    """The server's own step counters from /metrics: steps and their wall seconds by kind (prefill / decode)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    out = {}
+    for kind in ("prefill", "decode"):
+        for stat in ("count", "sum"):
+            key = f'lopa_step_seconds_{stat}{{kind="{kind}"}} '
+            line = next((ln for ln in text.splitlines() if ln.startswith(key)), None)
+            out[f"{kind}_{stat}"] = float(line.rsplit(" ", 1)[1]) if line else 0.0
+    return out
 
 
 async def one_request(http: httpx.AsyncClient, body: dict) -> dict:
@@ -92,11 +105,14 @@ def start_server(args, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "lopa", "serve", "--port", str(port), "--device", args.device,
            "--max-num-seqs", str(max(args.concurrency)), "--max-pending", str(10 * max(args.concurrency)),
            "--served-model-name", "bench"]
-    server = subprocess.Popen(cmd, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = open(args.out / "server_log.txt", "wb")  # a file, not a pipe: a pipe nobody drains blocks the server
+    server = subprocess.Popen(cmd, env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT)
     end = time.monotonic() + 300
+    tail = lambda: (args.out / "server_log.txt").read_bytes()[-2000:].decode(errors="replace")  # noqa: E731
     while time.monotonic() < end:
         if server.poll() is not None:
-            raise RuntimeError(f"lopa serve exited: {server.stderr.read().decode()[-2000:]}")
+            raise RuntimeError(f"lopa serve exited: {tail()}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return server
@@ -104,7 +120,7 @@ def start_server(args, port: int) -> subprocess.Popen:
             pass
         time.sleep(0.2)
     server.kill()
-    raise RuntimeError("lopa serve did not come up in 300 s")
+    raise RuntimeError(f"lopa serve did not come up in 300 s: {tail()}")
 
 
 def ceiling(args, prompts: list[str], concurrency: int, settings: dict) -> dict:
@@ -114,30 +130,39 @@ def ceiling(args, prompts: list[str], concurrency: int, settings: dict) -> dict:
     model = lopa.load_model(runner=lopa.RunnerConfig(device=args.device, max_num_seqs=concurrency))
     config = lopa.decode_config(None, model.model_type, **settings)
     lopa.generate_many(model, prompts, config)  # warm-up: the same shapes the timed pass meets
+    before = dataclasses.replace(model.engine.counters)
     t0 = time.perf_counter()
     results = lopa.generate_many(model, prompts, config)
     wall = time.perf_counter() - t0
+    after = model.engine.counters
+    decode_steps = after.decode_steps - before.decode_steps
     tokens = sum(r.stats.generated_tokens for r in results)
     close = getattr(model, "close", None)
     if close is not None:
         close()
     return {"tokens_per_s": tokens / wall, "requests_per_s": len(prompts) / wall, "wall_s": wall,
-            "tokens": tokens, "texts": [r.text for r in results]}
+            "tokens": tokens, "texts": [r.text for r in results], "decode_steps": decode_steps,
+            "prefill_steps": after.prefill_steps - before.prefill_steps,
+            "decode_step_ms": 1e3 * (after.decode_s - before.decode_s) / max(1, decode_steps)}
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"Device: {meta['device']} ({meta['threads']} torch threads); commit {meta['commit']}; {meta['date']}; "
              f"settings {meta['settings']}.",
              "", "| concurrency | requests | req/s | tok/s | first block p50 / p99 | last token p50 / p99 | "
-             "generate_many tok/s | server / generate_many | tok/s vs c=1 | answers equal generate_many |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "generate_many tok/s | server / generate_many | tok/s vs c=1 | answers equal generate_many | "
+             "engine busy | decode / prefill steps (generate_many) | ms per decode step (generate_many) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ceil = f"{r['ceiling_tokens_per_s']:.0f} | {r['vs_ceiling']:.0%}" if r["vs_ceiling"] else "- | -"
         equal = f"{r['equal_to_ceiling']}/{r['requests']}" if r["equal_to_ceiling"] is not None else "-"
         lines.append(f"| {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
                      f"{r['first_block_p50_s'] * 1e3:.0f} / {r['first_block_p99_s'] * 1e3:.0f} ms | "
                      f"{r['last_token_p50_s'] * 1e3:.0f} / {r['last_token_p99_s'] * 1e3:.0f} ms | "
-                     f"{ceil} | {r['vs_c1']:.1f}x | {equal} |")
+                     f"{ceil} | {r['vs_c1']:.1f}x | {equal} | {r['engine_busy']:.0%} | "
+                     f"{r['decode_steps']} / {r['prefill_steps']} ({r['ceiling_decode_steps'] or '-'} / "
+                     f"{r['ceiling_prefill_steps'] or '-'}) | {r['decode_step_ms']:.2f} "
+                     f"({r['ceiling_decode_step_ms'] or 0:.2f}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -202,10 +227,13 @@ def main() -> None:
     try:
         body = lambda p: {"model": "bench", "prompt": p, "max_tokens": args.gen_length, "strategy": args.strategy,  # noqa: E731
                           "k": args.k, "stream": True, "stream_options": {"include_usage": True}}
-        asyncio.run(load_level(url, [body(p) for p in prompts[:8]], 4))  # warm-up
+        for c in args.concurrency:  # warm-up: every level once, so the timed pass meets shapes the server has seen
+            asyncio.run(load_level(url, [body(p) for p in prompts[:max(args.min_requests, args.waves * c)]], c))
         for c in args.concurrency:
             n = max(args.min_requests, args.waves * c)
+            before = engine_steps(url)
             results, wall = asyncio.run(load_level(url, [body(p) for p in prompts[:n]], c))
+            steps = {k: v - before[k] for k, v in engine_steps(url).items()}
             first = [r["first_block_s"] for r in results]
             last = [r["last_token_s"] for r in results]
             tokens = sum(r["tokens"] for r in results)
@@ -217,7 +245,12 @@ def main() -> None:
                          "first_block_p50_s": percentile(first, 50), "first_block_p99_s": percentile(first, 99),
                          "last_token_p50_s": percentile(last, 50), "last_token_p99_s": percentile(last, 99),
                          "ceiling_tokens_per_s": ceil["tokens_per_s"],
-                         "ceiling_requests_per_s": ceil["requests_per_s"], "equal_to_ceiling": equal})
+                         "ceiling_requests_per_s": ceil["requests_per_s"], "equal_to_ceiling": equal,
+                         "decode_steps": int(steps["decode_count"]), "prefill_steps": int(steps["prefill_count"]),
+                         "engine_busy": (steps["decode_sum"] + steps["prefill_sum"]) / wall,
+                         "decode_step_ms": 1e3 * steps["decode_sum"] / max(1, steps["decode_count"]),
+                         "ceiling_decode_steps": ceil.get("decode_steps"), "ceiling_prefill_steps": ceil.get("prefill_steps"),
+                         "ceiling_decode_step_ms": ceil.get("decode_step_ms")})
             write(args, rows, settings)
     finally:
         server.terminate()

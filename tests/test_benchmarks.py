@@ -96,4 +96,5 @@ def test_serve_load_tiny(tmp_path):
         assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["ceiling_tokens_per_s"] > 0
         assert 0 < r["first_block_p50_s"] <= r["last_token_p99_s"]
         assert r["equal_to_ceiling"] == r["requests"]  # greedy: the server's answers are generate_many's
+        assert r["decode_steps"] > 0 and r["prefill_steps"] > 0 and 0 < r["engine_busy"] <= 1.05  # from /metrics
     assert (tmp_path / "serve_load.md").read_text().count("\n| ") == 3  # header + 2 rows

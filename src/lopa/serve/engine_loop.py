@@ -45,6 +45,8 @@ class AsyncEngine:
     def __init__(self, engine, max_pending: int, device: torch.device | None = None, on_delivery=None) -> None:
         self.engine = engine
         self.max_pending = max_pending
+        if device is not None and device.type == "cuda" and device.index is None:  # "cuda": the current GPU,
+            device = torch.device("cuda", torch.cuda.current_device())  # read here (the engine thread starts at 0)
         self.device = device
         self.on_delivery = on_delivery  # called in the event loop with each Delivery (metrics)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", seq) | ("abort", id) | ("stop",)
@@ -112,10 +114,10 @@ class AsyncEngine:
 
     # -- the engine thread ------------------------------------------------------------------------------
     def _run(self) -> None:
-        if self.device is not None and self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
         live: set[str] = set()  # ids added and not yet finished: aborts of anything else are dropped
         try:
+            if self.device is not None and self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
             with torch.inference_mode():
                 stopping = False
                 while not stopping or self.engine.has_work():
