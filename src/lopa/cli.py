@@ -378,7 +378,8 @@ def evaluate(
     preset: Optional[str] = typer.Option(None, help="Paper Table 5 row for every strategy."),
     gen_length: Optional[int] = typer.Option(None, help=_default("gen_length", "Max new tokens.")),
     compare: Optional[str] = typer.Option(None, help="A,B: paired accuracy difference of B vs A (default: each "
-                                                     "lopa / published / random-tfo run vs the d2f run of its τ)."),
+                                                     "lopa / published / random-tfo run vs the d2f run of its τ; "
+                                                     "no default pair without a d2f run)."),
     random_tfo: int = typer.Option(0, help="Also run N random token-filling orders per problem (lopa with a random "
                                            "winner among the same branches, seeds 0..N-1) at the first k and τ."),
     branch_confidence: str = typer.Option("", help="LoPA branch score(s), comma-separated: mean (Eq. 2), count, "
@@ -429,8 +430,9 @@ def evaluate(
             raise ConfigError(f"checks: must be among {CHECKS}, got {sorted(unknown)}")
         configs, refs = _eval_configs(model.model_type, preset, strategies, ks, taus, gen_length, random_tfo,
                                       branch_variants(branch_confidence, k_policy))
-        if compare and (len(compare.split(",")) != 2 or not set(compare.split(",")) <= set(configs)):
-            raise ConfigError(f"compare: must be two of the run labels {sorted(configs)}, got {compare!r}")
+        named = compare.split(",") if compare else []
+        if compare and (len(named) != 2 or named[0] == named[1] or not set(named) <= set(configs)):
+            raise ConfigError(f"compare: must be two different run labels of {sorted(configs)}, got {compare!r}")
         reports = run_eval(model, problems, configs)
     except LopaError as err:
         _fail(err)
@@ -441,12 +443,15 @@ def evaluate(
     else:
         d2f = [r for r in reports if r.config["strategy"] == "d2f"]
 
-        def base_for(report):  # the d2f run with the same τ, else the first d2f run, else the first run
+        def base_for(report):  # the d2f run with the same τ, else the first d2f run (never the run itself)
             same_tau = [r for r in d2f if r.config["tau"] == report.config["tau"]]
-            return (same_tau or d2f or reports)[0]
+            return (same_tau or d2f)[0]
 
-        pairs = [paired_difference(base_for(r), r) for r in reports
-                 if r.label.startswith(("lopa", "published", "random-tfo"))]
+        branched = [r for r in reports if r.label.startswith(("lopa", "published", "random-tfo"))]
+        pairs = [paired_difference(base_for(r), r) for r in branched] if d2f else []
+        if branched and not d2f:
+            console.print("[yellow]No paired line against the default baseline: no d2f run (add d2f to "
+                          "--strategies, or name two runs with --compare A,B).[/]")
         pairs += [paired_difference(by_label[ref], by_label[label]) for label, ref in refs.items()]
     meta = {"model": str(model.path), "device": str(model.runner.device), "dtype": str(model.runner.dtype),
             "batch_size": batch_size, "step_rows": step_rows, "quantize": quantize, "fused kernels": model.fused,

@@ -50,6 +50,26 @@ def test_paired_difference():
     p = paired_difference(a, b)
     assert p["difference"] == pytest.approx(0.25) and p["b_only_correct"] == 2 and p["a_only_correct"] == 1
     assert p["ci95"][0] < 0.25 < p["ci95"][1] and p["tpf_ratio"] == pytest.approx(2.5)
+    assert -1 <= p["ci95"][0] and p["ci95"][1] <= 1 and p["interval"].startswith("Tango")
+    with pytest.raises(ValueError, match="itself"):
+        paired_difference(a, a)
+
+
+def test_eval_never_pairs_a_run_with_itself(tiny_dream_dir, tmp_path):
+    """Without a d2f run there is no default baseline: no paired line (and a note why), never lopa vs lopa;
+    --compare must name two different runs."""
+    from typer.testing import CliRunner
+
+    from lopa.cli import app
+
+    args = ["eval", str(tiny_dream_dir), "--n", "1", "--strategies", "lopa", "--k", "2", "--gen-length", "16",
+            "--out", str(tmp_path), "--device", "cpu"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "eval.json").read_text())["paired"] == []
+    assert "Paired" not in res.stdout and "no d2f run" in res.stderr
+    res = CliRunner().invoke(app, [*args, "--compare", "lopa k=2,lopa k=2"])
+    assert res.exit_code == 2 and "two different run labels" in res.output
 
 
 def test_run_eval_end_to_end_on_a_tiny_model(tiny_dream_dir, tmp_path):

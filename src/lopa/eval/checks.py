@@ -146,7 +146,7 @@ def markdown(result: dict) -> str:
         lines += [f"| {s['label']} | {s['n']} | {100 * s['accuracy']:.1f}% | {s['tpf']:.2f} | {s['decode_forwards']} | "
                   f"{s['rows_per_token']:.2f} |" for s in (a, b)]
         lines += ["", f"Paired on the same {p['n']} problems: TPF ratio {p['tpf_ratio']:.2f}x, accuracy "
-                      f"{100 * p['difference']:+.1f} points (95% interval {100 * p['ci95'][0]:+.1f} to "
+                      f"{100 * p['difference']:+.1f} points (95% score interval {100 * p['ci95'][0]:+.1f} to "
                       f"{100 * p['ci95'][1]:+.1f}).", ""]
     if "tfo" in result:
         t = result["tfo"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from ..api import LopaModel, generate_many
 from ..config import DecodeConfig
 from ..problems.gsm import extract_answer
 from .sandbox import check_humaneval
+from .stats import paired_interval
 from .tasks import Problem
 
 CODE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
@@ -123,14 +123,19 @@ def run_eval(model: LopaModel, problems: list[Problem], strategies: dict[str, De
 
 
 def paired_difference(a: StrategyReport, b: StrategyReport) -> dict:
-    """Accuracy of b minus a, problem by problem, with a 95% normal interval on the paired differences."""
-    diffs = [int(y.correct) - int(x.correct) for x, y in zip(a.records, b.records, strict=True)]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    var = sum((d - mean) ** 2 for d in diffs) / max(1, n - 1)
-    half = 1.96 * math.sqrt(var / n)
-    return {"a": a.label, "b": b.label, "n": n, "difference": mean, "ci95": [mean - half, mean + half],
-            "b_only_correct": diffs.count(1), "a_only_correct": diffs.count(-1),
+    """Accuracy of b minus a, problem by problem, with Tango's 95% score interval for paired proportions
+    (eval/stats.py: inside ±1 and of positive width at any n). Two different runs on the same problems only."""
+    if a is b or a.label == b.label:
+        raise ValueError(f"paired_difference: {a.label!r} paired with itself")
+    pairs = list(zip(a.records, b.records, strict=True))
+    if not pairs:
+        raise ValueError("paired_difference: no problems to pair")
+    gain = sum(y.correct and not x.correct for x, y in pairs)
+    loss = sum(x.correct and not y.correct for x, y in pairs)
+    n = len(pairs)
+    return {"a": a.label, "b": b.label, "n": n, "difference": (gain - loss) / n,
+            "ci95": list(paired_interval(gain, loss, n)), "interval": "Tango score, paired",
+            "b_only_correct": gain, "a_only_correct": loss,
             "tpf_ratio": b.tpf / a.tpf if a.tpf else float("nan")}
 
 
@@ -157,7 +162,7 @@ def markdown(reports: list[StrategyReport], pairs: list[dict]) -> str:
     for p in pairs:
         lines.append("")
         lines.append(f"Paired, {p['b']} vs {p['a']} on the same {p['n']} problems: accuracy difference "
-                     f"{100 * p['difference']:+.1f} points (95% interval {100 * p['ci95'][0]:+.1f} to "
+                     f"{100 * p['difference']:+.1f} points (95% score interval {100 * p['ci95'][0]:+.1f} to "
                      f"{100 * p['ci95'][1]:+.1f}; {p['b_only_correct']} right only with {p['b']}, "
                      f"{p['a_only_correct']} only with {p['a']}); TPF ratio {p['tpf_ratio']:.2f}x.")
     return "\n".join(lines) + "\n"
