@@ -1,5 +1,7 @@
 """The official openai client against `lopa serve` on loopback: answers equal lopa.generate for the same settings."""
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -106,3 +108,27 @@ def test_models_health_and_metrics_move(client, server, model):
                  'lopa_engine_steps_total{kind="decode"}', 'lopa_engine_steps_total{kind="prefill"}',
                  "lopa_branch_rows_total", "lopa_request_seconds_count", "lopa_request_tpf_count"):
         assert metric(after, name) > metric(before, name), name
+
+
+def test_time_to_first_block_counts_streamed_requests_only(client, server, model):
+    """lopa_time_to_first_block_seconds: one observation per streamed request, taken when its first settled block
+    arrives (before its last token); a non-streamed request, which sends nothing before its end, adds none."""
+    url, _ = server
+    auth = {"Authorization": "Bearer sk-test"}
+    first, latency = "lopa_time_to_first_block_seconds", "lopa_request_seconds"
+
+    def read() -> dict:
+        text = httpx.get(url + "/metrics", headers=auth).text
+        return {name: metric(text, name) for name in (first + "_count", first + "_sum", latency + "_count")}
+
+    before = read()
+    client.completions.create(model=model.path.name, prompt=PROMPT, max_tokens=32, extra_body=SETTINGS)
+    plain = read()
+    assert plain[first + "_count"] == before[first + "_count"] and plain[latency + "_count"] == before[latency + "_count"] + 1
+    t0 = time.perf_counter()
+    chunks = list(client.completions.create(model=model.path.name, prompt=PROMPT, max_tokens=32, stream=True,
+                                            extra_body=SETTINGS))
+    wall = time.perf_counter() - t0
+    streamed = read()
+    assert len(chunks) >= 2 and streamed[first + "_count"] == plain[first + "_count"] + 1
+    assert 0 < streamed[first + "_sum"] - plain[first + "_sum"] <= wall

@@ -134,7 +134,7 @@ def create_app(model, config: ServeConfig | None = None, engine=None) -> FastAPI
                         raise RequestFailed(f"the request failed in the engine: {type(item.error).__name__}: "
                                             f"{item.error}")
                     metrics.on_finished(item.result.stats, time.perf_counter() - job.t0)
-                if first and item.new_ids:
+                if first and job.req.stream and item.new_ids:  # what a streaming client waits for
                     metrics.first_block_s.observe(time.perf_counter() - job.t0)
                     first = False
                 yield item

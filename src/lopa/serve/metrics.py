@@ -36,9 +36,11 @@ class Metrics:
                                "behind 429)", registry=r)
         self.step_s = Histogram("lopa_step_seconds", "Wall time of one engine step", ["kind"],
                                 buckets=LATENCY_BUCKETS, registry=r)
-        self.first_block_s = Histogram("lopa_time_to_first_block_seconds", "Submit to the first settled block",
-                                       buckets=LATENCY_BUCKETS, registry=r)
-        self.request_s = Histogram("lopa_request_seconds", "Submit to the last token", buckets=LATENCY_BUCKETS,
+        self.first_block_s = Histogram("lopa_time_to_first_block_seconds", "Streamed requests only: admission "
+                                       "to the first settled block of generated ids (the whole answer if it "
+                                       "settles at once); its text may reach the client later when held back "
+                                       "at a possible stop string", buckets=LATENCY_BUCKETS, registry=r)
+        self.request_s = Histogram("lopa_request_seconds", "Admission to the last token (answered requests)", buckets=LATENCY_BUCKETS,
                                    registry=r)
         self.tpf = Histogram("lopa_request_tpf", "Tokens per decode forward of each finished request",
                              buckets=TPF_BUCKETS, registry=r)
