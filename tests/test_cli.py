@@ -52,6 +52,24 @@ def test_demo_prints_the_side_by_side_table(tiny_dream_dir):
     res = runner.invoke(app, ["demo", str(tiny_dream_dir), "--n", "1", "--k", "2", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert "| threshold | 1 |" in res.stdout and "| lopa k=2 | 1 |" in res.stdout
+    note = " ".join(res.stdout.split())  # the CPU note, unwrapped: this run's rows per token, then the GPU's numbers
+    assert "Reading tokens/s on a CPU: every branch row costs compute" in note
+    assert "lopa k=2: TPF" in note and "branch rows per token" in note
+    assert "TPF is what it turns into speed" in note and "one NVIDIA H100" in note
+    assert "d2f TPF 2.76, 2078 tokens/s; lopa k=14 TPF 7.67, 4908 tokens/s" in note
+
+
+def test_the_gpu_figures_the_demo_quotes_are_the_recorded_run():
+    """GPU_MEASURED must be docs/results/main_1000's numbers, the run docs/results.md reports (on an H100)."""
+    from pathlib import Path
+
+    from lopa.cli import GPU_MEASURED
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    run = json.loads((docs / "results/main_1000/eval.json").read_text())
+    assert run["meta"]["device"] == "cuda" and "GPU runs: one NVIDIA H100" in (docs / "results.md").read_text()
+    recorded = {s["label"]: (round(s["tpf"], 2), round(s["tokens_per_s"])) for s in run["summary"]}
+    assert {label: recorded[label] for label in GPU_MEASURED} == GPU_MEASURED
 
 
 def test_default_model_loads_and_is_a_dream_folder():
