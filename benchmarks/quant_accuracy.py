@@ -49,7 +49,7 @@ def main() -> None:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": "benchmarks/quant_accuracy.py " + " ".join(f"--{k}={v}" for k, v in vars(args).items())}
     lines = [f"{meta['command']} ({meta['date']})", "",
-             "| precision | strategy | accuracy | TPF | vs full precision (95% interval; problems flipped) |",
+             "| precision | strategy | accuracy | TPF | vs full precision (95% score interval; problems flipped) |",
              "|---|---|---|---|---|"]
     for r in rows:
         p = r.get("vs_full")

@@ -124,8 +124,9 @@ def run_eval(model: LopaModel, problems: list[Problem], strategies: dict[str, De
 
 def paired_difference(a: StrategyReport, b: StrategyReport) -> dict:
     """Accuracy of b minus a, problem by problem, with Tango's 95% score interval for paired proportions
-    (eval/stats.py: inside ±1 and of positive width at any n). Two different runs on the same problems only."""
-    if a is b or a.label == b.label:
+    (eval/stats.py: inside ±1 and of positive width at any n). Two different runs on the same problems only
+    (their labels may match: the same strategy under two models or precisions)."""
+    if a is b:
         raise ValueError(f"paired_difference: {a.label!r} paired with itself")
     pairs = list(zip(a.records, b.records, strict=True))
     if not pairs:
