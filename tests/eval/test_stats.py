@@ -72,7 +72,8 @@ def test_limits_stay_in_range_hold_the_estimate_and_have_width(n):
         assert -1.0 <= lower <= d <= upper <= 1.0, (gain, loss, n, lower, upper)
         assert upper - lower > 0, (gain, loss, n)
     lower, upper = paired_interval(0, 0, n)  # no discordant pair: symmetric, positive width, narrowing with n
-    assert lower == pytest.approx(-upper) and upper == pytest.approx(1.959963984540054 ** 2 / (n + 1.959963984540054 ** 2))
+    z2 = 1.959963984540054 ** 2
+    assert lower == pytest.approx(-upper) and upper == pytest.approx(z2 / (n + z2))
 
 
 def test_bad_counts_are_refused():

@@ -40,8 +40,8 @@ class Metrics:
                                        "to the first settled block of generated ids (the whole answer if it "
                                        "settles at once); its text may reach the client later when held back "
                                        "at a possible stop string", buckets=LATENCY_BUCKETS, registry=r)
-        self.request_s = Histogram("lopa_request_seconds", "Admission to the last token (answered requests)", buckets=LATENCY_BUCKETS,
-                                   registry=r)
+        self.request_s = Histogram("lopa_request_seconds", "Admission to the last token (answered requests)",
+                                   buckets=LATENCY_BUCKETS, registry=r)
         self.tpf = Histogram("lopa_request_tpf", "Tokens per decode forward of each finished request",
                              buckets=TPF_BUCKETS, registry=r)
         for status in ("ok", "cancelled", "error", "rejected"):
