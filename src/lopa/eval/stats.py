@@ -7,7 +7,7 @@ The interval is Tango's score interval (T. Tango, Stat Med 17:891-908, 1998): ev
 with the other cell probabilities at their maximum-likelihood values under that d, stays within ±z. Unlike the
 normal (Wald) interval on the per-problem differences it is valid at small n: its limits are searched inside
 [-1, 1], so they never leave it, and it keeps a positive width when no pair is discordant (0 of n pairs
-differing is still compatible with a difference of order z² / (n + z²)).
+differing is still compatible with a difference of up to ±z² / (n + z²)).
 """
 
 from __future__ import annotations
@@ -37,20 +37,19 @@ def paired_interval(gain: int, loss: int, n: int, z: float = Z95) -> tuple[float
     if n < 1 or gain < 0 or loss < 0 or gain + loss > n:
         raise ValueError(f"paired_interval: need 0 <= gain, loss and gain + loss <= n >= 1, got {gain}, {loss}, {n}")
     d_hat = (gain - loss) / n
-    # The statistic falls from +inf (d -> -1) through 0 (d_hat) to -inf (d -> 1): each limit is a crossing.
-    lower = -1.0 if d_hat == -1 else _crossing(gain, loss, n, outside=-1.0, inside=d_hat, level=z)
-    upper = 1.0 if d_hat == 1 else _crossing(gain, loss, n, outside=1.0, inside=d_hat, level=-z)
+    # The statistic falls from +inf (d -> -1) through 0 (at d_hat) to -inf (d -> 1): each limit is a crossing.
+    lower = _crossing(-1.0, d_hat, lambda d: tango_score(d, gain, loss, n) > z)
+    upper = _crossing(1.0, d_hat, lambda d: tango_score(d, gain, loss, n) < -z)
     return lower, upper
 
 
-def _crossing(gain: int, loss: int, n: int, outside: float, inside: float, level: float) -> float:
-    """The d between `inside` (statistic within ±z) and `outside` (beyond `level`) where it crosses `level`."""
+def _crossing(outside: float, inside: float, is_outside) -> float:
+    """Bisection between a d outside the interval and one inside (d_hat); the last d found inside."""
     for _ in range(_STEPS):
         mid = (outside + inside) / 2
-        if mid in (outside, inside):
+        if mid in (outside, inside):  # converged, or d_hat is itself the edge (±1)
             break
-        t = tango_score(mid, gain, loss, n)
-        if (t > level) if level > 0 else (t < level):
+        if is_outside(mid):
             outside = mid
         else:
             inside = mid
