@@ -279,7 +279,7 @@ def _bp_line(devices: int, bp: dict) -> str:
             f"{bp['broadcasts']} commit broadcasts, {bp['bytes_per_commit'] / 1e3:.1f} kB each")
 
 
-# What `lopa demo` quotes off a GPU: docs/results.md's main comparison (docs/results/main_1000/eval.json, one NVIDIA
+# What `lopa demo` quotes on a CPU: docs/results.md's main comparison (docs/results/main_1000/eval.json, one NVIDIA
 # H100); tests/test_cli.py checks these against that run's records. label -> (TPF, tokens/s).
 GPU_MEASURED = {"d2f": (2.76, 2078), "lopa k=7": (6.61, 2868), "lopa k=14": (7.67, 4908), "lopa k=15": (7.74, 4918)}
 GPU_MEASURED_WHERE = "one NVIDIA H100, bfloat16, the default model, 1000 problems, gen_length 128; docs/results.md"
@@ -287,14 +287,14 @@ GPU_MEASURED_WHERE = "one NVIDIA H100, bfloat16, the default model, 1000 problem
 
 def _demo_device_note(d2f, lopa) -> str:
     """On a CPU: why lopa's tokens/s need not follow its TPF (this run's rows per token), and what a GPU measured."""
-    d, b = d2f.summary(), lopa.summary()
+    base, run = d2f.summary(), lopa.summary()
     gpu = lopa.label if lopa.label in GPU_MEASURED else "lopa k=14"
     (d_tpf, d_tps), (b_tpf, b_tps) = GPU_MEASURED["d2f"], GPU_MEASURED[gpu]
     per_forward = (b_tpf / b_tps) / (d_tpf / d_tps)  # seconds per forward = TPF / (tokens/s)
     text = (f"Reading tokens/s on a CPU: every branch row costs compute here, so a forward takes longer the more rows "
-            f"it holds. {lopa.label}: TPF {b['tpf']:.2f}, {b['rows_per_token']:.2f} branch rows per token, "
-            f"{b['tokens_per_s']:.0f} tokens/s; d2f: TPF {d['tpf']:.2f}, {d['rows_per_token']:.2f} rows per token, "
-            f"{d['tokens_per_s']:.0f} tokens/s. A GPU computes a forward's k+1 branch rows in little more than the "
+            f"it holds. {lopa.label}: TPF {run['tpf']:.2f}, {run['rows_per_token']:.2f} branch rows per token, "
+            f"{run['tokens_per_s']:.0f} tokens/s; d2f: TPF {base['tpf']:.2f}, {base['rows_per_token']:.2f} rows per "
+            f"token, {base['tokens_per_s']:.0f} tokens/s. A GPU computes a forward's k+1 branch rows in little more than the "
             f"time of one (it reads the weights once for all of them), so TPF is what it turns into speed. Measured "
             f"({GPU_MEASURED_WHERE}): d2f TPF {d_tpf:.2f}, {d_tps} tokens/s; {gpu} TPF {b_tpf:.2f}, {b_tps} tokens/s "
             f"({b_tps / d_tps:.1f}x d2f's; a forward {per_forward:.2f}x as long as d2f's).")
