@@ -203,8 +203,9 @@ class RunnerConfig:
     # share it evenly (engine/engine.py: row_budget); None = no budget (they take k)
     # Admission bounds (engine/engine.py: Engine.prepare refuses a request that cannot fit, before it queues):
     max_lookahead: int = 64  # ceiling on a request's k (4x the paper's largest, 14-15; 2 blocks of 32 candidates)
-    max_num_batched_tokens: int = 8192  # query positions (sum of K*W) of one decode step; a request whose own
-    # largest forward, K x gen_length (dream: prompt + gen_length), exceeds it is refused. 8192 = k 15 at gen 512
+    max_num_batched_tokens: int = 8192  # query positions (K*W) of one request's decode forward: a request whose
+    # largest forward, K x gen_length (dream: prompt + gen_length), exceeds it is refused (a step's total is at most
+    # max_num_seqs times it). 8192 = (15+1) x 512: the presets at k <= 15 and gen_length <= 512
     kv_cache_bytes: int | None = None  # KV pool budget; None = derived when the model loads (runner/memory.py:
     # a quarter of physical RAM on a CPU, half the GPU memory the weights leave); requests wait for room
 
