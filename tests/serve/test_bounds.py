@@ -1,6 +1,7 @@
 """One request must never take the server down: what the engine cannot hold is refused with 400 before it queues,
 an out-of-memory step fails only its requests, and memory returns to where it was after large requests."""
 
+import logging
 import os
 import threading
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from .conftest import serving
+from .fakes import Gated
 
 PROMPT = "Question: Tom has 3 apples and buys 4 more. How many apples does he have?\nAnswer:"
 NORMAL = dict(strategy="lopa", k=3, block_size=8)
@@ -86,3 +88,15 @@ def test_memory_returns_after_a_burst_of_large_valid_requests(client, server, mo
     grown = rss_bytes() - before
     assert grown < peak / 2, f"RSS grew by {grown / 2**20:.0f} MiB after the burst (pool peak {peak / 2**20:.0f} MiB)"
     assert httpx.get(server[0] + "/health").status_code == 200
+
+
+def test_an_engine_that_cannot_go_on_says_why_in_the_log_and_in_health(model, caplog):
+    gated = Gated(model.engine)
+    gated.fail_next = True  # a step failure that is not out of memory: the engine stops
+    with caplog.at_level(logging.ERROR, logger="lopa.serve"), serving(model, engine=gated) as (url, _app):
+        assert httpx.post(url + "/v1/completions", json={"model": model.path.name, "prompt": PROMPT, "max_tokens": 8,
+                                                         "block_size": 8}).status_code == 503
+        health = httpx.get(url + "/health")
+        assert health.status_code == 503 and "device lost" in health.json()["error"]["message"]
+    (record,) = [r for r in caplog.records if r.name == "lopa.serve"]
+    assert "the engine stopped" in record.getMessage() and "device lost" in str(record.exc_info[1])
