@@ -36,6 +36,7 @@ from .sequence import RequestOutput, RunOutput, Sequence, Status
 
 log = logging.getLogger("lopa.engine")
 
+
 @dataclass
 class StepInfo:
     kind: str  # prefill | decode

@@ -120,7 +120,8 @@ class Worker:
         head = pickle.dumps((list(sys.path), os.path.abspath(script) if script else None, rank))
         root = str(Path(__file__).resolve().parents[2])  # the folder holding the lopa package
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-        popen = subprocess.Popen([sys.executable, "-m", "lopa.runner.worker"], stdin=subprocess.PIPE, env=env)
+        popen = subprocess.Popen([sys.executable, "-m", "lopa.runner.worker"], stdin=subprocess.PIPE, env=env,
+                                 start_new_session=True)
         for blob in (head, job):
             popen.stdin.write(len(blob).to_bytes(8, "little") + blob)
         popen.stdin.flush()

@@ -1,11 +1,12 @@
 """A Branch Parallel worker rank started by rank 0 (launch.start): ``python -m lopa.runner.worker``.
 
 Its job arrives on stdin as two length-prefixed pickles: (rank 0's sys.path, its script's path, this rank)
-first, then the job (world, store port, device, timeout, commit mode, check, and the worker callable: load the
-same model source, build the same engine, follow rank 0). It imports lopa and the source's module only, never the user's
-script, so a script without ``if __name__ == "__main__":`` runs its body once. Only a source class defined in
-the script itself needs the script: then it is imported as ``__mp_main__`` (what multiprocessing's spawn does).
-stdin stays open while rank 0 lives; when it closes (rank 0 exited or died) the worker exits.
+first, then the job (world, store port, device, timeout, commit mode, check, and the worker callable: load
+the same model source, build the same engine, follow rank 0). It imports lopa and the source's module only,
+never the user's script, so a script without ``if __name__ == "__main__":`` runs its body once. Only a
+source class defined in the script itself needs the script: then it is imported as ``__mp_main__`` (what
+multiprocessing's spawn does). stdin stays open while rank 0 lives; when it closes (rank 0 exited or died)
+the worker exits. Workers run in their own session: a Ctrl-C reaches rank 0 only, and its exit ends them.
 """
 
 from __future__ import annotations
