@@ -550,7 +550,7 @@ def serve(
     fuse: bool = typer.Option(True, help="On a GPU, fuse RMSNorm/RoPE/SiLU/confidence kernels with torch.compile."),
     max_lookahead: int = typer.Option(RunnerConfig.max_lookahead, help="Largest k a request may ask for (else 400)."),
     max_num_batched_tokens: int = typer.Option(RunnerConfig.max_num_batched_tokens,
-                                               help="Most query positions (K x W) of one request's forward (else 400)."),
+                                               help="Most query positions (K x W) of a request's forward (else 400)."),
     kv_cache_bytes: Optional[int] = typer.Option(None, help="KV pool budget in bytes (default: 1/4 of RAM on a CPU, "
                                                             "1/2 of the GPU memory the weights leave)."),
 ) -> None:

@@ -29,7 +29,7 @@ def test_a_k_above_the_ceiling_is_refused_naming_k_and_the_limit(model):
 
 
 def test_a_forward_larger_than_max_num_batched_tokens_is_refused(model):
-    with pytest.raises(ConfigError, match=r"k: with k = 20 and gen_length 400 .* 8400 .* 8192 .*max_num_batched_tokens"):
+    with pytest.raises(ConfigError, match=r"k: with k = 20 and gen_length 400 .* 8400 .* 8192 .*batched_tokens"):
         lopa.generate(model, PROMPT, strategy="lopa", k=20, gen_length=400)
     narrow = lopa.load_model(model.path, runner=RunnerConfig(device="cpu", max_num_batched_tokens=64))
     with pytest.raises(PromptTooLongError, match="gen_length: .*max_num_batched_tokens"):  # dream: the whole sequence

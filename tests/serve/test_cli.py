@@ -10,7 +10,8 @@ from lopa.serve import BackgroundServer
 
 def test_bad_serve_flags_exit_2_with_one_line():
     for flags, field in ((["--max-pending", "0"], "max_pending"), (["--port", "0"], "port"),
-                         (["--request-timeout", "-1"], "request_timeout_s"), (["--kv-cache-bytes", "0"], "kv_cache_bytes"),
+                         (["--request-timeout", "-1"], "request_timeout_s"),
+                         (["--kv-cache-bytes", "0"], "kv_cache_bytes"),
                          (["--max-num-batched-tokens", "0"], "max_num_batched_tokens")):
         result = CliRunner().invoke(app, ["serve", *flags])
         assert result.exit_code == 2, result.output

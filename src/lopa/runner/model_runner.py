@@ -33,7 +33,8 @@ from .step import FIELDS, Commit, StepItem, pack, unpack
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, spec: ModelSpec, device: torch.device, dtype: torch.dtype, *,
                  max_num_seqs: int = 1, max_positions: int | None = None, static: bool = False,
-                 capture: bool | None = None, fuse: bool = False, group=None, kv_cache_bytes: int | None = None) -> None:
+                 capture: bool | None = None, fuse: bool = False, group=None,
+                 kv_cache_bytes: int | None = None) -> None:
         self.model, self.spec, self.device, self.dtype = model, spec, device, dtype
         self.group = group or LocalGroup()  # LocalGroup | BranchGroup (runner/group.py)
         self.max_num_seqs = max_num_seqs
