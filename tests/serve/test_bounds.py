@@ -10,6 +10,8 @@ import openai
 import pytest
 import torch
 
+import lopa
+
 from .conftest import serving
 from .fakes import Gated
 
@@ -101,3 +103,24 @@ def test_an_engine_that_cannot_go_on_says_why_in_the_log_and_in_health(model, ca
         assert health.status_code == 503 and "device lost" in health.json()["error"]["message"]
     (record,) = [r for r in caplog.records if r.name == "lopa.serve"]
     assert "the engine stopped" in record.getMessage() and "device lost" in str(record.exc_info[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_real_cuda_out_of_memory_fails_its_request_and_the_server_goes_on():
+    """On a GPU with CUDA graphs: the device capped just above what the model holds, a request whose KV slot
+    (~1000 x 400 positions, ~1.6 GB in bf16) cannot be allocated fails with 500; the next one is answered."""
+    model = lopa.load_model(runner=lopa.RunnerConfig(device="cuda", max_num_seqs=4, max_lookahead=4096,
+                                                     max_num_batched_tokens=1 << 22, kv_cache_bytes=1 << 40))
+    body = {"model": model.path.name, "prompt": PROMPT, "max_tokens": 32, **NORMAL}
+    total = torch.cuda.get_device_properties(model.runner.device).total_memory
+    try:
+        with serving(model) as (url, _app):
+            assert httpx.post(url + "/v1/completions", json=body, timeout=120).status_code == 200  # graphs captured
+            torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + (256 << 20)) / total)
+            big = httpx.post(url + "/v1/completions", timeout=120, json={**body, "max_tokens": 400, "k": 1000})
+            assert big.status_code == 500 and "ran out of memory" in big.json()["error"]["message"], big.text
+            assert httpx.post(url + "/v1/completions", json=body, timeout=120).status_code == 200
+            assert httpx.get(url + "/health").status_code == 200
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        model.close()
