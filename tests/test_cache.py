@@ -26,7 +26,7 @@ def test_commit_copies_each_slots_winner_columns():
     assert torch.equal(pool.kv[:, :, 1], before[:, :, 1])  # other slots untouched
 
 
-def test_move_and_grow_keep_committed_kv_and_last_hidden():
+def test_move_and_resize_keep_committed_kv_and_last_hidden():
     pool = _pool()
     pool.lengths = [5, 0, 7]
     slot2, hidden2 = pool.kv[:, :, 2, :, :7].clone(), pool.last_hidden[2].clone()
@@ -34,7 +34,10 @@ def test_move_and_grow_keep_committed_kv_and_last_hidden():
     assert pool.lengths == [5, 7, 0]
     assert torch.equal(pool.kv[:, :, 1, :, :7], slot2) and torch.equal(pool.last_hidden[1], hidden2)
     slot0 = pool.kv[:, :, 0, :, :5].clone()
-    big = pool.grown(slots=5, capacity=32)
+    big = pool.resized(slots=5, capacity=32)
     assert big.slots == 5 and big.capacity == 32 and big.lengths == [5, 7, 0, 0, 0]
     assert torch.equal(big.kv[:, :, 0, :, :5], slot0) and torch.equal(big.kv[:, :, 1, :, :7], slot2)
     assert not big.kv[:, :, 3:].any()  # new slots start zeroed
+    small = big.resized(slots=2, capacity=8)  # shrinking keeps the live slots (0..1) and their committed prefix
+    assert small.slots == 2 and small.capacity == 8 and small.lengths == [5, 7]
+    assert torch.equal(small.kv[:, :, 1, :, :7], slot2) and torch.equal(small.last_hidden[1], hidden2)

@@ -133,6 +133,8 @@ BAD_ARGS = {  # lopa-level checks (typer's own usage errors are tested once belo
     "generate bad dtype": (["generate", "-p", "x", "--dtype", "float8"], ["dtype"]),
     "generate bad device": (["generate", "-p", "x", "--device", "cuda:x"], ["device"]),
     "generate bad quantize": (["generate", "-p", "x", "--quantize", "int4"], ["quantize"]),
+    "generate k beyond the engine": (["generate", "-p", "x", "--k", "100000", "--gen-length", "400"],
+                                     ["k", "100000", "64", "max_lookahead"]),
     "train bad device": (["train", "--device", "tpu"], ["device"]),
     "train zero minutes": (["train", "--minutes", "0"], ["minutes"]),
 }

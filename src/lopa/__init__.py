@@ -14,6 +14,7 @@ from .errors import (
     CheckpointError,
     ConfigError,
     LopaError,
+    OutOfMemoryError,
     PromptTooLongError,
     UnsupportedModelError,
 )
@@ -22,5 +23,5 @@ __all__ = [
     "load_model", "generate", "generate_many", "default_model_path", "LopaModel", "GenerationResult",
     "DecodeConfig", "RunnerConfig", "PRESETS", "decode_config",
     "LopaError", "ConfigError", "CheckpointError", "UnsupportedModelError", "AdapterError", "PromptTooLongError",
-    "BranchParallelError",
+    "BranchParallelError", "OutOfMemoryError",
 ]

@@ -148,9 +148,10 @@ def build_model(source, runner: RunnerConfig, group=None, name: Path | None = No
         quantize_model(loaded.model, runner.quantize, loaded.model.ops.quantize_rows)
     model_runner = ModelRunner(loaded.model, loaded.spec, device, dtype, max_num_seqs=runner.max_num_seqs,
                                max_positions=runner.max_positions, static=device.type == "cuda" and runner.cuda_graphs,
-                               fuse=loaded.model.ops is not EAGER, group=group)
-    model = LopaModel(name or getattr(source, "folder", Path(".")), loaded, model_runner,
-                      Engine(model_runner, loaded.spec, runner.max_num_seqs, runner.step_rows))
+                               fuse=loaded.model.ops is not EAGER, group=group, kv_cache_bytes=runner.kv_cache_bytes)
+    engine = Engine(model_runner, loaded.spec, runner.max_num_seqs, runner.step_rows, runner.max_lookahead,
+                    runner.max_num_batched_tokens)
+    model = LopaModel(name or getattr(source, "folder", Path(".")), loaded, model_runner, engine)
     if group.world > 1:
         group.ready()
     if not group.is_root:  # a worker (spawned, or started by torchrun): follow rank 0, then leave

@@ -6,7 +6,7 @@ it (request b's query q at P_b + q) and attends over [0, Lb) with the step mask 
 step_mask), so the prefix is read once for all of a request's branches and never copied per branch. The
 last position, cap - 1, is a trash slot that padding queries may write and no query ever reads.
 
-The tensor never moves while the pool lives (fixed addresses for CUDA graphs); ``grow`` makes a new one.
+The tensor never moves while the pool lives (fixed addresses for CUDA graphs); ``resized`` makes a new one.
 """
 
 from __future__ import annotations
@@ -45,15 +45,16 @@ class KVPool:
         self.last_hidden[dst] = self.last_hidden[src]
         self.lengths[dst], self.lengths[src] = n, 0
 
-    def grown(self, slots: int, capacity: int) -> "KVPool":
-        """A larger pool holding this one's committed K/V (the caller drops whatever captured the old tensor)."""
-        L, S, Hkv, D = self.kv.shape[1], self.slots, self.kv.shape[3], self.kv.shape[5]
-        new = KVPool(L, Hkv, D, self.last_hidden.shape[1], max(slots, S), max(capacity, self.capacity),
-                     self.kv.device, self.kv.dtype)
-        n = max(self.lengths, default=0)
-        new.kv[:, :, :S, :, :n] = self.kv[:, :, :, :, :n]
-        new.last_hidden[:S] = self.last_hidden
-        new.lengths[:S] = self.lengths
+    def resized(self, slots: int, capacity: int) -> "KVPool":
+        """A pool of another size holding this one's committed K/V in its first ``slots`` slots (the caller
+        drops whatever captured the old tensor; every live slot and committed position must fit)."""
+        L, S, Hkv, D = self.kv.shape[1], min(slots, self.slots), self.kv.shape[3], self.kv.shape[5]
+        n = max(self.lengths[:S], default=0)
+        assert not any(self.lengths[S:]) and n <= capacity, (slots, capacity, self.lengths)
+        new = KVPool(L, Hkv, D, self.last_hidden.shape[1], slots, capacity, self.kv.device, self.kv.dtype)
+        new.kv[:, :, :S, :, :n] = self.kv[:, :, :S, :, :n]
+        new.last_hidden[:S] = self.last_hidden[:S]
+        new.lengths[:S] = self.lengths[:S]
         return new
 
 

@@ -579,6 +579,11 @@ def serve(
     dtype: str = typer.Option("auto"),
     quantize: Optional[str] = typer.Option(None, help="Decoder Linears: int8 (weight-only) or fp8 (W8A8)."),
     fuse: bool = typer.Option(True, help="On a GPU, fuse RMSNorm/RoPE/SiLU/confidence kernels with torch.compile."),
+    max_lookahead: int = typer.Option(RunnerConfig.max_lookahead, help="Largest k a request may ask for (else 400)."),
+    max_num_batched_tokens: int = typer.Option(RunnerConfig.max_num_batched_tokens,
+                                               help="Most query positions (K x W) of a request's forward (else 400)."),
+    kv_cache_bytes: Optional[int] = typer.Option(None, help="KV pool budget in bytes (default: 1/4 of RAM on a CPU, "
+                                                            "1/2 of the GPU memory the weights leave)."),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics)."""
     from .config import ServeConfig
@@ -593,7 +598,8 @@ def serve(
                              served_model_name=served_model_name, request_timeout_s=request_timeout,
                              metrics_public=metrics_public)
         runner = RunnerConfig(device=device, dtype=dtype, quantize=quantize, fuse=fuse, max_num_seqs=max_num_seqs,
-                              branch_parallel=devices)
+                              branch_parallel=devices, max_lookahead=max_lookahead,
+                              max_num_batched_tokens=max_num_batched_tokens, kv_cache_bytes=kv_cache_bytes)
         with console.status("loading model"):
             model = api.load_model(path, adapter=adapter, runner=runner)
     except LopaError as err:

@@ -201,6 +201,13 @@ class RunnerConfig:
     bp_check: bool = False  # debug: after each commit, check that every rank's cache and canvases agree
     step_rows: int | None = None  # query rows (sum of K*W) one decode step aims at: requests with k_policy "load"
     # share it evenly (engine/engine.py: row_budget); None = no budget (they take k)
+    # Admission bounds (engine/engine.py: Engine.prepare refuses a request that cannot fit, before it queues):
+    max_lookahead: int = 64  # ceiling on a request's k (4x the paper's largest, 14-15; 2 blocks of 32 candidates)
+    max_num_batched_tokens: int = 8192  # query positions (K*W) of one request's decode forward: a request whose
+    # largest forward, K x gen_length (dream: prompt + gen_length), exceeds it is refused (a step's total is at most
+    # max_num_seqs times it). 8192 = (15+1) x 512: the presets at k <= 15 and gen_length <= 512
+    kv_cache_bytes: int | None = None  # KV pool budget; None = derived when the model loads (runner/memory.py:
+    # a quarter of physical RAM on a CPU, half the GPU memory the weights leave); requests wait for room
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -210,6 +217,11 @@ class RunnerConfig:
                "max_positions", f"must be None or an integer >= 2, got {self.max_positions!r}")
         _check(self.step_rows is None or (isinstance(self.step_rows, int) and self.step_rows >= 1), "step_rows",
                f"must be None or an integer >= 1, got {self.step_rows!r}")
+        _check(self.max_lookahead >= 0, "max_lookahead", f"must be >= 0, got {self.max_lookahead!r}")
+        _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
+               f"must be >= 1, got {self.max_num_batched_tokens!r}")
+        _check(self.kv_cache_bytes is None or self.kv_cache_bytes >= 1, "kv_cache_bytes",
+               f"must be None or >= 1, got {self.kv_cache_bytes!r}")
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16", "float64"), "dtype", f"unknown dtype {self.dtype!r}")
         _check(self.quantize in (None, "int8", "fp8"), "quantize", f"must be None, 'int8' or 'fp8', got {self.quantize!r}")
         _check(isinstance(self.branch_parallel, int) and self.branch_parallel >= 1, "branch_parallel",

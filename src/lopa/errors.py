@@ -35,3 +35,7 @@ class EngineDeadError(LopaError):
 
 class BranchParallelError(LopaError):
     """A Branch Parallel rank died, hung past RunnerConfig.bp_timeout_s, or diverged from rank 0 (bp_check)."""
+
+
+class OutOfMemoryError(LopaError):
+    """An engine step ran out of device or host memory: its requests failed, the engine serves the rest."""

@@ -10,7 +10,9 @@ from lopa.serve import BackgroundServer
 
 def test_bad_serve_flags_exit_2_with_one_line():
     for flags, field in ((["--max-pending", "0"], "max_pending"), (["--port", "0"], "port"),
-                         (["--request-timeout", "-1"], "request_timeout_s")):
+                         (["--request-timeout", "-1"], "request_timeout_s"),
+                         (["--kv-cache-bytes", "0"], "kv_cache_bytes"),
+                         (["--max-num-batched-tokens", "0"], "max_num_batched_tokens")):
         result = CliRunner().invoke(app, ["serve", *flags])
         assert result.exit_code == 2, result.output
         assert field in result.output and "Traceback" not in result.output
@@ -24,10 +26,14 @@ def test_serve_builds_an_app_with_the_flags_and_the_env_api_key(monkeypatch):
         with BackgroundServer(asgi_app) as url:
             seen["no key"] = httpx.get(url + "/v1/models").status_code
             seen["models"] = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer env-key"}).json()
+            seen["k 9"] = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer env-key"},
+                                     json={"model": "tiny-lopa", "prompt": "Hi", "max_tokens": 8, "k": 9})
 
     monkeypatch.setattr(lopa.serve, "serve", fake_serve)
     result = CliRunner().invoke(app, ["serve", "--device", "cpu", "--port", "8123", "--max-num-seqs", "4",
-                                      "--served-model-name", "tiny-lopa"], env={"LOPA_API_KEY": "env-key"})
+                                      "--served-model-name", "tiny-lopa", "--max-lookahead", "8"],
+                              env={"LOPA_API_KEY": "env-key"})
     assert result.exit_code == 0, result.output
     assert seen["where"] == ("127.0.0.1", 8123) and seen["no key"] == 401
     assert [m["id"] for m in seen["models"]["data"]] == ["tiny-lopa"]
+    assert seen["k 9"].status_code == 400 and "ceiling of 8" in seen["k 9"].json()["error"]["message"]

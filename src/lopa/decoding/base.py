@@ -114,6 +114,12 @@ class Strategy(ABC):
         """Default: the configured sampling and measure, with the mask token never proposed."""
         return PredictSpec(self.cfg.temperature, self.cfg.top_p, self.cfg.confidence, (self.spec.mask_id,))
 
+    def largest_forward(self, prompt_len: int) -> int:
+        """The most query positions (K*W) one decode forward of a request can hold; the engine refuses a request
+        whose largest forward exceeds RunnerConfig.max_num_batched_tokens. Default: one row over the whole
+        sequence (a strategy without a KV cache)."""
+        return prompt_len + self.cfg.gen_length
+
     @abstractmethod
     def start(self, prompt: list[int]) -> DecodeState:
         """A fresh state for ``prompt`` (token ids). Raises PromptTooLongError when it cannot fit."""

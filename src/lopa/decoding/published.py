@@ -81,6 +81,9 @@ class PublishedStrategy(Strategy):
     def predict_spec(self) -> PredictSpec:
         return PredictSpec(0.0, 1.0, self.cfg.confidence, ())  # the mask token is not suppressed
 
+    def largest_forward(self, prompt_len: int) -> int:
+        return (self.lookahead + 1) * self.max_blocks * self.cfg.block_size  # k lookaheads + the base, W <= its blocks
+
     # -- Strategy -----------------------------------------------------------------------------------
     def start(self, prompt: list[int]) -> PublishedState:
         P = len(prompt)

@@ -48,6 +48,9 @@ class WindowStrategy(Strategy):
         self.rng = torch.Generator().manual_seed(cfg.seed)  # for score functions that draw (the random ablation)
         self.max_rounds = cfg.max_rounds or 2 * cfg.gen_length + 8
 
+    def largest_forward(self, prompt_len: int) -> int:
+        return (self.lookahead + 1) * self.cfg.gen_length  # K rows of a window after the prompt: W <= gen_length
+
     # -- pipeline hooks -----------------------------------------------------------------------------
     @abstractmethod
     def initial_blocks(self, prompt_len: int) -> list[Block]:

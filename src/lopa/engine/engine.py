@@ -18,19 +18,23 @@ so they take effect at the same point on every rank; the workers run ``serve_wor
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ..config import DecodeConfig
+from ..config import DecodeConfig, RunnerConfig
 from ..decoding import make_strategy
 from ..decoding.base import counted_tokens
 from ..models.spec import ModelSpec
-from ..errors import PromptTooLongError
+from ..errors import ConfigError, OutOfMemoryError, PromptTooLongError
+from ..runner.memory import is_oom
 from ..runner.model_runner import ModelRunner
 from ..runner.step import Commit, StepItem
 from .scheduler import Scheduler
 from .sequence import RequestOutput, RunOutput, Sequence, Status
+
+log = logging.getLogger("lopa.engine")
 
 
 @dataclass
@@ -76,10 +80,13 @@ def kv_need(strategy, prompt_len: int, gen_length: int) -> int:
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, spec: ModelSpec, max_num_seqs: int = 1, step_rows: int | None = None) -> None:
+    def __init__(self, runner: ModelRunner, spec: ModelSpec, max_num_seqs: int = 1, step_rows: int | None = None,
+                 max_lookahead: int = RunnerConfig.max_lookahead,
+                 max_num_batched_tokens: int = RunnerConfig.max_num_batched_tokens) -> None:
         self.runner, self.spec = runner, spec
         self.step_rows = step_rows  # RunnerConfig.step_rows: the rows a decode step aims at (row_budget)
-        self.scheduler = Scheduler(max_num_seqs)
+        self.max_lookahead, self.max_num_batched_tokens = max_lookahead, max_num_batched_tokens  # admission bounds
+        self.scheduler = Scheduler(max_num_seqs, fits=runner.fits)
         self.counters = EngineCounters()
         self.last_step: StepInfo | None = None
         self.step_log: list[StepInfo] | None = None  # set to a list to keep every step's StepInfo (benchmarks)
@@ -93,21 +100,40 @@ class Engine:
     def prepare(self, prompt: list[int], config: DecodeConfig, request_id: str | None = None,
                 stream: bool = False) -> Sequence:
         """A request ready to queue. Host only and touches no engine state (safe from any thread); raises
-        PromptTooLongError when it cannot fit the context or a KV slot."""
+        ConfigError / PromptTooLongError when it cannot fit the context, the engine's bounds or a KV slot."""
         strategy = make_strategy(config, self.spec)
-        state = strategy.start(prompt)
         need = kv_need(strategy, len(prompt), config.gen_length)
-        cap = self.runner.slot_capacity()
-        if cap is not None and need > cap:
-            raise PromptTooLongError(f"prompt ({len(prompt)} tokens) with gen_length {config.gen_length} and "
-                                     f"{need - len(prompt) - 1} window positions needs {need} KV positions; a slot "
-                                     f"holds {cap} (RunnerConfig.max_positions)")
+        self._check_bounds(strategy, len(prompt), need)
+        state = strategy.start(prompt)
         seq = Sequence(request_id or f"req-{next(self._ids)}", list(prompt), config, strategy, state,
                        strategy.predict_spec, need, stream=stream)
         seq.batch = strategy.propose(state)
         if seq.pspec.temperature > 0:
             seq.generator = self.runner.new_generator(config.seed)
         return seq
+
+    def _check_bounds(self, strategy, prompt_len: int, need: int) -> None:
+        """Admission: what one request may ask of this engine (RunnerConfig's bounds), before it allocates anything.
+        Named after the request field that sets it: k where lookaheads do, else the lengths."""
+        k, T = getattr(strategy, "lookahead", 0), strategy.cfg.gen_length
+        if k > self.max_lookahead:
+            raise ConfigError(f"k: {k} lookaheads exceed this engine's ceiling of {self.max_lookahead} "
+                              "(RunnerConfig.max_lookahead)")
+        error, what = (ConfigError, f"k: with k = {k} and gen_length {T}") if k else \
+            (PromptTooLongError, f"gen_length: prompt ({prompt_len} tokens) with gen_length {T}")
+        peak = strategy.largest_forward(prompt_len)
+        if peak > self.max_num_batched_tokens:
+            raise error(f"{what} one forward can hold {peak} query positions (K*W); this engine runs at most "
+                        f"{self.max_num_batched_tokens} per step (RunnerConfig.max_num_batched_tokens)")
+        cap = self.runner.slot_capacity()
+        if cap is not None and need > cap:
+            raise PromptTooLongError(f"prompt ({prompt_len} tokens) with gen_length {T} and {need - prompt_len - 1} "
+                                     f"window positions needs {need} KV positions; a slot holds {cap} "
+                                     "(RunnerConfig.max_positions)")
+        if not self.runner.fits(1, need):
+            mib = self.runner.slot_bytes(cap or need) / 2**20
+            raise error(f"{what} needs {need} KV positions ({mib:.0f} MiB); the KV pool may take "
+                        f"{self.runner.kv_budget / 2**20:.0f} MiB (RunnerConfig.kv_cache_bytes)")
 
     def add(self, seq: Sequence) -> None:
         if self.group.world > 1 and self.group.is_root:
@@ -175,11 +201,23 @@ class Engine:
         outputs = [self._finish(seq) for seq in self._done]
         self._done = []
         plan = self.scheduler.schedule()
-        if not plan.seqs:
-            return outputs
+        if plan.seqs:
+            try:
+                outputs += self._run(plan)
+            except Exception as err:  # noqa: BLE001 - only an out-of-memory in one process is survivable
+                if self.group.world > 1 or not is_oom(err):
+                    raise
+                outputs += self._out_of_memory(plan, err)
+        if not self.scheduler.has_work():  # idle: the pool goes back to nothing (the next step allocates)
+            self.runner.shrink()
+        return outputs
+
+    def _run(self, plan) -> list[RequestOutput]:
+        """One scheduled step: ONE forward for every request of the plan, accept, commit, propose."""
+        outputs = []
         running = self.scheduler.running
+        self.runner.move(plan.moves)  # first: the live slots are then 0..n-1, and the pool may be resized
         self.runner.reserve(len(running), max(s.need for s in running))
-        self.runner.move(plan.moves)
         t0 = time.perf_counter()
         seqs = plan.seqs
         preds = self.runner.execute([StepItem(s.slot, s.batch, s.pspec, s.generator) for s in seqs])  # ONE forward
@@ -218,6 +256,20 @@ class Engine:
             seq.error = err
             return None
 
+    def _out_of_memory(self, plan, err: BaseException) -> list[RequestOutput]:
+        """A step ran out of memory (one process): its requests fail with OutOfMemoryError and leave their slots;
+        requests outside the step keep their KV and go on. What the step allocated was freed with its frames."""
+        kind = "prefill" if plan.prefill else "decode"
+        error = OutOfMemoryError(f"the engine ran out of memory in a {kind} step of {len(plan.seqs)} request(s) "
+                                 f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); lower k, gen_length "
+                                 "or RunnerConfig.max_num_seqs / max_num_batched_tokens / kv_cache_bytes")
+        log.warning("%s", error)
+        for seq in plan.seqs:
+            if seq.status is Status.RUNNING:
+                self._release(seq)
+            seq.error = error
+        return [self._finish(seq) for seq in plan.seqs]
+
     def fail_all(self, error: BaseException) -> list[RequestOutput]:
         """The step itself failed (the device, a collective): every queued and running request ends with this
         error and the engine is empty again. Returns their outputs. Under Branch Parallel the workers do the
@@ -232,6 +284,7 @@ class Engine:
                 self._release(seq)
             seq.error = seq.error or error
         self.scheduler.waiting.clear()
+        self.runner.shrink()
         return [self._finish(seq) for seq in seqs]
 
     def row_budget(self) -> int | None:

@@ -1,8 +1,9 @@
 """Which requests run in the next engine step. Plain Python bookkeeping: no torch, testable without a model.
 
-- FIFO admission while fewer than ``max_num_seqs`` run. A request holds a whole KV slot from admission to
-  its end (its ``need`` was checked against the slot capacity before it was queued), so a running request
-  never runs out of KV and nothing is ever preempted.
+- FIFO admission while fewer than ``max_num_seqs`` run and the pool for all of them stays in the KV budget
+  (``fits(slots, positions)``, the runner's). A request holds a whole KV slot from admission to its end (its
+  ``need`` was checked against the slot capacity and the budget before it was queued, so it always fits
+  alone), so a running request never runs out of KV and nothing is ever preempted.
 - Running requests sit in slots 0..n-1, in slot order (dense). When some leave, the requests in the highest
   slots move into the gaps (``Plan.moves``, applied by the runner before the step's forward).
 - A step is a prefill step (the admitted requests whose next forward is their prompt prefill, all in one
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .sequence import Sequence, Status
 
@@ -29,8 +31,9 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int) -> None:
+    def __init__(self, max_num_seqs: int, fits: Callable[[int, int], bool] | None = None) -> None:
         self.max_num_seqs = max_num_seqs
+        self.fits = fits  # (slots, KV positions per slot) -> whether such a pool stays in the budget; None = always
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._admitted_last = False  # the previous plan admitted requests (its prefill step runs next)
@@ -66,8 +69,13 @@ class Scheduler:
         return moves
 
     def _admit(self) -> None:
-        room = self.max_num_seqs - len(self.running)
-        group = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+        group: list[Sequence] = []
+        need = max((s.need for s in self.running), default=0)
+        while self.waiting and len(self.running) + len(group) < self.max_num_seqs:
+            need = max(need, self.waiting[0].need)
+            if self.fits is not None and not self.fits(len(self.running) + len(group) + 1, need):
+                break  # FIFO: the head waits for room (alone it always fits), nobody overtakes it
+            group.append(self.waiting.popleft())
         group.sort(key=lambda s: not s.prefill_pending)  # stable: FIFO within each kind
         for seq in group:
             seq.status, seq.slot = Status.RUNNING, len(self.running)

@@ -127,7 +127,7 @@ class BranchGroup:
         self.rank, self.world, self.device = rank, world, device
         self.is_root = rank == 0
         self.timeout_s, self.commit_mode, self.check = timeout_s, commit_mode, check
-        self.procs = procs or []  # rank 0 on one host: the spawned workers (multiprocessing.Process)
+        self.procs = procs or []  # rank 0 on one host: the started workers (launch.Worker)
         self.ctrl = dist.new_group(backend="gloo", timeout=CTRL_TIMEOUT)
         self.counters = BPCounters()
         self.sync_timers = False  # benchmarks: wait for the device at the end of each phase

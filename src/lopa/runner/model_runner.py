@@ -26,18 +26,22 @@ from ..decoding.confidence import predict
 from ..models.attention import step_mask
 from .graphs import KEY_STEP, GraphExecutor, round_up
 from .group import LocalGroup
+from .memory import kv_budget
 from .step import FIELDS, Commit, StepItem, pack, unpack
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, spec: ModelSpec, device: torch.device, dtype: torch.dtype, *,
                  max_num_seqs: int = 1, max_positions: int | None = None, static: bool = False,
-                 capture: bool | None = None, fuse: bool = False, group=None) -> None:
+                 capture: bool | None = None, fuse: bool = False, group=None,
+                 kv_cache_bytes: int | None = None) -> None:
         self.model, self.spec, self.device, self.dtype = model, spec, device, dtype
         self.group = group or LocalGroup()  # LocalGroup | BranchGroup (runner/group.py)
         self.max_num_seqs = max_num_seqs
         self.max_positions = max_positions  # None: the pool grows on demand; else every slot holds this many
+        self.kv_budget = kv_budget(kv_cache_bytes, device)  # bytes the pool may take (RunnerConfig.kv_cache_bytes)
         self.pool: KVPool | None = None
+        self.peak_slots = self.peak_bytes = 0  # the largest pool held so far (tests, benchmarks)
         self.graphs = GraphExecutor(self, capture=device.type == "cuda" if capture is None else capture,
                                     fuse=fuse) if static else None
         self.hidden: torch.Tensor | None = None  # [B, Qb, E] of the last forward (commit reads the winners)
@@ -52,26 +56,50 @@ class ModelRunner:
         """Positions a slot can hold when that is fixed (RunnerConfig.max_positions), else None (it grows)."""
         return None if self.max_positions is None else round_up(self.max_positions, KEY_STEP)
 
+    def slot_bytes(self, positions: int) -> int:
+        """Bytes of one pool slot of ``positions`` positions: K and V in every layer, plus its last hidden state."""
+        cfg = self.model.config
+        per_position = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+        return (positions * per_position + cfg.hidden_size) * self.dtype.itemsize
+
+    def fits(self, slots: int, positions: int) -> bool:
+        """Whether a pool of ``slots`` slots for requests needing ``positions`` KV positions stays in the budget."""
+        return slots * self.slot_bytes(self.slot_capacity() or round_up(positions, KEY_STEP)) <= self.kv_budget
+
     def reserve(self, slots: int, positions: int) -> None:
-        """Make the pool hold ``slots`` slots of at least ``positions`` positions (grown between steps; growing
-        drops the captured graphs, which read the old tensor)."""
+        """Make the pool hold ``slots`` slots of at least ``positions`` positions (between steps, after the moves:
+        live slots are 0..slots-1). It grows with headroom (x2 slots, x1.5 positions) as far as the budget allows;
+        a new pool drops the captured graphs, which read the old tensor."""
         fixed = self.slot_capacity()
         cap = fixed or round_up(positions, KEY_STEP)
         if positions > cap:
             raise RuntimeError(f"a request needs {positions} KV positions; slots hold {cap}")
         if self.pool is not None and slots <= self.pool.slots and cap <= self.pool.capacity:
             return
-        cfg = self.model.config
-        if self.pool is None:
-            self.pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size,
-                               slots, cap, self.device, self.dtype)
-        else:
-            S, C = self.pool.slots, self.pool.capacity
-            grow_s = min(self.max_num_seqs, max(slots, 2 * S)) if slots > S else S
-            grow_c = max(cap, round_up(C + C // 2, KEY_STEP)) if cap > C else C
-            self.pool = self.pool.grown(grow_s, grow_c)
+        S, C = (self.pool.slots, self.pool.capacity) if self.pool is not None else (0, 0)
+        grow_s = min(self.max_num_seqs, max(slots, 2 * S)) if slots > S else S
+        grow_c = max(cap, round_up(C + C // 2, KEY_STEP)) if cap > C and C else max(cap, C)
+        for s, c in ((grow_s, grow_c), (slots, grow_c), (slots, cap)):  # the last always fits (admission)
+            if s * self.slot_bytes(c) <= self.kv_budget:
+                break
+        self._new_pool(s, c)
+
+    def shrink(self) -> None:
+        """The engine went idle: give the pool back (the next step allocates what it needs), unless captured CUDA
+        graphs read it (uncaptured static buffers never hold the pool tensor)."""
+        if self.graphs is None or not self.graphs.capture:
+            self.pool = None
+
+    def _new_pool(self, slots: int, capacity: int) -> None:
+        """Replace the pool, keeping the committed K/V of slots 0..slots-1."""
         if self.graphs is not None:
             self.graphs.clear()
+        cfg = self.model.config
+        self.pool = (self.pool.resized(slots, capacity) if self.pool is not None else  # an OOM here keeps the old
+                     KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, slots, capacity,
+                            self.device, self.dtype))
+        self.peak_slots = max(self.peak_slots, slots)
+        self.peak_bytes = max(self.peak_bytes, slots * self.slot_bytes(capacity))
 
     def release(self, slot: int) -> None:
         """A request left this slot: nothing in it is committed any more."""

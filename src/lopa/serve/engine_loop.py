@@ -7,13 +7,15 @@
 
 Only the engine thread calls engine.add / abort / step (the engine is not thread-safe); only the event
 loop touches the outboxes and the pending count. A step that raises kills the engine (engine.fail_all
-empties it): every waiter gets the error (EngineDeadError), and so does every later submit. A request
-whose own strategy failed ends alone (finish_reason "error"); the engine and the others go on.
+empties it): the log says why, every waiter gets the error (EngineDeadError), and so does every later submit
+and /health. A request whose own strategy failed, or whose step ran out of memory (the engine fails that
+step's requests itself), ends alone (finish_reason "error"); the engine and the others go on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -21,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import EngineDeadError, QueueFullError
+
+log = logging.getLogger("lopa.serve")
 
 
 @dataclass
@@ -135,6 +139,7 @@ class AsyncEngine:
                     delivery = Delivery(outs, self.engine.last_step, self.engine.num_running, self.engine.num_waiting)
                     self.loop.call_soon_threadsafe(self._deliver, delivery)
         except BaseException as err:  # noqa: BLE001 (a failed step kills the engine; every waiter hears why)
+            log.error("the engine stopped; every request now gets 503 until a restart", exc_info=err)
             fail_all = getattr(self.engine, "fail_all", None)
             if fail_all is not None:
                 try:
