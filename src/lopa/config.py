@@ -191,7 +191,8 @@ class RunnerConfig:
     fuse: bool = True  # on a GPU, fuse RMSNorm / RoPE / SiLU·up / confidences with torch.compile (models/fused.py)
     quantize: str | None = None  # None | "int8" (weight-only) | "fp8" (W8A8 e4m3): decoder Linears (models/quant.py)
     max_num_seqs: int = 8  # requests decoded together, one forward per engine step (each holds a KV slot)
-    max_positions: int | None = None  # KV positions per slot; None = grow on demand (else longer requests are refused)
+    max_positions: int | None = None  # KV positions per slot (longer requests are refused); None = grow on demand,
+    # except on a GPU with the warm-up: 8192 (a fixed pool, which the captured graphs read)
     # Branch Parallel (runner/group.py): one request's branch rows spread over N processes, each holding the
     # whole model (rank r on cuda:r, or CPU processes over gloo); rank 0 spawns the others, or torchrun starts them
     branch_parallel: int = 1
@@ -201,6 +202,15 @@ class RunnerConfig:
     bp_check: bool = False  # debug: after each commit, check that every rank's cache and canvases agree
     step_rows: int | None = None  # query rows (sum of K*W) one decode step aims at: requests with k_policy "load"
     # share it evenly (engine/engine.py: row_budget); None = no budget (they take k)
+    # The static path's attention (runner/graphs.py): "flex" = FlexAttention over each request's real key span,
+    # graphs independent of prompt length; "sdpa" = SDPA with a padded additive mask (graphs keyed by the span);
+    # "auto" = flex where torch has it (and, on a GPU, torch.compile works), else sdpa
+    attention: str = "auto"
+    # On a GPU, capture every static-path graph (B bucket x query bucket, up to max_num_seqs and
+    # max_num_batched_tokens) inside load_model, so nothing captures or compiles while requests run. Costs start-up
+    # time and GPU memory (logged); False: capture each shape on first use (fast start, slow first requests)
+    warmup: bool = True
+    max_num_batched_tokens: int = 8192  # most padded query positions (B bucket x Qb) one captured decode step holds
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -216,6 +226,10 @@ class RunnerConfig:
                f"must be an integer >= 1, got {self.branch_parallel!r}")
         _check(self.bp_commit in ("broadcast", "local"), "bp_commit", f"must be 'broadcast' or 'local', got {self.bp_commit!r}")
         _check(self.bp_timeout_s > 0, "bp_timeout_s", f"must be > 0, got {self.bp_timeout_s!r}")
+        _check(self.attention in ("auto", "flex", "sdpa"), "attention",
+               f"must be 'auto', 'flex' or 'sdpa', got {self.attention!r}")
+        _check(self.max_num_batched_tokens >= 32, "max_num_batched_tokens",
+               f"must be >= 32, got {self.max_num_batched_tokens!r}")
         _check(
             re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device) is not None,
             "device",

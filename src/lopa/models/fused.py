@@ -19,6 +19,11 @@ import torch.nn.functional as F
 
 from .quant import quantize_rows
 
+try:  # FlexAttention (torch >= 2.5): the static path's attention over each slot's real key span
+    from torch.nn.attention.flex_attention import flex_attention
+except ImportError:  # pragma: no cover - older torch: the runner keeps SDPA with an additive mask
+    flex_attention = None
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., E] -> [..., E]: normalized in float32, cast back, then scaled (Qwen2's and LLaMA's order)."""
@@ -54,6 +59,9 @@ class Ops:
     rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     silu_mul: Callable[[torch.Tensor], torch.Tensor]
     quantize_rows: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # fp8 activations (models/quant.py)
+    # (q, k, v, block_mask=, enable_gqa=) -> out; eager it evaluates the mask everywhere (reference, CPU tests),
+    # compiled it is one Triton kernel that skips the key tiles the block mask leaves out
+    flex: Callable[..., torch.Tensor] | None = flex_attention
 
 
 EAGER = Ops(rms_norm, add_rms_norm, rope, silu_mul, quantize_rows)
@@ -74,7 +82,10 @@ def compiled(backend: str = "inductor") -> Ops:
     """The same functions through torch.compile (one graph each, no breaks). backend="eager" only traces."""
     rms, add_rms, rope_, silu, quant = (torch.compile(f, backend=backend, fullgraph=True)
                                         for f in (rms_norm, add_rms_norm, rope, silu_mul, quantize_rows))
-    return Ops(rms, add_rms, rope_, silu, _static_width(quant))
+    # dynamic: one kernel for every (B, Qb) of the static path's buckets, compiled once at start-up
+    flex = None if flex_attention is None else torch.compile(flex_attention, backend=backend, fullgraph=True,
+                                                             dynamic=True)
+    return Ops(rms, add_rms, rope_, silu, _static_width(quant), flex)
 
 
 def fused_ops(device: torch.device, dtype: torch.dtype) -> Ops:
