@@ -103,20 +103,21 @@ def _random_step(seed: int, size: int):
     return P, branch, block, graphs.round_up(int(P.max()) + Qb + 1, size)
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_block_mask_tiles_cover_exactly_the_step_mask(seed):
+@pytest.mark.parametrize("seed,groups", [(s, 1 + s % 3) for s in range(8)])
+def test_block_mask_tiles_cover_exactly_the_step_mask(seed, groups):
     """What the compiled FlexAttention kernel computes from the block mask (full tiles: every key; partial tiles:
     mask_mod; other tiles skipped) equals step_mask on every real query, and the skipped tiles start at the end of
     each request's window: the kernel's work follows the real key span, not the capacity. (The eager
-    FlexAttention on a CPU ignores the tiles, so this is checked here, on the tile lists themselves.)"""
+    FlexAttention on a CPU ignores the tiles, so this is checked here, on the tile lists themselves.) With
+    ``groups`` query heads per KV head on the query axis, each repeats the step's queries."""
     size = 16
     P, branch, block, cap = _random_step(seed, size)
-    bm = attention.step_block_mask(P, branch, block, cap, size)
+    bm = attention.step_block_mask(P, branch, block, cap, size, groups=groups)
     B, Qb = branch.shape
-    want = step_mask(P, branch, block, cap)  # [B, Qb, cap]
-    kv, q = torch.arange(cap), torch.arange(Qb)
+    want = step_mask(P, branch, block, cap).repeat(1, groups, 1)  # [B, groups * Qb, cap]
+    kv, q = torch.arange(cap), torch.arange(groups * Qb)
     for b in range(B):
-        got = torch.zeros(Qb, cap, dtype=torch.bool)
+        got = torch.zeros(groups * Qb, cap, dtype=torch.bool)
         qt = 0  # every query tile has the same lists (per request)
         full = bm.full_kv_indices[b, 0, qt, :int(bm.full_kv_num_blocks[b, 0, qt])]
         part = bm.kv_indices[b, 0, qt, :int(bm.kv_num_blocks[b, 0, qt])]
@@ -126,7 +127,7 @@ def test_block_mask_tiles_cover_exactly_the_step_mask(seed):
         for t in part.tolist():
             keys = kv[t * size:(t + 1) * size]
             got[:, keys] = bm.mask_mod(torch.tensor(b), 0, q[:, None], keys[None, :])
-        real = branch[b] >= 0
+        real = (branch[b] >= 0).repeat(groups)
         assert torch.equal(got[real], want[b][real])
         covered = (full.tolist() + part.tolist())
         assert max(covered) + 1 == -(-(int(P[b]) + Qb) // size)  # nothing past the window's last tile

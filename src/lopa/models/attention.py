@@ -57,9 +57,13 @@ def step_mask(P: torch.Tensor, branch: torch.Tensor, block: torch.Tensor, Lb: in
     return (real & ((rel < 0)[:, None] | own)) | (~real & (j == 0))
 
 
-def step_block_mask(P: torch.Tensor, branch: torch.Tensor, block: torch.Tensor, capacity: int, size: int = 128):
+def step_block_mask(P: torch.Tensor, branch: torch.Tensor, block: torch.Tensor, capacity: int, size: int = 128,
+                    groups: int = 1):
     """The same mask as step_mask, as a FlexAttention BlockMask over each slot's WHOLE capacity, built on the
     device (no host read: CUDA graphs capture it as is, and one graph serves every prefix length).
+
+    ``groups``: the query heads that share a KV head sit one after another on the query axis ([B, Hkv, groups *
+    Qb, D]: each K/V tile is read once for all of them), so query index i is query i % Qb of the step.
 
     Keys are tiled in ``size``-position blocks. For request b the tiles wholly inside its prefix [0, P_b) are
     full (every query sees them: no mask evaluated), the tiles from there to the end of its window,
@@ -71,9 +75,10 @@ def step_block_mask(P: torch.Tensor, branch: torch.Tensor, block: torch.Tensor, 
 
     B, Qb = branch.shape
     n_kv = capacity // size  # capacity is a multiple of the tile (runner: KEY_STEP)
-    n_q = -(-Qb // size)
+    n_q = -(-groups * Qb // size)
 
-    def mask_mod(b, h, q, kv):
+    def mask_mod(b, h, i, kv):
+        q = i % Qb if groups > 1 else i
         rel = kv - P[b]
         src = rel.clamp(0, Qb - 1)
         real = branch[b, q] >= 0
@@ -87,5 +92,5 @@ def step_block_mask(P: torch.Tensor, branch: torch.Tensor, block: torch.Tensor, 
     tile_grid = lambda x: x.expand(B, 1, n_q, n_kv).contiguous()  # noqa: E731 - [B|1, .., n_kv] -> [B, 1, n_q, n_kv]
     partial_idx = torch.clamp(full[:, None] + tiles[None], max=n_kv - 1)[:, None, None]  # [B, 1, 1, n_kv]
     return BlockMask.from_kv_blocks(grid(end - full), tile_grid(partial_idx), grid(full), tile_grid(tiles[None, None, None]),
-                                    BLOCK_SIZE=size, mask_mod=mask_mod, seq_lengths=(Qb, capacity),
+                                    BLOCK_SIZE=size, mask_mod=mask_mod, seq_lengths=(groups * Qb, capacity),
                                     compute_q_blocks=False)

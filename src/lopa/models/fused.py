@@ -83,10 +83,26 @@ def compiled(backend: str = "inductor") -> Ops:
     """The same functions through torch.compile (one graph each, no breaks). backend="eager" only traces."""
     rms, add_rms, rope_, silu, quant = (torch.compile(f, backend=backend, fullgraph=True)
                                         for f in (rms_norm, add_rms_norm, rope, silu_mul, quantize_rows))
-    # dynamic: one kernel for every (B, Qb) of the static path's buckets, compiled once at start-up
-    flex = None if flex_attention is None else torch.compile(flex_attention, backend=backend, fullgraph=True,
-                                                             dynamic=True)
+    flex = None if flex_attention is None else _static_queries(torch.compile(flex_attention, backend=backend,
+                                                                             fullgraph=True))
     return Ops(rms, add_rms, rope_, silu, _static_width(quant), flex)
+
+
+def _static_queries(fn: Callable) -> Callable:
+    """The compiled FlexAttention, specialized on the query and key lengths: a kernel compiled for dynamic shapes
+    ran at about half the speed (H100, benchmarks/attention.py). Only the batch may become dynamic. The warm-up
+    compiles it once per query bucket (runner/graphs.py), so the recompile limit is raised for these calls only."""
+    def call(q, k, v, block_mask, **kw):
+        for x in (q, k, v):
+            for dim in range(1, x.dim()):
+                torch._dynamo.mark_static(x, dim)
+        with torch._dynamo.config.patch(**_LIMITS):
+            return fn(q, k, v, block_mask=block_mask, **kw)
+    return call
+
+
+_LIMITS = {name: value for name, value in (("recompile_limit", 512), ("accumulated_recompile_limit", 4096))
+           if hasattr(torch._dynamo.config, name)}
 
 
 def fused_ops(device: torch.device, dtype: torch.dtype) -> Ops:

@@ -69,8 +69,10 @@ class Attention(nn.Module):
             keys, values = cache.write(layer, k, v)  # [B, Hkv, Lb, D]
             if isinstance(mask, torch.Tensor):  # additive [B, 1, T, Lb]
                 out = attend(q, keys, values, mask)
-            else:  # a FlexAttention BlockMask over the whole slot (models/attention.py: step_block_mask)
-                out = ops.flex(q, keys, values, block_mask=mask, enable_gqa=self.H != self.Hkv)
+            else:  # a FlexAttention BlockMask over the whole slot (models/attention.py: step_block_mask), the query
+                # heads of each KV head on the query axis: [B, Hkv, (H / Hkv) * T, D], each K/V tile read once
+                packed = q.reshape(B, self.Hkv, self.H // self.Hkv * T, self.D)
+                out = ops.flex(packed, keys, values, block_mask=mask).view(B, self.H, T, self.D)
             out = out.transpose(1, 2)  # [B, T, H, D]
         return self.o(out.reshape(B, T, self.H * self.D))
 
@@ -125,7 +127,9 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if cache is not None:
             assert positions is not None and positions.shape == (B, T), positions
-            assert attn_mask is not None and tuple(attn_mask.shape) == (B, 1, T, cache.Lb), attn_mask.shape
+            assert attn_mask is not None, "a cache view needs the step's mask"
+            shape = tuple(attn_mask.shape)  # a block mask covers (H / Hkv) * T packed queries
+            assert shape[0] == B and shape[-1] == cache.Lb and (shape[2] % T == 0 if shape[2] != T else True), shape
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device)
         cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta)

@@ -166,7 +166,8 @@ class ModelRunner:
         q = torch.arange(Qb, device=inputs.device)
         write = (P[:, None] + q).clamp(max=self.pool.capacity - 1)  # padding past the slot: the trash slot
         if flex:
-            mask = step_block_mask(P, branch, block, Lb)  # reads each request's real span (models/attention.py)
+            cfg = self.model.config  # the query heads of a KV head share the query axis (models/transformer.py)
+            mask = step_block_mask(P, branch, block, Lb, groups=cfg.num_heads // cfg.num_kv_heads)
         else:
             allowed = step_mask(P, branch, block, Lb)  # [B, Qb, Lb]
             # additive, in the model's dtype, built once: SDPA would turn a bool mask into this in every layer
