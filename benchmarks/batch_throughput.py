@@ -8,8 +8,12 @@ copy, the winners' KV commits. "solo" = the same n iterations one request per fo
 The roofline of a case: all weights read once per step (shared by the n requests), each request's prefix
 KV read once, and the step's FLOPs at the matmul rate measured in the same run (step_latency.py's model).
 Host time per step = wall time of the step minus the replay of its captured graph alone (CUDA only).
+Attention variants (RunnerConfig.attention) side by side in one run, each with its own runner over the same
+weights: "flex" (FlexAttention over each request's real key span, graphs independent of the prefix length)
+and "sdpa" (an additive mask over the padded span: the path before start-up capture); ratio = sdpa / flex.
 
     PYTHONPATH=src python3 benchmarks/batch_throughput.py --out benchmarks/results/batch_h200
+    PYTHONPATH=src python3 benchmarks/batch_throughput.py --prefixes 512,2048,8192 --ks 0,7,14 --ns 1,16 --out ...
     PYTHONPATH=src python3 benchmarks/batch_throughput.py --tiny --out /tmp/x     # CPU smoke test
 """
 
@@ -42,9 +46,9 @@ def batch_costs(cfg: ModelConfig, n: int, K: int, W: int, P: int) -> dict:
             "linear_params": one["linear_params"], "other_bytes": weights + n * (one["other_bytes"] - weights)}
 
 
-def setup(model, spec, device, dtype, n_max: int, K_max: int, W: int, P: int, fuse: bool):
-    """One runner for the whole run (as the engine has), its n_max slots holding random P-token prefixes."""
-    runner = ModelRunner(model, spec, device, dtype, max_num_seqs=n_max, static=True, fuse=fuse)
+def setup(model, spec, device, dtype, n_max: int, K_max: int, W: int, P: int, fuse: bool, attention: str):
+    """One runner per attention and prefix (as the engine has one), its n_max slots holding random P-token prefixes."""
+    runner = ModelRunner(model, spec, device, dtype, max_num_seqs=n_max, static=True, fuse=fuse, attention=attention)
     runner.reserve(n_max, P + K_max * W + 256)
     torch.manual_seed(P + W)
     with torch.inference_mode():
@@ -78,6 +82,39 @@ def step_fn(runner, items, P: int):
     return step
 
 
+def cases(runner, cfg, spec, device, ns, ks, W: int, P: int, peak: dict, reps: int, attention: str) -> list[dict]:
+    rows = []
+    for k in ks:
+        K = k + 1
+        try:
+            solo_one = timed(step_fn(runner, decode_items(spec, 1, K, W, P), P), device, warmup=3, reps=reps)
+        except Exception as err:  # noqa: BLE001 - recorded in the results, the other cases still run
+            print(json.dumps({"k": k, "solo error": repr(err)}), flush=True)
+            continue
+        for n in ns:
+            items = decode_items(spec, n, K, W, P)
+            try:
+                batched = timed(step_fn(runner, items, P), device, warmup=3, reps=reps)
+                replay = None
+                if device.type == "cuda":
+                    st = runner.graphs.statics[runner.graphs.key(items)]
+                    replay = timed(st.graph.replay, device, warmup=3, reps=reps)
+            except Exception as err:  # noqa: BLE001
+                print(json.dumps({"k": k, "n": n, "error": repr(err)}), flush=True)
+                rows.append({"attention": attention, "P": P, "k": k, "n": n, "error": repr(err)})
+                continue
+            solo = n * solo_one
+            roof, bound = roofline(batch_costs(cfg, n, K, W, P), peak)
+            row = {"attention": attention, "P": P, "k": k, "n": n, "rows_per_step": n * K * W,
+                   "step_ms": batched * 1e3, "solo_ms": solo * 1e3,
+                   "speedup_vs_solo": solo / batched, "roofline_ms": roof * 1e3, "x_roofline": batched / roof,
+                   "bound": bound, "rows_per_s": n * K * W / batched,
+                   "host_ms": None if replay is None else (batched - replay) * 1e3}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/batch"))
@@ -86,7 +123,8 @@ def main() -> None:
     ap.add_argument("--ns", default="1,2,4,8,16,32")
     ap.add_argument("--ks", default="0,3,7,10")
     ap.add_argument("--window", type=int, default=32)
-    ap.add_argument("--prefix", type=int, default=512)
+    ap.add_argument("--prefixes", default="512")
+    ap.add_argument("--attention", default="flex,sdpa", help="static-path attentions timed side by side")
     ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -96,7 +134,9 @@ def main() -> None:
     spec = ModelSpec(cfg.mask_token_id, (cfg.eos_token_id,), cfg.max_position_embeddings, cfg.vocab_size)
     ns = [1, 2] if args.tiny else [int(x) for x in args.ns.split(",")]
     ks = [0, 3] if args.tiny else [int(x) for x in args.ks.split(",")]
-    W, P = (8, 16) if args.tiny else (args.window, args.prefix)
+    W = 8 if args.tiny else args.window
+    prefixes = [16] if args.tiny else [int(x) for x in args.prefixes.split(",")]
+    attentions = args.attention.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
     peak = measure_device(device, dtype)
     torch.manual_seed(0)
@@ -104,50 +144,37 @@ def main() -> None:
         model = Transformer(cfg).to(dtype).eval()
     fuse = device.type == "cuda"
     model.ops = fused_ops(device, dtype) if fuse else EAGER
-    runner = setup(model, spec, device, dtype, max(ns), max(ks) + 1, W, P, fuse)
     rows = []
-    for k in ks:
-        K = k + 1
-        try:
-            solo_one = timed(step_fn(runner, decode_items(spec, 1, K, W, P), P), device, warmup=3, reps=args.reps)
-        except Exception as err:  # noqa: BLE001 - recorded in the results, the other cases still run
-            print(json.dumps({"k": k, "solo error": repr(err)}), flush=True)
-            continue
-        for n in ns:
-            items = decode_items(spec, n, K, W, P)
-            try:
-                batched = timed(step_fn(runner, items, P), device, warmup=3, reps=args.reps)
-                replay = None
-                if device.type == "cuda":
-                    st = runner.graphs.statics[runner.graphs.key(items)]
-                    replay = timed(st.graph.replay, device, warmup=3, reps=args.reps)
-            except Exception as err:  # noqa: BLE001
-                print(json.dumps({"k": k, "n": n, "error": repr(err)}), flush=True)
-                rows.append({"k": k, "n": n, "error": repr(err)})
-                continue
-            solo = n * solo_one
-            roof, bound = roofline(batch_costs(cfg, n, K, W, P), peak)
-            row = {"k": k, "n": n, "rows_per_step": n * K * W, "step_ms": batched * 1e3, "solo_ms": solo * 1e3,
-                   "speedup_vs_solo": solo / batched, "roofline_ms": roof * 1e3, "x_roofline": batched / roof,
-                   "bound": bound, "rows_per_s": n * K * W / batched,
-                   "host_ms": None if replay is None else (batched - replay) * 1e3}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    for P in prefixes:
+        for attention in attentions:
+            runner = setup(model, spec, device, dtype, max(ns), max(ks) + 1, W, P, fuse, attention)
+            rows += cases(runner, cfg, spec, device, ns, ks, W, P, peak, args.reps, attention)
+            del runner
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    for r in rows:  # the same case under the other attention, side by side
+        twin = next((t for t in rows if t is not r and "error" not in t and "error" not in r and t["attention"] == "sdpa"
+                     and (t["k"], t["n"], t["P"]) == (r["k"], r["n"], r["P"])), None)
+        if twin is not None and r["attention"] == "flex":
+            r["sdpa_over_flex"] = twin["step_ms"] / r["step_ms"]
     rows = [r for r in rows if "error" not in r] + [r for r in rows if "error" in r]
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-            "shape": shape, "dtype": str(dtype), "W": W, "P": P, "peak": peak, "commit": git_commit(),
+            "shape": shape, "dtype": str(dtype), "W": W, "prefixes": prefixes, "peak": peak, "commit": git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "counting": "rows = n*K*W queries per step; solo = n one-request steps"}
     (args.out / "batch_throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = ["| k | n | rows/step | step ms | x roofline | n solo ms | batched speed-up | rows/s | host ms |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| attention | P | k | n | rows/step | step ms | x roofline | n solo ms | batched speed-up | rows/s | "
+             "host ms | sdpa / flex |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['k']} | {r['n']} | failed: {r['error'][:80]} |  |  |  |  |  |  |")
+            lines.append(f"| {r['attention']} | {r['P']} | {r['k']} | {r['n']} | failed: {r['error'][:80]} |  |  |  |  "
+                         "|  |  |  |")
             continue
         host = "" if r["host_ms"] is None else f"{r['host_ms']:.2f}"
-        lines.append(f"| {r['k']} | {r['n']} | {r['rows_per_step']} | {r['step_ms']:.2f} | {r['x_roofline']:.2f} | "
-                     f"{r['solo_ms']:.2f} | {r['speedup_vs_solo']:.2f}x | {r['rows_per_s']:.0f} | {host} |")
+        ratio = f"{r['sdpa_over_flex']:.2f}" if "sdpa_over_flex" in r else ""
+        lines.append(f"| {r['attention']} | {r['P']} | {r['k']} | {r['n']} | {r['rows_per_step']} | {r['step_ms']:.2f} | "
+                     f"{r['x_roofline']:.2f} | {r['solo_ms']:.2f} | {r['speedup_vs_solo']:.2f}x | {r['rows_per_s']:.0f} | "
+                     f"{host} | {ratio} |")
     (args.out / "batch_throughput.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
@@ -157,14 +184,15 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 4))
+        first = (rows[0]["attention"], rows[0]["P"])  # the first attention and prefix
         for k in ks:
-            pts = [r for r in rows if r["k"] == k and "error" not in r]
+            pts = [r for r in rows if "error" not in r and r["k"] == k and (r["attention"], r["P"]) == first]
             ax.plot([r["n"] for r in pts], [r["n"] / r["step_ms"] * 1e3 for r in pts], "o-",
                     label=f"k={k}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent requests n")
         ax.set_ylabel("LoPA iterations per second (all requests)")
-        ax.set_title(f"{shape}, W={W}, P={P}, {meta['device']}")
+        ax.set_title(f"{shape}, W={W}, P={rows[0]['P']}, {rows[0]['attention']}, {meta['device']}")
         ax.legend()
         fig.tight_layout()
         fig.savefig(args.out / "batch_throughput.png", dpi=120)

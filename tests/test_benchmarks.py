@@ -98,3 +98,15 @@ def test_serve_load_tiny(tmp_path):
         assert r["equal_to_ceiling"] == r["requests"]  # greedy: the server's answers are generate_many's
         assert r["decode_steps"] > 0 and r["prefill_steps"] > 0 and 0 < r["engine_busy"] <= 1.05  # from /metrics
     assert (tmp_path / "serve_load.md").read_text().count("\n| ") == 3  # header + 2 rows
+
+
+def test_cold_start_tiny(tmp_path):
+    """Both engine variants, each in a fresh process, decode the same varied workload twice."""
+    run("cold_start.py", "--tiny", "--out", str(tmp_path))
+    results = json.loads((tmp_path / "cold_start_tiny.json").read_text())["results"]
+    assert [r["variant"] for r in results] == ["lazy sdpa", "warm flex"]
+    for r in results:
+        assert "error" not in r, r
+        assert [p["pass"] for p in r["passes"]] == [0, 1]
+        assert r["passes"][0]["tokens"] == r["passes"][1]["tokens"] > 0  # the same workload, greedy
+    assert "| warm flex |" in (tmp_path / "cold_start_tiny.md").read_text()

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import atexit
 import functools
+import logging
 import operator
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Callable
 
 import torch
+from rich.console import Console
 
 from .config import DecodeConfig, RunnerConfig, decode_config
 from .decoding.base import DecodeState, Step
@@ -22,6 +25,8 @@ from .models.quant import quantize_model
 from .runner import launch
 from .runner.group import LocalGroup
 from .runner.model_runner import ModelRunner
+
+log = logging.getLogger("lopa")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -112,6 +117,41 @@ def _check_quantize(scheme: str, device: torch.device, dtype: torch.dtype) -> No
         raise ConfigError(f"quantize: 'fp8' on a GPU needs dtype bfloat16, got {dtype}")
 
 
+WARMUP_POSITIONS = 8192  # a slot's KV positions on a GPU with the warm-up when RunnerConfig.max_positions is None
+
+
+def _attention(runner: RunnerConfig, ops, device: torch.device) -> str:
+    """RunnerConfig.attention resolved ("auto": flex for the warm-up, else sdpa). "flex" needs FlexAttention and,
+    on a GPU, its compiled kernel (fused ops): the eager one evaluates the mask over every key (CPU tests only)."""
+    available = ops.flex is not None and (device.type != "cuda" or ops is not EAGER)
+    if runner.attention == "flex" and not available:
+        raise ConfigError("attention: 'flex' needs torch >= 2.5 and, on a GPU, torch.compile (RunnerConfig.fuse)")
+    if runner.attention == "auto":
+        return "flex" if runner.warmup and available else "sdpa"
+    return runner.attention
+
+
+def _warm_up(runner: ModelRunner, max_tokens: int) -> None:
+    """Capture the static path's graph set now (a progress bar on a terminal, one log line)."""
+    bar = None
+    if sys.stderr.isatty():
+        from rich.progress import Progress
+
+        bar = Progress(transient=True, console=Console(stderr=True))
+        bar.start()
+        task = bar.add_task("capturing CUDA graphs", total=None)
+    on_graph = (lambda done, total: bar.update(task, completed=done, total=total)) if bar else None
+    try:
+        stats = runner.warmup(max_tokens, on_graph)
+    finally:
+        if bar is not None:
+            bar.stop()
+    if stats is not None:
+        log.info("lopa: warm-up captured %d CUDA graphs in %.1f s using %.2f GiB of GPU memory (max_num_seqs %d, "
+                 "%d positions a slot, max_num_batched_tokens %d)", stats.warmup_graphs, stats.warmup_s,
+                 stats.warmup_bytes / 2**30, runner.max_num_seqs, runner.slot_capacity(), max_tokens)
+
+
 def load_model(
     path: str | Path | None = None,
     adapter: str | Path | None = None,
@@ -146,9 +186,15 @@ def build_model(source, runner: RunnerConfig, group=None, name: Path | None = No
     if runner.quantize is not None:
         _check_quantize(runner.quantize, device, dtype)
         quantize_model(loaded.model, runner.quantize, loaded.model.ops.quantize_rows)
+    static = device.type == "cuda" and runner.cuda_graphs
+    attention = _attention(runner, loaded.model.ops, device)
+    warm = static and runner.warmup and attention == "flex"
     model_runner = ModelRunner(loaded.model, loaded.spec, device, dtype, max_num_seqs=runner.max_num_seqs,
-                               max_positions=runner.max_positions, static=device.type == "cuda" and runner.cuda_graphs,
-                               fuse=loaded.model.ops is not EAGER, group=group, kv_cache_bytes=runner.kv_cache_bytes)
+                               max_positions=runner.max_positions or (WARMUP_POSITIONS if warm else None),
+                               static=static, fuse=loaded.model.ops is not EAGER, group=group, attention=attention,
+                               kv_cache_bytes=runner.kv_cache_bytes)
+    if warm:
+        _warm_up(model_runner, runner.max_num_batched_tokens)
     engine = Engine(model_runner, loaded.spec, runner.max_num_seqs, runner.step_rows, runner.max_lookahead,
                     runner.max_num_batched_tokens)
     model = LopaModel(name or getattr(source, "folder", Path(".")), loaded, model_runner, engine)

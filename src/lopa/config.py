@@ -191,7 +191,8 @@ class RunnerConfig:
     fuse: bool = True  # on a GPU, fuse RMSNorm / RoPE / SiLU·up / confidences with torch.compile (models/fused.py)
     quantize: str | None = None  # None | "int8" (weight-only) | "fp8" (W8A8 e4m3): decoder Linears (models/quant.py)
     max_num_seqs: int = 8  # requests decoded together, one forward per engine step (each holds a KV slot)
-    max_positions: int | None = None  # KV positions per slot; None = grow on demand (else longer requests are refused)
+    max_positions: int | None = None  # KV positions per slot (longer requests are refused); None = grow on demand,
+    # except on a GPU with the warm-up: 8192 (a fixed pool, which the captured graphs read)
     # Branch Parallel (runner/group.py): one request's branch rows spread over N processes, each holding the
     # whole model (rank r on cuda:r, or CPU processes over gloo); rank 0 spawns the others, or torchrun starts them
     branch_parallel: int = 1
@@ -205,9 +206,21 @@ class RunnerConfig:
     max_lookahead: int = 64  # ceiling on a request's k (4x the paper's largest, 14-15; 2 blocks of 32 candidates)
     max_num_batched_tokens: int = 8192  # query positions (K*W) of one request's decode forward: a request whose
     # largest forward, K x gen_length (dream: prompt + gen_length), exceeds it is refused (a step's total is at most
-    # max_num_seqs times it). 8192 = (15+1) x 512: the presets at k <= 15 and gen_length <= 512
+    # max_num_seqs times it). 8192 = (15+1) x 512: the presets at k <= 15 and gen_length <= 512. The warm-up
+    # captures the static steps of at most this many padded queries (B bucket x Qb); larger ones run eagerly
     kv_cache_bytes: int | None = None  # KV pool budget; None = derived when the model loads (runner/memory.py:
     # a quarter of physical RAM on a CPU, half the GPU memory the weights leave); requests wait for room
+    # On a GPU, capture every static-path graph (B bucket x query bucket, up to max_num_seqs and
+    # max_num_batched_tokens) inside load_model, so nothing captures or compiles while requests run: start-up time
+    # and GPU memory, logged (H100, embedded model: 156 s, 73 graphs, 1.7 GiB). False: each shape captures on first
+    # use (fast start; every new shape, prompt lengths included, costs ~1-2 s while requests wait). `lopa serve`
+    # turns it on
+    warmup: bool = False
+    # The static path's attention (runner/graphs.py): "flex" = FlexAttention over each request's real key span,
+    # graphs independent of the prompt length (what the warm-up needs); "sdpa" = SDPA with an additive mask over the
+    # padded span (faster steps, measured in docs/benchmarks.md, but graphs keyed by the span); "auto" = flex with
+    # the warm-up, else sdpa
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -228,6 +241,8 @@ class RunnerConfig:
                f"must be an integer >= 1, got {self.branch_parallel!r}")
         _check(self.bp_commit in ("broadcast", "local"), "bp_commit", f"must be 'broadcast' or 'local', got {self.bp_commit!r}")
         _check(self.bp_timeout_s > 0, "bp_timeout_s", f"must be > 0, got {self.bp_timeout_s!r}")
+        _check(self.attention in ("auto", "flex", "sdpa"), "attention",
+               f"must be 'auto', 'flex' or 'sdpa', got {self.attention!r}")
         _check(
             re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device) is not None,
             "device",

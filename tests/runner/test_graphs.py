@@ -7,6 +7,7 @@ import torch
 
 import lopa
 from lopa.engine import Engine
+from lopa.models import attention
 from lopa.models.attention import branch_mask, step_mask
 from lopa.runner import graphs
 from lopa.runner.model_runner import ModelRunner
@@ -84,3 +85,110 @@ def test_step_mask_equals_branch_mask_per_request(seed):
         assert not mask[b, :K * W, P + K * W:][real].any()
     pad = branch < 0
     assert torch.equal(mask[pad], (torch.arange(Lb) == 0).expand(int(pad.sum()), Lb))
+
+
+def _random_step(seed: int, size: int):
+    """Packed-step metadata of a few random requests: P [B], branch and block [B, Qb] (the layout of step.py)."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))  # noqa: E731
+    B, Qb = rand(1, 4), rand(1, 3 * size)
+    P = torch.tensor([rand(1, 5 * size) for _ in range(B)])
+    branch = torch.full((B, Qb), -1)
+    block = torch.zeros(B, Qb, dtype=torch.long)
+    for b in range(B):
+        K, W = rand(1, 4), rand(1, max(2, Qb // 3))
+        Q = min(K * W, Qb)
+        branch[b, :Q] = torch.arange(K).repeat_interleave(W)[:Q]
+        block[b, :Q] = torch.sort(torch.randint(0, 3, (W,), generator=g)).values.repeat(K)[:Q]
+    return P, branch, block, graphs.round_up(int(P.max()) + Qb + 1, size)
+
+
+@pytest.mark.parametrize("seed,groups", [(s, 1 + s % 3) for s in range(8)])
+def test_block_mask_tiles_cover_exactly_the_step_mask(seed, groups):
+    """What the compiled FlexAttention kernel computes from the block mask (full tiles: every key; partial tiles:
+    mask_mod; other tiles skipped) equals step_mask on every real query, and the skipped tiles start at the end of
+    each request's window: the kernel's work follows the real key span, not the capacity. (The eager
+    FlexAttention on a CPU ignores the tiles, so this is checked here, on the tile lists themselves.) With
+    ``groups`` query heads per KV head on the query axis, each repeats the step's queries."""
+    size = 16
+    P, branch, block, cap = _random_step(seed, size)
+    bm = attention.step_block_mask(P, branch, block, cap, size, groups=groups)
+    B, Qb = branch.shape
+    want = step_mask(P, branch, block, cap).repeat(1, groups, 1)  # [B, groups * Qb, cap]
+    kv, q = torch.arange(cap), torch.arange(groups * Qb)
+    for b in range(B):
+        got = torch.zeros(groups * Qb, cap, dtype=torch.bool)
+        qt = 0  # every query tile has the same lists (per request)
+        full = bm.full_kv_indices[b, 0, qt, :int(bm.full_kv_num_blocks[b, 0, qt])]
+        part = bm.kv_indices[b, 0, qt, :int(bm.kv_num_blocks[b, 0, qt])]
+        assert not set(full.tolist()) & set(part.tolist())
+        for t in full.tolist():
+            got[:, t * size:(t + 1) * size] = True
+        for t in part.tolist():
+            keys = kv[t * size:(t + 1) * size]
+            got[:, keys] = bm.mask_mod(torch.tensor(b), 0, q[:, None], keys[None, :])
+        real = (branch[b] >= 0).repeat(groups)
+        assert torch.equal(got[real], want[b][real])
+        covered = (full.tolist() + part.tolist())
+        assert max(covered) + 1 == -(-(int(P[b]) + Qb) // size)  # nothing past the window's last tile
+        assert (bm.kv_num_blocks[b] == bm.kv_num_blocks[b, 0, 0]).all()
+
+
+@pytest.mark.parametrize("attn", ["flex", "sdpa"])
+def test_static_keys_do_not_depend_on_lengths_under_flex(tiny_dream_dir, attn):
+    """Under "flex" a static key holds no prefix length: requests with prompts of very different lengths reuse
+    one graph key; under "sdpa" the key span Lb is part of the key. Tokens equal the eager path in both."""
+    model = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu"))
+    loaded = model.loaded
+    runner = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), torch.float32, max_num_seqs=1, static=True,
+                         capture=False, attention=attn, max_positions=1024)  # a fixed pool: no graph is dropped
+    static = dataclasses.replace(model, runner=runner, engine=Engine(runner, loaded.spec, 1))
+    cfg = lopa.DecodeConfig(strategy="lopa", k=2, gen_length=16, block_size=8, tau=0.5)
+    prompts = ["a b", "Tom has 12 apples and " * 30]
+    assert [r.token_ids for r in lopa.generate_many(static, prompts, cfg)] == \
+        [lopa.generate(model, p, cfg).token_ids for p in prompts]
+    spans = {key[2] for key in runner.graphs.statics}
+    assert (spans == {runner.pool.capacity}) if attn == "flex" else len(spans) > 1
+
+
+def test_warmup_captures_every_key_and_then_nothing_new(tiny_dream_dir):
+    """After warmup() the static path never adds a key: steps whose key was not warmed run eagerly (counted), and
+    the engine's counters report no capture after start-up. CPU: the bodies run once instead of a capture."""
+    model = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu"))
+    loaded = model.loaded
+    runner = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), torch.float32, max_num_seqs=2,
+                         max_positions=512, static=True, capture=False, attention="flex")
+    stats = runner.warmup(max_tokens=64)
+    keys = set(runner.graphs.statics)
+    assert stats.warmup_graphs == len(keys) == 3  # (B, Qb) in (1, 32), (1, 64), (2, 32): B * Qb <= 64
+    warm = dataclasses.replace(model, runner=runner, engine=Engine(runner, loaded.spec, 2))
+    cfgs = [lopa.DecodeConfig(strategy="d2f", gen_length=16, block_size=8, tau=0.5),
+            lopa.DecodeConfig(strategy="lopa", k=7, gen_length=16, block_size=8, tau=0.5)]  # 8 rows: past 64 queries
+    got = lopa.generate_many(warm, ["Tom has 12 apples and", "The cat"], cfgs)
+    assert [r.token_ids for r in got] == [lopa.generate(model, p, c).token_ids
+                                          for p, c in zip(["Tom has 12 apples and", "The cat"], cfgs)]
+    assert set(runner.graphs.statics) == keys
+    c = warm.engine.counters
+    assert c.captures_after_start == 0 and c.eager_decode_steps > 0
+    assert c.as_dict()["eager_decode_steps"] == c.eager_decode_steps
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="start-up capture needs a GPU")
+def test_load_model_warms_up_and_nothing_compiles_or_captures_after(tiny_dream_dir):
+    """On a GPU load_model captures the graph set; then varied prompts and k run with torch.compile set to fail on
+    any recompile, and the counters report no capture or recompile after start-up."""
+    model = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cuda", dtype="float32", max_num_seqs=4,
+                                                                     max_num_batched_tokens=2048))
+    stats = model.runner.graphs.stats
+    assert stats.warmup_graphs > 0 and stats.captures == stats.warmup_graphs
+    prompts = ["a", "Tom has 12 apples and " * 12, "The cat sat", "one two three four five six seven"]
+    cfgs = [lopa.DecodeConfig(strategy=s, k=k, gen_length=24, block_size=8)
+            for s, k in (("lopa", 7), ("d2f", 0), ("lopa", 3), ("threshold", 0))]
+    ref = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cuda", dtype="float32", cuda_graphs=False,
+                                                                   max_num_seqs=4))
+    want = [r.token_ids for r in lopa.generate_many(ref, prompts, cfgs)]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        got = [r.token_ids for r in lopa.generate_many(model, prompts, cfgs)]
+    assert got == want
+    c = model.engine.counters
+    assert c.captures_after_start == 0 and c.recompiles_after_start == 0 and c.eager_decode_steps == 0

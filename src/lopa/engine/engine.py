@@ -58,6 +58,10 @@ class EngineCounters:
     requests: int = 0  # decode steps' requests (requests per step = requests / decode_steps)
     prefill_s: float = 0.0  # wall seconds of prefill steps
     decode_s: float = 0.0  # wall seconds of decode steps (throughput = generated tokens / decode_s)
+    # the static path (runner/graphs.py: GraphStats), after start-up: each should stay 0 on a warmed-up GPU
+    captures_after_start: int = 0  # CUDA graphs captured while requests ran
+    recompiles_after_start: int = 0  # torch.compile graphs compiled since start-up (process-wide)
+    eager_decode_steps: int = 0  # greedy decode steps that ran eagerly: their shape was not captured
 
     @property
     def rows_per_step(self) -> float:
@@ -69,7 +73,8 @@ class EngineCounters:
 
     def as_dict(self) -> dict:
         keys = ("steps", "prefill_steps", "decode_steps", "rows", "requests", "prefill_s", "decode_s",
-                "rows_per_step", "requests_per_step")
+                "rows_per_step", "requests_per_step", "captures_after_start", "recompiles_after_start",
+                "eager_decode_steps")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -313,6 +318,10 @@ class Engine:
             c.decode_s += seconds
             c.rows += rows
             c.requests += len(batches)
+        if self.runner.graphs is not None:
+            g = self.runner.graphs.refresh_stats()
+            c.captures_after_start, c.recompiles_after_start = g.captures_after_start, g.recompiles_after_start
+            c.eager_decode_steps = g.eager_steps
         self.last_step = StepInfo("prefill" if prefill else "decode", len(batches), rows, seconds, positions,
                                   tuple(ids))
         if self.step_log is not None:

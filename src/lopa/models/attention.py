@@ -55,3 +55,42 @@ def step_mask(P: torch.Tensor, branch: torch.Tensor, block: torch.Tensor, Lb: in
     real = (branch >= 0)[:, :, None]  # [B, Qb, 1]
     own = (key_branch[:, None] == branch[:, :, None]) & (key_block[:, None] <= block[:, :, None])
     return (real & ((rel < 0)[:, None] | own)) | (~real & (j == 0))
+
+
+def step_block_mask(P: torch.Tensor, branch: torch.Tensor, block: torch.Tensor, capacity: int, size: int = 128,
+                    groups: int = 1):
+    """The same mask as step_mask, as a FlexAttention BlockMask over each slot's WHOLE capacity, built on the
+    device (no host read: CUDA graphs capture it as is, and one graph serves every prefix length).
+
+    ``groups``: the query heads that share a KV head sit one after another on the query axis ([B, Hkv, groups *
+    Qb, D]: each K/V tile is read once for all of them), so query index i is query i % Qb of the step.
+
+    Keys are tiled in ``size``-position blocks. For request b the tiles wholly inside its prefix [0, P_b) are
+    full (every query sees them: no mask evaluated), the tiles from there to the end of its window,
+    P_b + Qb, are partial (``mask_mod`` decides per key), and the rest are skipped: the kernel's work follows
+    each request's real key span, not the capacity. Tiles are per request and shared by all its query tiles.
+    In full tiles a padding query sees the prefix (step_mask: key 0 only); padding outputs are never read.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, Qb = branch.shape
+    n_kv = capacity // size  # capacity is a multiple of the tile (runner: KEY_STEP)
+    n_q = -(-groups * Qb // size)
+
+    def mask_mod(b, h, i, kv):
+        q = i % Qb if groups > 1 else i
+        rel = kv - P[b]
+        src = rel.clamp(0, Qb - 1)
+        real = branch[b, q] >= 0
+        own = (rel >= 0) & (rel < Qb) & (branch[b, src] == branch[b, q]) & (block[b, src] <= block[b, q])
+        return (real & ((rel < 0) | own)) | (~real & (kv == 0))
+
+    tiles = torch.arange(n_kv, device=P.device, dtype=torch.int32)
+    full = (P // size).to(torch.int32)  # [B] tiles wholly inside the prefix
+    end = torch.clamp(-(-(P + Qb) // size), max=n_kv).to(torch.int32)  # [B] one past the window's last tile
+    grid = lambda x: x[:, None, None].expand(B, 1, n_q).contiguous()  # noqa: E731 - [B] -> [B, 1, n_q]
+    tile_grid = lambda x: x.expand(B, 1, n_q, n_kv).contiguous()  # noqa: E731 - [B|1, .., n_kv] -> [B, 1, n_q, n_kv]
+    partial_idx = torch.clamp(full[:, None] + tiles[None], max=n_kv - 1)[:, None, None]  # [B, 1, 1, n_kv]
+    return BlockMask.from_kv_blocks(grid(end - full), tile_grid(partial_idx), grid(full), tile_grid(tiles[None, None, None]),
+                                    BLOCK_SIZE=size, mask_mod=mask_mod, seq_lengths=(groups * Qb, capacity),
+                                    compute_q_blocks=False)

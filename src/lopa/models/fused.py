@@ -10,6 +10,7 @@ runner uses it on a GPU (RunnerConfig.fuse); on a CPU the eager functions run.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -18,6 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from .quant import quantize_rows
+
+try:  # FlexAttention (torch >= 2.5): the static path's attention over each slot's real key span
+    from torch.nn.attention.flex_attention import flex_attention
+except ImportError:  # pragma: no cover - older torch: the runner keeps SDPA with an additive mask
+    flex_attention = None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -54,6 +60,9 @@ class Ops:
     rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     silu_mul: Callable[[torch.Tensor], torch.Tensor]
     quantize_rows: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # fp8 activations (models/quant.py)
+    # (q, k, v, block_mask=, enable_gqa=) -> out; eager it evaluates the mask everywhere (reference, CPU tests),
+    # compiled it is one Triton kernel that skips the key tiles the block mask leaves out
+    flex: Callable[..., torch.Tensor] | None = flex_attention
 
 
 EAGER = Ops(rms_norm, add_rms_norm, rope, silu_mul, quantize_rows)
@@ -74,7 +83,26 @@ def compiled(backend: str = "inductor") -> Ops:
     """The same functions through torch.compile (one graph each, no breaks). backend="eager" only traces."""
     rms, add_rms, rope_, silu, quant = (torch.compile(f, backend=backend, fullgraph=True)
                                         for f in (rms_norm, add_rms_norm, rope, silu_mul, quantize_rows))
-    return Ops(rms, add_rms, rope_, silu, _static_width(quant))
+    flex = None if flex_attention is None else _static_queries(torch.compile(flex_attention, backend=backend,
+                                                                             fullgraph=True))
+    return Ops(rms, add_rms, rope_, silu, _static_width(quant), flex)
+
+
+def _static_queries(fn: Callable) -> Callable:
+    """The compiled FlexAttention, specialized on the query and key lengths: a kernel compiled for dynamic shapes
+    ran at about half the speed (H100, benchmarks/attention.py). Only the batch may become dynamic. The warm-up
+    compiles it once per query bucket (runner/graphs.py), so the recompile limit is raised for these calls only."""
+    def call(q, k, v, block_mask, **kw):
+        for x in (q, k, v):
+            for dim in range(1, x.dim()):
+                torch._dynamo.mark_static(x, dim)
+        with torch._dynamo.config.patch(**_LIMITS):
+            return fn(q, k, v, block_mask=block_mask, **kw)
+    return call
+
+
+_LIMITS = {name: value for name, value in (("recompile_limit", 512), ("accumulated_recompile_limit", 4096))
+           if hasattr(torch._dynamo.config, name)}
 
 
 def fused_ops(device: torch.device, dtype: torch.dtype) -> Ops:
@@ -82,6 +110,8 @@ def fused_ops(device: torch.device, dtype: torch.dtype) -> Ops:
     (torch.compile needs Triton and a C compiler on a GPU machine)."""
     try:
         ops = compiled()
+        if device.type != "cuda":  # inductor's CPU FlexAttention template does not take this mask: eager there
+            ops = dataclasses.replace(ops, flex=EAGER.flex)
         with torch.inference_mode():  # the mode the runner calls it in, so the guards match
             x = torch.ones(2, 8, device=device, dtype=dtype)
             torch.testing.assert_close(ops.rms_norm(x, x[0], 1e-6), rms_norm(x, x[0], 1e-6))

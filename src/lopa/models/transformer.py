@@ -67,7 +67,13 @@ class Attention(nn.Module):
             out = attend(q, k, v, m).transpose(1, 2)  # [B, T, H, D]
         else:  # row b is one request's branches, flattened; its keys are its slot's prefix + this window
             keys, values = cache.write(layer, k, v)  # [B, Hkv, Lb, D]
-            out = attend(q, keys, values, mask).transpose(1, 2)  # mask [B, 1, T, Lb] -> [B, T, H, D]
+            if isinstance(mask, torch.Tensor):  # additive [B, 1, T, Lb]
+                out = attend(q, keys, values, mask)
+            else:  # a FlexAttention BlockMask over the whole slot (models/attention.py: step_block_mask), the query
+                # heads of each KV head on the query axis: [B, Hkv, (H / Hkv) * T, D], each K/V tile read once
+                packed = q.reshape(B, self.Hkv, self.H // self.Hkv * T, self.D)
+                out = ops.flex(packed, keys, values, block_mask=mask).view(B, self.H, T, self.D)
+            out = out.transpose(1, 2)  # [B, T, H, D]
         return self.o(out.reshape(B, T, self.H * self.D))
 
 
@@ -116,11 +122,14 @@ class Transformer(nn.Module):
                 attn_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Without a cache, rows are independent sequences at positions start + arange(T); attn_mask None, bool
         [T, T] or [B, T, T]. With a cache view, row b is request b's window (its branches flattened), at
-        ``positions`` [B, T], attending with the additive mask [B, 1, T, cache.Lb] (runner/step.py builds both)."""
+        ``positions`` [B, T], attending with the additive mask [B, 1, T, cache.Lb] or a FlexAttention BlockMask of
+        that shape (the runner builds both from the packed step)."""
         B, T = tokens.shape
         if cache is not None:
             assert positions is not None and positions.shape == (B, T), positions
-            assert attn_mask is not None and attn_mask.shape == (B, 1, T, cache.Lb), attn_mask.shape
+            assert attn_mask is not None, "a cache view needs the step's mask"
+            shape = tuple(attn_mask.shape)  # a block mask covers (H / Hkv) * T packed queries
+            assert shape[0] == B and shape[-1] == cache.Lb and (shape[2] % T == 0 if shape[2] != T else True), shape
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device)
         cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta)

@@ -2,11 +2,20 @@
 
 An eager LoPA iteration at Dream-7B size is launch-bound (hundreds of small kernels). Here a decode step
 over B running requests runs on static buffers instead: B is rounded up to a bucket (padding rows are all
-padding queries over free slots), each request row to Qb = a multiple of ROW_STEP queries, and the key span
-to Lb = a multiple of KEY_STEP positions; positions, write slots and the mask are built inside the graph from
-the packed step (runner/step.py), and the K/V pool is allocated once, so buffer addresses never change. A
-step sends ONE host-to-device copy and reads back ONE packed [B, Qb, 3] tensor of predictions. One captured
-graph serves every step with the same key (B bucket, Qb, Lb, the measures and suppressed ids in use).
+padding queries over free slots) and each request row to a bucket of Qb queries; positions, write slots and
+the mask are built inside the graph from the packed step (runner/step.py), and the K/V pool is allocated
+once, so buffer addresses never change. A step sends ONE host-to-device copy and reads back ONE packed
+[B, Qb, 3] tensor of predictions. One captured graph serves every step with the same key.
+
+Attention (RunnerConfig.attention):
+* "flex": FlexAttention over each slot's WHOLE capacity with a block mask built on the device from the
+  step's committed lengths (models/attention.py: step_block_mask), so the kernel reads each request's real
+  key span and the key is (B bucket, Qb bucket, measures, suppressed ids): nothing that changes with the
+  prompt or the prefix. On a GPU ``warmup`` captures every key up to the runner's limits at start-up; after
+  that a step whose key was not captured runs eagerly (counted in ``stats.eager_steps``), never captures.
+* "sdpa": SDPA with an additive mask over the first Lb positions of the slots, Lb = prefix + queries rounded
+  to KEY_STEP: Lb is part of the key, so new prompt lengths capture new graphs (the path before start-up
+  capture, kept for comparison and for torch without FlexAttention).
 
 Greedy requests only (temperature 0, top_p 1): steps with a sampled request, prefill steps and cache-less
 windows run eagerly. On a CPU the same path runs without capture (the tests check it against eager).
@@ -14,6 +23,7 @@ windows run eagerly. On a CPU the same path runs without capture (the tests chec
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -22,10 +32,12 @@ from ..decoding.base import Predictions
 from ..decoding.confidence import measure_confidence
 from .step import FIELDS, StepItem, pack, split, unpack
 
-ROW_STEP = 32  # request rows padded to a multiple of this many queries
+ROW_STEP = 32  # "sdpa": request rows padded to a multiple of this many queries
 KEY_STEP = 256  # KV slot capacities and key spans are multiples of this many positions
 BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
-MAX_GRAPHS = 256  # captured graphs kept; past this all are dropped and recaptured on demand
+# "flex": request rows padded to one of these query counts (at most 1.5x the real count past 32)
+QUERY_BUCKETS = (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
+MAX_GRAPHS = 256  # "sdpa": captured graphs kept; past this all are dropped and recaptured on demand
 
 
 def round_up(x: int, step: int) -> int:
@@ -35,6 +47,35 @@ def round_up(x: int, step: int) -> int:
 def bucket(n: int, slots: int) -> int:
     """The smallest bucket >= n, within the pool's slots (the pool size is always the last bucket)."""
     return min(next((b for b in BUCKETS if b >= n), n), slots)
+
+
+def query_bucket(q: int) -> int:
+    return next((b for b in QUERY_BUCKETS if b >= q), round_up(q, QUERY_BUCKETS[-1]))
+
+
+def compiles() -> int:
+    """Graphs torch.compile has compiled in this process so far (recompiles included)."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
+@dataclass
+class GraphStats:
+    captures: int = 0  # CUDA graphs captured (each costs a warm-up body and a capture)
+    captures_after_start: int = 0  # ... after start-up (the warm-up, or the runner's creation without one)
+    recompiles_after_start: int = 0  # torch.compile graphs compiled since then, anywhere in the process
+    eager_steps: int = 0  # greedy decode steps that ran eagerly after the warm-up: their key was not captured
+    warmup_s: float = 0.0
+    warmup_graphs: int = 0
+    warmup_bytes: int = 0  # GPU memory the warm-up took (graph pools, static buffers), measured
+
+
+def _static_vocab(fn):
+    """A compiled predict, dynamic in B and Qb (one kernel for every bucket) but specialized on the vocabulary."""
+    def call(logits: torch.Tensor, *args):
+        torch._dynamo.mark_static(logits, logits.dim() - 1)
+        return fn(logits, *args)
+    return call
 
 
 def predict_rows(logits: torch.Tensor, measure: torch.Tensor, suppress: torch.Tensor, measures: tuple[str, ...],
@@ -64,35 +105,112 @@ class Static:
 
 
 class GraphExecutor:
-    def __init__(self, runner, capture: bool, fuse: bool = False) -> None:
+    def __init__(self, runner, capture: bool, fuse: bool = False, attention: str = "sdpa") -> None:
         self.runner = runner
         self.capture = capture
-        # fuse: softmax, argmax and confidence over the step's logits in one compiled pass (models/fused.py)
-        self.predict = torch.compile(predict_rows, fullgraph=True) if fuse else predict_rows
+        self.attention = attention  # "flex" | "sdpa" (module docstring)
+        # fuse: softmax, argmax and confidence over the step's logits in one compiled pass (models/fused.py),
+        # one kernel for every bucket
+        self.predict = _static_vocab(torch.compile(predict_rows, fullgraph=True, dynamic=True)) if fuse else predict_rows
         self.statics: dict[tuple, Static] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.frozen = False  # after warmup(): no capture while serving; an uncaptured key runs eagerly
+        self.stats = GraphStats()
+        self._at_start = (0, compiles())  # (captures, compiles) when start-up ended: now, until a warm-up
 
     def clear(self) -> None:
         """Drop every graph (the KV pool they read was replaced); later captures go into a fresh graph pool."""
+        if self.frozen:
+            raise RuntimeError("the KV pool was replaced after the start-up warm-up (its graphs read the old one)")
         self.statics.clear()
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
 
+    def _suppress(self, items: list[StepItem]) -> tuple[int, ...] | None:
+        """The suppressed ids of the step's key: the model's mask id whenever no request suppresses others (rows
+        that suppress nothing carry flag 0), so one key serves both; None: two different sets (eager)."""
+        sets = {item.pspec.suppress_ids for item in items} - {()}
+        default = (self.runner.spec.mask_id,)
+        return default if sets <= {default} else (next(iter(sets)) if len(sets) == 1 else None)
+
     def supports(self, items: list[StepItem]) -> bool:
-        suppress = {item.pspec.suppress_ids for item in items} - {()}
-        return (items[0].slot == 0 and len(suppress) <= 1
+        return (items[0].slot == 0 and self._suppress(items) is not None
                 and all(item.pspec.temperature == 0 and item.pspec.top_p == 1.0 and not item.batch.prefill
                         and item.batch.start > 0 for item in items))
 
+    def accepts(self, items: list[StepItem], queries: int | None = None) -> bool:
+        """Whether this step runs on the static path: supported, and its graph exists or may still be captured.
+        After the warm-up an uncaptured key runs eagerly (counted), so nothing captures while serving."""
+        if not self.supports(items):
+            return False
+        if self.frozen and self.key(items, queries) not in self.statics:
+            self.stats.eager_steps += 1
+            return False
+        return True
+
     def key(self, items: list[StepItem], queries: int | None = None) -> tuple:
-        """``queries``: the most queries of a request row on any rank (Branch Parallel: every rank packs the same
-        Qb, so the step's predictions gather as one [N, B, Qb, 3] tensor); default: these items'."""
+        """(B bucket, Qb, Lb, measures, suppressed ids). ``queries``: the most queries of a request row on any rank
+        (Branch Parallel: every rank packs the same Qb, so the step's predictions gather as one [N, B, Qb, 3]
+        tensor); default: these items'. Under "flex" Lb is the slot capacity: no key depends on a length."""
         pool = self.runner.pool
         B = bucket(len(items), pool.slots)
-        Qb = round_up(queries or max(item.queries for item in items), ROW_STEP)
-        Lb = min(round_up(max(item.batch.start + item.queries for item in items), KEY_STEP), pool.capacity)
+        q = queries or max(item.queries for item in items)
         measures = tuple(sorted({item.pspec.measure for item in items}))
-        suppress = next((item.pspec.suppress_ids for item in items if item.pspec.suppress_ids), ())
-        return B, Qb, Lb, measures, suppress
+        if self.attention == "flex":
+            return B, query_bucket(q), pool.capacity, measures, self._suppress(items)
+        Lb = min(round_up(max(item.batch.start + item.queries for item in items), KEY_STEP), pool.capacity)
+        return B, round_up(q, ROW_STEP), Lb, measures, self._suppress(items)
+
+    def warmup_keys(self, max_tokens: int, measures: tuple[str, ...] = ("prob",)) -> list[tuple]:
+        """Every "flex" key a step of at most ``max_tokens`` padded queries (B bucket x Qb) can have."""
+        pool = self.runner.pool
+        Bs = sorted({bucket(n, pool.slots) for n in range(1, pool.slots + 1)})
+        suppress = (self.runner.spec.mask_id,)
+        return [(B, Qb, pool.capacity, measures, suppress) for B in Bs for Qb in QUERY_BUCKETS
+                if B * Qb <= max_tokens and Qb < pool.capacity]
+
+    @torch.inference_mode()  # the mode every step runs in, so compiled guards match later steps
+    def warmup(self, keys: list[tuple], on_graph=None) -> GraphStats:
+        """Capture (or, without capture, run once) every key now; afterwards nothing captures. The pool must be
+        at its final size. ``on_graph(done, total)`` after each key (progress bars)."""
+        cuda = self.runner.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.runner.device)
+            free0 = torch.cuda.mem_get_info(self.runner.device)[0]
+        t0 = time.perf_counter()
+        for done, key in enumerate(keys, 1):
+            if key not in self.statics:
+                st = self._new(key)
+                pack([], st.host, self.runner.spec.mask_id)  # all padding: only the shapes matter
+                st.inputs.copy_(st.host)
+                if self.capture:
+                    self._capture(st, key[3], key[4])
+                else:
+                    st.out = self._body(st, key[3], key[4])
+            if on_graph is not None:
+                on_graph(done, len(keys))
+        if cuda:
+            torch.cuda.synchronize(self.runner.device)
+            self.stats.warmup_bytes = max(0, free0 - torch.cuda.mem_get_info(self.runner.device)[0])
+        self.stats.warmup_s = time.perf_counter() - t0
+        self.stats.warmup_graphs = len(keys)
+        self.frozen = True
+        self._at_start = (self.stats.captures, compiles())
+        return self.refresh_stats()
+
+    def refresh_stats(self) -> GraphStats:
+        """The counters after start-up, brought up to date (compiles are counted process-wide)."""
+        self.stats.captures_after_start = self.stats.captures - self._at_start[0]
+        self.stats.recompiles_after_start = compiles() - self._at_start[1]
+        return self.stats
+
+    def _new(self, key: tuple) -> Static:
+        if len(self.statics) >= MAX_GRAPHS:
+            self.clear()
+        B, Qb, Lb = key[:3]
+        cuda = self.runner.device.type == "cuda"
+        host = torch.zeros(B, FIELDS * Qb + 3, dtype=torch.long, pin_memory=cuda)
+        st = self.statics[key] = Static(host, torch.zeros_like(host, device=self.runner.device), Lb)
+        return st
 
     def run(self, items: list[StepItem], spread: list[StepItem] | None = None,
             layouts: list[list[range]] | None = None, queries: int | None = None) -> tuple[torch.Tensor, list[Predictions]]:
@@ -100,15 +218,13 @@ class GraphExecutor:
         requests, ``layouts`` which ranks computed which of their rows, and the predictions of every rank are
         gathered on the device before the one device-to-host copy."""
         key = self.key(items, queries)
-        B, Qb, Lb, measures, suppress = key
+        _, _, _, measures, suppress = key
         st = self.statics.get(key)
         fresh = st is None
         if fresh:
-            if len(self.statics) >= MAX_GRAPHS:
-                self.clear()
-            cuda = self.runner.device.type == "cuda"
-            host = torch.zeros(B, FIELDS * Qb + 3, dtype=torch.long, pin_memory=cuda)
-            st = self.statics[key] = Static(host, torch.zeros_like(host, device=self.runner.device), Lb)
+            if self.frozen:
+                raise RuntimeError(f"static key {key} was not captured at start-up (accepts() routes it eagerly)")
+            st = self._new(key)
         pack(items, st.host, self.runner.spec.mask_id, measures, suppress)
         st.inputs.copy_(st.host, non_blocking=True)  # safe: the previous step's results were read (synced)
         if not self.capture:
@@ -126,7 +242,7 @@ class GraphExecutor:
 
     def _body(self, st: Static, measures, suppress):
         runner, model = self.runner, self.runner.model
-        hidden = runner.body(st.inputs, 0, st.Lb)  # [B, Qb, E]
+        hidden = runner.body(st.inputs, 0, st.Lb, flex=self.attention == "flex")  # [B, Qb, E]
         _, col, branch, _, _, measure, suppressed = unpack(st.inputs)
         first = (col == 0) & (branch >= 0)  # each branch's column 0 reads the slot's last committed state
         B = hidden.shape[0]
@@ -143,3 +259,4 @@ class GraphExecutor:
         with torch.cuda.graph(st.graph, pool=self.pool):
             st.out = self._body(st, measures, suppress)
         st.graph.replay()
+        self.stats.captures += 1

@@ -23,7 +23,7 @@ from ..cache import KVPool
 from ..decoding.base import Predictions
 from ..models.spec import ModelSpec
 from ..decoding.confidence import predict
-from ..models.attention import step_mask
+from ..models.attention import step_block_mask, step_mask
 from .graphs import KEY_STEP, GraphExecutor, round_up
 from .group import LocalGroup
 from .memory import kv_budget
@@ -34,7 +34,7 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, spec: ModelSpec, device: torch.device, dtype: torch.dtype, *,
                  max_num_seqs: int = 1, max_positions: int | None = None, static: bool = False,
                  capture: bool | None = None, fuse: bool = False, group=None,
-                 kv_cache_bytes: int | None = None) -> None:
+                 kv_cache_bytes: int | None = None, attention: str | None = None) -> None:
         self.model, self.spec, self.device, self.dtype = model, spec, device, dtype
         self.group = group or LocalGroup()  # LocalGroup | BranchGroup (runner/group.py)
         self.max_num_seqs = max_num_seqs
@@ -42,8 +42,10 @@ class ModelRunner:
         self.kv_budget = kv_budget(kv_cache_bytes, device)  # bytes the pool may take (RunnerConfig.kv_cache_bytes)
         self.pool: KVPool | None = None
         self.peak_slots = self.peak_bytes = 0  # the largest pool held so far (tests, benchmarks)
+        # attention of the static path (runner/graphs.py): "flex" where torch has FlexAttention, else "sdpa"
+        attention = attention or ("flex" if model.ops.flex is not None else "sdpa")
         self.graphs = GraphExecutor(self, capture=device.type == "cuda" if capture is None else capture,
-                                    fuse=fuse) if static else None
+                                    fuse=fuse, attention=attention) if static else None
         self.hidden: torch.Tensor | None = None  # [B, Qb, E] of the last forward (commit reads the winners)
         self._shapes: list[tuple[int, int, bool]] = []  # (K, W, replicated) per request of the last forward
         self._prefill = False  # the last forward was a prefill step
@@ -101,6 +103,16 @@ class ModelRunner:
         self.peak_slots = max(self.peak_slots, slots)
         self.peak_bytes = max(self.peak_bytes, slots * self.slot_bytes(capacity))
 
+    def warmup(self, max_tokens: int, on_graph=None):
+        """Start-up on the "flex" static path with a fixed slot size: the pool at its final size and every static
+        key (runner/graphs.py) captured now, so nothing captures while requests run. Returns the graph stats,
+        or None where there is nothing to warm (no static path, "sdpa" keys depend on lengths, or the pool grows)."""
+        if self.graphs is None or self.graphs.attention != "flex" or self.max_positions is None:
+            return None
+        self.reserve(self.max_num_seqs, self.slot_capacity())
+        keys = self.graphs.warmup_keys(max_tokens)
+        return self.graphs.warmup(keys, on_graph)
+
     def release(self, slot: int) -> None:
         """A request left this slot: nothing in it is committed any more."""
         if self.pool is not None:
@@ -134,11 +146,11 @@ class ModelRunner:
         bp = self.group.counters
         t1 = time.perf_counter()
         gather_before = bp.gather_s  # the static path gathers inside its run: not forward time
-        # every rank takes the same path (supports() reads only what all ranks share), so the collectives match
-        if self.graphs is not None and self.graphs.supports(local):
+        queries = max(max(len(r) for r in p) * item.batch.tokens.shape[1] for p, item in zip(parts, items))
+        # every rank takes the same path (accepts() reads only what all ranks share), so the collectives match
+        if self.graphs is not None and self.graphs.accepts(local, queries):
             spread = [p if not (K == 1 and rep) else p[:1] for p, (K, _, rep) in zip(parts, self._shapes)]
             bp_step = self.group.distributed and any(not (K == 1 and rep) for K, _, rep in self._shapes)
-            queries = max(max(len(r) for r in p) * item.batch.tokens.shape[1] for p, item in zip(parts, items))
             self.hidden, preds = self.graphs.run(local, items if bp_step else None, spread if bp_step else None,
                                                  queries)
             gathered = True
@@ -173,17 +185,22 @@ class ModelRunner:
                             dtype=torch.promote_types(self.dtype, torch.float32))
         return Predictions(empty.long(), empty, empty)
 
-    def body(self, inputs: torch.Tensor, first: int, Lb: int) -> torch.Tensor:
+    def body(self, inputs: torch.Tensor, first: int, Lb: int, flex: bool = False) -> torch.Tensor:
         """The forward of a packed step (runner/step.py) over slots [first, first + B): hidden [B, Qb, E].
-        Positions, write slots and the additive mask are built here on the device (graph-capturable)."""
+        Positions, write slots and the mask are built here on the device (graph-capturable): an additive mask
+        over the first Lb keys (SDPA), or with ``flex`` a block mask over the whole slot (Lb = capacity)."""
         tokens, col, branch, block, P, _, _ = unpack(inputs)
         B, Qb = tokens.shape
         q = torch.arange(Qb, device=inputs.device)
         write = (P[:, None] + q).clamp(max=self.pool.capacity - 1)  # padding past the slot: the trash slot
-        allowed = step_mask(P, branch, block, Lb)  # [B, Qb, Lb]
-        # additive, in the model's dtype, built once: SDPA would turn a bool mask into this in every layer
-        mask = torch.zeros(B, 1, Qb, Lb, dtype=self.dtype, device=inputs.device)
-        mask.masked_fill_(~allowed[:, None], float("-inf"))
+        if flex:
+            cfg = self.model.config  # the query heads of a KV head share the query axis (models/transformer.py)
+            mask = step_block_mask(P, branch, block, Lb, groups=cfg.num_heads // cfg.num_kv_heads)
+        else:
+            allowed = step_mask(P, branch, block, Lb)  # [B, Qb, Lb]
+            # additive, in the model's dtype, built once: SDPA would turn a bool mask into this in every layer
+            mask = torch.zeros(B, 1, Qb, Lb, dtype=self.dtype, device=inputs.device)
+            mask.masked_fill_(~allowed[:, None], float("-inf"))
         view = self.pool.view(first, B, Lb, write)
         return self.model(tokens, cache=view, attn_mask=mask, positions=P[:, None] + col)
 

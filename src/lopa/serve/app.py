@@ -66,7 +66,8 @@ def create_app(model, config: ServeConfig | None = None, engine=None) -> FastAPI
     metrics = Metrics()
     device = getattr(getattr(engine, "runner", None), "device", None)  # the engine thread sets it current
     core = AsyncEngine(engine, config.max_pending, device=device,
-                       on_delivery=lambda d: metrics.on_step(d.step, d.running, d.waiting, core.pending))
+                       on_delivery=lambda d: metrics.on_step(d.step, d.running, d.waiting, core.pending,
+                                                            getattr(engine, "counters", None)))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

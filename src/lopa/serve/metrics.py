@@ -44,11 +44,22 @@ class Metrics:
                                    buckets=LATENCY_BUCKETS, registry=r)
         self.tpf = Histogram("lopa_request_tpf", "Tokens per decode forward of each finished request",
                              buckets=TPF_BUCKETS, registry=r)
+        self.captures = Gauge("lopa_graph_captures_after_startup", "CUDA graphs captured while serving (0 once the "
+                              "start-up warm-up covers every shape)", registry=r)
+        self.recompiles = Gauge("lopa_recompiles_after_startup", "torch.compile graphs compiled since start-up",
+                                registry=r)
+        self.eager_steps = Gauge("lopa_eager_decode_steps", "Greedy decode steps run eagerly because their shape "
+                                 "was not captured at start-up", registry=r)
         for status in ("ok", "cancelled", "error", "rejected"):
             self.requests.labels(status)  # every outcome shows from the start, at 0
 
-    def on_step(self, step, running: int, waiting: int, in_flight: int) -> None:
-        """step: StepInfo(kind, requests, rows, seconds) of the latest engine step, or None."""
+    def on_step(self, step, running: int, waiting: int, in_flight: int, counters=None) -> None:
+        """step: StepInfo(kind, requests, rows, seconds) of the latest engine step, or None; counters: the
+        engine's EngineCounters."""
+        if counters is not None:
+            self.captures.set(counters.captures_after_start)
+            self.recompiles.set(counters.recompiles_after_start)
+            self.eager_steps.set(counters.eager_decode_steps)
         self.running.set(running)
         self.waiting.set(waiting)
         self.in_flight.set(in_flight)

@@ -1,0 +1,157 @@
+"""The static path's attention alone, one layer at Dream-7B shape: SDPA with today's additive mask against
+FlexAttention over the whole slot with the device-built block mask (models/attention.py: step_block_mask),
+in kernel variants, side by side in one run.
+
+Case: n requests, each K = k+1 branches x W columns (Qb = K*W queries, padded to the static path's bucket)
+over its own P-position prefix, 28 query heads over 4 KV heads of 128 (Dream-7B). "sdpa": the keys of the first
+Lb = round_up(P + Qb, 256) positions with an additive [n, 1, Qb, Lb] mask. "flex*": the keys of the whole slot
+(capacity --capacity) with the block mask, compiled with dynamic shapes as the engine does (or per shape: "static"); "packed" puts the 7
+query heads of a KV head on the query axis (one K/V read per KV head). Times: median of CUDA-graph replays of
+the attention call (the mask is built once per step for all layers, timed apart as "mask").
+
+    PYTHONPATH=src python3 benchmarks/attention.py --out benchmarks/results/attention_h100
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lopa.models.attention import step_block_mask, step_mask
+from lopa.runner.graphs import query_bucket, round_up
+
+H, HKV, D = 28, 4, 128
+
+
+def case_tensors(n: int, k: int, W: int, P: int, cap: int, device):
+    K = k + 1
+    Qb = query_bucket(K * W)
+    branch = torch.full((n, Qb), -1, device=device)
+    branch[:, :K * W] = torch.arange(K, device=device).repeat_interleave(W)
+    block = torch.zeros(n, Qb, dtype=torch.long, device=device)
+    Pt = torch.full((n,), P, device=device)
+    q = torch.randn(n, H, Qb, D, device=device, dtype=torch.bfloat16)
+    kv = torch.randn(2, n, HKV, cap, D, device=device, dtype=torch.bfloat16)
+    return Pt, branch, block, q, kv, Qb
+
+
+def packed_mask(Pt, branch, block, cap: int, groups: int, size: int = 128):
+    """step_block_mask for the query axis holding the query heads of one KV head one after another."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    base = step_block_mask(Pt, branch, block, cap, size)
+    Qb = branch.shape[1]
+    n_q = -(-groups * Qb // size)
+
+    def mask_mod(b, h, q, kv):
+        return base.mask_mod(b, h, q % Qb, kv)
+    grow = lambda x: x[:, :, :1].expand(x.shape[0], 1, n_q, *x.shape[3:]).contiguous()  # noqa: E731
+    return BlockMask.from_kv_blocks(grow(base.kv_num_blocks), grow(base.kv_indices), grow(base.full_kv_num_blocks),
+                                    grow(base.full_kv_indices), BLOCK_SIZE=size, mask_mod=mask_mod,
+                                    seq_lengths=(groups * Qb, cap), compute_q_blocks=False)
+
+
+def graph_time(fn, reps: int = 50) -> float:
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/attention"))
+    ap.add_argument("--prefixes", default="512,2048,8192")
+    ap.add_argument("--ks", default="0,7,14")
+    ap.add_argument("--ns", default="1,16")
+    ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--capacity", type=int, default=16384)
+    ap.add_argument("--variants", default="flex,flex static,flex packed,flex packed static,flex packed m64 static",
+                    help="FlexAttention variants: 'packed' = query heads of a KV head on the query axis, 'static' = "
+                    "compiled for each shape (the engine compiles with dynamic shapes), 'm64'/'m32' = kernel tiles")
+    args = ap.parse_args()
+    from torch.nn.attention.flex_attention import flex_attention
+
+    device = torch.device("cuda")
+    for name in ("recompile_limit", "cache_size_limit"):  # "static" variants compile once per case
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 256)
+    variants = {}  # name -> (packed query heads, kernel call); each its own compiled function (no shared cache)
+    for name in args.variants.split(","):
+        dynamic = "static" not in name
+        fn = torch.compile(flex_attention, fullgraph=True, dynamic=dynamic)
+        opts = {}
+        if "m64" in name:
+            opts = {"BLOCK_M": 64, "BLOCK_N": 64}
+        if "m32" in name:
+            opts = {"BLOCK_M": 32, "BLOCK_N": 64}
+        packed = "packed" in name
+        variants[name] = (packed, functools.partial(fn, enable_gqa=not packed, kernel_options=opts or None))
+    rows = []
+    for P in [int(x) for x in args.prefixes.split(",")]:
+        for k in [int(x) for x in args.ks.split(",")]:
+            for n in [int(x) for x in args.ns.split(",")]:
+                Pt, branch, block, q, kv, Qb = case_tensors(n, k, args.window, P, args.capacity, device)
+                row = {"P": P, "k": k, "n": n, "Qb": Qb}
+                with torch.inference_mode():
+                    Lb = round_up(P + Qb, 256)
+                    mask = torch.zeros(n, 1, Qb, Lb, dtype=torch.bfloat16, device=device)
+                    mask.masked_fill_(~step_mask(Pt, branch, block, Lb)[:, None], float("-inf"))
+                    ks, vs = kv[0][:, :, :Lb], kv[1][:, :, :Lb]
+                    ref = F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask, enable_gqa=True)
+                    row["sdpa_ms"] = graph_time(lambda: F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask,
+                                                                                       enable_gqa=True))
+                    row["mask_sdpa_ms"] = graph_time(lambda: step_mask(Pt, branch, block, Lb))
+                    bm = step_block_mask(Pt, branch, block, args.capacity)
+                    row["mask_flex_ms"] = graph_time(lambda: step_block_mask(Pt, branch, block, args.capacity))
+                    real = (branch >= 0)[:, None, :, None]
+                    pm = packed_mask(Pt, branch, block, args.capacity, H // HKV)
+                    qp = q.view(n, HKV, H // HKV * Qb, D)  # heads of a KV group consecutive: [n, Hkv, 7*Qb, D]
+                    for name, (packed, fn) in variants.items():
+                        call = (lambda: fn(qp, kv[0], kv[1], block_mask=pm)) if packed else \
+                            (lambda: fn(q, kv[0], kv[1], block_mask=bm))
+                        try:
+                            out = call().view(n, H, Qb, D)
+                            row[f"{name}_err"] = float(((out - ref) * real).float().norm() / (ref * real).float().norm())
+                            row[f"{name}_ms"] = graph_time(call)
+                        except Exception as err:  # noqa: BLE001 - a kernel variant that does not build
+                            row[f"{name}_ms"] = None
+                            row[f"{name}_error"] = repr(err)[:200]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    names = list(variants)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "W": args.window,
+            "capacity": args.capacity, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "attention.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    head = "| P | k | n | Qb | sdpa ms | " + " | ".join(f"{v} ms (sdpa/it)" for v in names) + " | mask sdpa / flex ms |"
+    lines = [head, "|" + "---|" * (5 + len(names) + 1)]
+    for r in rows:
+        cells = []
+        for v in names:
+            t = r.get(f"{v}_ms")
+            cells.append("failed" if t is None else f"{t:.3f} ({r['sdpa_ms'] / t:.2f})")
+        lines.append(f"| {r['P']} | {r['k']} | {r['n']} | {r['Qb']} | {r['sdpa_ms']:.3f} | " + " | ".join(cells) +
+                     f" | {r['mask_sdpa_ms']:.3f} / {r['mask_flex_ms']:.3f} |")
+    (args.out / "attention.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

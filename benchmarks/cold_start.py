@@ -1,0 +1,177 @@
+"""Cold against warm: a varied workload decoded twice in one fresh process, per engine variant.
+
+The workload (seeded): prompts of lengths spread log-uniformly over [--min-prompt, --max-prompt] tokens, each
+request with its own strategy (lopa / d2f / threshold) and k (0, 3, 7, 14), more requests than max_num_seqs, so
+they join and leave between steps. Pass 0 runs right after load_model (whatever start-up did is in the
+"load" time, reported apart); pass 1 repeats the same workload in the same process. Each variant runs in a
+fresh subprocess, so compiled kernels and captured graphs never carry over between variants:
+
+* "lazy sdpa": RunnerConfig(attention="sdpa", warmup=False): each new shape key (incl. the padded key span)
+  captures on first use - the engine before start-up capture;
+* "warm flex": RunnerConfig(attention="flex", warmup=True): the graph set captured inside load_model.
+
+Counting: generated tokens up to EOS of every request; tokens/s = those tokens over the pass's wall time
+(prefill included: the users' view); ms/step over the engine's steps; captures / recompiles / eager steps
+after start-up from the engine's counters.
+
+    PYTHONPATH=src python3 benchmarks/cold_start.py --out benchmarks/results/cold_start_h100          # default model
+    PYTHONPATH=src python3 benchmarks/cold_start.py --shape dream-7b --out benchmarks/results/cold_start_h100
+    PYTHONPATH=src python3 benchmarks/cold_start.py --tiny --out /tmp/x                                # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+VARIANTS = {"lazy sdpa": dict(attention="sdpa", warmup=False), "warm flex": dict(attention="flex", warmup=True)}
+STRATEGIES = ("lopa", "d2f", "threshold")
+KS = (0, 3, 7, 14)
+
+
+def workload(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[tuple[list[int], dict]]:
+    """n (prompt ids, DecodeConfig fields): log-uniform prompt lengths, strategies and k in turn."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        length = int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+        prompt = [rng.randrange(vocab) for _ in range(length)]
+        out.append((prompt, {"strategy": STRATEGIES[i % 3], "k": KS[i % 4]}))
+    return out
+
+
+def load(args, variant: str):
+    import lopa
+    from lopa.api import build_model
+
+    runner = lopa.RunnerConfig(max_num_seqs=args.max_num_seqs, device="cpu" if args.tiny else "auto",
+                               **VARIANTS[variant])
+    if args.shape is None:
+        return lopa.load_model(runner=runner)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bp_latency import RandomSource
+
+    return build_model(RandomSource(args.shape), runner, name=Path(f"random-{args.shape}"))
+
+
+def run_variant(args, variant: str) -> dict:
+    """In this (fresh) process: load, then the workload twice."""
+    import lopa
+
+    t0 = time.perf_counter()
+    model = load(args, variant)
+    sync()
+    load_s = time.perf_counter() - t0
+    spec = model.loaded.spec
+    # prompts from the model's own tokens (no special ids), so the default model sees real text pieces
+    vocab = min(spec.vocab_size, spec.mask_id, *spec.eos_ids) - 1
+    work = workload(args.requests, args.min_prompt, args.max_prompt, vocab)
+    engine = model.engine
+    graphs = model.runner.graphs
+    stats = graphs.refresh_stats() if graphs is not None else None
+    result = {"variant": variant, "load_s": load_s, "warmup_s": stats.warmup_s if stats else 0.0,
+              "warmup_graphs": stats.warmup_graphs if stats else 0,
+              "warmup_gib": stats.warmup_bytes / 2**30 if stats else 0.0, "passes": []}
+    for p in range(args.passes):
+        c0 = dict(engine.counters.as_dict())
+        seqs = [engine.prepare(ids, lopa.decode_config(gen_length=args.gen_length, **fields)) for ids, fields in work]
+        sync()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            outs = engine.generate(seqs)
+        sync()
+        wall = time.perf_counter() - t
+        c1 = engine.counters.as_dict()
+        steps = c1["steps"] - c0["steps"]
+        tokens = sum(o.stats.generated_tokens for o in outs)
+        row = {"pass": p, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall, "steps": steps,
+               "ms_per_step": 1e3 * wall / max(1, steps)}
+        for key in ("captures_after_start", "recompiles_after_start", "eager_decode_steps"):
+            row[key] = c1[key] - c0[key]
+        result["passes"].append(row)
+        print(json.dumps({"variant": variant, **row}), flush=True)
+    p0, p1 = result["passes"][0], result["passes"][-1]
+    result["pass0_over_pass1"] = p0["tokens_per_s"] / p1["tokens_per_s"]
+    return result
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| variant | load s (warm-up s, graphs, GiB) | pass | tokens/s | ms/step | steps | captures | "
+             "recompiles | eager steps | pass 0 / pass 1 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | failed: {r['error'][:100]} |  |  |  |  |  |  |  |  |")
+            continue
+        for row in r["passes"]:
+            start = (f"{r['load_s']:.1f} ({r['warmup_s']:.1f}, {r['warmup_graphs']}, {r['warmup_gib']:.2f})"
+                     if row["pass"] == 0 else "")
+            ratio = f"{r['pass0_over_pass1']:.2f}" if row["pass"] == 0 else ""
+            lines.append(f"| {r['variant'] if row['pass'] == 0 else ''} | {start} | {row['pass']} | "
+                         f"{row['tokens_per_s']:.0f} | {row['ms_per_step']:.2f} | {row['steps']} | "
+                         f"{row['captures_after_start']} | {row['recompiles_after_start']} | "
+                         f"{row['eager_decode_steps']} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/cold_start"))
+    ap.add_argument("--shape", default=None, help="random weights at a step_latency.py shape (default: the embedded "
+                    "model)")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test (tiny shape, few requests)")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--max-num-seqs", type=int, default=8)
+    ap.add_argument("--min-prompt", type=int, default=16)
+    ap.add_argument("--max-prompt", type=int, default=None, help="default: 3000, or 400 for the embedded model")
+    ap.add_argument("--gen-length", type=int, default=64)
+    ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # run one variant in this process
+    args = ap.parse_args()
+    if args.tiny:
+        args.shape, args.requests, args.max_num_seqs, args.gen_length = "tiny", 6, 2, 16
+    if args.max_prompt is None:
+        args.max_prompt = 400 if args.shape is None else (60 if args.tiny else 3000)
+    if args.child is not None:
+        print("RESULT " + json.dumps(run_variant(args, args.child)), flush=True)
+        return
+    results = []
+    for variant in args.variants.split(","):
+        cmd = [sys.executable, __file__, "--child", variant] + [a for a in sys.argv[1:]]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        sys.stderr.write(proc.stderr[-3000:])
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        results.append(json.loads(line[7:]) if line else {"variant": variant, "error": proc.stderr[-300:]})
+    sys.path.insert(0, str(Path(__file__).parent))
+    from step_latency import git_commit
+
+    meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "cpu",
+            "model": args.shape or "embedded default", "requests": args.requests, "max_num_seqs": args.max_num_seqs,
+            "prompt_tokens": [args.min_prompt, args.max_prompt], "gen_length": args.gen_length, "ks": KS,
+            "strategies": STRATEGIES, "commit": git_commit(), "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "counting": "tokens to EOS of every request over each pass's wall time, prefill included"}
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"cold_start_{(args.shape or 'default').replace('-', '_')}"
+    (args.out / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    md = table(results)
+    (args.out / f"{name}.md").write_text(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
