@@ -46,7 +46,7 @@ def batch_costs(cfg: ModelConfig, n: int, K: int, W: int, P: int) -> dict:
             "linear_params": one["linear_params"], "other_bytes": weights + n * (one["other_bytes"] - weights)}
 
 
-def setup(model, spec, device, dtype, n_max: int, K_max: int, W: int, P: int, fuse: bool, attention: str):
+def setup(model, spec, device, dtype, n_max: int, K_max: int, W: int, P: int, fuse: bool, attention: str = "sdpa"):
     """One runner per attention and prefix (as the engine has one), its n_max slots holding random P-token prefixes."""
     runner = ModelRunner(model, spec, device, dtype, max_num_seqs=n_max, static=True, fuse=fuse, attention=attention)
     runner.reserve(n_max, P + K_max * W + 256)
