@@ -44,6 +44,20 @@ BAD = [
     ("bad role", "chat/completions", lambda m: chat(m, messages=[{"role": "wizard", "content": "x"}]), "messages"),
     ("no messages", "chat/completions", lambda m: chat(m, messages=[]), "messages"),
     ("n > 1 in chat", "chat/completions", lambda m: chat(m, n=3), "n"),
+    # issue 24: the same checks as lopa.generate (lopa/request.py), every numeric setting finite and in range
+    ("temperature NaN", "completions", lambda m: good(m, temperature=float("nan")), "temperature"),
+    ("tau Infinity", "completions", lambda m: good(m, tau=float("inf")), "tau"),
+    ("seed beyond 64 bits", "completions", lambda m: good(m, seed=2**70), "seed"),
+    ("negative token id", "completions", lambda m: good(m, prompt=[5, -1]), "prompt"),
+    ("the mask token as text", "completions", lambda m: good(m, prompt="Q <|mask|>"), "prompt"),
+    ("the mask token as an id", "completions", lambda m: good(m, prompt=[5, m.loaded.spec.mask_id]), "prompt"),
+    ("the mask token in a chat", "chat/completions",
+     lambda m: chat(m, messages=[{"role": "user", "content": "<|mask|>"}]), "messages"),
+    ("k_policy load without a step row budget", "completions", lambda m: good(m, k_policy="load"), "k_policy"),
+    ("dream steps beyond max_tokens", "completions", lambda m: good(m, strategy="dream", steps=100), "steps"),
+    ("gen_length (max_tokens sets it)", "completions", lambda m: good(m, gen_length=8), "gen_length"),
+    ("trace (no per-step record)", "completions", lambda m: good(m, trace=True), "trace"),
+    ("messages a string", "chat/completions", lambda m: chat(m, messages="hello"), "messages"),
 ]
 
 
@@ -73,6 +87,14 @@ def test_bad_bytes_are_400_and_the_server_answers_the_next_good_request(server, 
     rejected = 'lopa_requests_total{status="rejected"}'
     assert metric(after, rejected) == metric(before, rejected) + 4
     assert httpx.get(url + "/health").status_code == 200
+
+
+def test_every_lopa_setting_is_accepted_by_name(server, model):
+    """k_policy and branch_m were refused before issue 24: the server's fields derive from DecodeConfig's."""
+    body = good(model, strategy="lopa", k=2, k_policy="text", branch_confidence="top_m", branch_m=3)
+    answer = httpx.post(f"{server[0]}/v1/completions", json=body, headers=KEY)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["lopa"]["k"] == 2
 
 
 def test_auth_is_401_without_the_right_key_and_health_stays_open(server, model):
