@@ -303,8 +303,6 @@ def evaluate(
 ) -> None:
     """Run strategies side by side on the same problems: accuracy, TPF, forwards, tokens/s; paired comparisons.
     The table goes to stdout; eval.json keeps every generated text."""
-    import datetime
-
     from .eval import grid
     from .eval.checks import CHECKS
     from .eval.harness import markdown, run_eval, write_reports
@@ -335,24 +333,31 @@ def evaluate(
     pairs, note = grid.pairs(reports, refs, compared)
     if note:
         console.print(f"[yellow]{escape(note)}[/]", soft_wrap=True)
-    meta = {"model": str(model.path), "adapter": str(adapter) if adapter else None, "device": str(model.runner.device),
-            "dtype": str(model.runner.dtype), "batch_size": batch_size, "step_rows": step_rows, "quantize": quantize,
-            "fused kernels": model.fused, "task": task,
-            "data": TASK_DATA.get(task) or (str(data) if data else "lopa's generated GSM8K-format test split "
-                                                                   "(lopa.problems.gsm.math_split)"),
-            "n": len(problems), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "counting": "tokens up to and including the first EOS; one decode forward per iteration however many "
-                        "branches; prefill apart"}
+    meta = _eval_meta(model, adapter, task, data, len(problems), batch_size=batch_size, step_rows=step_rows,
+                      quantize=quantize)
     if devices > 1:
         meta["branch parallel"] = {"devices": devices, **model.engine.bp.as_dict()}
         console.print(_bp_line(devices, meta["branch parallel"]), markup=False, soft_wrap=True)
-    model.close()
     write_reports(reports, pairs, out, meta)
     _emit(markdown(reports, pairs))
     console.print(f"[dim]written: {escape(str(out))}/eval.json (every answer), eval.md, eval.png[/]", soft_wrap=True)
     if checks:
         common = {name: v for name, v in decode.items() if name not in grid.SWEEPS}
         _eval_checks(model, problems, configs, (preset, common), checks, tfo_orders, tfo_n, out, meta)
+    model.close()  # after the checks: they decode with the same (Branch Parallel) model
+
+
+def _eval_meta(model, adapter, task: str, data, n: int, **settings) -> dict:
+    """eval.json's meta: what ran where, on which problems, counted how."""
+    import datetime
+
+    return {"model": str(model.path), "adapter": str(adapter) if adapter else None, "device": str(model.runner.device),
+            "dtype": str(model.runner.dtype), **settings, "fused kernels": model.fused, "task": task,
+            "data": TASK_DATA.get(task) or (str(data) if data else "lopa's generated GSM8K-format test split "
+                                                                   "(lopa.problems.gsm.math_split)"),
+            "n": n, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "counting": "tokens up to and including the first EOS; one decode forward per iteration however many "
+                        "branches; prefill apart"}
 
 
 def _eval_checks(model, problems, configs: dict, fallback: tuple, checks: str, tfo_orders: int, tfo_n: int,

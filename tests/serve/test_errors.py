@@ -1,5 +1,7 @@
 """Bad input gets its 4xx in OpenAI's error shape naming the field, and the server keeps answering."""
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -17,6 +19,11 @@ def server(model):
 
 def good(m, **extra):
     return {"model": m.path.name, "prompt": "Question: 1 + 2?\nAnswer:", "max_tokens": 8, "block_size": 8, **extra}
+
+
+def raw(body: dict) -> bytes:
+    """JSON with NaN / Infinity literals (Python's json writes them; httpx's json= refuses to)."""
+    return json.dumps(body).encode()
 
 
 def chat(m, **extra):
@@ -45,8 +52,8 @@ BAD = [
     ("no messages", "chat/completions", lambda m: chat(m, messages=[]), "messages"),
     ("n > 1 in chat", "chat/completions", lambda m: chat(m, n=3), "n"),
     # issue 24: the same checks as lopa.generate (lopa/request.py), every numeric setting finite and in range
-    ("temperature NaN", "completions", lambda m: good(m, temperature=float("nan")), "temperature"),
-    ("tau Infinity", "completions", lambda m: good(m, tau=float("inf")), "tau"),
+    ("temperature NaN", "completions", lambda m: raw(good(m, temperature=float("nan"))), "temperature"),
+    ("tau Infinity", "completions", lambda m: raw(good(m, tau=float("inf"))), "tau"),
     ("seed beyond 64 bits", "completions", lambda m: good(m, seed=2**70), "seed"),
     ("negative token id", "completions", lambda m: good(m, prompt=[5, -1]), "prompt"),
     ("the mask token as text", "completions", lambda m: good(m, prompt="Q <|mask|>"), "prompt"),
@@ -73,7 +80,9 @@ def assert_error(response, status, param=None):
 @pytest.mark.parametrize("what,route,body,param", BAD, ids=[b[0] for b in BAD])
 def test_bad_request_is_400_naming_the_field(server, model, what, route, body, param):
     url, _ = server
-    assert_error(httpx.post(f"{url}/v1/{route}", json=body(model), headers=KEY), 400, param)
+    payload = body(model)
+    sent = {"content": payload} if isinstance(payload, bytes) else {"json": payload}
+    assert_error(httpx.post(f"{url}/v1/{route}", **sent, headers=KEY), 400, param)
 
 
 def test_bad_bytes_are_400_and_the_server_answers_the_next_good_request(server, model):
