@@ -80,6 +80,7 @@ def test_load_model_checks_its_arguments(kwargs, words):
 @pytest.mark.parametrize("kwargs,words", [
     (dict(model_type="gpt2"), "model_type"), (dict(preset=["math"]), "preset"), (dict(top_p=math.nan), "top_p"),
     (dict(tau=math.inf), "tau"), (dict(add_threshold=-math.inf), "add_threshold"), (dict(k=3.0), "k"),
+    (dict(strategy=["lopa"]), "strategy"), (dict(gen_length=True), "gen_length"),
 ])
 def test_decode_config_checks_types_ranges_and_finiteness(kwargs, words):
     with pytest.raises(ConfigError, match=words):

@@ -231,7 +231,8 @@ def decode_config(preset: str | None = None, model_type: str = "dream", **overri
         base = DecodeConfig(**LLADA_DEFAULTS)
     else:
         base = DecodeConfig()
-    for name, value in STRATEGY_DEFAULTS.get(overrides.get("strategy", base.strategy), {}).items():
+    strategy = overrides.get("strategy", base.strategy)  # any type: DecodeConfig names a wrong one
+    for name, value in (STRATEGY_DEFAULTS.get(strategy, {}) if isinstance(strategy, str) else {}).items():
         overrides.setdefault(name, value)
     if overrides.get("compat") == "published" and "confidence" not in overrides:
         overrides["confidence"] = "neg_entropy"  # the published scripts' sampling_strategy
