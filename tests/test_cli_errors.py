@@ -141,6 +141,7 @@ BAD_ARGS = {  # lopa-level checks (typer's own usage errors are tested once belo
     "generate k_policy load without a step row budget": (["generate", "-p", "x", "--k-policy", "load"],
                                                          ["k_policy", "step_rows"]),
     "generate prompt beside prompts-file": (["generate", "-p", "x", "--prompts-file", "p.txt"], ["prompt", "not both"]),
+    "generate a prompt that is not UTF-8 (argv)": (["generate", "-p", "Q \udcff"], ["prompt", "UTF-8"]),
     "generate the mask token as the prompt": (["generate", "-p", "<|mask|>"], ["prompt", "mask token"]),
     "eval a k listed twice": (["eval", "--k", "2,2"], ["k", "twice"]),
     "eval a strategy listed twice": (["eval", "--strategies", "d2f,d2f", "--n", "1"], ["strategies"]),

@@ -19,6 +19,20 @@ def test_a_json_named_file_is_read_as_jsonl_and_a_bom_is_not_part_of_a_prompt(tm
     assert [e.prompt for e in read_prompts(plain)] == ["hello", "world"]
 
 
+def test_a_json_file_may_hold_one_array_of_objects(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([{"prompt": "a", "k": 1}, {"messages": [{"role": "user", "content": "b"}]}], indent=1))
+    assert [(e.prompt, e.fields) for e in read_prompts(path)] == [("a", {"k": 1}),
+                                                                  ([{"role": "user", "content": "b"}], {})]
+    path.write_text(json.dumps([{"prompt": "a"}, {"prompt": "b", "tau": 7}]))
+    with pytest.raises(ConfigError, match="item 2: tau"):
+        configs(read_prompts(path), path, None, "dream", {})
+    for bad in ("[]", "[1, 2]", "[{"):
+        path.write_text(bad)
+        with pytest.raises(ConfigError, match="prompts_file"):
+            read_prompts(path)
+
+
 def test_a_plain_file_of_json_objects_is_refused_not_read_as_text(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text(json.dumps({"prompt": "hi"}) + "\n")
