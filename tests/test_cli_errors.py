@@ -134,6 +134,7 @@ BAD_ARGS = {  # lopa-level checks (typer's own usage errors are tested once belo
     "generate bad device": (["generate", "-p", "x", "--device", "cuda:x"], ["device"]),
     "generate bad quantize": (["generate", "-p", "x", "--quantize", "int4"], ["quantize"]),
     "train bad device": (["train", "--device", "tpu"], ["device"]),
+    "train zero minutes": (["train", "--minutes", "0"], ["minutes"]),
     # issue 24: every setting checked the same way at every front end (type, range, finiteness), no silent misread
     "generate tau nan": (["generate", "-p", "x", "--tau", "nan"], ["tau"]),
     "generate temperature inf": (["generate", "-p", "x", "--temperature", "inf"], ["temperature"]),
@@ -146,7 +147,6 @@ BAD_ARGS = {  # lopa-level checks (typer's own usage errors are tested once belo
     "eval a k listed twice": (["eval", "--k", "2,2"], ["k", "twice"]),
     "eval a strategy listed twice": (["eval", "--strategies", "d2f,d2f", "--n", "1"], ["strategies"]),
     "eval tau nan": (["eval", "--tau", "nan", "--n", "1"], ["tau"]),
-    "train zero minutes": (["train", "--minutes", "0"], ["minutes"]),
 }
 
 

@@ -140,3 +140,14 @@ def test_docs_settings_table_is_current():
 
     path = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
     assert path.read_text() == settings_markdown(), "regenerate: python -m lopa.settings_doc > docs/settings.md"
+
+
+def test_the_help_of_a_choice_names_every_choice():
+    """The declarations are written before the registries they name can be imported: keep them in step."""
+    from lopa.decoding.budget import BUDGETS
+    from lopa.decoding.confidence import BRANCH_SCORES
+
+    fields = {f.name: f for f in dataclasses.fields(DecodeConfig)}
+    for field, names in (("branch_confidence", BRANCH_SCORES), ("k_policy", BUDGETS)):
+        for name in names:
+            assert name in fields[field].metadata["help"], (field, name)

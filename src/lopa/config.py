@@ -91,7 +91,7 @@ class DecodeConfig:
     base: str = _setting("d2f", "What lopa branches over: d2f (pipelined blocks) | threshold (plain window).")
     temperature: float = _setting(0.0, "Sampling temperature; 0 = greedy.")
     top_p: float = _setting(1.0, "Nucleus sampling mass, in (0, 1].")
-    seed: int = _setting(0, f"Sampling seed, in [0, 2^63).")
+    seed: int = _setting(0, "Sampling seed, in [0, 2^63).")
     confidence: str = _setting("prob", "Position confidence: " + " | ".join(CONFIDENCES) + ".")
     branch_confidence: str = _setting("mean", "LoPA branch score (decoding/confidence.py): mean (Eq. 2) | count | "
                                               "top_m | segment | logsum | lowest | random.", sweep=True)
