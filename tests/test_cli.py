@@ -230,3 +230,43 @@ def test_eval_takes_an_adapter_and_every_decoding_flag(tiny_dream_dir, tmp_path)
     assert payload["meta"]["adapter"] == str(adapter)
     assert list(payload["configs"]) == ["lopa k=2 score=top_m"]
     assert payload["configs"]["lopa k=2 score=top_m"]["branch_m"] == 3
+
+
+def test_a_byte_order_mark_on_stdin_is_not_part_of_the_prompt(tiny_dream_dir, tmp_path):
+    import lopa
+
+    trace = tmp_path / "t.json"
+    res = runner.invoke(app, ["generate", str(tiny_dream_dir), "-p", "-", "--gen-length", "8", "--block-size", "8",
+                              "--device", "cpu", "--trace", str(trace)], input="\ufeffhello there".encode())
+    assert res.exit_code == 0, res.output
+    tokenizer = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu")).tokenizer
+    assert json.loads(trace.read_text())["prompt_ids"] == tokenizer.encode("hello there")
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(monkeypatch, tmp_path):
+    """`lopa generate --prompts-file ... | head -1`: the next write meets a closed pipe; the command stops with
+    exit 141 (as a SIGPIPE'd tool does), no traceback, and nothing is left to fail at interpreter exit."""
+    import io
+    import sys
+
+    import typer
+
+    from lopa import cli
+
+    spare = open(tmp_path / "stdout", "wb")
+
+    class ClosedPipe(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, data):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self):
+            return spare.fileno()
+
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BufferedWriter(ClosedPipe())))
+    with pytest.raises(typer.Exit) as info:
+        cli._emit("x" * 100_000 + "\n")
+    assert info.value.exit_code == 141
+    spare.close()

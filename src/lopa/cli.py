@@ -38,13 +38,17 @@ def _fail(err: Exception) -> None:
 def _emit(text: str) -> None:
     """Write to stdout as it is: UTF-8 bytes (no wrapping, no markup, no newline translation or encoding error
     whatever the platform's or PYTHONIOENCODING's text layer would do)."""
-    sys.stdout.flush()
-    out = getattr(sys.stdout, "buffer", None)
-    if out is None:  # a text-only stream (some embedding hosts)
-        sys.stdout.write(text)
-    else:
-        out.write(text.encode("utf-8", errors="surrogateescape"))
-        out.flush()
+    try:
+        sys.stdout.flush()
+        out = getattr(sys.stdout, "buffer", None)
+        if out is None:  # a text-only stream (some embedding hosts)
+            sys.stdout.write(text)
+        else:
+            out.write(text.encode("utf-8", errors="surrogateescape"))
+            out.flush()
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a SIGPIPE'd tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        raise typer.Exit(code=141) from None
 
 
 def _decode_overrides(**flags) -> dict:
@@ -53,12 +57,12 @@ def _decode_overrides(**flags) -> dict:
 
 
 def _read_prompt(prompt: str) -> str:
-    """'-' reads stdin, which must be UTF-8 text."""
+    """'-' reads stdin, which must be UTF-8 text (a leading byte order mark is dropped)."""
     if prompt != "-":
         return prompt
     data = sys.stdin.buffer.read()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a leading BOM (a file saved by some editors) is not part of the prompt
     except UnicodeDecodeError as err:
         raise ConfigError(f"prompt: stdin is not UTF-8 text (byte {err.start}: {data[err.start:err.start + 1]!r})") from None
 

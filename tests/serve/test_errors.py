@@ -65,6 +65,10 @@ BAD = [
     ("gen_length (max_tokens sets it)", "completions", lambda m: good(m, gen_length=8), "gen_length"),
     ("trace (no per-step record)", "completions", lambda m: good(m, trace=True), "trace"),
     ("messages a string", "chat/completions", lambda m: chat(m, messages="hello"), "messages"),
+    ("stream_options without a stream", "completions", lambda m: good(m, stream_options={"include_usage": True}),
+     "stream_options"),
+    ("two lengths that disagree", "chat/completions", lambda m: chat(m, max_completion_tokens=9),
+     "max_completion_tokens"),
 ]
 
 

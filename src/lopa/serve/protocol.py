@@ -13,7 +13,7 @@ import secrets
 import time
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
 
 from ..config import DecodeConfig, base_type, decode_config, settings
 from ..errors import ConfigError
@@ -86,6 +86,13 @@ class _Request(_LopaFields):
             raise ValueError("at most 4 non-empty stop strings")
         return v
 
+    @field_validator("stream_options")
+    @classmethod
+    def _needs_a_stream(cls, v, info: ValidationInfo):
+        if v is not None and not info.data.get("stream"):  # OpenAI refuses it too: it would do nothing
+            raise ValueError("only allowed when stream is true")
+        return v
+
     @property
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -143,6 +150,14 @@ class ChatRequest(_Request):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = None
+
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _one_length(cls, v, info: ValidationInfo):
+        other = info.data.get("max_tokens")
+        if None not in (v, other) and v != other:
+            raise ValueError(f"{v} disagrees with max_tokens {other}; pass one of them")
+        return v
 
     def gen_length(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
