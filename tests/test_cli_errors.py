@@ -147,6 +147,8 @@ BAD_ARGS = {  # lopa-level checks (typer's own usage errors are tested once belo
     "eval a k listed twice": (["eval", "--k", "2,2"], ["k", "twice"]),
     "eval a strategy listed twice": (["eval", "--strategies", "d2f,d2f", "--n", "1"], ["strategies"]),
     "eval tau nan": (["eval", "--tau", "nan", "--n", "1"], ["tau"]),
+    "eval no tfo orders": (["eval", "--checks", "tfo", "--tfo-orders", "0"], ["tfo_orders", "positive"]),
+    "eval negative tfo problems": (["eval", "--checks", "tfo", "--tfo-n", "-2"], ["tfo_n", "positive"]),
 }
 
 

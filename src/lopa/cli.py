@@ -320,6 +320,8 @@ def evaluate(
         _count("n", n)
         _count("batch_size", batch_size)
         _count("random_tfo", random_tfo, least=0)
+        _count("tfo_orders", tfo_orders)  # a zero would divide by zero after the work, a negative tfo_n drop problems
+        _count("tfo_n", tfo_n)
         unknown = set(c for c in checks.split(",") if c) - set(CHECKS)
         if unknown:
             raise ConfigError(f"checks: must be among {CHECKS}, got {sorted(unknown)}")
