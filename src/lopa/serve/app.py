@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
+from ..api import LopaModel
 from ..config import ServeConfig
 from ..errors import ConfigError, EngineDeadError, LopaError
 from . import protocol
@@ -252,6 +253,8 @@ def _event(body: dict) -> str:
 
 def create_app(model, config: ServeConfig | None = None, engine=None) -> FastAPI:
     """An app serving ``model`` (a LopaModel). ``engine`` defaults to model.engine (tests may wrap it)."""
+    if not isinstance(model, LopaModel):
+        raise ConfigError(f"model: must be a LopaModel from lopa.load_model(), got {type(model).__name__}")
     if config is not None and not isinstance(config, ServeConfig):
         raise ConfigError(f"config: must be a ServeConfig or None, got {type(config).__name__}")
     server = Server(model, config or ServeConfig(), engine if engine is not None else model.engine)
