@@ -127,7 +127,8 @@ def load_model(
         if value is not None and not isinstance(value, (str, os.PathLike)):
             raise ConfigError(f"{name}: must be a folder path (str or Path) or None, got {type(value).__name__}")
         if isinstance(value, str) and not value.strip():
-            raise ConfigError(f"{name}: must not be empty (None for {'the embedded model' if name == 'path' else 'none'})")
+            default = "the embedded model" if name == "path" else "none"
+            raise ConfigError(f"{name}: must not be empty (None for {default})")
     if runner is not None and not isinstance(runner, RunnerConfig):
         raise ConfigError(f"runner: must be a RunnerConfig or None, got {type(runner).__name__} "
                           f"(RunnerConfig(**fields))")

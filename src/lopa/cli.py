@@ -102,8 +102,8 @@ def generate(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text ('-' reads stdin, as UTF-8)."),
     prompts_file: Optional[Path] = typer.Option(None, help="Many prompts, decoded concurrently: one per line, or JSONL "
                                                 "(.jsonl / .json / .ndjson: one object a line, or a .json array, with "
-                                                "'prompt' or 'messages' plus any decoding field such as 'k' or 'strategy' "
-                                                "for that prompt). Prints JSONL, one result a line."),
+                                                "'prompt' or 'messages' plus any decoding field such as 'k' or "
+                                                "'strategy' for that prompt). Prints JSONL, one result a line."),
     preset: Optional[str] = typer.Option(None, help="Paper Table 5 row: gsm8k | math | humaneval | mbpp"),
     decode: dict = None,  # one flag per DecodeConfig field (flags.py)
     chat: bool = typer.Option(False, "--chat", help="Apply the model's chat template."),

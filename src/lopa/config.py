@@ -135,8 +135,9 @@ class DecodeConfig:
             "attention",
             f"must be one of {ATTENTIONS} or None, got {self.attention!r}",
         )
-        _check(self.steps is None or 1 <= self.steps <= self.gen_length, "steps", f"must be in [1, gen_length = "
-               f"{self.gen_length}] (a step unmasks at least one position or is a forward for nothing), got {self.steps}")
+        _check(self.steps is None or 1 <= self.steps <= self.gen_length, "steps",
+               f"must be in [1, gen_length = {self.gen_length}] (a step unmasks at least one position or is a "
+               f"forward for nothing), got {self.steps}")
         _check(0 <= self.seed < SEED_LIMIT, "seed", f"must be in [0, 2^63), got {self.seed}")
         _check(self.alg in DREAM_ALGS, "alg", f"must be one of {DREAM_ALGS}, got {self.alg!r}")
         _check(self.max_rounds is None or self.max_rounds >= 1, "max_rounds", f"must be >= 1, got {self.max_rounds}")
@@ -225,7 +226,8 @@ def decode_config(preset: str | None = None, model_type: str = "dream", **overri
     With ``compat="published"`` the confidence measure defaults to the published scripts' negative entropy."""
     _check(model_type in MODEL_TYPES, "model_type", f"must be one of {MODEL_TYPES}, got {model_type!r}")
     if preset is not None:
-        _check(isinstance(preset, str) and preset in PRESETS, "preset", f"must be one of {tuple(PRESETS)}, got {preset!r}")
+        _check(isinstance(preset, str) and preset in PRESETS, "preset",
+               f"must be one of {tuple(PRESETS)}, got {preset!r}")
         base = PRESETS[preset]
     elif model_type == "llada":
         base = DecodeConfig(**LLADA_DEFAULTS)

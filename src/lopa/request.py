@@ -125,5 +125,6 @@ def check_config(config: DecodeConfig, *, model_type: str, step_rows: int | None
         raise ConfigError(f"compat: 'published' follows the published Dream code; this is a {model_type} model")
     if config.strategy == "lopa" and config.k_policy == "load" and step_rows is None:
         raise ConfigError("k_policy: 'load' shares the engine's step row budget, and this engine has none: set "
-                          "RunnerConfig.step_rows (--step-rows of lopa generate / eval / serve), or use k_policy 'fixed' or 'text'")
+                          "RunnerConfig.step_rows (--step-rows of lopa generate / eval / serve), or use k_policy "
+                          "'fixed' or 'text'")
     return config

@@ -48,7 +48,8 @@ def eval_configs(model_type: str, preset: str | None, strategies: list[str], dec
                     if name == "published":
                         extra.update(strategy="lopa", compat="published")
                     cfg = decode_config(preset, model_type, **{"strategy": name, **common, **fields, **extra})
-                    label = name + (f" k={cfg.k}" if branching else "") + variant + (f" tau={t}" if t is not None else "")
+                    label = (name + (f" k={cfg.k}" if branching else "") + variant
+                             + (f" tau={t}" if t is not None else ""))
                     configs[label] = cfg
                     if name == "lopa" and variant != variants[0][0]:  # also paired with the first variant
                         refs[label] = label.replace(variant, variants[0][0], 1)
