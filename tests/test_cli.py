@@ -214,3 +214,77 @@ def test_generate_prompts_file_decodes_concurrently_and_matches_the_api(tiny_dre
     bad.write_text('{"prompt": "a", "kk": 3}\n')
     res = runner.invoke(app, ["generate", str(tiny_dream_dir), "--prompts-file", str(bad), "--device", "cpu"])
     assert res.exit_code == 2 and "kk" in res.stderr and "Traceback" not in res.output
+
+
+def test_plain_output_is_the_json_text_byte_for_byte_in_a_real_process():
+    """A real stdout (not the test runner's): '\\r', U+2028 and non-ASCII text reach it as the UTF-8 bytes of
+    --json's text, even where Python's text layer is ASCII."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("from lopa.models.tokenizer import Tokenizer\n"
+              "Tokenizer.decode = lambda self, ids, skip_special=True: 'a\\rb\\r\\nc \\u00e9\\u2028 d'\n"
+              "from lopa.cli import app\napp()\n")
+    args = [sys.executable, "-c", script, "generate", "-p", "hi", "--gen-length", "8", "--block-size", "8",
+            "--device", "cpu"]
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    plain = subprocess.run(args, capture_output=True, env=env, timeout=600)
+    as_json = subprocess.run([*args, "--json"], capture_output=True, env=env, timeout=600)
+    assert plain.returncode == 0 and as_json.returncode == 0, plain.stderr + as_json.stderr
+    text = json.loads(as_json.stdout)["text"]
+    assert text == "a\rb\r\nc \u00e9\u2028 d" and plain.stdout == (text + "\n").encode("utf-8")
+
+
+def test_eval_takes_an_adapter_and_every_decoding_flag(tiny_dream_dir, tmp_path):
+    from lopa.models.tiny import write_tiny_adapter
+
+    adapter = write_tiny_adapter(tmp_path / "adapter", tiny_dream_dir, r=2)
+    res = runner.invoke(app, ["eval", str(tiny_dream_dir), "--adapter", str(adapter), "--n", "1", "--strategies",
+                              "lopa", "--k", "2", "--branch-m", "3", "--branch-confidence", "top_m", "--gen-length",
+                              "16", "--block-size", "8", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    payload = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert payload["meta"]["adapter"] == str(adapter)
+    assert list(payload["configs"]) == ["lopa k=2 score=top_m"]
+    assert payload["configs"]["lopa k=2 score=top_m"]["branch_m"] == 3
+
+
+def test_a_byte_order_mark_on_stdin_is_not_part_of_the_prompt(tiny_dream_dir, tmp_path):
+    import lopa
+
+    trace = tmp_path / "t.json"
+    res = runner.invoke(app, ["generate", str(tiny_dream_dir), "-p", "-", "--gen-length", "8", "--block-size", "8",
+                              "--device", "cpu", "--trace", str(trace)], input="\ufeffhello there".encode())
+    assert res.exit_code == 0, res.output
+    tokenizer = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu")).tokenizer
+    assert json.loads(trace.read_text())["prompt_ids"] == tokenizer.encode("hello there")
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(monkeypatch, tmp_path):
+    """`lopa generate --prompts-file ... | head -1`: the next write meets a closed pipe; the command stops with
+    exit 141 (as a SIGPIPE'd tool does), no traceback, and nothing is left to fail at interpreter exit."""
+    import io
+    import sys
+
+    import typer
+
+    from lopa import cli
+
+    spare = open(tmp_path / "stdout", "wb")
+
+    class ClosedPipe(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, data):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self):
+            return spare.fileno()
+
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BufferedWriter(ClosedPipe())))
+    with pytest.raises(typer.Exit) as info:
+        cli._emit("x" * 100_000 + "\n")
+    assert info.value.exit_code == 141
+    spare.close()

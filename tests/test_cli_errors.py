@@ -137,6 +137,20 @@ BAD_ARGS = {  # lopa-level checks (typer's own usage errors are tested once belo
                                      ["k", "100000", "64", "max_lookahead"]),
     "train bad device": (["train", "--device", "tpu"], ["device"]),
     "train zero minutes": (["train", "--minutes", "0"], ["minutes"]),
+    # issue 24: every setting checked the same way at every front end (type, range, finiteness), no silent misread
+    "generate tau nan": (["generate", "-p", "x", "--tau", "nan"], ["tau"]),
+    "generate temperature inf": (["generate", "-p", "x", "--temperature", "inf"], ["temperature"]),
+    "generate negative seed": (["generate", "-p", "x", "--seed", "-1"], ["seed"]),
+    "generate k_policy load without a step row budget": (["generate", "-p", "x", "--k-policy", "load"],
+                                                         ["k_policy", "step_rows"]),
+    "generate prompt beside prompts-file": (["generate", "-p", "x", "--prompts-file", "p.txt"], ["prompt", "not both"]),
+    "generate a prompt that is not UTF-8 (argv)": (["generate", "-p", "Q \udcff"], ["prompt", "UTF-8"]),
+    "generate the mask token as the prompt": (["generate", "-p", "<|mask|>"], ["prompt", "mask token"]),
+    "eval a k listed twice": (["eval", "--k", "2,2"], ["k", "twice"]),
+    "eval a strategy listed twice": (["eval", "--strategies", "d2f,d2f", "--n", "1"], ["strategies"]),
+    "eval tau nan": (["eval", "--tau", "nan", "--n", "1"], ["tau"]),
+    "eval no tfo orders": (["eval", "--checks", "tfo", "--tfo-orders", "0"], ["tfo_orders", "positive"]),
+    "eval negative tfo problems": (["eval", "--checks", "tfo", "--tfo-n", "-2"], ["tfo_n", "positive"]),
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
-import operator
+import os
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 from rich.console import Console
 
-from .config import DecodeConfig, RunnerConfig, decode_config
+from . import request
+from .config import DecodeConfig, RunnerConfig
 from .decoding.base import DecodeState, Step
 from .engine import Engine, Sequence, Stats
 from .errors import CheckpointError, ConfigError
@@ -162,6 +163,15 @@ def load_model(
     With ``RunnerConfig(branch_parallel=N)`` this process becomes rank 0 and starts ranks 1..N-1 (they load the
     same folder); under torchrun every rank calls load_model, and on ranks > 0 it serves rank 0's steps and then
     exits the process (SystemExit), so the code after load_model runs on rank 0 only."""
+    for name, value in (("path", path), ("adapter", adapter)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise ConfigError(f"{name}: must be a folder path (str or Path) or None, got {type(value).__name__}")
+        if isinstance(value, str) and not value.strip():
+            default = "the embedded model" if name == "path" else "none"
+            raise ConfigError(f"{name}: must not be empty (None for {default})")
+    if runner is not None and not isinstance(runner, RunnerConfig):
+        raise ConfigError(f"runner: must be a RunnerConfig or None, got {type(runner).__name__} "
+                          f"(RunnerConfig(**fields))")
     runner = runner or RunnerConfig()
     folder = Path(path).expanduser() if path is not None else default_model_path()
     adapter = Path(adapter).expanduser() if adapter is not None else None
@@ -218,65 +228,20 @@ def _serve_model(model: LopaModel) -> None:
         model.runner.group.close()
 
 
-def _check_text(field: str, text) -> str:
-    if not isinstance(text, str):
-        raise ConfigError(f"{field}: must be a string, got {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:  # lone surrogates: bytes that were not UTF-8 (e.g. a file read with errors=)
-        raise ConfigError(f"{field}: not valid UTF-8 text (character {err.start}: {text[err.start]!r})") from None
-    return text
+def _check_model(model) -> LopaModel:
+    if not isinstance(model, LopaModel):
+        raise ConfigError(f"model: must be a LopaModel from lopa.load_model(), got {type(model).__name__}")
+    return model
 
 
-def _check_messages(messages) -> list[dict]:
-    """A chat as [{"role": ..., "content": ...}, ...], each role and content a string."""
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise ConfigError("messages: must be a non-empty list of {'role': ..., 'content': ...} dicts")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not {"role", "content"} <= set(m):
-            raise ConfigError(f"messages[{i}]: must be a dict with 'role' and 'content', got {m!r}")
-        _check_text(f"messages[{i}].role", m["role"])
-        _check_text(f"messages[{i}].content", m["content"])
-    return [dict(m) for m in messages]
-
-
-def _prompt_ids(model: LopaModel, prompt: str | list[int] | None, chat: bool, messages: list[dict] | None) -> list[int]:
-    if messages is not None:
-        if prompt is not None:
-            raise ConfigError("messages: pass either prompt or messages, not both")
-        ids = model.tokenizer.encode(model.tokenizer.apply_chat_template(_check_messages(messages)))
-    elif prompt is None:
-        raise ConfigError("prompt: give a prompt (text or token ids) or messages")
-    elif isinstance(prompt, str):
-        _check_text("prompt", prompt)
-        text = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
-        ids = model.tokenizer.encode(text)
-    else:
-        if chat:
-            raise ConfigError("chat: a chat template needs a text prompt, not token ids")
-        vocab = model.loaded.spec.vocab_size
-        try:
-            ids = [operator.index(t) for t in prompt]
-        except TypeError:
-            raise ConfigError("prompt: must be text or a list of integer token ids") from None
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ConfigError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {vocab})")
-    if not ids:
-        raise ConfigError("prompt: must not be empty")
-    return ids
+def _check_callback(name: str, fn) -> None:
+    if fn is not None and not callable(fn):
+        raise ConfigError(f"{name}: must be callable or None, got {type(fn).__name__}")
 
 
 def _config(model: LopaModel, config: DecodeConfig | None, preset: str | None, overrides: dict) -> DecodeConfig:
-    if config is None:
-        config = decode_config(preset, model.model_type, **overrides)
-    elif overrides or preset:
-        if preset:
-            raise ConfigError("preset: pass either config or preset, not both")
-        config = config.replace(**overrides)
-    if config.compat == "published" and model.model_type != "dream":
-        raise ConfigError(f"compat: 'published' follows the published Dream code; this is a {model.model_type} model")
-    return config
+    return request.resolve_config(config, preset, overrides, model_type=model.model_type,
+                                  step_rows=model.engine.step_rows)
 
 
 def _result(model: LopaModel, seq: Sequence, out) -> GenerationResult:
@@ -299,8 +264,11 @@ def generate(
 
     The prompt is text, token ids, or (instead) ``messages=[{"role": "user", "content": ...}, ...]``, rendered
     with the model's chat template (``chat=True`` does the same for a single user turn given as text)."""
+    _check_model(model)
+    _check_callback("on_step", on_step)
     config = _config(model, config, preset, overrides)
-    seq = model.engine.prepare(_prompt_ids(model, prompt, chat, messages), config)
+    ids = request.prompt_ids(model.tokenizer, model.loaded.spec, prompt, chat=chat, messages=messages)
+    seq = model.engine.prepare(ids, config)
     with torch.inference_mode():
         (out,) = model.engine.generate([seq], on_step=None if on_step is None else lambda s: on_step(s.state))
     return _result(model, seq, out)
@@ -322,17 +290,29 @@ def generate_many(
     (each with ``overrides`` applied). ``on_result(i, result)`` runs as each request finishes. Each result
     counts what that request alone cost (tokens, its decode forwards); the engine's counters
     (``model.engine.counters``) count the shared steps."""
+    _check_model(model)
+    _check_callback("on_result", on_result)
+    if not isinstance(prompts, (list, tuple)):  # a str would be a list of one-character prompts
+        raise ConfigError(f"prompts: must be a list of prompts, got {type(prompts).__name__} (one prompt: "
+                          f"generate(model, prompt))")
     if isinstance(configs, (list, tuple)):
         if len(configs) != len(prompts):
             raise ConfigError(f"configs: {len(configs)} configs for {len(prompts)} prompts")
         cfgs = [_config(model, c, preset, dict(overrides)) for c in configs]
     else:
         cfgs = [_config(model, configs, preset, dict(overrides))] * len(prompts)
+
     def ids(p):  # a list of message dicts is a chat, like generate(messages=...)
         is_chat = isinstance(p, (list, tuple)) and bool(p) and isinstance(p[0], dict)
-        return _prompt_ids(model, None if is_chat else p, chat, p if is_chat else None)
+        return request.prompt_ids(model.tokenizer, model.loaded.spec, None if is_chat else p, chat=chat,
+                                  messages=p if is_chat else None)
 
-    seqs = [model.engine.prepare(ids(p), c) for p, c in zip(prompts, cfgs)]
+    seqs = []
+    for i, (p, c) in enumerate(zip(prompts, cfgs)):
+        try:
+            seqs.append(model.engine.prepare(ids(p), c))
+        except ConfigError as err:  # which prompt: "prompts[3]: prompt: must not be empty"
+            raise ConfigError(f"prompts[{i}]: {err}") from None
     index = {s.id: i for i, s in enumerate(seqs)}
     finish = None if on_result is None else lambda s, out: on_result(index[s.id], _result(model, s, out))
     with torch.inference_mode():

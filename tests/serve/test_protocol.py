@@ -62,3 +62,17 @@ def test_a_stop_string_split_over_blocks_is_cut_and_nothing_after_it_is_sent():
     assert deltas == ["abc", "", ""] and text.text == "abc" and text.stopped
     plain = TextStream(ByteTokenizer(), ["END"])
     assert "".join([plain.push(list(b"abE"), False), plain.push(list(b"x"), True)]) == "abEx" and not plain.stopped
+
+
+def test_create_app_checks_its_arguments():
+    from lopa.serve import create_app
+
+    with pytest.raises(ConfigError, match="model"):
+        create_app("default_model")
+
+
+def test_create_app_refuses_a_config_that_is_not_a_serve_config(model):
+    from lopa.serve import create_app
+
+    with pytest.raises(ConfigError, match="config"):
+        create_app(model, {"api_key": "x"})

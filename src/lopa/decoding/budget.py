@@ -9,7 +9,8 @@ task. Here a policy may spend fewer, from what the strategy sees on the host bef
            (all alike: the branches are near-copies of one another). See ``text_budget``.
     load   from the load: the engine sets ``DecodeState.row_budget``, the rows this request may use in its
            next forward (Engine.row_budget: RunnerConfig.step_rows split evenly among the requests of the
-           step); the policy takes as many branches as fit, at least one lookahead, at most k. No budget: k.
+           step); the policy takes as many branches as fit, at least one lookahead, at most k. An engine
+           without step_rows refuses a lopa request with this policy at admission (lopa/request.py).
 
 Pure host code on small CPU tensors: deterministic, the same on every rank.
 """

@@ -21,8 +21,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
+from ..api import LopaModel
 from ..config import ServeConfig
-from ..errors import EngineDeadError, LopaError
+from ..errors import ConfigError, EngineDeadError, LopaError
 from . import protocol
 from .engine_loop import AsyncEngine
 from .errors import ApiError, Cancelled, RequestFailed, RequestTimeout, classify, outcome
@@ -56,70 +57,70 @@ class Job:
     done: bool = False  # its final output arrived (or the engine died): nothing to abort
 
 
-def create_app(model, config: ServeConfig | None = None, engine=None) -> FastAPI:
-    """An app serving ``model`` (a LopaModel). ``engine`` defaults to model.engine (tests may wrap it)."""
-    config = config or ServeConfig()
-    engine = engine if engine is not None else model.engine
-    name = config.served_model_name or model.path.name
-    tokenizer, context = model.tokenizer, model.config.max_position_embeddings
-    vocab = model.config.vocab_size
-    metrics = Metrics()
-    device = getattr(getattr(engine, "runner", None), "device", None)  # the engine thread sets it current
-    core = AsyncEngine(engine, config.max_pending, device=device,
-                       on_delivery=lambda d: metrics.on_step(d.step, d.running, d.waiting, core.pending,
-                                                            getattr(engine, "counters", None)))
+class Server:
+    """One served model: admission, the engine thread (``core``), answers and metrics. The routes of
+    ``create_app`` are thin calls into it."""
+
+    def __init__(self, model, config: ServeConfig, engine) -> None:
+        self.model, self.config, self.engine = model, config, engine
+        self.name = config.served_model_name or model.path.name
+        self.tokenizer, self.spec = model.tokenizer, model.loaded.spec
+        self.context = model.config.max_position_embeddings
+        self.metrics = Metrics()
+        device = getattr(getattr(engine, "runner", None), "device", None)  # the engine thread sets it current
+        self.core = AsyncEngine(engine, config.max_pending, device=device, on_delivery=self._on_delivery)
+
+    def _on_delivery(self, d) -> None:
+        self.metrics.on_step(d.step, d.running, d.waiting, self.core.pending, getattr(self.engine, "counters", None))
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI):
-        core.start()
+    async def lifespan(self, _app: FastAPI):
+        self.core.start()
         yield
-        await core.shutdown()
+        await self.core.shutdown()
 
-    app = FastAPI(title="lopa", lifespan=lifespan)
-    app.state.core, app.state.metrics, app.state.served_model_name = core, metrics, name
-
-    async def error_response(_request: Request, exc: Exception) -> JSONResponse:
+    async def error_response(self, _request: Request, exc: Exception) -> JSONResponse:
         err = classify(exc)
-        metrics.requests.labels(outcome(err.status)).inc()
+        self.metrics.requests.labels(outcome(err.status)).inc()
         return JSONResponse(protocol.error_body(err.message, err.type, err.param, err.code), err.status,
                             headers=err.headers)
 
-    for kind in (ApiError, ValidationError, LopaError, RequestTimeout, RequestFailed, Cancelled, HTTPException,
-                 Exception):
-        app.add_exception_handler(kind, error_response)
-
-    def require_key(request: Request) -> None:
-        if config.api_key is None:
+    def require_key(self, request: Request) -> None:
+        if self.config.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), config.api_key.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), self.config.api_key.encode()):
             raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)", "authentication_error",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
-    def require_metrics_key(request: Request) -> None:
-        if not config.metrics_public:
-            require_key(request)
+    def require_metrics_key(self, request: Request) -> None:
+        if not self.config.metrics_public:
+            self.require_key(request)
 
-    async def admit(request: Request, schema, chat: bool) -> Job:
+    # -- one request --------------------------------------------------------------------------------
+    async def admit(self, request: Request, schema, chat: bool) -> Job:
+        """Parse and check the request (nothing malformed reaches the engine), then queue it (429 when full)."""
         req = schema.model_validate_json(await request.body())
-        if req.model != name:
-            raise ApiError(400, f"model: this server serves {name!r}, got {req.model!r}", param="model",
+        if req.model != self.name:
+            raise ApiError(400, f"model: this server serves {self.name!r}, got {req.model!r}", param="model",
                            code="model_not_found")
-        ids = protocol.chat_ids(req, tokenizer) if chat else protocol.prompt_ids(req, tokenizer, vocab)
-        cfg = protocol.decode_settings(req, model.model_type, len(ids), context,
-                                       prompt_field="messages" if chat else "prompt")
+        ids = (protocol.chat_ids(req, self.tokenizer, self.spec) if chat
+               else protocol.prompt_ids(req, self.tokenizer, self.spec))
+        cfg = protocol.decode_settings(req, self.model.model_type, len(ids), self.context,
+                                       prompt_field="messages" if chat else "prompt",
+                                       step_rows=getattr(self.engine, "step_rows", None))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        seq = engine.prepare(ids, cfg, request_id=rid, stream=req.stream)
-        box = core.submit(seq)
-        metrics.prompt_tokens.inc(len(ids))
-        loop = asyncio.get_running_loop()
-        return Job(rid, chat, req, cfg, len(ids), box, loop.time() + config.request_timeout_s, time.perf_counter())
+        seq = self.engine.prepare(ids, cfg, request_id=rid, stream=req.stream)
+        box = self.core.submit(seq)
+        self.metrics.prompt_tokens.inc(len(ids))
+        deadline = asyncio.get_running_loop().time() + self.config.request_timeout_s
+        return Job(rid, chat, req, cfg, len(ids), box, deadline, time.perf_counter())
 
-    async def outputs(job: Job):
+    async def outputs(self, job: Job):
         """The job's RequestOutputs until its last; raises what the engine loop sent, or RequestTimeout (a
         timer puts it in the box at the deadline: asyncio.wait_for would swallow a cancellation on 3.11)."""
         timer = asyncio.get_running_loop().call_at(job.deadline, job.box.put_nowait, RequestTimeout(
-            f"request ran past {config.request_timeout_s} s and was aborted"))
+            f"request ran past {self.config.request_timeout_s} s and was aborted"))
         first = True
         try:
             while True:
@@ -129,14 +130,10 @@ def create_app(model, config: ServeConfig | None = None, engine=None) -> FastAPI
                     raise item
                 if item.finished:
                     job.done = True
-                    if item.finish_reason == "abort":
-                        raise Cancelled("the request was aborted: the server is shutting down")
-                    if item.finish_reason == "error":
-                        raise RequestFailed(f"the request failed in the engine: {type(item.error).__name__}: "
-                                            f"{item.error}")
-                    metrics.on_finished(item.result.stats, time.perf_counter() - job.t0)
+                    _raise_unless_ok(item)
+                    self.metrics.on_finished(item.result.stats, time.perf_counter() - job.t0)
                 if first and job.req.stream and item.new_ids:  # what a streaming client waits for
-                    metrics.first_block_s.observe(time.perf_counter() - job.t0)
+                    self.metrics.first_block_s.observe(time.perf_counter() - job.t0)
                     first = False
                 yield item
                 if item.finished:
@@ -144,105 +141,133 @@ def create_app(model, config: ServeConfig | None = None, engine=None) -> FastAPI
         finally:
             timer.cancel()
 
-    def abandon(job: Job) -> bool:
+    def abandon(self, job: Job) -> bool:
         """Abort a request that has not finished (its KV is freed); True if there was one."""
         if job.done:
             return False
-        core.abort(job.rid)
+        self.core.abort(job.rid)
         job.done = True
         return True
 
-    def finish_reason(out, text: TextStream) -> str:
-        return "stop" if text.stopped else out.finish_reason
-
-    async def collect(job: Job) -> dict:
-        text = TextStream(tokenizer, job.req.stops)
-        async for out in outputs(job):
+    async def collect(self, job: Job) -> dict:
+        text = TextStream(self.tokenizer, job.req.stops)
+        async for out in self.outputs(job):
             text.push(out.new_ids, out.finished)
             if out.finished:
                 stats = out.result.stats
                 body = protocol.chat_body if job.chat else protocol.completion_body
-                metrics.requests.labels("ok").inc()
-                return body(job.rid, name, text.text, finish_reason(out, text),
+                self.metrics.requests.labels("ok").inc()
+                return body(job.rid, self.name, text.text, _finish_reason(out, text),
                             protocol.usage(job.n_prompt, stats), protocol.lopa_block(job.config, stats))
         raise AssertionError("unreachable: outputs() ends with a finished output")
 
-    async def until_disconnect(request: Request) -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    async def answer(request: Request, job: Job) -> Response:
+    async def answer(self, request: Request, job: Job) -> Response:
+        """The job's answer: an event stream, or one JSON body raced against the client going away."""
         if job.req.stream:
-            return EventStream(sse(job), media_type="text/event-stream",
+            return EventStream(self.sse(job), media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        collector = asyncio.ensure_future(collect(job))
-        watcher = asyncio.ensure_future(until_disconnect(request))
+        collector = asyncio.ensure_future(self.collect(job))
+        watcher = asyncio.ensure_future(_until_disconnect(request))
         try:
             await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if not collector.done():  # the client went away first
-                if abandon(job):
-                    metrics.requests.labels("cancelled").inc()
+                if self.abandon(job):
+                    self.metrics.requests.labels("cancelled").inc()
                 return Response(status_code=499)  # nobody reads this
             return JSONResponse(collector.result())  # or raises: error_response answers
         finally:
             watcher.cancel()
             collector.cancel()
-            abandon(job)  # timed out, or this handler was cancelled
+            self.abandon(job)  # timed out, or this handler was cancelled
 
-    def event(body: dict) -> str:
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-    async def sse(job: Job):
-        text = TextStream(tokenizer, job.req.stops)
-        created, usage = int(time.time()), job.req.include_usage
+    async def sse(self, job: Job):
+        text = TextStream(self.tokenizer, job.req.stops)
+        created, usage, chunk = int(time.time()), job.req.include_usage, protocol.chunk
         try:
             if job.chat:
-                yield event(protocol.chunk(True, job.rid, name, created, "", role=True, with_usage=usage))
-            async for out in outputs(job):
+                yield _event(chunk(True, job.rid, self.name, created, "", role=True, with_usage=usage))
+            async for out in self.outputs(job):
                 delta = text.push(out.new_ids, out.finished)
                 if not out.finished:
                     if delta:
-                        yield event(protocol.chunk(job.chat, job.rid, name, created, delta, with_usage=usage))
+                        yield _event(chunk(job.chat, job.rid, self.name, created, delta, with_usage=usage))
                     continue
-                yield event(protocol.chunk(job.chat, job.rid, name, created, delta, finish_reason(out, text),
-                                           with_usage=usage))
+                yield _event(chunk(job.chat, job.rid, self.name, created, delta, _finish_reason(out, text),
+                                   with_usage=usage))
                 if usage:
                     use = protocol.usage(job.n_prompt, out.result.stats)
-                    yield event(protocol.chunk(job.chat, job.rid, name, created, None, use=use, with_usage=True))
-                metrics.requests.labels("ok").inc()
+                    yield _event(chunk(job.chat, job.rid, self.name, created, None, use=use, with_usage=True))
+                self.metrics.requests.labels("ok").inc()
                 yield "data: [DONE]\n\n"
         except (EngineDeadError, Cancelled, RequestTimeout, RequestFailed) as exc:  # the stream ends in an error
-            abandon(job)
+            self.abandon(job)
             err = classify(exc)
-            metrics.requests.labels(outcome(err.status)).inc()
-            yield event(protocol.error_body(err.message, err.type, err.param, err.code))
+            self.metrics.requests.labels(outcome(err.status)).inc()
+            yield _event(protocol.error_body(err.message, err.type, err.param, err.code))
         finally:  # the client went away (the generator is closed) before the end
-            if abandon(job):
-                metrics.requests.labels("cancelled").inc()
+            if self.abandon(job):
+                self.metrics.requests.labels("cancelled").inc()
 
-    @app.post("/v1/completions", dependencies=[Depends(require_key)])
-    async def completions(request: Request) -> Response:
-        return await answer(request, await admit(request, protocol.CompletionRequest, chat=False))
+    # -- routes -------------------------------------------------------------------------------------
+    async def completions(self, request: Request) -> Response:
+        return await self.answer(request, await self.admit(request, protocol.CompletionRequest, chat=False))
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
-    async def chat_completions(request: Request) -> Response:
-        return await answer(request, await admit(request, protocol.ChatRequest, chat=True))
+    async def chat_completions(self, request: Request) -> Response:
+        return await self.answer(request, await self.admit(request, protocol.ChatRequest, chat=True))
 
-    @app.get("/v1/models", dependencies=[Depends(require_key)])
-    async def models() -> dict:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "lopa"}]}
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": 0, "owned_by": "lopa"}]}
 
-    @app.get("/health")
-    async def health() -> Response:
-        if core.alive:
-            return JSONResponse({"status": "ok", "in_flight": core.pending})
-        return JSONResponse(protocol.error_body(f"the engine is not running ({core.dead!r})", "server_error",
+    async def health(self) -> Response:
+        if self.core.alive:
+            return JSONResponse({"status": "ok", "in_flight": self.core.pending})
+        return JSONResponse(protocol.error_body(f"the engine is not running ({self.core.dead!r})", "server_error",
                                                 code="engine_unavailable"), 503)
 
-    @app.get("/metrics", dependencies=[Depends(require_metrics_key)])
-    async def prometheus() -> Response:
-        metrics.in_flight.set(core.pending)
-        body, content_type = metrics.exposition()
+    async def prometheus(self) -> Response:
+        self.metrics.in_flight.set(self.core.pending)
+        body, content_type = self.metrics.exposition()
         return Response(body, media_type=content_type)
 
+
+def _raise_unless_ok(item) -> None:
+    """A finished output that is not an answer: aborted by the shutdown, or its strategy failed."""
+    if item.finish_reason == "abort":
+        raise Cancelled("the request was aborted: the server is shutting down")
+    if item.finish_reason == "error":
+        raise RequestFailed(f"the request failed in the engine: {type(item.error).__name__}: {item.error}")
+
+
+def _finish_reason(out, text: TextStream) -> str:
+    return "stop" if text.stopped else out.finish_reason
+
+
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _event(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def create_app(model, config: ServeConfig | None = None, engine=None) -> FastAPI:
+    """An app serving ``model`` (a LopaModel). ``engine`` defaults to model.engine (tests may wrap it)."""
+    if not isinstance(model, LopaModel):
+        raise ConfigError(f"model: must be a LopaModel from lopa.load_model(), got {type(model).__name__}")
+    if config is not None and not isinstance(config, ServeConfig):
+        raise ConfigError(f"config: must be a ServeConfig or None, got {type(config).__name__}")
+    server = Server(model, config or ServeConfig(), engine if engine is not None else model.engine)
+    app = FastAPI(title="lopa", lifespan=server.lifespan)
+    app.state.server, app.state.core, app.state.metrics = server, server.core, server.metrics
+    app.state.served_model_name = server.name
+    for kind in (ApiError, ValidationError, LopaError, RequestTimeout, RequestFailed, Cancelled, HTTPException,
+                 Exception):
+        app.add_exception_handler(kind, server.error_response)
+    key, metrics_key = [Depends(server.require_key)], [Depends(server.require_metrics_key)]
+    app.add_api_route("/v1/completions", server.completions, methods=["POST"], dependencies=key)
+    app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"], dependencies=key)
+    app.add_api_route("/v1/models", server.models, methods=["GET"], dependencies=key)
+    app.add_api_route("/health", server.health, methods=["GET"])
+    app.add_api_route("/metrics", server.prometheus, methods=["GET"], dependencies=metrics_key)
     return app

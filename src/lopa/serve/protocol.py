@@ -13,16 +13,23 @@ import secrets
 import time
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
 
-from ..config import DecodeConfig, decode_config
+from ..config import DecodeConfig, base_type, decode_config, settings
 from ..errors import ConfigError
+from .. import request
 
-# lopa's DecodeConfig fields a request may set by name (everything but the OpenAI-mapped ones and trace).
-LOPA_FIELDS = ("strategy", "k", "tau", "block_size", "add_threshold", "complete_threshold", "base", "attention",
-               "confidence", "branch_confidence", "steps", "alg", "max_rounds", "compat")
+OPENAI_FIELDS = ("temperature", "top_p", "seed")  # DecodeConfig fields OpenAI's schema already names
+# lopa's own DecodeConfig fields a request may set by name (extra body), derived from their declaration
+# (config.py: the server's hidden ones are listed in config.hidden_settings("server")).
+LOPA_FIELDS = tuple(f.name for f in settings("server") if f.name not in OPENAI_FIELDS)
 # DecodeConfig field -> the request field that set it, so a ConfigError names what the client sent.
 REQUEST_FIELD = {"gen_length": "max_tokens"}
+STRICT = ConfigDict(extra="forbid", strict=True)
+# Every lopa field optional: None keeps the preset's / model family's value. Types and ranges are DecodeConfig's.
+_LopaFields = create_model("_LopaFields", __config__=STRICT, preset=(Optional[str], None),
+                           **{f.name: (Optional[base_type(f)], None) for f in settings("server")
+                              if f.name in LOPA_FIELDS})
 
 
 class StreamOptions(BaseModel):
@@ -30,10 +37,10 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Request(BaseModel):
-    """Fields shared by /v1/completions and /v1/chat/completions."""
+class _Request(_LopaFields):
+    """Fields shared by /v1/completions and /v1/chat/completions (and lopa's, from _LopaFields)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = STRICT
 
     model: str
     max_tokens: Optional[int] = Field(None, ge=1)
@@ -48,22 +55,6 @@ class _Request(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: Optional[dict[str, float]] = None
-    # lopa's own (extra body) fields; None keeps the preset's / model family's value
-    preset: Optional[str] = None
-    strategy: Optional[str] = None
-    k: Optional[int] = None
-    tau: Optional[float] = None
-    block_size: Optional[int] = None
-    add_threshold: Optional[float] = None
-    complete_threshold: Optional[float] = None
-    base: Optional[str] = None
-    attention: Optional[str] = None
-    confidence: Optional[str] = None
-    branch_confidence: Optional[str] = None
-    steps: Optional[int] = None
-    alg: Optional[str] = None
-    max_rounds: Optional[int] = None
-    compat: Optional[str] = None
 
     @field_validator("n")
     @classmethod
@@ -93,6 +84,13 @@ class _Request(BaseModel):
         stops = [v] if isinstance(v, str) else (v or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("at most 4 non-empty stop strings")
+        return v
+
+    @field_validator("stream_options")
+    @classmethod
+    def _needs_a_stream(cls, v, info: ValidationInfo):
+        if v is not None and not info.data.get("stream"):  # OpenAI refuses it too: it would do nothing
+            raise ValueError("only allowed when stream is true")
         return v
 
     @property
@@ -139,7 +137,7 @@ class TextPart(BaseModel):
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal[request.ROLES]
     content: Union[str, list[TextPart]]
     name: Optional[str] = None
 
@@ -153,38 +151,36 @@ class ChatRequest(_Request):
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = None
 
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _one_length(cls, v, info: ValidationInfo):
+        other = info.data.get("max_tokens")
+        if None not in (v, other) and v != other:
+            raise ValueError(f"{v} disagrees with max_tokens {other}; pass one of them")
+        return v
+
     def gen_length(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
 # -- request -> what the engine needs ------------------------------------------------------------------
-def prompt_ids(req: CompletionRequest, tokenizer, vocab_size: int) -> list[int]:
-    """Token ids of a completion prompt: text is encoded as lopa.generate does; ids are range-checked."""
+def prompt_ids(req: CompletionRequest, tokenizer, spec) -> list[int]:
+    """Token ids of a completion prompt, checked as lopa.generate checks them (lopa/request.py)."""
     prompt = req.prompt[0] if isinstance(req.prompt, list) and isinstance(req.prompt[0], str) else req.prompt
-    if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt)
-    else:
-        bad = [t for t in prompt if not 0 <= t < vocab_size]
-        if bad:
-            raise ConfigError(f"prompt: token ids must be in [0, {vocab_size}), got {bad[:4]}")
-        ids = list(prompt)
-    if not ids:
-        raise ConfigError("prompt: encodes to no tokens")
-    return ids
+    return request.prompt_ids(tokenizer, spec, prompt)
 
 
-def chat_ids(req: ChatRequest, tokenizer) -> list[int]:
+def chat_ids(req: ChatRequest, tokenizer, spec) -> list[int]:
     """The messages through the model's chat template (with the assistant's generation prompt), encoded."""
-    text = tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages])
-    ids = tokenizer.encode(text)
-    if not ids:
-        raise ConfigError("messages: encode to no tokens")
-    return ids
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name is not None else {})}
+                for m in req.messages]
+    return request.prompt_ids(tokenizer, spec, messages=messages)
 
 
 def decode_settings(req: _Request, model_type: str, n_prompt: int, context: int,
-                    prompt_field: str = "prompt") -> DecodeConfig:
-    """The request's DecodeConfig: its preset (or the family's defaults), lopa fields, then OpenAI's fields.
+                    prompt_field: str = "prompt", step_rows: Optional[int] = None) -> DecodeConfig:
+    """The request's DecodeConfig: its preset (or the family's defaults), lopa fields, then OpenAI's fields,
+    checked against the model and the engine (``step_rows``: its RunnerConfig.step_rows) as lopa.generate does.
 
     Without max_tokens the preset's gen_length applies. Prompt + gen_length must fit the model's context."""
     overrides = {name: getattr(req, name) for name in LOPA_FIELDS if getattr(req, name) is not None}
@@ -196,9 +192,8 @@ def decode_settings(req: _Request, model_type: str, n_prompt: int, context: int,
     if req.top_p is not None:
         overrides["top_p"] = req.top_p
     overrides["seed"] = req.seed if req.seed is not None else secrets.randbits(31)
-    cfg = decode_config(req.preset, model_type, **overrides)
-    if cfg.compat == "published" and model_type != "dream":
-        raise ConfigError(f"compat: 'published' follows the published Dream code; this is a {model_type} model")
+    cfg = request.check_config(decode_config(req.preset, model_type, **overrides), model_type=model_type,
+                               step_rows=step_rows)
     if n_prompt + cfg.gen_length > context:
         name = field if req.gen_length() is not None and n_prompt < context else prompt_field
         raise ConfigError(f"{name}: prompt ({n_prompt} tokens) + max_tokens ({cfg.gen_length}) exceeds the "
