@@ -222,6 +222,9 @@ def _prompt_ids(model: LopaModel, prompt: str | list[int] | None, chat: bool, me
 
 def _config(model: LopaModel, config: DecodeConfig | None, preset: str | None, overrides: dict) -> DecodeConfig:
     if config is None:
+        trained = model.loaded.spec.block_size  # block-diffusion models decode in the blocks they were trained on
+        if trained is not None and "block_size" not in overrides:
+            overrides = {**overrides, "block_size": trained}
         config = decode_config(preset, model.model_type, **overrides)
     elif overrides or preset:
         if preset:

@@ -6,6 +6,7 @@ from typing import Callable
 
 from ..config import DecodeConfig
 from .base import ModelSpec, Strategy
+from .block_diffusion import FastDLLMv2Strategy, SDARStrategy
 from .d2f import D2FStrategy
 from .dream import DreamStrategy
 from .lopa import lopa_strategy
@@ -17,6 +18,8 @@ STRATEGIES: dict[str, Callable[[DecodeConfig, ModelSpec], Strategy]] = {
     "d2f": D2FStrategy,
     "lopa": lopa_strategy,
     "dream": DreamStrategy,
+    "sdar": SDARStrategy,
+    "fast_dllm_v2": FastDLLMv2Strategy,
 }
 
 
