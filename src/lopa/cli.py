@@ -109,15 +109,15 @@ def generate(
                                                 "(.jsonl: objects with 'prompt' or 'messages', plus any decoding field "
                                                 "such as 'k' or 'strategy' for that prompt). Prints JSONL, one result a line."),
     max_num_seqs: int = typer.Option(8, help="With --prompts-file: requests decoded together (one forward per step)."),
-    strategy: Optional[str] = typer.Option(None, help=_default("strategy", "threshold | d2f | lopa | dream")),
-    preset: Optional[str] = typer.Option(None, help="Paper Table 5 row: gsm8k | math | humaneval | mbpp"),
+    strategy: Optional[str] = typer.Option(None, help=_default("strategy", "threshold | d2f | lopa | dream | sdar | fast_dllm_v2")),
+    preset: Optional[str] = typer.Option(None, help="Paper Table 5 row: gsm8k | math | humaneval | mbpp; or a block-diffusion model's published loop: sdar | sdar_dynamic | fast_dllm_v2"),
     k: Optional[int] = typer.Option(None, help=_default("k", "LoPA lookahead branches.")),
     tau: Optional[float] = typer.Option(None, help=_default("tau", "Fill threshold on max probability, in (0, 1].")),
     block_size: Optional[int] = typer.Option(None, help=_default("block_size")),
     gen_length: Optional[int] = typer.Option(None, help=_default("gen_length", "Max new tokens.")),
     add_threshold: Optional[float] = typer.Option(None, help=_default("add_threshold", "D2F τ_add.")),
     complete_threshold: Optional[float] = typer.Option(None, help=_default("complete_threshold", "D2F τ_act.")),
-    base: Optional[str] = typer.Option(None, help=_default("base", "What lopa branches over: d2f | threshold.")),
+    base: Optional[str] = typer.Option(None, help=_default("base", "What lopa branches over: d2f | threshold | sdar | fast_dllm_v2.")),
     attention: Optional[str] = typer.Option(None, help="Window attention: full | block_causal \\[default: block_causal "
                                                        "for d2f, full for the others]"),
     confidence: Optional[str] = typer.Option(None, help=_default("confidence", "prob | neg_entropy | margin.")),
@@ -526,7 +526,9 @@ def info(path: Optional[Path] = typer.Argument(None, help="HF model folder (defa
     _emit(f"{model.path}\n  model_type {cfg.model_type}, {params / 1e6:.2f}M parameters\n"
           f"  layers {cfg.num_layers}, hidden {cfg.hidden_size}, heads {cfg.num_heads}/{cfg.num_kv_heads}, "
           f"vocab {cfg.vocab_size}, context {cfg.max_position_embeddings}\n"
-          f"  mask id {model.loaded.spec.mask_id}, eos ids {list(model.loaded.spec.eos_ids)}\n")
+          f"  mask id {model.loaded.spec.mask_id}, eos ids {list(model.loaded.spec.eos_ids)}\n"
+          + (f"  block diffusion: block size {cfg.block_size} (blocks aligned at position 0), "
+             f"logit shift {cfg.logit_shift}\n" if cfg.block_diffusion else ""))
 
 
 # -- lopa serve ----------------------------------------------------------------------------------------
