@@ -110,7 +110,9 @@ def generate(
                                                 "such as 'k' or 'strategy' for that prompt). Prints JSONL, one result a line."),
     max_num_seqs: int = typer.Option(8, help="With --prompts-file: requests decoded together (one forward per step)."),
     strategy: Optional[str] = typer.Option(None, help=_default("strategy", "threshold | d2f | lopa | dream | sdar | fast_dllm_v2")),
-    preset: Optional[str] = typer.Option(None, help="Paper Table 5 row: gsm8k | math | humaneval | mbpp; or a block-diffusion model's published loop: sdar | sdar_dynamic | fast_dllm_v2"),
+    preset: Optional[str] = typer.Option(None, help="Paper Table 5 row: gsm8k | math | humaneval | mbpp; or a "
+                                                    "block-diffusion model's published loop: sdar | sdar_dynamic | "
+                                                    "fast_dllm_v2"),
     k: Optional[int] = typer.Option(None, help=_default("k", "LoPA lookahead branches.")),
     tau: Optional[float] = typer.Option(None, help=_default("tau", "Fill threshold on max probability, in (0, 1].")),
     block_size: Optional[int] = typer.Option(None, help=_default("block_size")),
