@@ -98,3 +98,16 @@ def test_serve_load_tiny(tmp_path):
         assert r["equal_to_ceiling"] == r["requests"]  # greedy: the server's answers are generate_many's
         assert r["decode_steps"] > 0 and r["prefill_steps"] > 0 and 0 < r["engine_busy"] <= 1.05  # from /metrics
     assert (tmp_path / "serve_load.md").read_text().count("\n| ") == 3  # header + 2 rows
+
+
+def test_step_latency_block_diffusion_shapes(tmp_path):
+    """SDAR / Fast-dLLM v2 shapes: their own block-causal window, and the folded commit's savings measured by
+    decoding through the engine (SDAR: one forward per finished block; Fast-dLLM v2: none by construction)."""
+    run("step_latency.py", "--tiny", "--shapes", "tiny-sdar,tiny-fast-dllm-v2", "--ks", "0", "--prefixes", "16",
+        "--variants", "graphs", "--fold-tokens", "24", "--reps", "1", "--out", str(tmp_path))
+    sdar, fast = json.loads((tmp_path / "step_latency.json").read_text())["rows"]
+    assert (sdar["W"], fast["W"]) == (8, 8) and sdar["lopa_ms"] > 0 and sdar["lopa_graph_rel_err"] < 1e-4
+    assert sdar["fold"]["generated"] == sdar["extra"]["generated"] == 24
+    assert sdar["extra"]["decode_forwards"] - sdar["fold"]["decode_forwards"] == 24 // 4 - 1
+    assert fast["forwards_saved_per_100"] == 0
+    assert "forwards saved/100" in (tmp_path / "step_latency.md").read_text()
