@@ -30,6 +30,7 @@ def test_sdar_reads_qwen3_fields_and_defaults_the_diffusion_ones(tiny_sdar_dir):
     assert raw["model_type"] == "sdar" and raw["architectures"] == ["SDARForCausalLM"]
     cfg = ModelConfig.from_dict({k: v for k, v in raw.items() if k not in ("block_size", "mask_token_id")})
     assert (cfg.block_size, cfg.mask_token_id) == (4, 151669)  # the published defaults when config.json omits them
+    assert ModelConfig.from_dict({**raw, "rope_scaling": {"rope_type": "default"}}).rope_theta == raw["rope_theta"]
     assert cfg.qk_norm and not cfg.qkv_bias and cfg.logit_shift == 0
     wide = ModelConfig.from_dict({**raw, "head_dim": 32})  # Qwen3-4B style: head_dim != hidden / heads
     assert wide.head_dim == 32 and wide.hidden_size // wide.num_heads == 16

@@ -156,7 +156,9 @@ class ModelConfig:
                 value = raw.get(name, supported)
                 if value != supported and not (value is None and supported is False):  # null reads as off
                     raise UnsupportedModelError(f"config.json: {name}={raw[name]!r} is not supported (only {supported!r})")
-        if family in BLOCK_DIFFUSION and raw.get("rope_scaling") is not None:
+        scaling = raw.get("rope_scaling")
+        plain = isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) == "default"
+        if family in BLOCK_DIFFUSION and scaling is not None and not plain:
             raise UnsupportedModelError(f"config.json: rope_scaling={raw['rope_scaling']!r} is not supported (only null)")
         values: dict = {"model_type": family}
         for ours, (theirs, default) in FAMILIES[family].items():
