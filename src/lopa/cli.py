@@ -500,6 +500,8 @@ def train(
     code_copies: int = typer.Option(TrainConfig.code_copies, help="Times each code task appears in the pool."),
     seed: int = typer.Option(TrainConfig.seed),
     device: str = typer.Option(TrainConfig.device, help="auto | cpu | cuda[:N]"),
+    objective: str = typer.Option(TrainConfig.objective, help="d2f (a Dream-layout model) | block_diffusion (an "
+                                  "SDAR-layout block-diffusion model, clean-context objective, blocks of --block-size)"),
 ) -> None:
     """Train the default model (Dream architecture, D2F recipe) on generated math problems and code tasks."""
     from .train.trainer import train as run_training
@@ -509,7 +511,7 @@ def train(
                           num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
                           intermediate_size=intermediate_size, vocab_size=vocab_size, block_size=block_size,
                           full_attention_fraction=full_attention_fraction, n_train=n_train, n_code=n_code,
-                          code_copies=code_copies, seed=seed, device=device)
+                          code_copies=code_copies, seed=seed, device=device, objective=objective)
         _writable_dir("out", out)
         run_training(cfg)
     except LopaError as err:
