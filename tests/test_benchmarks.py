@@ -111,3 +111,12 @@ def test_step_latency_block_diffusion_shapes(tmp_path):
     assert sdar["extra"]["decode_forwards"] - sdar["fold"]["decode_forwards"] == 24 // 4 - 1
     assert fast["forwards_saved_per_100"] == 0
     assert "forwards saved/100" in (tmp_path / "step_latency.md").read_text()
+
+
+def test_bd_lopa_pairs_lopa_with_the_models_own_loop(tmp_path, tiny_sdar_dir):
+    run("bd_lopa.py", "--models", str(tiny_sdar_dir), "--n", "2", "--ks", "2", "--gen-length", "8",
+        "--batch-size", "2", "--device", "cpu", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "bd_lopa.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["sdar tau=0.9", "lopa k=2"] and all(r["n"] == 2 for r in rows)
+    assert rows[0]["paired_vs_own"] is None and rows[1]["paired_vs_own"]["n"] == 2
+    assert (tmp_path / tiny_sdar_dir.name / "eval.json").is_file()
