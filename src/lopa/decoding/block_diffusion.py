@@ -121,17 +121,10 @@ class BlockDiffusionStrategy(WindowStrategy):
             return ForwardBatch(tokens, lo, torch.empty(0, dtype=torch.int64), commit=end - lo,
                                 block_ids=self.block_ids(lo, end))
         hi = self.window_end(state)
-        anchor = state.canvas[lo:hi]
         scored = self.scored(state)
-        rows, extra = [anchor], [None]
-        for pos in self.lookahead_positions(state, scored):
-            row = anchor.clone()
-            row[pos - lo] = state.pred_tok[pos]
-            rows.append(row)
-            extra.append(pos)
-        state.pending = (scored, extra)
+        tokens = self.branch_rows(state, lo, hi, scored)
         cols = torch.tensor(scored, dtype=torch.int64) - lo  # predictions for the active region's masks only
-        return ForwardBatch(torch.stack(rows), lo, cols, commit=end - lo, block_ids=self.block_ids(lo, hi))
+        return ForwardBatch(tokens, lo, cols, commit=end - lo, block_ids=self.block_ids(lo, hi))
 
     def window_end(self, state: WindowState) -> int:
         return self.current(state).end
