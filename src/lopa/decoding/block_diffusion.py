@@ -123,7 +123,9 @@ class BlockDiffusionStrategy(WindowStrategy):
         hi = self.window_end(state)
         scored = self.scored(state)
         tokens = self.branch_rows(state, lo, hi, scored)
-        cols = torch.tensor(scored, dtype=torch.int64) - lo  # predictions for the active region's masks only
+        # predictions for every mask of the window (the active block): the fill uses the active region's; a
+        # Fast-dLLM v2 lookahead that completes a sub-block leaves the next one predicted, ready to branch on
+        cols = self.masked(state, lo, hi).nonzero()[:, 0]
         return ForwardBatch(tokens, lo, cols, commit=end - lo, block_ids=self.block_ids(lo, hi))
 
     def window_end(self, state: WindowState) -> int:
