@@ -152,3 +152,34 @@ def ref_prev(hf, tokens, P, block):
     b = block[:P]
     return hf(input_ids=tokens[None, :P], attention_mask=additive(b[:, None] >= b[None, :]),
               position_ids=torch.arange(P)[None]).logits[0, -1:]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lopa_info_shows_block_size_mask_and_stop_ids(family, request):
+    from typer.testing import CliRunner
+
+    from lopa.cli import app
+
+    folder = _folder(request, family)
+    spec = load_folder(folder).spec
+    res = CliRunner().invoke(app, ["info", str(folder)])
+    assert res.exit_code == 0, res.output
+    assert f"model_type {family}" in res.output and f"block size {spec.block_size}" in res.output
+    assert f"mask id {spec.mask_id}" in res.output and f"eos ids {list(spec.eos_ids)}" in res.output
+
+
+def test_unsupported_block_diffusion_variants_are_typed_errors(tiny_sdar_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from lopa.cli import app
+
+    bad = shutil.copytree(tiny_sdar_dir, tmp_path / "moe")
+    raw = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**raw, "model_type": "sdar_moe"}))
+    with pytest.raises(UnsupportedModelError, match="sdar_moe"):
+        load_folder(bad)
+    (bad / "config.json").write_text(json.dumps({**raw, "block_size": 0}))
+    with pytest.raises(CheckpointError, match="'block_size' must be an integer >= 1"):
+        load_folder(bad)
+    res = CliRunner().invoke(app, ["info", str(bad)])
+    assert res.exit_code == 2 and "block_size" in res.output and "Traceback" not in res.output
