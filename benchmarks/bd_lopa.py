@@ -31,7 +31,11 @@ def configs(model, tau: float, ks: list[int], gen_length: int) -> dict:
     loop = model.model_type  # "sdar" | "fast_dllm_v2": the strategy of the same name is the model's own loop
     common = dict(tau=tau, gen_length=gen_length, block_size=model.loaded.spec.block_size)
     runs = {f"{loop} tau={tau}": decode_config(None, model.model_type, strategy=loop, **common)}
+    region = common["block_size"] if loop == "sdar" else runs[f"{loop} tau={tau}"].sub_block
     for k in ks:
+        if k >= region:  # a branch fills one more mask of the active region, which holds at most region - 1 others
+            print(f"{model.path.name}: k={k} skipped (the active region holds {region} positions)")
+            continue
         runs[f"lopa k={k}"] = decode_config(None, model.model_type, strategy="lopa", base=loop, k=k, **common)
     return runs
 
