@@ -448,9 +448,9 @@ def main() -> None:
                      f"{f('speedup_vs_hf_batched', '{:.2f}x')} |")
     folds = {r["shape"]: r for r in rows if "fold" in r}
     if folds:
-        lines += ["", "Folded commit (block-diffusion shapes): the model's own loop through the engine, random weights, "
-                  "decode forwards and seconds per 100 generated tokens with the finished block's K/V committed by "
-                  "the forward that starts the next block, and with one extra forward per finished block.", "",
+        lines += ["", "Folded commit (block-diffusion shapes): the model's own loop through the engine, random "
+                  "weights, decode forwards and seconds per 100 generated tokens with the finished block's K/V "
+                  "committed by the forward that starts the next block, and with one extra forward per finished block.", "",
                   "| shape | tokens | fold forwards/100 | extra forwards/100 | forwards saved/100 | fold s/100 | "
                   "extra s/100 | seconds saved/100 |", "|---|---|---|---|---|---|---|---|"]
         for shape, r in folds.items():

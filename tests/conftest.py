@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random Dream, LLaDA, SDAR and Fast-dLLM v2 folders written by lopa.models.tiny (no downloads)."""
+"""Shared fixtures: tiny random Dream, LLaDA, SDAR and Fast-dLLM v2 folders written by lopa.models.tiny (no
+downloads)."""
 
 import pytest
 

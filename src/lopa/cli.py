@@ -109,7 +109,8 @@ def generate(
                                                 "(.jsonl: objects with 'prompt' or 'messages', plus any decoding field "
                                                 "such as 'k' or 'strategy' for that prompt). Prints JSONL, one result a line."),
     max_num_seqs: int = typer.Option(8, help="With --prompts-file: requests decoded together (one forward per step)."),
-    strategy: Optional[str] = typer.Option(None, help=_default("strategy", "threshold | d2f | lopa | dream | sdar | fast_dllm_v2")),
+    strategy: Optional[str] = typer.Option(None, help=_default("strategy", "threshold | d2f | lopa | dream | sdar | "
+                                                                          "fast_dllm_v2")),
     preset: Optional[str] = typer.Option(None, help="Paper Table 5 row: gsm8k | math | humaneval | mbpp; or a "
                                                     "block-diffusion model's published loop: sdar | sdar_dynamic | "
                                                     "fast_dllm_v2"),
@@ -119,7 +120,8 @@ def generate(
     gen_length: Optional[int] = typer.Option(None, help=_default("gen_length", "Max new tokens.")),
     add_threshold: Optional[float] = typer.Option(None, help=_default("add_threshold", "D2F τ_add.")),
     complete_threshold: Optional[float] = typer.Option(None, help=_default("complete_threshold", "D2F τ_act.")),
-    base: Optional[str] = typer.Option(None, help=_default("base", "What lopa branches over: d2f | threshold | sdar | fast_dllm_v2.")),
+    base: Optional[str] = typer.Option(None, help=_default("base", "What lopa branches over: d2f | threshold | sdar | "
+                                                                  "fast_dllm_v2.")),
     attention: Optional[str] = typer.Option(None, help="Window attention: full | block_causal \\[default: block_causal "
                                                        "for d2f, full for the others]"),
     confidence: Optional[str] = typer.Option(None, help=_default("confidence", "prob | neg_entropy | margin.")),
@@ -501,7 +503,8 @@ def train(
     seed: int = typer.Option(TrainConfig.seed),
     device: str = typer.Option(TrainConfig.device, help="auto | cpu | cuda[:N]"),
     objective: str = typer.Option(TrainConfig.objective, help="d2f (a Dream-layout model) | block_diffusion (an "
-                                  "SDAR-layout block-diffusion model, clean-context objective, blocks of --block-size)"),
+                                  "SDAR-layout block-diffusion model, clean-context objective, blocks of "
+                                  "--block-size)"),
 ) -> None:
     """Train the default model (Dream architecture, D2F recipe) on generated math problems and code tasks."""
     from .train.trainer import train as run_training

@@ -44,8 +44,8 @@ class Ref:
         allowed = block[None, :] <= block[lo:hi, None]
         mask = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(~allowed, torch.finfo(torch.float64).min)
         with torch.no_grad():
-            logits = self.hf(input_ids=self.x[None, lo:hi], attention_mask=mask[None, None],
-                             position_ids=torch.arange(lo, hi)[None], past_key_values=self.cache, use_cache=True).logits[0]
+            logits = self.hf(input_ids=self.x[None, lo:hi], attention_mask=mask[None, None], use_cache=True,
+                             position_ids=torch.arange(lo, hi)[None], past_key_values=self.cache).logits[0]
         if not keep:
             self.cache.crop(-(hi - lo))  # transformers 5: crop(-n) drops the last n positions
         logits[:, self.spec.mask_id] = float("-inf")
@@ -66,7 +66,8 @@ class Ref:
     def answer(self):
         eos = self.eos_at()
         ids = self.x[self.P: eos + 1 if eos is not None else self.T]
-        return ids[: int((ids == self.spec.mask_id).nonzero()[0])].tolist() if (ids == self.spec.mask_id).any() else ids.tolist()
+        holes = (ids == self.spec.mask_id).nonzero()
+        return ids[: int(holes[0])].tolist() if len(holes) else ids.tolist()
 
 
 def sdar_reference(hf, spec, prompt, gen_length, size, tau):

@@ -106,7 +106,8 @@ TOL = dict(atol=2e-6, rtol=1e-5)
 
 def additive(allowed: torch.Tensor) -> torch.Tensor:
     """bool [Tq, Tk] -> HF's additive 4-D mask [1, 1, Tq, Tk] (float64)."""
-    return torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(~allowed, torch.finfo(torch.float64).min)[None, None]
+    blocked = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(~allowed, torch.finfo(torch.float64).min)
+    return blocked[None, None]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -138,7 +139,7 @@ def test_logits_equal_transformers_under_the_block_causal_mask(family, request):
         runner.execute([StepItem(0, ForwardBatch(tokens[None, P:], P, torch.arange(W), block_ids=block[P:]),
                                  PredictSpec())])
         got = loaded.model.logits(runner.hidden[0, :W][None], torch.arange(W), runner.pool.last_hidden[0])[0]
-        # column j predicts position P + j: HF's logits at P + j - shift (column 0 of Fast-dLLM v2: the cached last state)
+        # column j predicts position P + j: HF's logits at P + j - shift (Fast-dLLM v2's column 0: the cached state)
         expect = ref if not shift else torch.cat([ref_prev(hf, tokens, P, block), ref[:-1]])
         torch.testing.assert_close(got, expect, **TOL)
         # the cache K/V equal transformers' for the committed prefix

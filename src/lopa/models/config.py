@@ -49,8 +49,8 @@ SDAR_FIELDS = {**DREAM_FIELDS, "mask_token_id": ("mask_token_id", 151669),
                "block_size": ("block_size", 4), "explicit_head_dim": ("head_dim", None)}
 # Fast-dLLM v2 (Efficient-Large-Model/Fast_dLLM_v2_*): Qwen2.5 tensors; its mask token |<MASK>| (151665) is in
 # added_tokens.json, not config.json (the loader reads it from there); the block size is `bd_size`.
-FAST_DLLM_FIELDS = {**DREAM_FIELDS, "mask_token_id": ("mask_token_id", 151665), "eos_token_id": ("eos_token_id", 151645),
-                    "block_size": ("bd_size", 32)}
+FAST_DLLM_FIELDS = {**DREAM_FIELDS, "mask_token_id": ("mask_token_id", 151665),
+                    "eos_token_id": ("eos_token_id", 151645), "block_size": ("bd_size", 32)}
 FAMILIES = {"dream": DREAM_FIELDS, "llada": LLADA_FIELDS, "sdar": SDAR_FIELDS, "fast_dllm_v2": FAST_DLLM_FIELDS}
 # config.json model_type (lower case) -> our family name
 MODEL_TYPES = {"dream": "dream", "llada": "llada", "sdar": "sdar", "fast_dllm_qwen": "fast_dllm_v2"}
@@ -159,7 +159,7 @@ class ModelConfig:
         scaling = raw.get("rope_scaling")
         plain = isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) == "default"
         if family in BLOCK_DIFFUSION and scaling is not None and not plain:
-            raise UnsupportedModelError(f"config.json: rope_scaling={raw['rope_scaling']!r} is not supported (only null)")
+            raise UnsupportedModelError(f"config.json: rope_scaling={scaling!r} is not supported (only null)")
         values: dict = {"model_type": family}
         for ours, (theirs, default) in FAMILIES[family].items():
             value = raw.get(theirs, default)

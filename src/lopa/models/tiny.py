@@ -1,4 +1,5 @@
-"""Small random Dream / LLaDA / SDAR / Fast-dLLM v2 folders in the real layouts: for tests, the demo fallback, fixtures and benchmarks.
+"""Small random Dream / LLaDA / SDAR / Fast-dLLM v2 folders in the real layouts: for tests, the demo fallback,
+fixtures and benchmarks.
 
 Deterministic: the same arguments give the same bytes.
 """
@@ -49,7 +50,8 @@ def train_tokenizer(texts: list[str], vocab_size: int, specials: list[str] = SPE
     return tok
 
 
-def write_tokenizer(tok: HFTokenizer, folder: Path, fmt: str = "json", specials: list[str] = SPECIAL_TOKENS) -> dict[str, int]:
+def write_tokenizer(tok: HFTokenizer, folder: Path, fmt: str = "json",
+                    specials: list[str] = SPECIAL_TOKENS) -> dict[str, int]:
     """Write tokenizer.json ("json") or Dream's slow-tokenizer files vocab.json + merges.txt ("bpe").
     ``specials[3]`` is the mask token."""
     folder.mkdir(parents=True, exist_ok=True)

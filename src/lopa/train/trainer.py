@@ -164,7 +164,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                             lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     rng = torch.Generator().manual_seed(cfg.seed)
     params = sum(p.numel() for p in model.parameters())
-    print(f"training {params / 1e6:.2f}M parameters ({cfg.objective}, block {cfg.block_size}) on {device} for {cfg.minutes} min, {len(pairs)} examples ({cfg.n_code} code tasks x {cfg.code_copies}), "
+    print(f"training {params / 1e6:.2f}M parameters ({cfg.objective}, block {cfg.block_size}) on {device} "
+          f"for {cfg.minutes} min, {len(pairs)} examples ({cfg.n_code} code tasks x {cfg.code_copies}), "
           f"vocab {cfg.vocab_size}, longest sequence {longest}", flush=True)
     log: list[tuple[int, float, float]] = []
     start, step, running = time.time(), 0, None
@@ -177,7 +178,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         batch = random.sample(pairs, cfg.batch_size)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             if bd:
-                tokens, targets, loss_mask = (t.to(device) for t in make_bd_batch(batch, cfg.block_size, mask_id, eos, rng))
+                tensors = make_bd_batch(batch, cfg.block_size, mask_id, eos, rng)
+                tokens, targets, loss_mask = (t.to(device) for t in tensors)
                 loss = bd_loss(model, tokens, targets, loss_mask, cfg.block_size)
             else:
                 loss = d2f_loss(model, batch, cfg, mask_id, eos, rng, device)
