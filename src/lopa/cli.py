@@ -289,7 +289,8 @@ def demo(
     k: Optional[int] = typer.Option(None, help=_default("k", "LoPA lookahead branches.")),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N]"),
 ) -> None:
-    """Decode a few held-out math problems with threshold, d2f and lopa side by side: accuracy, TPF, speed."""
+    """Decode a few held-out math problems with threshold, d2f and lopa side by side (a block-diffusion model: its
+    own loop and lopa over it): accuracy, TPF, speed."""
     from .config import decode_config
     from .eval.harness import markdown, run_eval
     from .eval.tasks import gsm8k
@@ -308,8 +309,9 @@ def demo(
                           f"mechanics.[/]")
         model = api.load_model(path, runner=RunnerConfig(device=device))
         problems = gsm8k(None, n)
+        names = (model.model_type, "lopa") if model.config.block_diffusion else ("threshold", "d2f", "lopa")
         configs = {name: decode_config(None, model.model_type, **_decode_overrides(strategy=name, k=k))
-                   for name in ("threshold", "d2f", "lopa")}
+                   for name in names}  # a block-diffusion model: its own loop, then lopa over it
         lopa_cfg = configs.pop("lopa")
         configs[f"lopa k={lopa_cfg.k}"] = lopa_cfg
         reports = run_eval(model, problems, configs)

@@ -184,3 +184,13 @@ def test_unsupported_block_diffusion_variants_are_typed_errors(tiny_sdar_dir, tm
         load_folder(bad)
     res = CliRunner().invoke(app, ["info", str(bad)])
     assert res.exit_code == 2 and "block_size" in res.output and "Traceback" not in res.output
+
+
+def test_demo_runs_the_models_own_loop_beside_lopa(tiny_sdar_dir):
+    from typer.testing import CliRunner
+
+    from lopa.cli import app
+
+    res = CliRunner().invoke(app, ["demo", str(tiny_sdar_dir), "--n", "1", "--k", "2", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "| sdar |" in res.output and "| lopa k=2 |" in res.output and "| d2f |" not in res.output
