@@ -57,8 +57,10 @@ class BlockDiffusionStrategy(WindowStrategy):
         return [Block(s, min(s + self.size, end), fully_active=True) for s in range(first, end, self.size)]
 
     def current(self, state: WindowState) -> Block | None:
-        """The first block with a mask left."""
-        return next((b for b in state.blocks if not self.block_complete(state, b)), None)
+        """The first block with a mask left. Blocks are decoded in order and those before the committed prefix
+        are complete, so the search starts at the block holding position ``cached`` (a few checks, not all)."""
+        first = max(0, (state.cached - state.blocks[0].start) // self.size)
+        return next((b for b in state.blocks[first:] if not self.block_complete(state, b)), None)
 
     def active(self, state: WindowState) -> Block | None:
         """The region the fill rule works on now (None: nothing left)."""
