@@ -7,7 +7,6 @@ import dataclasses
 import pytest
 import torch
 
-import lopa
 from lopa import RunnerConfig, generate, generate_many, load_model
 from lopa.engine import Engine
 from lopa.runner.model_runner import ModelRunner
@@ -53,3 +52,16 @@ def test_branch_parallel_two_ranks_match_one_process(tiny_sdar_dir, tiny_fast_dl
             assert bp_counters.broadcasts == 0
         finally:
             bp.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("name", FAMILIES)
+def test_graph_replay_matches_eager_on_gpu(name, request):
+    """Batched CUDA-graph replay equals batched eager on the GPU in float32 (the tiny models)."""
+    folder = request.getfixturevalue(f"tiny_{name}_dir")
+    fast = load_model(folder, runner=RunnerConfig(device="cuda", dtype="float32", max_num_seqs=2))
+    slow = load_model(folder, runner=RunnerConfig(device="cuda", dtype="float32", cuda_graphs=False, max_num_seqs=2))
+    for kw in configs(name):
+        a, b = generate_many(slow, list(PROMPTS), **kw), generate_many(fast, list(PROMPTS), **kw)
+        assert [r.token_ids for r in a] == [r.token_ids for r in b], kw
+    assert fast.runner.graphs.statics and all(s.graph is not None for s in fast.runner.graphs.statics.values())
