@@ -1,4 +1,5 @@
-"""Time one full LoPA iteration at Dream-7B / LLaDA-8B shape, against transformers, against the roofline.
+"""Time one full LoPA iteration at Dream-7B / LLaDA-8B (or SDAR-8B / Fast-dLLM-v2-7B) shape, against
+transformers, against the roofline.
 
 One iteration, through lopa's own runner (VARIANTS: eager; CUDA graphs, runner/graphs.py; CUDA graphs with
 the fused kernels the engine uses by default, models/fused.py; the same with fp8 decoder Linears,
@@ -13,6 +14,14 @@ bf16 (and fp8) matmul rate and copy bandwidth, from which the roofline of each c
     PYTHONPATH=src python3 benchmarks/step_latency.py --variants graphs+fused,graphs+fused-fp8 --out results/
     PYTHONPATH=src python3 benchmarks/step_latency.py --profile 10:32:512 --out results/  # kernel tables
     PYTHONPATH=src python3 benchmarks/step_latency.py --tiny --out /tmp/x  # CPU smoke test
+    PYTHONPATH=src python3 benchmarks/step_latency.py --shapes sdar-8b,fast-dllm-v2-7b --ks 0,3,7 --prefixes 512 \
+        --variants graphs+fused --out results/block_diffusion/
+
+Block-diffusion shapes (sdar-8b, fast-dllm-v2-7b) time their own window instead of --windows: block-causal,
+the active block last; SDAR's W = 8 is a finished block (committed by this forward: the folded commit) plus
+the active block of 4, Fast-dLLM v2's W = 32 its block. Each such shape also decodes --fold-tokens tokens
+through the engine (random weights, the model's own loop) with the folded commit and with one extra forward
+per finished block, and reports the forwards and decode seconds the fold saves per 100 tokens.
 """
 
 from __future__ import annotations
@@ -29,12 +38,14 @@ from pathlib import Path
 
 import torch
 
+from lopa.config import DecodeConfig
 from lopa.decoding.base import ForwardBatch, ModelSpec, PredictSpec
 from lopa.decoding.confidence import mean_confidence, predict
 from lopa.models.config import ModelConfig
 from lopa.models.fused import EAGER, fused_ops
 from lopa.models import quant
 from lopa.models.quant import quantize_model, quantize_rows
+from lopa.engine import Engine
 from lopa.models.transformer import Transformer
 from lopa.runner.model_runner import ModelRunner
 from lopa.runner.step import Commit, StepItem
@@ -46,6 +57,19 @@ SHAPES = {
     "llada-8b": dict(model_type="llada", vocab_size=126464, hidden_size=4096, intermediate_size=12288, num_layers=32,
                      num_heads=32, num_kv_heads=32, rope_theta=5e5, rms_norm_eps=1e-5, max_position_embeddings=4096,
                      mask_token_id=126336, eos_token_id=126081),
+    # JetLM/SDAR-8B-Chat (Qwen3-8B layout) and Efficient-Large-Model/Fast_dLLM_v2_7B (Qwen2.5-7B layout)
+    "sdar-8b": dict(model_type="sdar", vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36,
+                    num_heads=32, num_kv_heads=8, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768,
+                    mask_token_id=151669, eos_token_id=151643, block_size=4, explicit_head_dim=128),
+    "fast-dllm-v2-7b": dict(model_type="fast_dllm_v2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                            num_layers=28, num_heads=28, num_kv_heads=4, rope_theta=1e6, rms_norm_eps=1e-6,
+                            max_position_embeddings=32768, mask_token_id=151665, eos_token_id=151645, block_size=32),
+    "tiny-sdar": dict(model_type="sdar", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+                      num_heads=4, num_kv_heads=2, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=4096,
+                      mask_token_id=511, eos_token_id=510, block_size=4),
+    "tiny-fast-dllm-v2": dict(model_type="fast_dllm_v2", vocab_size=512, hidden_size=64, intermediate_size=128,
+                              num_layers=2, num_heads=4, num_kv_heads=2, rope_theta=1e6, rms_norm_eps=1e-6,
+                              max_position_embeddings=4096, mask_token_id=511, eos_token_id=510, block_size=8),
     "tiny": dict(model_type="dream", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                  num_kv_heads=2, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=4096, mask_token_id=511,
                  eos_token_id=510),
@@ -161,6 +185,10 @@ def lopa_iteration(model, cfg, K, W, P, device, dtype, variant: str = "eager"):
     tokens = torch.randint(0, cfg.vocab_size - 2, (K, W))
     tokens[:, W // 2:] = cfg.mask_token_id
     batch = ForwardBatch(tokens, P, torch.arange(W // 4, W), commit=W // 4)  # predictions for the ¾ still open
+    if cfg.block_size:  # block diffusion: block-causal; the last block is active, the ones before it finished
+        B = cfg.block_size
+        batch = ForwardBatch(tokens, P, torch.arange(max(W - B, W // 2), W), commit=W - B,
+                             block_ids=torch.arange(W) // B)
     item = StepItem(0, batch, PredictSpec(suppress_ids=(cfg.mask_token_id,)))
 
     @torch.inference_mode()
@@ -176,6 +204,41 @@ def lopa_iteration(model, cfg, K, W, P, device, dtype, variant: str = "eager"):
         return hidden
     step.runner = runner
     return step
+
+
+def block_window(cfg: ModelConfig) -> int:
+    """A block-diffusion model's denoising window: SDAR's active block with the finished one before it (the
+    folded commit), Fast-dLLM v2's block."""
+    return 2 * cfg.block_size if cfg.model_type == "sdar" else cfg.block_size
+
+
+def fold_savings(model, cfg: ModelConfig, device, dtype, tokens: int, prompt_len: int = 64) -> dict:
+    """Decode ``tokens`` tokens through the engine (the model's own loop: SDAR one token a step, Fast-dLLM v2
+    tau 0.9 in sub-blocks of 8) with the folded commit and with one extra forward per finished block; the
+    decode forwards and seconds of each, per 100 generated tokens."""
+    spec = ModelSpec(cfg.mask_token_id, (cfg.eos_token_id,), cfg.max_position_embeddings, cfg.vocab_size,
+                     cfg.block_size)
+    runner = ModelRunner(model, spec, device, dtype, static=device.type == "cuda")
+    engine = Engine(runner, spec, 1)
+    torch.manual_seed(1)
+    prompt = torch.randint(0, cfg.vocab_size - 2, (prompt_len,)).tolist()
+    loop = dict(strategy="sdar", tau=1.0) if cfg.model_type == "sdar" else \
+        dict(strategy="fast_dllm_v2", tau=0.9, sub_block=min(8, cfg.block_size))
+    out = {}
+    for fold in (True, False):
+        config = DecodeConfig(**loop, block_size=cfg.block_size, gen_length=tokens, fold_commit=fold)
+        with torch.inference_mode():
+            engine.generate([engine.prepare(prompt, config)])  # warm-up (graph capture)
+            (run,) = engine.generate([engine.prepare(prompt, config)])
+        s = run.stats
+        per = 100 / max(1, s.generated_tokens)
+        out["fold" if fold else "extra"] = dict(decode_forwards=s.decode_forwards, generated=s.generated_tokens,
+                                                decode_s=s.decode_s, forwards_per_100=s.decode_forwards * per,
+                                                decode_s_per_100=s.decode_s * per)
+    fold, extra = out["fold"], out["extra"]
+    return dict(fold_tokens=tokens, fold=fold, extra=extra,
+                forwards_saved_per_100=extra["forwards_per_100"] - fold["forwards_per_100"],
+                decode_s_saved_per_100=extra["decode_s_per_100"] - fold["decode_s_per_100"])
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -285,12 +348,15 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--variants", default="graphs,graphs+fused,graphs+fused-fp8,graphs+fused-fp8-unpadded",
                     help="engine variants timed beside eager: graphs, graphs+fused, graphs+fused-fp8, graphs+fused-fp8-unpadded")
+    ap.add_argument("--fold-tokens", type=int, default=100, help="block-diffusion shapes: tokens decoded to count "
+                    "the forwards the folded commit saves (0: skip)")
     ap.add_argument("--profile", default="", help="k:W:P: instead of the grid, profile that case (first shape; "
                     "eager and CUDA-graph iterations) with torch.profiler and write the kernel table")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shapes = ["tiny"] if args.tiny else args.shapes.split(",")
+    shapes = args.shapes.split(",") if args.tiny and args.shapes.startswith("tiny") else \
+        ["tiny"] if args.tiny else args.shapes.split(",")
     ks = [int(x) for x in args.ks.split(",")]
     windows = [int(x) for x in args.windows.split(",")]
     prefixes = [int(x) for x in args.prefixes.split(",")]
@@ -317,8 +383,11 @@ def main() -> None:
         hf = hf_model(cfg, device, dtype) if (shape in args.hf.split(",") or args.tiny) and cfg.model_type == "dream" else None
         want_fp8 = "graphs+fused-fp8" in args.variants and ("fp8_matmul_flops" in peak or args.tiny)
         fp8 = fp8_copy(model, device, dtype) if want_fp8 else None  # on a CPU: the reference kernel
+        fold = fold_savings(model, cfg, device, dtype, args.fold_tokens) if cfg.block_size and args.fold_tokens else {}
+        if fold:
+            print(json.dumps(fold), flush=True)
         for P in prefixes:
-            for W in windows:
+            for W in [block_window(cfg)] if cfg.block_size else windows:
                 for k in ks:
                     K = k + 1
                     eager = lopa_iteration(model, cfg, K, W, P, device, dtype)
@@ -327,7 +396,7 @@ def main() -> None:
                     c = costs(cfg, K, W, P)
                     roof, bound = roofline(c, peak)
                     row = dict(shape=shape, k=k, W=W, P=P, lopa_ms=t * 1e3, roofline_ms=roof * 1e3, x_roofline=t / roof,
-                               bound=bound)
+                               bound=bound, **fold)
                     if device.type == "cuda" or args.tiny:
                         for name, col in (("graphs", "lopa_graph"), ("graphs+fused", "lopa_fused"),
                                           ("graphs+fused, fp8", "lopa_fp8"), ("graphs+fused, fp8 unpadded", "lopa_fp8_unpadded")):
@@ -377,6 +446,18 @@ def main() -> None:
                      f"{f('hf_sequential_ms', '{:.1f}')} | "
                      f"{f('hf_batched_ms', '{:.1f}')} | {f('speedup_vs_hf_sequential', '{:.2f}x')} | "
                      f"{f('speedup_vs_hf_batched', '{:.2f}x')} |")
+    folds = {r["shape"]: r for r in rows if "fold" in r}
+    if folds:
+        lines += ["", "Folded commit (block-diffusion shapes): the model's own loop through the engine, random "
+                  "weights, decode forwards and seconds per 100 generated tokens with the finished block's K/V "
+                  "committed by the forward that starts the next block, and with one extra forward per finished block.", "",
+                  "| shape | tokens | fold forwards/100 | extra forwards/100 | forwards saved/100 | fold s/100 | "
+                  "extra s/100 | seconds saved/100 |", "|---|---|---|---|---|---|---|---|"]
+        for shape, r in folds.items():
+            lines.append(f"| {shape} | {r['fold']['generated']} | {r['fold']['forwards_per_100']:.1f} | "
+                         f"{r['extra']['forwards_per_100']:.1f} | {r['forwards_saved_per_100']:.1f} | "
+                         f"{r['fold']['decode_s_per_100']:.3f} | {r['extra']['decode_s_per_100']:.3f} | "
+                         f"{r['decode_s_saved_per_100']:.3f} |")
     (args.out / "step_latency.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random Dream and LLaDA folders written by lopa.models.tiny (no downloads)."""
+"""Shared fixtures: tiny random Dream, LLaDA, SDAR and Fast-dLLM v2 folders written by lopa.models.tiny (no
+downloads)."""
 
 import pytest
 
@@ -13,3 +14,13 @@ def tiny_dream_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llada_dir(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_llada"), model_type="llada", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdar_dir(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_sdar"), model_type="sdar", seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_fast_dllm_v2_dir(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_fast_dllm_v2"), model_type="fast_dllm_v2", seed=3)

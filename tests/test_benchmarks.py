@@ -110,3 +110,25 @@ def test_cold_start_tiny(tmp_path):
         assert [p["pass"] for p in r["passes"]] == [0, 1]
         assert r["passes"][0]["tokens"] == r["passes"][1]["tokens"] > 0  # the same workload, greedy
     assert "| warm flex |" in (tmp_path / "cold_start_tiny.md").read_text()
+
+
+def test_step_latency_block_diffusion_shapes(tmp_path):
+    """SDAR / Fast-dLLM v2 shapes: their own block-causal window, and the folded commit's savings measured by
+    decoding through the engine (SDAR: one forward per finished block; Fast-dLLM v2: none by construction)."""
+    run("step_latency.py", "--tiny", "--shapes", "tiny-sdar,tiny-fast-dllm-v2", "--ks", "0", "--prefixes", "16",
+        "--variants", "graphs", "--fold-tokens", "24", "--reps", "1", "--out", str(tmp_path))
+    sdar, fast = json.loads((tmp_path / "step_latency.json").read_text())["rows"]
+    assert (sdar["W"], fast["W"]) == (8, 8) and sdar["lopa_ms"] > 0 and sdar["lopa_graph_rel_err"] < 1e-4
+    assert sdar["fold"]["generated"] == sdar["extra"]["generated"] == 24
+    assert sdar["extra"]["decode_forwards"] - sdar["fold"]["decode_forwards"] == 24 // 4 - 1
+    assert fast["forwards_saved_per_100"] == 0
+    assert "forwards saved/100" in (tmp_path / "step_latency.md").read_text()
+
+
+def test_bd_lopa_pairs_lopa_with_the_models_own_loop(tmp_path, tiny_sdar_dir):
+    run("bd_lopa.py", "--models", str(tiny_sdar_dir), "--n", "2", "--ks", "2", "--gen-length", "8",
+        "--batch-size", "2", "--device", "cpu", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "bd_lopa.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["sdar tau=0.9", "lopa k=2"] and all(r["n"] == 2 for r in rows)
+    assert rows[0]["paired_vs_own"] is None and rows[1]["paired_vs_own"]["n"] == 2
+    assert (tmp_path / tiny_sdar_dir.name / "eval.json").is_file()

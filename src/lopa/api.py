@@ -241,7 +241,7 @@ def _check_callback(name: str, fn) -> None:
 
 def _config(model: LopaModel, config: DecodeConfig | None, preset: str | None, overrides: dict) -> DecodeConfig:
     return request.resolve_config(config, preset, overrides, model_type=model.model_type,
-                                  step_rows=model.engine.step_rows)
+                                  step_rows=model.engine.step_rows, block_size=model.loaded.spec.block_size)
 
 
 def _result(model: LopaModel, seq: Sequence, out) -> GenerationResult:

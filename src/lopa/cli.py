@@ -105,7 +105,9 @@ def generate(
                                                 "(.jsonl / .json / .ndjson: one object a line, or a .json array, with "
                                                 "'prompt' or 'messages' plus any decoding field such as 'k' or "
                                                 "'strategy' for that prompt). Prints JSONL, one result a line."),
-    preset: Optional[str] = typer.Option(None, help="Paper Table 5 row: gsm8k | math | humaneval | mbpp"),
+    preset: Optional[str] = typer.Option(None, help="Paper Table 5 row: gsm8k | math | humaneval | mbpp; or a "
+                                                    "block-diffusion model's published loop: sdar | sdar_dynamic | "
+                                                    "fast_dllm_v2"),
     decode: dict = None,  # one flag per DecodeConfig field (flags.py)
     chat: bool = typer.Option(False, "--chat", help="Apply the model's chat template."),
     adapter: Optional[Path] = typer.Option(None, help="PEFT LoRA adapter folder (e.g. a D2F adapter)."),
@@ -256,7 +258,8 @@ def demo(
     k: Optional[int] = typer.Option(None, help=_default("k", "LoPA lookahead branches.")),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N]"),
 ) -> None:
-    """Decode a few held-out math problems with threshold, d2f and lopa side by side: accuracy, TPF, speed."""
+    """Decode a few held-out math problems with threshold, d2f and lopa side by side (a block-diffusion model: its
+    own loop and lopa over it): accuracy, TPF, speed."""
     from .config import decode_config
     from .eval.harness import markdown, run_eval
     from .eval.tasks import gsm8k
@@ -275,8 +278,9 @@ def demo(
                           f"mechanics.[/]")
         model = api.load_model(path, runner=RunnerConfig(device=device))
         problems = gsm8k(None, n)
+        names = (model.model_type, "lopa") if model.config.block_diffusion else ("threshold", "d2f", "lopa")
         configs = {name: decode_config(None, model.model_type, **_decode_overrides(strategy=name, k=k))
-                   for name in ("threshold", "d2f", "lopa")}
+                   for name in names}  # a block-diffusion model: its own loop, then lopa over it
         lopa_cfg = configs.pop("lopa")
         configs[f"lopa k={lopa_cfg.k}"] = lopa_cfg
         reports = run_eval(model, problems, configs)
@@ -431,6 +435,9 @@ def train(
     code_copies: int = typer.Option(TrainConfig.code_copies, help="Times each code task appears in the pool."),
     seed: int = typer.Option(TrainConfig.seed),
     device: str = typer.Option(TrainConfig.device, help="auto | cpu | cuda[:N]"),
+    objective: str = typer.Option(TrainConfig.objective, help="d2f (a Dream-layout model) | block_diffusion (an "
+                                  "SDAR-layout block-diffusion model, clean-context objective, blocks of "
+                                  "--block-size)"),
 ) -> None:
     """Train the default model (Dream architecture, D2F recipe) on generated math problems and code tasks."""
     from .train.trainer import train as run_training
@@ -440,7 +447,7 @@ def train(
                           num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
                           intermediate_size=intermediate_size, vocab_size=vocab_size, block_size=block_size,
                           full_attention_fraction=full_attention_fraction, n_train=n_train, n_code=n_code,
-                          code_copies=code_copies, seed=seed, device=device)
+                          code_copies=code_copies, seed=seed, device=device, objective=objective)
         _writable_dir("out", out)
         run_training(cfg)
     except LopaError as err:
@@ -459,7 +466,9 @@ def info(path: Optional[Path] = typer.Argument(None, help="HF model folder (defa
     _emit(f"{model.path}\n  model_type {cfg.model_type}, {params / 1e6:.2f}M parameters\n"
           f"  layers {cfg.num_layers}, hidden {cfg.hidden_size}, heads {cfg.num_heads}/{cfg.num_kv_heads}, "
           f"vocab {cfg.vocab_size}, context {cfg.max_position_embeddings}\n"
-          f"  mask id {model.loaded.spec.mask_id}, eos ids {list(model.loaded.spec.eos_ids)}\n")
+          f"  mask id {model.loaded.spec.mask_id}, eos ids {list(model.loaded.spec.eos_ids)}\n"
+          + (f"  block diffusion: block size {cfg.block_size} (blocks aligned at position 0), "
+             f"logit shift {cfg.logit_shift}\n" if cfg.block_diffusion else ""))
 
 
 # -- lopa serve ----------------------------------------------------------------------------------------

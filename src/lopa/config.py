@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
-STRATEGIES = ("threshold", "d2f", "lopa", "dream")
+STRATEGIES = ("threshold", "d2f", "lopa", "dream", "sdar", "fast_dllm_v2")
+BASES = ("d2f", "threshold", "sdar", "fast_dllm_v2")  # what lopa branches over
+BLOCK_DIFFUSION = ("sdar", "fast_dllm_v2")  # block-diffusion loops (decoding/block_diffusion.py)
 K_POLICIES = ("fixed", "text", "load")
 CONFIDENCES = ("prob", "neg_entropy", "margin")
 ATTENTIONS = ("full", "block_causal")
@@ -88,7 +90,8 @@ class DecodeConfig:
     complete_threshold: float = _setting(0.95, "D2F τ_act: a block is fully active once its predecessor is this "
                                                "complete, in [0, 1].")
     k: int = _setting(14, "LoPA lookahead branches; K = k + 1 rows per forward (0 = no lookahead).", sweep=True)
-    base: str = _setting("d2f", "What lopa branches over: d2f (pipelined blocks) | threshold (plain window).")
+    base: str = _setting("d2f", "What lopa branches over: d2f (pipelined blocks) | threshold (plain window) | a "
+                                "block-diffusion model's own loop: sdar | fast_dllm_v2.")
     temperature: float = _setting(0.0, "Sampling temperature; 0 = greedy.")
     top_p: float = _setting(1.0, "Nucleus sampling mass, in (0, 1].")
     seed: int = _setting(0, "Sampling seed, in [0, 2^63).")
@@ -112,6 +115,10 @@ class DecodeConfig:
     compat: str | None = _setting(None, "'published': the published LoPA code's loop, token for token (Dream "
                                         "models, lopa strategy; docs/fidelity.md).",
                                   hidden={"eval": "'published' in --strategies runs lopa with it"})
+    sub_block: int = _setting(8, "fast_dllm_v2: sub-block size inside each block (filled left to right).")
+    fold_commit: bool = _setting(True, "Block diffusion: commit a finished block's K/V from the forward that starts "
+                                       "the next block; false = one extra forward per finished block (the published "
+                                       "loops' cache update).")
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -126,7 +133,14 @@ class DecodeConfig:
             f"must be in [0, 1], got {self.complete_threshold}",
         )
         _check(self.k >= 0, "k", f"must be >= 0, got {self.k}")
-        _check(self.base in ("d2f", "threshold"), "base", f"must be 'd2f' or 'threshold', got {self.base!r}")
+        _check(self.base in BASES, "base", f"must be one of {BASES}, got {self.base!r}")
+        _check(self.sub_block >= 1, "sub_block", f"must be >= 1, got {self.sub_block}")
+        if self.block_diffusion:
+            _check(self.attention in (None, "block_causal"), "attention", f"block-diffusion decoding ({self.loop}) "
+                                                                          f"is block-causal; got {self.attention!r}")
+            if self.loop == "fast_dllm_v2":
+                _check(self.block_size % self.sub_block == 0, "sub_block",
+                       f"must divide block_size {self.block_size}, got {self.sub_block}")
         _check(self.temperature >= 0.0, "temperature", f"must be >= 0, got {self.temperature}")
         _check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
         _check(self.confidence in CONFIDENCES, "confidence", f"must be one of {CONFIDENCES}, got {self.confidence!r}")
@@ -175,11 +189,20 @@ class DecodeConfig:
         return dataclasses.replace(self, **changes)
 
     @property
+    def loop(self) -> str:
+        """The decoding loop underneath: the strategy, or for lopa its base."""
+        return self.base if self.strategy == "lopa" else self.strategy
+
+    @property
+    def block_diffusion(self) -> bool:
+        return self.loop in BLOCK_DIFFUSION and self.compat is None
+
+    @property
     def window_attention(self) -> str:
-        """The attention used inside the active window: D2F keeps its block-causal mask, the rest are full."""
+        """The attention used inside the active window: D2F and block diffusion are block-causal, the rest full."""
         if self.attention is not None:
             return self.attention
-        return "block_causal" if self.strategy == "d2f" else "full"
+        return "block_causal" if self.strategy == "d2f" or self.block_diffusion else "full"
 
 
 def settings(front_end: str) -> list[dataclasses.Field]:
@@ -207,8 +230,25 @@ PRESETS: dict[str, DecodeConfig] = {
     "mbpp": DecodeConfig(block_size=32, add_threshold=0.3, complete_threshold=0.95, tau=0.95, k=7),
 }
 
+# The block-diffusion models' published loops. SDAR: blocks of 4, greedy, one token a step (tau 1.0: nothing
+# passes "p > 1", so only the most confident mask is filled) or the dynamic threshold (every mask with p > 0.9,
+# else the most confident one). Fast-dLLM v2: blocks of 32 in sub-blocks of 8, every mask with p > 0.9 and at
+# least the most confident one.
+PRESETS.update({
+    "sdar": DecodeConfig(strategy="sdar", block_size=4, tau=1.0),
+    "sdar_dynamic": DecodeConfig(strategy="sdar", block_size=4, tau=0.9),
+    "fast_dllm_v2": DecodeConfig(strategy="fast_dllm_v2", block_size=32, sub_block=8, tau=0.9),
+})
+
 # D2F-LLaDA's published settings differ from Dream's: larger blocks, later block addition, longer answers.
 LLADA_DEFAULTS: dict[str, object] = dict(block_size=64, add_threshold=0.7, complete_threshold=0.95, tau=0.9, gen_length=512)
+# Without a preset, a block-diffusion model runs LoPA over its own loop (the block size is the model's own:
+# api.py takes it from the checkpoint). SDAR's blocks of 4 hold at most 3 other masks to look ahead at.
+FAMILY_DEFAULTS: dict[str, dict[str, object]] = {
+    "llada": LLADA_DEFAULTS,
+    "sdar": dict(strategy="lopa", base="sdar", block_size=4, tau=0.9, k=3),
+    "fast_dllm_v2": dict(strategy="lopa", base="fast_dllm_v2", block_size=32, sub_block=8, tau=0.9, k=7),
+}
 
 
 # Where one strategy needs another default than DecodeConfig's, and why. The dream sampler denoises its whole
@@ -216,7 +256,7 @@ LLADA_DEFAULTS: dict[str, object] = dict(block_size=64, add_threshold=0.7, compl
 # on the embedded model a 256-position canvas fills with EOS from the end and the answer comes out empty
 # (256 forwards for nothing), while 128 positions (steps = 128) answer the held-out problems.
 STRATEGY_DEFAULTS: dict[str, dict[str, object]] = {"dream": {"gen_length": 128}}
-MODEL_TYPES = ("dream", "llada")
+MODEL_TYPES = ("dream", "llada", "sdar", "fast_dllm_v2")
 
 
 def decode_config(preset: str | None = None, model_type: str = "dream", **overrides) -> DecodeConfig:
@@ -229,8 +269,8 @@ def decode_config(preset: str | None = None, model_type: str = "dream", **overri
         _check(isinstance(preset, str) and preset in PRESETS, "preset",
                f"must be one of {tuple(PRESETS)}, got {preset!r}")
         base = PRESETS[preset]
-    elif model_type == "llada":
-        base = DecodeConfig(**LLADA_DEFAULTS)
+    elif model_type in FAMILY_DEFAULTS:
+        base = DecodeConfig(**FAMILY_DEFAULTS[model_type])
     else:
         base = DecodeConfig()
     strategy = overrides.get("strategy", base.strategy)  # any type: DecodeConfig names a wrong one

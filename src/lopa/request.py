@@ -101,13 +101,17 @@ def prompt_ids(tokenizer, spec: ModelSpec, prompt=None, *, chat: bool = False, m
     return ids
 
 
-def resolve_config(config, preset, overrides: dict, *, model_type: str, step_rows: int | None) -> DecodeConfig:
+def resolve_config(config, preset, overrides: dict, *, model_type: str, step_rows: int | None,
+                   block_size: int | None = None) -> DecodeConfig:
     """``config`` (a DecodeConfig) or a ``preset`` / the model family's defaults, plus field overrides; checked
-    against the model and the engine (``check_config``)."""
+    against the model and the engine (``check_config``). ``block_size``: the block size a block-diffusion model
+    was trained with (ModelSpec.block_size), used unless the caller names one."""
     if config is not None and not isinstance(config, DecodeConfig):
         raise ConfigError(f"config: must be a DecodeConfig or None, got {type(config).__name__}; pass fields as "
                           f"keyword arguments (generate(model, prompt, k=3)) or DecodeConfig(**fields)")
     if config is None:
+        if block_size is not None and "block_size" not in overrides:
+            overrides = {**overrides, "block_size": block_size}
         config = decode_config(preset, model_type, **overrides)
     elif preset is not None:
         raise ConfigError("preset: pass either config or preset, not both")

@@ -8,6 +8,7 @@ from typing import Callable
 
 from ..config import STRATEGIES, DecodeConfig
 from .base import ModelSpec, Strategy
+from .block_diffusion import FastDLLMv2Strategy, SDARStrategy
 from .d2f import D2FStrategy
 from .dream import DreamStrategy
 from .lopa import lopa_strategy
@@ -19,6 +20,8 @@ BUILDERS: dict[str, Callable[[DecodeConfig, ModelSpec], Strategy]] = {
     "d2f": D2FStrategy,
     "lopa": lopa_strategy,
     "dream": DreamStrategy,
+    "sdar": SDARStrategy,
+    "fast_dllm_v2": FastDLLMv2Strategy,
 }
 if set(BUILDERS) != set(STRATEGIES):  # a strategy named in one place only: fail at import, not on a request
     raise ImportError(f"decoding.BUILDERS {sorted(BUILDERS)} != config.STRATEGIES {sorted(STRATEGIES)}")

@@ -1,4 +1,5 @@
-"""`lopa`: Lookahead PArallel decoding (Algorithm 1) over the d2f pipeline or the threshold window.
+"""`lopa`: Lookahead PArallel decoding (Algorithm 1) over the d2f pipeline, the threshold window, or a
+block-diffusion model's own loop (sdar, fast_dllm_v2: decoding/block_diffusion.py).
 
 Each iteration the anchor branch holds the base strategy's fill set; k lookahead branches each also fill
 one more of the most confident remaining positions; all k+1 are verified in ONE forward, scored by
@@ -11,11 +12,13 @@ from __future__ import annotations
 
 from ..config import DecodeConfig
 from .base import ModelSpec
+from .block_diffusion import FastDLLMv2Strategy, SDARStrategy
 from .d2f import D2FStrategy
 from .threshold import ThresholdStrategy
 from .window import WindowStrategy
 
-BASES: dict[str, type[WindowStrategy]] = {"d2f": D2FStrategy, "threshold": ThresholdStrategy}
+BASES: dict[str, type[WindowStrategy]] = {"d2f": D2FStrategy, "threshold": ThresholdStrategy, "sdar": SDARStrategy,
+                                          "fast_dllm_v2": FastDLLMv2Strategy}
 
 
 def lopa_strategy(cfg: DecodeConfig, spec: ModelSpec) -> WindowStrategy:

@@ -120,8 +120,18 @@ class WindowStrategy(Strategy):
             state.done = state.hit_round_cap = True
             return None
         lo, hi = state.cached, self.window_end(state)
-        anchor = state.canvas[lo:hi]
         scored = self.scored(state)
+        tokens = self.branch_rows(state, lo, hi, scored)
+        block_ids = None
+        if self.cfg.window_attention == "block_causal":
+            block_ids = torch.cat([torch.full((b.end - max(b.start, lo),), i) for i, b in enumerate(state.blocks) if b.end > lo])
+        cols = self.masked(state, lo, hi).nonzero()[:, 0]
+        return ForwardBatch(tokens, lo, cols, commit=self.commit_end(state) - lo, block_ids=block_ids)
+
+    def branch_rows(self, state: WindowState, lo: int, hi: int, scored: list[int]) -> torch.Tensor:
+        """[K, hi - lo]: the anchor (the canvas) and one row per lookahead, each the anchor plus one more
+        position filled with its predicted token; records them in ``state.pending`` for accept."""
+        anchor = state.canvas[lo:hi]
         rows, extra = [anchor], [None]
         for pos in self.lookahead_positions(state, scored):
             row = anchor.clone()
@@ -129,11 +139,7 @@ class WindowStrategy(Strategy):
             rows.append(row)
             extra.append(pos)
         state.pending = (scored, extra)
-        block_ids = None
-        if self.cfg.window_attention == "block_causal":
-            block_ids = torch.cat([torch.full((b.end - max(b.start, lo),), i) for i, b in enumerate(state.blocks) if b.end > lo])
-        cols = self.masked(state, lo, hi).nonzero()[:, 0]
-        return ForwardBatch(torch.stack(rows), lo, cols, commit=self.commit_end(state) - lo, block_ids=block_ids)
+        return torch.stack(rows)
 
     def lookahead_positions(self, state: WindowState, scored: list[int]) -> list[int]:
         """The most confident still-masked candidates (ties: lower position), each spawning one branch: k of

@@ -80,7 +80,10 @@ class EngineCounters:
 
 def kv_need(strategy, prompt_len: int, gen_length: int) -> int:
     """The most KV positions any forward of the request writes, plus the trash slot: a forward writes
-    K*W positions after its committed prefix, with W <= T - cached, largest right after the prompt."""
+    K*W positions after its committed prefix, with W <= T - cached, largest right after the prompt.
+    A strategy whose windows are laid out otherwise (block diffusion) says so itself."""
+    if hasattr(strategy, "kv_need"):
+        return strategy.kv_need(prompt_len, gen_length)
     return prompt_len + (getattr(strategy, "lookahead", 0) + 1) * gen_length + 1
 
 

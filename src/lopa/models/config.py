@@ -1,4 +1,5 @@
-"""ModelConfig: the architecture, read from a Dream (Qwen2-style) or LLaDA config.json."""
+"""ModelConfig: the architecture, read from a Dream (Qwen2-style), LLaDA, SDAR (Qwen3-style) or Fast-dLLM v2
+(Qwen2-style) config.json."""
 
 from __future__ import annotations
 
@@ -42,7 +43,18 @@ LLADA_FIELDS = {
     "bos_token_id": ("bos_token_id", None),
     "tie_word_embeddings": ("weight_tying", False),
 }
-FAMILIES = {"dream": DREAM_FIELDS, "llada": LLADA_FIELDS}
+# Block-diffusion families: causal across blocks aligned at position 0, bidirectional inside a block.
+# SDAR (JetLM/SDAR-*): Qwen3 tensors (per-head q/k RMSNorm, no bias); some configs omit the two diffusion fields.
+SDAR_FIELDS = {**DREAM_FIELDS, "mask_token_id": ("mask_token_id", 151669),
+               "block_size": ("block_size", 4), "explicit_head_dim": ("head_dim", None)}
+# Fast-dLLM v2 (Efficient-Large-Model/Fast_dLLM_v2_*): Qwen2.5 tensors; its mask token |<MASK>| (151665) is in
+# added_tokens.json, not config.json (the loader reads it from there); the block size is `bd_size`.
+FAST_DLLM_FIELDS = {**DREAM_FIELDS, "mask_token_id": ("mask_token_id", 151665),
+                    "eos_token_id": ("eos_token_id", 151645), "block_size": ("bd_size", 32)}
+FAMILIES = {"dream": DREAM_FIELDS, "llada": LLADA_FIELDS, "sdar": SDAR_FIELDS, "fast_dllm_v2": FAST_DLLM_FIELDS}
+# config.json model_type (lower case) -> our family name
+MODEL_TYPES = {"dream": "dream", "llada": "llada", "sdar": "sdar", "fast_dllm_qwen": "fast_dllm_v2"}
+BLOCK_DIFFUSION = ("sdar", "fast_dllm_v2")
 # What each of our fields must hold in config.json, and the smallest allowed value of the numbers.
 POSITIVE, NON_NEGATIVE = 1, 0
 FIELD_RULES = {
@@ -50,7 +62,8 @@ FIELD_RULES = {
     "num_layers": (int, POSITIVE), "num_heads": (int, POSITIVE), "num_kv_heads": (int, POSITIVE),
     "rope_theta": (float, None), "rms_norm_eps": (float, None), "max_position_embeddings": (int, POSITIVE),
     "mask_token_id": (int, NON_NEGATIVE), "eos_token_id": (int, NON_NEGATIVE), "pad_token_id": (int, NON_NEGATIVE),
-    "bos_token_id": (int, NON_NEGATIVE), "tie_word_embeddings": (bool, None),
+    "bos_token_id": (int, NON_NEGATIVE), "tie_word_embeddings": (bool, None), "block_size": (int, POSITIVE),
+    "explicit_head_dim": (int, POSITIVE),
 }
 
 
@@ -76,7 +89,7 @@ LLADA_FIXED = {"scale_logits": False, "input_emb_norm": False, "alibi": False, "
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model_type: str  # "dream" | "llada"
+    model_type: str  # "dream" | "llada" | "sdar" | "fast_dllm_v2"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -92,21 +105,32 @@ class ModelConfig:
     bos_token_id: int | None = None
     tie_word_embeddings: bool = False
     extra_eos_ids: tuple[int, ...] = ()  # e.g. <|im_end|> for chat models, from the tokenizer
+    block_size: int | None = None  # block-diffusion models: the block size they were trained with (None: others)
+    explicit_head_dim: int | None = None  # config.json's head_dim (Qwen3: SDAR-4B has 128 != hidden / heads)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_heads
 
     @property
     def qkv_bias(self) -> bool:
-        return self.model_type == "dream"  # Qwen2 has q/k/v biases, LLaDA (LLaMA-style) has none
+        return self.model_type in ("dream", "fast_dllm_v2")  # Qwen2 has q/k/v biases; LLaMA and Qwen3 have none
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.model_type == "sdar"  # Qwen3: RMSNorm over each head of q and k, before RoPE
 
     @property
     def logit_shift(self) -> int:
-        return 1 if self.model_type == "dream" else 0  # Dream predicts position i from the hidden state at i-1
+        # Dream and Fast-dLLM v2 predict position i from the hidden state at i-1; LLaDA and SDAR from i
+        return 1 if self.model_type in ("dream", "fast_dllm_v2") else 0
+
+    @property
+    def block_diffusion(self) -> bool:
+        return self.model_type in BLOCK_DIFFUSION
 
     def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+        if (self.explicit_head_dim is None and self.hidden_size % self.num_heads) or self.num_heads % self.num_kv_heads:
             raise CheckpointError(
                 f"config.json: hidden_size {self.hidden_size}, heads {self.num_heads}, kv heads {self.num_kv_heads} "
                 "do not divide evenly"
@@ -119,9 +143,10 @@ class ModelConfig:
         if not isinstance(raw, dict):
             raise CheckpointError(f"config.json: must hold a JSON object, got {type(raw).__name__}")
         name = str(raw.get("model_type", "")).lower()
-        if name in FAMILIES:
-            return name
-        raise UnsupportedModelError(f"config.json: model_type {raw.get('model_type')!r} is not supported (dream, llada)")
+        if name in MODEL_TYPES:
+            return MODEL_TYPES[name]
+        raise UnsupportedModelError(f"config.json: model_type {raw.get('model_type')!r} is not supported "
+                                    "(dream, llada, sdar, Fast_dLLM_Qwen)")
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ModelConfig":
@@ -131,6 +156,10 @@ class ModelConfig:
                 value = raw.get(name, supported)
                 if value != supported and not (value is None and supported is False):  # null reads as off
                     raise UnsupportedModelError(f"config.json: {name}={raw[name]!r} is not supported (only {supported!r})")
+        scaling = raw.get("rope_scaling")
+        plain = isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) == "default"
+        if family in BLOCK_DIFFUSION and scaling is not None and not plain:
+            raise UnsupportedModelError(f"config.json: rope_scaling={scaling!r} is not supported (only null)")
         values: dict = {"model_type": family}
         for ours, (theirs, default) in FAMILIES[family].items():
             value = raw.get(theirs, default)
@@ -155,16 +184,25 @@ class ModelConfig:
         return cls.from_dict(read_json_object(Path(path)))
 
     def to_json_dict(self) -> dict:
-        """config.json in the family's own format (what Dream / LLaDA tooling expects)."""
+        """config.json in the family's own format (what Dream / LLaDA / SDAR / Fast-dLLM tooling expects)."""
+        qwen = {"hidden_act": "silu", "attention_dropout": 0.0, "rope_scaling": None, "use_sliding_window": False,
+                "torch_dtype": "float32"}
         if self.model_type == "dream":
-            raw = {"architectures": ["DreamModel"], "model_type": "Dream", "hidden_act": "silu",
-                   "attention_dropout": 0.0, "rope_scaling": None, "use_sliding_window": False, "torch_dtype": "float32"}
+            raw = {"architectures": ["DreamModel"], "model_type": "Dream", **qwen}
+        elif self.model_type == "sdar":
+            raw = {"architectures": ["SDARForCausalLM"], "model_type": "sdar", "attention_bias": False, **qwen}
+        elif self.model_type == "fast_dllm_v2":
+            raw = {"architectures": ["Fast_dLLM_QwenForCausalLM"], "model_type": "Fast_dLLM_Qwen", **qwen}
         else:
             raw = {"architectures": ["LLaDAModelLM"], "model_type": "llada", "activation_type": "silu",
                    "block_type": "llama", "rope": True, "include_bias": False, "vocab_size": self.vocab_size}
         mine = asdict(self)
         for ours, (theirs, _) in FAMILIES[self.model_type].items():
             raw[theirs] = mine[ours]
+        if self.model_type == "sdar":
+            raw["head_dim"] = self.head_dim
+        if self.model_type == "fast_dllm_v2":
+            del raw["mask_token_id"]  # Fast-dLLM v2 keeps it in added_tokens.json (|<MASK>|)
         if self.extra_eos_ids:
             raw["eos_token_id"] = [self.eos_token_id, *self.extra_eos_ids]
         return raw

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from .tokenizer import Tokenizer
 from .transformer import Transformer
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "chat_template.jinja",
-                   "special_tokens_map.json")
+                   "special_tokens_map.json", "added_tokens.json")
+FAST_DLLM_MASK = "|<MASK>|"  # Fast-dLLM v2's mask token, declared in added_tokens.json
 CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>")  # Dream/Qwen and LLaDA chat turns end with these
 
 
@@ -83,7 +85,21 @@ def _state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor], model: Trans
 def model_spec(cfg: ModelConfig, tokenizer: Tokenizer) -> ModelSpec:
     eos = [cfg.eos_token_id, *cfg.extra_eos_ids]
     eos += [i for t in CHAT_END_TOKENS if (i := tokenizer.token_id(t)) is not None]
-    return ModelSpec(cfg.mask_token_id, tuple(dict.fromkeys(eos)), cfg.max_position_embeddings, cfg.vocab_size)
+    return ModelSpec(cfg.mask_token_id, tuple(dict.fromkeys(eos)), cfg.max_position_embeddings, cfg.vocab_size,
+                     cfg.block_size)
+
+
+def fast_dllm_mask_id(folder: Path, tokenizer: Tokenizer) -> int:
+    """Fast-dLLM v2's mask id: |<MASK>| in added_tokens.json (else in the tokenizer); CheckpointError if neither."""
+    path = folder / "added_tokens.json"
+    declared = field(read_json_object(path), path, FAST_DLLM_MASK, int) if path.is_file() else None
+    known = tokenizer.token_id(FAST_DLLM_MASK)
+    if declared is not None and known is not None and declared != known:
+        raise CheckpointError(f"{path}: {FAST_DLLM_MASK} has id {declared} but the tokenizer gives it {known}")
+    if declared is None and known is None:
+        raise CheckpointError(f"{folder}: no {FAST_DLLM_MASK} token in added_tokens.json or the tokenizer "
+                              "(Fast-dLLM v2 needs its mask token)")
+    return declared if declared is not None else known
 
 
 def load_folder(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -93,6 +109,8 @@ def load_folder(path: str | Path, device: torch.device | str = "cpu", dtype: tor
         raise CheckpointError(f"{folder}: model folder not found")
     cfg = ModelConfig.from_file(folder / "config.json")
     tokenizer = Tokenizer(folder)
+    if cfg.model_type == "fast_dllm_v2":
+        cfg = dataclasses.replace(cfg, mask_token_id=fast_dllm_mask_id(folder, tokenizer))
     weights = read_weights(folder)
     if adapter is not None:
         merge_lora(weights, adapter)

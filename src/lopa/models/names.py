@@ -42,7 +42,11 @@ LLADA = {
     "layer_prefix": "model.transformer.blocks.{i}.",
 }
 
-FAMILY_NAMES = {"dream": DREAM, "llada": LLADA}
+# SDAR: Qwen3's names, with a per-head RMSNorm of q and k (no q/k/v bias: filtered by has_bias).
+QWEN3 = {**DREAM, "layer": {**DREAM["layer"], "attn.q_norm.weight": ["self_attn.q_norm.weight"],
+                            "attn.k_norm.weight": ["self_attn.k_norm.weight"]}}
+
+FAMILY_NAMES = {"dream": DREAM, "llada": LLADA, "sdar": QWEN3, "fast_dllm_v2": DREAM}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some exporters save; recomputed here
 
 

@@ -13,3 +13,4 @@ class ModelSpec:
     eos_ids: tuple[int, ...]
     max_length: int  # context limit in positions (prompt + generation)
     vocab_size: int
+    block_size: int | None = None  # block-diffusion models: the block size they were trained with (None: others)

@@ -1,4 +1,5 @@
-"""Small random Dream / LLaDA folders in the real layouts: for tests, the demo fallback, fixtures and benchmarks.
+"""Small random Dream / LLaDA / SDAR / Fast-dLLM v2 folders in the real layouts: for tests, the demo fallback,
+fixtures and benchmarks.
 
 Deterministic: the same arguments give the same bytes.
 """
@@ -19,6 +20,8 @@ from .tokenizer import qwen2_pre_tokenizer
 from .transformer import Transformer
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
+MASK_TOKENS = {"sdar": "<|MASK|>", "fast_dllm_v2": "|<MASK>|"}  # each family's own mask token (else <|mask|>)
+TINY_BLOCK_SIZES = {"sdar": 4, "fast_dllm_v2": 8}  # small blocks, so tests cross several of them
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -47,10 +50,12 @@ def train_tokenizer(texts: list[str], vocab_size: int, specials: list[str] = SPE
     return tok
 
 
-def write_tokenizer(tok: HFTokenizer, folder: Path, fmt: str = "json") -> dict[str, int]:
-    """Write tokenizer.json ("json") or Dream's slow-tokenizer files vocab.json + merges.txt ("bpe")."""
+def write_tokenizer(tok: HFTokenizer, folder: Path, fmt: str = "json",
+                    specials: list[str] = SPECIAL_TOKENS) -> dict[str, int]:
+    """Write tokenizer.json ("json") or Dream's slow-tokenizer files vocab.json + merges.txt ("bpe").
+    ``specials[3]`` is the mask token."""
     folder.mkdir(parents=True, exist_ok=True)
-    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    ids = {t: tok.token_to_id(t) for t in specials}
     if fmt == "json":
         tok.save(str(folder / "tokenizer.json"))
     else:
@@ -63,7 +68,7 @@ def write_tokenizer(tok: HFTokenizer, folder: Path, fmt: str = "json") -> dict[s
         "tokenizer_class": "DreamTokenizer" if fmt == "bpe" else "PreTrainedTokenizerFast",
         "added_tokens_decoder": {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False,
                                           "normalized": False, "single_word": False} for t, i in ids.items()},
-        "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "mask_token": "<|mask|>", "bos_token": None,
+        "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "mask_token": specials[3], "bos_token": None,
         "chat_template": CHAT_TEMPLATE, "model_max_length": 4096,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
@@ -85,18 +90,27 @@ def write_tiny_checkpoint(
     logit_scale: float = 0.5,
     weight_std: float = 0.08,
     special_scale: float = 1.0,
+    block_size: int | None = None,
 ) -> Path:
     """A complete random model folder. ``logit_scale`` (lm_head init std) sets how peaked predictions are;
     ``weight_std`` (every other matrix) how much they vary from position to position; ``special_scale``
-    multiplies the lm_head rows of EOS and the mask token (> 1: they are predicted more often)."""
+    multiplies the lm_head rows of EOS and the mask token (> 1: they are predicted more often). ``block_size``:
+    the block-diffusion families' trained block size (default TINY_BLOCK_SIZES)."""
     folder = Path(path)
-    tok = train_tokenizer(CORPUS, vocab_size)
-    ids = write_tokenizer(tok, folder, tokenizer)
+    mask = MASK_TOKENS.get(model_type, "<|mask|>")
+    specials = [*SPECIAL_TOKENS[:3], mask]
+    tok = train_tokenizer(CORPUS, vocab_size, specials)
+    ids = write_tokenizer(tok, folder, tokenizer, specials)
+    if model_type == "fast_dllm_v2":  # its mask id lives in added_tokens.json (as in the published folders)
+        (folder / "added_tokens.json").write_text(json.dumps(ids, indent=2))
+    # Fast-dLLM v2 (a Qwen2.5-Instruct model) stops on <|im_end|>; the others' config names <|endoftext|>
+    eos = ids["<|im_end|>" if model_type == "fast_dllm_v2" else "<|endoftext|>"]
     cfg = ModelConfig(model_type=model_type, vocab_size=vocab_size, hidden_size=hidden_size,
                       intermediate_size=intermediate_size, num_layers=num_layers, num_heads=num_heads,
                       num_kv_heads=num_kv_heads, rope_theta=10000.0, rms_norm_eps=1e-6,
-                      max_position_embeddings=max_position_embeddings, mask_token_id=ids["<|mask|>"],
-                      eos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"])
+                      max_position_embeddings=max_position_embeddings, mask_token_id=ids[mask],
+                      eos_token_id=eos, pad_token_id=ids["<|endoftext|>"],
+                      block_size=block_size or TINY_BLOCK_SIZES.get(model_type))
     gen = torch.Generator().manual_seed(seed)
     model = Transformer(cfg)
     with torch.no_grad():

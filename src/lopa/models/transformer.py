@@ -1,4 +1,5 @@
-"""The decoder stack shared by Dream (Qwen2-style) and LLaDA (LLaMA-style), bidirectional, with a KV-cache view.
+"""The decoder stack shared by Dream and Fast-dLLM v2 (Qwen2-style), LLaDA (LLaMA-style) and SDAR (Qwen3-style:
+per-head q/k norms), with a KV-cache view; attention follows the mask it is given.
 
 forward(tokens [B, T], start | positions [B, T], cache view, attn_mask) -> hidden [B, T, E] (after the final norm)
 logits(hidden, cols, last_hidden) -> [B, C, V] float32 (float64 models: float64), logits for position cols[j]
@@ -55,12 +56,19 @@ class Attention(nn.Module):
         self.H, self.Hkv, self.D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.qkv = nn.Linear(cfg.hidden_size, (self.H + 2 * self.Hkv) * self.D, bias=cfg.qkv_bias)  # fused q, k, v
         self.o = nn.Linear(self.H * self.D, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's D features of q and k, before RoPE
+            self.q_norm, self.k_norm = RMSNorm(self.D, cfg.rms_norm_eps), RMSNorm(self.D, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(self, x, cos, sin, mask, cache: CacheView | None, layer: int, ops: Ops = EAGER) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split([self.H * self.D, self.Hkv * self.D, self.Hkv * self.D], dim=-1)
-        q = ops.rope(q.view(B, T, self.H, self.D).transpose(1, 2), cos, sin)  # [B, H, T, D]
-        k = ops.rope(k.view(B, T, self.Hkv, self.D).transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
+        q, k = q.view(B, T, self.H, self.D), k.view(B, T, self.Hkv, self.D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q, ops), self.k_norm(k, ops)
+        q = ops.rope(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
+        k = ops.rope(k.transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
         v = v.view(B, T, self.Hkv, self.D).transpose(1, 2)
         if cache is None:  # independent rows; mask None, [T, T] or [B, T, T]
             m = None if mask is None else (mask[None, None] if mask.dim() == 2 else mask[:, None])

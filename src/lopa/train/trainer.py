@@ -1,4 +1,5 @@
-"""Train lopa's embedded default model: a small Dream-architecture dLLM with the D2F recipe.
+"""Train lopa's embedded default model: a small Dream-architecture dLLM with the D2F recipe; or, with
+``objective="block_diffusion"``, a small SDAR-architecture block-diffusion model (see make_bd_batch).
 
 The recipe (Discrete Diffusion Forcing, teacher-free variant):
 - a sequence is the prompt (block 0) followed by answer blocks of `block_size` tokens; the answer ends with
@@ -34,6 +35,10 @@ from ..models.tokenizer import Tokenizer
 from ..models.transformer import Transformer
 from ..problems.code import code_split
 from ..problems.gsm import math_split, prompt_for
+from .block_diffusion import bd_loss, make_bd_batch
+
+
+OBJECTIVES = ("d2f", "block_diffusion")
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     log_every: int = 100
+    objective: str = "d2f"  # "d2f" (a Dream-layout model) | "block_diffusion" (an SDAR-layout model, clean context)
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -72,6 +78,8 @@ class TrainConfig:
         for name in ("warmup_steps", "weight_decay", "n_code"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective: must be one of {OBJECTIVES}, got {self.objective!r}")
         if not 0.0 <= self.full_attention_fraction <= 1.0:
             raise ConfigError(f"full_attention_fraction: must be in [0, 1], got {self.full_attention_fraction}")
         RunnerConfig(device=self.device)  # the same device rule as everywhere ("auto", "cpu", "cuda[:N]")
@@ -138,11 +146,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     mask_id, eos = ids["<|mask|>"], ids["<|endoftext|>"]
     pairs = encode_examples(tok, texts, cfg, eos)
     longest = max(len(p) + len(a) for p, a in pairs)
-    mcfg = ModelConfig(model_type="dream", vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+    bd = cfg.objective == "block_diffusion"  # an SDAR-layout model with the model's block size in config.json
+    mcfg = ModelConfig(model_type="sdar" if bd else "dream", vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                        intermediate_size=cfg.intermediate_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
                        num_kv_heads=cfg.num_kv_heads, rope_theta=10000.0, rms_norm_eps=1e-6,
                        max_position_embeddings=max(512, 2 * longest), mask_token_id=mask_id, eos_token_id=eos,
-                       pad_token_id=eos)
+                       pad_token_id=eos, block_size=cfg.block_size if bd else None)
     model = Transformer(mcfg).to(device)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -155,7 +164,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                             lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     rng = torch.Generator().manual_seed(cfg.seed)
     params = sum(p.numel() for p in model.parameters())
-    print(f"training {params / 1e6:.2f}M parameters on {device} for {cfg.minutes} min, {len(pairs)} examples ({cfg.n_code} code tasks x {cfg.code_copies}), "
+    print(f"training {params / 1e6:.2f}M parameters ({cfg.objective}, block {cfg.block_size}) on {device} "
+          f"for {cfg.minutes} min, {len(pairs)} examples ({cfg.n_code} code tasks x {cfg.code_copies}), "
           f"vocab {cfg.vocab_size}, longest sequence {longest}", flush=True)
     log: list[tuple[int, float, float]] = []
     start, step, running = time.time(), 0, None
@@ -166,13 +176,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         for group in opt.param_groups:
             group["lr"] = lr
         batch = random.sample(pairs, cfg.batch_size)
-        tokens, targets, loss_mask, block = (t.to(device) for t in make_batch(batch, cfg, mask_id, eos, rng))
-        attn = None if random.random() < cfg.full_attention_fraction else block_causal_mask_batched(block)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            hidden = model(tokens, attn_mask=attn)
-            logits = model.lm_head(hidden[:, :-1]).float()  # [B, T-1, V] predicts positions 1..T-1 (Dream shift)
-        sel = loss_mask[:, 1:]
-        loss = F.cross_entropy(logits[sel], targets[:, 1:][sel])
+            if bd:
+                tensors = make_bd_batch(batch, cfg.block_size, mask_id, eos, rng)
+                tokens, targets, loss_mask = (t.to(device) for t in tensors)
+                loss = bd_loss(model, tokens, targets, loss_mask, cfg.block_size)
+            else:
+                loss = d2f_loss(model, batch, cfg, mask_id, eos, rng, device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -190,6 +200,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     plot_loss(log, out / "loss.png")
     print(f"saved {out} after {step} steps, loss {running:.4f}", flush=True)
     return out
+
+
+def d2f_loss(model: Transformer, batch, cfg: TrainConfig, mask_id: int, eos: int, rng: torch.Generator, device):
+    """D2F's masked-token cross-entropy, block-causal or (full_attention_fraction of batches) bidirectional."""
+    tokens, targets, loss_mask, block = (t.to(device) for t in make_batch(batch, cfg, mask_id, eos, rng))
+    attn = None if random.random() < cfg.full_attention_fraction else block_causal_mask_batched(block)
+    hidden = model(tokens, attn_mask=attn)
+    logits = model.lm_head(hidden[:, :-1]).float()  # [B, T-1, V] predicts positions 1..T-1 (Dream shift)
+    sel = loss_mask[:, 1:]
+    return F.cross_entropy(logits[sel], targets[:, 1:][sel])
 
 
 def block_causal_mask_batched(block: torch.Tensor) -> torch.Tensor:

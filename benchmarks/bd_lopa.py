@@ -1,0 +1,91 @@
+"""The paper's open question on small block-diffusion models: each model's own decoding vs LoPA over it.
+
+For each model folder (written by `lopa train --objective block_diffusion`, or a real SDAR / Fast-dLLM v2
+folder): the model's own loop (SDAR's dynamic threshold, or Fast-dLLM v2's sub-blocks, at --tau) and LoPA
+over that loop at each --ks, in the block size the model was trained with, on the same --n problems of
+lopa's generated GSM8K-format test split, --batch-size problems per engine step. Per run: accuracy, TPF,
+tokens/s, branch rows; per LoPA run the paired accuracy difference against the own loop with a 95% interval.
+Writes <out>/<model name>/eval.{json,md,png} (lopa eval's format) and <out>/bd_lopa.{json,md}.
+
+    PYTHONPATH=src python3 benchmarks/bd_lopa.py --models runs/bd4,runs/bd32 --n 1000 --batch-size 32 --out $OUT/bd
+    PYTHONPATH=src python3 benchmarks/bd_lopa.py --models /tmp/m --n 2 --ks 2 --gen-length 8 --out /tmp/x  # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+
+import lopa
+from lopa.config import decode_config
+from lopa.eval.harness import paired_difference, run_eval, write_reports
+from lopa.eval.tasks import gsm8k
+
+from step_latency import git_commit
+
+
+def configs(model, tau: float, ks: list[int], gen_length: int) -> dict:
+    """The own loop first, then LoPA over it at each k; every run in the model's trained block size."""
+    loop = model.model_type  # "sdar" | "fast_dllm_v2": the strategy of the same name is the model's own loop
+    common = dict(tau=tau, gen_length=gen_length, block_size=model.loaded.spec.block_size)
+    runs = {f"{loop} tau={tau}": decode_config(None, model.model_type, strategy=loop, **common)}
+    region = common["block_size"] if loop == "sdar" else runs[f"{loop} tau={tau}"].sub_block
+    for k in ks:
+        if k >= region:  # a branch fills one more mask of the active region, which holds at most region - 1 others
+            print(f"{model.path.name}: k={k} skipped (the active region holds {region} positions)")
+            continue
+        runs[f"lopa k={k}"] = decode_config(None, model.model_type, strategy="lopa", base=loop, k=k, **common)
+    return runs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", required=True, help="comma-separated model folders")
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--ks", default="3,7")
+    ap.add_argument("--tau", type=float, default=0.9)
+    ap.add_argument("--gen-length", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bd_lopa"))
+    args = ap.parse_args()
+    problems = gsm8k(None, args.n)
+    ks = [int(k) for k in args.ks.split(",")]
+    summary = []
+    for folder in args.models.split(","):
+        model = lopa.load_model(folder, runner=lopa.RunnerConfig(device=args.device, dtype=args.dtype,
+                                                                 max_num_seqs=args.batch_size))
+        if not model.config.block_diffusion:
+            raise SystemExit(f"{folder}: a {model.model_type} model, not a block-diffusion one")
+        reports = run_eval(model, problems, configs(model, args.tau, ks, args.gen_length), progress=False)
+        pairs = [paired_difference(reports[0], r) for r in reports[1:]]
+        meta = dict(model=folder, block_size=model.loaded.spec.block_size, device=str(model.runner.device),
+                    dtype=str(model.runner.dtype), n=len(problems), batch_size=args.batch_size, commit=git_commit(),
+                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        write_reports(reports, pairs, args.out / Path(folder).name, meta)
+        for r in reports:
+            pair = next((p for p in pairs if p["b"] == r.label), None)
+            summary.append({"model": Path(folder).name, "block_size": meta["block_size"], **r.summary(),
+                            "paired_vs_own": pair})
+        model.close()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bd_lopa.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                       "rows": summary}, indent=1, default=str))
+    lines = ["| model | block | run | n | accuracy | TPF | tokens/s | rows/forward | accuracy vs own loop (95% CI) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        p = s["paired_vs_own"]
+        paired = (f"{100 * p['difference']:+.1f} ({100 * p['ci95'][0]:+.1f} to {100 * p['ci95'][1]:+.1f})"
+                  if p else "")
+        lines.append(f"| {s['model']} | {s['block_size']} | {s['label']} | {s['n']} | {100 * s['accuracy']:.1f}% | "
+                     f"{s['tpf']:.2f} | {s['tokens_per_s']:.0f} | "
+                     f"{s['branch_rows'] / max(1, s['decode_forwards']):.2f} | {paired} |")
+    (args.out / "bd_lopa.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
