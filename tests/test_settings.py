@@ -20,7 +20,8 @@ from lopa.serve import protocol
 SAMPLE = {"strategy": "d2f", "gen_length": 40, "block_size": 8, "tau": 0.7, "add_threshold": 0.3,
           "complete_threshold": 0.8, "k": 3, "base": "threshold", "temperature": 0.5, "top_p": 0.9, "seed": 11,
           "confidence": "margin", "branch_confidence": "top_m", "branch_m": 3, "k_policy": "text",
-          "attention": "full", "steps": 20, "alg": "origin", "max_rounds": 50, "trace": True, "compat": "published"}
+          "attention": "full", "steps": 20, "alg": "origin", "max_rounds": 50, "trace": True, "compat": "published",
+          "sub_block": 4, "fold_commit": False}
 FIELDS = [f.name for f in dataclasses.fields(DecodeConfig)]
 runner = CliRunner()
 
@@ -61,9 +62,17 @@ def _flag(name):
     return "--" + name.replace("_", "-")
 
 
+def _args(name) -> list[str]:
+    """The flag setting SAMPLE[name]: --name VALUE, or for a bool field --name / --no-name."""
+    value = SAMPLE[name]
+    if isinstance(value, bool):
+        return [_flag(name) if value else "--no-" + name.replace("_", "-")]
+    return [_flag(name), str(value)]
+
+
 @pytest.mark.parametrize("name", [f.name for f in settings("generate")])
 def test_lopa_generate_takes_the_field(no_model, name):
-    res = runner.invoke(app, ["generate", "-p", "hi", _flag(name), str(SAMPLE[name])])
+    res = runner.invoke(app, ["generate", "-p", "hi", *_args(name)])
     assert "captured" in res.stderr, res.output
     assert no_model[name] == SAMPLE[name]
 
@@ -80,7 +89,7 @@ def test_lopa_eval_takes_the_field(no_model, monkeypatch, tmp_path, name):
 
     monkeypatch.setattr(harness, "run_eval", fake_run_eval)
     res = runner.invoke(app, ["eval", "--n", "1", "--strategies", "lopa", "--out", str(tmp_path),
-                                       _flag(name), str(SAMPLE[name])])
+                                       *_args(name)])
     assert "captured" in res.stderr, res.output
     (cfg,) = runs.values()
     assert getattr(cfg, name) == SAMPLE[name]

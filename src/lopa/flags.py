@@ -51,8 +51,9 @@ def _option(field, lists: bool) -> inspect.Parameter:
     if lists and field.metadata["sweep"]:
         what, kind = what + " A comma-separated list runs each value.", str
     help_text = default_help(field.name, what)
+    names = (f"--{field.name.replace('_', '-')}/--no-{field.name.replace('_', '-')}",) if kind is bool else ()
     return inspect.Parameter(field.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[kind],
-                             default=typer.Option(None, help=help_text))
+                             default=typer.Option(None, *names, help=help_text))
 
 
 def decode_flags(front_end: str, fail, lists: bool = False):
