@@ -29,6 +29,7 @@ from ..models.spec import ModelSpec
 from ..errors import PromptTooLongError
 from ..runner.model_runner import ModelRunner
 from ..runner.step import Commit, StepItem
+from .device import DevicePath
 from .scheduler import Scheduler
 from .sequence import RequestOutput, RunOutput, Sequence, Status
 
@@ -76,8 +77,11 @@ def kv_need(strategy, prompt_len: int, gen_length: int) -> int:
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, spec: ModelSpec, max_num_seqs: int = 1, step_rows: int | None = None) -> None:
+    def __init__(self, runner: ModelRunner, spec: ModelSpec, max_num_seqs: int = 1, step_rows: int | None = None,
+                 device_step: bool = True) -> None:
         self.runner, self.spec = runner, spec
+        # RunnerConfig.device_step: decode steps whose requests all qualify run on the device path (one process)
+        self.device = DevicePath(runner, spec) if device_step and runner.group.world == 1 else None
         self.step_rows = step_rows  # RunnerConfig.step_rows: the rows a decode step aims at (row_budget)
         self.scheduler = Scheduler(max_num_seqs)
         self.counters = EngineCounters()
@@ -105,6 +109,7 @@ class Engine:
         seq = Sequence(request_id or f"req-{next(self._ids)}", list(prompt), config, strategy, state,
                        strategy.predict_spec, need, stream=stream)
         seq.batch = strategy.propose(state)
+        seq.device_ok = self.device is not None and self.device.eligible(seq)
         if seq.pspec.temperature > 0:
             seq.generator = self.runner.new_generator(config.seed)
         return seq
@@ -180,8 +185,15 @@ class Engine:
         running = self.scheduler.running
         self.runner.reserve(len(running), max(s.need for s in running))
         self.runner.move(plan.moves)
-        t0 = time.perf_counter()
         seqs = plan.seqs
+        if self.device is not None:
+            self.device.move(plan.moves)
+            if not plan.prefill and all(s.device_ok for s in seqs):
+                return outputs + self._device_step(seqs)
+            for s in seqs:  # a host step: requests living on the device come back to their host states
+                if s.on_device:
+                    self.device.store(s)
+        t0 = time.perf_counter()
         preds = self.runner.execute([StepItem(s.slot, s.batch, s.pspec, s.generator) for s in seqs])  # ONE forward
         batches = [s.batch for s in seqs]
         t1 = time.perf_counter()
@@ -197,7 +209,8 @@ class Engine:
             s.state.row_budget = budget  # read by k_policy "load" (decoding/budget.py); a plain int, no device state
             s.batch = None if s.error is not None else self._guard(s, s.strategy.propose, s.state)
         dt = time.perf_counter() - t0
-        self._count(plan.prefill, batches, dt, [s.id for s in seqs])
+        self._count(plan.prefill, sum(b.tokens.shape[0] for b in batches), sum(b.tokens.numel() for b in batches),
+                    dt, [s.id for s in seqs])
         for s, batch in zip(seqs, batches):
             s.stats.add_forward(batch, dt)
             if s.error is not None or s.batch is None:
@@ -205,6 +218,27 @@ class Engine:
                 outputs.append(self._finish(s))
             elif s.stream:
                 out = self._stream(s)
+                if out is not None:
+                    outputs.append(out)
+        return outputs
+
+    def _device_step(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        """A decode step on the device path (engine/device.py): the same counting and outputs as the host's."""
+        t0 = time.perf_counter()
+        self.device.load([s for s in seqs if not s.on_device])
+        shapes = [self.device.shape(s) for s in seqs]  # (K, W) of each request's forward in this step
+        info = self.device.step(seqs)  # ONE forward
+        dt = time.perf_counter() - t0
+        self._count(False, sum(K for K, _ in shapes), sum(K * W for K, W in shapes), dt, [s.id for s in seqs])
+        outputs = []
+        for s, (K, _), (done, _, _, _, _, ready, _) in zip(seqs, shapes, info):
+            s.stats.add_decode(K, dt)
+            if done:
+                self.device.store(s)  # the final canvas to the host state; no batch left
+                self._release(s)
+                outputs.append(self._finish(s))
+            elif s.stream:
+                out = self._stream(s, ready)
                 if out is not None:
                     outputs.append(out)
         return outputs
@@ -247,9 +281,7 @@ class Engine:
         self.runner.release(seq.slot)
         self.scheduler.finish(seq)
 
-    def _count(self, prefill: bool, batches, seconds: float, ids: list[str]) -> None:
-        rows = sum(b.tokens.shape[0] for b in batches)
-        positions = sum(b.tokens.numel() for b in batches)
+    def _count(self, prefill: bool, rows: int, positions: int, seconds: float, ids: list[str]) -> None:
         c = self.counters
         c.steps += 1
         if prefill:
@@ -259,21 +291,23 @@ class Engine:
             c.decode_steps += 1
             c.decode_s += seconds
             c.rows += rows
-            c.requests += len(batches)
-        self.last_step = StepInfo("prefill" if prefill else "decode", len(batches), rows, seconds, positions,
-                                  tuple(ids))
+            c.requests += len(ids)
+        self.last_step = StepInfo("prefill" if prefill else "decode", len(ids), rows, seconds, positions, tuple(ids))
         if self.step_log is not None:
             self.step_log.append(self.last_step)
 
-    def _stream(self, seq: Sequence) -> RequestOutput | None:
+    def _stream(self, seq: Sequence, ready: int | None = None) -> RequestOutput | None:
         """Whole settled blocks since the last output: filled positions never change, so a prefix of the
-        strategy's output without holes is final."""
-        ids = seq.strategy.output(seq.state)
+        strategy's output without holes is final. ``ready``: that prefix's length, read back by the device
+        path (the ids are then fetched only when a block is new)."""
+        ids = seq.strategy.output(seq.state) if ready is None else None
+        ready = len(ids) if ids is not None else ready
         size = seq.config.block_size
-        end = seq.emitted + (len(ids) - seq.emitted) // size * size
+        end = seq.emitted + (ready - seq.emitted) // size * size
         if end <= seq.emitted:
             return None
-        new, seq.emitted = ids[seq.emitted:end], end
+        new = ids[seq.emitted:end] if ids is not None else self.device.answer(seq, seq.emitted, end)
+        seq.emitted = end
         return RequestOutput(seq.id, new, False, None)
 
     def _finish(self, seq: Sequence) -> RequestOutput:

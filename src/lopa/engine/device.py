@@ -1,0 +1,114 @@
+"""The device path of a decode step: threshold / d2f / lopa for every running request at once, their state in
+device tensors (decoding/slots.py), the iteration batched (decoding/batched.py), ONE small copy to the host.
+
+    path.load(seqs)       # requests new to the path: host WindowState + pending batch -> their slot rows
+    info = path.step(n)   # build the queries, ONE forward, accept, commit the winners, propose; read back
+    path.store(seq)       # a slot row -> the request's host state and pending batch (exact, lossless)
+
+The engine takes this path for a decode step when every request of the step qualifies (``eligible``); when one
+does not, the requests living here are stored back and the step runs the host strategies (and they come back
+when all qualify again). Per step the host learns, from one [n, 7] copy: done, round cap, committed length,
+next rows and width, the answer's settled length (streaming) and the winner.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..decoding import batched
+from ..decoding.base import PredictSpec
+from ..decoding.slots import DEVICE_SCORES, Slots
+from ..decoding.d2f import D2FStrategy
+from ..decoding.threshold import ThresholdStrategy
+from ..models.spec import ModelSpec
+from ..runner.model_runner import ModelRunner
+from ..runner.step import pack_device
+from .sequence import Sequence
+
+
+class DevicePath:
+    def __init__(self, runner: ModelRunner, spec: ModelSpec) -> None:
+        self.runner, self.spec = runner, spec
+        self.pdt = torch.promote_types(runner.dtype, torch.float32)
+        self.eos = torch.tensor(spec.eos_ids, dtype=torch.int64, device=runner.device)
+        self.slots: Slots | None = None
+        self.host: list[list[int]] = []  # per slot, from the last read-back: [cached, rows, width]
+        self.winner_log: dict[str, list[int]] | None = None  # set to a dict to record each request's winners
+
+    def eligible(self, seq: Sequence) -> bool:
+        """Greedy threshold / d2f / lopa with a fixed k, a device branch score, no trace, one process."""
+        strategy, cfg = seq.strategy, seq.config
+        return (type(strategy) in (ThresholdStrategy, D2FStrategy) and self.runner.group.world == 1 and not cfg.trace and cfg.k_policy == "fixed"
+                and cfg.branch_confidence in DEVICE_SCORES and seq.state.prompt_len > 0
+                and seq.pspec == PredictSpec(0.0, 1.0, cfg.confidence, (self.spec.mask_id,)))
+
+    # -- slots -----------------------------------------------------------------------------------------
+    def _reserve(self, slots: int, positions: int, lookahead: int) -> None:
+        kc, Tc = max(1, lookahead), max(positions, lookahead, 1)
+        if self.slots is None:
+            self.slots = Slots.empty(slots, Tc, kc, self.runner.device, self.pdt)
+        elif slots > self.slots.slots or Tc > self.slots.width or kc > self.slots.look.shape[1]:
+            self.slots = self.slots.grown(slots, Tc, kc)
+        self.host += [[0, 0, 0] for _ in range(self.slots.slots - len(self.host))]
+
+    def move(self, moves: list[tuple[int, int]]) -> None:
+        """Compaction (Plan.moves): slot rows follow their requests."""
+        if self.slots is None:
+            return
+        for src, dst in moves:
+            self.slots.move(src, dst)
+            self.host[dst] = list(self.host[src])
+
+    def load(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            self._reserve(max(seq.slot + 1, self.runner.max_num_seqs), len(seq.state.canvas), seq.strategy.lookahead)
+            batch = seq.batch
+            self.slots.load(seq.slot, seq.strategy, seq.state, batch,
+                            DEVICE_SCORES.index(seq.config.branch_confidence))
+            self.host[seq.slot] = [batch.start, *batch.tokens.shape]
+            seq.on_device = True
+
+    def store(self, seq: Sequence) -> None:
+        seq.batch = self.slots.store(seq.slot, seq.strategy, seq.state)
+        seq.on_device = False
+
+    def shape(self, seq: Sequence) -> tuple[int, int]:
+        """(rows K, width W) of the request's pending forward."""
+        _, K, W = self.host[seq.slot]
+        return K, W
+
+    def answer(self, seq: Sequence, lo: int, hi: int) -> list[int]:
+        """Generated ids [lo, hi) of the request's answer (settled: the caller read ``ready``)."""
+        P = seq.state.prompt_len
+        return self.slots.canvas[seq.slot, P + lo:P + hi].tolist()
+
+    # -- one step --------------------------------------------------------------------------------------------
+    def step(self, seqs: list[Sequence]) -> list[list[int]]:
+        """The decode step of seqs (slots 0..n-1, all on the device): per request [done, capped, cached, rows,
+        width, ready, winner] after it."""
+        st, n, mask = self.slots, len(seqs), self.spec.mask_id
+        host = self.host[:n]
+        queries = max(K * W for _, K, W in host)
+        B, Qb, Lb = self.runner.packed_shape(n, queries, max(P + K * W for P, K, W in host))
+        Wm, R = max(W for _, _, W in host), max(K for _, K, _ in host)
+        measures = tuple(sorted({s.config.confidence for s in seqs}))
+        scores = tuple(sorted({s.config.branch_confidence for s in seqs}))
+        measure = torch.tensor([measures.index(s.config.confidence) for s in seqs], device=st.canvas.device)
+        v = batched.Rows(st, n)
+        lo = v.cached.clone()
+        fields = batched.queries(st, n, Qb, mask)
+        inputs = pack_device(fields, lo, measure, torch.ones_like(lo), B, mask)
+        preds = self.runner.run_packed(inputs, Lb, measures, (mask,))[:n]  # ONE forward
+        W, commit = v.width.clone(), v.commit.clone()
+        winner = batched.accept(st, n, preds, Wm, R, scores, mask, self.eos)
+        self.runner.commit_winners(lo, winner, W, commit, Wm)
+        batched.propose(st, n, mask)
+        ready = batched.answer_ready(st, n, mask)
+        out = torch.stack([v.done, v.capped, v.cached, v.rows, v.width, ready, winner], 1).tolist()  # the one copy
+        for b, row in enumerate(out):
+            self.host[b] = row[2:5]
+        self.runner.set_lengths([row[2] for row in out])
+        if self.winner_log is not None:
+            for s, row in zip(seqs, out):
+                self.winner_log.setdefault(s.id, []).append(row[6])
+        return out
