@@ -33,7 +33,6 @@ class DevicePath:
         self.eos = torch.tensor(spec.eos_ids, dtype=torch.int64, device=runner.device)
         self.slots: Slots | None = None
         self.host: list[list[int]] = []  # per slot, from the last read-back: [cached, rows, width]
-        self.winner_log: dict[str, list[int]] | None = None  # set to a dict to record each request's winners
 
     def eligible(self, seq: Sequence) -> bool:
         """Greedy threshold / d2f / lopa with a fixed k, a device branch score, no trace, one process."""
@@ -108,7 +107,4 @@ class DevicePath:
         for b, row in enumerate(out):
             self.host[b] = row[2:5]
         self.runner.set_lengths([row[2] for row in out])
-        if self.winner_log is not None:
-            for s, row in zip(seqs, out):
-                self.winner_log.setdefault(s.id, []).append(row[6])
         return out

@@ -55,6 +55,7 @@ class EngineCounters:
     requests: int = 0  # decode steps' requests (requests per step = requests / decode_steps)
     prefill_s: float = 0.0  # wall seconds of prefill steps
     decode_s: float = 0.0  # wall seconds of decode steps (throughput = generated tokens / decode_s)
+    device_steps: int = 0  # decode steps that ran on the device path (engine/device.py)
 
     @property
     def rows_per_step(self) -> float:
@@ -65,7 +66,7 @@ class EngineCounters:
         return self.requests / self.decode_steps if self.decode_steps else 0.0
 
     def as_dict(self) -> dict:
-        keys = ("steps", "prefill_steps", "decode_steps", "rows", "requests", "prefill_s", "decode_s",
+        keys = ("steps", "prefill_steps", "decode_steps", "device_steps", "rows", "requests", "prefill_s", "decode_s",
                 "rows_per_step", "requests_per_step")
         return {k: getattr(self, k) for k in keys}
 
@@ -87,6 +88,7 @@ class Engine:
         self.counters = EngineCounters()
         self.last_step: StepInfo | None = None
         self.step_log: list[StepInfo] | None = None  # set to a list to keep every step's StepInfo (benchmarks)
+        self.winner_log: dict[str, list[int]] | None = None  # set to a dict: each request's winning row per decode step
         self._ids = itertools.count()
         self._done: list[Sequence] = []  # finished or aborted outside a step: reported by the next step()
         self.group = runner.group
@@ -201,6 +203,7 @@ class Engine:
         for i, (s, p) in enumerate(zip(seqs, preds)):
             row = self._guard(s, s.strategy.accept, s.state, s.batch, p)
             commits.append(Commit(s.slot, i, row or 0, s.batch.commit if s.error is None else 0))
+        self._log_winners(seqs, [c.row for c in commits], plan.prefill)
         self.bp.select_s += time.perf_counter() - t1
         self.runner.commit(commits)
         self.runner.verify([s.slot for s in seqs], [s.state.canvas for s in seqs])
@@ -229,7 +232,9 @@ class Engine:
         shapes = [self.device.shape(s) for s in seqs]  # (K, W) of each request's forward in this step
         info = self.device.step(seqs)  # ONE forward
         dt = time.perf_counter() - t0
+        self.counters.device_steps += 1
         self._count(False, sum(K for K, _ in shapes), sum(K * W for K, W in shapes), dt, [s.id for s in seqs])
+        self._log_winners(seqs, [row[6] for row in info], False)
         outputs = []
         for s, (K, _), (done, _, _, _, _, ready, _) in zip(seqs, shapes, info):
             s.stats.add_decode(K, dt)
@@ -242,6 +247,11 @@ class Engine:
                 if out is not None:
                     outputs.append(out)
         return outputs
+
+    def _log_winners(self, seqs: list[Sequence], rows: list[int], prefill: bool) -> None:
+        if self.winner_log is not None and not prefill:
+            for s, row in zip(seqs, rows):
+                self.winner_log.setdefault(s.id, []).append(row)
 
     @staticmethod
     def _guard(seq: Sequence, fn, *args):
