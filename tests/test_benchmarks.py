@@ -98,3 +98,16 @@ def test_serve_load_tiny(tmp_path):
         assert r["equal_to_ceiling"] == r["requests"]  # greedy: the server's answers are generate_many's
         assert r["decode_steps"] > 0 and r["prefill_steps"] > 0 and 0 < r["engine_busy"] <= 1.05  # from /metrics
     assert (tmp_path / "serve_load.md").read_text().count("\n| ") == 3  # header + 2 rows
+
+
+def test_host_step_tiny_pairs_both_paths(tmp_path):
+    run("host_step.py", "--tiny", "--ns", "1,2", "--gen-length", "8", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "host_step.json").read_text())["rows"]
+    assert [(r["strategy"], r["n"]) for r in rows] == [("lopa k=7", 1), ("lopa k=7", 2), ("d2f", 1), ("d2f", 2)]
+    for r in rows:
+        assert r["tokens_equal"] is True
+        for mode in ("host", "device"):
+            x = r[mode]
+            assert x["full_steps"] > 0 and x["wall_ms"] > 0 and x["forward_ms"] > 0 and x["tokens"] > 0
+            assert x["vs_n1"] > 0
+    assert (tmp_path / "host_step.md").read_text().count("| d2f |") == 2
