@@ -114,6 +114,27 @@ def test_every_request_equals_the_host_strategies(ref):
     assert _drive(queued, prompts, configs, [0] * n)[0] == want
 
 
+def test_bucket_padding_rows_are_inert(ref):
+    """The static path runs the update over the whole bucket (5 requests in a bucket of 6): the padding rows
+    hold garbage (as slots left by finished or moved requests do) and must change nothing real."""
+    model, spec, prompts, configs, want, _ = ref
+    pick = [0, 4, 9, 12, 15]
+    m = _engine(model, 6, spec=spec, static=True)
+    m.runner.reserve(6, 512)
+    m.runner.pool.kv.uniform_(-50, 50)
+    m.engine.device._reserve(6, 64, 8)
+    slots = m.engine.device.slots
+    g = torch.Generator().manual_seed(0)
+    for t in (slots.canvas, slots.pred_tok, slots.look, slots.ints):
+        t.copy_(torch.randint(-3, 60, t.shape, generator=g))
+    for t in (slots.pred_prob, slots.pred_conf, slots.floats):
+        t.uniform_(-1, 2)
+    for t in (slots.pred_ok, slots.scored, slots.active):
+        t.copy_(torch.rand(t.shape, generator=g) > 0.5)
+    got = _drive(m, [prompts[i] for i in pick], [configs[i] for i in pick], [0] * 5)[0]
+    assert got == [want[i] for i in pick] and m.engine.counters.device_steps > 0
+
+
 def test_aborts_and_host_only_requests_between_device_steps(ref):
     """An abort leaves the others exact; a request the device path does not take (sampled, trace, dream) makes
     the running ones go back to their host states for its steps and return after, losslessly."""
@@ -203,3 +224,21 @@ def test_a_failing_update_fails_the_step_not_a_token(ref, monkeypatch):
         lopa.generate_many(m, prompts[:4], configs[:4])
     assert not m.engine.has_work() and m.engine.num_running == 0
     assert _drive(m, prompts[:4], configs[:4], [0] * 4)[0] == want[:4]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captured_device_step_equals_the_host_path_on_gpu(tiny_dream_dir):
+    """On a GPU the device step (queries, forward, update, commit) is captured per key and replayed; float32:
+    the same tokens as the host strategies on the same static path."""
+    runner = dict(device="cuda", dtype="float32", max_num_seqs=4)
+    host = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(**runner, device_step=False))
+    dev = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(**runner))
+    prompts = ["Tom has 12 apples and", "The cat sat", "A B C", "one two"]
+    for strategy in ("d2f", "lopa"):
+        for _ in range(3):  # eager first, then captured, then replayed
+            a = lopa.generate_many(host, prompts, strategy=strategy, k=3, gen_length=40, block_size=8)
+            b = lopa.generate_many(dev, prompts, strategy=strategy, k=3, gen_length=40, block_size=8)
+            assert [r.token_ids for r in a] == [r.token_ids for r in b]
+            assert [r.stats.decode_forwards for r in a] == [r.stats.decode_forwards for r in b]
+    assert any(graph is not None for graph, _ in dev.engine.device.graphs.values())
+    assert dev.engine.counters.device_steps == dev.engine.counters.decode_steps

@@ -52,7 +52,8 @@ class Geometry:
         n, Tc = v.n, v.st.width
         dev = v.st.canvas.device
         self.t = torch.arange(Tc, device=dev)[None]  # [1, Tc]
-        self.P, self.G, self.bs = v.prompt_len[:, None], v.gen_length[:, None], v.block_size[:, None]
+        # block_size >= 1: rows never loaded (bucket padding on the static path) hold zeros
+        self.P, self.G, self.bs = v.prompt_len[:, None], v.gen_length[:, None], v.block_size.clamp(min=1)[:, None]
         self.T = self.P + self.G
         self.in_gen = (self.t >= self.P) & (self.t < self.T)  # [n, Tc]
         self.NB = Tc
@@ -81,7 +82,7 @@ def _first(flags: torch.Tensor, none: int) -> torch.Tensor:
 def settle_eos(v: Rows, geo: Geometry, eos: torch.Tensor, mask_id: int) -> None:
     """base.settle_eos: masks after the first EOS of the generated region become EOS; eos_at its position."""
     canvas = v.st.canvas[:v.n]
-    is_eos = torch.isin(canvas, eos) & geo.in_gen
+    is_eos = (canvas[..., None] == eos).any(-1) & geo.in_gen  # [n, Tc]
     at = torch.where(is_eos.any(1), is_eos.long().argmax(1), NO_EOS)
     tail = (geo.t > at[:, None]) & (canvas == mask_id) & (geo.t < geo.T)
     canvas.copy_(torch.where(tail, eos[0], canvas))
@@ -203,7 +204,8 @@ def queries(st: Slots, n: int, Qb: int, mask_id: int) -> tuple[torch.Tensor, ...
     look = _look_rows(st, n).gather(1, r.clamp(max=st.look.shape[1]))
     tokens = torch.where(valid & (pos == look), st.pred_tok[:n].gather(1, pos), st.canvas[:n].gather(1, pos))
     tokens = torch.where(valid, tokens, mask_id)
-    block = torch.where(valid & v.causal.bool()[:, None], (pos - v.prompt_len[:, None]) // v.block_size[:, None], 0)
+    bs = v.block_size.clamp(min=1)[:, None]
+    block = torch.where(valid & v.causal.bool()[:, None], (pos - v.prompt_len[:, None]) // bs, 0)
     return tokens, torch.where(valid, c, 0), torch.where(valid, r, -1), block
 
 
@@ -259,13 +261,14 @@ def propose(st: Slots, n: int, mask_id: int) -> None:
     canvas, d2f = st.canvas[:n], v.d2f.bool()
     masked = (canvas == mask_id) & geo.in_gen
     # d2f.grow: one block when the last one is >= τ_add filled, none past gen_length or after an EOS
-    last_end = torch.minimum(v.prompt_len + v.nblocks * v.block_size, geo.T[:, 0])
-    last_prog = geo.progress(masked).gather(1, (v.nblocks - 1)[:, None])[:, 0]
+    bs = geo.bs[:, 0]
+    last_end = torch.minimum(v.prompt_len + v.nblocks * bs, geo.T[:, 0])
+    last_prog = geo.progress(masked).gather(1, (v.nblocks - 1).clamp(min=0)[:, None])[:, 0]
     grow = d2f & (last_end < geo.T[:, 0]) & (v.eos_at == NO_EOS) & (last_prog >= v.tau_add)
     v.set("nblocks", v.nblocks + grow.long())
     activate(v, geo, masked, grow)
     # finished, round cap
-    end = torch.minimum(v.prompt_len + v.nblocks * v.block_size, geo.T[:, 0])  # window end
+    end = torch.minimum(v.prompt_len + v.nblocks * bs, geo.T[:, 0])  # window end
     all_filled = ~(masked & (geo.t < end[:, None])).any(1)
     done = all_filled & ((v.eos_at != NO_EOS) | (end - v.prompt_len >= v.gen_length))
     capped = ~done & (v.rounds >= v.max_rounds)
@@ -285,9 +288,9 @@ def propose(st: Slots, n: int, mask_id: int) -> None:
     nlook = torch.minimum(v.k, cands.sum(1))
     st.look[:n] = torch.where(torch.arange(kc, device=canvas.device)[None] < nlook[:, None], order, -1)
     # commit_end: the leading run of complete blocks after the committed prefix
-    first = (lo - v.prompt_len) // v.block_size
+    first = (lo - v.prompt_len) // bs
     stops = ~(present & ~incomplete) & (geo.i >= first[:, None])
-    commit_end = torch.minimum(v.prompt_len + _first(stops, geo.NB + 1) * v.block_size, geo.T[:, 0])
+    commit_end = torch.minimum(v.prompt_len + _first(stops, geo.NB + 1) * bs, geo.T[:, 0])
     live = (~done).long()
     v.set("width", (end - lo) * live)
     v.set("rows", (1 + nlook) * live)

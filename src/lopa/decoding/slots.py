@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import CONFIDENCES
 from .base import ForwardBatch
 from .blocks import Block
 from .d2f import D2FStrategy
@@ -30,7 +31,7 @@ from .window import WindowState, WindowStrategy
 
 NO_EOS = 1 << 40  # eos_at of a slot whose canvas holds no EOS yet
 INTS = ("prompt_len", "gen_length", "block_size", "cached", "rounds", "max_rounds", "nblocks", "eos_at", "k",
-        "commit", "width", "rows", "last_fill", "score", "branch_m", "d2f", "causal", "done", "capped")
+        "commit", "width", "rows", "last_fill", "score", "measure", "branch_m", "d2f", "causal", "done", "capped")
 FLOATS = ("tau", "tau_add", "tau_act")
 I = {name: i for i, name in enumerate(INTS)}
 F = {name: i for i, name in enumerate(FLOATS)}
@@ -111,7 +112,7 @@ class Slots:
                       cached=state.cached, rounds=state.rounds, max_rounds=strategy.max_rounds,
                       nblocks=len(state.blocks), eos_at=NO_EOS if state.eos_at is None else state.eos_at,
                       k=strategy.lookahead, commit=batch.commit, width=W, rows=K, last_fill=state.last_fill,
-                      score=score, branch_m=cfg.branch_m, d2f=int(isinstance(strategy, D2FStrategy)),
+                      score=score, measure=CONFIDENCES.index(cfg.confidence), branch_m=cfg.branch_m, d2f=int(isinstance(strategy, D2FStrategy)),
                       causal=int(batch.block_ids is not None), done=0, capped=0)
         self.ints[slot] = torch.tensor([values[name] for name in INTS], dtype=torch.int64).to(dev)
         self.floats[slot] = torch.tensor([cfg.tau, cfg.add_threshold, cfg.complete_threshold],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import CONFIDENCES
 from ..decoding import batched
 from ..decoding.base import PredictSpec
 from ..decoding.slots import DEVICE_SCORES, Slots
@@ -33,6 +34,12 @@ class DevicePath:
         self.eos = torch.tensor(spec.eos_ids, dtype=torch.int64, device=runner.device)
         self.slots: Slots | None = None
         self.host: list[list[int]] = []  # per slot, from the last read-back: [cached, rows, width]
+        self.live = torch.zeros(runner.max_num_seqs, dtype=torch.bool, device=runner.device)  # slot < n
+        self._live_n = -1
+        self.graphs: dict[tuple, tuple] = {}  # key -> (CUDA graph or None: seen once, its [B, 7] output)
+        self._captured_for: tuple = ()
+        self._luts: dict[tuple, torch.Tensor] = {}
+        self._generation = 0  # bumped when the slots are reallocated (graphs read them in place)
 
     def eligible(self, seq: Sequence) -> bool:
         """Greedy threshold / d2f / lopa with a fixed k, a device branch score, no trace, one process."""
@@ -48,6 +55,7 @@ class DevicePath:
             self.slots = Slots.empty(slots, Tc, kc, self.runner.device, self.pdt)
         elif slots > self.slots.slots or Tc > self.slots.width or kc > self.slots.look.shape[1]:
             self.slots = self.slots.grown(slots, Tc, kc)
+            self._generation += 1
         self.host += [[0, 0, 0] for _ in range(self.slots.slots - len(self.host))]
 
     def move(self, moves: list[tuple[int, int]]) -> None:
@@ -85,26 +93,69 @@ class DevicePath:
     def step(self, seqs: list[Sequence]) -> list[list[int]]:
         """The decode step of seqs (slots 0..n-1, all on the device): per request [done, capped, cached, rows,
         width, ready, winner] after it."""
-        st, n, mask = self.slots, len(seqs), self.spec.mask_id
+        st, n = self.slots, len(seqs)
         host = self.host[:n]
-        queries = max(K * W for _, K, W in host)
-        B, Qb, Lb = self.runner.packed_shape(n, queries, max(P + K * W for P, K, W in host))
-        Wm, R = max(W for _, _, W in host), max(K for _, K, _ in host)
+        B, Qb, Lb = self.runner.packed_shape(n, max(K * W for _, K, W in host), max(P + K * W for P, K, W in host))
+        if self.runner.graphs is not None:  # static shapes per graph key: every row and column the bucket allows
+            Wm, R = Qb, st.look.shape[1] + 1
+        else:
+            Wm, R = max(W for _, _, W in host), max(K for _, K, _ in host)
         measures = tuple(sorted({s.config.confidence for s in seqs}))
         scores = tuple(sorted({s.config.branch_confidence for s in seqs}))
-        measure = torch.tensor([measures.index(s.config.confidence) for s in seqs], device=st.canvas.device)
-        v = batched.Rows(st, n)
-        lo = v.cached.clone()
-        fields = batched.queries(st, n, Qb, mask)
-        inputs = pack_device(fields, lo, measure, torch.ones_like(lo), B, mask)
-        preds = self.runner.run_packed(inputs, Lb, measures, (mask,))[:n]  # ONE forward
-        W, commit = v.width.clone(), v.commit.clone()
-        winner = batched.accept(st, n, preds, Wm, R, scores, mask, self.eos)
-        self.runner.commit_winners(lo, winner, W, commit, Wm)
-        batched.propose(st, n, mask)
-        ready = batched.answer_ready(st, n, mask)
-        out = torch.stack([v.done, v.capped, v.cached, v.rows, v.width, ready, winner], 1).tolist()  # the one copy
-        for b, row in enumerate(out):
+        if n != self._live_n:
+            self.live.copy_(torch.arange(self.live.shape[0], device=self.live.device) < n)
+            self._live_n = n
+        if measures not in self._luts:  # a request's measure (CONFIDENCES index) -> its index in the step's list
+            index = [measures.index(m) if m in measures else 0 for m in CONFIDENCES]
+            self._luts[measures] = torch.tensor(index, device=self.live.device)
+        key = (B, Qb, Lb, Wm, R, measures, scores)
+        out = self._replay(key, lambda: self._update(B, Qb, Lb, Wm, R, measures, scores))
+        rows = out[:n].tolist()  # the one copy to the host
+        for b, row in enumerate(rows):
             self.host[b] = row[2:5]
-        self.runner.set_lengths([row[2] for row in out])
+        self.runner.set_lengths([row[2] for row in rows])
+        return rows
+
+    def _update(self, B: int, Qb: int, Lb: int, Wm: int, R: int, measures: tuple[str, ...],
+                scores: tuple[str, ...]) -> torch.Tensor:
+        """Queries, forward, accept, commit, propose over slots 0..B-1; rows past the step's requests (free slots)
+        are zeroed first: no rows, no generated region, every index in range. Device work only: graph-capturable.
+        -> [B, 7]."""
+        st, mask = self.slots, self.spec.mask_id
+        v = batched.Rows(st, B)
+        live = self.live[:B]
+        st.ints[:B] = torch.where(live[:, None], st.ints[:B], 0)  # free slots: no rows, no blocks, in range
+        lut = self._luts[measures]
+        lo = v.cached.clone()
+        fields = batched.queries(st, B, Qb, mask)
+        inputs = pack_device(fields, torch.where(live, lo, 0), lut[v.measure], live.long(), B, mask)
+        preds = self.runner.forward_packed(inputs, Lb, measures, (mask,))  # ONE forward
+        W, commit = v.width.clone(), v.commit.clone()
+        winner = batched.accept(st, B, preds, Wm, R, scores, mask, self.eos)
+        self.runner.commit_winners(lo, winner, W, commit, Wm)
+        batched.propose(st, B, mask)
+        ready = batched.answer_ready(st, B, mask)
+        return torch.stack([v.done, v.capped, v.cached, v.rows, v.width, ready, winner], 1)
+
+    def _replay(self, key: tuple, update) -> torch.Tensor:
+        """On a GPU with CUDA graphs: the first step of a key runs eagerly (it warms the kernels up and compiles),
+        the second captures the step into a graph (capture runs nothing) and replays it, later ones replay.
+        The graphs read the slots, the KV pool and the live mask in place: a new pool or new slots drop them."""
+        graphs = self.runner.graphs
+        if graphs is None or not graphs.capture:
+            return update()
+        if self._captured_for != (self._generation, graphs.pool):  # graphs.pool is new whenever the KV pool is
+            self.graphs.clear()
+            self._captured_for = (self._generation, graphs.pool)
+        entry = self.graphs.get(key)
+        if entry is None:
+            self.graphs[key] = (None, None)
+            return update()
+        graph, out = entry
+        if graph is None:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=graphs.pool):
+                out = update()
+            self.graphs[key] = (graph, out)
+        graph.replay()
         return out

@@ -124,29 +124,6 @@ class GraphExecutor:
             preds = [Predictions(*p) for p in split(self.runner.group.gather_packed(packed), spread, layouts)]
         return hidden, preds
 
-    def run_inputs(self, inputs: torch.Tensor, Lb: int, measures: tuple[str, ...],
-                   suppress: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A step packed on the device (engine/device.py): inputs [B, 4*Qb + 3] with B a bucket and Qb, Lb
-        rounded as ``key`` rounds them (ModelRunner.packed_shape). Same graphs as ``run``; returns (hidden,
-        packed predictions [B, Qb, 3]) on the device, nothing copied to the host."""
-        B, width = inputs.shape
-        key = (B, (width - 3) // FIELDS, Lb, measures, suppress)
-        st = self.statics.get(key)
-        fresh = st is None
-        if fresh:
-            if len(self.statics) >= MAX_GRAPHS:
-                self.clear()
-            host = torch.zeros(inputs.shape, dtype=torch.long, pin_memory=self.runner.device.type == "cuda")
-            st = self.statics[key] = Static(host, torch.zeros_like(inputs), Lb)
-        st.inputs.copy_(inputs)
-        if not self.capture:
-            st.out = self._body(st, measures, suppress)
-        elif fresh:
-            self._capture(st, measures, suppress)
-        else:
-            st.graph.replay()
-        return st.out
-
     def _body(self, st: Static, measures, suppress):
         runner, model = self.runner, self.runner.model
         hidden = runner.body(st.inputs, 0, st.Lb)  # [B, Qb, E]

@@ -227,20 +227,18 @@ class ModelRunner:
                     min(round_up(span, KEY_STEP), self.pool.capacity))
         return n, queries, span
 
-    def run_packed(self, inputs: torch.Tensor, Lb: int, measures: tuple[str, ...],
-                   suppress: tuple[int, ...]) -> torch.Tensor:
-        """ONE greedy forward of a step packed on the device (runner/step.py layout, slots 0..B-1): packed
-        predictions [B, Qb, 3] (token, prob, conf per query) on the device; the hidden states stay for
-        commit_winners."""
-        if self.graphs is not None:
-            self.hidden, packed = self.graphs.run_inputs(inputs, Lb, measures, suppress)
-            return packed
+    def forward_packed(self, inputs: torch.Tensor, Lb: int, measures: tuple[str, ...],
+                       suppress: tuple[int, ...]) -> torch.Tensor:
+        """ONE greedy forward of a step packed on the device (runner/step.py layout, slots 0..B-1) and the
+        batched predict of every query: [B, Qb, 3] (token, prob, conf) on the device; the hidden states stay
+        for commit_winners. Graph-capturable: the device path (engine/device.py) captures it with its update."""
         self.hidden = self.body(inputs, 0, Lb)
         _, col, branch, _, _, measure, suppressed = unpack(inputs)
         first = (col == 0) & (branch >= 0)  # each branch's column 0 reads the slot's last committed state
         last = self.pool.last_hidden[:inputs.shape[0]]
         logits = self.model.lm_head(self.model.predicting_hidden(self.hidden, last, first))  # [B, Qb, V]
-        return predict_rows(logits, measure, suppressed, measures, suppress)
+        predict = self.graphs.predict if self.graphs is not None else predict_rows  # fused when compiled
+        return predict(logits, measure, suppressed, measures, suppress)
 
     def commit_winners(self, P: torch.Tensor, row: torch.Tensor, W: torch.Tensor, n: torch.Tensor,
                        Wm: int) -> None:
