@@ -22,6 +22,7 @@ from ..decoding.slots import DEVICE_SCORES, Slots
 from ..decoding.d2f import D2FStrategy
 from ..decoding.threshold import ThresholdStrategy
 from ..models.spec import ModelSpec
+from ..runner.graphs import MAX_GRAPHS
 from ..runner.model_runner import ModelRunner
 from ..runner.step import pack_device
 from .sequence import Sequence
@@ -149,6 +150,8 @@ class DevicePath:
             self._captured_for = (self._generation, graphs.pool)
         entry = self.graphs.get(key)
         if entry is None:
+            if len(self.graphs) >= MAX_GRAPHS:
+                self.graphs.clear()
             self.graphs[key] = (None, None)
             return update()
         graph, out = entry
