@@ -196,7 +196,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     for r in rows:
         h, d = r["host"], r["device"]
         cell = lambda x: f"{x['wall_ms']:.2f} / {x['forward_ms']:.2f} / {x['host_ms']:.2f}"  # noqa: E731
-        tps = lambda x: f"{x['tokens_per_s']:.0f} ({x['vs_n1']:.1f}x)" if x["vs_n1"] else f"{x['tokens_per_s']:.0f}"  # noqa: E731
+        tps = lambda x: f"{x['tokens_per_s']:.0f}" + (f" ({x['vs_n1']:.1f}x)" if x["vs_n1"] else "")  # noqa: E731
         lines.append(f"| {r['strategy']} | {r['n']} | {cell(h)} | {cell(d)} | {r['host_ms_ratio']:.1f} | {tps(h)} | "
                      f"{tps(d)} | {r['tokens_equal']} |")
     return "\n".join(lines) + "\n"

@@ -90,7 +90,8 @@ def configs():
             continue
         name, _, base = strategy.partition("-")
         out.append(DecodeConfig(strategy=name, base=base or "d2f", k=k, branch_confidence=score,
-                                gen_length=(12, 16, 10)[i % 3], block_size=(4, 8, 3)[i % 3], tau=(0.5, 0.75, 0.25)[i % 3],
+                                gen_length=(12, 16, 10)[i % 3], block_size=(4, 8, 3)[i % 3],
+                                tau=(0.5, 0.75, 0.25)[i % 3],
                                 add_threshold=(0.25, 0.5, 0.0)[i % 3], complete_threshold=(0.5, 0.75, 1.0)[i % 3],
                                 attention=(None, "full", "block_causal")[i % 3], branch_m=(2, 3, 8)[i % 3],
                                 max_rounds=None if i % 5 else 3))

@@ -46,7 +46,8 @@ def ref(family, request, tmp_path_factory):
     the matrix decoded by the host strategies (trace: the winners)."""
     from lopa.models.tiny import write_tiny_checkpoint
 
-    folder = write_tiny_checkpoint(tmp_path_factory.mktemp(family), model_type=family, seed=0 if family == "dream" else 1)
+    seed = 0 if family == "dream" else 1
+    folder = write_tiny_checkpoint(tmp_path_factory.mktemp(family), model_type=family, seed=seed)
     model = lopa.load_model(folder, runner=lopa.RunnerConfig(device="cpu", dtype=request.param))
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(MATRIX))]
     configs = [lopa.decode_config(None, model.model_type, **{**dict(gen_length=16, block_size=8, tau=0.5), **o})
@@ -176,7 +177,8 @@ def test_load_then_store_restores_the_host_state(ref):
         if seq.batch is None:
             continue
         state, batch = seq.state, seq.batch
-        before = dataclasses.replace(state, canvas=state.canvas.clone(), blocks=[dataclasses.replace(b) for b in state.blocks])
+        before = dataclasses.replace(state, canvas=state.canvas.clone(),
+                                     blocks=[dataclasses.replace(b) for b in state.blocks])
         slots = Slots.empty(2, len(state.canvas) + 5, 8, torch.device("cpu"), state.pred_prob.dtype)
         slots.load(1, seq.strategy, state, batch, 0)
         again = slots.store(1, seq.strategy, state)

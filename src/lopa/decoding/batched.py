@@ -168,7 +168,9 @@ def _segment(conf, masked, m, cols, **_):
     n, R, Wm = conf.shape
     C = cols.sum(-1)
     at = torch.where(cols, cols.long().cumsum(-1) - 1, Wm)[:, None].expand(n, R, Wm)
-    packed = lambda x: torch.zeros(n, R, Wm + 1, dtype=x.dtype, device=x.device).scatter_(2, at, x)[..., :Wm]  # noqa: E731
+    def packed(x):
+        return torch.zeros(n, R, Wm + 1, dtype=x.dtype, device=x.device).scatter_(2, at, x)[..., :Wm]
+
     c_conf, c_mask = packed(torch.where(masked, conf, torch.zeros_like(conf))), packed(masked.to(conf.dtype))
     zero = torch.zeros(n, R, 1, dtype=conf.dtype, device=conf.device)
     total, count = torch.cat([zero, c_conf.cumsum(-1)], -1), torch.cat([zero, c_mask.cumsum(-1)], -1)

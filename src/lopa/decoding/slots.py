@@ -112,7 +112,8 @@ class Slots:
                       cached=state.cached, rounds=state.rounds, max_rounds=strategy.max_rounds,
                       nblocks=len(state.blocks), eos_at=NO_EOS if state.eos_at is None else state.eos_at,
                       k=strategy.lookahead, commit=batch.commit, width=W, rows=K, last_fill=state.last_fill,
-                      score=score, measure=CONFIDENCES.index(cfg.confidence), branch_m=cfg.branch_m, d2f=int(isinstance(strategy, D2FStrategy)),
+                      score=score, measure=CONFIDENCES.index(cfg.confidence), branch_m=cfg.branch_m,
+                      d2f=int(isinstance(strategy, D2FStrategy)),
                       causal=int(batch.block_ids is not None), done=0, capped=0)
         self.ints[slot] = torch.tensor([values[name] for name in INTS], dtype=torch.int64).to(dev)
         self.floats[slot] = torch.tensor([cfg.tau, cfg.add_threshold, cfg.complete_threshold],

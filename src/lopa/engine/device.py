@@ -45,7 +45,8 @@ class DevicePath:
     def eligible(self, seq: Sequence) -> bool:
         """Greedy threshold / d2f / lopa with a fixed k, a device branch score, no trace, one process."""
         strategy, cfg = seq.strategy, seq.config
-        return (type(strategy) in (ThresholdStrategy, D2FStrategy) and self.runner.group.world == 1 and not cfg.trace and cfg.k_policy == "fixed"
+        return (type(strategy) in (ThresholdStrategy, D2FStrategy) and self.runner.group.world == 1
+                and not cfg.trace and cfg.k_policy == "fixed"
                 and cfg.branch_confidence in DEVICE_SCORES and seq.state.prompt_len > 0
                 and seq.pspec == PredictSpec(0.0, 1.0, cfg.confidence, (self.spec.mask_id,)))
 
