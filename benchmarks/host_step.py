@@ -79,7 +79,7 @@ class ForwardClock:
             self._wrap(torch.cuda.CUDAGraph, "replay")
         else:  # eager: the host path's forward + per-request predict, the device path's forward + batched predict
             self._wrap(ModelRunner, "_eager")
-            self._wrap(ModelRunner, "run_packed")
+            self._wrap(ModelRunner, "forward_packed")
         return self
 
     def __exit__(self, *exc) -> None:

@@ -95,6 +95,9 @@ def configs():
                                 add_threshold=(0.25, 0.5, 0.0)[i % 3], complete_threshold=(0.5, 0.75, 1.0)[i % 3],
                                 attention=(None, "full", "block_causal")[i % 3], branch_m=(2, 3, 8)[i % 3],
                                 max_rounds=None if i % 5 else 3))
+    for score in DEVICE_SCORES:  # wide windows: "lowest" averages more than one position, "segment" slides
+        out.append(DecodeConfig(strategy="lopa", base="threshold", k=3, branch_confidence=score, gen_length=32,
+                                block_size=32, tau=0.75, branch_m=5))
     return out
 
 
@@ -108,3 +111,27 @@ def test_slot_rows_decode_as_the_host_strategies():
     assert device_run(cfgs, prompts, seeds) == want
     half = len(cfgs) // 2  # other neighbours, other slots
     assert device_run(cfgs[half:], prompts[half:], seeds[half:]) == want[half:]
+
+
+def test_batched_scores_equal_the_host_scores():
+    """Every device score, with rows and columns of padding and requested columns scattered over the window,
+    equals confidence.BRANCH_SCORES on the request's own [K, C] (random data, several sizes)."""
+    from lopa.decoding.confidence import BRANCH_SCORES
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        K, C, m = 1 + trial % 5, 1 + (trial * 7) % 30, 1 + trial % 9
+        R, Wm = K + 2, C + 5 + trial % 4
+        conf = torch.rand(K, C, generator=g, dtype=torch.float64).round(decimals=1)  # ties
+        masked = torch.rand(K, C, generator=g) > 0.3
+        cols = torch.zeros(Wm, dtype=torch.bool)
+        cols[torch.randperm(Wm, generator=g)[:C].sort().values] = True  # where the requested columns sit
+        big_conf = torch.rand(1, R, Wm, generator=g, dtype=torch.float64)  # padding holds anything
+        big_mask = torch.zeros(1, R, Wm, dtype=torch.bool)
+        big_conf[0, :K, cols], big_mask[0, :K, cols] = conf, masked
+        for name in DEVICE_SCORES:
+            params = {"tau": 0.5} if name == "count" else {"m": m} if name in ("top_m", "segment") else {}
+            want = BRANCH_SCORES[name](conf, masked, None, **params).double()
+            got = batched.SCORES[name](big_conf, big_mask, tau=torch.tensor([0.5], dtype=torch.float64),
+                                       m=torch.tensor([m]), cols=cols[None])[0, :K]
+            assert torch.allclose(got, want, rtol=1e-12, atol=0), (name, trial, got, want)
