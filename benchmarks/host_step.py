@@ -9,8 +9,11 @@ in which all n requests run:
     forward ms   the forward's own device time: CUDA events around each graph replay (the static path, the
                  default on a GPU: forward + batched predict); on the CPU the wall time of the eager forward
                  and its predictions
-    host ms      wall - forward: what the step spends outside the forward (host Python, and on the device
-                 path the batched update's small kernels)
+    host ms      wall - forward: what the step spends outside the forward's device time. On a GPU the device
+                 path's step is ONE captured graph (forward + update + commit), so its forward column includes
+                 the update's kernels and host ms is the host alone; on the host path host ms is the
+                 strategies' Python, packing, splitting and the commit. On the CPU the device path's update
+                 runs as eager ops and counts as host.
 
 Throughput: tokens up to EOS / the engine's decode-step seconds (prefill apart), and its ratio to n = 1 of the
 same mode. ``tokens_equal``: the two modes gave the same tokens for every request.

@@ -150,7 +150,8 @@ def build_model(source, runner: RunnerConfig, group=None, name: Path | None = No
                                max_positions=runner.max_positions, static=device.type == "cuda" and runner.cuda_graphs,
                                fuse=loaded.model.ops is not EAGER, group=group)
     model = LopaModel(name or getattr(source, "folder", Path(".")), loaded, model_runner,
-                      Engine(model_runner, loaded.spec, runner.max_num_seqs, runner.step_rows, runner.device_step))
+                      Engine(model_runner, loaded.spec, runner.max_num_seqs, runner.step_rows,
+                             device.type == "cuda" if runner.device_step is None else runner.device_step))
     if group.world > 1:
         group.ready()
     if not group.is_root:  # a worker (spawned, or started by torchrun): follow rank 0, then leave

@@ -244,3 +244,16 @@ def test_captured_device_step_equals_the_host_path_on_gpu(tiny_dream_dir):
             assert [r.stats.decode_forwards for r in a] == [r.stats.decode_forwards for r in b]
     assert any(graph is not None for graph, _ in dev.engine.device.graphs.values())
     assert dev.engine.counters.device_steps == dev.engine.counters.decode_steps
+
+
+def test_runner_config_picks_the_path(tiny_dream_dir):
+    """RunnerConfig.device_step: None = on a GPU only; True takes the device path through the public API."""
+    auto = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu"))
+    on = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu", device_step=True))
+    assert auto.engine.device is None and on.engine.device is not None
+    a, b = (lopa.generate(m, "Tom has 12 apples and", strategy="lopa", k=3, gen_length=16, block_size=8)
+            for m in (auto, on))
+    assert a.token_ids == b.token_ids and a.stats.decode_forwards == b.stats.decode_forwards
+    assert on.engine.counters.device_steps == on.engine.counters.decode_steps > 0
+    with pytest.raises(lopa.ConfigError, match="device_step"):
+        lopa.RunnerConfig(device_step="yes")
