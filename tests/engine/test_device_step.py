@@ -229,10 +229,11 @@ def test_a_failing_update_fails_the_step_not_a_token(ref, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_captured_device_step_equals_the_host_path_on_gpu(tiny_dream_dir):
-    """On a GPU the device step (queries, forward, update, commit) is captured per key and replayed; float32:
-    the same tokens as the host strategies on the same static path."""
-    runner = dict(device="cuda", dtype="float32", max_num_seqs=4)
+@pytest.mark.parametrize("cuda_graphs", [True, False], ids=["captured", "eager"])
+def test_device_step_equals_the_host_path_on_gpu(tiny_dream_dir, cuda_graphs):
+    """On a GPU the device step (queries, forward, update, commit) is captured per key and replayed (or runs
+    eagerly without CUDA graphs); float32: the same tokens as the host strategies on the same path."""
+    runner = dict(device="cuda", dtype="float32", max_num_seqs=4, cuda_graphs=cuda_graphs)
     host = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(**runner, device_step=False))
     dev = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(**runner))
     prompts = ["Tom has 12 apples and", "The cat sat", "A B C", "one two"]
@@ -242,7 +243,7 @@ def test_captured_device_step_equals_the_host_path_on_gpu(tiny_dream_dir):
             b = lopa.generate_many(dev, prompts, strategy=strategy, k=3, gen_length=40, block_size=8)
             assert [r.token_ids for r in a] == [r.token_ids for r in b]
             assert [r.stats.decode_forwards for r in a] == [r.stats.decode_forwards for r in b]
-    assert any(graph is not None for graph, _ in dev.engine.device.graphs.values())
+    assert any(graph is not None for graph, _ in dev.engine.device.graphs.values()) == cuda_graphs
     assert dev.engine.counters.device_steps == dev.engine.counters.decode_steps
 
 

@@ -43,10 +43,10 @@ class DevicePath:
         self._generation = 0  # bumped when the slots are reallocated (graphs read them in place)
 
     def eligible(self, seq: Sequence) -> bool:
-        """Greedy threshold / d2f / lopa with a fixed k, a device branch score, no trace, one process."""
+        """Greedy threshold / d2f / lopa with a fixed k, a device branch score, no trace (one process: the engine
+        has no device path under Branch Parallel)."""
         strategy, cfg = seq.strategy, seq.config
-        return (type(strategy) in (ThresholdStrategy, D2FStrategy) and self.runner.group.world == 1
-                and not cfg.trace and cfg.k_policy == "fixed"
+        return (type(strategy) in (ThresholdStrategy, D2FStrategy) and not cfg.trace and cfg.k_policy == "fixed"
                 and cfg.branch_confidence in DEVICE_SCORES and seq.state.prompt_len > 0
                 and seq.pspec == PredictSpec(0.0, 1.0, cfg.confidence, (self.spec.mask_id,)))
 
