@@ -201,8 +201,8 @@ class RunnerConfig:
     bp_check: bool = False  # debug: after each commit, check that every rank's cache and canvases agree
     step_rows: int | None = None  # query rows (sum of K*W) one decode step aims at: requests with k_policy "load"
     # share it evenly (engine/engine.py: row_budget); None = no budget (they take k)
-    device_step: bool | None = None  # decode steps whose requests are all greedy threshold / d2f / lopa (fixed k, no
-    # trace) run the iteration for every request at once on the device (engine/device.py); False = the host
+    device_step: bool | None = None  # decode steps whose requests are all greedy threshold / d2f / lopa (no trace)
+    # run the iteration for every request at once on the device (engine/device.py); False = the host
     # strategies; None = on a GPU only (on the CPU the batched update is no cheaper than the strategies' Python)
 
     def __post_init__(self) -> None:

@@ -14,6 +14,7 @@ from lopa.decoding.slots import DEVICE_SCORES, I, Slots
 from .toy import EOS, MASK, SPEC
 
 LEVELS = torch.tensor([0.25, 0.5, 0.75, 1.0])
+ROW_BUDGET = 40  # DecodeState.row_budget before every propose (k_policy "load")
 
 
 def oracle(row: torch.Tensor, start: int, cols: torch.Tensor, seed: int):
@@ -33,7 +34,7 @@ def host_run(cfg: DecodeConfig, prompt: list[int], seed: int):
     strategy = make_strategy(cfg, SPEC)
     state = strategy.start(prompt)
     winners = []
-    while (batch := strategy.propose(state)) is not None:
+    while (batch := (setattr(state, "row_budget", ROW_BUDGET), strategy.propose(state))[1]) is not None:
         rows = [oracle(row, batch.start, batch.logit_cols, seed) for row in batch.tokens]
         preds = Predictions(*(torch.stack([r[i] for r in rows]) for i in range(3)))
         row = strategy.accept(state, batch, preds)
@@ -72,7 +73,7 @@ def device_run(cfgs: list[DecodeConfig], prompts: list[list[int]], seeds: list[i
                 preds[b, q] = torch.stack([out[0].double(), out[1], out[2]], -1)
         live = [b for b in range(n) if b not in results]
         winner = batched.accept(st, n, preds, max(Wm, 1), max(R, 1), scores, MASK, eos)
-        batched.propose(st, n, MASK)
+        batched.propose(st, n, MASK, torch.tensor([ROW_BUDGET]))
         for b in live:
             winners[b].append(int(winner[b]))
             if st.ints[b, I["done"]]:
@@ -82,7 +83,7 @@ def device_run(cfgs: list[DecodeConfig], prompts: list[list[int]], seeds: list[i
 
 
 def configs():
-    """Every base, score, window attention, k in {0, 1, 3, 7}, thresholds on the progress grid."""
+    """Every base, score, window attention, k in {0, 1, 3, 7}, k_policy, thresholds on the progress grid."""
     out = []
     for i, (strategy, score, k) in enumerate(itertools.product(("threshold", "d2f", "lopa-d2f", "lopa-threshold"),
                                                                  DEVICE_SCORES, (0, 1, 3, 7))):
@@ -90,6 +91,7 @@ def configs():
             continue
         name, _, base = strategy.partition("-")
         out.append(DecodeConfig(strategy=name, base=base or "d2f", k=k, branch_confidence=score,
+                                k_policy=("fixed", "text", "load")[i // 3 % 3],
                                 gen_length=(12, 16, 10)[i % 3], block_size=(4, 8, 3)[i % 3],
                                 tau=(0.5, 0.75, 0.25)[i % 3],
                                 add_threshold=(0.25, 0.5, 0.0)[i % 3], complete_threshold=(0.5, 0.75, 1.0)[i % 3],

@@ -1,8 +1,8 @@
 """The device path (engine/device.py) is an accelerated WindowStrategy: every request it decodes gives the host
 strategies' tokens, decode-forward count and per-step winners, for every branch score, both bases, both window
-attentions, threshold / d2f / lopa and k in {0, 1, 3, 7}; all at once, staggered, queued, aborted, mixed with
-requests it does not take (their states go back to the host and return), with EOS inside the window; float64
-and float32, both model families."""
+attentions, threshold / d2f / lopa, k in {0, 1, 3, 7} and every k_policy; all at once, staggered, queued,
+aborted, mixed with requests it does not take (their states go back to the host and return), with EOS inside
+the window; float64 and float32, both model families."""
 
 import dataclasses
 
@@ -30,7 +30,10 @@ LOPA = [dict(strategy="lopa", k=(1, 3, 7)[i % 3], base=("d2f", "threshold")[i % 
              attention=("full", "block_causal")[i // 2 % 2], tau=(0.5, 0.15)[i // 6], branch_m=(3, 8)[i % 2],
              confidence=MEASURES[score] if i < 6 else "prob", gen_length=(24, 20)[i // 6],
              block_size=(8, 6)[i // 6]) for i, score in enumerate(SCORES * 2)]
+POLICIES = [dict(strategy="lopa", k=7, k_policy="text", tau=0.3), dict(strategy="lopa", k=7, k_policy="load"),
+            dict(strategy="lopa", k=3, k_policy="load", base="threshold", gen_length=24)]
 MATRIX = BASE + LOPA
+STEP_ROWS = 160  # RunnerConfig.step_rows: k_policy "load" shares it among the step's requests
 PROMPTS = ["Tom has 12 apples and", "The cat sat", "one two three four five six", "Mia has", "A B C", "x y z w",
            "Question: what is"]
 
@@ -66,7 +69,7 @@ def _engine(model, max_num_seqs: int, device_step: bool = True, static: bool = F
     loaded = model.loaded
     runner = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), loaded.model.embed.weight.dtype,
                          max_num_seqs=max_num_seqs, static=static, capture=False)
-    engine = Engine(runner, spec or loaded.spec, max_num_seqs, device_step=device_step)
+    engine = Engine(runner, spec or loaded.spec, max_num_seqs, STEP_ROWS, device_step=device_step)
     engine.winner_log = {}
     return dataclasses.replace(model, runner=runner, engine=engine)
 
@@ -113,6 +116,20 @@ def test_every_request_equals_the_host_strategies(ref):
     assert _drive(staggered, prompts, configs, [i // 3 * 2 for i in range(n)])[0] == want
     queued = _engine(model, 3, spec=spec)  # fewer slots than requests: compaction moves slot rows
     assert _drive(queued, prompts, configs, [0] * n)[0] == want
+
+
+def test_k_policies_equal_the_host_path(ref):
+    """k_policy text and load (the load budget depends on how many requests share the step, so each schedule
+    is compared with the host path under the same schedule), beside fixed-k requests."""
+    model, spec, prompts, _, _, _ = ref
+    configs = [lopa.decode_config(None, model.model_type, **{**dict(gen_length=16, block_size=8, tau=0.5), **o})
+               for o in POLICIES + LOPA[:3]]
+    prompts = prompts[:len(configs)]
+    n = len(configs)
+    for slots, joins, static in ((n, [0] * n, False), (2, [0] * n, False), (n, [0, 0, 1, 1, 3, 4], True)):
+        host = _drive(_engine(model, slots, device_step=False, spec=spec, static=static), prompts, configs, joins)
+        m = _engine(model, slots, spec=spec, static=static)
+        assert _drive(m, prompts, configs, joins) == host and m.engine.counters.device_steps > 0
 
 
 def test_bucket_padding_rows_are_inert(ref):
@@ -203,7 +220,7 @@ def test_ineligible_requests_stay_on_the_host(ref):
     seq = lambda c: m.engine.prepare([5, 6, 7], c)  # noqa: E731
     assert seq(cfg(strategy="lopa", k=2)).device_ok
     for c in (cfg(strategy="lopa", k=2, trace=True), cfg(strategy="lopa", k=2, temperature=0.5),
-              cfg(strategy="lopa", k=2, k_policy="text"), cfg(strategy="lopa", k=2, branch_confidence="random"),
+              cfg(strategy="lopa", k=2, branch_confidence="random"),
               cfg(strategy="dream", steps=4)):
         assert not seq(c).device_ok, c
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .budget import FILL_HALVING, FLAT_SPREAD, K_FLOOR
 from .slots import DEVICE_SCORES, F, I, NO_EOS, Slots
 
 BIG = 1 << 40  # larger than any position
@@ -255,9 +256,10 @@ def accept(st: Slots, n: int, preds: torch.Tensor, Wm: int, R: int, scores: tupl
     return winner
 
 
-def propose(st: Slots, n: int, mask_id: int) -> None:
+def propose(st: Slots, n: int, mask_id: int, row_budget: torch.Tensor) -> None:
     """window.propose for every slot (after accept): grow, done / capped, and the next forward's plan
-    (width, rows, look, scored, commit); a finished slot gets width = rows = commit = 0."""
+    (width, rows, look, scored, commit); a finished slot gets width = rows = commit = 0. ``row_budget`` [1]:
+    DecodeState.row_budget of every request of the step (k_policy "load"), -1 for None."""
     v = Rows(st, n)
     geo = Geometry(v)
     canvas, d2f = st.canvas[:n], v.d2f.bool()
@@ -286,8 +288,9 @@ def propose(st: Slots, n: int, mask_id: int) -> None:
     cands = scored & st.pred_ok[:n]
     key = torch.where(cands, st.pred_conf[:n], float("-inf"))
     kc = st.look.shape[1]
-    order = key.sort(dim=1, descending=True, stable=True).indices[:, :kc]
-    nlook = torch.minimum(v.k, cands.sum(1))
+    ranked = key.sort(dim=1, descending=True, stable=True)
+    order = ranked.indices[:, :kc]
+    nlook = _budget(v, torch.minimum(v.k, cands.sum(1)), ranked.values[:, :kc], end - lo, row_budget)
     st.look[:n] = torch.where(torch.arange(kc, device=canvas.device)[None] < nlook[:, None], order, -1)
     # commit_end: the leading run of complete blocks after the committed prefix
     first = (lo - v.prompt_len) // bs
@@ -299,6 +302,19 @@ def propose(st: Slots, n: int, mask_id: int) -> None:
     v.set("commit", (commit_end - lo) * live)
     v.set("done", done.long())
     v.set("capped", capped.long())
+
+
+def _budget(v: Rows, n: torch.Tensor, conf: torch.Tensor, width: torch.Tensor, row_budget: torch.Tensor):
+    """budget.BUDGETS per slot: n = min(k, candidates) lookaheads (fixed), or fewer (text, load); conf [n, kc]
+    the candidates' confidences, most confident first."""
+    last = conf.gather(1, (n - 1).clamp(min=0)[:, None])[:, 0]
+    spread = (conf[:, 0] - last).double()  # as float(tensor) on the host: in the predictions' dtype, then double
+    decay = torch.round(v.k.double() * torch.pow(2.0, -v.last_fill.double() / FILL_HALVING)).long()  # half: even
+    text = torch.where(n <= K_FLOOR, n, torch.where(spread < FLAT_SPREAD, K_FLOOR,
+                                                    decay.minimum(n).clamp(min=K_FLOOR)))
+    load = torch.maximum(n.clamp(max=1), torch.minimum(n, row_budget // width.clamp(min=1) - 1))
+    load = torch.where(row_budget < 0, n, load)
+    return torch.where(v.policy == 1, text, torch.where(v.policy == 2, load, n))
 
 
 def answer_ready(st: Slots, n: int, mask_id: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import CONFIDENCES
+from ..config import CONFIDENCES, K_POLICIES
 from .base import ForwardBatch
 from .blocks import Block
 from .d2f import D2FStrategy
@@ -31,7 +31,8 @@ from .window import WindowState, WindowStrategy
 
 NO_EOS = 1 << 40  # eos_at of a slot whose canvas holds no EOS yet
 INTS = ("prompt_len", "gen_length", "block_size", "cached", "rounds", "max_rounds", "nblocks", "eos_at", "k",
-        "commit", "width", "rows", "last_fill", "score", "measure", "branch_m", "d2f", "causal", "done", "capped")
+        "commit", "width", "rows", "last_fill", "score", "measure", "policy", "branch_m", "d2f", "causal", "done",
+        "capped")
 FLOATS = ("tau", "tau_add", "tau_act")
 I = {name: i for i, name in enumerate(INTS)}
 F = {name: i for i, name in enumerate(FLOATS)}
@@ -112,7 +113,8 @@ class Slots:
                       cached=state.cached, rounds=state.rounds, max_rounds=strategy.max_rounds,
                       nblocks=len(state.blocks), eos_at=NO_EOS if state.eos_at is None else state.eos_at,
                       k=strategy.lookahead, commit=batch.commit, width=W, rows=K, last_fill=state.last_fill,
-                      score=score, measure=CONFIDENCES.index(cfg.confidence), branch_m=cfg.branch_m,
+                      score=score, measure=CONFIDENCES.index(cfg.confidence),
+                      policy=K_POLICIES.index(cfg.k_policy), branch_m=cfg.branch_m,
                       d2f=int(isinstance(strategy, D2FStrategy)),
                       causal=int(batch.block_ids is not None), done=0, capped=0)
         self.ints[slot] = torch.tensor([values[name] for name in INTS], dtype=torch.int64).to(dev)

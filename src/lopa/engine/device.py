@@ -1,9 +1,10 @@
 """The device path of a decode step: threshold / d2f / lopa for every running request at once, their state in
 device tensors (decoding/slots.py), the iteration batched (decoding/batched.py), ONE small copy to the host.
 
-    path.load(seqs)       # requests new to the path: host WindowState + pending batch -> their slot rows
-    info = path.step(n)   # build the queries, ONE forward, accept, commit the winners, propose; read back
-    path.store(seq)       # a slot row -> the request's host state and pending batch (exact, lossless)
+    path.load(seqs)         # requests new to the path: host WindowState + pending batch -> their slot rows
+    info = path.step(seqs)  # queries, ONE forward, accept, commit the winners, propose (one CUDA graph on a
+                            # GPU); one read-back
+    path.store(seq)         # a slot row -> the request's host state and pending batch (exact, lossless)
 
 The engine takes this path for a decode step when every request of the step qualifies (``eligible``); when one
 does not, the requests living here are stored back and the step runs the host strategies (and they come back
@@ -36,6 +37,7 @@ class DevicePath:
         self.slots: Slots | None = None
         self.host: list[list[int]] = []  # per slot, from the last read-back: [cached, rows, width]
         self.live = torch.zeros(runner.max_num_seqs, dtype=torch.bool, device=runner.device)  # slot < n
+        self.row_budget = torch.full((1,), -1, dtype=torch.int64, device=runner.device)  # k_policy "load"; -1: None
         self._live_n = -1
         self.graphs: dict[tuple, tuple] = {}  # key -> (CUDA graph or None: seen once, its [B, 7] output)
         self._captured_for: tuple = ()
@@ -43,10 +45,10 @@ class DevicePath:
         self._generation = 0  # bumped when the slots are reallocated (graphs read them in place)
 
     def eligible(self, seq: Sequence) -> bool:
-        """Greedy threshold / d2f / lopa with a fixed k, a device branch score, no trace (one process: the engine
+        """Greedy threshold / d2f / lopa with a device branch score, no trace (one process: the engine
         has no device path under Branch Parallel)."""
         strategy, cfg = seq.strategy, seq.config
-        return (type(strategy) in (ThresholdStrategy, D2FStrategy) and not cfg.trace and cfg.k_policy == "fixed"
+        return (type(strategy) in (ThresholdStrategy, D2FStrategy) and not cfg.trace
                 and cfg.branch_confidence in DEVICE_SCORES and seq.state.prompt_len > 0
                 and seq.pspec == PredictSpec(0.0, 1.0, cfg.confidence, (self.spec.mask_id,)))
 
@@ -92,10 +94,11 @@ class DevicePath:
         return self.slots.canvas[seq.slot, P + lo:P + hi].tolist()
 
     # -- one step --------------------------------------------------------------------------------------------
-    def step(self, seqs: list[Sequence]) -> list[list[int]]:
+    def step(self, seqs: list[Sequence], row_budget: int | None = None) -> list[list[int]]:
         """The decode step of seqs (slots 0..n-1, all on the device): per request [done, capped, cached, rows,
-        width, ready, winner] after it."""
+        width, ready, winner] after it. ``row_budget``: what the next proposals read (Engine.row_budget)."""
         st, n = self.slots, len(seqs)
+        self.row_budget.fill_(-1 if row_budget is None else row_budget)
         host = self.host[:n]
         B, Qb, Lb = self.runner.packed_shape(n, max(K * W for _, K, W in host), max(P + K * W for P, K, W in host))
         if self.runner.graphs is not None:  # static shapes per graph key: every row and column the bucket allows
@@ -135,7 +138,7 @@ class DevicePath:
         W, commit = v.width.clone(), v.commit.clone()
         winner = batched.accept(st, B, preds, Wm, R, scores, mask, self.eos)
         self.runner.commit_winners(lo, winner, W, commit, Wm)
-        batched.propose(st, B, mask)
+        batched.propose(st, B, mask, self.row_budget)
         ready = batched.answer_ready(st, B, mask)
         return torch.stack([v.done, v.capped, v.cached, v.rows, v.width, ready, winner], 1)
 

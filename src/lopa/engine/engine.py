@@ -9,7 +9,7 @@ Each request keeps its own strategy and state (decoding/base.py: the contract is
 guarantees each strategy that ``propose`` is called exactly once per forward it takes part in, that
 ``accept`` gets exactly that forward's predictions, and that its window starts at its committed KV length.
 
-A decode step whose requests are all greedy threshold / d2f / lopa (fixed k, no trace) runs on the device path
+A decode step whose requests are all greedy threshold / d2f / lopa (no trace) runs on the device path
 instead (engine/device.py: their states in device rows, the iteration batched, one small copy back); the
 strategies' contract above is its specification, and requests move between the paths losslessly.
 
@@ -235,7 +235,7 @@ class Engine:
         t0 = time.perf_counter()
         self.device.load([s for s in seqs if not s.on_device])
         shapes = [self.device.shape(s) for s in seqs]  # (K, W) of each request's forward in this step
-        info = self.device.step(seqs)  # ONE forward
+        info = self.device.step(seqs, self.row_budget())  # ONE forward
         dt = time.perf_counter() - t0
         self.counters.device_steps += 1
         self._count(False, sum(K for K, _ in shapes), sum(K * W for K, W in shapes), dt, [s.id for s in seqs])
