@@ -275,3 +275,16 @@ def test_runner_config_picks_the_path(tiny_dream_dir):
     assert on.engine.counters.device_steps == on.engine.counters.decode_steps > 0
     with pytest.raises(lopa.ConfigError, match="device_step"):
         lopa.RunnerConfig(device_step="yes")
+
+
+def test_progress_callbacks_see_the_canvas(ref):
+    """api.generate's on_step reads the state's canvas after every forward: current on the device path too."""
+    model, spec, prompts, configs, want, _ = ref
+    i = max(range(len(configs)), key=lambda j: want[j][1])  # the most forwards
+    seen = {}
+    for device_step in (False, True):
+        m = _engine(model, 2, device_step=device_step, spec=spec)
+        seen[device_step] = counts = []
+        lopa.generate(m, prompts[i], configs[i],
+                      on_step=lambda state: counts.append(int((state.canvas != spec.mask_id).sum())))
+    assert seen[True] == seen[False] and len(set(seen[True])) > 2

@@ -83,6 +83,10 @@ class DevicePath:
         seq.batch = self.slots.store(seq.slot, seq.strategy, seq.state)
         seq.on_device = False
 
+    def refresh(self, seq: Sequence) -> None:
+        """Copy the request's canvas into its host state (progress callbacks read it; the rest stays stale)."""
+        seq.state.canvas = self.slots.canvas[seq.slot, :len(seq.state.canvas)].cpu()
+
     def shape(self, seq: Sequence) -> tuple[int, int]:
         """(rows K, width W) of the request's pending forward."""
         _, K, W = self.host[seq.slot]

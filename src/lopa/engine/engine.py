@@ -344,7 +344,8 @@ class Engine:
     def generate(self, seqs: list[Sequence], on_step: Callable[[Sequence], None] | None = None,
                  on_finish: Callable[[Sequence, RunOutput], None] | None = None) -> list[RunOutput]:
         """Decode every sequence (queued FIFO, at most max_num_seqs at once); results in the given order.
-        ``on_step(seq)`` runs after each forward a sequence took part in (progress bars)."""
+        ``on_step(seq)`` runs after each forward a sequence took part in (progress bars; ``seq.state.canvas`` is
+        current, on either path)."""
         results: dict[str, RunOutput] = {}
         by_id = {s.id: s for s in seqs}
         for seq in seqs:
@@ -368,5 +369,7 @@ class Engine:
                         on_finish(by_id[out.request_id], out.result)
             if on_step is not None:
                 for s in step_seqs:
+                    if s.on_device:  # its host state is stale while it decodes on the device: bring the canvas
+                        self.device.refresh(s)
                     on_step(s)
         return [results[s.id] for s in seqs]
