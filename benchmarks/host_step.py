@@ -19,6 +19,7 @@ Throughput: tokens up to EOS / the engine's decode-step seconds (prefill apart),
 same mode. ``tokens_equal``: the two modes gave the same tokens for every request.
 
     PYTHONPATH=src python3 benchmarks/host_step.py --out benchmarks/results/host_step_h100
+    PYTHONPATH=src python3 benchmarks/host_step.py --strategies d2f --out /tmp/d2f   # one strategy
     PYTHONPATH=src python3 benchmarks/host_step.py --tiny --out /tmp/x          # CPU smoke test
 """
 
@@ -45,6 +46,7 @@ from lopa.runner.model_runner import ModelRunner
 from step_latency import git_commit
 
 STRATEGIES = {"lopa k=7": dict(strategy="lopa", k=7), "d2f": dict(strategy="d2f")}
+NAMES = {"lopa": "lopa k=7", "d2f": "d2f"}  # --strategies
 
 
 class ForwardClock:
@@ -134,6 +136,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ns", default="1,8,32,64", help="concurrent requests")
     ap.add_argument("--gen-length", type=int, default=256)
+    ap.add_argument("--strategies", default="lopa,d2f", help="lopa (k=7) and/or d2f")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model on the CPU (smoke test)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/host_step"))
@@ -157,7 +160,8 @@ def measure(path, args, ns: list[int]) -> tuple[list[dict], dict]:
     problems = [p.prompt for p in gsm8k(None, max(ns))]
     rows = []
     meta = None
-    for name, overrides in STRATEGIES.items():
+    for name in (NAMES[s] for s in args.strategies.split(",")):
+        overrides = STRATEGIES[name]
         for n in ns:
             row = {"strategy": name, "n": n}
             for mode in ("host", "device"):
