@@ -14,6 +14,8 @@ next rows and width, the answer's settled length (streaming) and the winner.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ..config import CONFIDENCES
@@ -25,7 +27,7 @@ from ..decoding.threshold import ThresholdStrategy
 from ..models.spec import ModelSpec
 from ..runner.graphs import MAX_GRAPHS
 from ..runner.model_runner import ModelRunner
-from ..runner.step import pack_device
+from ..runner.step import Commit, pack_device
 from .sequence import Sequence
 
 
@@ -43,10 +45,10 @@ class DevicePath:
         self._captured_for: tuple = ()
         self._luts: dict[tuple, torch.Tensor] = {}
         self._generation = 0  # bumped when the slots are reallocated (graphs read them in place)
+        self._gather_s = 0.0  # Branch Parallel: the group's gather seconds at the end of the last step
 
     def eligible(self, seq: Sequence) -> bool:
-        """Greedy threshold / d2f / lopa with a device branch score, no trace (one process: the engine
-        has no device path under Branch Parallel)."""
+        """Greedy threshold / d2f / lopa with a device branch score, no trace."""
         strategy, cfg = seq.strategy, seq.config
         return (type(strategy) in (ThresholdStrategy, D2FStrategy) and not cfg.trace
                 and cfg.branch_confidence in DEVICE_SCORES and seq.state.prompt_len > 0
@@ -104,11 +106,6 @@ class DevicePath:
         st, n = self.slots, len(seqs)
         self.row_budget.fill_(-1 if row_budget is None else row_budget)
         host = self.host[:n]
-        B, Qb, Lb = self.runner.packed_shape(n, max(K * W for _, K, W in host), max(P + K * W for P, K, W in host))
-        if self.runner.graphs is not None:  # static shapes per graph key: every row and column the bucket allows
-            Wm, R = Qb, st.look.shape[1] + 1
-        else:
-            Wm, R = max(W for _, _, W in host), max(K for _, K, _ in host)
         measures = tuple(sorted({s.config.confidence for s in seqs}))
         scores = tuple(sorted({s.config.branch_confidence for s in seqs}))
         if n != self._live_n:
@@ -117,8 +114,16 @@ class DevicePath:
         if measures not in self._luts:  # a request's measure (CONFIDENCES index) -> its index in the step's list
             index = [measures.index(m) if m in measures else 0 for m in CONFIDENCES]
             self._luts[measures] = torch.tensor(index, device=self.live.device)
-        key = (B, Qb, Lb, Wm, R, measures, scores)
-        out = self._replay(key, lambda: self._update(B, Qb, Lb, Wm, R, measures, scores))
+        if self.runner.group.distributed:
+            out = self._update_spread(seqs, measures, scores)
+        else:
+            B, Qb, Lb = self.runner.packed_shape(n, max(K * W for _, K, W in host), max(P + K * W for P, K, W in host))
+            if self.runner.graphs is not None:  # static shapes per graph key: every row and column the bucket allows
+                Wm, R = Qb, st.look.shape[1] + 1
+            else:
+                Wm, R = max(W for _, _, W in host), max(K for _, K, _ in host)
+            key = (B, Qb, Lb, Wm, R, measures, scores)
+            out = self._replay(key, lambda: self._update(B, Qb, Lb, Wm, R, measures, scores))
         rows = out[:n].tolist()  # the one copy to the host
         for b, row in enumerate(rows):
             self.host[b] = row[2:5]
@@ -144,6 +149,47 @@ class DevicePath:
         self.runner.commit_winners(lo, winner, W, commit, Wm)
         batched.propose(st, B, mask, self.row_budget)
         ready = batched.answer_ready(st, B, mask)
+        return torch.stack([v.done, v.capped, v.cached, v.rows, v.width, ready, winner], 1)
+
+    def _update_spread(self, seqs: list[Sequence], measures: tuple[str, ...], scores: tuple[str, ...]) -> torch.Tensor:
+        """Branch Parallel (runner/group.py), eagerly: this rank computes its rows of every request, ONE all_gather
+        puts every rank's predictions in global row order on every rank, every rank runs the same update; the
+        winners' K/V come from this rank's rows or the owner's broadcast (ModelRunner.commit, after reading the
+        winners back). -> [n, 7]."""
+        st, mask, runner, group = self.slots, self.spec.mask_id, self.runner, self.runner.group
+        n, host = len(seqs), self.host[:len(seqs)]
+        t0 = time.perf_counter()
+        mine = [group.parts(K, True)[group.rank] for _, K, _ in host]
+        local = max(max(len(r) for r in group.parts(K, True)) * W for _, K, W in host)  # the same on every rank
+        B, Qb, Lb = runner.packed_shape(n, max(local, 1), max(P + len(r) * W for r, (P, _, W) in zip(mine, host)))
+        dev = st.canvas.device
+        first = torch.tensor([r.start for r in mine] + [0] * (B - n), device=dev)
+        count = torch.tensor([len(r) for r in mine] + [0] * (B - n), device=dev)
+        v, live = batched.Rows(st, B), self.live[:B]
+        st.ints[:B] = torch.where(live[:, None], st.ints[:B], 0)
+        lo = v.cached.clone()
+        fields = batched.queries(st, B, Qb, mask, (first, count))
+        inputs = pack_device(fields, torch.where(live, lo, 0), self._luts[measures][v.measure], live.long(), B, mask)
+        t1 = time.perf_counter()
+        gathered = group.gather_rows(runner.forward_packed(inputs, Lb, measures, (mask,)))  # ONE forward
+        t2 = time.perf_counter()
+        Wm, R = max(W for _, _, W in host), max(K for _, K, _ in host)
+        preds = batched.assemble(gathered, st, n, max(K * W for _, K, W in host), group.rank)
+        winner = batched.accept(st, n, preds, Wm, R, scores, mask, self.eos)
+        picks = torch.stack([winner, batched.Rows(st, n).commit]).tolist()
+        t3 = time.perf_counter()
+        runner.commit_rows([Commit(b, b, picks[0][b], picks[1][b]) for b in range(n)],
+                           [(K, W, True) for _, K, W in host])
+        if group.check:
+            runner.verify(list(range(n)), [st.canvas[b, :len(s.state.canvas)].cpu() for b, s in enumerate(seqs)])
+        batched.propose(st, n, mask, self.row_budget)
+        ready = batched.answer_ready(st, n, mask)
+        c = group.counters
+        c.prepare_s += t1 - t0
+        c.forward_s += t2 - t1 - (c.gather_s - self._gather_s)
+        c.select_s += t3 - t2
+        self._gather_s = c.gather_s
+        v = batched.Rows(st, n)
         return torch.stack([v.done, v.capped, v.cached, v.rows, v.width, ready, winner], 1)
 
     def _replay(self, key: tuple, update) -> torch.Tensor:

@@ -257,6 +257,12 @@ class ModelRunner:
         last = self.hidden[torch.arange(S, device=dev), (row * W + n - 1).clamp(min=0)]  # [S, E]
         self.pool.last_hidden[:S] = torch.where((n > 0)[:, None], last, self.pool.last_hidden[:S])
 
+    def commit_rows(self, commits: list[Commit], shapes: list[tuple[int, int, bool]]) -> None:
+        """commit after forward_packed under Branch Parallel: ``shapes`` (K, W, replicated) per request of the
+        step, as execute records them, so that each winner's K/V come from this rank's rows or its owner."""
+        self._shapes, self._prefill = shapes, False
+        self.commit(commits)
+
     def set_lengths(self, lengths: list[int]) -> None:
         """Committed lengths of slots 0..len(lengths)-1, as the device step left them."""
         self.pool.lengths[:len(lengths)] = lengths
