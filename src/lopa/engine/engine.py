@@ -85,8 +85,10 @@ class Engine:
     def __init__(self, runner: ModelRunner, spec: ModelSpec, max_num_seqs: int = 1, step_rows: int | None = None,
                  device_step: bool = True) -> None:
         self.runner, self.spec = runner, spec
-        # RunnerConfig.device_step: decode steps whose requests all qualify run on the device path
-        self.device = DevicePath(runner, spec) if device_step else None
+        # RunnerConfig.device_step: decode steps whose requests all qualify run on the device path; Branch Parallel
+        # with CUDA graphs keeps the host path, whose static path captures the forward with its gather
+        captured_bp = runner.group.distributed and runner.graphs is not None and runner.graphs.capture
+        self.device = DevicePath(runner, spec) if device_step and not captured_bp else None
         self.step_rows = step_rows  # RunnerConfig.step_rows: the rows a decode step aims at (row_budget)
         self.scheduler = Scheduler(max_num_seqs)
         self.counters = EngineCounters()
