@@ -132,3 +132,16 @@ def test_bd_lopa_pairs_lopa_with_the_models_own_loop(tmp_path, tiny_sdar_dir):
     assert [r["label"] for r in rows] == ["sdar tau=0.9", "lopa k=2"] and all(r["n"] == 2 for r in rows)
     assert rows[0]["paired_vs_own"] is None and rows[1]["paired_vs_own"]["n"] == 2
     assert (tmp_path / tiny_sdar_dir.name / "eval.json").is_file()
+
+
+def test_host_step_tiny_pairs_both_paths(tmp_path):
+    run("host_step.py", "--tiny", "--ns", "1,2", "--gen-length", "8", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "host_step.json").read_text())["rows"]
+    assert [(r["strategy"], r["n"]) for r in rows] == [("lopa k=7", 1), ("lopa k=7", 2), ("d2f", 1), ("d2f", 2)]
+    for r in rows:
+        assert r["tokens_equal"] is True
+        for mode in ("host", "device"):
+            x = r[mode]
+            assert x["full_steps"] > 0 and x["wall_ms"] > 0 and x["forward_ms"] > 0 and x["tokens"] > 0
+            assert x["vs_n1"] > 0
+    assert (tmp_path / "host_step.md").read_text().count("| d2f |") == 2

@@ -206,7 +206,7 @@ def build_model(source, runner: RunnerConfig, group=None, name: Path | None = No
     if warm:
         _warm_up(model_runner, runner.max_num_batched_tokens)
     engine = Engine(model_runner, loaded.spec, runner.max_num_seqs, runner.step_rows, runner.max_lookahead,
-                    runner.max_num_batched_tokens)
+                    runner.max_num_batched_tokens, runner.device_step)
     model = LopaModel(name or getattr(source, "folder", Path(".")), loaded, model_runner, engine)
     if group.world > 1:
         group.ready()

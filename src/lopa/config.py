@@ -321,6 +321,10 @@ class RunnerConfig:
     # padded span (faster steps, measured in docs/benchmarks.md, but graphs keyed by the span); "auto" = flex with
     # the warm-up, else sdpa
     attention: str = "auto"
+    # Decode steps whose requests are all greedy threshold / d2f / lopa (no trace) run the iteration for every
+    # request at once on the device (engine/device.py), host work flat in the batch; False = the host strategies.
+    # Off by default until measured on a GPU (its CUDA graphs are keyed by the key span, not yet part of the warm-up)
+    device_step: bool = False
 
     def __post_init__(self) -> None:
         check_types(self)

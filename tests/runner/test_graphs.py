@@ -35,10 +35,12 @@ def test_static_path_with_fused_kernels_matches_eager(tiny_dream_dir, monkeypatc
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graph_replay_matches_eager_on_gpu(tiny_dream_dir):
-    """Batched graph replay equals batched eager on the GPU in float32 (the tiny model)."""
-    fast = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cuda", dtype="float32", max_num_seqs=4))
+    """Batched graph replay equals batched eager on the GPU in float32 (the tiny model): the host strategies' path
+    (the device path's captured step: tests/engine/test_device_step.py)."""
+    fast = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cuda", dtype="float32", max_num_seqs=4,
+                                                                    device_step=False))
     slow = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cuda", dtype="float32", cuda_graphs=False,
-                                                                    max_num_seqs=4))
+                                                                    max_num_seqs=4, device_step=False))
     prompts = ["Tom has 12 apples and", "The cat sat", "A B C", "one two"]
     for strategy in ("d2f", "lopa"):
         a = lopa.generate_many(slow, prompts, strategy=strategy, k=3, gen_length=40, block_size=8)

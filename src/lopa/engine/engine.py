@@ -9,6 +9,10 @@ Each request keeps its own strategy and state (decoding/base.py: the contract is
 guarantees each strategy that ``propose`` is called exactly once per forward it takes part in, that
 ``accept`` gets exactly that forward's predictions, and that its window starts at its committed KV length.
 
+A decode step whose requests are all greedy threshold / d2f / lopa (no trace) runs on the device path
+instead (engine/device.py: their states in device rows, the iteration batched, one small copy back); the
+strategies' contract above is its specification, and requests move between the paths losslessly.
+
 Under Branch Parallel the engine is replicated: every rank runs the same Engine over the same requests and
 takes the same decisions (the strategies are deterministic and see the same gathered predictions). Rank 0
 records its joins and aborts; each step opens with ``runner.group.sync``, which ships them to the workers,
@@ -31,6 +35,7 @@ from ..errors import ConfigError, OutOfMemoryError, PromptTooLongError
 from ..runner.memory import is_oom
 from ..runner.model_runner import ModelRunner
 from ..runner.step import Commit, StepItem
+from .device import DevicePath
 from .scheduler import Scheduler
 from .sequence import RequestOutput, RunOutput, Sequence, Status
 
@@ -62,6 +67,7 @@ class EngineCounters:
     captures_after_start: int = 0  # CUDA graphs captured while requests ran
     recompiles_after_start: int = 0  # torch.compile graphs compiled since start-up (process-wide)
     eager_decode_steps: int = 0  # greedy decode steps that ran eagerly: their shape was not captured
+    device_steps: int = 0  # decode steps that ran on the device path (engine/device.py)
 
     @property
     def rows_per_step(self) -> float:
@@ -72,7 +78,7 @@ class EngineCounters:
         return self.requests / self.decode_steps if self.decode_steps else 0.0
 
     def as_dict(self) -> dict:
-        keys = ("steps", "prefill_steps", "decode_steps", "rows", "requests", "prefill_s", "decode_s",
+        keys = ("steps", "prefill_steps", "decode_steps", "device_steps", "rows", "requests", "prefill_s", "decode_s",
                 "rows_per_step", "requests_per_step", "captures_after_start", "recompiles_after_start",
                 "eager_decode_steps")
         return {k: getattr(self, k) for k in keys}
@@ -90,14 +96,19 @@ def kv_need(strategy, prompt_len: int, gen_length: int) -> int:
 class Engine:
     def __init__(self, runner: ModelRunner, spec: ModelSpec, max_num_seqs: int = 1, step_rows: int | None = None,
                  max_lookahead: int = RunnerConfig.max_lookahead,
-                 max_num_batched_tokens: int = RunnerConfig.max_num_batched_tokens) -> None:
+                 max_num_batched_tokens: int = RunnerConfig.max_num_batched_tokens, device_step: bool = False) -> None:
         self.runner, self.spec = runner, spec
+        # RunnerConfig.device_step: decode steps whose requests all qualify run on the device path; Branch Parallel
+        # with CUDA graphs keeps the host path, whose static path captures the forward with its gather
+        captured_bp = runner.group.distributed and runner.graphs is not None and runner.graphs.capture
+        self.device = DevicePath(runner, spec) if device_step and not captured_bp else None
         self.step_rows = step_rows  # RunnerConfig.step_rows: the rows a decode step aims at (row_budget)
         self.max_lookahead, self.max_num_batched_tokens = max_lookahead, max_num_batched_tokens  # admission bounds
         self.scheduler = Scheduler(max_num_seqs, fits=runner.fits)
         self.counters = EngineCounters()
         self.last_step: StepInfo | None = None
         self.step_log: list[StepInfo] | None = None  # set to a list to keep every step's StepInfo (benchmarks)
+        self.winner_log: dict[str, list[int]] | None = None  # set to a dict: each request's winning row per decode step
         self._ids = itertools.count()
         self._done: list[Sequence] = []  # finished or aborted outside a step: reported by the next step()
         self.group = runner.group
@@ -116,6 +127,7 @@ class Engine:
         seq = Sequence(request_id or f"req-{next(self._ids)}", list(prompt), config, strategy, state,
                        strategy.predict_spec, need, stream=stream)
         seq.batch = strategy.propose(state)
+        seq.device_ok = self.device is not None and self.device.eligible(seq)
         if seq.pspec.temperature > 0:
             seq.generator = self.runner.new_generator(config.seed)
         return seq
@@ -226,8 +238,15 @@ class Engine:
         running = self.scheduler.running
         self.runner.move(plan.moves)  # first: the live slots are then 0..n-1, and the pool may be resized
         self.runner.reserve(len(running), max(s.need for s in running))
-        t0 = time.perf_counter()
         seqs = plan.seqs
+        if self.device is not None:
+            self.device.move(plan.moves)
+            if not plan.prefill and all(s.device_ok for s in seqs):
+                return outputs + self._device_step(seqs)
+            for s in seqs:  # a host step: requests living on the device come back to their host states
+                if s.on_device:
+                    self.device.store(s)
+        t0 = time.perf_counter()
         preds = self.runner.execute([StepItem(s.slot, s.batch, s.pspec, s.generator) for s in seqs])  # ONE forward
         batches = [s.batch for s in seqs]
         t1 = time.perf_counter()
@@ -235,6 +254,7 @@ class Engine:
         for i, (s, p) in enumerate(zip(seqs, preds)):
             row = self._guard(s, s.strategy.accept, s.state, s.batch, p)
             commits.append(Commit(s.slot, i, row or 0, s.batch.commit if s.error is None else 0))
+        self._log_winners(seqs, [c.row for c in commits], plan.prefill)
         self.bp.select_s += time.perf_counter() - t1
         self.runner.commit(commits)
         self.runner.verify([s.slot for s in seqs], [s.state.canvas for s in seqs])
@@ -243,7 +263,8 @@ class Engine:
             s.state.row_budget = budget  # read by k_policy "load" (decoding/budget.py); a plain int, no device state
             s.batch = None if s.error is not None else self._guard(s, s.strategy.propose, s.state)
         dt = time.perf_counter() - t0
-        self._count(plan.prefill, batches, dt, [s.id for s in seqs])
+        self._count(plan.prefill, sum(b.tokens.shape[0] for b in batches), sum(b.tokens.numel() for b in batches),
+                    dt, [s.id for s in seqs])
         for s, batch in zip(seqs, batches):
             s.stats.add_forward(batch, dt)
             if s.error is not None or s.batch is None:
@@ -254,6 +275,34 @@ class Engine:
                 if out is not None:
                     outputs.append(out)
         return outputs
+
+    def _device_step(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        """A decode step on the device path (engine/device.py): the same counting and outputs as the host's."""
+        t0 = time.perf_counter()
+        self.device.load([s for s in seqs if not s.on_device])
+        shapes = [self.device.shape(s) for s in seqs]  # (K, W) of each request's forward in this step
+        info = self.device.step(seqs, self.row_budget())  # ONE forward
+        dt = time.perf_counter() - t0
+        self.counters.device_steps += 1
+        self._count(False, sum(K for K, _ in shapes), sum(K * W for K, W in shapes), dt, [s.id for s in seqs])
+        self._log_winners(seqs, [row[6] for row in info], False)
+        outputs = []
+        for s, (K, _), (done, _, _, _, _, ready, _) in zip(seqs, shapes, info):
+            s.stats.add_decode(K, dt)
+            if done:
+                self.device.store(s)  # the final canvas to the host state; no batch left
+                self._release(s)
+                outputs.append(self._finish(s))
+            elif s.stream:
+                out = self._stream(s, ready)
+                if out is not None:
+                    outputs.append(out)
+        return outputs
+
+    def _log_winners(self, seqs: list[Sequence], rows: list[int], prefill: bool) -> None:
+        if self.winner_log is not None and not prefill:
+            for s, row in zip(seqs, rows):
+                self.winner_log.setdefault(s.id, []).append(row)
 
     @staticmethod
     def _guard(seq: Sequence, fn, *args):
@@ -308,9 +357,7 @@ class Engine:
         self.runner.release(seq.slot)
         self.scheduler.finish(seq)
 
-    def _count(self, prefill: bool, batches, seconds: float, ids: list[str]) -> None:
-        rows = sum(b.tokens.shape[0] for b in batches)
-        positions = sum(b.tokens.numel() for b in batches)
+    def _count(self, prefill: bool, rows: int, positions: int, seconds: float, ids: list[str]) -> None:
         c = self.counters
         c.steps += 1
         if prefill:
@@ -320,25 +367,27 @@ class Engine:
             c.decode_steps += 1
             c.decode_s += seconds
             c.rows += rows
-            c.requests += len(batches)
+            c.requests += len(ids)
         if self.runner.graphs is not None:
             g = self.runner.graphs.refresh_stats()
             c.captures_after_start, c.recompiles_after_start = g.captures_after_start, g.recompiles_after_start
             c.eager_decode_steps = g.eager_steps
-        self.last_step = StepInfo("prefill" if prefill else "decode", len(batches), rows, seconds, positions,
-                                  tuple(ids))
+        self.last_step = StepInfo("prefill" if prefill else "decode", len(ids), rows, seconds, positions, tuple(ids))
         if self.step_log is not None:
             self.step_log.append(self.last_step)
 
-    def _stream(self, seq: Sequence) -> RequestOutput | None:
+    def _stream(self, seq: Sequence, ready: int | None = None) -> RequestOutput | None:
         """Whole settled blocks since the last output: filled positions never change, so a prefix of the
-        strategy's output without holes is final."""
-        ids = seq.strategy.output(seq.state)
+        strategy's output without holes is final. ``ready``: that prefix's length, read back by the device
+        path (the ids are then fetched only when a block is new)."""
+        ids = seq.strategy.output(seq.state) if ready is None else None
+        ready = len(ids) if ids is not None else ready
         size = seq.config.block_size
-        end = seq.emitted + (len(ids) - seq.emitted) // size * size
+        end = seq.emitted + (ready - seq.emitted) // size * size
         if end <= seq.emitted:
             return None
-        new, seq.emitted = ids[seq.emitted:end], end
+        new = ids[seq.emitted:end] if ids is not None else self.device.answer(seq, seq.emitted, end)
+        seq.emitted = end
         return RequestOutput(seq.id, new, False, None)
 
     def _finish(self, seq: Sequence) -> RequestOutput:
@@ -360,7 +409,8 @@ class Engine:
     def generate(self, seqs: list[Sequence], on_step: Callable[[Sequence], None] | None = None,
                  on_finish: Callable[[Sequence, RunOutput], None] | None = None) -> list[RunOutput]:
         """Decode every sequence (queued FIFO, at most max_num_seqs at once); results in the given order.
-        ``on_step(seq)`` runs after each forward a sequence took part in (progress bars)."""
+        ``on_step(seq)`` runs after each forward a sequence took part in (progress bars; ``seq.state.canvas`` is
+        current, on either path)."""
         results: dict[str, RunOutput] = {}
         by_id = {s.id: s for s in seqs}
         for seq in seqs:
@@ -384,5 +434,7 @@ class Engine:
                         on_finish(by_id[out.request_id], out.result)
             if on_step is not None:
                 for s in step_seqs:
+                    if s.on_device:  # its host state is stale while it decodes on the device: bring the canvas
+                        self.device.refresh(s)
                     on_step(s)
         return [results[s.id] for s in seqs]

@@ -55,9 +55,12 @@ class Stats:
             self.prefill_tokens += batch.commit
             self.prefill_s += seconds
         else:
-            self.decode_forwards += 1
-            self.branch_rows += batch.tokens.shape[0]
-            self.decode_s += seconds
+            self.add_decode(batch.tokens.shape[0], seconds)
+
+    def add_decode(self, rows: int, seconds: float) -> None:
+        self.decode_forwards += 1
+        self.branch_rows += rows
+        self.decode_s += seconds
 
     def as_dict(self) -> dict:
         keys = ("generated_tokens", "decode_forwards", "prefill_forwards", "prefill_tokens", "branch_rows",
@@ -99,6 +102,8 @@ class Sequence:
     finish_reason: str | None = None  # stop | length | abort | error
     generator: Any = None  # torch.Generator on the runner's device, when the request samples
     error: BaseException | None = None  # what ended it, when its strategy (or the step) failed
+    device_ok: bool = False  # its decode iterations may run on the device path (engine/device.py)
+    on_device: bool = False  # its state lives in the device path's slot rows now; state and batch are stale
 
     @property
     def prefill_pending(self) -> bool:

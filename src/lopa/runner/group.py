@@ -240,6 +240,20 @@ class BranchGroup:
         c.gather_s += time.perf_counter() - t0
         return host
 
+    def gather_rows(self, packed: torch.Tensor) -> torch.Tensor:
+        """The device path's (engine/device.py) packed local predictions [B, Qb, 3] -> every rank's [N, B, Qb, 3],
+        on the device: ONE all_gather, nothing copied to the host."""
+        t0 = time.perf_counter()
+        out = torch.empty(self.world * packed.shape[0], *packed.shape[1:], dtype=packed.dtype, device=packed.device)
+        self._guard("all_gather of the predictions",
+                    lambda: self._wait(self._all_gather(out, packed.contiguous(), async_op=True)))
+        c = self.counters
+        c.gathers += 1
+        c.gather_bytes += packed.numel() * packed.element_size()
+        c.split_steps += 1
+        c.gather_s += time.perf_counter() - t0
+        return out.view(self.world, *packed.shape)
+
     def broadcast(self, pool, hidden, work: list) -> None:
         """Commit-Winner-Cache for ``work`` [(slot, index, local_row | None, owner, W, P, n)]: each owner packs
         its winners' window K/V [2, L, Hkv, n, D] and last hidden state [E] into ONE buffer and broadcasts it;

@@ -24,7 +24,7 @@ from ..decoding.base import Predictions
 from ..models.spec import ModelSpec
 from ..decoding.confidence import predict
 from ..models.attention import step_block_mask, step_mask
-from .graphs import KEY_STEP, GraphExecutor, round_up
+from .graphs import KEY_STEP, ROW_STEP, GraphExecutor, bucket, predict_rows, round_up
 from .group import LocalGroup
 from .memory import kv_budget
 from .step import FIELDS, Commit, StepItem, pack, unpack
@@ -260,6 +260,57 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
         if not self._prefill:
             self.group.counters.commit_s += time.perf_counter() - t0
+
+    # -- a step built on the device (engine/device.py) ---------------------------------------------------
+    def packed_shape(self, n: int, queries: int, span: int) -> tuple[int, int, int]:
+        """(B, Qb, Lb) of a decode step over slots 0..n-1 whose longest row has ``queries`` queries and whose
+        queries reach position ``span``: the static path's buckets, or exact shapes when eager."""
+        if span >= self.pool.capacity:
+            raise RuntimeError(f"a forward needs {span + 1} KV positions; the slot holds {self.pool.capacity}")
+        if self.graphs is not None:
+            return (bucket(n, self.pool.slots), round_up(queries, ROW_STEP),
+                    min(round_up(span, KEY_STEP), self.pool.capacity))
+        return n, queries, span
+
+    def forward_packed(self, inputs: torch.Tensor, Lb: int, measures: tuple[str, ...],
+                       suppress: tuple[int, ...]) -> torch.Tensor:
+        """ONE greedy forward of a step packed on the device (runner/step.py layout, slots 0..B-1) and the
+        batched predict of every query: [B, Qb, 3] (token, prob, conf) on the device; the hidden states stay
+        for commit_winners. Graph-capturable: the device path (engine/device.py) captures it with its update."""
+        self.hidden = self.body(inputs, 0, Lb)
+        _, col, branch, _, _, measure, suppressed = unpack(inputs)
+        first = (col == 0) & (branch >= 0)  # each branch's column 0 reads the slot's last committed state
+        last = self.pool.last_hidden[:inputs.shape[0]]
+        logits = self.model.lm_head(self.model.predicting_hidden(self.hidden, last, first))  # [B, Qb, V]
+        predict = self.graphs.predict if self.graphs is not None else predict_rows  # fused when compiled
+        return predict(logits, measure, suppressed, measures, suppress)
+
+    def commit_winners(self, P: torch.Tensor, row: torch.Tensor, W: torch.Tensor, n: torch.Tensor,
+                       Wm: int) -> None:
+        """commit for slots 0..len(P)-1 from device tensors [len(P)]: the first n[b] window columns of row[b]
+        (at P + row*W) become positions P.. of slot b, with the last one's hidden state; one gather-scatter
+        (row 0's columns already sit there). The host lengths are set apart (set_lengths)."""
+        S = P.shape[0]
+        dev = P.device
+        j = torch.arange(Wm, device=dev)[None]
+        moving = (j < n[:, None]) & (row[:, None] > 0)
+        trash = self.pool.capacity - 1  # inactive entries copy the trash position onto itself
+        src = torch.where(moving, P[:, None] + row[:, None] * W[:, None] + j, trash).reshape(-1)
+        dst = torch.where(moving, P[:, None] + j, trash).reshape(-1)
+        slots = torch.arange(S, device=dev)[:, None].expand(S, Wm).reshape(-1)
+        self.pool.commit(slots, src, dst)
+        last = self.hidden[torch.arange(S, device=dev), (row * W + n - 1).clamp(min=0)]  # [S, E]
+        self.pool.last_hidden[:S] = torch.where((n > 0)[:, None], last, self.pool.last_hidden[:S])
+
+    def commit_rows(self, commits: list[Commit], shapes: list[tuple[int, int, bool]]) -> None:
+        """commit after forward_packed under Branch Parallel: ``shapes`` (K, W, replicated) per request of the
+        step, as execute records them, so that each winner's K/V come from this rank's rows or its owner."""
+        self._shapes, self._prefill = shapes, False
+        self.commit(commits)
+
+    def set_lengths(self, lengths: list[int]) -> None:
+        """Committed lengths of slots 0..len(lengths)-1, as the device step left them."""
+        self.pool.lengths[:len(lengths)] = lengths
 
     def verify(self, slots: list[int], canvases: list[torch.Tensor]) -> None:
         """RunnerConfig.bp_check: every rank's cache and canvases agree after the commit (no-op in one process)."""

@@ -101,3 +101,20 @@ def split(packed: torch.Tensor, items: list[StepItem], layouts: list[list[range]
         rows = rows[:, item.batch.logit_cols]  # [K, C, 3]
         out.append((rows[..., 0].long(), rows[..., 1], rows[..., 2]))
     return out
+
+
+
+def pack_device(fields: tuple[torch.Tensor, ...], P: torch.Tensor, measure: torch.Tensor, suppress: torch.Tensor,
+                B: int, mask_id: int) -> torch.Tensor:
+    """pack's layout built on the device, for a step whose queries were built there (engine/device.py):
+    fields = tokens, col, branch, block [n, Qb]; P, measure, suppress [n] -> [B, 4*Qb + 3] (rows past n are
+    padding, as pack writes them)."""
+    tokens = fields[0]
+    n, Qb = tokens.shape
+    out = torch.zeros(B, FIELDS * Qb + 3, dtype=torch.long, device=tokens.device)
+    view = out[:, :FIELDS * Qb].view(B, FIELDS, Qb)
+    view[:, 0] = mask_id
+    view[:, 2] = -1
+    view[:n] = torch.stack(fields, 1)
+    out[:n, FIELDS * Qb:] = torch.stack([P, measure, suppress], 1)
+    return out

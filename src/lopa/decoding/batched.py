@@ -1,0 +1,351 @@
+"""One iteration of threshold / d2f / lopa for every running request at once, on the slots' device rows.
+
+The same steps as WindowStrategy (decoding/window.py), each a few tensor ops over [n, Tc] (canvas space) or
+[n, R, Wm] (branch rows x window columns), with no per-request Python:
+
+    queries(...)   the pending forward's rows, packed per query: tokens, col, branch, block   [n, Qb]
+    accept(...)    branch scores over still-masked scored columns, the winner (first argmax: ties to the
+                   lower row), the winner's row and predictions become the canvas, settle EOS, fill, settle
+    propose(...)   grow a d2f block, finished / round cap, the scored set, the k most confident candidates
+                   (conf desc, position asc: a stable sort), K, the commit end (leading complete blocks)
+
+``n`` rows are slots 0..n-1 of ``Slots`` (decoding/slots.py); every function updates them in place. Host
+ints the caller passes (Qb, Wm, R) only size tensors. The host strategies are the specification: every rule
+here is the vectorized form of the one cited beside it, and tests/decoding/test_batched.py holds the engine's
+device path to them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .budget import FILL_HALVING, FLAT_SPREAD, K_FLOOR
+from .slots import DEVICE_SCORES, F, I, NO_EOS, Slots
+
+BIG = 1 << 40  # larger than any position
+
+
+@dataclass
+class Rows:
+    """Views of the first n rows' int fields and thresholds (writes land in the slots)."""
+
+    st: Slots
+    n: int
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        if name in I:
+            return self.st.ints[:self.n, I[name]]
+        if name in F:
+            return self.st.floats[:self.n, F[name]]
+        raise AttributeError(name)
+
+    def set(self, name: str, value: torch.Tensor) -> None:
+        self.st.ints[:self.n, I[name]] = value
+
+
+class Geometry:
+    """Where each canvas position sits: in the generated region or not, and in which block (grid: block i
+    starts at P + i*bs). Block arrays are [n, NB + 1]; column NB collects positions outside every block."""
+
+    def __init__(self, v: Rows) -> None:
+        n, Tc = v.n, v.st.width
+        dev = v.st.canvas.device
+        self.t = torch.arange(Tc, device=dev)[None]  # [1, Tc]
+        # block_size >= 1: rows never loaded (bucket padding on the static path) hold zeros
+        self.P, self.G, self.bs = v.prompt_len[:, None], v.gen_length[:, None], v.block_size.clamp(min=1)[:, None]
+        self.T = self.P + self.G
+        self.in_gen = (self.t >= self.P) & (self.t < self.T)  # [n, Tc]
+        self.NB = Tc
+        self.bi = torch.where(self.in_gen, (self.t - self.P) // self.bs, self.NB)  # [n, Tc]
+        self.i = torch.arange(self.NB + 1, device=dev)[None]  # [1, NB + 1]
+        self.size = (self.G - self.i * self.bs).clamp(min=0).minimum(self.bs)  # [n, NB + 1]
+        self.n = n
+
+    def per_block(self, x: torch.Tensor) -> torch.Tensor:
+        """[n, Tc] bool/int -> [n, NB + 1] sums over each block's positions."""
+        return torch.zeros(self.n, self.NB + 1, dtype=torch.int64, device=x.device).scatter_add_(1, self.bi, x.long())
+
+    def present(self, nblocks: torch.Tensor) -> torch.Tensor:
+        return self.i < nblocks[:, None]
+
+    def progress(self, masked: torch.Tensor) -> torch.Tensor:
+        """blocks.py progress: filled / size, in float64 as on the host."""
+        return (self.size - self.per_block(masked)).double() / self.size.clamp(min=1).double()
+
+
+def _first(flags: torch.Tensor, none: int) -> torch.Tensor:
+    """Index of the first True per row, or ``none``."""
+    return torch.where(flags.any(1), flags.long().argmax(1), none)
+
+
+def settle_eos(v: Rows, geo: Geometry, eos: torch.Tensor, mask_id: int) -> None:
+    """base.settle_eos: masks after the first EOS of the generated region become EOS; eos_at its position."""
+    canvas = v.st.canvas[:v.n]
+    is_eos = (canvas[..., None] == eos).any(-1) & geo.in_gen  # [n, Tc]
+    at = torch.where(is_eos.any(1), is_eos.long().argmax(1), NO_EOS)
+    tail = (geo.t > at[:, None]) & (canvas == mask_id) & (geo.t < geo.T)
+    canvas.copy_(torch.where(tail, eos[0], canvas))
+    v.set("eos_at", at)
+
+
+def activate(v: Rows, geo: Geometry, masked: torch.Tensor, rows: torch.Tensor) -> None:
+    """d2f.activate for the slots in ``rows`` [n] bool: a present block whose predecessor is >= τ_act filled
+    becomes fully active."""
+    prog = geo.progress(masked)[:, :geo.NB]
+    prev = torch.zeros_like(prog, dtype=torch.bool)
+    prev[:, 1:] = prog[:, :-1] >= v.tau_act[:, None]
+    active = v.st.active[:v.n]
+    active |= rows[:, None] & geo.present(v.nblocks)[:, :geo.NB] & prev
+
+
+def fill(v: Rows, geo: Geometry, mask_id: int) -> torch.Tensor:
+    """threshold.fill / d2f.fill with blocks.fill_block for every fillable block; returns positions filled [n]."""
+    st, n = v.st, v.n
+    canvas, d2f = st.canvas[:n], v.d2f.bool()
+    masked = (canvas == mask_id) & geo.in_gen
+    activate(v, geo, masked, d2f)  # d2f: from the state the predictions were made on
+    present = geo.present(v.nblocks)
+    incomplete = present & (geo.per_block(masked) > 0)
+    current = _first(incomplete[:, :geo.NB], geo.NB)  # threshold: the first incomplete block
+    fillable = torch.where(d2f[:, None], present, geo.i == current[:, None])
+    fillable[:, geo.NB] = False
+    active = torch.cat([st.active[:n], torch.zeros(n, 1, dtype=torch.bool, device=canvas.device)], 1)
+    fallback = ~d2f[:, None] | active  # threshold blocks are always fully active
+    open_ = masked & st.pred_ok[:n] & fillable.gather(1, geo.bi)
+    prob, conf = st.pred_prob[:n], st.pred_conf[:n]
+    passing = open_ & (prob > v.tau.to(prob.dtype)[:, None])  # strict >, in the predictions' dtype
+    top1 = (geo.per_block(passing) == 0) & (geo.per_block(open_) > 0) & fallback  # [n, NB + 1]
+    conf_open = torch.where(open_, conf, float("-inf"))
+    best = torch.full((n, geo.NB + 1), float("-inf"), dtype=conf.dtype, device=conf.device)
+    best = best.scatter_reduce(1, geo.bi, conf_open, "amax")
+    cand = open_ & (conf_open == best.gather(1, geo.bi)) & top1.gather(1, geo.bi)
+    lowest = torch.full((n, geo.NB + 1), BIG, dtype=torch.int64, device=conf.device)
+    lowest = lowest.scatter_reduce(1, geo.bi, torch.where(cand, geo.t, BIG), "amin")  # ties: the lowest position
+    chosen = passing | (cand & (geo.t == lowest.gather(1, geo.bi)))
+    canvas.copy_(torch.where(chosen, st.pred_tok[:n], canvas))
+    return chosen.sum(1)
+
+
+# -- branch scores (confidence.BRANCH_SCORES) over [n, R, Wm] with padding --------------------------------------
+def _mean(conf, masked):
+    count = masked.sum(-1)
+    total = torch.where(masked, conf, torch.zeros_like(conf)).sum(-1)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("inf")))
+
+
+def _count(conf, masked, tau, **_):
+    ahead = masked[:, :1].sum(-1) - masked.sum(-1)
+    passing = (masked & (conf > tau.to(conf.dtype)[:, None, None])).sum(-1)
+    return (ahead + passing).to(conf.dtype) + 0.5 * _mean(conf, masked).clamp(max=1.0)
+
+
+def _top_m(conf, masked, m, **_):
+    top = torch.where(masked, conf, float("-inf")).sort(-1, descending=True).values
+    j = torch.arange(conf.shape[-1], device=conf.device)
+    keep = (j < m[:, None, None]) & (top > float("-inf"))
+    return _mean(top, keep)
+
+
+def _logsum(conf, masked, **_):
+    logs = torch.where(masked, torch.log(conf.clamp(min=1e-10)), torch.zeros_like(conf))
+    return torch.where(masked.any(-1), logs.sum(-1), torch.full_like(logs[..., 0], float("inf")))
+
+
+def _lowest(conf, masked, **_):
+    count = masked.sum(-1)
+    low = (count.double() * 0.1).floor().long().clamp(min=1)  # max(1, int(numel * 0.1))
+    ordered = torch.where(masked, conf, float("inf")).sort(-1).values
+    keep = torch.arange(conf.shape[-1], device=conf.device) < low[..., None]
+    mean = torch.where(keep, ordered, torch.zeros_like(ordered)).sum(-1) / low
+    # the host collects Python floats into a float32 tensor
+    return torch.where(count > 0, mean.float(), float("inf")).to(conf.dtype)
+
+
+def _segment(conf, masked, m, cols, **_):
+    """weakest_segment over the requested columns (``cols`` [n, Wm]: the window's anchor-masked columns),
+    compacted left so that segments run over consecutive requested columns as on the host."""
+    n, R, Wm = conf.shape
+    C = cols.sum(-1)
+    at = torch.where(cols, cols.long().cumsum(-1) - 1, Wm)[:, None].expand(n, R, Wm)
+    def packed(x):
+        return torch.zeros(n, R, Wm + 1, dtype=x.dtype, device=x.device).scatter_(2, at, x)[..., :Wm]
+
+    c_conf, c_mask = packed(torch.where(masked, conf, torch.zeros_like(conf))), packed(masked.to(conf.dtype))
+    zero = torch.zeros(n, R, 1, dtype=conf.dtype, device=conf.device)
+    total, count = torch.cat([zero, c_conf.cumsum(-1)], -1), torch.cat([zero, c_mask.cumsum(-1)], -1)
+    w = torch.minimum(m, C)
+    j = torch.arange(Wm, device=conf.device)
+    end = (j + w[:, None]).clamp(max=Wm)[:, None].expand(n, R, Wm)
+    seg_total, seg_count = total.gather(2, end) - total[..., :Wm], count.gather(2, end) - count[..., :Wm]
+    seg = torch.where(seg_count > 0, seg_total / seg_count.clamp(min=1), torch.full_like(seg_total, float("inf")))
+    seg = torch.where((j <= (C - w)[:, None])[:, None], seg, float("inf"))
+    return seg.min(-1).values
+
+
+SCORES = {"mean": lambda conf, masked, **_: _mean(conf, masked), "lowest": _lowest, "count": _count,
+          "top_m": _top_m, "segment": _segment, "logsum": _logsum}
+assert tuple(SCORES) == DEVICE_SCORES
+
+
+# -- the iteration ------------------------------------------------------------------------------------------------
+def _look_rows(st: Slots, n: int) -> torch.Tensor:
+    """[n, kc + 1] the lookahead position of each row (row 0, the anchor: -1)."""
+    return torch.cat([torch.full((n, 1), -1, dtype=torch.int64, device=st.look.device), st.look[:n]], 1)
+
+
+def queries(st: Slots, n: int, Qb: int, mask_id: int,
+            rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+    """The pending forward of every slot as runner/step.py's per-query fields [n, Qb]: row r column c ->
+    query r*W + c; row r >= 1 is the anchor with its lookahead position filled with its predicted token.
+    ``rows`` (Branch Parallel): (first, count) [n] of the rows this rank computes, numbered 0.. locally."""
+    v = Rows(st, n)
+    W, K, lo = v.width[:, None], v.rows[:, None], v.cached[:, None]
+    q = torch.arange(Qb, device=st.canvas.device)[None]
+    local, c = q // W.clamp(min=1), q % W.clamp(min=1)
+    first, count = (torch.zeros_like(K), K) if rows is None else (rows[0][:, None], rows[1][:, None])
+    valid = local < count
+    r = first + local
+    pos = (lo + c).clamp(max=st.width - 1)
+    look = _look_rows(st, n).gather(1, r.clamp(max=st.look.shape[1]))
+    tokens = torch.where(valid & (pos == look), st.pred_tok[:n].gather(1, pos), st.canvas[:n].gather(1, pos))
+    tokens = torch.where(valid, tokens, mask_id)
+    bs = v.block_size.clamp(min=1)[:, None]
+    block = torch.where(valid & v.causal.bool()[:, None], (pos - v.prompt_len[:, None]) // bs, 0)
+    return tokens, torch.where(valid, c, 0), torch.where(valid, local, -1), block
+
+
+def assemble(gathered: torch.Tensor, st: Slots, n: int, Qg: int, rank: int) -> torch.Tensor:
+    """Branch Parallel: every rank's local predictions [N, B, Ql, 3] -> every slot's rows in global order
+    [n, Qg, 3]. Rows follow group.split_rows (balanced contiguous parts, rank 0 first); K = 1 is replicated,
+    so it is read from this rank's own copy (as the host path does)."""
+    N = gathered.shape[0]
+    v = Rows(st, n)
+    W, K = v.width.clamp(min=1)[:, None], v.rows[:, None]
+    q = torch.arange(Qg, device=gathered.device)[None]
+    r, c = q // W, q % W
+    size, extra = K // N, K % N  # ranks < extra hold size + 1 rows
+    cut = extra * (size + 1)
+    owner = torch.where(r < cut, r // (size + 1), extra + (r - cut) // size.clamp(min=1))
+    owner = torch.where(K == 1, rank, owner).clamp(0, N - 1)
+    start = owner * size + torch.minimum(owner, extra)
+    local = torch.where(K == 1, 0, r - start) * W + c
+    index = (owner * gathered.shape[1] + torch.arange(n, device=q.device)[:, None]) * gathered.shape[2]
+    index = (index + local.clamp(0, gathered.shape[2] - 1)).reshape(-1)
+    return gathered.reshape(-1, 3)[index].view(n, Qg, 3)
+
+
+def accept(st: Slots, n: int, preds: torch.Tensor, Wm: int, R: int, scores: tuple[str, ...], mask_id: int,
+           eos: torch.Tensor) -> torch.Tensor:
+    """window.accept + apply_row for every slot: preds [n, Qb, 3] (token, prob, conf per query). Returns the
+    winners [n]; cached, rounds, canvas, predictions, eos_at, active, last_fill updated."""
+    v = Rows(st, n)
+    dev = st.canvas.device
+    W, K, lo = v.width, v.rows, v.cached
+    canvas = st.canvas[:n]
+    # branch scores over [n, R, Wm]: row r, window column c
+    c = torch.arange(Wm, device=dev)[None]
+    pos = (lo[:, None] + c).clamp(max=st.width - 1)
+    cols = (canvas.gather(1, pos) == mask_id) & (c < W[:, None])  # the anchor's masked columns: logit_cols
+    look = _look_rows(st, n)[:, :R]
+    r = torch.arange(R, device=dev)[None, :, None]
+    valid = (r < K[:, None, None]) & (c < W[:, None])[:, None]
+    masked = cols[:, None] & (pos[:, None] != look[..., None]) & st.scored[:n].gather(1, pos)[:, None] & valid
+    q = torch.where(valid, r * W[:, None, None] + c[:, None], 0).view(n, R * Wm)
+    conf = preds[..., 2].gather(1, q).view(n, R, Wm)
+    score = torch.zeros(n, R, dtype=conf.dtype, device=dev)
+    for name in scores:
+        value = SCORES[name](conf, masked, tau=v.tau, m=v.branch_m, cols=cols)
+        score = torch.where((v.score == DEVICE_SCORES.index(name))[:, None], value, score)
+    score = torch.where(r[..., 0] < K[:, None], score, float("-inf"))
+    winner = torch.where(K > 1, score.argmax(1), 0)  # the first maximum: ties go to the lower row
+    # apply_row: the winner's row becomes the canvas, its predictions the current ones
+    geo = Geometry(v)
+    ahead = look.gather(1, winner[:, None])  # [n, 1] the winner's lookahead position (-1: the anchor)
+    logit = (geo.t >= lo[:, None]) & (geo.t < (lo + W)[:, None]) & (canvas == mask_id)
+    canvas.copy_(torch.where(geo.t == ahead, st.pred_tok[:n], canvas))
+    qt = (winner[:, None] * W[:, None] + geo.t - lo[:, None]).clamp(0, preds.shape[1] - 1)
+    pred = preds.gather(1, qt[..., None].expand(n, -1, 3))  # [n, Tc, 3]
+    st.pred_tok[:n] = torch.where(logit, pred[..., 0].long(), st.pred_tok[:n])
+    st.pred_prob[:n] = torch.where(logit, pred[..., 1], st.pred_prob[:n])
+    st.pred_conf[:n] = torch.where(logit, pred[..., 2], st.pred_conf[:n])
+    st.pred_ok[:n] = logit
+    v.set("cached", lo + v.commit)
+    v.set("rounds", v.rounds + 1)
+    settle_eos(v, geo, eos, mask_id)
+    filled = fill(v, geo, mask_id)
+    settle_eos(v, geo, eos, mask_id)
+    v.set("last_fill", filled + (winner > 0).long())
+    return winner
+
+
+def propose(st: Slots, n: int, mask_id: int, row_budget: torch.Tensor) -> None:
+    """window.propose for every slot (after accept): grow, done / capped, and the next forward's plan
+    (width, rows, look, scored, commit); a finished slot gets width = rows = commit = 0. ``row_budget`` [1]:
+    DecodeState.row_budget of every request of the step (k_policy "load"), -1 for None."""
+    v = Rows(st, n)
+    geo = Geometry(v)
+    canvas, d2f = st.canvas[:n], v.d2f.bool()
+    masked = (canvas == mask_id) & geo.in_gen
+    # d2f.grow: one block when the last one is >= τ_add filled, none past gen_length or after an EOS
+    bs = geo.bs[:, 0]
+    last_end = torch.minimum(v.prompt_len + v.nblocks * bs, geo.T[:, 0])
+    last_prog = geo.progress(masked).gather(1, (v.nblocks - 1).clamp(min=0)[:, None])[:, 0]
+    grow = d2f & (last_end < geo.T[:, 0]) & (v.eos_at == NO_EOS) & (last_prog >= v.tau_add)
+    v.set("nblocks", v.nblocks + grow.long())
+    activate(v, geo, masked, grow)
+    # finished, round cap
+    end = torch.minimum(v.prompt_len + v.nblocks * bs, geo.T[:, 0])  # window end
+    all_filled = ~(masked & (geo.t < end[:, None])).any(1)
+    done = all_filled & ((v.eos_at != NO_EOS) | (end - v.prompt_len >= v.gen_length))
+    capped = ~done & (v.rounds >= v.max_rounds)
+    done = done | capped
+    # the scored set and the lookahead candidates (conf desc, position asc)
+    lo = v.cached
+    present = geo.present(v.nblocks)
+    incomplete = present & (geo.per_block(masked) > 0)
+    current = _first(incomplete[:, :geo.NB], geo.NB)
+    in_window = (geo.t >= lo[:, None]) & (geo.t < end[:, None])
+    scored = masked & torch.where(d2f[:, None], in_window, geo.bi == current[:, None])
+    st.scored[:n] = scored
+    cands = scored & st.pred_ok[:n]
+    key = torch.where(cands, st.pred_conf[:n], float("-inf"))
+    kc = st.look.shape[1]
+    ranked = key.sort(dim=1, descending=True, stable=True)
+    order = ranked.indices[:, :kc]
+    nlook = _budget(v, torch.minimum(v.k, cands.sum(1)), ranked.values[:, :kc], end - lo, row_budget)
+    st.look[:n] = torch.where(torch.arange(kc, device=canvas.device)[None] < nlook[:, None], order, -1)
+    # commit_end: the leading run of complete blocks after the committed prefix
+    first = (lo - v.prompt_len) // bs
+    stops = ~(present & ~incomplete) & (geo.i >= first[:, None])
+    commit_end = torch.minimum(v.prompt_len + _first(stops, geo.NB + 1) * bs, geo.T[:, 0])
+    live = (~done).long()
+    v.set("width", (end - lo) * live)
+    v.set("rows", (1 + nlook) * live)
+    v.set("commit", (commit_end - lo) * live)
+    v.set("done", done.long())
+    v.set("capped", capped.long())
+
+
+def _budget(v: Rows, n: torch.Tensor, conf: torch.Tensor, width: torch.Tensor, row_budget: torch.Tensor):
+    """budget.BUDGETS per slot: n = min(k, candidates) lookaheads (fixed), or fewer (text, load); conf [n, kc]
+    the candidates' confidences, most confident first."""
+    last = conf.gather(1, (n - 1).clamp(min=0)[:, None])[:, 0]
+    spread = (conf[:, 0] - last).double()  # as float(tensor) on the host: in the predictions' dtype, then double
+    decay = torch.round(v.k.double() * torch.pow(2.0, -v.last_fill.double() / FILL_HALVING)).long()  # half: even
+    text = torch.where(n <= K_FLOOR, n, torch.where(spread < FLAT_SPREAD, K_FLOOR,
+                                                    decay.minimum(n).clamp(min=K_FLOOR)))
+    load = torch.maximum(n.clamp(max=1), torch.minimum(n, row_budget // width.clamp(min=1) - 1))
+    load = torch.where(row_budget < 0, n, load)
+    return torch.where(v.policy == 1, text, torch.where(v.policy == 2, load, n))
+
+
+def answer_ready(st: Slots, n: int, mask_id: int) -> torch.Tensor:
+    """[n] length of base.answer_ids: up to the first EOS (inclusive), cut at the first hole."""
+    v = Rows(st, n)
+    geo = Geometry(v)
+    P = v.prompt_len
+    stop = torch.where(v.eos_at == NO_EOS, geo.T[:, 0], v.eos_at + 1)
+    hole = _first((st.canvas[:n] == mask_id) & geo.in_gen, BIG)
+    return torch.minimum(stop, hole) - P

@@ -1,0 +1,154 @@
+"""The window strategies' per-request state as rows of device tensors, one row per KV slot.
+
+``Slots`` holds, for every slot s, what a WindowState holds for one request (decoding/window.py) plus the
+forward it proposed last (the plan the next step runs):
+
+    canvas, pred_tok, pred_prob, pred_conf, pred_ok   [S, Tc]   Tc = the longest canvas loaded so far
+    scored                                            [S, Tc]   positions the pending forward scores
+    active                                            [S, Tc]   block i of the slot is fully active (i < Tc)
+    look                                              [S, kc]   the pending forward's lookahead positions (-1: none)
+    ints                                              [S, len(INTS)]   int64 fields, named below
+    floats                                            [S, len(FLOATS)] float64 thresholds (compared as on the host)
+
+The blocks of threshold and d2f always lie on one grid, block i = [P + i*bs, min(P + (i+1)*bs, P + G)), so a
+slot's block list is ``nblocks`` (how many exist) and ``active``. ``load`` and ``store`` convert one request's
+host state (and its pending ForwardBatch) to its slot row and back without loss; decoding/batched.py runs the
+iteration on the rows. A step's updates read and write the first n rows only (the running requests are slots
+0..n-1); rows past them keep whatever left them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import CONFIDENCES, K_POLICIES
+from .base import ForwardBatch
+from .blocks import Block
+from .d2f import D2FStrategy
+from .window import WindowState, WindowStrategy
+
+NO_EOS = 1 << 40  # eos_at of a slot whose canvas holds no EOS yet
+INTS = ("prompt_len", "gen_length", "block_size", "cached", "rounds", "max_rounds", "nblocks", "eos_at", "k",
+        "commit", "width", "rows", "last_fill", "score", "measure", "policy", "branch_m", "d2f", "causal", "done",
+        "capped")
+FLOATS = ("tau", "tau_add", "tau_act")
+I = {name: i for i, name in enumerate(INTS)}
+F = {name: i for i, name in enumerate(FLOATS)}
+# branch scores the device iteration computes (decoding/batched.py); "random" draws from the request's own
+# CPU generator and stays on the host path
+DEVICE_SCORES = ("mean", "lowest", "count", "top_m", "segment", "logsum")
+
+
+@dataclass
+class Slots:
+    canvas: torch.Tensor
+    pred_tok: torch.Tensor
+    pred_prob: torch.Tensor
+    pred_conf: torch.Tensor
+    pred_ok: torch.Tensor
+    scored: torch.Tensor
+    active: torch.Tensor
+    look: torch.Tensor
+    ints: torch.Tensor
+    floats: torch.Tensor
+
+    @staticmethod
+    def empty(S: int, Tc: int, kc: int, device: torch.device, pdt: torch.dtype) -> "Slots":
+        """pdt: the predictions' dtype (float32; float64 for a float64 model)."""
+        z = lambda dtype, width: torch.zeros(S, width, dtype=dtype, device=device)  # noqa: E731
+        return Slots(z(torch.int64, Tc), z(torch.int64, Tc), z(pdt, Tc), z(pdt, Tc), z(torch.bool, Tc),
+                     z(torch.bool, Tc), z(torch.bool, Tc), z(torch.int64, kc) - 1, z(torch.int64, len(INTS)),
+                     z(torch.float64, len(FLOATS)))
+
+    @property
+    def slots(self) -> int:
+        return self.canvas.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.canvas.shape[1]
+
+    def grown(self, S: int, Tc: int, kc: int) -> "Slots":
+        """At least S slots, Tc canvas positions and kc lookaheads; the rows' contents kept."""
+        S, Tc, kc = max(S, self.slots), max(Tc, self.width), max(kc, self.look.shape[1])
+        new = Slots.empty(S, Tc, kc, self.canvas.device, self.pred_prob.dtype)
+        for name in ("canvas", "pred_tok", "pred_prob", "pred_conf", "pred_ok", "scored", "active", "look", "ints",
+                     "floats"):
+            old = getattr(self, name)
+            getattr(new, name)[:old.shape[0], :old.shape[1]] = old
+        return new
+
+    def move(self, src: int, dst: int) -> None:
+        for name in ("canvas", "pred_tok", "pred_prob", "pred_conf", "pred_ok", "scored", "active", "look", "ints",
+                     "floats"):
+            t = getattr(self, name)
+            t[dst] = t[src]
+
+    # -- host state <-> slot row ---------------------------------------------------------------------
+    def load(self, slot: int, strategy: WindowStrategy, state: WindowState, batch: ForwardBatch,
+             score: int) -> None:
+        """Write a request's state (after its propose) and its pending decode batch into ``slot``."""
+        cfg, T = strategy.cfg, len(state.canvas)
+        dev = self.canvas.device
+        row = lambda x, fill=0: torch.nn.functional.pad(x, (0, self.width - T), value=fill).to(dev)  # noqa: E731
+        self.canvas[slot] = row(state.canvas)
+        self.pred_tok[slot] = row(state.pred_tok)
+        self.pred_prob[slot] = row(state.pred_prob.to(self.pred_prob.dtype))
+        self.pred_conf[slot] = row(state.pred_conf.to(self.pred_conf.dtype))
+        self.pred_ok[slot] = row(state.pred_ok, False)
+        scored, extra = state.pending
+        mark = torch.zeros(self.width, dtype=torch.bool)
+        mark[list(scored)] = True
+        self.scored[slot] = mark.to(dev)
+        active = torch.zeros(self.width, dtype=torch.bool)
+        active[:len(state.blocks)] = torch.tensor([b.fully_active for b in state.blocks])
+        self.active[slot] = active.to(dev)
+        look = torch.full((self.look.shape[1],), -1, dtype=torch.int64)
+        look[:len(extra) - 1] = torch.tensor(extra[1:], dtype=torch.int64)
+        self.look[slot] = look.to(dev)
+        K, W = batch.tokens.shape
+        values = dict(prompt_len=state.prompt_len, gen_length=cfg.gen_length, block_size=cfg.block_size,
+                      cached=state.cached, rounds=state.rounds, max_rounds=strategy.max_rounds,
+                      nblocks=len(state.blocks), eos_at=NO_EOS if state.eos_at is None else state.eos_at,
+                      k=strategy.lookahead, commit=batch.commit, width=W, rows=K, last_fill=state.last_fill,
+                      score=score, measure=CONFIDENCES.index(cfg.confidence),
+                      policy=K_POLICIES.index(cfg.k_policy), branch_m=cfg.branch_m,
+                      d2f=int(isinstance(strategy, D2FStrategy)),
+                      causal=int(batch.block_ids is not None), done=0, capped=0)
+        self.ints[slot] = torch.tensor([values[name] for name in INTS], dtype=torch.int64).to(dev)
+        self.floats[slot] = torch.tensor([cfg.tau, cfg.add_threshold, cfg.complete_threshold],
+                                         dtype=torch.float64).to(dev)
+
+    def store(self, slot: int, strategy: WindowStrategy, state: WindowState) -> ForwardBatch | None:
+        """Write ``slot`` back into the request's host state; returns its pending batch (None when done),
+        exactly as the host strategy's propose would have left them."""
+        T = len(state.canvas)
+        v = dict(zip(INTS, self.ints[slot].tolist()))
+        state.canvas = self.canvas[slot, :T].cpu().clone()
+        state.pred_tok = self.pred_tok[slot, :T].cpu().clone()
+        state.pred_prob = self.pred_prob[slot, :T].cpu().clone()
+        state.pred_conf = self.pred_conf[slot, :T].cpu().clone()
+        state.pred_ok = self.pred_ok[slot, :T].cpu().clone()
+        P, G, bs = v["prompt_len"], v["gen_length"], v["block_size"]
+        active = self.active[slot, :v["nblocks"]].tolist()
+        state.blocks = [Block(P + i * bs, min(P + (i + 1) * bs, P + G), a) for i, a in enumerate(active)]
+        state.cached, state.rounds, state.last_fill = v["cached"], v["rounds"], v["last_fill"]
+        state.eos_at = None if v["eos_at"] == NO_EOS else v["eos_at"]
+        state.done, state.hit_round_cap = bool(v["done"]), bool(v["capped"])
+        state.prefilled = True
+        if state.done:
+            state.pending = ()
+            return None
+        lo, W = v["cached"], v["width"]
+        look = self.look[slot, :v["rows"] - 1].tolist()
+        scored = (self.scored[slot, :T].nonzero()[:, 0]).tolist()
+        state.pending = (scored, [None] + look)
+        anchor = state.canvas[lo:lo + W]
+        rows = anchor[None].repeat(len(look) + 1, 1)
+        for r, pos in enumerate(look, start=1):
+            rows[r, pos - lo] = state.pred_tok[pos]
+        block_ids = (torch.arange(lo, lo + W) - P) // bs if v["causal"] else None
+        cols = (anchor == strategy.spec.mask_id).nonzero()[:, 0]
+        return ForwardBatch(rows, lo, cols, commit=v["commit"], block_ids=block_ids)

@@ -1,0 +1,218 @@
+"""The device path of a decode step: threshold / d2f / lopa for every running request at once, their state in
+device tensors (decoding/slots.py), the iteration batched (decoding/batched.py), ONE small copy to the host.
+
+    path.load(seqs)         # requests new to the path: host WindowState + pending batch -> their slot rows
+    info = path.step(seqs)  # queries, ONE forward, accept, commit the winners, propose (one CUDA graph on a
+                            # GPU); one read-back
+    path.store(seq)         # a slot row -> the request's host state and pending batch (exact, lossless)
+
+The engine takes this path for a decode step when every request of the step qualifies (``eligible``); when one
+does not, the requests living here are stored back and the step runs the host strategies (and they come back
+when all qualify again). Per step the host learns, from one [n, 7] copy: done, round cap, committed length,
+next rows and width, the answer's settled length (streaming) and the winner.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..config import CONFIDENCES
+from ..decoding import batched
+from ..decoding.base import PredictSpec
+from ..decoding.slots import DEVICE_SCORES, Slots
+from ..decoding.d2f import D2FStrategy
+from ..decoding.threshold import ThresholdStrategy
+from ..models.spec import ModelSpec
+from ..runner.graphs import MAX_GRAPHS
+from ..runner.model_runner import ModelRunner
+from ..runner.step import Commit, pack_device
+from .sequence import Sequence
+
+
+class DevicePath:
+    def __init__(self, runner: ModelRunner, spec: ModelSpec) -> None:
+        self.runner, self.spec = runner, spec
+        self.pdt = torch.promote_types(runner.dtype, torch.float32)
+        self.eos = torch.tensor(spec.eos_ids, dtype=torch.int64, device=runner.device)
+        self.slots: Slots | None = None
+        self.host: list[list[int]] = []  # per slot, from the last read-back: [cached, rows, width]
+        self.live = torch.zeros(runner.max_num_seqs, dtype=torch.bool, device=runner.device)  # slot < n
+        self.row_budget = torch.full((1,), -1, dtype=torch.int64, device=runner.device)  # k_policy "load"; -1: None
+        self._live_n = -1
+        self.graphs: dict[tuple, tuple] = {}  # key -> (CUDA graph or None: seen once, its [B, 7] output)
+        self._captured_for: tuple = ()
+        self._luts: dict[tuple, torch.Tensor] = {}
+        self._generation = 0  # bumped when the slots are reallocated (graphs read them in place)
+        self._gather_s = 0.0  # Branch Parallel: the group's gather seconds at the end of the last step
+
+    def eligible(self, seq: Sequence) -> bool:
+        """Greedy threshold / d2f / lopa with a device branch score, no trace."""
+        strategy, cfg = seq.strategy, seq.config
+        return (type(strategy) in (ThresholdStrategy, D2FStrategy) and not cfg.trace
+                and cfg.branch_confidence in DEVICE_SCORES and seq.state.prompt_len > 0
+                and seq.pspec == PredictSpec(0.0, 1.0, cfg.confidence, (self.spec.mask_id,)))
+
+    # -- slots -----------------------------------------------------------------------------------------
+    def _reserve(self, slots: int, positions: int, lookahead: int) -> None:
+        kc, Tc = max(1, lookahead), max(positions, lookahead, 1)
+        if self.slots is None:
+            self.slots = Slots.empty(slots, Tc, kc, self.runner.device, self.pdt)
+        elif slots > self.slots.slots or Tc > self.slots.width or kc > self.slots.look.shape[1]:
+            self.slots = self.slots.grown(slots, Tc, kc)
+            self._generation += 1
+        self.host += [[0, 0, 0] for _ in range(self.slots.slots - len(self.host))]
+
+    def move(self, moves: list[tuple[int, int]]) -> None:
+        """Compaction (Plan.moves): slot rows follow their requests."""
+        if self.slots is None:
+            return
+        for src, dst in moves:
+            self.slots.move(src, dst)
+            self.host[dst] = list(self.host[src])
+
+    def load(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            self._reserve(max(seq.slot + 1, self.runner.max_num_seqs), len(seq.state.canvas), seq.strategy.lookahead)
+            batch = seq.batch
+            self.slots.load(seq.slot, seq.strategy, seq.state, batch,
+                            DEVICE_SCORES.index(seq.config.branch_confidence))
+            self.host[seq.slot] = [batch.start, *batch.tokens.shape]
+            seq.on_device = True
+
+    def store(self, seq: Sequence) -> None:
+        seq.batch = self.slots.store(seq.slot, seq.strategy, seq.state)
+        seq.on_device = False
+
+    def refresh(self, seq: Sequence) -> None:
+        """Copy the request's canvas into its host state (progress callbacks read it; the rest stays stale)."""
+        seq.state.canvas = self.slots.canvas[seq.slot, :len(seq.state.canvas)].cpu()
+
+    def shape(self, seq: Sequence) -> tuple[int, int]:
+        """(rows K, width W) of the request's pending forward."""
+        _, K, W = self.host[seq.slot]
+        return K, W
+
+    def answer(self, seq: Sequence, lo: int, hi: int) -> list[int]:
+        """Generated ids [lo, hi) of the request's answer (settled: the caller read ``ready``)."""
+        P = seq.state.prompt_len
+        return self.slots.canvas[seq.slot, P + lo:P + hi].tolist()
+
+    # -- one step --------------------------------------------------------------------------------------------
+    def step(self, seqs: list[Sequence], row_budget: int | None = None) -> list[list[int]]:
+        """The decode step of seqs (slots 0..n-1, all on the device): per request [done, capped, cached, rows,
+        width, ready, winner] after it. ``row_budget``: what the next proposals read (Engine.row_budget)."""
+        st, n = self.slots, len(seqs)
+        self.row_budget.fill_(-1 if row_budget is None else row_budget)
+        host = self.host[:n]
+        measures = tuple(sorted({s.config.confidence for s in seqs}))
+        scores = tuple(sorted({s.config.branch_confidence for s in seqs}))
+        if n != self._live_n:
+            self.live.copy_(torch.arange(self.live.shape[0], device=self.live.device) < n)
+            self._live_n = n
+        if measures not in self._luts:  # a request's measure (CONFIDENCES index) -> its index in the step's list
+            index = [measures.index(m) if m in measures else 0 for m in CONFIDENCES]
+            self._luts[measures] = torch.tensor(index, device=self.live.device)
+        if self.runner.group.distributed:
+            out = self._update_spread(seqs, measures, scores)
+        else:
+            B, Qb, Lb = self.runner.packed_shape(n, max(K * W for _, K, W in host), max(P + K * W for P, K, W in host))
+            if self.runner.graphs is not None:  # static shapes per graph key: every row and column the bucket allows
+                Wm, R = Qb, st.look.shape[1] + 1
+            else:
+                Wm, R = max(W for _, _, W in host), max(K for _, K, _ in host)
+            key = (B, Qb, Lb, Wm, R, measures, scores)
+            out = self._replay(key, lambda: self._update(B, Qb, Lb, Wm, R, measures, scores))
+        rows = out[:n].tolist()  # the one copy to the host
+        for b, row in enumerate(rows):
+            self.host[b] = row[2:5]
+        self.runner.set_lengths([row[2] for row in rows])
+        return rows
+
+    def _update(self, B: int, Qb: int, Lb: int, Wm: int, R: int, measures: tuple[str, ...],
+                scores: tuple[str, ...]) -> torch.Tensor:
+        """Queries, forward, accept, commit, propose over slots 0..B-1; rows past the step's requests (free slots)
+        are zeroed first: no rows, no generated region, every index in range. Device work only: graph-capturable.
+        -> [B, 7]."""
+        st, mask = self.slots, self.spec.mask_id
+        v = batched.Rows(st, B)
+        live = self.live[:B]
+        st.ints[:B] = torch.where(live[:, None], st.ints[:B], 0)  # free slots: no rows, no blocks, in range
+        lut = self._luts[measures]
+        lo = v.cached.clone()
+        fields = batched.queries(st, B, Qb, mask)
+        inputs = pack_device(fields, torch.where(live, lo, 0), lut[v.measure], live.long(), B, mask)
+        preds = self.runner.forward_packed(inputs, Lb, measures, (mask,))  # ONE forward
+        W, commit = v.width.clone(), v.commit.clone()
+        winner = batched.accept(st, B, preds, Wm, R, scores, mask, self.eos)
+        self.runner.commit_winners(lo, winner, W, commit, Wm)
+        batched.propose(st, B, mask, self.row_budget)
+        ready = batched.answer_ready(st, B, mask)
+        return torch.stack([v.done, v.capped, v.cached, v.rows, v.width, ready, winner], 1)
+
+    def _update_spread(self, seqs: list[Sequence], measures: tuple[str, ...], scores: tuple[str, ...]) -> torch.Tensor:
+        """Branch Parallel (runner/group.py), eagerly: this rank computes its rows of every request, ONE all_gather
+        puts every rank's predictions in global row order on every rank, every rank runs the same update; the
+        winners' K/V come from this rank's rows or the owner's broadcast (ModelRunner.commit, after reading the
+        winners back). -> [n, 7]."""
+        st, mask, runner, group = self.slots, self.spec.mask_id, self.runner, self.runner.group
+        n, host = len(seqs), self.host[:len(seqs)]
+        t0 = time.perf_counter()
+        mine = [group.parts(K, True)[group.rank] for _, K, _ in host]
+        local = max(max(len(r) for r in group.parts(K, True)) * W for _, K, W in host)  # the same on every rank
+        B, Qb, Lb = runner.packed_shape(n, max(local, 1), max(P + len(r) * W for r, (P, _, W) in zip(mine, host)))
+        dev = st.canvas.device
+        first = torch.tensor([r.start for r in mine] + [0] * (B - n), device=dev)
+        count = torch.tensor([len(r) for r in mine] + [0] * (B - n), device=dev)
+        v, live = batched.Rows(st, B), self.live[:B]
+        st.ints[:B] = torch.where(live[:, None], st.ints[:B], 0)
+        lo = v.cached.clone()
+        fields = batched.queries(st, B, Qb, mask, (first, count))
+        inputs = pack_device(fields, torch.where(live, lo, 0), self._luts[measures][v.measure], live.long(), B, mask)
+        t1 = time.perf_counter()
+        gathered = group.gather_rows(runner.forward_packed(inputs, Lb, measures, (mask,)))  # ONE forward
+        t2 = time.perf_counter()
+        Wm, R = max(W for _, _, W in host), max(K for _, K, _ in host)
+        preds = batched.assemble(gathered, st, n, max(K * W for _, K, W in host), group.rank)
+        winner = batched.accept(st, n, preds, Wm, R, scores, mask, self.eos)
+        picks = torch.stack([winner, batched.Rows(st, n).commit]).tolist()
+        t3 = time.perf_counter()
+        runner.commit_rows([Commit(b, b, picks[0][b], picks[1][b]) for b in range(n)],
+                           [(K, W, True) for _, K, W in host])
+        if group.check:
+            runner.verify(list(range(n)), [st.canvas[b, :len(s.state.canvas)].cpu() for b, s in enumerate(seqs)])
+        batched.propose(st, n, mask, self.row_budget)
+        ready = batched.answer_ready(st, n, mask)
+        c = group.counters
+        c.prepare_s += t1 - t0
+        c.forward_s += t2 - t1 - (c.gather_s - self._gather_s)
+        c.select_s += t3 - t2
+        self._gather_s = c.gather_s
+        v = batched.Rows(st, n)
+        return torch.stack([v.done, v.capped, v.cached, v.rows, v.width, ready, winner], 1)
+
+    def _replay(self, key: tuple, update) -> torch.Tensor:
+        """On a GPU with CUDA graphs: the first step of a key runs eagerly (it warms the kernels up and compiles),
+        the second captures the step into a graph (capture runs nothing) and replays it, later ones replay.
+        The graphs read the slots, the KV pool and the live mask in place: a new pool or new slots drop them."""
+        graphs = self.runner.graphs
+        if graphs is None or not graphs.capture:
+            return update()
+        if self._captured_for != (self._generation, graphs.pool):  # graphs.pool is new whenever the KV pool is
+            self.graphs.clear()
+            self._captured_for = (self._generation, graphs.pool)
+        entry = self.graphs.get(key)
+        if entry is None:
+            if len(self.graphs) >= MAX_GRAPHS:
+                self.graphs.clear()
+            self.graphs[key] = (None, None)
+            return update()
+        graph, out = entry
+        if graph is None:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=graphs.pool):
+                out = update()
+            self.graphs[key] = (graph, out)
+        graph.replay()
+        return out

@@ -1,0 +1,139 @@
+"""decoding/batched.py against the host strategies, model-free: an oracle with coarse confidences (ties
+everywhere: between branches, lookahead candidates, fallback positions; block progress exactly at τ_add /
+τ_act) drives many requests at once through the slot rows and each alone through WindowStrategy."""
+
+import itertools
+
+import torch
+
+from lopa.config import DecodeConfig
+from lopa.decoding import batched, make_strategy
+from lopa.decoding.base import Predictions
+from lopa.decoding.slots import DEVICE_SCORES, I, Slots
+
+from .toy import EOS, MASK, SPEC
+
+LEVELS = torch.tensor([0.25, 0.5, 0.75, 1.0])
+ROW_BUDGET = 40  # DecodeState.row_budget before every propose (k_policy "load")
+
+
+def oracle(row: torch.Tensor, start: int, cols: torch.Tensor, seed: int):
+    """Per column: a token, its probability and confidence from (position, masks left in the row, the token
+    before it): deterministic, coarse, sometimes EOS."""
+    pos = start + cols
+    left = int((row == MASK).sum())
+    before = torch.where(cols > 0, row[(cols - 1).clamp(min=0)], 7)
+    h = (pos * 31 + left * 17 + before * 13 + seed * 7) % 97
+    tokens = torch.where(h % 23 == 0, EOS, 10 + h % 50)
+    prob = LEVELS[h % 4].double()
+    conf = LEVELS[(h // 4) % 4].double()
+    return tokens, prob, conf
+
+
+def host_run(cfg: DecodeConfig, prompt: list[int], seed: int):
+    strategy = make_strategy(cfg, SPEC)
+    state = strategy.start(prompt)
+    winners = []
+    while (batch := (setattr(state, "row_budget", ROW_BUDGET), strategy.propose(state))[1]) is not None:
+        rows = [oracle(row, batch.start, batch.logit_cols, seed) for row in batch.tokens]
+        preds = Predictions(*(torch.stack([r[i] for r in rows]) for i in range(3)))
+        row = strategy.accept(state, batch, preds)
+        if not batch.prefill:
+            winners.append(row)
+    return strategy.output(state), state.rounds, winners, state.hit_round_cap
+
+
+def device_run(cfgs: list[DecodeConfig], prompts: list[list[int]], seeds: list[int]):
+    """Every request at once on slot rows; the forward is the oracle over each query row's columns."""
+    n = len(cfgs)
+    strategies = [make_strategy(c, SPEC) for c in cfgs]
+    states = [s.start(p) for s, p in zip(strategies, prompts)]
+    width = max(len(s.canvas) for s in states) + 3
+    st = Slots.empty(n, width, max(8, max(c.k for c in cfgs)), torch.device("cpu"), torch.float64)
+    for b, (strategy, state) in enumerate(zip(strategies, states)):
+        prefill = strategy.propose(state)
+        strategy.accept(state, prefill, None)
+        batch = strategy.propose(state)
+        st.load(b, strategy, state, batch, DEVICE_SCORES.index(cfgs[b].branch_confidence))
+    eos = torch.tensor(SPEC.eos_ids)
+    results: dict[int, tuple] = {}
+    winners = [[] for _ in range(n)]
+    scores = tuple(sorted({c.branch_confidence for c in cfgs}))
+    while len(results) < n:
+        ints = st.ints[:n]
+        K, W, lo = ints[:, I["rows"]], ints[:, I["width"]], ints[:, I["cached"]]
+        Qb, Wm, R = int((K * W).max()), int(W.max()), int(K.max())
+        tokens, col, branch, _ = batched.queries(st, n, Qb, MASK)
+        preds = torch.zeros(n, Qb, 3, dtype=torch.float64)
+        for b in range(n):
+            for r in range(int(K[b])):
+                q = slice(r * int(W[b]), (r + 1) * int(W[b]))
+                assert (branch[b, q] == r).all() and torch.equal(col[b, q], torch.arange(int(W[b])))
+                out = oracle(tokens[b, q], int(lo[b]), col[b, q], seeds[b])
+                preds[b, q] = torch.stack([out[0].double(), out[1], out[2]], -1)
+        live = [b for b in range(n) if b not in results]
+        winner = batched.accept(st, n, preds, max(Wm, 1), max(R, 1), scores, MASK, eos)
+        batched.propose(st, n, MASK, torch.tensor([ROW_BUDGET]))
+        for b in live:
+            winners[b].append(int(winner[b]))
+            if st.ints[b, I["done"]]:
+                st.store(b, strategies[b], states[b])
+                results[b] = (strategies[b].output(states[b]), states[b].rounds, winners[b], states[b].hit_round_cap)
+    return [results[b] for b in range(n)]
+
+
+def configs():
+    """Every base, score, window attention, k in {0, 1, 3, 7}, k_policy, thresholds on the progress grid."""
+    out = []
+    for i, (strategy, score, k) in enumerate(itertools.product(("threshold", "d2f", "lopa-d2f", "lopa-threshold"),
+                                                                 DEVICE_SCORES, (0, 1, 3, 7))):
+        if not strategy.startswith("lopa") and (k or score != "mean"):
+            continue
+        name, _, base = strategy.partition("-")
+        out.append(DecodeConfig(strategy=name, base=base or "d2f", k=k, branch_confidence=score,
+                                k_policy=("fixed", "text", "load")[i // 3 % 3],
+                                gen_length=(12, 16, 10)[i % 3], block_size=(4, 8, 3)[i % 3],
+                                tau=(0.5, 0.75, 0.25)[i % 3],
+                                add_threshold=(0.25, 0.5, 0.0)[i % 3], complete_threshold=(0.5, 0.75, 1.0)[i % 3],
+                                attention=(None, "full", "block_causal")[i % 3], branch_m=(2, 3, 8)[i % 3],
+                                max_rounds=None if i % 5 else 3))
+    for score in DEVICE_SCORES:  # wide windows: "lowest" averages more than one position, "segment" slides
+        out.append(DecodeConfig(strategy="lopa", base="threshold", k=3, branch_confidence=score, gen_length=32,
+                                block_size=32, tau=0.75, branch_m=5))
+    return out
+
+
+def test_slot_rows_decode_as_the_host_strategies():
+    cfgs = configs()
+    prompts = [[1 + (i * 7 + j) % 40 for j in range(2 + i % 5)] for i in range(len(cfgs))]
+    seeds = list(range(len(cfgs)))
+    want = [host_run(c, p, s) for c, p, s in zip(cfgs, prompts, seeds)]
+    # the oracle reaches the round cap, EOS, and lookahead winners past the first
+    assert any(w[3] for w in want) and any(EOS in w[0] for w in want) and any(max(w[2], default=0) > 1 for w in want)
+    assert device_run(cfgs, prompts, seeds) == want
+    half = len(cfgs) // 2  # other neighbours, other slots
+    assert device_run(cfgs[half:], prompts[half:], seeds[half:]) == want[half:]
+
+
+def test_batched_scores_equal_the_host_scores():
+    """Every device score, with rows and columns of padding and requested columns scattered over the window,
+    equals confidence.BRANCH_SCORES on the request's own [K, C] (random data, several sizes)."""
+    from lopa.decoding.confidence import BRANCH_SCORES
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        K, C, m = 1 + trial % 5, 1 + (trial * 7) % 30, 1 + trial % 9
+        R, Wm = K + 2, C + 5 + trial % 4
+        conf = torch.rand(K, C, generator=g, dtype=torch.float64).round(decimals=1)  # ties
+        masked = torch.rand(K, C, generator=g) > 0.3
+        cols = torch.zeros(Wm, dtype=torch.bool)
+        cols[torch.randperm(Wm, generator=g)[:C].sort().values] = True  # where the requested columns sit
+        big_conf = torch.rand(1, R, Wm, generator=g, dtype=torch.float64)  # padding holds anything
+        big_mask = torch.zeros(1, R, Wm, dtype=torch.bool)
+        big_conf[0, :K, cols], big_mask[0, :K, cols] = conf, masked
+        for name in DEVICE_SCORES:
+            params = {"tau": 0.5} if name == "count" else {"m": m} if name in ("top_m", "segment") else {}
+            want = BRANCH_SCORES[name](conf, masked, None, **params).double()
+            got = batched.SCORES[name](big_conf, big_mask, tau=torch.tensor([0.5], dtype=torch.float64),
+                                       m=torch.tensor([m]), cols=cols[None])[0, :K]
+            assert torch.allclose(got, want, rtol=1e-12, atol=0), (name, trial, got, want)

@@ -1,0 +1,290 @@
+"""The device path (engine/device.py) is an accelerated WindowStrategy: every request it decodes gives the host
+strategies' tokens, decode-forward count and per-step winners, for every branch score, both bases, both window
+attentions, threshold / d2f / lopa, k in {0, 1, 3, 7} and every k_policy; all at once, staggered, queued,
+aborted, mixed with requests it does not take (their states go back to the host and return), with EOS inside
+the window; float64 and float32, both model families."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import lopa
+from lopa.decoding import batched
+from lopa.decoding.slots import Slots
+from lopa.engine import Engine
+from lopa.runner.model_runner import ModelRunner
+
+SCORES = ("mean", "lowest", "count", "top_m", "segment", "logsum")
+MEASURES = {"count": "prob", "logsum": "margin", "segment": "neg_entropy", "top_m": "margin", "lowest": "prob",
+            "mean": "neg_entropy"}
+BASE = [
+    dict(strategy="threshold"),
+    dict(strategy="threshold", attention="block_causal", tau=0.2, gen_length=20),
+    dict(strategy="d2f"),
+    dict(strategy="d2f", attention="full", tau=0.2, add_threshold=0.5, complete_threshold=0.5, block_size=4),
+    dict(strategy="lopa", k=0),
+    dict(strategy="lopa", k=0, base="threshold", confidence="margin"),
+]
+LOPA = [dict(strategy="lopa", k=(1, 3, 7)[i % 3], base=("d2f", "threshold")[i % 2], branch_confidence=score,
+             attention=("full", "block_causal")[i // 2 % 2], tau=(0.5, 0.15)[i // 6], branch_m=(3, 8)[i % 2],
+             confidence=MEASURES[score] if i < 6 else "prob", gen_length=(24, 20)[i // 6],
+             block_size=(8, 6)[i // 6]) for i, score in enumerate(SCORES * 2)]
+POLICIES = [dict(strategy="lopa", k=7, k_policy="text", tau=0.3), dict(strategy="lopa", k=7, k_policy="load"),
+            dict(strategy="lopa", k=3, k_policy="load", base="threshold", gen_length=24)]
+MATRIX = BASE + LOPA
+STEP_ROWS = 160  # RunnerConfig.step_rows: k_policy "load" shares it among the step's requests
+PROMPTS = ["Tom has 12 apples and", "The cat sat", "one two three four five six", "Mia has", "A B C", "x y z w",
+           "Question: what is"]
+
+
+@pytest.fixture(scope="module", params=["dream", "llada"])
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module", params=["float64", "float32"])
+def ref(family, request, tmp_path_factory):
+    """The model, an EOS id the tiny model really emits (so answers end inside windows), and every request of
+    the matrix decoded by the host strategies (trace: the winners)."""
+    from lopa.models.tiny import write_tiny_checkpoint
+
+    seed = 0 if family == "dream" else 1
+    folder = write_tiny_checkpoint(tmp_path_factory.mktemp(family), model_type=family, seed=seed)
+    model = lopa.load_model(folder, runner=lopa.RunnerConfig(device="cpu", dtype=request.param))
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(MATRIX))]
+    configs = [lopa.decode_config(None, model.model_type, **{**dict(gen_length=16, block_size=8, tau=0.5), **o})
+               for o in MATRIX]
+    probe = lopa.generate_many(_engine(model, len(MATRIX), device_step=False), prompts, configs)
+    counts = torch.bincount(torch.tensor([t for r in probe for t in r.token_ids]))
+    spec = dataclasses.replace(model.loaded.spec, eos_ids=(model.loaded.spec.eos_ids[0], int(counts.argmax())))
+    host = _engine(model, len(MATRIX), device_step=False, spec=spec)
+    results = lopa.generate_many(host, prompts, [c.replace(trace=True) for c in configs])
+    assert sum(len(r.token_ids) < c.gen_length for r, c in zip(results, configs)) >= len(MATRIX) // 3  # EOS stops
+    assert all(host.engine.winner_log[f"req-{i}"] == [s.winner for s in r.trace] for i, r in enumerate(results))
+    return model, spec, prompts, configs, [_key(r, [s.winner for s in r.trace]) for r in results], host
+
+
+def _engine(model, max_num_seqs: int, device_step: bool = True, static: bool = False, spec=None):
+    loaded = model.loaded
+    runner = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), loaded.model.embed.weight.dtype,
+                         max_num_seqs=max_num_seqs, static=static, capture=False)
+    engine = Engine(runner, spec or loaded.spec, max_num_seqs, STEP_ROWS, device_step=device_step)
+    engine.winner_log = {}
+    return dataclasses.replace(model, runner=runner, engine=engine)
+
+
+def _key(result, winners):
+    return result.token_ids, result.stats.decode_forwards, result.stats.generated_tokens, winners
+
+
+def _drive(m, prompts, configs, joins, aborts=(), stream=False):
+    """Requests join at the given steps (aborts: (request index, step)); results by request index."""
+    engine = m.engine
+    seqs = [engine.prepare(m.tokenizer.encode(p), c, stream=stream) for p, c in zip(prompts, configs)]
+    index = {s.id: i for i, s in enumerate(seqs)}
+    results, chunks, step = {}, {i: [] for i in range(len(seqs))}, 0
+    with torch.inference_mode():
+        while len(results) < len(seqs):
+            for seq, at in zip(seqs, joins):
+                if at == step:
+                    engine.add(seq)
+            for i, at in aborts:
+                if at == step:
+                    engine.abort(seqs[i].id)
+            for out in engine.step():
+                assert out.error is None, out.error
+                chunks[index[out.request_id]].append(out.new_ids)
+                if out.finished:
+                    results[index[out.request_id]] = out
+            step += 1
+    keys = [_key(results[i].result, engine.winner_log.get(s.id)) if results[i].result else None
+            for i, s in enumerate(seqs)]
+    return keys, chunks
+
+
+def test_every_request_equals_the_host_strategies(ref):
+    model, spec, prompts, configs, want, host = ref
+    n = len(configs)
+    together = _engine(model, n, spec=spec)
+    assert all(s.device_ok for s in [together.engine.prepare([5, 6], c) for c in configs])
+    assert _drive(together, prompts, configs, [0] * n)[0] == want  # all at once
+    c, h = together.engine.counters, host.engine.counters
+    assert c.device_steps == c.decode_steps > 0 and (c.decode_steps, c.rows, c.requests) == (h.decode_steps, h.rows,
+                                                                                            h.requests)
+    staggered = _engine(model, n, spec=spec, static=True)  # the static path's bucketed shapes
+    assert _drive(staggered, prompts, configs, [i // 3 * 2 for i in range(n)])[0] == want
+    queued = _engine(model, 3, spec=spec)  # fewer slots than requests: compaction moves slot rows
+    assert _drive(queued, prompts, configs, [0] * n)[0] == want
+
+
+def test_k_policies_equal_the_host_path(ref):
+    """k_policy text and load (the load budget depends on how many requests share the step, so each schedule
+    is compared with the host path under the same schedule), beside fixed-k requests."""
+    model, spec, prompts, _, _, _ = ref
+    configs = [lopa.decode_config(None, model.model_type, **{**dict(gen_length=16, block_size=8, tau=0.5), **o})
+               for o in POLICIES + LOPA[:3]]
+    prompts = prompts[:len(configs)]
+    n = len(configs)
+    for slots, joins, static in ((n, [0] * n, False), (2, [0] * n, False), (n, [0, 0, 1, 1, 3, 4], True)):
+        host = _drive(_engine(model, slots, device_step=False, spec=spec, static=static), prompts, configs, joins)
+        m = _engine(model, slots, spec=spec, static=static)
+        assert _drive(m, prompts, configs, joins) == host and m.engine.counters.device_steps > 0
+
+
+def test_bucket_padding_rows_are_inert(ref):
+    """The static path runs the update over the whole bucket (5 requests in a bucket of 6): the padding rows
+    hold garbage (as slots left by finished or moved requests do) and must change nothing real."""
+    model, spec, prompts, configs, want, _ = ref
+    pick = [0, 4, 9, 12, 15]
+    m = _engine(model, 6, spec=spec, static=True)
+    m.runner.reserve(6, 512)
+    m.runner.pool.kv.uniform_(-50, 50)
+    m.engine.device._reserve(6, 64, 8)
+    slots = m.engine.device.slots
+    g = torch.Generator().manual_seed(0)
+    for t in (slots.canvas, slots.pred_tok, slots.look, slots.ints):
+        t.copy_(torch.randint(-3, 60, t.shape, generator=g))
+    for t in (slots.pred_prob, slots.pred_conf, slots.floats):
+        t.uniform_(-1, 2)
+    for t in (slots.pred_ok, slots.scored, slots.active):
+        t.copy_(torch.rand(t.shape, generator=g) > 0.5)
+    got = _drive(m, [prompts[i] for i in pick], [configs[i] for i in pick], [0] * 5)[0]
+    assert got == [want[i] for i in pick] and m.engine.counters.device_steps > 0
+
+
+def test_aborts_and_host_only_requests_between_device_steps(ref):
+    """An abort leaves the others exact; a request the device path does not take (sampled, trace, dream) makes
+    the running ones go back to their host states for its steps and return after, losslessly."""
+    model, spec, prompts, configs, want, _ = ref
+    extra = [lopa.decode_config(None, model.model_type, strategy="lopa", k=2, temperature=0.8, seed=3, gen_length=8),
+             lopa.decode_config(None, model.model_type, strategy="d2f", gen_length=8, trace=True)]
+    host = _drive(_engine(model, 4, device_step=False, spec=spec), prompts[:2], extra, [0, 0])[0]
+    m = _engine(model, 6, spec=spec)
+    n = len(configs)
+    victim = max(range(n - 4), key=lambda i: want[i][1])  # the longest of those joining first: still running
+    got, _ = _drive(m, prompts + prompts[:2], configs + extra, [0] * (n - 4) + [2, 2, 5, 5] + [4, 9],
+                    aborts=[(victim, 3)])
+    assert got[victim] is None  # aborted
+    assert got[:victim] + got[victim + 1:n] == want[:victim] + want[victim + 1:]
+    assert got[n:] == host
+    c = m.engine.counters
+    assert 0 < c.device_steps < c.decode_steps  # both paths ran
+
+
+def test_streamed_blocks_equal_the_host_path(ref):
+    model, spec, prompts, configs, want, _ = ref
+    pick = sorted(range(len(configs)), key=lambda i: -want[i][2])[:4]  # the longest answers
+    args = ([prompts[i] for i in pick], [configs[i] for i in pick], [0, 0, 1, 1])
+    host = _drive(_engine(model, 4, device_step=False, spec=spec), *args, stream=True)
+    dev = _drive(_engine(model, 4, spec=spec), *args, stream=True)
+    assert dev[1] == host[1] and any(len(c) > 1 for c in dev[1].values())  # chunks arrived while running
+
+
+def test_load_then_store_restores_the_host_state(ref):
+    """Slots.load / store convert a mid-decode WindowState and its pending batch without loss."""
+    model, spec, prompts, configs, _, _ = ref
+    m = _engine(model, 1, device_step=False, spec=spec)
+    for cfg in (configs[3], configs[8], configs[13]):
+        seq = m.engine.prepare(m.tokenizer.encode(prompts[1]), cfg)
+        m.engine.add(seq)
+        with torch.inference_mode():
+            for _ in range(4):
+                m.engine.step()
+        if seq.batch is None:
+            continue
+        state, batch = seq.state, seq.batch
+        before = dataclasses.replace(state, canvas=state.canvas.clone(),
+                                     blocks=[dataclasses.replace(b) for b in state.blocks])
+        slots = Slots.empty(2, len(state.canvas) + 5, 8, torch.device("cpu"), state.pred_prob.dtype)
+        slots.load(1, seq.strategy, state, batch, 0)
+        again = slots.store(1, seq.strategy, state)
+        ok = before.pred_ok
+        assert torch.equal(state.canvas, before.canvas) and torch.equal(state.pred_ok, ok)
+        for name in ("pred_tok", "pred_prob", "pred_conf"):
+            assert torch.equal(getattr(state, name)[ok], getattr(before, name)[ok]), name
+        assert (state.blocks, state.cached, state.rounds, state.eos_at, state.pending) == \
+            (before.blocks, before.cached, before.rounds, before.eos_at, before.pending)
+        assert torch.equal(again.tokens, batch.tokens) and torch.equal(again.logit_cols, batch.logit_cols)
+        assert again.start == batch.start and again.commit == batch.commit
+        assert (again.block_ids is None) == (batch.block_ids is None)
+        assert again.block_ids is None or torch.equal(again.block_ids, batch.block_ids)
+        m.engine.abort(seq.id)
+        m.engine.step()
+
+
+def test_ineligible_requests_stay_on_the_host(ref):
+    model, _, _, _, _, _ = ref
+    m = _engine(model, 2)
+    cfg = lambda **o: lopa.decode_config(None, model.model_type, gen_length=8, **o)  # noqa: E731
+    seq = lambda c: m.engine.prepare([5, 6, 7], c)  # noqa: E731
+    assert seq(cfg(strategy="lopa", k=2)).device_ok
+    for c in (cfg(strategy="lopa", k=2, trace=True), cfg(strategy="lopa", k=2, temperature=0.5),
+              cfg(strategy="lopa", k=2, branch_confidence="random"),
+              cfg(strategy="dream", steps=4)):
+        assert not seq(c).device_ok, c
+
+
+def test_a_failing_update_fails_the_step_not_a_token(ref, monkeypatch):
+    """An error inside the batched iteration ends every request with it (Engine.generate's fail_all); the
+    engine is empty and decodes exactly afterwards."""
+    model, spec, prompts, configs, want, _ = ref
+    m = _engine(model, 4, spec=spec)
+    real, calls = batched.accept, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device update failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batched, "accept", flaky)
+    with pytest.raises(RuntimeError, match="device update failed"), torch.inference_mode():
+        lopa.generate_many(m, prompts[:4], configs[:4])
+    assert not m.engine.has_work() and m.engine.num_running == 0
+    assert _drive(m, prompts[:4], configs[:4], [0] * 4)[0] == want[:4]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("cuda_graphs", [True, False], ids=["captured", "eager"])
+def test_device_step_equals_the_host_path_on_gpu(tiny_dream_dir, cuda_graphs):
+    """On a GPU the device step (queries, forward, update, commit) is captured per key and replayed (or runs
+    eagerly without CUDA graphs); float32: the same tokens as the host strategies on the same path."""
+    runner = dict(device="cuda", dtype="float32", max_num_seqs=4, cuda_graphs=cuda_graphs)
+    host = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(**runner, device_step=False))
+    dev = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(**runner))
+    prompts = ["Tom has 12 apples and", "The cat sat", "A B C", "one two"]
+    for strategy in ("d2f", "lopa"):
+        for _ in range(3):  # eager first, then captured, then replayed
+            a = lopa.generate_many(host, prompts, strategy=strategy, k=3, gen_length=40, block_size=8)
+            b = lopa.generate_many(dev, prompts, strategy=strategy, k=3, gen_length=40, block_size=8)
+            assert [r.token_ids for r in a] == [r.token_ids for r in b]
+            assert [r.stats.decode_forwards for r in a] == [r.stats.decode_forwards for r in b]
+    assert any(graph is not None for graph, _ in dev.engine.device.graphs.values()) == cuda_graphs
+    assert dev.engine.counters.device_steps == dev.engine.counters.decode_steps
+
+
+def test_runner_config_picks_the_path(tiny_dream_dir):
+    """RunnerConfig.device_step: None = on a GPU only; True takes the device path through the public API."""
+    auto = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu"))
+    on = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu", device_step=True))
+    assert auto.engine.device is None and on.engine.device is not None
+    a, b = (lopa.generate(m, "Tom has 12 apples and", strategy="lopa", k=3, gen_length=16, block_size=8)
+            for m in (auto, on))
+    assert a.token_ids == b.token_ids and a.stats.decode_forwards == b.stats.decode_forwards
+    assert on.engine.counters.device_steps == on.engine.counters.decode_steps > 0
+    with pytest.raises(lopa.ConfigError, match="device_step"):
+        lopa.RunnerConfig(device_step="yes")
+
+
+def test_progress_callbacks_see_the_canvas(ref):
+    """api.generate's on_step reads the state's canvas after every forward: current on the device path too."""
+    model, spec, prompts, configs, want, _ = ref
+    i = max(range(len(configs)), key=lambda j: want[j][1])  # the most forwards
+    seen = {}
+    for device_step in (False, True):
+        m = _engine(model, 2, device_step=device_step, spec=spec)
+        seen[device_step] = counts = []
+        lopa.generate(m, prompts[i], configs[i],
+                      on_step=lambda state: counts.append(int((state.canvas != spec.mask_id).sum())))
+    assert seen[True] == seen[False] and len(set(seen[True])) > 2
