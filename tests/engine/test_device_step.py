@@ -252,7 +252,7 @@ def test_device_step_equals_the_host_path_on_gpu(tiny_dream_dir, cuda_graphs):
     eagerly without CUDA graphs); float32: the same tokens as the host strategies on the same path."""
     runner = dict(device="cuda", dtype="float32", max_num_seqs=4, cuda_graphs=cuda_graphs)
     host = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(**runner, device_step=False))
-    dev = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(**runner))
+    dev = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(**runner, device_step=True))
     prompts = ["Tom has 12 apples and", "The cat sat", "A B C", "one two"]
     for strategy in ("d2f", "lopa"):
         for _ in range(3):  # eager first, then captured, then replayed
