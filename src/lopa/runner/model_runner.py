@@ -42,8 +42,7 @@ class ModelRunner:
         self.kv_budget = kv_budget(kv_cache_bytes, device)  # bytes the pool may take (RunnerConfig.kv_cache_bytes)
         self.pool: KVPool | None = None
         self.peak_slots = self.peak_bytes = 0  # the largest pool held so far (tests, benchmarks)
-        # attention of the static path (runner/graphs.py): "flex" where torch has FlexAttention, else "sdpa"
-        attention = attention or ("flex" if model.ops.flex is not None else "sdpa")
+        attention = attention or "sdpa"  # of the static path (runner/graphs.py): "sdpa" | "flex"
         self.graphs = GraphExecutor(self, capture=device.type == "cuda" if capture is None else capture,
                                     fuse=fuse, attention=attention) if static else None
         self.hidden: torch.Tensor | None = None  # [B, Qb, E] of the last forward (commit reads the winners)
