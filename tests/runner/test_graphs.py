@@ -180,7 +180,8 @@ def test_load_model_warms_up_and_nothing_compiles_or_captures_after(tiny_dream_d
     """On a GPU load_model captures the graph set; then varied prompts and k run with torch.compile set to fail on
     any recompile, and the counters report no capture or recompile after start-up."""
     model = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cuda", dtype="float32", max_num_seqs=4,
-                                                                     max_num_batched_tokens=2048))
+                                                                     max_num_batched_tokens=2048, warmup=True))
+    assert model.runner.graphs.attention == "flex"  # "auto" with the warm-up
     stats = model.runner.graphs.stats
     assert stats.warmup_graphs > 0 and stats.captures == stats.warmup_graphs
     prompts = ["a", "Tom has 12 apples and " * 12, "The cat sat", "one two three four five six seven"]
