@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 import textwrap
@@ -28,6 +29,17 @@ from .flags import default_help as _default
 from .train.trainer import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fast diffusion-LLM inference with LoPA.")
+
+
+@app.callback()
+def _logging() -> None:
+    """lopa's own log lines (the warm-up's summary, the server's engine errors) go to stderr, one line each."""
+    log = logging.getLogger("lopa")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 console = Console(stderr=True)
 
 
@@ -289,8 +301,8 @@ def demo(
         _fail(err)
     _emit(f"{model.path.name}: {n} held-out problems, gen_length {lopa_cfg.gen_length}\n\n")
     _emit(markdown(reports, []))
-    if model.runner.device.type == "cpu":
-        by_strategy = {r.config["strategy"]: r for r in reports}
+    by_strategy = {r.config["strategy"]: r for r in reports}
+    if model.runner.device.type == "cpu" and "d2f" in by_strategy:  # the GPU figures quoted are d2f's and lopa's
         _emit(_demo_device_note(by_strategy["d2f"], by_strategy["lopa"]))
     _emit(f"\nlopa k={lopa_cfg.k} on problem 1:\n{problems[0].prompt}{last.text}\n")
     console.print("[dim]TPF = generated tokens (up to EOS) / decode forwards; a LoPA forward verifies all its "

@@ -212,8 +212,10 @@ def test_load_budget_gives_each_request_fewer_branches_when_more_share_a_step(ti
 
     alone, _ = rows_per_forward(1, 4 * 16)  # one request at a time: its window's 16 columns fit 4 rows
     shared, counters = rows_per_forward(4, 4 * 16)  # four share the same rows: one lookahead each (the floor)
-    unlimited, _ = rows_per_forward(4, None)
+    unlimited, _ = rows_per_forward(4, 10**6)  # a budget that never binds: each takes its k
     assert shared <= 2.0 < alone <= 4.0 < unlimited  # (forwards without candidates have one row)
     assert counters.rows_per_step <= counters.requests_per_step * 2
+    with pytest.raises(lopa.ConfigError, match="step_rows"):  # no budget at all: refused, never run as "fixed"
+        rows_per_forward(4, None)
     with pytest.raises(lopa.ConfigError, match="step_rows"):
         lopa.RunnerConfig(step_rows=0)
