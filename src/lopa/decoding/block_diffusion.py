@@ -110,11 +110,7 @@ class BlockDiffusionStrategy(WindowStrategy):
             batch = self.prefill(state)
             if batch is not None:
                 return batch
-        if self.finished(state):
-            state.done = True
-            return None
-        if state.rounds >= self.max_rounds:
-            state.done = state.hit_round_cap = True
+        if self.stopped(state):
             return None
         lo, end = state.cached, self.commit_end(state)
         if self.separate_commit and not self.cfg.fold_commit and end > lo:  # the published loop's cache update

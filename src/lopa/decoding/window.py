@@ -86,6 +86,14 @@ class WindowStrategy(Strategy):
         all_filled = not bool(self.masked(state, state.prompt_len, state.blocks[-1].end).any())
         return all_filled and (state.eos_at is not None or covered >= self.cfg.gen_length)
 
+    def stopped(self, state: WindowState) -> bool:
+        """Finished, or out of rounds (DecodeConfig.max_rounds): marks the state done and says so."""
+        if self.finished(state):
+            state.done = True
+        elif state.rounds >= self.max_rounds:
+            state.done = state.hit_round_cap = True
+        return state.done
+
     def commit_end(self, state: WindowState) -> int:
         """End of the leading run of complete blocks after the committed prefix."""
         end = state.cached
@@ -113,11 +121,7 @@ class WindowStrategy(Strategy):
             P = state.prompt_len
             return ForwardBatch(state.canvas[None, :P].clone(), 0, torch.empty(0, dtype=torch.int64), commit=P, prefill=True)
         self.grow(state)
-        if self.finished(state):
-            state.done = True
-            return None
-        if state.rounds >= self.max_rounds:
-            state.done = state.hit_round_cap = True
+        if self.stopped(state):
             return None
         lo, hi = state.cached, self.window_end(state)
         scored = self.scored(state)
