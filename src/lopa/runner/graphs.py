@@ -37,7 +37,7 @@ KEY_STEP = 256  # KV slot capacities and key spans are multiples of this many po
 BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 # "flex": request rows padded to one of these query counts (at most 1.5x the real count past 32)
 QUERY_BUCKETS = (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
-MAX_GRAPHS = 256  # "sdpa": captured graphs kept; past this all are dropped and recaptured on demand
+MAX_GRAPHS = 256  # lazily captured graphs kept; past this all are dropped and recaptured on demand
 
 
 def round_up(x: int, step: int) -> int:
@@ -204,8 +204,6 @@ class GraphExecutor:
         return self.stats
 
     def _new(self, key: tuple) -> Static:
-        if len(self.statics) >= MAX_GRAPHS:
-            self.clear()
         B, Qb, Lb = key[:3]
         cuda = self.runner.device.type == "cuda"
         host = torch.zeros(B, FIELDS * Qb + 3, dtype=torch.long, pin_memory=cuda)
@@ -224,6 +222,8 @@ class GraphExecutor:
         if fresh:
             if self.frozen:
                 raise RuntimeError(f"static key {key} was not captured at start-up (accepts() routes it eagerly)")
+            if len(self.statics) >= MAX_GRAPHS:  # lazy capture only: the warm-up keeps its whole set
+                self.clear()
             st = self._new(key)
         pack(items, st.host, self.runner.spec.mask_id, measures, suppress)
         st.inputs.copy_(st.host, non_blocking=True)  # safe: the previous step's results were read (synced)
