@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from lopa.models.attention import step_block_mask, step_mask
 from lopa.runner.graphs import query_bucket, round_up
 
+from gemm_rows import median_ms  # CUDA-graph replays, median
+
 H, HKV, D = 28, 4, 128
 
 
@@ -55,23 +57,6 @@ def packed_mask(Pt, branch, block, cap: int, groups: int, size: int = 128):
     return BlockMask.from_kv_blocks(grow(base.kv_num_blocks), grow(base.kv_indices), grow(base.full_kv_num_blocks),
                                     grow(base.full_kv_indices), BLOCK_SIZE=size, mask_mod=mask_mod,
                                     seq_lengths=(groups * Qb, cap), compute_q_blocks=False)
-
-
-def graph_time(fn, reps: int = 50) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -115,11 +100,11 @@ def main() -> None:
                     mask.masked_fill_(~step_mask(Pt, branch, block, Lb)[:, None], float("-inf"))
                     ks, vs = kv[0][:, :, :Lb], kv[1][:, :, :Lb]
                     ref = F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask, enable_gqa=True)
-                    row["sdpa_ms"] = graph_time(lambda: F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask,
+                    row["sdpa_ms"] = median_ms(lambda: F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask,
                                                                                        enable_gqa=True))
-                    row["mask_sdpa_ms"] = graph_time(lambda: step_mask(Pt, branch, block, Lb))
+                    row["mask_sdpa_ms"] = median_ms(lambda: step_mask(Pt, branch, block, Lb))
                     bm = step_block_mask(Pt, branch, block, args.capacity)
-                    row["mask_flex_ms"] = graph_time(lambda: step_block_mask(Pt, branch, block, args.capacity))
+                    row["mask_flex_ms"] = median_ms(lambda: step_block_mask(Pt, branch, block, args.capacity))
                     real = (branch >= 0)[:, None, :, None]
                     pm = packed_mask(Pt, branch, block, args.capacity, H // HKV)
                     qp = q.view(n, HKV, H // HKV * Qb, D)  # heads of a KV group consecutive: [n, Hkv, 7*Qb, D]
@@ -129,7 +114,7 @@ def main() -> None:
                         try:
                             out = call().view(n, H, Qb, D)
                             row[f"{name}_err"] = float(((out - ref) * real).float().norm() / (ref * real).float().norm())
-                            row[f"{name}_ms"] = graph_time(call)
+                            row[f"{name}_ms"] = median_ms(call)
                         except Exception as err:  # noqa: BLE001 - a kernel variant that does not build
                             row[f"{name}_ms"] = None
                             row[f"{name}_error"] = repr(err)[:200]

@@ -13,7 +13,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCau
 from transformers.cache_utils import DynamicCache
 
 
-def hf_twin(loaded, folder):
+def hf_twin(loaded, folder, dtype=torch.float64):
+    """transformers' Qwen3ForCausalLM (SDAR) / Qwen2ForCausalLM (Fast-dLLM v2) with a tiny folder's weights."""
     cfg = loaded.config
     common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                   num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
@@ -24,8 +25,10 @@ def hf_twin(loaded, folder):
         hf = Qwen3ForCausalLM(Qwen3Config(head_dim=cfg.head_dim, attention_bias=False, **common))
     else:
         hf = Qwen2ForCausalLM(Qwen2Config(**common))
-    hf.load_state_dict({k: v.double() for k, v in load_file(str(folder / "model.safetensors")).items()}, strict=False)
-    return hf.double().eval()
+    state = {k: v.to(dtype) for k, v in load_file(str(folder / "model.safetensors")).items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    return hf.to(dtype).eval()
 
 
 class Ref:

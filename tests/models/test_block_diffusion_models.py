@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 from transformers.cache_utils import DynamicCache
 
+from decoding.hf_block import hf_twin  # tests/decoding: the transformers twin the reference loops use
 from lopa.decoding.base import ForwardBatch, PredictSpec
 from lopa.errors import CheckpointError, UnsupportedModelError
 from lopa.models.config import ModelConfig
@@ -83,23 +83,6 @@ def test_round_trip_sharded_and_typed_errors(family, request, tmp_path):
         load_folder(again)
 
 
-def _hf_twin(loaded, folder, dtype=torch.float64):
-    cfg = loaded.config
-    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                  num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                  num_key_value_heads=cfg.num_kv_heads, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps,
-                  max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False,
-                  attn_implementation="eager")
-    if cfg.model_type == "sdar":
-        hf = Qwen3ForCausalLM(Qwen3Config(head_dim=cfg.head_dim, attention_bias=False, **common))
-    else:
-        hf = Qwen2ForCausalLM(Qwen2Config(**common))
-    state = {k: v.to(dtype) for k, v in load_file(str(folder / "model.safetensors")).items()}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
-    return hf.to(dtype).eval()
-
-
 # float64, except where each stack rounds to float32 on purpose: RMSNorm and the RoPE tables (both), and
 # transformers' eager softmax; differences ~1e-7
 TOL = dict(atol=2e-6, rtol=1e-5)
@@ -115,7 +98,7 @@ def additive(allowed: torch.Tensor) -> torch.Tensor:
 def test_logits_equal_transformers_under_the_block_causal_mask(family, request):
     folder = _folder(request, family)
     loaded = load_folder(folder, dtype=torch.float64)
-    hf = _hf_twin(loaded, folder)
+    hf = hf_twin(loaded, folder)
     bs, shift = loaded.config.block_size, loaded.config.logit_shift
     torch.manual_seed(0)
     P, W = 2 * bs, bs + 3  # prefill: two whole blocks; then a window of one whole block + 3 columns of the next
