@@ -10,7 +10,9 @@ GSM8K-style prompts (lopa's generated test split), c asyncio clients each keepin
 the last token; per level: requests/s and generated tokens/s over its wall time (tokens =
 usage.completion_tokens: up to and including the first EOS), and the server's /metrics before and after it
 (engine steps and their seconds, CUDA-graph captures, torch.compile recompiles, eager and device-path decode
-steps). The clients live in this process, the server in its own, so they share no GIL.
+steps), and the server's CPU seconds over the level's wall time: its main thread (the event loop, which shares
+the GIL with the engine thread) and the whole process (Linux). The clients live in this process, the server in
+its own, so they share no GIL with it.
 
 The ceiling of level c (``--ceiling``): the same N prompts through ``lopa.generate_many`` in this process, no
 server, on one model per variant loaded with the server's engine settings (max_num_seqs = the largest level,
@@ -131,6 +133,19 @@ async def load_level(url: str, bodies: list[dict], concurrency: int) -> tuple[li
     return results, wall
 
 
+def cpu_seconds(pid: int) -> dict:
+    """CPU seconds (user + system) the server spent so far: its main thread (uvicorn's event loop: HTTP,
+    validation, tokenization, SSE) and the whole process (the engine thread, torch's threads). Linux only."""
+    def read(path: str) -> float:
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    try:
+        return {"loop_cpu_s": read(f"/proc/{pid}/task/{pid}/stat"), "process_cpu_s": read(f"/proc/{pid}/stat")}
+    except (OSError, ValueError, IndexError):
+        return {}
+
+
 def compile_cache_state() -> str:
     """Whether torch.compile's on-disk cache (inductor's default folder) already holds kernels: a server that
     finds them starts faster than on a fresh machine."""
@@ -166,7 +181,7 @@ def start_server(args, variant: str) -> tuple[subprocess.Popen, str, float, Path
 
 def level_row(results: list[dict], wall: float, before: dict, after: dict) -> dict:
     """One level's numbers: rates over its wall time, latency percentiles, /metrics deltas."""
-    d = {k: after[k] - before[k] for k in after}
+    d = {k: after[k] - before[k] for k in after if k in before}
     first = [r["first_block_s"] for r in results]
     last = [r["last_token_s"] for r in results]
     tokens = sum(r["tokens"] for r in results)
@@ -176,7 +191,9 @@ def level_row(results: list[dict], wall: float, before: dict, after: dict) -> di
             "last_token_p99_s": percentile(last, 99), "decode_steps": int(d["decode_count"]),
             "prefill_steps": int(d["prefill_count"]), "engine_busy": (d["decode_sum"] + d["prefill_sum"]) / wall,
             "decode_step_ms": 1e3 * d["decode_sum"] / max(1, d["decode_count"]),
-            **{key: int(d[key]) for key in GAUGES}, "texts": [r["text"] for r in results]}
+            **{key: int(d[key]) for key in GAUGES}, "texts": [r["text"] for r in results],
+            "loop_cpu": d["loop_cpu_s"] / wall if "loop_cpu_s" in d else None,
+            "process_cpu": d["process_cpu_s"] / wall if "process_cpu_s" in d else None}
 
 
 def serve_variant(args, variant: str, prompts: list[str], settings: dict, state: dict) -> None:
@@ -194,10 +211,11 @@ def serve_variant(args, variant: str, prompts: list[str], settings: dict, state:
                           "stream_options": {"include_usage": True}, **settings}
         for rnd in range(args.rounds):
             for c in args.concurrency:
-                before = scrape(url)
+                before = {**scrape(url), **cpu_seconds(server.pid)}
                 results, wall = asyncio.run(load_level(url, [body(p) for p in prompts[:n_requests(args, c)]], c))
+                after = {**scrape(url), **cpu_seconds(server.pid)}
                 row = {"variant": variant, "round": "cold" if rnd == 0 else f"warm {rnd}", "concurrency": c,
-                       **level_row(results, wall, before, scrape(url))}
+                       **level_row(results, wall, before, after)}
                 state["rows"].append(row)
                 print(f"{variant} {row['round']}, concurrency {c}: {row['tokens_per_s']:.0f} tok/s, "
                       f"{row['requests_per_s']:.2f} req/s", flush=True)
@@ -320,8 +338,8 @@ def markdown(state: dict) -> str:
                      f"{fmt(v['warm_top_vs_ceiling'], '.0%')} |")
     lines += ([""] + notes if notes else []) + ["", f"| variant | round | c | requests | req/s | tok/s | first block p50 / p99 | last token p50 / p99 | "
               f"generate_many tok/s | server / generate_many | tok/s vs c={lo} | answers equal generate_many | "
-              "engine busy | decode / prefill steps (generate_many) | ms per decode step (generate_many) | "
-              "captures / recompiles / eager / device steps |", "|" + "---|" * 16]
+              "engine busy | event loop CPU (server process CPU) | decode / prefill steps (generate_many) | "
+              "ms per decode step (generate_many) | captures / recompiles / eager / device steps |", "|" + "---|" * 17]
     for r in state["rows"]:
         ceil = state["ceilings"].get(r["variant"], {}).get(r["concurrency"], {})
         lines.append(
@@ -330,6 +348,7 @@ def markdown(state: dict) -> str:
             f"{r['last_token_p50_s'] * 1e3:.0f} / {r['last_token_p99_s'] * 1e3:.0f} ms | "
             f"{fmt(r['ceiling_tokens_per_s'], '.0f')} | {fmt(r['vs_ceiling'], '.0%')} | {r['vs_lowest_c']:.1f}x | "
             f"{fmt(r['equal_to_ceiling'], 'd')}/{r['requests']} | {r['engine_busy']:.0%} | "
+            f"{fmt(r['loop_cpu'], '.0%')} ({fmt(r['process_cpu'], '.0%')}) | "
             f"{r['decode_steps']} / {r['prefill_steps']} ({ceil.get('decode_steps', '-')} / "
             f"{ceil.get('prefill_steps', '-')}) | {r['decode_step_ms']:.2f} ({fmt(ceil.get('decode_step_ms'), '.2f')}) "
             f"| {' / '.join(str(r[k]) for k in GAUGES)} |")

@@ -103,6 +103,7 @@ def test_serve_load_tiny(tmp_path):
         assert r["decode_steps"] > 0 and r["prefill_steps"] > 0 and 0 < r["engine_busy"] <= 1.05  # from /metrics
         assert r["vs_ceiling"] == r["tokens_per_s"] / r["ceiling_tokens_per_s"]
         assert (r["device_steps"] > 0) == (r["variant"] == "device") and r["captures"] == 0  # a CPU captures none
+        assert r["loop_cpu"] >= 0 and r["process_cpu"] > 0  # the server's CPU time, from /proc
     host, device = result["variants"]["host"], result["variants"]["device"]
     assert host["startup_s"] > 0 and device["flags"] == ["--device-step"]
     assert device["device_steps_after_start"] == sum(r["device_steps"] for r in rows if r["variant"] == "device")
