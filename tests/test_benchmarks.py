@@ -88,16 +88,28 @@ def test_load_budget_tiny(tmp_path):
 
 
 def test_serve_load_tiny(tmp_path):
+    """Both default server variants from a fresh start: a cold round and a warm one over two levels, each level
+    beside generate_many; the summary carries the start-up time and the engine's counters after the run."""
     run("serve_load.py", "--device", "cpu", "--concurrency", "1,2", "--min-requests", "2", "--gen-length", "8",
         "--k", "1", "--threads", "1", "--out", str(tmp_path))
-    rows = json.loads((tmp_path / "serve_load.json").read_text())["rows"]
-    assert [r["concurrency"] for r in rows] == [1, 2] and [r["requests"] for r in rows] == [4, 8]
+    result = json.loads((tmp_path / "serve_load.json").read_text())
+    rows = result["rows"]
+    assert [(r["variant"], r["round"], r["concurrency"], r["requests"]) for r in rows] == [
+        (v, rnd, c, 4 * c) for v in ("host", "device") for rnd in ("cold", "warm 1") for c in (1, 2)]
     for r in rows:
         assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["ceiling_tokens_per_s"] > 0
         assert 0 < r["first_block_p50_s"] <= r["last_token_p99_s"]
         assert r["equal_to_ceiling"] == r["requests"]  # greedy: the server's answers are generate_many's
         assert r["decode_steps"] > 0 and r["prefill_steps"] > 0 and 0 < r["engine_busy"] <= 1.05  # from /metrics
-    assert (tmp_path / "serve_load.md").read_text().count("\n| ") == 3  # header + 2 rows
+        assert r["vs_ceiling"] == r["tokens_per_s"] / r["ceiling_tokens_per_s"]
+        assert (r["device_steps"] > 0) == (r["variant"] == "device") and r["captures"] == 0  # a CPU captures none
+        assert r["loop_cpu"] >= 0 and r["process_cpu"] > 0  # the server's CPU time, from /proc
+    host, device = result["variants"]["host"], result["variants"]["device"]
+    assert host["startup_s"] > 0 and device["flags"] == ["--device-step"]
+    assert device["device_steps_after_start"] == sum(r["device_steps"] for r in rows if r["variant"] == "device")
+    assert host["warm_top_vs_lowest_c"] == rows[3]["tokens_per_s"] / rows[2]["tokens_per_s"]
+    md = (tmp_path / "serve_load.md").read_text()
+    assert md.count("| host | cold |") == 2 and md.count("| device | warm 1 |") == 2 and "| device | --device-step |" in md
 
 
 def test_cold_start_tiny(tmp_path):

@@ -511,6 +511,10 @@ def serve(
                                                             "1/2 of the GPU memory the weights leave)."),
     warmup: bool = typer.Option(True, help="GPU: capture every CUDA graph at start-up (minutes, logged), so no "
                                 "request waits for a capture (RunnerConfig.warmup)."),
+    attention: str = typer.Option(RunnerConfig.attention, help="GPU static path's attention: flex, sdpa, or auto "
+                                  "(flex with the warm-up, else sdpa) (RunnerConfig.attention)."),
+    device_step: bool = typer.Option(RunnerConfig.device_step, help="Greedy threshold / d2f / lopa steps iterate "
+                                     "every request at once on the device (RunnerConfig.device_step)."),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics)."""
     from .config import ServeConfig
@@ -527,7 +531,7 @@ def serve(
         runner = RunnerConfig(device=device, dtype=dtype, quantize=quantize, fuse=fuse, max_num_seqs=max_num_seqs,
                               branch_parallel=devices, step_rows=step_rows, max_lookahead=max_lookahead,
                               max_num_batched_tokens=max_num_batched_tokens, kv_cache_bytes=kv_cache_bytes,
-                              warmup=warmup)
+                              warmup=warmup, attention=attention, device_step=device_step)
         with console.status("loading model"):
             model = api.load_model(path, adapter=adapter, runner=runner)
     except LopaError as err:

@@ -7,12 +7,15 @@ import lopa.serve
 from lopa.cli import app
 from lopa.serve import BackgroundServer
 
+from .conftest import metric
+
 
 def test_bad_serve_flags_exit_2_with_one_line():
     for flags, field in ((["--max-pending", "0"], "max_pending"), (["--port", "0"], "port"),
                          (["--request-timeout", "-1"], "request_timeout_s"),
                          (["--kv-cache-bytes", "0"], "kv_cache_bytes"),
-                         (["--max-num-batched-tokens", "0"], "max_num_batched_tokens")):
+                         (["--max-num-batched-tokens", "0"], "max_num_batched_tokens"),
+                         (["--attention", "dense"], "attention")):
         result = CliRunner().invoke(app, ["serve", *flags])
         assert result.exit_code == 2, result.output
         assert field in result.output and "Traceback" not in result.output
@@ -37,3 +40,22 @@ def test_serve_builds_an_app_with_the_flags_and_the_env_api_key(monkeypatch):
     assert seen["where"] == ("127.0.0.1", 8123) and seen["no key"] == 401
     assert [m["id"] for m in seen["models"]["data"]] == ["tiny-lopa"]
     assert seen["k 9"].status_code == 400 and "ceiling of 8" in seen["k 9"].json()["error"]["message"]
+
+
+def test_device_step_flag_reaches_the_engine_and_metrics(monkeypatch):
+    """--device-step: greedy lopa requests decode on the device path, counted in /metrics; without it, none do."""
+    seen = {}
+
+    def fake_serve(asgi_app, host, port):
+        with BackgroundServer(asgi_app) as url:
+            answer = httpx.post(url + "/v1/completions", json={"model": "m", "prompt": "Hi", "max_tokens": 8,
+                                                                "strategy": "lopa", "k": 2})
+            seen["status"] = answer.status_code
+            seen["device steps"] = metric(httpx.get(url + "/metrics").text, "lopa_device_decode_steps")
+
+    monkeypatch.setattr(lopa.serve, "serve", fake_serve)
+    for flags, on in (([], False), (["--device-step"], True)):
+        result = CliRunner().invoke(app, ["serve", "--device", "cpu", "--served-model-name", "m",
+                                          "--metrics-public", *flags])
+        assert result.exit_code == 0 and seen["status"] == 200, result.output
+        assert (seen["device steps"] > 0) == on, (flags, seen)

@@ -50,6 +50,8 @@ class Metrics:
                                 registry=r)
         self.eager_steps = Gauge("lopa_eager_decode_steps", "Greedy decode steps run eagerly because their shape "
                                  "was not captured at start-up", registry=r)
+        self.device_steps = Gauge("lopa_device_decode_steps", "Decode steps that iterated every request at once on "
+                                  "the device (RunnerConfig.device_step)", registry=r)
         for status in ("ok", "cancelled", "error", "rejected"):
             self.requests.labels(status)  # every outcome shows from the start, at 0
 
@@ -60,6 +62,7 @@ class Metrics:
             self.captures.set(counters.captures_after_start)
             self.recompiles.set(counters.recompiles_after_start)
             self.eager_steps.set(counters.eager_decode_steps)
+            self.device_steps.set(counters.device_steps)
         self.running.set(running)
         self.waiting.set(waiting)
         self.in_flight.set(in_flight)
