@@ -251,7 +251,7 @@ class DevicePath:
     @torch.inference_mode()  # the mode every step runs in (compiled guards match later steps)
     def warmup(self, shapes: list[tuple[int, int]], on_graph=None) -> int:
         """After the static path's warm-up (ModelRunner.warmup, "flex", a fixed pool): size the slots for good (every
-        pool slot, its whole capacity, the engine's largest k) and capture the update of every (B bucket, query
+        pool slot, the longest canvas a slot or the context can hold, the engine's largest k) and capture the update of every (B bucket, query
         bucket) in ``shapes`` for the default measure and branch score, reusing the static path's compiled
         kernels (the forward is the same); on a CPU run each once. Counted in the static path's GraphStats,
         whose start-up then ends again (GraphExecutor.started). ``on_graph(done, total)`` after each key.
@@ -262,7 +262,8 @@ class DevicePath:
             torch.cuda.synchronize(runner.device)
             free0 = torch.cuda.mem_get_info(runner.device)[0]
         t0 = time.perf_counter()
-        self._reserve(runner.pool.slots, runner.pool.capacity, self.max_lookahead)
+        # a canvas (prompt + gen_length) fits the context (decoding/base.py) and its KV slot
+        self._reserve(runner.pool.slots, min(runner.pool.capacity, self.spec.max_length), self.max_lookahead)
         self.live.zero_()  # every row a free slot: the updates below change no request
         self._live_n = 0
         measures, scores = (DecodeConfig.confidence,), (DecodeConfig.branch_confidence,)
