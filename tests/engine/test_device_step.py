@@ -200,6 +200,22 @@ def test_after_the_warm_up_every_step_key_was_warmed(ref):
     assert c.device_steps == c.decode_steps and c.eager_decode_steps > 0 and c.captures_after_start == 0
 
 
+def test_start_up_warms_both_paths_and_logs_them(ref, caplog):
+    """load_model's warm-up (api._warm_up, here on the CPU without capture): the static path's keys, then the device
+    path's for the same (B, Qb) set, counted together, one log line; start-up ends after both."""
+    from lopa import api
+
+    model, spec, _, _, _, _ = ref
+    m = _engine(model, 2, spec=spec, static=True, attention="flex", max_positions=512)
+    with caplog.at_level("INFO", logger=api.log.name):
+        api._warm_up(m.runner, m.engine, 64)
+    stats = m.runner.graphs.stats
+    static = len(m.runner.graphs.statics)
+    assert static == 3 and stats.warmup_graphs == 2 * static == 2 * len(m.engine.device.graphs)
+    assert m.engine.device.warm and m.runner.graphs.frozen and m.runner.graphs.refresh_stats().captures_after_start == 0
+    assert "warm-up captured 6 CUDA graphs (3 of them the device path's steps)" in caplog.text
+
+
 def test_aborts_and_host_only_requests_between_device_steps(ref):
     """An abort leaves the others exact; a request the device path does not take (sampled, trace, dream) makes
     the running ones go back to their host states for its steps and return after, losslessly."""

@@ -141,7 +141,11 @@ class DevicePath:
         B, Qb, Lb = self.runner.packed_shape(len(host), queries, span, eager)
         if self.runner.graphs is None:
             return B, Qb, Lb, max(W for _, _, W in host), max(K for _, K, _ in host)
-        return B, Qb, Lb, Qb, min(self.slots.look.shape[1] + 1, Qb)
+        return B, Qb, Lb, *self._widths(Qb)
+
+    def _widths(self, Qb: int) -> tuple[int, int]:
+        """(Wm, R) of a bucketed step: every column of the bucket, every lookahead row the slots hold."""
+        return Qb, min(self.slots.look.shape[1] + 1, Qb)
 
     def _run(self, host: list[list[int]], measures: tuple[str, ...], scores: tuple[str, ...]) -> torch.Tensor:
         """One process: the update of the step's key, replayed (or captured lazily before any warm-up). After the
@@ -248,36 +252,26 @@ class DevicePath:
         return graph, out
 
     # -- start-up ----------------------------------------------------------------------------------------------
-    @torch.inference_mode()  # the mode every step runs in (compiled guards match later steps)
     def warmup(self, shapes: list[tuple[int, int]], on_graph=None) -> int:
         """After the static path's warm-up (ModelRunner.warmup, "flex", a fixed pool): size the slots for good (every
-        pool slot, the longest canvas a slot or the context can hold, the engine's largest k) and capture the update of every (B bucket, query
-        bucket) in ``shapes`` for the default measure and branch score, reusing the static path's compiled
-        kernels (the forward is the same); on a CPU run each once. Counted in the static path's GraphStats,
+        pool slot, the longest canvas a slot and the context allow, the engine's largest k) and capture the
+        update of every (B bucket, query bucket) in ``shapes`` for the default measure and branch score, reusing
+        the static path's compiled kernels (the forward is the same); on a CPU run each once. Counted in the static path's GraphStats,
         whose start-up then ends again (GraphExecutor.started). ``on_graph(done, total)`` after each key.
         Returns the number of keys."""
-        runner, graphs = self.runner, self.runner.graphs
+        runner = self.runner
         cuda = runner.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(runner.device)
             free0 = torch.cuda.mem_get_info(runner.device)[0]
         t0 = time.perf_counter()
-        # a canvas (prompt + gen_length) fits the context (decoding/base.py) and its KV slot
+        # a canvas (prompt + gen_length) fits the context (decoding/base.py) and its KV slot; allocated outside
+        # inference mode, as lazily grown slots are: load() may write them from either mode
         self._reserve(runner.pool.slots, min(runner.pool.capacity, self.spec.max_length), self.max_lookahead)
         self.live.zero_()  # every row a free slot: the updates below change no request
         self._live_n = 0
-        measures, scores = (DecodeConfig.confidence,), (DecodeConfig.branch_confidence,)
-        self._luts[measures] = torch.tensor([measures.index(m) if m in measures else 0 for m in CONFIDENCES],
-                                            device=runner.device)
-        self._captured_for = (self._generation, graphs.pool)
-        for done, (B, Qb) in enumerate(shapes, 1):
-            Wm, R = Qb, min(self.slots.look.shape[1] + 1, Qb)
-            key = (B, Qb, None, Wm, R, measures, scores)
-            update = functools.partial(self._update, B, Qb, None, Wm, R, measures, scores)
-            update()  # eagerly first: lazy kernel initialization stays out of the graph
-            self.graphs[key] = self._capture(update) if graphs.capture else (None, None)
-            if on_graph is not None:
-                on_graph(done, len(shapes))
+        self._capture_all(shapes, on_graph)
+        graphs = runner.graphs
         if cuda:
             torch.cuda.synchronize(runner.device)
             graphs.stats.warmup_bytes += max(0, free0 - torch.cuda.mem_get_info(runner.device)[0])
@@ -286,3 +280,19 @@ class DevicePath:
         graphs.started()
         self.warm = True
         return len(shapes)
+
+    @torch.inference_mode()  # the mode every step runs in (compiled guards match later steps)
+    def _capture_all(self, shapes: list[tuple[int, int]], on_graph) -> None:
+        graphs = self.runner.graphs
+        measures, scores = (DecodeConfig.confidence,), (DecodeConfig.branch_confidence,)
+        self._luts[measures] = torch.tensor([measures.index(m) if m in measures else 0 for m in CONFIDENCES],
+                                            device=self.live.device)
+        self._captured_for = (self._generation, graphs.pool)
+        for done, (B, Qb) in enumerate(shapes, 1):
+            Wm, R = self._widths(Qb)
+            key = (B, Qb, None, Wm, R, measures, scores)  # as _run forms it under "flex"
+            update = functools.partial(self._update, B, Qb, None, Wm, R, measures, scores)
+            update()  # eagerly first: lazy kernel initialization stays out of the graph
+            self.graphs[key] = self._capture(update) if graphs.capture else (None, None)
+            if on_graph is not None:
+                on_graph(done, len(shapes))
