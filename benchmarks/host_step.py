@@ -1,14 +1,17 @@
 """Host time per decode step: the device path (engine/device.py) beside the host strategies, in one run (issues 25, 26).
 
-For each strategy (lopa k=7, d2f) and each n in --ns, the same n generated GSM8K-style problems through the engine
-at max_num_seqs = n, twice in one process (pass 0: cold, pass 1: the same problems again), in each of --modes:
+For each strategy (lopa k=7, d2f) and each n in --ns, the same n generated GSM8K-style problems through the engine,
+twice in one process (pass 0: cold, pass 1: the same problems again), in each of --modes:
 
-    host     RunnerConfig.device_step=False: today's host strategies, graphs captured lazily (one model per n)
-    device   device_step=True without the warm-up: the device path, its graphs captured lazily (one model per n)
-    warm     warmup=True, attention "flex", device_step on (what RunnerConfig's "auto" picks on a GPU): ONE model
-             started with max_num_seqs = max(--ns), every graph captured inside load_model (--warm-tokens,
-             --warm-positions), then every (strategy, n) on it, as a server would see them. Its start-up (seconds,
-             graphs, GPU memory) is in the meta; per row the captures and eager steps after start-up.
+    host     RunnerConfig.device_step=False: today's host strategies, graphs captured lazily
+    device   device_step=True without the warm-up: the device path, its graphs captured lazily
+    warm     warmup=True, attention "flex", device_step on (what RunnerConfig's "auto" picks on a GPU): every graph
+             captured inside load_model (--warm-tokens, --warm-positions); its start-up (seconds, graphs, GPU
+             memory) is in the meta
+
+Each mode starts ONE model (max_num_seqs = max(--ns)) and runs every (strategy, n) on it in order, as a server
+would see them. Pass 0 of the lazy modes is cold for graphs (each n grows the KV pool, which drops the captured
+graphs; compiled kernels stay); per row the captures and eager steps after start-up.
 
 Per decode step in which all n requests run:
 
@@ -19,9 +22,9 @@ Per decode step in which all n requests run:
     host ms      wall - forward: what the step spends outside the forward's device time. On a GPU the device
                  path's step is ONE captured graph (forward + update + commit), so its forward column includes
                  the update's kernels and host ms is the host alone; on the host path host ms is the
-                 strategies' Python, packing, splitting and the commit. A step that captures or runs eagerly
-                 (pass 0 of the lazy modes) has no timed replay: all of it counts as host. On the CPU the device
-                 path's update runs as eager ops and counts as host.
+                 strategies' Python, packing, splitting and the commit. What a step runs eagerly or captures
+                 (pass 0 of the lazy modes) counts as host. On the CPU the device path's update runs as eager
+                 ops and counts as host.
 
 Throughput: tokens up to EOS / the engine's decode-step seconds (prefill apart), and its ratio to n = 1 of the
 same mode and pass. ``tokens_equal``: each mode's pass 1 gave the host mode's tokens for every request (the warm
@@ -219,13 +222,12 @@ def measure(path, args, save) -> tuple[list[dict], dict]:
     ids: dict[tuple, list] = {}  # (strategy, n, mode) -> token ids of pass 0 and pass 1
     meta: dict = {}
     for mode in modes:
-        shared = _load(path, args, mode, max(ns)) if mode == "warm" else None  # one start-up for the whole grid
-        if shared is not None:
-            meta["warm_start"] = _start(shared, args)
+        model = _load(path, args, mode, max(ns))  # one start-up per mode for the whole grid
+        meta.update({k: v for k, v in _meta(model, args).items() if k not in meta})
+        if mode == "warm":
+            meta["warm_start"] = _start(model, args)
         for name in names:
             for n in ns:
-                model = shared or _load(path, args, mode, n)
-                meta.update({k: v for k, v in _meta(model, args).items() if k not in meta})
                 cuda = model.runner.device.type == "cuda"
                 config = decode_config(None, model.model_type, gen_length=args.gen_length, **STRATEGIES[name])
                 with torch.inference_mode(), ForwardClock(cuda) as clock:
@@ -233,10 +235,6 @@ def measure(path, args, save) -> tuple[list[dict], dict]:
                 assert all((p["device_steps"] > 0) == (mode != "host") for p in passes), mode
                 ids[name, n, mode] = [p.pop("token_ids") for p in passes]
                 rows[name, n][mode] = {"pass0": passes[0], "pass1": passes[1]}
-                if shared is None:
-                    model.close()
-                    del model
-                    gc.collect()
                 ref = ids.get((name, n, "host"), ids[name, n, modes[0]])[1]
                 for m in modes:
                     if (name, n, m) in ids:
@@ -244,8 +242,9 @@ def measure(path, args, save) -> tuple[list[dict], dict]:
                         rows[name, n][m]["tokens_equal"] = p1 == ref and p0 == p1
                 save(_ratios(list(rows.values())), meta)
                 print(json.dumps(rows[name, n]), flush=True)
-        if shared is not None:
-            shared.close()
+        model.close()
+        del model
+        gc.collect()
     return _ratios(list(rows.values())), meta
 
 
