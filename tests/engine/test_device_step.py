@@ -131,8 +131,9 @@ def test_k_policies_equal_the_host_path(ref):
                for o in POLICIES + LOPA[:3]]
     prompts = prompts[:len(configs)]
     n = len(configs)
+    staggered = [0, 0, 1, 1, 3, 4]
     for slots, joins, static, attention in ((n, [0] * n, False, "sdpa"), (2, [0] * n, False, "sdpa"),
-                                            (n, [0, 0, 1, 1, 3, 4], True, "sdpa"), (n, [0, 0, 1, 1, 3, 4], True, "flex")):
+                                            (n, staggered, True, "sdpa"), (n, staggered, True, "flex")):
         host = _drive(_engine(model, slots, device_step=False, spec=spec, static=static, attention=attention),
                       prompts, configs, joins)
         m = _engine(model, slots, spec=spec, static=static, attention=attention)

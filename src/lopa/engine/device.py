@@ -256,9 +256,9 @@ class DevicePath:
         """After the static path's warm-up (ModelRunner.warmup, "flex", a fixed pool): size the slots for good (every
         pool slot, the longest canvas a slot and the context allow, the engine's largest k) and capture the
         update of every (B bucket, query bucket) in ``shapes`` for the default measure and branch score, reusing
-        the static path's compiled kernels (the forward is the same); on a CPU run each once. Counted in the static path's GraphStats,
-        whose start-up then ends again (GraphExecutor.started). ``on_graph(done, total)`` after each key.
-        Returns the number of keys."""
+        the static path's compiled kernels (the forward is the same); on a CPU run each once. Counted in the
+        static path's GraphStats, whose start-up then ends again (GraphExecutor.started). ``on_graph(done,
+        total)`` after each key. Returns the number of keys."""
         runner = self.runner
         cuda = runner.device.type == "cuda"
         if cuda:
