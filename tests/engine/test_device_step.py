@@ -173,7 +173,7 @@ def _warmed(model, spec, max_num_seqs: int, max_tokens: int):
 
 
 def test_after_the_warm_up_every_step_key_was_warmed(ref):
-    """After the warm-up the device path's keys hold no length (prompts of 4 to ~130 tokens, k 0 to 7, threshold,
+    """After the warm-up the device path's keys hold no length (short and long prompts, k 0 to 7, threshold,
     d2f and lopa, requests joining, queued and leaving): every step of a varied run finds its key among the warmed
     ones, so nothing new would be captured; the slots never grow; tokens, forwards and winners equal the host
     strategies'. The warm-up covers the default measure and branch score (other ones run eagerly, counted). A
