@@ -1,9 +1,19 @@
-"""Host time per decode step: the device path (engine/device.py) beside the host strategies, in one run (issue 26).
+"""Host time per decode step: the device path (engine/device.py) beside the host strategies, in one run (issues 25, 26).
 
-For each strategy (lopa k=7, d2f) and each n in --ns: the same n generated GSM8K-style problems through the
-engine at max_num_seqs = n, once with RunnerConfig.device_step=False (today's host strategies) and once with
-it on, each after a warm-up pass over the same problems (graphs captured, kernels compiled). Per decode step
-in which all n requests run:
+For each strategy (lopa k=7, d2f) and each n in --ns, the same n generated GSM8K-style problems through the engine,
+twice in one process (pass 0: cold, pass 1: the same problems again), in each of --modes:
+
+    host     RunnerConfig.device_step=False: today's host strategies, graphs captured lazily
+    device   device_step=True without the warm-up: the device path, its graphs captured lazily
+    warm     warmup=True, attention "flex", device_step on (what RunnerConfig's "auto" picks on a GPU): every graph
+             captured inside load_model (--warm-tokens, --warm-positions); its start-up (seconds, graphs, GPU
+             memory) is in the meta
+
+Each mode starts ONE model (max_num_seqs = max(--ns)) and runs every (strategy, n) on it in order, as a server
+would see them. Pass 0 of the lazy modes is cold for graphs (each n grows the KV pool, which drops the captured
+graphs; compiled kernels stay); per row the captures and eager steps after start-up.
+
+Per decode step in which all n requests run:
 
     wall ms      the engine step (StepInfo.seconds: forward, accept, commit, propose, bookkeeping)
     forward ms   the forward's own device time: CUDA events around each graph replay (the static path, the
@@ -12,14 +22,17 @@ in which all n requests run:
     host ms      wall - forward: what the step spends outside the forward's device time. On a GPU the device
                  path's step is ONE captured graph (forward + update + commit), so its forward column includes
                  the update's kernels and host ms is the host alone; on the host path host ms is the
-                 strategies' Python, packing, splitting and the commit. On the CPU the device path's update
-                 runs as eager ops and counts as host.
+                 strategies' Python, packing, splitting and the commit. What a step runs eagerly or captures
+                 (pass 0 of the lazy modes) counts as host. On the CPU the device path's update runs as eager
+                 ops and counts as host.
 
 Throughput: tokens up to EOS / the engine's decode-step seconds (prefill apart), and its ratio to n = 1 of the
-same mode. ``tokens_equal``: the two modes gave the same tokens for every request.
+same mode and pass. ``tokens_equal``: each mode's pass 1 gave the host mode's tokens for every request (the warm
+mode attends with FlexAttention, the others with SDPA: in bfloat16 a token may differ), and its pass 0 its pass 1's.
+Results are written after every row (a run cut short keeps the rows it finished).
 
-    PYTHONPATH=src python3 benchmarks/host_step.py --out benchmarks/results/host_step_h100
-    PYTHONPATH=src python3 benchmarks/host_step.py --strategies d2f --out /tmp/d2f   # one strategy
+    PYTHONPATH=src python3 benchmarks/host_step.py --out benchmarks/results/host_step_h100   # the whole grid
+    PYTHONPATH=src python3 benchmarks/host_step.py --strategies d2f --modes warm,host --out /tmp/d2f
     PYTHONPATH=src python3 benchmarks/host_step.py --tiny --out /tmp/x          # CPU smoke test
 """
 
@@ -105,7 +118,8 @@ def run_pass(model, prompts: list[str], config, clock: ForwardClock) -> dict:
     """Every prompt at once through the engine; per full decode step (all running): wall and forward ms."""
     engine = model.engine
     tok = model.tokenizer
-    before = engine.counters.decode_s
+    c = engine.counters
+    before = (c.decode_s, c.captures_after_start, c.eager_decode_steps, c.device_steps)
     seqs = [engine.prepare(tok.encode(p), config) for p in prompts]
     for seq in seqs:
         engine.add(seq)
@@ -125,23 +139,34 @@ def run_pass(model, prompts: list[str], config, clock: ForwardClock) -> dict:
                 results[out.request_id] = out.result
     tokens = [results[s.id].token_ids for s in seqs]
     generated = sum(results[s.id].stats.generated_tokens for s in seqs)
-    decode_s = engine.counters.decode_s - before
+    decode_s = c.decode_s - before[0]
     hosts = [w - f for w, f in zip(walls, forwards)]
     return {"full_steps": len(walls), "wall_ms": statistics.median(walls), "forward_ms": statistics.median(forwards),
             "host_ms": statistics.median(hosts), "host_ms_mean": statistics.fmean(hosts),
-            "tokens": generated, "tokens_per_s": generated / decode_s, "token_ids": tokens}
+            "tokens": generated, "tokens_per_s": generated / decode_s, "decode_s": decode_s,
+            "captures": c.captures_after_start - before[1], "eager_steps": c.eager_decode_steps - before[2],
+            "device_steps": c.device_steps - before[3], "token_ids": tokens}
+
+
+MODES = ("warm", "host", "device")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ns", default="1,8,32,64", help="concurrent requests")
-    ap.add_argument("--gen-length", type=int, default=256)
+    ap.add_argument("--gen-length", type=int, default=128)
     ap.add_argument("--strategies", default="lopa,d2f", help="lopa (k=7) and/or d2f")
+    ap.add_argument("--modes", default=",".join(MODES), help="warm, host and/or device (module docstring)")
+    ap.add_argument("--warm-tokens", type=int, default=64 * 1024,
+                    help="warm: RunnerConfig.max_num_batched_tokens, the padded queries (B bucket x Qb) the warm-up "
+                         "captures up to (default: 64 lopa k=7 requests of up to 1024 queries, gen_length 128)")
+    ap.add_argument("--warm-positions", type=int, default=2048,
+                    help="warm: RunnerConfig.max_positions, KV positions a slot (lopa k=7 needs prompt + 8 x "
+                         "gen_length + 1)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model on the CPU (smoke test)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/host_step"))
     args = ap.parse_args()
-    ns = [int(x) for x in args.ns.split(",")]
     with contextlib.ExitStack() as stack:
         path = None
         if args.tiny:
@@ -149,63 +174,117 @@ def main() -> None:
 
             path = write_tiny_checkpoint(stack.enter_context(tempfile.TemporaryDirectory()), model_type="dream")
             args.device = "cpu"
-        rows, meta = measure(path, args, ns)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "host_step.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (args.out / "host_step.md").write_text(markdown(meta, rows))
+        rows, meta = measure(path, args, lambda rows, meta: write(args.out, rows, meta))
     print(markdown(meta, rows))
 
 
-def measure(path, args, ns: list[int]) -> tuple[list[dict], dict]:
+def write(out: Path, rows: list[dict], meta: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "host_step.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / "host_step.md").write_text(markdown(meta, rows))
+
+
+def _load(path, args, mode: str, n: int):
+    if mode == "warm":
+        runner = lopa.RunnerConfig(device=args.device, max_num_seqs=n, warmup=True, attention="flex",
+                                   device_step=True, max_num_batched_tokens=args.warm_tokens,
+                                   max_positions=args.warm_positions)
+    else:
+        runner = lopa.RunnerConfig(device=args.device, max_num_seqs=n, device_step=mode == "device")
+    return lopa.load_model(path, runner=runner)
+
+
+def _meta(model, args) -> dict:
+    cuda = model.runner.device.type == "cuda"
+    return {"device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+            "model": "tiny" if args.tiny else "default", "dtype": str(model.runner.dtype),
+            "gen_length": args.gen_length, "commit": git_commit(), "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _start(model, args) -> dict | None:
+    """The warm mode's start-up, as load_model logged it."""
+    g = model.runner.graphs
+    if g is None:  # the CPU: nothing to capture
+        return None
+    return {"graphs": g.stats.warmup_graphs, "device_graphs": len(model.engine.device.graphs),
+            "seconds": g.stats.warmup_s, "gib": g.stats.warmup_bytes / 2**30, "positions": model.runner.slot_capacity(),
+            "max_num_batched_tokens": args.warm_tokens}
+
+
+def measure(path, args, save) -> tuple[list[dict], dict]:
+    """Every (strategy, n) in every mode, both passes; ``save(rows, meta)`` after each."""
+    ns = [int(x) for x in args.ns.split(",")]
+    modes = args.modes.split(",")
     problems = [p.prompt for p in gsm8k(None, max(ns))]
-    rows = []
-    meta = None
-    for name in (NAMES[s] for s in args.strategies.split(",")):
-        overrides = STRATEGIES[name]
-        for n in ns:
-            row = {"strategy": name, "n": n}
-            for mode in ("host", "device"):
-                runner = lopa.RunnerConfig(device=args.device, max_num_seqs=n, device_step=mode == "device")
-                model = lopa.load_model(path, runner=runner)
+    names = [NAMES[s] for s in args.strategies.split(",")]
+    rows = {(name, n): {"strategy": name, "n": n} for name in names for n in ns}
+    ids: dict[tuple, list] = {}  # (strategy, n, mode) -> token ids of pass 0 and pass 1
+    meta: dict = {}
+    for mode in modes:
+        model = _load(path, args, mode, max(ns))  # one start-up per mode for the whole grid
+        meta.update({k: v for k, v in _meta(model, args).items() if k not in meta})
+        if mode == "warm":
+            meta["warm_start"] = _start(model, args)
+        for name in names:
+            for n in ns:
                 cuda = model.runner.device.type == "cuda"
-                meta = meta or {"device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-                                "model": "tiny" if args.tiny else "default", "dtype": str(model.runner.dtype),
-                                "gen_length": args.gen_length, "commit": git_commit(), "torch": torch.__version__,
-                                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-                config = decode_config(None, model.model_type, gen_length=args.gen_length, **overrides)
+                config = decode_config(None, model.model_type, gen_length=args.gen_length, **STRATEGIES[name])
                 with torch.inference_mode(), ForwardClock(cuda) as clock:
-                    run_pass(model, problems[:n], config, clock)  # warm-up
-                    r = run_pass(model, problems[:n], config, clock)
-                row[mode] = r
-                assert (model.engine.counters.device_steps > 0) == (mode == "device"), mode
-                model.close()
-                del model
-                gc.collect()
-            row["tokens_equal"] = row["host"].pop("token_ids") == row["device"].pop("token_ids")
-            row["host_ms_ratio"] = row["host"]["host_ms"] / max(row["device"]["host_ms"], 1e-9)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+                    passes = [run_pass(model, problems[:n], config, clock) for _ in range(2)]
+                assert all((p["device_steps"] > 0) == (mode != "host") for p in passes), mode
+                ids[name, n, mode] = [p.pop("token_ids") for p in passes]
+                rows[name, n][mode] = {"pass0": passes[0], "pass1": passes[1]}
+                ref = ids.get((name, n, "host"), ids[name, n, modes[0]])[1]
+                for m in modes:
+                    if (name, n, m) in ids:
+                        p0, p1 = ids[name, n, m]
+                        rows[name, n][m]["tokens_equal"] = p1 == ref and p0 == p1
+                save(_ratios(list(rows.values())), meta)
+                print(json.dumps(rows[name, n]), flush=True)
+        model.close()
+        del model
+        gc.collect()
+    return _ratios(list(rows.values())), meta
+
+
+def _ratios(rows: list[dict]) -> list[dict]:
+    """tokens/s against n = 1 of the same strategy, mode and pass (None until that row ran)."""
     for row in rows:
         one = next((r for r in rows if r["strategy"] == row["strategy"] and r["n"] == 1), None)
-        for mode in ("host", "device"):
-            row[mode]["vs_n1"] = row[mode]["tokens_per_s"] / one[mode]["tokens_per_s"] if one else None
-    return rows, meta
+        for mode in MODES:
+            for p in ("pass0", "pass1"):
+                if mode in row:
+                    base = one.get(mode, {}).get(p) if one else None
+                    row[mode][p]["vs_n1"] = row[mode][p]["tokens_per_s"] / base["tokens_per_s"] if base else None
+    return [r for r in rows if any(m in r for m in MODES)]
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
-    lines = [f"Host time per decode step, {meta['model']} model on {meta['device']} ({meta['dtype']}, gen_length "
-             f"{meta['gen_length']}, commit {meta['commit']}, {meta['date']}). Medians over the steps in which all n "
-             "requests ran; host = wall - forward. tok/s: tokens up to EOS / decode-step seconds; xN1: against n = 1 "
-             "of the same path.", "",
-             "| strategy | n | host path: wall / forward / host ms | device path: wall / forward / host ms | host ms "
-             "ratio | host path tok/s (xN1) | device path tok/s (xN1) | tokens equal |",
-             "|---|---|---|---|---|---|---|---|"]
+    warm = meta.get("warm_start")
+    lines = [f"Host time per decode step, {meta.get('model')} model on {meta.get('device')} ({meta.get('dtype')}, "
+             f"gen_length {meta.get('gen_length')}, commit {meta.get('commit')}, {meta.get('date')}). Medians over "
+             "the steps in which all n requests ran; host = wall - forward. tok/s: tokens up to EOS / decode-step "
+             "seconds; xN1: against n = 1 of the same mode and pass. Pass 0: the first time the workload runs in the "
+             "process; pass 1: the same problems again.", ""]
+    if warm:
+        lines += [f"warm start-up: {warm['graphs']} CUDA graphs ({warm['device_graphs']} of them the device path's) "
+                  f"in {warm['seconds']:.1f} s, {warm['gib']:.2f} GiB, {warm['positions']} positions a slot, "
+                  f"max_num_batched_tokens {warm['max_num_batched_tokens']}.", ""]
+    lines += ["| strategy | n | mode | pass 0: wall / host ms | pass 0 tok/s (xN1) | pass 1: wall / forward / host "
+              "ms | pass 1 tok/s (xN1) | captures / eager steps (pass 0, 1) | tokens equal |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    tps = lambda x: f"{x['tokens_per_s']:.0f}" + (f" ({x['vs_n1']:.1f}x)" if x.get("vs_n1") else "")  # noqa: E731
     for r in rows:
-        h, d = r["host"], r["device"]
-        cell = lambda x: f"{x['wall_ms']:.2f} / {x['forward_ms']:.2f} / {x['host_ms']:.2f}"  # noqa: E731
-        tps = lambda x: f"{x['tokens_per_s']:.0f}" + (f" ({x['vs_n1']:.1f}x)" if x["vs_n1"] else "")  # noqa: E731
-        lines.append(f"| {r['strategy']} | {r['n']} | {cell(h)} | {cell(d)} | {r['host_ms_ratio']:.1f} | {tps(h)} | "
-                     f"{tps(d)} | {r['tokens_equal']} |")
+        for mode in MODES:
+            if mode not in r:
+                continue
+            p0, p1 = r[mode]["pass0"], r[mode]["pass1"]
+            lines.append(f"| {r['strategy']} | {r['n']} | {mode} | {p0['wall_ms']:.2f} / {p0['host_ms']:.2f} | "
+                         f"{tps(p0)} | {p1['wall_ms']:.2f} / {p1['forward_ms']:.2f} / {p1['host_ms']:.2f} | "
+                         f"{tps(p1)} | "
+                         f"{p0['captures']}, {p1['captures']} / {p0['eager_steps']}, {p1['eager_steps']} | "
+                         f"{r[mode].get('tokens_equal', '')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -151,9 +151,10 @@ def test_host_step_tiny_pairs_both_paths(tmp_path):
     rows = json.loads((tmp_path / "host_step.json").read_text())["rows"]
     assert [(r["strategy"], r["n"]) for r in rows] == [("lopa k=7", 1), ("lopa k=7", 2), ("d2f", 1), ("d2f", 2)]
     for r in rows:
-        assert r["tokens_equal"] is True
-        for mode in ("host", "device"):
-            x = r[mode]
-            assert x["full_steps"] > 0 and x["wall_ms"] > 0 and x["forward_ms"] > 0 and x["tokens"] > 0
-            assert x["vs_n1"] > 0
-    assert (tmp_path / "host_step.md").read_text().count("| d2f |") == 2
+        for mode in ("warm", "host", "device"):
+            assert r[mode]["tokens_equal"] is True
+            for p in ("pass0", "pass1"):
+                x = r[mode][p]
+                assert x["full_steps"] > 0 and x["wall_ms"] > 0 and x["forward_ms"] > 0 and x["tokens"] > 0
+                assert x["vs_n1"] > 0 and (x["device_steps"] > 0) == (mode != "host")
+    assert (tmp_path / "host_step.md").read_text().count("| d2f |") == 6

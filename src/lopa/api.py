@@ -132,8 +132,9 @@ def _attention(runner: RunnerConfig, ops, device: torch.device) -> str:
     return runner.attention
 
 
-def _warm_up(runner: ModelRunner, max_tokens: int) -> None:
-    """Capture the static path's graph set now (a progress bar on a terminal, one log line)."""
+def _warm_up(runner: ModelRunner, engine: Engine, max_tokens: int) -> None:
+    """Capture the static path's graph set now, then the device path's (engine/device.py) when the engine has one:
+    a progress bar on a terminal, one log line."""
     bar = None
     if sys.stderr.isatty():
         from rich.progress import Progress
@@ -141,16 +142,25 @@ def _warm_up(runner: ModelRunner, max_tokens: int) -> None:
         bar = Progress(transient=True, console=Console(stderr=True))
         bar.start()
         task = bar.add_task("capturing CUDA graphs", total=None)
-    on_graph = (lambda done, total: bar.update(task, completed=done, total=total)) if bar else None
+    paths = 2 if engine.device is not None else 1  # the device path captures the static path's (B, Qb) set again
+
+    def progress(offset: int):
+        return (lambda done, total: bar.update(task, completed=offset * total + done, total=paths * total)) if bar \
+            else None
+
     try:
-        stats = runner.warmup(max_tokens, on_graph)
+        stats = runner.warmup(max_tokens, progress(0))
+        device = 0
+        if stats is not None and engine.device is not None:
+            device = engine.device.warmup([key[:2] for key in runner.graphs.warmup_keys(max_tokens)], progress(1))
     finally:
         if bar is not None:
             bar.stop()
     if stats is not None:
-        log.info("lopa: warm-up captured %d CUDA graphs in %.1f s using %.2f GiB of GPU memory (max_num_seqs %d, "
-                 "%d positions a slot, max_num_batched_tokens %d)", stats.warmup_graphs, stats.warmup_s,
-                 stats.warmup_bytes / 2**30, runner.max_num_seqs, runner.slot_capacity(), max_tokens)
+        log.info("lopa: warm-up captured %d CUDA graphs (%d of them the device path's steps) in %.1f s using %.2f GiB "
+                 "of GPU memory (max_num_seqs %d, %d positions a slot, max_num_batched_tokens %d)",
+                 stats.warmup_graphs, device, stats.warmup_s, stats.warmup_bytes / 2**30, runner.max_num_seqs,
+                 runner.slot_capacity(), max_tokens)
 
 
 def load_model(
@@ -203,10 +213,12 @@ def build_model(source, runner: RunnerConfig, group=None, name: Path | None = No
                                max_positions=runner.max_positions or (WARMUP_POSITIONS if warm else None),
                                static=static, fuse=loaded.model.ops is not EAGER, group=group, attention=attention,
                                kv_cache_bytes=runner.kv_cache_bytes)
-    if warm:
-        _warm_up(model_runner, runner.max_num_batched_tokens)
+    # RunnerConfig.device_step None ("auto"): the device path where its graphs are captured at start-up
+    device_step = warm if runner.device_step is None else runner.device_step
     engine = Engine(model_runner, loaded.spec, runner.max_num_seqs, runner.step_rows, runner.max_lookahead,
-                    runner.max_num_batched_tokens, runner.device_step)
+                    runner.max_num_batched_tokens, device_step)
+    if warm:
+        _warm_up(model_runner, engine, runner.max_num_batched_tokens)
     model = LopaModel(name or getattr(source, "folder", Path(".")), loaded, model_runner, engine)
     if group.world > 1:
         group.ready()

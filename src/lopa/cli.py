@@ -513,8 +513,9 @@ def serve(
                                 "request waits for a capture (RunnerConfig.warmup)."),
     attention: str = typer.Option(RunnerConfig.attention, help="GPU static path's attention: flex, sdpa, or auto "
                                   "(flex with the warm-up, else sdpa) (RunnerConfig.attention)."),
-    device_step: bool = typer.Option(RunnerConfig.device_step, help="Greedy threshold / d2f / lopa steps iterate "
-                                     "every request at once on the device (RunnerConfig.device_step)."),
+    device_step: Optional[bool] = typer.Option(None, "--device-step/--no-device-step", help="Greedy threshold / d2f "
+                                               "/ lopa steps iterate every request at once on the device (default: "
+                                               "with the warm-up on a GPU) (RunnerConfig.device_step)."),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics)."""
     from .config import ServeConfig

@@ -323,8 +323,11 @@ class RunnerConfig:
     attention: str = "auto"
     # Decode steps whose requests are all greedy threshold / d2f / lopa (no trace) run the iteration for every
     # request at once on the device (engine/device.py), host work flat in the batch; False = the host strategies.
-    # Off by default until measured on a GPU (its CUDA graphs are keyed by the key span, not yet part of the warm-up)
-    device_step: bool = False
+    # None ("auto") = on where its CUDA graphs are captured at start-up (a GPU with the warm-up: "flex" graphs keyed
+    # by buckets only, so it is fast from the first request), else off: without the warm-up its graphs are captured
+    # while serving, and on a CPU the batched update costs about what the strategies' Python does
+    # (docs/benchmarks.md). True forces it on (lazily captured graphs on a GPU, eager ops on a CPU)
+    device_step: bool | None = None
 
     def __post_init__(self) -> None:
         check_types(self)

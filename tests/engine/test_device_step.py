@@ -65,10 +65,14 @@ def ref(family, request, tmp_path_factory):
     return model, spec, prompts, configs, [_key(r, [s.winner for s in r.trace]) for r in results], host
 
 
-def _engine(model, max_num_seqs: int, device_step: bool = True, static: bool = False, spec=None):
+def _engine(model, max_num_seqs: int, device_step: bool = True, static: bool = False, spec=None,
+            attention: str = "sdpa", max_positions: int | None = None):
+    """static: the static path's bucketed shapes without capture; attention "flex": eager FlexAttention over the
+    whole slot (keys without lengths), "sdpa": an additive mask over the bucketed span."""
     loaded = model.loaded
     runner = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), loaded.model.embed.weight.dtype,
-                         max_num_seqs=max_num_seqs, static=static, capture=False)
+                         max_num_seqs=max_num_seqs, static=static, capture=False, attention=attention,
+                         max_positions=max_positions)
     engine = Engine(runner, spec or loaded.spec, max_num_seqs, STEP_ROWS, device_step=device_step)
     engine.winner_log = {}
     return dataclasses.replace(model, runner=runner, engine=engine)
@@ -112,8 +116,9 @@ def test_every_request_equals_the_host_strategies(ref):
     c, h = together.engine.counters, host.engine.counters
     assert c.device_steps == c.decode_steps > 0 and (c.decode_steps, c.rows, c.requests) == (h.decode_steps, h.rows,
                                                                                             h.requests)
-    staggered = _engine(model, n, spec=spec, static=True)  # the static path's bucketed shapes
-    assert _drive(staggered, prompts, configs, [i // 3 * 2 for i in range(n)])[0] == want
+    for attention in ("sdpa", "flex"):  # the static path's bucketed shapes
+        staggered = _engine(model, n, spec=spec, static=True, attention=attention)
+        assert _drive(staggered, prompts, configs, [i // 3 * 2 for i in range(n)])[0] == want, attention
     queued = _engine(model, 3, spec=spec)  # fewer slots than requests: compaction moves slot rows
     assert _drive(queued, prompts, configs, [0] * n)[0] == want
 
@@ -126,18 +131,22 @@ def test_k_policies_equal_the_host_path(ref):
                for o in POLICIES + LOPA[:3]]
     prompts = prompts[:len(configs)]
     n = len(configs)
-    for slots, joins, static in ((n, [0] * n, False), (2, [0] * n, False), (n, [0, 0, 1, 1, 3, 4], True)):
-        host = _drive(_engine(model, slots, device_step=False, spec=spec, static=static), prompts, configs, joins)
-        m = _engine(model, slots, spec=spec, static=static)
+    staggered = [0, 0, 1, 1, 3, 4]
+    for slots, joins, static, attention in ((n, [0] * n, False, "sdpa"), (2, [0] * n, False, "sdpa"),
+                                            (n, staggered, True, "sdpa"), (n, staggered, True, "flex")):
+        host = _drive(_engine(model, slots, device_step=False, spec=spec, static=static, attention=attention),
+                      prompts, configs, joins)
+        m = _engine(model, slots, spec=spec, static=static, attention=attention)
         assert _drive(m, prompts, configs, joins) == host and m.engine.counters.device_steps > 0
 
 
-def test_bucket_padding_rows_are_inert(ref):
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_bucket_padding_rows_are_inert(ref, attention):
     """The static path runs the update over the whole bucket (5 requests in a bucket of 6): the padding rows
     hold garbage (as slots left by finished or moved requests do) and must change nothing real."""
     model, spec, prompts, configs, want, _ = ref
     pick = [0, 4, 9, 12, 15]
-    m = _engine(model, 6, spec=spec, static=True)
+    m = _engine(model, 6, spec=spec, static=True, attention=attention)
     m.runner.reserve(6, 512)
     m.runner.pool.kv.uniform_(-50, 50)
     m.engine.device._reserve(6, 64, 8)
@@ -151,6 +160,61 @@ def test_bucket_padding_rows_are_inert(ref):
         t.copy_(torch.rand(t.shape, generator=g) > 0.5)
     got = _drive(m, [prompts[i] for i in pick], [configs[i] for i in pick], [0] * 5)[0]
     assert got == [want[i] for i in pick] and m.engine.counters.device_steps > 0
+
+
+def _warmed(model, spec, max_num_seqs: int, max_tokens: int):
+    """A "flex" static path warmed up as load_model does on a GPU (here the bodies run once instead of a capture):
+    the static keys, then the device path's update for the same (B, Qb) set. -> (model, the device path's keys)."""
+    m = _engine(model, max_num_seqs, spec=spec, static=True, attention="flex", max_positions=512)
+    m.runner.warmup(max_tokens)
+    shapes = [key[:2] for key in m.runner.graphs.warmup_keys(max_tokens)]
+    assert m.engine.device.warmup(shapes) == len(shapes) > 0
+    return m, set(m.engine.device.graphs)
+
+
+def test_after_the_warm_up_every_step_key_was_warmed(ref):
+    """After the warm-up the device path's keys hold no length (short and long prompts, k 0 to 7, threshold,
+    d2f and lopa, requests joining, queued and leaving): every step of a varied run finds its key among the warmed
+    ones, so nothing new would be captured; the slots never grow; tokens, forwards and winners equal the host
+    strategies'. The warm-up covers the default measure and branch score (other ones run eagerly, counted). A
+    step past max_num_batched_tokens runs eagerly (SDPA over its span), counted, still exact."""
+    model, spec, prompts, _, _, _ = ref
+    configs = [lopa.decode_config(None, model.model_type, **{**dict(gen_length=16, block_size=8, tau=0.5), **o})
+               for o in (BASE[:5] + [dict(strategy="lopa", k=3, base="threshold", gen_length=20),
+                                     dict(strategy="lopa", k=1, attention="block_causal")] + POLICIES)]
+    long = "Tom has 12 apples and " * 12
+    prompts = [long if i % 3 == 0 else prompts[i % len(prompts)] for i in range(len(configs))]
+    joins = [0, 0, 1, 1, 3, 5, 5, 6, 6, 9]
+    want = _drive(_engine(model, 4, device_step=False, spec=spec), prompts, configs, joins)[0]
+    m, keys = _warmed(model, spec, 4, max_tokens=768)
+    slots = m.engine.device.slots
+    width = min(m.runner.pool.capacity, spec.max_length)
+    assert (slots.slots, slots.width, slots.look.shape[1]) == (4, width, m.engine.max_lookahead)
+    assert all(key[2] is None for key in keys)  # FlexAttention over the whole slot: no span in a key
+    assert _drive(m, prompts, configs, joins)[0] == want
+    c = m.engine.counters
+    assert c.device_steps == c.decode_steps > 0 and c.eager_decode_steps == 0 and c.captures_after_start == 0
+    assert set(m.engine.device.graphs) == keys and m.engine.device.slots is slots
+    small, _ = _warmed(model, spec, 4, max_tokens=64)  # lopa k=7 rows need more queries: no key for them
+    assert _drive(small, prompts, configs, joins)[0] == want
+    c = small.engine.counters
+    assert c.device_steps == c.decode_steps and c.eager_decode_steps > 0 and c.captures_after_start == 0
+
+
+def test_start_up_warms_both_paths_and_logs_them(ref, caplog):
+    """load_model's warm-up (api._warm_up, here on the CPU without capture): the static path's keys, then the device
+    path's for the same (B, Qb) set, counted together, one log line; start-up ends after both."""
+    from lopa import api
+
+    model, spec, _, _, _, _ = ref
+    m = _engine(model, 2, spec=spec, static=True, attention="flex", max_positions=512)
+    with caplog.at_level("INFO", logger=api.log.name):
+        api._warm_up(m.runner, m.engine, 64)
+    stats = m.runner.graphs.stats
+    static = len(m.runner.graphs.statics)
+    assert static == 3 and stats.warmup_graphs == 2 * static == 2 * len(m.engine.device.graphs)
+    assert m.engine.device.warm and m.runner.graphs.frozen and m.runner.graphs.refresh_stats().captures_after_start == 0
+    assert "warm-up captured 6 CUDA graphs (3 of them the device path's steps)" in caplog.text
 
 
 def test_aborts_and_host_only_requests_between_device_steps(ref):
@@ -265,7 +329,9 @@ def test_device_step_equals_the_host_path_on_gpu(tiny_dream_dir, cuda_graphs):
 
 
 def test_runner_config_picks_the_path(tiny_dream_dir):
-    """RunnerConfig.device_step: None = on a GPU only; True takes the device path through the public API."""
+    """RunnerConfig.device_step: None ("auto", the default) = on where the warm-up captures its graphs (a GPU), so
+    off on a CPU; True takes the device path through the public API."""
+    assert lopa.RunnerConfig().device_step is None
     auto = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu"))
     on = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu", device_step=True))
     assert auto.engine.device is None and on.engine.device is not None
@@ -275,6 +341,29 @@ def test_runner_config_picks_the_path(tiny_dream_dir):
     assert on.engine.counters.device_steps == on.engine.counters.decode_steps > 0
     with pytest.raises(lopa.ConfigError, match="device_step"):
         lopa.RunnerConfig(device_step="yes")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="start-up capture needs a GPU")
+def test_warm_up_captures_the_device_path_by_default_on_gpu(tiny_dream_dir):
+    """On a GPU with the warm-up the device path is on by default and its graphs are captured inside load_model;
+    then varied prompts and k run with torch.compile set to fail on any recompile, the counters report no capture,
+    recompile or eager step after start-up, and the tokens equal the host strategies' on the same static path."""
+    runner = dict(device="cuda", dtype="float32", max_num_seqs=4, max_num_batched_tokens=2048, warmup=True)
+    dev = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(**runner))
+    host = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(**runner, device_step=False))
+    assert dev.engine.device is not None and dev.engine.device.warm
+    stats = dev.runner.graphs.stats
+    assert stats.captures == stats.warmup_graphs == 2 * len(host.runner.graphs.statics)
+    prompts = ["a", "Tom has 12 apples and " * 12, "The cat sat", "one two three four five six seven"]
+    cfgs = [lopa.DecodeConfig(strategy=s, k=k, gen_length=24, block_size=8)
+            for s, k in (("lopa", 7), ("d2f", 0), ("lopa", 3), ("threshold", 0))]
+    want = [r.token_ids for r in lopa.generate_many(host, prompts, cfgs)]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        got = [r.token_ids for r in lopa.generate_many(dev, prompts, cfgs)]
+    assert got == want
+    c = dev.engine.counters
+    assert c.device_steps == c.decode_steps > 0
+    assert c.captures_after_start == 0 and c.recompiles_after_start == 0 and c.eager_decode_steps == 0
 
 
 def test_progress_callbacks_see_the_canvas(ref):

@@ -14,11 +14,12 @@ next rows and width, the answer's settled length (streaming) and the winner.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
 
-from ..config import CONFIDENCES
+from ..config import CONFIDENCES, DecodeConfig, RunnerConfig
 from ..decoding import batched
 from ..decoding.base import PredictSpec
 from ..decoding.slots import DEVICE_SCORES, Slots
@@ -32,8 +33,9 @@ from .sequence import Sequence
 
 
 class DevicePath:
-    def __init__(self, runner: ModelRunner, spec: ModelSpec) -> None:
+    def __init__(self, runner: ModelRunner, spec: ModelSpec, max_lookahead: int = RunnerConfig.max_lookahead) -> None:
         self.runner, self.spec = runner, spec
+        self.max_lookahead = max_lookahead  # the engine's admission ceiling on k: the warmed slots' lookaheads
         self.pdt = torch.promote_types(runner.dtype, torch.float32)
         self.eos = torch.tensor(spec.eos_ids, dtype=torch.int64, device=runner.device)
         self.slots: Slots | None = None
@@ -45,14 +47,17 @@ class DevicePath:
         self._captured_for: tuple = ()
         self._luts: dict[tuple, torch.Tensor] = {}
         self._generation = 0  # bumped when the slots are reallocated (graphs read them in place)
+        self.warm = False  # after warmup(): the slots never grow, nothing captures, an unwarmed key runs eagerly
         self._gather_s = 0.0  # Branch Parallel: the group's gather seconds at the end of the last step
 
     def eligible(self, seq: Sequence) -> bool:
         """Greedy threshold / d2f / lopa with a device branch score, no trace."""
         strategy, cfg = seq.strategy, seq.config
+        fits = not self.warm or (len(seq.state.canvas) <= self.slots.width
+                                 and strategy.lookahead <= self.slots.look.shape[1])  # warmed slots never grow
         return (type(strategy) in (ThresholdStrategy, D2FStrategy) and not cfg.trace
                 and cfg.branch_confidence in DEVICE_SCORES and seq.state.prompt_len > 0
-                and seq.pspec == PredictSpec(0.0, 1.0, cfg.confidence, (self.spec.mask_id,)))
+                and seq.pspec == PredictSpec(0.0, 1.0, cfg.confidence, (self.spec.mask_id,)) and fits)
 
     # -- slots -----------------------------------------------------------------------------------------
     def _reserve(self, slots: int, positions: int, lookahead: int) -> None:
@@ -60,6 +65,9 @@ class DevicePath:
         if self.slots is None:
             self.slots = Slots.empty(slots, Tc, kc, self.runner.device, self.pdt)
         elif slots > self.slots.slots or Tc > self.slots.width or kc > self.slots.look.shape[1]:
+            if self.warm:  # eligible() keeps such requests on the host path
+                raise RuntimeError(f"the device path's slots were sized at start-up ({self.slots.slots} slots, "
+                                   f"{self.slots.width} positions, {self.slots.look.shape[1]} lookaheads)")
             self.slots = self.slots.grown(slots, Tc, kc)
             self._generation += 1
         self.host += [[0, 0, 0] for _ in range(self.slots.slots - len(self.host))]
@@ -117,20 +125,40 @@ class DevicePath:
         if self.runner.group.distributed:
             out = self._update_spread(seqs, measures, scores)
         else:
-            B, Qb, Lb = self.runner.packed_shape(n, max(K * W for _, K, W in host), max(P + K * W for P, K, W in host))
-            if self.runner.graphs is not None:  # static shapes per graph key: every row and column the bucket allows
-                Wm, R = Qb, st.look.shape[1] + 1
-            else:
-                Wm, R = max(W for _, _, W in host), max(K for _, K, _ in host)
-            key = (B, Qb, Lb, Wm, R, measures, scores)
-            out = self._replay(key, lambda: self._update(B, Qb, Lb, Wm, R, measures, scores))
+            out = self._run(host, measures, scores)
         rows = out[:n].tolist()  # the one copy to the host
         for b, row in enumerate(rows):
             self.host[b] = row[2:5]
         self.runner.set_lengths([row[2] for row in rows])
         return rows
 
-    def _update(self, B: int, Qb: int, Lb: int, Wm: int, R: int, measures: tuple[str, ...],
+    def _shape(self, host: list[list[int]], eager: bool = False) -> tuple[int, int, int | None, int, int]:
+        """(B, Qb, Lb, Wm, R) of the update over the requests whose [cached, rows, width] are ``host``: the runner's
+        buckets (runner.packed_shape; Lb None under "flex"), Wm = Qb window columns and R = min(lookaheads + 1,
+        Qb) branch rows (a row holds at least one query): a key set fixed by the buckets and the slots' lookahead
+        capacity. Without a static path: the step's exact shapes."""
+        queries, span = max(K * W for _, K, W in host), max(P + K * W for P, K, W in host)
+        B, Qb, Lb = self.runner.packed_shape(len(host), queries, span, eager)
+        if self.runner.graphs is None:
+            return B, Qb, Lb, max(W for _, _, W in host), max(K for _, K, _ in host)
+        return B, Qb, Lb, *self._widths(Qb)
+
+    def _widths(self, Qb: int) -> tuple[int, int]:
+        """(Wm, R) of a bucketed step: every column of the bucket, every lookahead row the slots hold."""
+        return Qb, min(self.slots.look.shape[1] + 1, Qb)
+
+    def _run(self, host: list[list[int]], measures: tuple[str, ...], scores: tuple[str, ...]) -> torch.Tensor:
+        """One process: the update of the step's key, replayed (or captured lazily before any warm-up). After the
+        warm-up a key it did not capture runs eagerly (counted with the static path's eager steps): SDPA over
+        the span, nothing captured or compiled for a new FlexAttention shape."""
+        shape = self._shape(host)
+        key = (*shape, measures, scores)
+        if self.warm and key not in self.graphs:
+            self.runner.graphs.stats.eager_steps += 1
+            return self._update(*self._shape(host, eager=True), measures, scores)
+        return self._replay(key, lambda: self._update(*shape, measures, scores))
+
+    def _update(self, B: int, Qb: int, Lb: int | None, Wm: int, R: int, measures: tuple[str, ...],
                 scores: tuple[str, ...]) -> torch.Tensor:
         """Queries, forward, accept, commit, propose over slots 0..B-1; rows past the step's requests (free slots)
         are zeroed first: no rows, no generated region, every index in range. Device work only: graph-capturable.
@@ -193,26 +221,78 @@ class DevicePath:
         return torch.stack([v.done, v.capped, v.cached, v.rows, v.width, ready, winner], 1)
 
     def _replay(self, key: tuple, update) -> torch.Tensor:
-        """On a GPU with CUDA graphs: the first step of a key runs eagerly (it warms the kernels up and compiles),
-        the second captures the step into a graph (capture runs nothing) and replays it, later ones replay.
-        The graphs read the slots, the KV pool and the live mask in place: a new pool or new slots drop them."""
+        """On a GPU with CUDA graphs: replay the key's graph. Before any warm-up (lazily) the first step of a key
+        runs eagerly (it warms the kernels up and compiles), the second captures the step into a graph (capture
+        runs nothing) and replays it, later ones replay. The graphs read the slots, the KV pool and the live mask
+        in place: a new pool or new slots drop them (never after the warm-up: both are final then)."""
         graphs = self.runner.graphs
         if graphs is None or not graphs.capture:
             return update()
-        if self._captured_for != (self._generation, graphs.pool):  # graphs.pool is new whenever the KV pool is
-            self.graphs.clear()
-            self._captured_for = (self._generation, graphs.pool)
-        entry = self.graphs.get(key)
-        if entry is None:
-            if len(self.graphs) >= MAX_GRAPHS:
+        if not self.warm:
+            if self._captured_for != (self._generation, graphs.pool):  # graphs.pool is new whenever the KV pool is
                 self.graphs.clear()
-            self.graphs[key] = (None, None)
-            return update()
-        graph, out = entry
-        if graph is None:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=graphs.pool):
-                out = update()
-            self.graphs[key] = (graph, out)
+                self._captured_for = (self._generation, graphs.pool)
+            entry = self.graphs.get(key)
+            if entry is None:
+                if len(self.graphs) >= MAX_GRAPHS:
+                    self.graphs.clear()
+                self.graphs[key] = (None, None)
+                return update()
+            if entry[0] is None:
+                self.graphs[key] = self._capture(update)
+        graph, out = self.graphs[key]
         graph.replay()
         return out
+
+    def _capture(self, update) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.runner.graphs.pool):
+            out = update()
+        self.runner.graphs.stats.captures += 1
+        return graph, out
+
+    # -- start-up ----------------------------------------------------------------------------------------------
+    def warmup(self, shapes: list[tuple[int, int]], on_graph=None) -> int:
+        """After the static path's warm-up (ModelRunner.warmup, "flex", a fixed pool): size the slots for good (every
+        pool slot, the longest canvas a slot and the context allow, the engine's largest k) and capture the
+        update of every (B bucket, query bucket) in ``shapes`` for the default measure and branch score, reusing
+        the static path's compiled kernels (the forward is the same); on a CPU run each once. Counted in the
+        static path's GraphStats, whose start-up then ends again (GraphExecutor.started). ``on_graph(done,
+        total)`` after each key. Returns the number of keys."""
+        runner = self.runner
+        cuda = runner.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(runner.device)
+            free0 = torch.cuda.mem_get_info(runner.device)[0]
+        t0 = time.perf_counter()
+        # a canvas (prompt + gen_length) fits the context (decoding/base.py) and its KV slot; allocated outside
+        # inference mode, as lazily grown slots are: load() may write them from either mode
+        self._reserve(runner.pool.slots, min(runner.pool.capacity, self.spec.max_length), self.max_lookahead)
+        self.live.zero_()  # every row a free slot: the updates below change no request
+        self._live_n = 0
+        self._capture_all(shapes, on_graph)
+        graphs = runner.graphs
+        if cuda:
+            torch.cuda.synchronize(runner.device)
+            graphs.stats.warmup_bytes += max(0, free0 - torch.cuda.mem_get_info(runner.device)[0])
+        graphs.stats.warmup_s += time.perf_counter() - t0
+        graphs.stats.warmup_graphs += len(shapes)
+        graphs.started()
+        self.warm = True
+        return len(shapes)
+
+    @torch.inference_mode()  # the mode every step runs in (compiled guards match later steps)
+    def _capture_all(self, shapes: list[tuple[int, int]], on_graph) -> None:
+        graphs = self.runner.graphs
+        measures, scores = (DecodeConfig.confidence,), (DecodeConfig.branch_confidence,)
+        self._luts[measures] = torch.tensor([measures.index(m) if m in measures else 0 for m in CONFIDENCES],
+                                            device=self.live.device)
+        self._captured_for = (self._generation, graphs.pool)
+        for done, (B, Qb) in enumerate(shapes, 1):
+            Wm, R = self._widths(Qb)
+            key = (B, Qb, None, Wm, R, measures, scores)  # as _run forms it under "flex"
+            update = functools.partial(self._update, B, Qb, None, Wm, R, measures, scores)
+            update()  # eagerly first: lazy kernel initialization stays out of the graph
+            self.graphs[key] = self._capture(update) if graphs.capture else (None, None)
+            if on_graph is not None:
+                on_graph(done, len(shapes))

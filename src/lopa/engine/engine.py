@@ -101,7 +101,7 @@ class Engine:
         # RunnerConfig.device_step: decode steps whose requests all qualify run on the device path; Branch Parallel
         # with CUDA graphs keeps the host path, whose static path captures the forward with its gather
         captured_bp = runner.group.distributed and runner.graphs is not None and runner.graphs.capture
-        self.device = DevicePath(runner, spec) if device_step and not captured_bp else None
+        self.device = DevicePath(runner, spec, max_lookahead) if device_step and not captured_bp else None
         self.step_rows = step_rows  # RunnerConfig.step_rows: the rows a decode step aims at (row_budget)
         self.max_lookahead, self.max_num_batched_tokens = max_lookahead, max_num_batched_tokens  # admission bounds
         self.scheduler = Scheduler(max_num_seqs, fits=runner.fits)

@@ -193,6 +193,11 @@ class GraphExecutor:
             self.stats.warmup_bytes = max(0, free0 - torch.cuda.mem_get_info(self.runner.device)[0])
         self.stats.warmup_s = time.perf_counter() - t0
         self.stats.warmup_graphs = len(keys)
+        return self.started()
+
+    def started(self) -> GraphStats:
+        """Start-up ends now: nothing captures from here on, and the after-start counters count from here (the
+        device path's warm-up, engine/device.py, calls it again after capturing its own graphs)."""
         self.frozen = True
         self._at_start = (self.stats.captures, compiles())
         return self.refresh_stats()

@@ -24,7 +24,7 @@ from ..decoding.base import Predictions
 from ..models.spec import ModelSpec
 from ..decoding.confidence import predict
 from ..models.attention import step_block_mask, step_mask
-from .graphs import KEY_STEP, ROW_STEP, GraphExecutor, bucket, predict_rows, round_up
+from .graphs import KEY_STEP, ROW_STEP, GraphExecutor, bucket, predict_rows, query_bucket, round_up
 from .group import LocalGroup
 from .memory import kv_budget
 from .step import FIELDS, Commit, StepItem, pack, unpack
@@ -261,22 +261,29 @@ class ModelRunner:
             self.group.counters.commit_s += time.perf_counter() - t0
 
     # -- a step built on the device (engine/device.py) ---------------------------------------------------
-    def packed_shape(self, n: int, queries: int, span: int) -> tuple[int, int, int]:
+    def packed_shape(self, n: int, queries: int, span: int, eager: bool = False) -> tuple[int, int, int | None]:
         """(B, Qb, Lb) of a decode step over slots 0..n-1 whose longest row has ``queries`` queries and whose
-        queries reach position ``span``: the static path's buckets, or exact shapes when eager."""
+        queries reach position ``span``: the static path's buckets, or exact shapes without one. Under "flex"
+        Lb is None (FlexAttention over the whole slot: nothing in the shape depends on a length), unless
+        ``eager``: a step whose key the warm-up did not capture runs on the same buckets with SDPA over the span
+        (no new FlexAttention shape to compile while serving)."""
         if span >= self.pool.capacity:
             raise RuntimeError(f"a forward needs {span + 1} KV positions; the slot holds {self.pool.capacity}")
-        if self.graphs is not None:
-            return (bucket(n, self.pool.slots), round_up(queries, ROW_STEP),
-                    min(round_up(span, KEY_STEP), self.pool.capacity))
-        return n, queries, span
+        if self.graphs is None:
+            return n, queries, span
+        B, Lb = bucket(n, self.pool.slots), min(round_up(span, KEY_STEP), self.pool.capacity)
+        if self.graphs.attention == "flex":
+            return B, query_bucket(queries), Lb if eager else None
+        return B, round_up(queries, ROW_STEP), Lb
 
-    def forward_packed(self, inputs: torch.Tensor, Lb: int, measures: tuple[str, ...],
+    def forward_packed(self, inputs: torch.Tensor, Lb: int | None, measures: tuple[str, ...],
                        suppress: tuple[int, ...]) -> torch.Tensor:
         """ONE greedy forward of a step packed on the device (runner/step.py layout, slots 0..B-1) and the
         batched predict of every query: [B, Qb, 3] (token, prob, conf) on the device; the hidden states stay
-        for commit_winners. Graph-capturable: the device path (engine/device.py) captures it with its update."""
-        self.hidden = self.body(inputs, 0, Lb)
+        for commit_winners. ``Lb``: the key span of an SDPA mask, or None: FlexAttention over the whole slot
+        (packed_shape). Graph-capturable: the device path (engine/device.py) captures it with its update."""
+        flex = Lb is None
+        self.hidden = self.body(inputs, 0, self.pool.capacity if flex else Lb, flex=flex)
         _, col, branch, _, _, measure, suppressed = unpack(inputs)
         first = (col == 0) & (branch >= 0)  # each branch's column 0 reads the slot's last committed state
         last = self.pool.last_hidden[:inputs.shape[0]]
