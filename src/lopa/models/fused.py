@@ -10,6 +10,7 @@ runner uses it on a GPU (RunnerConfig.fuse); on a CPU the eager functions run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from dataclasses import dataclass
@@ -89,18 +90,31 @@ def compiled(backend: str = "inductor") -> Ops:
 
 
 def _static_queries(fn: Callable) -> Callable:
-    """The compiled FlexAttention, specialized on the query and key lengths: a kernel compiled for dynamic shapes
-    ran at about half the speed (H100, benchmarks/attention.py). Only the batch may become dynamic. The warm-up
-    compiles it once per query bucket (runner/graphs.py), so the recompile limit is raised for these calls only."""
+    """The compiled FlexAttention, specialized on the query and key lengths (a kernel compiled for dynamic lengths
+    ran at about half the speed: H100, benchmarks/attention.py) and dynamic in the batch from the first call: one
+    compile per query bucket serves every batch bucket (runner/graphs.py warms them all). The batch dims of q, k,
+    v are marked here, those of the block mask's tensors where it is built (models/attention.py). Size-oblivious
+    reasoning keeps a first call with B = 1 from specializing on 1 (torch otherwise compiles B = 1 apart)."""
     def call(q, k, v, block_mask, **kw):
         for x in (q, k, v):
+            torch._dynamo.maybe_mark_dynamic(x, 0)
             for dim in range(1, x.dim()):
                 torch._dynamo.mark_static(x, dim)
-        with torch._dynamo.config.patch(**_LIMITS):
+        with torch._dynamo.config.patch(**_LIMITS), _size_oblivious():
             return fn(q, k, v, block_mask=block_mask, **kw)
     return call
 
 
+def _size_oblivious():
+    """torch.fx.experimental._config.patch(backed_size_oblivious=True) where this torch has it (>= 2.6)."""
+    from torch.fx.experimental import _config
+
+    return _config.patch(backed_size_oblivious=True) if hasattr(_config, "backed_size_oblivious") else \
+        contextlib.nullcontext()
+
+
+# the warm-up compiles one graph per query bucket (len(QUERY_BUCKETS) at most), above dynamo's default of 8; the
+# margin keeps an unexpected specialization from falling back to the eager FlexAttention (scores materialized)
 _LIMITS = {name: value for name, value in (("recompile_limit", 512), ("accumulated_recompile_limit", 4096))
            if hasattr(torch._dynamo.config, name)}
 

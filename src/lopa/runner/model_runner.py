@@ -7,9 +7,10 @@ Under Branch Parallel (runner/group.py) the runner computes only this rank's row
 group gathers every row's predictions after the forward, and ``commit`` takes a winner's K/V from this
 rank's rows or from the owner's broadcast. One process uses a LocalGroup: every row here, nothing sent.
 
-A step runs eagerly with exact shapes (prefill steps, sampled requests, the CPU), or on the static path
-(runner/graphs.py: bucketed shapes, replayed from CUDA graphs on a GPU). Both run ``body``, the same device
-code, so the static path is checked against the eager one on the CPU by running it without capture.
+A step runs eagerly with exact shapes (sampled requests, steps without a static path), or on the static path
+(runner/graphs.py: bucketed shapes, replayed from CUDA graphs on a GPU; prefill steps too under "flex"). Both
+run ``body``, the same device code, so the static path is checked against the eager one on the CPU by running
+it without capture.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class ModelRunner:
         self.hidden: torch.Tensor | None = None  # [B, Qb, E] of the last forward (commit reads the winners)
         self._shapes: list[tuple[int, int, bool]] = []  # (K, W, replicated) per request of the last forward
         self._prefill = False  # the last forward was a prefill step
+        self.prefill_shapes: set[tuple[int, int]] = set()  # (rows, queries a row) of the prefill forwards so far:
+        # the static path's bucketed key, or the exact shape of an eager prefill (each new one meets cold kernels)
 
     def new_generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
@@ -87,8 +90,8 @@ class ModelRunner:
 
     def shrink(self) -> None:
         """The engine went idle: give the pool back (the next step allocates what it needs), unless captured CUDA
-        graphs read it (uncaptured static buffers never hold the pool tensor)."""
-        if self.graphs is None or not self.graphs.capture:
+        graphs read it (uncaptured static buffers never hold the pool tensor) or the start-up warm-up sized it."""
+        if self.graphs is None or not (self.graphs.capture or self.graphs.frozen):
             self.pool = None
 
     def _new_pool(self, slots: int, capacity: int) -> None:
@@ -147,18 +150,22 @@ class ModelRunner:
         gather_before = bp.gather_s  # the static path gathers inside its run: not forward time
         queries = max(max(len(r) for r in p) * item.batch.tokens.shape[1] for p, item in zip(parts, items))
         # every rank takes the same path (accepts() reads only what all ranks share), so the collectives match
+        self._prefill = all(item.batch.prefill for item in items)  # the counters count decode steps only
         if self.graphs is not None and self.graphs.accepts(local, queries):
             spread = [p if not (K == 1 and rep) else p[:1] for p, (K, _, rep) in zip(parts, self._shapes)]
             bp_step = self.group.distributed and any(not (K == 1 and rep) for K, _, rep in self._shapes)
+            if self._prefill:
+                self.prefill_shapes.add(self.graphs.key(local, queries)[:2])
             self.hidden, preds = self.graphs.run(local, items if bp_step else None, spread if bp_step else None,
                                                  queries)
             gathered = True
         elif not any(item.queries for item in local):  # eager, and no row of this step is this rank's (K < N)
             self.hidden, preds, gathered = None, [self._empty(item) for item in local], False
         else:
+            if self._prefill:
+                self.prefill_shapes.add((len(local), max(item.queries for item in local)))
             (self.hidden, preds), gathered = self._eager(local), False
         t2 = time.perf_counter()
-        self._prefill = all(item.batch.prefill for item in items)  # the counters count decode steps only
         if not self._prefill:
             bp.prepare_s += t1 - t0
             bp.forward_s += t2 - t1 - (bp.gather_s - gather_before)
@@ -191,7 +198,8 @@ class ModelRunner:
         tokens, col, branch, block, P, _, _ = unpack(inputs)
         B, Qb = tokens.shape
         q = torch.arange(Qb, device=inputs.device)
-        write = (P[:, None] + q).clamp(max=self.pool.capacity - 1)  # padding past the slot: the trash slot
+        trash = self.pool.capacity - 1  # padding queries write only there (their rows may lie over running slots)
+        write = torch.where(branch >= 0, (P[:, None] + q).clamp(max=trash), trash)
         if flex:
             cfg = self.model.config  # the query heads of a KV head share the query axis (models/transformer.py)
             mask = step_block_mask(P, branch, block, Lb, groups=cfg.num_heads // cfg.num_kv_heads)
