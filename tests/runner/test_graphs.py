@@ -173,11 +173,14 @@ def test_warmup_captures_every_key_and_then_nothing_new(tiny_dream_dir):
     c = warm.engine.counters
     assert c.captures_after_start == 0 and c.eager_decode_steps > 0
     assert c.as_dict()["eager_decode_steps"] == c.eager_decode_steps
-    # the prompts' prefill ran on a warmed key; a prompt (88 tokens) past every warmed query bucket prefills eagerly
+    # the prompts' prefill ran on warmed keys; two prompts of 44 and 2 tokens (key (2, 64), not warmed) prefill as
+    # two forwards on warmed keys; a prompt of 88 tokens, past every warmed query bucket, prefills eagerly (counted)
     assert runner.prefill_shapes <= {k[:2] for k in keys} and c.eager_prefill_steps == 0
-    long = lopa.generate_many(warm, ["Tom has 12 apples and " * 8], cfgs[:1])
-    assert long[0].token_ids == lopa.generate(model, "Tom has 12 apples and " * 8, cfgs[0]).token_ids
-    assert warm.engine.counters.eager_prefill_steps == 1 and set(runner.graphs.statics) == keys
+    prompts = ["Tom has 12 apples and " * 4, "The cat", "Tom has 12 apples and " * 8]
+    got = lopa.generate_many(warm, prompts, cfgs[:1] * 3)
+    assert [r.token_ids for r in got] == [lopa.generate(model, p, cfgs[0]).token_ids for p in prompts]
+    assert runner.prefill_shapes == {(1, 32), (1, 64), (2, 32), (1, 88)} and set(runner.graphs.statics) == keys
+    assert warm.engine.counters.eager_prefill_steps == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="start-up capture needs a GPU")

@@ -23,8 +23,9 @@ length (padding queries are masked and write only the slot's trash position), so
 them and no prompt length meets a new shape. A prefill over slots 0.. replays the key's graph; one over slots
 first.. (requests already running below it) runs the same body on the warmed shapes without its graph (the
 graph's slot addresses start at 0): its bucket's rows are laid over slots [start, start + B) with the prompts at
-rows first - start.., the other rows all padding. A prefill with no warmed key (a prompt longer than the largest
-query bucket that fits max_num_batched_tokens) runs eagerly with exact shapes, counted in ``eager_prefills``.
+rows first - start.., the other rows all padding. A prefill step with no warmed key is split into contiguous
+groups that have one (several forwards); one whose prompt alone has none (longer than the largest query bucket
+that fits max_num_batched_tokens) runs eagerly with exact shapes, counted in ``eager_prefills``.
 On a CPU the same path runs without capture (the tests check it against eager).
 """
 
@@ -159,18 +160,37 @@ class GraphExecutor:
         greedy = item.pspec.temperature == 0 and item.pspec.top_p == 1.0
         return greedy or (prefill and not item.batch.logit_cols.numel() and not self.runner.group.distributed)
 
-    def accepts(self, items: list[StepItem], queries: int | None = None) -> bool:
-        """Whether this step runs on the static path: supported, and its graph exists or may still be captured.
-        After the warm-up an uncaptured key runs eagerly (counted), so nothing captures while serving."""
+    def plan(self, items: list[StepItem], queries: int | None = None) -> list[list[StepItem]]:
+        """The static forwards this step takes: [items] when it runs on the static path (its graph exists or may
+        still be captured); after the warm-up, a prefill whose key was not warmed split into contiguous groups
+        that each have a warmed key; [] when it runs eagerly (after the warm-up: counted), so nothing captures
+        while serving."""
         if not self.supports(items):
-            return False
-        if self.frozen and self.key(items, queries) not in self.statics:
-            if items[0].batch.prefill:
-                self.stats.eager_prefills += 1
+            return []
+        if not self.frozen or self.key(items, queries) in self.statics:
+            return [items]
+        if items[0].batch.prefill:
+            groups = self._split(items)
+            if groups:
+                return groups
+            self.stats.eager_prefills += 1
+        else:
+            self.stats.eager_steps += 1
+        return []
+
+    def _split(self, items: list[StepItem]) -> list[list[StepItem]] | None:
+        """Contiguous groups of a prefill step, each as large as a warmed key allows (several long prompts
+        admitted at once); None when one prompt alone has no warmed key (it is longer than the largest query
+        bucket that fits max_num_batched_tokens)."""
+        groups: list[list[StepItem]] = []
+        for item in items:
+            if groups and self.key(groups[-1] + [item]) in self.statics:
+                groups[-1].append(item)
+            elif self.key([item]) in self.statics:
+                groups.append([item])
             else:
-                self.stats.eager_steps += 1
-            return False
-        return True
+                return None
+        return groups
 
     def key(self, items: list[StepItem], queries: int | None = None) -> tuple:
         """(B bucket, Qb, Lb, measures, suppressed ids). ``queries``: the most queries of a request row on any rank
@@ -254,7 +274,7 @@ class GraphExecutor:
         fresh = st is None
         if fresh:
             if self.frozen:
-                raise RuntimeError(f"static key {key} was not captured at start-up (accepts() routes it eagerly)")
+                raise RuntimeError(f"static key {key} was not captured at start-up (plan() routes it eagerly)")
             if len(self.statics) >= MAX_GRAPHS:  # lazy capture only: the warm-up keeps its whole set
                 self.clear()
             st = self._new(key)

@@ -149,9 +149,12 @@ class ModelRunner:
         t1 = time.perf_counter()
         gather_before = bp.gather_s  # the static path gathers inside its run: not forward time
         queries = max(max(len(r) for r in p) * item.batch.tokens.shape[1] for p, item in zip(parts, items))
-        # every rank takes the same path (accepts() reads only what all ranks share), so the collectives match
+        # every rank takes the same path (plan() reads only what all ranks share), so the collectives match
         self._prefill = all(item.batch.prefill for item in items)  # the counters count decode steps only
-        if self.graphs is not None and self.graphs.accepts(local, queries):
+        groups = self.graphs.plan(local, queries) if self.graphs is not None else []
+        if len(groups) > 1:  # a prefill split over warmed keys
+            (self.hidden, preds), gathered = self._static_groups(groups), True
+        elif groups:
             spread = [p if not (K == 1 and rep) else p[:1] for p, (K, _, rep) in zip(parts, self._shapes)]
             bp_step = self.group.distributed and any(not (K == 1 and rep) for K, _, rep in self._shapes)
             if self._prefill:
@@ -175,6 +178,18 @@ class ModelRunner:
             return preds
         shapes = [(K, item.batch.logit_cols.numel(), rep) for (K, _, rep), item in zip(self._shapes, items)]
         return self.group.gather(preds, shapes, torch.promote_types(self.dtype, torch.float32))
+
+    def _static_groups(self, groups: list[list[StepItem]]) -> tuple[torch.Tensor, list[Predictions]]:
+        """A prefill step as one static forward per group (runner/graphs.py: plan); the hidden states of all its
+        requests as one [n, Q, E] tensor, rows in step order, padded to the widest group (commit reads them)."""
+        hidden, preds = [], []
+        for group in groups:
+            self.prefill_shapes.add(self.graphs.key(group)[:2])
+            h, p = self.graphs.run(group)
+            hidden.append(h[:len(group)])
+            preds += p
+        Q = max(h.shape[1] for h in hidden)
+        return torch.cat([torch.nn.functional.pad(h, (0, 0, 0, Q - h.shape[1])) for h in hidden]), preds
 
     def _local(self, item: StepItem, rows: range) -> StepItem:
         """The rows of item this rank computes: local branch ids 0..K_r-1 (only their equality matters),
