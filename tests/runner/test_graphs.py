@@ -310,3 +310,39 @@ def test_prefills_on_the_static_path_decode_as_alone(family, tiny_dream_dir, tin
     assert got == [lopa.generate(model, p, c).token_ids for p, c in zip(prompts, cfgs)]
     assert offsets, "no prefill ran beside a running request"
     assert all(q in graphs.QUERY_BUCKETS for _, q in runner.prefill_shapes)
+
+
+def test_after_warmup_prefills_and_decodes_compile_nothing(tiny_dream_dir, monkeypatch):
+    """The GPU start-up's promise, traced on the CPU: with every compiled piece (fused elementwise ops, FlexAttention,
+    the batched predict) through dynamo's eager backend, a warm-up over B {1, 2} x Qb {32 .. 128} leaves nothing to
+    compile for prompts of several lengths prefilled over slot 0 and beside a running request, and their decode
+    steps: torch.compile is set to fail on any recompile. Tokens equal the eager path. The warm-up itself compiles
+    each piece once, the attention once per query bucket."""
+    from lopa.models import fused
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": "eager"}))
+    model = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu"))
+    loaded = model.loaded
+    cfg = lopa.DecodeConfig(strategy="lopa", k=1, gen_length=16, block_size=8, tau=0.5)
+    prompts = ["a b", "Tom has 12 apples and " * 3, "The cat sat", "one two three four five six seven"]
+    want = [lopa.generate(model, p, cfg).token_ids for p in prompts]
+    torch._dynamo.reset()
+    loaded.model.ops = fused.compiled(backend="eager")
+    try:
+        runner = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), torch.float32, max_num_seqs=2,
+                             max_positions=256, static=True, capture=False, fuse=True, attention="flex")
+        stats = runner.warmup(max_tokens=128)
+        assert [k[:2] for k in runner.graphs.statics] == [(1, 32), (1, 64), (1, 96), (1, 128), (2, 32), (2, 64)]
+        # the first key compiles every piece; later keys only the attention of a new query bucket: each compiled
+        # piece is dynamic in the batch and the tokens from its first call
+        assert stats.warmup_key_compiles[0] > 1 and stats.warmup_key_compiles[1:] == [1, 1, 1, 0, 0]
+        warm = dataclasses.replace(model, runner=runner, engine=Engine(runner, loaded.spec, 2))
+        with torch.compiler.set_stance("fail_on_recompile"):
+            got = [r.token_ids for r in lopa.generate_many(warm, prompts, cfg)]
+        c = warm.engine.counters
+        assert got == want and c.recompiles_after_start == 0
+        assert c.eager_prefill_steps == c.eager_decode_steps == 0 and c.prefill_steps >= 3
+    finally:
+        loaded.model.ops = fused.EAGER
+        torch._dynamo.reset()

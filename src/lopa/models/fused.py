@@ -80,13 +80,43 @@ def _static_width(fn: Callable) -> Callable:
     return call
 
 
+def _rows(x: torch.Tensor) -> list[tuple[torch.Tensor, range]]:
+    return [(x, range(x.dim() - 1))]
+
+
+# which dims of each chain's tensor arguments vary with the step (batch, tokens, heads): every one but the feature
+# dim, except the size-1 head dim that cos / sin [B, 1, T, D] broadcast over
+_VARYING = {
+    rms_norm: lambda x, weight, eps: _rows(x),
+    add_rms_norm: lambda x, delta, weight, eps: _rows(x) + _rows(delta),
+    silu_mul: _rows,
+    rope: lambda x, cos, sin: _rows(x) + [(t, (0, 2) if t.dim() == 4 else range(t.dim() - 1)) for t in (cos, sin)],
+}
+
+
+def _dynamic_rows(fn: Callable, varying: Callable) -> Callable:
+    """Call a compiled elementwise chain dynamic in its rows from the first call: torch.compile would compile it
+    static, then again for the second row count (and the first B = 1 apart), so a warm-up over many shapes
+    compiled each chain three times or more; the feature dim stays static (its kernels are specialized on it).
+    The kernels are the same dynamic ones the later shapes got before."""
+    def call(*args):
+        for x, dims in varying(*args):
+            for dim in dims:
+                torch._dynamo.maybe_mark_dynamic(x, dim)
+            torch._dynamo.mark_static(x, x.dim() - 1)
+        with size_oblivious():
+            return fn(*args)
+    return call
+
+
 def compiled(backend: str = "inductor") -> Ops:
     """The same functions through torch.compile (one graph each, no breaks). backend="eager" only traces."""
-    rms, add_rms, rope_, silu, quant = (torch.compile(f, backend=backend, fullgraph=True)
-                                        for f in (rms_norm, add_rms_norm, rope, silu_mul, quantize_rows))
+    rms, add_rms, rope_, silu = (_dynamic_rows(torch.compile(f, backend=backend, fullgraph=True), _VARYING[f])
+                                 for f in (rms_norm, add_rms_norm, rope, silu_mul))
+    quant = _static_width(torch.compile(quantize_rows, backend=backend, fullgraph=True))
     flex = None if flex_attention is None else _static_queries(torch.compile(flex_attention, backend=backend,
                                                                              fullgraph=True))
-    return Ops(rms, add_rms, rope_, silu, _static_width(quant), flex)
+    return Ops(rms, add_rms, rope_, silu, quant, flex)
 
 
 def _static_queries(fn: Callable) -> Callable:
@@ -100,12 +130,12 @@ def _static_queries(fn: Callable) -> Callable:
             torch._dynamo.maybe_mark_dynamic(x, 0)
             for dim in range(1, x.dim()):
                 torch._dynamo.mark_static(x, dim)
-        with torch._dynamo.config.patch(**_LIMITS), _size_oblivious():
+        with torch._dynamo.config.patch(**_LIMITS), size_oblivious():
             return fn(q, k, v, block_mask=block_mask, **kw)
     return call
 
 
-def _size_oblivious():
+def size_oblivious():
     """torch.fx.experimental._config.patch(backed_size_oblivious=True) where this torch has it (>= 2.6)."""
     from torch.fx.experimental import _config
 

@@ -38,6 +38,7 @@ import torch
 
 from ..decoding.base import Predictions
 from ..decoding.confidence import measure_confidence
+from ..models.fused import size_oblivious
 from .step import FIELDS, StepItem, pack, split, unpack
 
 ROW_STEP = 32  # "sdpa": request rows padded to a multiple of this many queries
@@ -83,10 +84,15 @@ class GraphStats:
 
 
 def _static_vocab(fn):
-    """A compiled predict, dynamic in B and Qb (one kernel for every bucket) but specialized on the vocabulary."""
+    """A compiled predict, dynamic in B and Qb (one kernel for every bucket, B = 1 included) but specialized on
+    the vocabulary."""
     def call(logits: torch.Tensor, *args):
         torch._dynamo.mark_static(logits, logits.dim() - 1)
-        return fn(logits, *args)
+        # the per-row fields as fresh tensors, not views into the packed step: torch.compile guards on a view's
+        # offset and strides, which change with B and Qb
+        args = [a.clone(memory_format=torch.contiguous_format) if isinstance(a, torch.Tensor) else a for a in args]
+        with size_oblivious():
+            return fn(logits, *args)
     return call
 
 
@@ -94,9 +100,11 @@ def predict_rows(logits: torch.Tensor, measure: torch.Tensor, suppress: torch.Te
                  suppress_ids: tuple[int, ...]) -> torch.Tensor:
     """Greedy predict (decoding/confidence.py) for every query of a step, each request row with its own
     measure and suppression. logits [B, Qb, V] -> [B, Qb, 3]: token id, its probability, its confidence."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True)
-    for token in suppress_ids:
-        logits[..., token] = torch.where(suppress[:, None].bool(), float("-inf"), logits[..., token])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if suppress_ids:  # a mask over the vocabulary, not writes into columns (whose views made compiles guard on B)
+        vocab = torch.arange(logits.shape[-1], device=logits.device)
+        banned = (vocab[:, None] == torch.tensor(suppress_ids, device=logits.device)).any(-1)  # [V]
+        logits = logits.masked_fill(suppress[:, None, None].bool() & banned, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     tokens = probs.argmax(-1)
     chosen = probs.gather(-1, tokens[..., None])[..., 0]
