@@ -304,14 +304,22 @@ class GraphExecutor:
     def _run_at(self, items: list[StepItem], key: tuple) -> tuple[torch.Tensor, list[Predictions]]:
         """A prefill over slots [first, first + n) on the key's shapes, without a graph: the bucket's B rows over
         slots [start, start + B) (inside the pool), the prompts at rows first - start.., every other row padding
-        (its queries write only its slot's trash position, so rows over running requests change nothing)."""
+        (its queries write only its slot's trash position, so rows over running requests change nothing). When no
+        prompt asks for a prediction the head is skipped (its logits would be [B, Qb, V])."""
         B, Qb, Lb, measures, suppress = key
+        runner = self.runner
         first, n = items[0].slot, len(items)
-        start = min(first, self.runner.pool.slots - B)
+        start = min(first, runner.pool.slots - B)
         row = first - start
         host = torch.empty(B, FIELDS * Qb + 3, dtype=torch.long)
-        pack(items, host, self.runner.spec.mask_id, measures, suppress, row=row)
-        hidden, packed = self._body(host.to(self.runner.device, non_blocking=True), start, Lb, measures, suppress)
+        pack(items, host, runner.spec.mask_id, measures, suppress, row=row)
+        inputs = host.to(runner.device, non_blocking=True)
+        if not any(item.batch.logit_cols.numel() for item in items):  # plain prompts: no head over B x Qb queries
+            hidden = runner.body(inputs, start, Lb, flex=self.attention == "flex")
+            dtype = torch.promote_types(runner.dtype, torch.float32)
+            none = [torch.empty(item.batch.tokens.shape[0], 0, dtype=dtype) for item in items]  # [K, 0]
+            return hidden[row:row + n], [Predictions(e.long(), e, e) for e in none]
+        hidden, packed = self._body(inputs, start, Lb, measures, suppress)
         preds = [Predictions(*p) for p in split(packed[row:row + n].cpu()[None], items)]  # one device-to-host copy
         return hidden[row:row + n], preds
 
