@@ -13,8 +13,10 @@ fresh subprocess, so compiled kernels and captured graphs never carry over betwe
 * "warm flex (eager prefill)": the same with prefill steps forced onto the eager path (exact shapes: each new
   prompt length meets new kernel shapes), to measure what the bucketed prefill changes.
 
-A variant named twice (--variants "warm flex,warm flex") runs twice, each in a fresh process: the second start
-reuses inductor's and Triton's on-disk caches (what a server restart on the same machine costs).
+Each variant starts with empty on-disk kernel caches of its own (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR in a
+fresh temporary folder), so its start-up is a first start on this machine whatever ran before; a variant named
+again (the default: "warm flex" twice) runs in a fresh process on the first one's caches: a second start, what a
+server restart on the same machine costs.
 
 Per pass: prefill and decode seconds (the engine's counters), the distinct prefill shapes the pass met that no
 earlier step had (bucketed keys on the static path, exact shapes eagerly); per variant: the warm-up's
@@ -27,6 +29,7 @@ after start-up from the engine's counters.
 
     PYTHONPATH=src python3 benchmarks/cold_start.py --out benchmarks/results/cold_start_h100          # default model
     PYTHONPATH=src python3 benchmarks/cold_start.py --shape dream-7b --out benchmarks/results/cold_start_h100
+    PYTHONPATH=src python3 benchmarks/cold_start.py --variants "lazy sdpa,warm flex" --out /tmp/x    # the old engine
     PYTHONPATH=src python3 benchmarks/cold_start.py --tiny --out /tmp/x                                # CPU smoke test
 """
 
@@ -36,10 +39,13 @@ import argparse
 import datetime
 import json
 import math
+import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -184,7 +190,8 @@ def main() -> None:
     ap.add_argument("--shape", default=None, help="random weights at a step_latency.py shape (default: the embedded "
                     "model)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test (tiny shape, few requests)")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default="warm flex (eager prefill),warm flex,warm flex",
+                    help=f"comma-separated, of {list(VARIANTS)}; a repeated name is a second start on the same caches")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--min-prompt", type=int, default=16)
@@ -200,13 +207,20 @@ def main() -> None:
     if args.child is not None:
         print("RESULT " + json.dumps(run_variant(args, args.child)), flush=True)
         return
-    results = []
+    results, caches = [], {}
     for variant in args.variants.split(","):
+        again = variant in caches  # a repeat: a second start on the first one's on-disk caches
+        cache = caches.setdefault(variant, tempfile.mkdtemp(prefix="lopa_cold_start_"))
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"{cache}/inductor", "TRITON_CACHE_DIR": f"{cache}/triton"}
         cmd = [sys.executable, __file__, "--child", variant] + [a for a in sys.argv[1:]]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         sys.stderr.write(proc.stderr[-3000:])
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        results.append(json.loads(line[7:]) if line else {"variant": variant, "error": proc.stderr[-300:]})
+        name = f"{variant}, second start" if again else variant
+        results.append({**json.loads(line[7:]), "variant": name} if line else {"variant": name,
+                                                                               "error": proc.stderr[-300:]})
+    for cache in caches.values():
+        shutil.rmtree(cache, ignore_errors=True)
     sys.path.insert(0, str(Path(__file__).parent))
     from step_latency import git_commit
 
