@@ -101,9 +101,12 @@ def predict_rows(logits: torch.Tensor, measure: torch.Tensor, suppress: torch.Te
     """Greedy predict (decoding/confidence.py) for every query of a step, each request row with its own
     measure and suppression. logits [B, Qb, V] -> [B, Qb, 3]: token id, its probability, its confidence."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if suppress_ids:  # a mask over the vocabulary, not writes into columns (whose views made compiles guard on B)
+    if suppress_ids:  # a mask over the vocabulary, not writes into columns (whose views made compiles guard on B);
+        # built from scalars: no host-to-device copy, which a CUDA graph capture would refuse
         vocab = torch.arange(logits.shape[-1], device=logits.device)
-        banned = (vocab[:, None] == torch.tensor(suppress_ids, device=logits.device)).any(-1)  # [V]
+        banned = vocab == suppress_ids[0]  # [V]
+        for token in suppress_ids[1:]:
+            banned = banned | (vocab == token)
         logits = logits.masked_fill(suppress[:, None, None].bool() & banned, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     tokens = probs.argmax(-1)
