@@ -64,6 +64,18 @@ class Ops:
     # (q, k, v, block_mask=, enable_gqa=) -> out; eager it evaluates the mask everywhere (reference, CPU tests),
     # compiled it is one Triton kernel that skips the key tiles the block mask leaves out
     flex: Callable[..., torch.Tensor] | None = flex_attention
+    tracing: "Tracing | None" = None  # compiled(): whether calls still set up what a compile needs (settle())
+
+    def settle(self) -> None:
+        """Everything is compiled (the runner's warm-up): calls skip the compile-time configs, which cost tens of
+        microseconds a call on paths that are not replayed from a CUDA graph. The marks stay."""
+        if self.tracing is not None:
+            self.tracing.on = False
+
+
+@dataclass
+class Tracing:
+    on: bool = True
 
 
 EAGER = Ops(rms_norm, add_rms_norm, rope, silu_mul, quantize_rows)
@@ -94,7 +106,7 @@ _VARYING = {
 }
 
 
-def _dynamic_rows(fn: Callable, varying: Callable) -> Callable:
+def _dynamic_rows(fn: Callable, varying: Callable, tracing: Tracing) -> Callable:
     """Call a compiled elementwise chain dynamic in its rows from the first call: torch.compile would compile it
     static, then again for the second row count (and the first B = 1 apart), so a warm-up over many shapes
     compiled each chain three times or more; the feature dim stays static (its kernels are specialized on it).
@@ -104,6 +116,8 @@ def _dynamic_rows(fn: Callable, varying: Callable) -> Callable:
             for dim in dims:
                 torch._dynamo.maybe_mark_dynamic(x, dim)
             torch._dynamo.mark_static(x, x.dim() - 1)
+        if not tracing.on:
+            return fn(*args)
         with size_oblivious():
             return fn(*args)
     return call
@@ -111,15 +125,16 @@ def _dynamic_rows(fn: Callable, varying: Callable) -> Callable:
 
 def compiled(backend: str = "inductor") -> Ops:
     """The same functions through torch.compile (one graph each, no breaks). backend="eager" only traces."""
-    rms, add_rms, rope_, silu = (_dynamic_rows(torch.compile(f, backend=backend, fullgraph=True), _VARYING[f])
-                                 for f in (rms_norm, add_rms_norm, rope, silu_mul))
+    tracing = Tracing()
+    rms, add_rms, rope_, silu = (_dynamic_rows(torch.compile(f, backend=backend, fullgraph=True), _VARYING[f],
+                                               tracing) for f in (rms_norm, add_rms_norm, rope, silu_mul))
     quant = _static_width(torch.compile(quantize_rows, backend=backend, fullgraph=True))
     flex = None if flex_attention is None else _static_queries(torch.compile(flex_attention, backend=backend,
-                                                                             fullgraph=True))
-    return Ops(rms, add_rms, rope_, silu, quant, flex)
+                                                                             fullgraph=True), tracing)
+    return Ops(rms, add_rms, rope_, silu, quant, flex, tracing)
 
 
-def _static_queries(fn: Callable) -> Callable:
+def _static_queries(fn: Callable, tracing: Tracing) -> Callable:
     """The compiled FlexAttention, specialized on the query and key lengths (a kernel compiled for dynamic lengths
     ran at about half the speed: H100, benchmarks/attention.py) and dynamic in the batch from the first call: one
     compile per query bucket serves every batch bucket (runner/graphs.py warms them all). The batch dims of q, k,
@@ -130,17 +145,28 @@ def _static_queries(fn: Callable) -> Callable:
             torch._dynamo.maybe_mark_dynamic(x, 0)
             for dim in range(1, x.dim()):
                 torch._dynamo.mark_static(x, dim)
+        if not tracing.on:
+            return fn(q, k, v, block_mask=block_mask, **kw)
         with torch._dynamo.config.patch(**_LIMITS), size_oblivious():
             return fn(q, k, v, block_mask=block_mask, **kw)
     return call
 
 
+@contextlib.contextmanager
 def size_oblivious():
-    """torch.fx.experimental._config.patch(backed_size_oblivious=True) where this torch has it (>= 2.6)."""
+    """torch.fx.experimental._config.backed_size_oblivious on (torch >= 2.6), set and restored directly: the
+    config's patch() costs ~5x more, on every call."""
     from torch.fx.experimental import _config
 
-    return _config.patch(backed_size_oblivious=True) if hasattr(_config, "backed_size_oblivious") else \
-        contextlib.nullcontext()
+    if not hasattr(_config, "backed_size_oblivious"):
+        yield
+        return
+    before = _config.backed_size_oblivious
+    _config.backed_size_oblivious = True
+    try:
+        yield
+    finally:
+        _config.backed_size_oblivious = before
 
 
 # the warm-up compiles one graph per query bucket (len(QUERY_BUCKETS) at most), above dynamo's default of 8; the

@@ -255,6 +255,7 @@ class GraphExecutor:
         self.stats.warmup_s = time.perf_counter() - t0
         self.stats.warmup_graphs = len(keys)
         self.stats.warmup_compiles = compiles() - compiled0
+        self.runner.model.ops.settle()
         self.frozen = True
         self._at_start = (self.stats.captures, compiles())
         return self.refresh_stats()
