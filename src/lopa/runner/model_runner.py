@@ -152,21 +152,17 @@ class ModelRunner:
         # every rank takes the same path (plan() reads only what all ranks share), so the collectives match
         self._prefill = all(item.batch.prefill for item in items)  # the counters count decode steps only
         groups = self.graphs.plan(local, queries) if self.graphs is not None else []
-        if len(groups) > 1:  # a prefill split over warmed keys
-            (self.hidden, preds), gathered = self._static_groups(groups), True
+        if groups and self._prefill:  # replicated under Branch Parallel: nothing to gather
+            (self.hidden, preds), gathered = self._static_prefill(groups), True
         elif groups:
             spread = [p if not (K == 1 and rep) else p[:1] for p, (K, _, rep) in zip(parts, self._shapes)]
             bp_step = self.group.distributed and any(not (K == 1 and rep) for K, _, rep in self._shapes)
-            if self._prefill:
-                self.prefill_shapes.add(self.graphs.key(local, queries)[:2])
             self.hidden, preds = self.graphs.run(local, items if bp_step else None, spread if bp_step else None,
                                                  queries)
             gathered = True
         elif not any(item.queries for item in local):  # eager, and no row of this step is this rank's (K < N)
             self.hidden, preds, gathered = None, [self._empty(item) for item in local], False
         else:
-            if self._prefill:
-                self.prefill_shapes.add((len(local), max(item.queries for item in local)))
             (self.hidden, preds), gathered = self._eager(local), False
         t2 = time.perf_counter()
         if not self._prefill:
@@ -179,15 +175,18 @@ class ModelRunner:
         shapes = [(K, item.batch.logit_cols.numel(), rep) for (K, _, rep), item in zip(self._shapes, items)]
         return self.group.gather(preds, shapes, torch.promote_types(self.dtype, torch.float32))
 
-    def _static_groups(self, groups: list[list[StepItem]]) -> tuple[torch.Tensor, list[Predictions]]:
-        """A prefill step as one static forward per group (runner/graphs.py: plan); the hidden states of all its
-        requests as one [n, Q, E] tensor, rows in step order, padded to the widest group (commit reads them)."""
+    def _static_prefill(self, groups: list[list[StepItem]]) -> tuple[torch.Tensor, list[Predictions]]:
+        """A prefill step as one static forward per group (runner/graphs.py: plan; several when its prompts
+        have no warmed key together); the hidden states of all its requests as one [n, Q, E] tensor, rows in
+        step order, padded to the widest group (commit reads them)."""
         hidden, preds = [], []
         for group in groups:
             self.prefill_shapes.add(self.graphs.key(group)[:2])
             h, p = self.graphs.run(group)
             hidden.append(h[:len(group)])
             preds += p
+        if len(hidden) == 1:
+            return hidden[0], preds
         Q = max(h.shape[1] for h in hidden)
         return torch.cat([torch.nn.functional.pad(h, (0, 0, 0, Q - h.shape[1])) for h in hidden]), preds
 
@@ -230,6 +229,8 @@ class ModelRunner:
         """Exact shapes; each request's logits for its own columns and its own predict (and generator)."""
         Qb = max(item.queries for item in items)
         Lb = min(max(item.batch.start + item.queries for item in items), self.pool.capacity)
+        if all(item.batch.prefill for item in items):
+            self.prefill_shapes.add((len(items), Qb))
         host = torch.empty(len(items), FIELDS * Qb + 3, dtype=torch.long)
         pack(items, host, self.spec.mask_id)
         hidden = self.body(host.to(self.device, non_blocking=True), items[0].slot, Lb)
