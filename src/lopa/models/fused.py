@@ -75,7 +75,8 @@ class Ops:
 
 @dataclass
 class Tracing:
-    on: bool = True
+    on: bool = True  # calls set up what a compile needs (until the warm-up ends)
+    oblivious: bool = True  # the attention compiles size-obliviously (False after a compiler refused it)
 
 
 EAGER = Ops(rms_norm, add_rms_norm, rope, silu_mul, quantize_rows)
@@ -147,7 +148,15 @@ def _static_queries(fn: Callable, tracing: Tracing) -> Callable:
                 torch._dynamo.mark_static(x, dim)
         if not tracing.on:
             return fn(q, k, v, block_mask=block_mask, **kw)
-        with torch._dynamo.config.patch(**_LIMITS), size_oblivious():
+        with torch._dynamo.config.patch(**_LIMITS):
+            if tracing.oblivious:
+                try:
+                    with size_oblivious():
+                        return fn(q, k, v, block_mask=block_mask, **kw)
+                except Exception as err:  # noqa: BLE001 - a compiler that cannot: compile B = 1 apart instead
+                    tracing.oblivious = False
+                    warnings.warn(f"FlexAttention did not compile with size-oblivious batch sizes "
+                                  f"({type(err).__name__}: {err}); B = 1 compiles apart", RuntimeWarning, stacklevel=2)
             return fn(q, k, v, block_mask=block_mask, **kw)
     return call
 
