@@ -82,11 +82,12 @@ def step_block_mask(P: torch.Tensor, branch: torch.Tensor, block: torch.Tensor, 
     _batch_dynamic(P, branch, block)
 
     def mask_mod(b, h, i, kv):
-        q = i % branch.shape[1] if groups > 1 else i  # the static Qb (an int closure would turn dynamic)
+        n = branch.shape[1]  # Qb, static for torch.compile (an int in the closure turns dynamic at its 2nd value)
+        q = i % n if groups > 1 else i
         rel = kv - P[b]
-        src = rel.clamp(0, Qb - 1)
+        src = rel.clamp(0, n - 1)
         real = branch[b, q] >= 0
-        own = (rel >= 0) & (rel < Qb) & (branch[b, src] == branch[b, q]) & (block[b, src] <= block[b, q])
+        own = (rel >= 0) & (rel < n) & (branch[b, src] == branch[b, q]) & (block[b, src] <= block[b, q])
         return (real & ((rel < 0) | own)) | (~real & (kv == 0))
 
     tiles = torch.arange(n_kv, device=P.device, dtype=torch.int32)
