@@ -16,7 +16,8 @@ fresh subprocess, so compiled kernels and captured graphs never carry over betwe
 Each variant starts with empty on-disk kernel caches of its own (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR in a
 fresh temporary folder), so its start-up is a first start on this machine whatever ran before; a variant named
 again (the default: "warm flex" twice) runs in a fresh process on the first one's caches: a second start, what a
-server restart on the same machine costs.
+server restart on the same machine costs. --cache-dir DIR shares one kept cache folder instead (a second run with
+the same DIR is a second start: for runs too long to hold both starts in one command).
 
 Per pass: prefill and decode seconds (the engine's counters), the distinct prefill shapes the pass met that no
 earlier step had (bucketed keys on the static path, exact shapes eagerly); per variant: the warm-up's
@@ -198,6 +199,8 @@ def main() -> None:
     ap.add_argument("--max-prompt", type=int, default=None, help="default: 3000, or 400 for the embedded model")
     ap.add_argument("--gen-length", type=int, default=64)
     ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--cache-dir", default=None, help="on-disk kernel caches shared by every variant and kept (a "
+                    "later run with the same folder measures a second start); default: a fresh one per variant")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # run one variant in this process
     args = ap.parse_args()
     if args.tiny:
@@ -210,7 +213,7 @@ def main() -> None:
     results, caches = [], {}
     for variant in args.variants.split(","):
         again = variant in caches  # a repeat: a second start on the first one's on-disk caches
-        cache = caches.setdefault(variant, tempfile.mkdtemp(prefix="lopa_cold_start_"))
+        cache = caches.setdefault(variant, args.cache_dir or tempfile.mkdtemp(prefix="lopa_cold_start_"))
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"{cache}/inductor", "TRITON_CACHE_DIR": f"{cache}/triton"}
         cmd = [sys.executable, __file__, "--child", variant] + [a for a in sys.argv[1:]]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -219,7 +222,7 @@ def main() -> None:
         name = f"{variant}, second start" if again else variant
         results.append({**json.loads(line[7:]), "variant": name} if line else {"variant": name,
                                                                                "error": proc.stderr[-300:]})
-    for cache in caches.values():
+    for cache in set(caches.values()) - {args.cache_dir}:
         shutil.rmtree(cache, ignore_errors=True)
     sys.path.insert(0, str(Path(__file__).parent))
     from step_latency import git_commit
