@@ -42,7 +42,7 @@ def test_flex_falls_back_to_compiling_batch_one_apart_when_size_oblivious_fails(
 
     class Refuse:
         def __enter__(self):
-            raise RuntimeError("this compiler cannot")
+            raise torch._dynamo.exc.Unsupported("this compiler cannot")
 
         def __exit__(self, *exc):
             return False

@@ -153,7 +153,7 @@ def _static_queries(fn: Callable, tracing: Tracing) -> Callable:
                 try:
                     with size_oblivious():
                         return fn(q, k, v, block_mask=block_mask, **kw)
-                except Exception as err:  # noqa: BLE001 - a compiler that cannot: compile B = 1 apart instead
+                except torch._dynamo.exc.TorchDynamoException as err:  # a compiler that cannot: B = 1 apart
                     tracing.oblivious = False
                     warnings.warn(f"FlexAttention did not compile with size-oblivious batch sizes "
                                   f"({type(err).__name__}: {err}); B = 1 compiles apart", RuntimeWarning, stacklevel=2)
