@@ -100,14 +100,14 @@ def predict_rows(logits: torch.Tensor, measure: torch.Tensor, suppress: torch.Te
                  suppress_ids: tuple[int, ...]) -> torch.Tensor:
     """Greedy predict (decoding/confidence.py) for every query of a step, each request row with its own
     measure and suppression. logits [B, Qb, V] -> [B, Qb, 3]: token id, its probability, its confidence."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True)
     if suppress_ids:  # a mask over the vocabulary, not writes into columns (whose views made compiles guard on B);
         # built from scalars: no host-to-device copy, which a CUDA graph capture would refuse
         vocab = torch.arange(logits.shape[-1], device=logits.device)
         banned = vocab == suppress_ids[0]  # [V]
         for token in suppress_ids[1:]:
             banned = banned | (vocab == token)
-        logits = logits.masked_fill(suppress[:, None, None].bool() & banned, float("-inf"))
+        logits.masked_fill_(suppress[:, None, None].bool() & banned, float("-inf"))  # in place: one copy in all
     probs = torch.softmax(logits, dim=-1)
     tokens = probs.argmax(-1)
     chosen = probs.gather(-1, tokens[..., None])[..., 0]
