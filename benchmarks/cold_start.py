@@ -8,7 +8,21 @@ fresh subprocess, so compiled kernels and captured graphs never carry over betwe
 
 * "lazy sdpa": RunnerConfig(attention="sdpa", warmup=False): each new shape key (incl. the padded key span)
   captures on first use - the engine before start-up capture;
-* "warm flex": RunnerConfig(attention="flex", warmup=True): the graph set captured inside load_model.
+* "warm flex": RunnerConfig(attention="flex", warmup=True): the graph set captured inside load_model; prefill
+  steps run on the warmed shapes too;
+* "warm flex (eager prefill)": the same with prefill steps forced onto the eager path (exact shapes: each new
+  prompt length meets new kernel shapes), to measure what the bucketed prefill changes.
+
+Each variant starts with empty on-disk kernel caches of its own (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR in a
+fresh temporary folder), so its start-up is a first start on this machine whatever ran before; a variant named
+again (the default: "warm flex" twice) runs in a fresh process on the first one's caches: a second start, what a
+server restart on the same machine costs. --cache-dir DIR shares one kept cache folder instead (a second run with
+the same DIR is a second start: for runs too long to hold both starts in one command).
+
+Per pass: prefill and decode seconds (the engine's counters), the distinct prefill shapes the pass met that no
+earlier step had (bucketed keys on the static path, exact shapes eagerly); per variant: the warm-up's
+torch.compile graphs and seconds per key (min / median / max, and the seconds of keys that compiled something
+against those that only captured).
 
 Counting: generated tokens up to EOS of every request; tokens/s = those tokens over the pass's wall time
 (prefill included: the users' view); ms/step over the engine's steps; captures / recompiles / eager steps
@@ -16,6 +30,7 @@ after start-up from the engine's counters.
 
     PYTHONPATH=src python3 benchmarks/cold_start.py --out benchmarks/results/cold_start_h100          # default model
     PYTHONPATH=src python3 benchmarks/cold_start.py --shape dream-7b --out benchmarks/results/cold_start_h100
+    PYTHONPATH=src python3 benchmarks/cold_start.py --variants "lazy sdpa,warm flex" --out /tmp/x    # the old engine
     PYTHONPATH=src python3 benchmarks/cold_start.py --tiny --out /tmp/x                                # CPU smoke test
 """
 
@@ -25,15 +40,20 @@ import argparse
 import datetime
 import json
 import math
+import os
 import random
+import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-VARIANTS = {"lazy sdpa": dict(attention="sdpa", warmup=False), "warm flex": dict(attention="flex", warmup=True)}
+VARIANTS = {"lazy sdpa": dict(attention="sdpa", warmup=False), "warm flex": dict(attention="flex", warmup=True),
+            "warm flex (eager prefill)": dict(attention="flex", warmup=True)}
 STRATEGIES = ("lopa", "d2f", "threshold")
 KS = (0, 3, 7, 14)
 
@@ -63,10 +83,31 @@ def load(args, variant: str):
     return build_model(RandomSource(args.shape), runner, name=Path(f"random-{args.shape}"))
 
 
+def eager_prefill() -> None:
+    """Route every prefill step to the eager path (the engine before bucketed prefill), for the side-by-side run."""
+    from lopa.runner.graphs import GraphExecutor
+
+    supports = GraphExecutor.supports
+    GraphExecutor.supports = lambda self, items: not items[0].batch.prefill and supports(self, items)
+
+
+def warmup_row(stats) -> dict:
+    """The warm-up's compiles and its seconds per key (keys that compiled a torch.compile graph apart)."""
+    if stats is None or not stats.warmup_key_s:
+        return {}
+    secs, comp = stats.warmup_key_s, stats.warmup_key_compiles
+    return {"warmup_compiles": stats.warmup_compiles, "key_s_min": min(secs), "key_s_median": statistics.median(secs),
+            "key_s_max": max(secs), "keys_compiling": sum(1 for c in comp if c),
+            "s_compiling_keys": sum(t for t, c in zip(secs, comp) if c),
+            "s_other_keys": sum(t for t, c in zip(secs, comp) if not c)}
+
+
 def run_variant(args, variant: str) -> dict:
     """In this (fresh) process: load, then the workload twice."""
     import lopa
 
+    if variant.endswith("(eager prefill)"):
+        eager_prefill()
     t0 = time.perf_counter()
     model = load(args, variant)
     sync()
@@ -80,7 +121,9 @@ def run_variant(args, variant: str) -> dict:
     stats = graphs.refresh_stats() if graphs is not None else None
     result = {"variant": variant, "load_s": load_s, "warmup_s": stats.warmup_s if stats else 0.0,
               "warmup_graphs": stats.warmup_graphs if stats else 0,
-              "warmup_gib": stats.warmup_bytes / 2**30 if stats else 0.0, "passes": []}
+              "warmup_gib": stats.warmup_bytes / 2**30 if stats else 0.0, **warmup_row(stats), "passes": []}
+    print(json.dumps({"variant": variant, **{k: v for k, v in result.items() if k != "passes"}}), flush=True)
+    shapes = set(model.runner.prefill_shapes)
     for p in range(args.passes):
         c0 = dict(engine.counters.as_dict())
         seqs = [engine.prepare(ids, lopa.decode_config(gen_length=args.gen_length, **fields)) for ids, fields in work]
@@ -95,8 +138,12 @@ def run_variant(args, variant: str) -> dict:
         tokens = sum(o.stats.generated_tokens for o in outs)
         row = {"pass": p, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall, "steps": steps,
                "ms_per_step": 1e3 * wall / max(1, steps)}
-        for key in ("captures_after_start", "recompiles_after_start", "eager_decode_steps"):
+        for key in ("prefill_s", "decode_s", "prefill_steps", "decode_steps", "captures_after_start",
+                    "recompiles_after_start", "eager_decode_steps", "eager_prefill_steps"):
             row[key] = c1[key] - c0[key]
+        row["new_prefill_shapes"] = len(model.runner.prefill_shapes - shapes)  # met for the first time in this pass
+        shapes |= model.runner.prefill_shapes
+        row["prefill_shapes"] = len(shapes)
         result["passes"].append(row)
         print(json.dumps({"variant": variant, **row}), flush=True)
     p0, p1 = result["passes"][0], result["passes"][-1]
@@ -110,11 +157,12 @@ def sync() -> None:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| variant | load s (warm-up s, graphs, GiB) | pass | tokens/s | ms/step | steps | captures | "
-             "recompiles | eager steps | pass 0 / pass 1 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | load s (warm-up s, graphs, GiB) | pass | tokens/s | ms/step | steps | prefill s (steps) | "
+             "decode s (steps) | new prefill shapes | captures | recompiles | eager decode / prefill steps | "
+             "pass 0 / pass 1 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['variant']} | failed: {r['error'][:100]} |  |  |  |  |  |  |  |  |")
+            lines.append(f"| {r['variant']} | failed: {r['error'][:100]} |" + "  |" * 11)
             continue
         for row in r["passes"]:
             start = (f"{r['load_s']:.1f} ({r['warmup_s']:.1f}, {r['warmup_graphs']}, {r['warmup_gib']:.2f})"
@@ -122,8 +170,18 @@ def table(results: list[dict]) -> str:
             ratio = f"{r['pass0_over_pass1']:.2f}" if row["pass"] == 0 else ""
             lines.append(f"| {r['variant'] if row['pass'] == 0 else ''} | {start} | {row['pass']} | "
                          f"{row['tokens_per_s']:.0f} | {row['ms_per_step']:.2f} | {row['steps']} | "
-                         f"{row['captures_after_start']} | {row['recompiles_after_start']} | "
-                         f"{row['eager_decode_steps']} | {ratio} |")
+                         f"{row['prefill_s']:.2f} ({row['prefill_steps']}) | {row['decode_s']:.2f} "
+                         f"({row['decode_steps']}) | {row['new_prefill_shapes']} | {row['captures_after_start']} | "
+                         f"{row['recompiles_after_start']} | {row['eager_decode_steps']} / "
+                         f"{row['eager_prefill_steps']} | {ratio} |")
+    warm = [r for r in results if "warmup_compiles" in r]
+    if warm:
+        lines += ["", "| variant | warm-up s | keys | torch.compile graphs | keys compiling | s in them | s in the "
+                  "others | s/key min / median / max |", "|---|---|---|---|---|---|---|---|"]
+        for r in warm:
+            lines.append(f"| {r['variant']} | {r['warmup_s']:.1f} | {r['warmup_graphs']} | {r['warmup_compiles']} | "
+                         f"{r['keys_compiling']} | {r['s_compiling_keys']:.1f} | {r['s_other_keys']:.1f} | "
+                         f"{r['key_s_min']:.2f} / {r['key_s_median']:.2f} / {r['key_s_max']:.2f} |")
     return "\n".join(lines)
 
 
@@ -133,13 +191,16 @@ def main() -> None:
     ap.add_argument("--shape", default=None, help="random weights at a step_latency.py shape (default: the embedded "
                     "model)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test (tiny shape, few requests)")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default="warm flex (eager prefill),warm flex,warm flex",
+                    help=f"comma-separated, of {list(VARIANTS)}; a repeated name is a second start on the same caches")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--min-prompt", type=int, default=16)
     ap.add_argument("--max-prompt", type=int, default=None, help="default: 3000, or 400 for the embedded model")
     ap.add_argument("--gen-length", type=int, default=64)
     ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--cache-dir", default=None, help="on-disk kernel caches shared by every variant and kept (a "
+                    "later run with the same folder measures a second start); default: a fresh one per variant")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # run one variant in this process
     args = ap.parse_args()
     if args.tiny:
@@ -149,13 +210,20 @@ def main() -> None:
     if args.child is not None:
         print("RESULT " + json.dumps(run_variant(args, args.child)), flush=True)
         return
-    results = []
+    results, caches = [], {}
     for variant in args.variants.split(","):
+        again = variant in caches  # a repeat: a second start on the first one's on-disk caches
+        cache = caches.setdefault(variant, args.cache_dir or tempfile.mkdtemp(prefix="lopa_cold_start_"))
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"{cache}/inductor", "TRITON_CACHE_DIR": f"{cache}/triton"}
         cmd = [sys.executable, __file__, "--child", variant] + [a for a in sys.argv[1:]]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         sys.stderr.write(proc.stderr[-3000:])
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        results.append(json.loads(line[7:]) if line else {"variant": variant, "error": proc.stderr[-300:]})
+        name = f"{variant}, second start" if again else variant
+        results.append({**json.loads(line[7:]), "variant": name} if line else {"variant": name,
+                                                                               "error": proc.stderr[-300:]})
+    for cache in set(caches.values()) - {args.cache_dir}:
+        shutil.rmtree(cache, ignore_errors=True)
     sys.path.insert(0, str(Path(__file__).parent))
     from step_latency import git_commit
 

@@ -307,12 +307,16 @@ class RunnerConfig:
     max_num_batched_tokens: int = 8192  # query positions (K*W) of one request's decode forward: a request whose
     # largest forward, K x gen_length (dream: prompt + gen_length), exceeds it is refused (a step's total is at most
     # max_num_seqs times it). 8192 = (15+1) x 512: the presets at k <= 15 and gen_length <= 512. The warm-up
-    # captures the static steps of at most this many padded queries (B bucket x Qb); larger ones run eagerly
+    # captures the static steps of at most this many padded queries (B bucket x Qb); a larger decode step runs
+    # eagerly, a larger prefill step as several warmed forwards (eagerly only for a prompt longer than the largest
+    # query bucket within this bound)
     kv_cache_bytes: int | None = None  # KV pool budget; None = derived when the model loads (runner/memory.py:
     # a quarter of physical RAM on a CPU, half the GPU memory the weights leave); requests wait for room
     # On a GPU, capture every static-path graph (B bucket x query bucket, up to max_num_seqs and
-    # max_num_batched_tokens) inside load_model, so nothing captures or compiles while requests run: start-up time
-    # and GPU memory, logged (H100, embedded model: 156 s, 73 graphs, 1.7 GiB). False: each shape captures on first
+    # max_num_batched_tokens) inside load_model, so nothing captures or compiles while requests run; prompt
+    # prefills run on the same shapes (each prompt padded to a query bucket). Start-up time and GPU memory are
+    # logged (H100, embedded model, before FlexAttention compiled once per query bucket: 156 s, 73 graphs, 1.7 GiB;
+    # a second start on the same machine reuses torch's on-disk kernel caches). False: each shape captures on first
     # use (fast start; every new shape, prompt lengths included, costs ~1-2 s while requests wait). `lopa serve`
     # turns it on
     warmup: bool = False

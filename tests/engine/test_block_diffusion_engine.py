@@ -21,18 +21,20 @@ def configs(name):
             dict(strategy="lopa", base=name, k=3, gen_length=20, tau=0.9, sub_block=4)]
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_static_path_matches_eager(name, request):
+@pytest.mark.parametrize("name,attention", [(n, a) for n in FAMILIES for a in ("sdpa", "flex")])
+def test_static_path_matches_eager(name, attention, request):
+    """Under "flex" the block-causal prompt prefills (and Fast-dLLM v2's prefill that predicts) run statically too."""
     model = load_model(request.getfixturevalue(f"tiny_{name}_dir"), runner=RunnerConfig(device="cpu", dtype="float64"))
     loaded = model.loaded
     runner = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), torch.float64, max_num_seqs=2, static=True,
-                         capture=False)
+                         capture=False, attention=attention)
     static = dataclasses.replace(model, runner=runner, engine=Engine(runner, loaded.spec, 2))
     for kw in configs(name):
         ref = [generate(model, p, **kw).token_ids for p in PROMPTS]
         got = generate_many(static, list(PROMPTS), **kw)
         assert [r.token_ids for r in got] == ref, kw
     assert runner.graphs.statics, "the static path was not exercised"
+    assert bool(runner.prefill_shapes) and all(q % 32 == 0 for _, q in runner.prefill_shapes) == (attention == "flex")
 
 
 def test_branch_parallel_two_ranks_match_one_process(tiny_sdar_dir, tiny_fast_dllm_v2_dir):

@@ -9,6 +9,7 @@ import torch
 
 import lopa
 from lopa.engine import Engine
+from lopa.runner import graphs
 from lopa.runner.model_runner import ModelRunner
 
 COMMON = dict(gen_length=24, block_size=8, tau=0.5, trace=True)
@@ -23,10 +24,10 @@ MIX = [  # (prompt, overrides): every strategy, different k, windows, prompt len
 ]
 
 
-def _engine(model, max_num_seqs: int, static: bool):
+def _engine(model, max_num_seqs: int, static: bool, attention: str | None = None):
     loaded = model.loaded
     runner = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), loaded.model.embed.weight.dtype,
-                         max_num_seqs=max_num_seqs, static=static, capture=False)
+                         max_num_seqs=max_num_seqs, static=static, capture=False, attention=attention)
     return dataclasses.replace(model, runner=runner, engine=Engine(runner, loaded.spec, max_num_seqs))
 
 
@@ -108,11 +109,13 @@ def test_step_log_accounts_for_every_forward(solo):
     assert max(s.positions for s in decode) > max(s.rows for s in decode)  # windows wider than one column
 
 
-def test_static_path_was_taken_with_padded_buckets(solo):
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_static_path_was_taken_with_padded_buckets(solo, attention):
+    """Under "flex" the prefill steps take the static path too (the prompts padded to a query bucket)."""
     model, prompts, configs, ref = solo
     greedy = [i for i, c in enumerate(configs) if c.temperature == 0 and c.strategy != "dream"]
     greedy = (greedy * 2)[:5]  # 5 requests run in a bucket of 6: one padding row over a free slot
-    m = _engine(model, 6, static=True)
+    m = _engine(model, 6, static=True, attention=attention)
     m.runner.reserve(6, 512)
     m.runner.pool.kv.uniform_(-50, 50)  # stale garbage everywhere: no real query may read any of it
     got = lopa.generate_many(m, [prompts[i] for i in greedy], [configs[i] for i in greedy])
@@ -120,6 +123,8 @@ def test_static_path_was_taken_with_padded_buckets(solo):
     keys = list(m.runner.graphs.statics)
     assert any(k[0] == 6 for k in keys), keys
     assert m.runner.hidden.isfinite().all()  # padding rows (and padding queries) stay finite
+    prefill_queries = {q for _, q in m.runner.prefill_shapes}
+    assert prefill_queries <= set(graphs.QUERY_BUCKETS) if attention == "flex" else not prefill_queries & {32, 64}
 
 
 def test_abort_leaves_the_others_identical(solo):

@@ -34,3 +34,25 @@ def test_compiled_fp8_quantizer_traces_whole_and_matches():
     q, scale = fused.compiled(backend="eager").quantize_rows(x)
     ref_q, ref_scale = fused.EAGER.quantize_rows(x)
     assert torch.equal(q.float(), ref_q.float()) and torch.equal(scale, ref_scale)
+
+
+def test_flex_falls_back_to_compiling_batch_one_apart_when_size_oblivious_fails(monkeypatch):
+    """A compiler that refuses the size-oblivious batch: one warning, then the attention compiles as before."""
+    from lopa.models.attention import step_block_mask
+
+    class Refuse:
+        def __enter__(self):
+            raise torch._dynamo.exc.Unsupported("this compiler cannot")
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(fused, "size_oblivious", Refuse)
+    ops = fused.compiled(backend="eager")
+    P, branch = torch.zeros(1, dtype=torch.long), torch.zeros(1, 32, dtype=torch.long)
+    mask = step_block_mask(P, branch, torch.zeros_like(branch), 256, groups=2)
+    q, kv = torch.randn(1, 2, 64, 8), torch.randn(1, 2, 256, 8)
+    with torch.inference_mode(), pytest.warns(RuntimeWarning, match="size-oblivious"):
+        out = ops.flex(q, kv, kv, mask)
+    assert out.shape == q.shape and not ops.tracing.oblivious
+    torch.testing.assert_close(out, fused.EAGER.flex(q, kv, kv, block_mask=mask))

@@ -173,6 +173,14 @@ def test_warmup_captures_every_key_and_then_nothing_new(tiny_dream_dir):
     c = warm.engine.counters
     assert c.captures_after_start == 0 and c.eager_decode_steps > 0
     assert c.as_dict()["eager_decode_steps"] == c.eager_decode_steps
+    # the prompts' prefill ran on warmed keys; two prompts of 44 and 2 tokens (key (2, 64), not warmed) prefill as
+    # two forwards on warmed keys; a prompt of 88 tokens, past every warmed query bucket, prefills eagerly (counted)
+    assert runner.prefill_shapes <= {k[:2] for k in keys} and c.eager_prefill_steps == 0
+    prompts = ["Tom has 12 apples and " * 4, "The cat", "Tom has 12 apples and " * 8]
+    got = lopa.generate_many(warm, prompts, cfgs[:1] * 3)
+    assert [r.token_ids for r in got] == [lopa.generate(model, p, cfgs[0]).token_ids for p in prompts]
+    assert runner.prefill_shapes == {(1, 32), (1, 64), (2, 32), (1, 88)} and set(runner.graphs.statics) == keys
+    assert warm.engine.counters.eager_prefill_steps == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="start-up capture needs a GPU")
@@ -184,6 +192,12 @@ def test_load_model_warms_up_and_nothing_compiles_or_captures_after(tiny_dream_d
     assert model.runner.graphs.attention == "flex"  # "auto" with the warm-up
     stats = model.runner.graphs.stats
     assert stats.warmup_graphs > 0 and stats.captures == stats.warmup_graphs
+    # after the first key only a new query bucket compiles, and only its attention (dynamic in the batch)
+    seen, later = set(), []
+    for key, n in zip(model.runner.graphs.statics, stats.warmup_key_compiles):
+        later.append((key[:2], n, key[1] in seen))
+        seen.add(key[1])
+    assert all(n == (0 if old else 1) for _, n, old in later[1:]), later
     prompts = ["a", "Tom has 12 apples and " * 12, "The cat sat", "one two three four five six seven"]
     cfgs = [lopa.DecodeConfig(strategy=s, k=k, gen_length=24, block_size=8)
             for s, k in (("lopa", 7), ("d2f", 0), ("lopa", 3), ("threshold", 0))]
@@ -195,3 +209,146 @@ def test_load_model_warms_up_and_nothing_compiles_or_captures_after(tiny_dream_d
     assert got == want
     c = model.engine.counters
     assert c.captures_after_start == 0 and c.recompiles_after_start == 0 and c.eager_decode_steps == 0
+    assert c.eager_prefill_steps == 0 and model.runner.prefill_shapes <= {k[:2] for k in model.runner.graphs.statics}
+
+
+def test_warmup_compiles_flex_attention_once_per_query_bucket(tiny_dream_dir):
+    """The compiled FlexAttention is dynamic in the batch from its first call: warming B buckets {1, 2, 4} x two
+    query buckets traces one graph per query bucket (dynamo with the eager backend: graphs are traced and counted,
+    nothing is generated). Only the attention is compiled here, so graphs.compiles() counts its graphs alone."""
+    from lopa.models import fused
+
+    model = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu"))
+    loaded = model.loaded
+    flex = fused.compiled(backend="eager").flex
+    loaded.model.ops = dataclasses.replace(fused.EAGER, flex=flex)
+    torch._dynamo.reset()
+    try:
+        runner = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), torch.float32, max_num_seqs=4,
+                             max_positions=512, static=True, capture=False, attention="flex")
+        runner.reserve(4, runner.slot_capacity())
+        keys = [k for k in runner.graphs.warmup_keys(max_tokens=4 * 64) if k[0] in (1, 2, 4) and k[1] in (32, 64)]
+        assert sorted(k[:2] for k in keys) == [(b, q) for b in (1, 2, 4) for q in (32, 64)]
+        stats = runner.graphs.warmup(keys)
+        assert stats.warmup_compiles == 2  # one per query bucket (was 4: B = 1, then B >= 2, per query bucket)
+        assert len(stats.warmup_key_s) == len(keys) and stats.warmup_key_compiles.count(1) == 2
+    finally:
+        loaded.model.ops = fused.EAGER
+        torch._dynamo.reset()
+
+
+def _prefill(slot: int, prompt: torch.Tensor, block: int | None = None, predict_next: bool = False):
+    """A prompt prefill as the strategies build it: one row over [0, n), committed whole; with ``block`` under the
+    block-causal mask (block diffusion); ``predict_next``: one more mask column predicted (Fast-dLLM v2)."""
+    from lopa.decoding.base import ForwardBatch, PredictSpec
+    from lopa.runner.step import StepItem
+
+    n = len(prompt)
+    tokens = torch.cat([prompt, torch.tensor([7])]) if predict_next else prompt
+    cols = torch.tensor([n]) if predict_next else torch.empty(0, dtype=torch.long)
+    ids = torch.arange(len(tokens)) // block if block else None
+    batch = ForwardBatch(tokens[None].clone(), 0, cols, commit=n, block_ids=ids, prefill=True)
+    return StepItem(slot, batch, PredictSpec(suppress_ids=(0,)))
+
+
+@pytest.mark.parametrize("family", ["dream", "llada"])
+def test_static_prefill_equals_eager_and_leaves_running_slots_alone(family, tiny_dream_dir, tiny_llada_dir):
+    """Prefill steps on the "flex" static path (rows padded to a query bucket, prompts of lengths that are no multiple
+    of the block size) write the same K/V and last hidden states as the eager prefill in float64, predict the same,
+    and the padding row laid over a running slot (a prefill over slots 1..5 uses the B = 6 bucket from slot 0)
+    changes none of its K/V."""
+    from lopa.runner.step import Commit
+
+    folder = tiny_dream_dir if family == "dream" else tiny_llada_dir
+    loaded = lopa.load_model(folder, runner=lopa.RunnerConfig(device="cpu", dtype="float64")).loaded
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 200, (n,), generator=g) for n in (5, 8, 13, 21, 3, 30)]
+    runners = []
+    for static in (False, True):
+        r = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), torch.float64, max_num_seqs=6,
+                        max_positions=256, static=static, capture=False, attention="flex")
+        r.reserve(6, r.slot_capacity())
+        steps = [[_prefill(0, prompts[0])],  # slots 0..: the key's own path
+                 [_prefill(1, prompts[1], block=4), _prefill(2, prompts[2]), _prefill(3, prompts[3], predict_next=True),
+                  _prefill(4, prompts[4]), _prefill(5, prompts[5], block=8)]]
+        preds = []
+        for step in steps:
+            before = r.pool.kv[:, :, 0].clone()
+            with torch.inference_mode():
+                preds.append(r.execute(step))
+                r.commit([Commit(item.slot, i, 0, item.batch.commit) for i, item in enumerate(step)])
+            if step[0].slot:  # slot 0 holds a committed prompt: untouched, trash position included
+                assert torch.equal(r.pool.kv[:, :, 0], before)
+        runners.append((r, preds))
+    (eager, want), (static, got) = runners
+    assert static.prefill_shapes == {(1, 32), (6, 32)} and eager.prefill_shapes == {(1, 5), (5, 30)}
+    tight = dict(rtol=1e-12, atol=1e-12)
+    for slot, p in enumerate(prompts):
+        n = len(p)
+        torch.testing.assert_close(static.pool.kv[:, :, slot, :, :n], eager.pool.kv[:, :, slot, :, :n], **tight)
+        torch.testing.assert_close(static.pool.last_hidden[slot], eager.pool.last_hidden[slot], **tight)
+    assert static.pool.lengths == eager.pool.lengths == [5, 8, 13, 21, 3, 30]
+    a, b = want[1][2], got[1][2]  # the prediction of the prefill that asks for one
+    assert torch.equal(a.tokens, b.tokens) and torch.allclose(a.prob, b.prob, **tight)
+
+
+@pytest.mark.parametrize("family", ["dream", "llada"])
+def test_prefills_on_the_static_path_decode_as_alone(family, tiny_dream_dir, tiny_llada_dir, monkeypatch):
+    """End to end on the "flex" static path (no capture, CPU float32): prompts of several lengths (none a multiple
+    of the block size) join at staggered steps, so prefills run over slot 0 and over higher slots beside running
+    requests; full and block-causal windows. Tokens equal each request decoded alone on the eager path, and every
+    prefill ran on a bucketed shape."""
+    folder = tiny_dream_dir if family == "dream" else tiny_llada_dir
+    model = lopa.load_model(folder, runner=lopa.RunnerConfig(device="cpu"))
+    loaded = model.loaded
+    runner = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), torch.float32, max_num_seqs=2, static=True,
+                         capture=False, attention="flex", max_positions=512)
+    offsets = []
+    run_at = graphs.GraphExecutor._run_at
+    monkeypatch.setattr(graphs.GraphExecutor, "_run_at", lambda self, items, key: offsets.append(items[0].slot) or
+                        run_at(self, items, key))
+    static = dataclasses.replace(model, runner=runner, engine=Engine(runner, loaded.spec, 2))
+    prompts = ["a b c", "Tom has 12 apples and " * 3, "The cat sat on the", "one two three four five six seven eight"]
+    cfgs = [lopa.DecodeConfig(strategy="lopa", k=2, gen_length=16, block_size=8, tau=0.5, attention=attn)
+            for attn in ("full", "block_causal", "block_causal", "full")]
+    cfgs[1] = dataclasses.replace(cfgs[1], gen_length=24)
+    got = [r.token_ids for r in lopa.generate_many(static, prompts, cfgs)]
+    assert got == [lopa.generate(model, p, c).token_ids for p, c in zip(prompts, cfgs)]
+    assert offsets, "no prefill ran beside a running request"
+    assert all(q in graphs.QUERY_BUCKETS for _, q in runner.prefill_shapes)
+
+
+def test_after_warmup_prefills_and_decodes_compile_nothing(tiny_dream_dir, monkeypatch):
+    """The GPU start-up's promise, traced on the CPU: with every compiled piece (fused elementwise ops, FlexAttention,
+    the batched predict) through dynamo's eager backend, a warm-up over B {1, 2} x Qb {32 .. 128} leaves nothing to
+    compile for prompts of several lengths prefilled over slot 0 and beside a running request, and their decode
+    steps: torch.compile is set to fail on any recompile. Tokens equal the eager path. The warm-up itself compiles
+    each piece once, the attention once per query bucket."""
+    from lopa.models import fused
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": "eager"}))
+    model = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu"))
+    loaded = model.loaded
+    cfg = lopa.DecodeConfig(strategy="lopa", k=1, gen_length=16, block_size=8, tau=0.5)
+    prompts = ["a b", "Tom has 12 apples and " * 3, "The cat sat", "one two three four five six seven"]
+    want = [lopa.generate(model, p, cfg).token_ids for p in prompts]
+    torch._dynamo.reset()
+    loaded.model.ops = fused.compiled(backend="eager")
+    try:
+        runner = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), torch.float32, max_num_seqs=2,
+                             max_positions=256, static=True, capture=False, fuse=True, attention="flex")
+        stats = runner.warmup(max_tokens=128)
+        assert [k[:2] for k in runner.graphs.statics] == [(1, 32), (1, 64), (1, 96), (1, 128), (2, 32), (2, 64)]
+        # the first key compiles every piece; later keys only the attention of a new query bucket: each compiled
+        # piece is dynamic in the batch and the tokens from its first call
+        assert stats.warmup_key_compiles[0] > 1 and stats.warmup_key_compiles[1:] == [1, 1, 1, 0, 0]
+        warm = dataclasses.replace(model, runner=runner, engine=Engine(runner, loaded.spec, 2))
+        with torch.compiler.set_stance("fail_on_recompile"):
+            got = [r.token_ids for r in lopa.generate_many(warm, prompts, cfg)]
+        c = warm.engine.counters
+        assert got == want and c.recompiles_after_start == 0
+        assert c.eager_prefill_steps == c.eager_decode_steps == 0 and c.prefill_steps >= 3
+    finally:
+        loaded.model.ops = fused.EAGER
+        torch._dynamo.reset()

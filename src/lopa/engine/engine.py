@@ -67,6 +67,7 @@ class EngineCounters:
     captures_after_start: int = 0  # CUDA graphs captured while requests ran
     recompiles_after_start: int = 0  # torch.compile graphs compiled since start-up (process-wide)
     eager_decode_steps: int = 0  # greedy decode steps that ran eagerly: their shape was not captured
+    eager_prefill_steps: int = 0  # prefill steps that ran eagerly with exact shapes after the warm-up (no warmed key)
     device_steps: int = 0  # decode steps that ran on the device path (engine/device.py)
 
     @property
@@ -80,7 +81,7 @@ class EngineCounters:
     def as_dict(self) -> dict:
         keys = ("steps", "prefill_steps", "decode_steps", "device_steps", "rows", "requests", "prefill_s", "decode_s",
                 "rows_per_step", "requests_per_step", "captures_after_start", "recompiles_after_start",
-                "eager_decode_steps")
+                "eager_decode_steps", "eager_prefill_steps")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -371,7 +372,7 @@ class Engine:
         if self.runner.graphs is not None:
             g = self.runner.graphs.refresh_stats()
             c.captures_after_start, c.recompiles_after_start = g.captures_after_start, g.recompiles_after_start
-            c.eager_decode_steps = g.eager_steps
+            c.eager_decode_steps, c.eager_prefill_steps = g.eager_steps, g.eager_prefills
         self.last_step = StepInfo("prefill" if prefill else "decode", len(ids), rows, seconds, positions, tuple(ids))
         if self.step_log is not None:
             self.step_log.append(self.last_step)

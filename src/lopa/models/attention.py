@@ -76,13 +76,18 @@ def step_block_mask(P: torch.Tensor, branch: torch.Tensor, block: torch.Tensor, 
     B, Qb = branch.shape
     n_kv = capacity // size  # capacity is a multiple of the tile (runner: KEY_STEP)
     n_q = -(-groups * Qb // size)
+    # fresh tensors, not views into the packed step: torch.compile guards on a view's offset and strides, which
+    # change with B and Qb (one more compile per batch bucket)
+    P, branch, block = (x.clone(memory_format=torch.contiguous_format) for x in (P, branch, block))
+    _batch_dynamic(P, branch, block)
 
     def mask_mod(b, h, i, kv):
-        q = i % Qb if groups > 1 else i
+        n = branch.shape[1]  # Qb, static for torch.compile (an int in the closure turns dynamic at its 2nd value)
+        q = i % n if groups > 1 else i
         rel = kv - P[b]
-        src = rel.clamp(0, Qb - 1)
+        src = rel.clamp(0, n - 1)
         real = branch[b, q] >= 0
-        own = (rel >= 0) & (rel < Qb) & (branch[b, src] == branch[b, q]) & (block[b, src] <= block[b, q])
+        own = (rel >= 0) & (rel < n) & (branch[b, src] == branch[b, q]) & (block[b, src] <= block[b, q])
         return (real & ((rel < 0) | own)) | (~real & (kv == 0))
 
     tiles = torch.arange(n_kv, device=P.device, dtype=torch.int32)
@@ -91,6 +96,18 @@ def step_block_mask(P: torch.Tensor, branch: torch.Tensor, block: torch.Tensor, 
     grid = lambda x: x[:, None, None].expand(B, 1, n_q).contiguous()  # noqa: E731 - [B] -> [B, 1, n_q]
     tile_grid = lambda x: x.expand(B, 1, n_q, n_kv).contiguous()  # noqa: E731 - [B|1, .., n_kv] -> [B, 1, n_q, n_kv]
     partial_idx = torch.clamp(full[:, None] + tiles[None], max=n_kv - 1)[:, None, None]  # [B, 1, 1, n_kv]
-    return BlockMask.from_kv_blocks(grid(end - full), tile_grid(partial_idx), grid(full), tile_grid(tiles[None, None, None]),
-                                    BLOCK_SIZE=size, mask_mod=mask_mod, seq_lengths=(groups * Qb, capacity),
-                                    compute_q_blocks=False)
+    mask = BlockMask.from_kv_blocks(grid(end - full), tile_grid(partial_idx), grid(full),
+                                    tile_grid(tiles[None, None, None]), BLOCK_SIZE=size, mask_mod=mask_mod,
+                                    seq_lengths=(groups * Qb, capacity), compute_q_blocks=False)
+    _batch_dynamic(mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices)
+    return mask
+
+
+def _batch_dynamic(*tensors: torch.Tensor) -> None:
+    """Tell torch.compile that dim 0 (the batch bucket B) of what the compiled FlexAttention reads may vary and
+    everything else is fixed, so the kernel compiles once per query bucket for every B (models/fused.py:
+    _static_queries). Only marks: nothing changes in eager code."""
+    for t in tensors:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+        for dim in range(1, t.dim()):
+            torch._dynamo.mark_static(t, dim)

@@ -10,6 +10,7 @@ runner uses it on a GPU (RunnerConfig.fuse); on a CPU the eager functions run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from dataclasses import dataclass
@@ -63,6 +64,19 @@ class Ops:
     # (q, k, v, block_mask=, enable_gqa=) -> out; eager it evaluates the mask everywhere (reference, CPU tests),
     # compiled it is one Triton kernel that skips the key tiles the block mask leaves out
     flex: Callable[..., torch.Tensor] | None = flex_attention
+    tracing: "Tracing | None" = None  # compiled(): whether calls still set up what a compile needs (settle())
+
+    def settle(self) -> None:
+        """Everything is compiled (the runner's warm-up): calls skip the compile-time configs, which cost tens of
+        microseconds a call on paths that are not replayed from a CUDA graph. The marks stay."""
+        if self.tracing is not None:
+            self.tracing.on = False
+
+
+@dataclass
+class Tracing:
+    on: bool = True  # calls set up what a compile needs (until the warm-up ends)
+    oblivious: bool = True  # the attention compiles size-obliviously (False after a compiler refused it)
 
 
 EAGER = Ops(rms_norm, add_rms_norm, rope, silu_mul, quantize_rows)
@@ -79,28 +93,93 @@ def _static_width(fn: Callable) -> Callable:
     return call
 
 
+def _rows(x: torch.Tensor) -> list[tuple[torch.Tensor, range]]:
+    return [(x, range(x.dim() - 1))]
+
+
+# which dims of each chain's tensor arguments vary with the step (batch, tokens, heads): every one but the feature
+# dim, except the size-1 head dim that cos / sin [B, 1, T, D] broadcast over
+_VARYING = {
+    rms_norm: lambda x, weight, eps: _rows(x),
+    add_rms_norm: lambda x, delta, weight, eps: _rows(x) + _rows(delta),
+    silu_mul: _rows,
+    rope: lambda x, cos, sin: _rows(x) + [(t, (0, 2) if t.dim() == 4 else range(t.dim() - 1)) for t in (cos, sin)],
+}
+
+
+def _dynamic_rows(fn: Callable, varying: Callable, tracing: Tracing) -> Callable:
+    """Call a compiled elementwise chain dynamic in its rows from the first call: torch.compile would compile it
+    static, then again for the second row count (and the first B = 1 apart), so a warm-up over many shapes
+    compiled each chain three times or more; the feature dim stays static (its kernels are specialized on it).
+    The kernels are the same dynamic ones the later shapes got before."""
+    def call(*args):
+        for x, dims in varying(*args):
+            for dim in dims:
+                torch._dynamo.maybe_mark_dynamic(x, dim)
+            torch._dynamo.mark_static(x, x.dim() - 1)
+        if not tracing.on:
+            return fn(*args)
+        with size_oblivious():
+            return fn(*args)
+    return call
+
+
 def compiled(backend: str = "inductor") -> Ops:
     """The same functions through torch.compile (one graph each, no breaks). backend="eager" only traces."""
-    rms, add_rms, rope_, silu, quant = (torch.compile(f, backend=backend, fullgraph=True)
-                                        for f in (rms_norm, add_rms_norm, rope, silu_mul, quantize_rows))
+    tracing = Tracing()
+    rms, add_rms, rope_, silu = (_dynamic_rows(torch.compile(f, backend=backend, fullgraph=True), _VARYING[f],
+                                               tracing) for f in (rms_norm, add_rms_norm, rope, silu_mul))
+    quant = _static_width(torch.compile(quantize_rows, backend=backend, fullgraph=True))
     flex = None if flex_attention is None else _static_queries(torch.compile(flex_attention, backend=backend,
-                                                                             fullgraph=True))
-    return Ops(rms, add_rms, rope_, silu, _static_width(quant), flex)
+                                                                             fullgraph=True), tracing)
+    return Ops(rms, add_rms, rope_, silu, quant, flex, tracing)
 
 
-def _static_queries(fn: Callable) -> Callable:
-    """The compiled FlexAttention, specialized on the query and key lengths: a kernel compiled for dynamic shapes
-    ran at about half the speed (H100, benchmarks/attention.py). Only the batch may become dynamic. The warm-up
-    compiles it once per query bucket (runner/graphs.py), so the recompile limit is raised for these calls only."""
+def _static_queries(fn: Callable, tracing: Tracing) -> Callable:
+    """The compiled FlexAttention, specialized on the query and key lengths (a kernel compiled for dynamic lengths
+    ran at about half the speed: H100, benchmarks/attention.py) and dynamic in the batch from the first call: one
+    compile per query bucket serves every batch bucket (runner/graphs.py warms them all). The batch dims of q, k,
+    v are marked here, those of the block mask's tensors where it is built (models/attention.py). Size-oblivious
+    reasoning keeps a first call with B = 1 from specializing on 1 (torch otherwise compiles B = 1 apart)."""
     def call(q, k, v, block_mask, **kw):
         for x in (q, k, v):
+            torch._dynamo.maybe_mark_dynamic(x, 0)
             for dim in range(1, x.dim()):
                 torch._dynamo.mark_static(x, dim)
+        if not tracing.on:
+            return fn(q, k, v, block_mask=block_mask, **kw)
         with torch._dynamo.config.patch(**_LIMITS):
+            if tracing.oblivious:
+                try:
+                    with size_oblivious():
+                        return fn(q, k, v, block_mask=block_mask, **kw)
+                except torch._dynamo.exc.TorchDynamoException as err:  # a compiler that cannot: B = 1 apart
+                    tracing.oblivious = False
+                    warnings.warn(f"FlexAttention did not compile with size-oblivious batch sizes "
+                                  f"({type(err).__name__}: {err}); B = 1 compiles apart", RuntimeWarning, stacklevel=2)
             return fn(q, k, v, block_mask=block_mask, **kw)
     return call
 
 
+@contextlib.contextmanager
+def size_oblivious():
+    """torch.fx.experimental._config.backed_size_oblivious on (torch >= 2.6), set and restored directly: the
+    config's patch() costs ~5x more, on every call."""
+    from torch.fx.experimental import _config
+
+    if not hasattr(_config, "backed_size_oblivious"):
+        yield
+        return
+    before = _config.backed_size_oblivious
+    _config.backed_size_oblivious = True
+    try:
+        yield
+    finally:
+        _config.backed_size_oblivious = before
+
+
+# the warm-up compiles one graph per query bucket (len(QUERY_BUCKETS) at most), above dynamo's default of 8; the
+# margin keeps an unexpected specialization from falling back to the eager FlexAttention (scores materialized)
 _LIMITS = {name: value for name, value in (("recompile_limit", 512), ("accumulated_recompile_limit", 4096))
            if hasattr(torch._dynamo.config, name)}
 

@@ -17,19 +17,28 @@ Attention (RunnerConfig.attention):
   to KEY_STEP: Lb is part of the key, so new prompt lengths capture new graphs (the path before start-up
   capture, kept for comparison and for torch without FlexAttention).
 
-Greedy requests only (temperature 0, top_p 1): steps with a sampled request, prefill steps and cache-less
-windows run eagerly. On a CPU the same path runs without capture (the tests check it against eager).
+Greedy requests only (temperature 0, top_p 1): steps with a sampled request and cache-less windows run eagerly.
+Prefill steps (under "flex") run here too, on the same keys: each prompt is one row of query bucket Qb >= its
+length (padding queries are masked and write only the slot's trash position), so the warm-up's kernels serve
+them and no prompt length meets a new shape. A prefill over slots 0.. replays the key's graph; one over slots
+first.. (requests already running below it) runs the same body on the warmed shapes without its graph (the
+graph's slot addresses start at 0): its bucket's rows are laid over slots [start, start + B) with the prompts at
+rows first - start.., the other rows all padding. A prefill step with no warmed key is split into contiguous
+groups that have one (several forwards); one whose prompt alone has none (longer than the largest query bucket
+that fits max_num_batched_tokens) runs eagerly with exact shapes, counted in ``eager_prefills``.
+On a CPU the same path runs without capture (the tests check it against eager).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..decoding.base import Predictions
 from ..decoding.confidence import measure_confidence
+from ..models.fused import size_oblivious
 from .step import FIELDS, StepItem, pack, split, unpack
 
 ROW_STEP = 32  # "sdpa": request rows padded to a multiple of this many queries
@@ -65,16 +74,25 @@ class GraphStats:
     captures_after_start: int = 0  # ... after start-up (the warm-up, or the runner's creation without one)
     recompiles_after_start: int = 0  # torch.compile graphs compiled since then, anywhere in the process
     eager_steps: int = 0  # greedy decode steps that ran eagerly after the warm-up: their key was not captured
+    eager_prefills: int = 0  # prefill steps that ran eagerly with exact shapes after the warm-up (no warmed key)
     warmup_s: float = 0.0
     warmup_graphs: int = 0
     warmup_bytes: int = 0  # GPU memory the warm-up took (graph pools, static buffers), measured
+    warmup_compiles: int = 0  # torch.compile graphs compiled during the warm-up (process-wide)
+    warmup_key_s: list[float] = field(default_factory=list)  # seconds per warmed key, in warm-up order
+    warmup_key_compiles: list[int] = field(default_factory=list)  # torch.compile graphs compiled per warmed key
 
 
 def _static_vocab(fn):
-    """A compiled predict, dynamic in B and Qb (one kernel for every bucket) but specialized on the vocabulary."""
+    """A compiled predict, dynamic in B and Qb (one kernel for every bucket, B = 1 included) but specialized on
+    the vocabulary."""
     def call(logits: torch.Tensor, *args):
         torch._dynamo.mark_static(logits, logits.dim() - 1)
-        return fn(logits, *args)
+        # the per-row fields as fresh tensors, not views into the packed step: torch.compile guards on a view's
+        # offset and strides, which change with B and Qb
+        args = [a.clone(memory_format=torch.contiguous_format) if isinstance(a, torch.Tensor) else a for a in args]
+        with size_oblivious():
+            return fn(logits, *args)
     return call
 
 
@@ -83,8 +101,13 @@ def predict_rows(logits: torch.Tensor, measure: torch.Tensor, suppress: torch.Te
     """Greedy predict (decoding/confidence.py) for every query of a step, each request row with its own
     measure and suppression. logits [B, Qb, V] -> [B, Qb, 3]: token id, its probability, its confidence."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True)
-    for token in suppress_ids:
-        logits[..., token] = torch.where(suppress[:, None].bool(), float("-inf"), logits[..., token])
+    if suppress_ids:  # a mask over the vocabulary, not writes into columns (whose views made compiles guard on B);
+        # built from scalars: no host-to-device copy, which a CUDA graph capture would refuse
+        vocab = torch.arange(logits.shape[-1], device=logits.device)
+        banned = vocab == suppress_ids[0]  # [V]
+        for token in suppress_ids[1:]:
+            banned = banned | (vocab == token)
+        logits.masked_fill_(suppress[:, None, None].bool() & banned, float("-inf"))  # in place: one copy in all
     probs = torch.softmax(logits, dim=-1)
     tokens = probs.argmax(-1)
     chosen = probs.gather(-1, tokens[..., None])[..., 0]
@@ -117,6 +140,7 @@ class GraphExecutor:
         self.frozen = False  # after warmup(): no capture while serving; an uncaptured key runs eagerly
         self.stats = GraphStats()
         self._at_start = (0, compiles())  # (captures, compiles) when start-up ended: now, until a warm-up
+        self._compiled0 = self._at_start[1]  # compiles() when the warm-up began
 
     def clear(self) -> None:
         """Drop every graph (the KV pool they read was replaced); later captures go into a fresh graph pool."""
@@ -127,34 +151,68 @@ class GraphExecutor:
 
     def _suppress(self, items: list[StepItem]) -> tuple[int, ...] | None:
         """The suppressed ids of the step's key: the model's mask id whenever no request suppresses others (rows
-        that suppress nothing carry flag 0), so one key serves both; None: two different sets (eager)."""
-        sets = {item.pspec.suppress_ids for item in items} - {()}
+        that suppress nothing carry flag 0), so one key serves both; None: two different sets (eager). A request
+        that asks for no prediction (a plain prompt prefill) plays no part."""
+        sets = {item.pspec.suppress_ids for item in items if item.batch.logit_cols.numel()} - {()}
         default = (self.runner.spec.mask_id,)
         return default if sets <= {default} else (next(iter(sets)) if len(sets) == 1 else None)
 
     def supports(self, items: list[StepItem]) -> bool:
-        return (items[0].slot == 0 and self._suppress(items) is not None
-                and all(item.pspec.temperature == 0 and item.pspec.top_p == 1.0 and not item.batch.prefill
-                        and item.batch.start > 0 for item in items))
+        if self._suppress(items) is None:
+            return False
+        if all(item.batch.prefill for item in items):
+            return self.attention == "flex" and all(item.batch.start == 0 and self._predicts_greedy(item, True)
+                                                    for item in items)
+        return items[0].slot == 0 and all(self._predicts_greedy(item) and not item.batch.prefill
+                                          and item.batch.start > 0 for item in items)
 
-    def accepts(self, items: list[StepItem], queries: int | None = None) -> bool:
-        """Whether this step runs on the static path: supported, and its graph exists or may still be captured.
-        After the warm-up an uncaptured key runs eagerly (counted), so nothing captures while serving."""
+    def _predicts_greedy(self, item: StepItem, prefill: bool = False) -> bool:
+        """Whether the batched greedy predict gives this request's predictions: it is greedy, or (a prompt prefill
+        in one process) it asks for none. Under Branch Parallel a sampled row lives on rank 0 only."""
+        greedy = item.pspec.temperature == 0 and item.pspec.top_p == 1.0
+        return greedy or (prefill and not item.batch.logit_cols.numel() and not self.runner.group.distributed)
+
+    def plan(self, items: list[StepItem], queries: int | None = None) -> list[list[StepItem]]:
+        """The static forwards this step takes: [items] when it runs on the static path (its graph exists or may
+        still be captured); after the warm-up, a prefill whose key was not warmed split into contiguous groups
+        that each have a warmed key; [] when it runs eagerly (after the warm-up: counted), so nothing captures
+        while serving."""
         if not self.supports(items):
-            return False
-        if self.frozen and self.key(items, queries) not in self.statics:
+            return []
+        if not self.frozen or self.key(items, queries) in self.statics:
+            return [items]
+        if items[0].batch.prefill:
+            groups = self._split(items)
+            if groups:
+                return groups
+            self.stats.eager_prefills += 1
+        else:
             self.stats.eager_steps += 1
-            return False
-        return True
+        return []
+
+    def _split(self, items: list[StepItem]) -> list[list[StepItem]] | None:
+        """Contiguous groups of a prefill step, each as large as a warmed key allows (several long prompts
+        admitted at once); None when one prompt alone has no warmed key (it is longer than the largest query
+        bucket that fits max_num_batched_tokens)."""
+        groups: list[list[StepItem]] = []
+        for item in items:
+            if groups and self.key(groups[-1] + [item]) in self.statics:
+                groups[-1].append(item)
+            elif self.key([item]) in self.statics:
+                groups.append([item])
+            else:
+                return None
+        return groups
 
     def key(self, items: list[StepItem], queries: int | None = None) -> tuple:
         """(B bucket, Qb, Lb, measures, suppressed ids). ``queries``: the most queries of a request row on any rank
         (Branch Parallel: every rank packs the same Qb, so the step's predictions gather as one [N, B, Qb, 3]
-        tensor); default: these items'. Under "flex" Lb is the slot capacity: no key depends on a length."""
+        tensor); default: these items'. Under "flex" Lb is the slot capacity: no key depends on a length.
+        Requests that ask for no prediction add no measure (a prompt prefill: the warmed "prob" key serves it)."""
         pool = self.runner.pool
         B = bucket(len(items), pool.slots)
         q = queries or max(item.queries for item in items)
-        measures = tuple(sorted({item.pspec.measure for item in items}))
+        measures = tuple(sorted({item.pspec.measure for item in items if item.batch.logit_cols.numel()})) or ("prob",)
         if self.attention == "flex":
             return B, query_bucket(q), pool.capacity, measures, self._suppress(items)
         Lb = min(round_up(max(item.batch.start + item.queries for item in items), KEY_STEP), pool.capacity)
@@ -176,8 +234,9 @@ class GraphExecutor:
         if cuda:
             torch.cuda.synchronize(self.runner.device)
             free0 = torch.cuda.mem_get_info(self.runner.device)[0]
-        t0 = time.perf_counter()
+        t0, compiled0 = time.perf_counter(), compiles()
         for done, key in enumerate(keys, 1):
+            t, c = time.perf_counter(), compiles()
             if key not in self.statics:
                 st = self._new(key)
                 pack([], st.host, self.runner.spec.mask_id)  # all padding: only the shapes matter
@@ -185,19 +244,26 @@ class GraphExecutor:
                 if self.capture:
                     self._capture(st, key[3], key[4])
                 else:
-                    st.out = self._body(st, key[3], key[4])
+                    st.out = self._body(st.inputs, 0, st.Lb, key[3], key[4])
+            if cuda:
+                torch.cuda.synchronize(self.runner.device)
+            self.stats.warmup_key_s.append(time.perf_counter() - t)
+            self.stats.warmup_key_compiles.append(compiles() - c)
             if on_graph is not None:
                 on_graph(done, len(keys))
         if cuda:
-            torch.cuda.synchronize(self.runner.device)
             self.stats.warmup_bytes = max(0, free0 - torch.cuda.mem_get_info(self.runner.device)[0])
         self.stats.warmup_s = time.perf_counter() - t0
         self.stats.warmup_graphs = len(keys)
+        self._compiled0 = compiled0
         return self.started()
 
     def started(self) -> GraphStats:
-        """Start-up ends now: nothing captures from here on, and the after-start counters count from here (the
-        device path's warm-up, engine/device.py, calls it again after capturing its own graphs)."""
+        """Start-up ends now: nothing captures from here on, compiled calls stop setting up compiles (Ops.settle),
+        and the after-start counters count from here (the device path's warm-up, engine/device.py, calls it again
+        after capturing its own graphs, so its compiles count in ``warmup_compiles`` too)."""
+        self.stats.warmup_compiles = compiles() - self._compiled0
+        self.runner.model.ops.settle()
         self.frozen = True
         self._at_start = (self.stats.captures, compiles())
         return self.refresh_stats()
@@ -222,18 +288,20 @@ class GraphExecutor:
         gathered on the device before the one device-to-host copy."""
         key = self.key(items, queries)
         _, _, _, measures, suppress = key
+        if items[0].slot:  # a prefill over slots first..: the key's shapes, not its graph (module docstring)
+            return self._run_at(items, key)
         st = self.statics.get(key)
         fresh = st is None
         if fresh:
             if self.frozen:
-                raise RuntimeError(f"static key {key} was not captured at start-up (accepts() routes it eagerly)")
+                raise RuntimeError(f"static key {key} was not captured at start-up (plan() routes it eagerly)")
             if len(self.statics) >= MAX_GRAPHS:  # lazy capture only: the warm-up keeps its whole set
                 self.clear()
             st = self._new(key)
         pack(items, st.host, self.runner.spec.mask_id, measures, suppress)
         st.inputs.copy_(st.host, non_blocking=True)  # safe: the previous step's results were read (synced)
         if not self.capture:
-            st.out = self._body(st, measures, suppress)
+            st.out = self._body(st.inputs, 0, st.Lb, measures, suppress)
         elif fresh:
             self._capture(st, measures, suppress)
         else:
@@ -245,23 +313,47 @@ class GraphExecutor:
             preds = [Predictions(*p) for p in split(self.runner.group.gather_packed(packed), spread, layouts)]
         return hidden, preds
 
-    def _body(self, st: Static, measures, suppress):
+    def _run_at(self, items: list[StepItem], key: tuple) -> tuple[torch.Tensor, list[Predictions]]:
+        """A prefill over slots [first, first + n) on the key's shapes, without a graph: the bucket's B rows over
+        slots [start, start + B) (inside the pool), the prompts at rows first - start.., every other row padding
+        (its queries write only its slot's trash position, so rows over running requests change nothing). When no
+        prompt asks for a prediction the head is skipped (its logits would be [B, Qb, V])."""
+        B, Qb, Lb, measures, suppress = key
+        runner = self.runner
+        first, n = items[0].slot, len(items)
+        start = min(first, runner.pool.slots - B)
+        row = first - start
+        host = torch.empty(B, FIELDS * Qb + 3, dtype=torch.long)
+        pack(items, host, runner.spec.mask_id, measures, suppress, row=row)
+        inputs = host.to(runner.device, non_blocking=True)
+        if not any(item.batch.logit_cols.numel() for item in items):  # plain prompts: no head over B x Qb queries
+            hidden = runner.body(inputs, start, Lb, flex=self.attention == "flex")
+            dtype = torch.promote_types(runner.dtype, torch.float32)
+            none = [torch.empty(item.batch.tokens.shape[0], 0, dtype=dtype) for item in items]  # [K, 0]
+            return hidden[row:row + n], [Predictions(e.long(), e, e) for e in none]
+        hidden, packed = self._body(inputs, start, Lb, measures, suppress)
+        preds = [Predictions(*p) for p in split(packed[row:row + n].cpu()[None], items)]  # one device-to-host copy
+        return hidden[row:row + n], preds
+
+    def _body(self, inputs: torch.Tensor, start: int, Lb: int, measures, suppress):
+        """The static forward and batched predict of a packed step over slots [start, start + B)."""
         runner, model = self.runner, self.runner.model
-        hidden = runner.body(st.inputs, 0, st.Lb, flex=self.attention == "flex")  # [B, Qb, E]
-        _, col, branch, _, _, measure, suppressed = unpack(st.inputs)
+        hidden = runner.body(inputs, start, Lb, flex=self.attention == "flex")  # [B, Qb, E]
+        _, col, branch, _, _, measure, suppressed = unpack(inputs)
         first = (col == 0) & (branch >= 0)  # each branch's column 0 reads the slot's last committed state
         B = hidden.shape[0]
-        logits = model.lm_head(model.predicting_hidden(hidden, runner.pool.last_hidden[:B], first))  # [B, Qb, V]
+        last = runner.pool.last_hidden[start:start + B]
+        logits = model.lm_head(model.predicting_hidden(hidden, last, first))  # [B, Qb, V]
         return hidden, self.predict(logits, measure, suppressed, measures, suppress)
 
     def _capture(self, st: Static, measures, suppress) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._body(st, measures, suppress)  # warm-up: lazy kernel initialization stays out of the graph
+            self._body(st.inputs, 0, st.Lb, measures, suppress)  # warm-up: lazy kernel initialization stays out
         torch.cuda.current_stream().wait_stream(stream)
         st.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(st.graph, pool=self.pool):
-            st.out = self._body(st, measures, suppress)
+            st.out = self._body(st.inputs, 0, st.Lb, measures, suppress)
         st.graph.replay()
         self.stats.captures += 1

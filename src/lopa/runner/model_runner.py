@@ -7,9 +7,10 @@ Under Branch Parallel (runner/group.py) the runner computes only this rank's row
 group gathers every row's predictions after the forward, and ``commit`` takes a winner's K/V from this
 rank's rows or from the owner's broadcast. One process uses a LocalGroup: every row here, nothing sent.
 
-A step runs eagerly with exact shapes (prefill steps, sampled requests, the CPU), or on the static path
-(runner/graphs.py: bucketed shapes, replayed from CUDA graphs on a GPU). Both run ``body``, the same device
-code, so the static path is checked against the eager one on the CPU by running it without capture.
+A step runs eagerly with exact shapes (sampled requests, steps without a static path), or on the static path
+(runner/graphs.py: bucketed shapes, replayed from CUDA graphs on a GPU; prefill steps too under "flex"). Both
+run ``body``, the same device code, so the static path is checked against the eager one on the CPU by running
+it without capture.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class ModelRunner:
         self.hidden: torch.Tensor | None = None  # [B, Qb, E] of the last forward (commit reads the winners)
         self._shapes: list[tuple[int, int, bool]] = []  # (K, W, replicated) per request of the last forward
         self._prefill = False  # the last forward was a prefill step
+        self.prefill_shapes: set[tuple[int, int]] = set()  # (rows, queries a row) of the prefill forwards so far:
+        # the static path's bucketed key, or the exact shape of an eager prefill (each new one meets cold kernels)
 
     def new_generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
@@ -87,8 +90,8 @@ class ModelRunner:
 
     def shrink(self) -> None:
         """The engine went idle: give the pool back (the next step allocates what it needs), unless captured CUDA
-        graphs read it (uncaptured static buffers never hold the pool tensor)."""
-        if self.graphs is None or not self.graphs.capture:
+        graphs read it (uncaptured static buffers never hold the pool tensor) or the start-up warm-up sized it."""
+        if self.graphs is None or not (self.graphs.capture or self.graphs.frozen):
             self.pool = None
 
     def _new_pool(self, slots: int, capacity: int) -> None:
@@ -146,8 +149,12 @@ class ModelRunner:
         t1 = time.perf_counter()
         gather_before = bp.gather_s  # the static path gathers inside its run: not forward time
         queries = max(max(len(r) for r in p) * item.batch.tokens.shape[1] for p, item in zip(parts, items))
-        # every rank takes the same path (accepts() reads only what all ranks share), so the collectives match
-        if self.graphs is not None and self.graphs.accepts(local, queries):
+        # every rank takes the same path (plan() reads only what all ranks share), so the collectives match
+        self._prefill = all(item.batch.prefill for item in items)  # the counters count decode steps only
+        groups = self.graphs.plan(local, queries) if self.graphs is not None else []
+        if groups and self._prefill:  # replicated under Branch Parallel: nothing to gather
+            (self.hidden, preds), gathered = self._static_prefill(groups), True
+        elif groups:
             spread = [p if not (K == 1 and rep) else p[:1] for p, (K, _, rep) in zip(parts, self._shapes)]
             bp_step = self.group.distributed and any(not (K == 1 and rep) for K, _, rep in self._shapes)
             self.hidden, preds = self.graphs.run(local, items if bp_step else None, spread if bp_step else None,
@@ -158,7 +165,6 @@ class ModelRunner:
         else:
             (self.hidden, preds), gathered = self._eager(local), False
         t2 = time.perf_counter()
-        self._prefill = all(item.batch.prefill for item in items)  # the counters count decode steps only
         if not self._prefill:
             bp.prepare_s += t1 - t0
             bp.forward_s += t2 - t1 - (bp.gather_s - gather_before)
@@ -168,6 +174,21 @@ class ModelRunner:
             return preds
         shapes = [(K, item.batch.logit_cols.numel(), rep) for (K, _, rep), item in zip(self._shapes, items)]
         return self.group.gather(preds, shapes, torch.promote_types(self.dtype, torch.float32))
+
+    def _static_prefill(self, groups: list[list[StepItem]]) -> tuple[torch.Tensor, list[Predictions]]:
+        """A prefill step as one static forward per group (runner/graphs.py: plan; several when its prompts
+        have no warmed key together); the hidden states of all its requests as one [n, Q, E] tensor, rows in
+        step order, padded to the widest group (commit reads them)."""
+        hidden, preds = [], []
+        for group in groups:
+            self.prefill_shapes.add(self.graphs.key(group)[:2])
+            h, p = self.graphs.run(group)
+            hidden.append(h[:len(group)])
+            preds += p
+        if len(hidden) == 1:
+            return hidden[0], preds
+        Q = max(h.shape[1] for h in hidden)
+        return torch.cat([torch.nn.functional.pad(h, (0, 0, 0, Q - h.shape[1])) for h in hidden]), preds
 
     def _local(self, item: StepItem, rows: range) -> StepItem:
         """The rows of item this rank computes: local branch ids 0..K_r-1 (only their equality matters),
@@ -191,7 +212,8 @@ class ModelRunner:
         tokens, col, branch, block, P, _, _ = unpack(inputs)
         B, Qb = tokens.shape
         q = torch.arange(Qb, device=inputs.device)
-        write = (P[:, None] + q).clamp(max=self.pool.capacity - 1)  # padding past the slot: the trash slot
+        trash = self.pool.capacity - 1  # padding queries write only there (their rows may lie over running slots)
+        write = torch.where(branch >= 0, (P[:, None] + q).clamp(max=trash), trash)
         if flex:
             cfg = self.model.config  # the query heads of a KV head share the query axis (models/transformer.py)
             mask = step_block_mask(P, branch, block, Lb, groups=cfg.num_heads // cfg.num_kv_heads)
@@ -207,6 +229,8 @@ class ModelRunner:
         """Exact shapes; each request's logits for its own columns and its own predict (and generator)."""
         Qb = max(item.queries for item in items)
         Lb = min(max(item.batch.start + item.queries for item in items), self.pool.capacity)
+        if all(item.batch.prefill for item in items):
+            self.prefill_shapes.add((len(items), Qb))
         host = torch.empty(len(items), FIELDS * Qb + 3, dtype=torch.long)
         pack(items, host, self.spec.mask_id)
         hidden = self.body(host.to(self.device, non_blocking=True), items[0].slot, Lb)

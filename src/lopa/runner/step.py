@@ -12,7 +12,8 @@ host-to-device copy; the device builds positions, cache write slots and the mask
     P, measure, suppress   the committed prefix length, the index of the row's confidence measure in the
                            step's measure list, whether the row never proposes the suppressed ids
 
-Rows past the real requests (bucket padding, CUDA graphs) are all padding with P = 0.
+Rows without a request (bucket padding, CUDA graphs) are all padding with P = 0. A padding query writes its
+K/V only to its slot's trash position (runner/model_runner.py: body), so padding rows may lie over any slot.
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ class Commit:
 
 
 def pack(items: list[StepItem], host: torch.Tensor, mask_id: int, measures: tuple[str, ...] | None = None,
-         suppress_ids: tuple[int, ...] = ()) -> None:
-    """Stage the step into ``host`` [B, 4*Qb + 3] (B >= len(items); rows past them become padding).
-    ``measures`` / ``suppress_ids``: the batched predict's (runner/graphs.py); None when each request predicts apart."""
+         suppress_ids: tuple[int, ...] = (), row: int = 0) -> None:
+    """Stage the step into ``host`` [B, 4*Qb + 3]: the items at rows row.., every other row padding.
+    ``measures`` / ``suppress_ids``: the batched predict's (runner/graphs.py); None when each request predicts apart
+    (a request whose measure is not listed asks for no prediction: index 0)."""
     B, width = host.shape
     Qb = (width - 3) // FIELDS
     fields = host[:, :FIELDS * Qb].view(B, FIELDS, Qb)
@@ -62,7 +64,7 @@ def pack(items: list[StepItem], host: torch.Tensor, mask_id: int, measures: tupl
     branch.fill_(-1)
     block.zero_()
     host[:, FIELDS * Qb:].zero_()
-    for b, item in enumerate(items):
+    for b, item in enumerate(items, row):
         batch = item.batch
         K, W = batch.tokens.shape
         Q = K * W
@@ -75,7 +77,7 @@ def pack(items: list[StepItem], host: torch.Tensor, mask_id: int, measures: tupl
         if batch.block_ids is not None:
             block[b, :Q] = batch.block_ids.repeat(K)
         host[b, FIELDS * Qb] = batch.start
-        host[b, FIELDS * Qb + 1] = measures.index(item.pspec.measure) if measures else 0
+        host[b, FIELDS * Qb + 1] = measures.index(item.pspec.measure) if item.pspec.measure in (measures or ()) else 0
         host[b, FIELDS * Qb + 2] = int(bool(suppress_ids) and item.pspec.suppress_ids == suppress_ids)
 
 
