@@ -48,8 +48,9 @@ import httpx
 
 # RunnerConfig fields of each variant (the server gets them as flags, the ceiling as RunnerConfig)
 VARIANTS = {
-    "host": {},  # `lopa serve`'s defaults: the warm-up on a GPU (flex attention), the host strategies
-    "device": {"device_step": True},  # the decode iteration for every request at once on the device
+    "host": {"device_step": False},  # the warm-up on a GPU (flex attention), the host strategies
+    "device": {"device_step": True},  # the decode iteration for every request at once on the device (the default
+    # with the warm-up on a GPU: RunnerConfig.device_step None)
     "lazy": {"warmup": False},  # no warm-up: sdpa, each shape captured on first use (the default before it)
 }
 FLAGS = {"warmup": lambda v: "--warmup" if v else "--no-warmup",
