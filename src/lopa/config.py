@@ -124,8 +124,8 @@ class DecodeConfig:
                                          "active (its unfilled positions of the active region) | next_region (and "
                                          "the next region's, carried in the window as masks: SDAR's next block, "
                                          "Fast-dLLM v2's next sub-block).")
-    verify_lookahead: bool = _setting(False, "LoPA over a block-diffusion loop: a lookahead branch competes only if "
-                                             "the anchor row of the same forward predicts the token it placed.")
+    verify_lookahead: bool = _setting(True, "LoPA over a block-diffusion loop: a lookahead branch competes only if "
+                                            "the anchor row of the same forward predicts the token it placed.")
 
     def __post_init__(self) -> None:
         check_types(self)

@@ -43,7 +43,7 @@ def oracle(draft):
 
 def run(draft, **kw):
     cfg = DecodeConfig(**{**dict(strategy="lopa", base="sdar", k=3, block_size=4, gen_length=8, tau=0.9,
-                                 trace=True), **kw})
+                                 trace=True, score_span="active", verify_lookahead=False), **kw})
     strategy, shapes = make_strategy(cfg, SPEC), []  # shapes: [K, W] of each decode forward
     propose = strategy.propose
 

@@ -38,6 +38,7 @@ def reference(name, model, hf, prompt, tau):
 
 
 OPTIONS = dict(score_span="next_region", verify_lookahead=True)  # LoPA's options over these loops, both on
+PAPER = dict(score_span="active", verify_lookahead=False)  # both off: Eq. 2 over the active region, as the paper
 
 
 def own(name, **kw):
@@ -63,7 +64,8 @@ def test_matches_the_reference_loop(family):
     assert eos_mid_block and multi  # the cases exercised what they claim to
 
 
-@pytest.mark.parametrize("branching", [dict(k=0), dict(k=3), dict(k=3, **OPTIONS)], ids=["k0", "k3", "k3-options"])
+@pytest.mark.parametrize("branching", [dict(k=0), dict(k=3, **PAPER), dict(k=3, **OPTIONS)],
+                         ids=["k0", "k3", "k3-options"])
 @pytest.mark.parametrize("name", ["sdar", "fast_dllm_v2"])
 def test_folded_commit_equals_the_extra_forward_loop(name, branching, request, monkeypatch):
     """Same tokens and the same committed K/V; SDAR saves one forward per block finished before the last."""
@@ -93,7 +95,7 @@ def test_lopa_k0_is_the_models_own_loop_and_lopa_verifies_branches(family):
     name, model, _ = family
     for prompt in PROMPTS:
         base = generate(model, prompt, **own(name, tau=0.9), trace=True)
-        for options in ({}, OPTIONS):
+        for options in (PAPER, OPTIONS):
             k0 = generate(model, prompt, **own("lopa", tau=0.9, base=name, k=0, **options), trace=True)
             assert k0.token_ids == base.token_ids and [s.filled for s in k0.trace] == [s.filled for s in base.trace]
     lopa = generate(model, PROMPTS[3], **own("lopa", tau=0.9, base=name, k=3), trace=True)
@@ -102,7 +104,8 @@ def test_lopa_k0_is_the_models_own_loop_and_lopa_verifies_branches(family):
 
 def test_batched_equals_alone(family):
     name, model, _ = family
-    for kw in (own(name, tau=0.4), own("lopa", tau=0.9, base=name, k=3), own("lopa", tau=0.9, base=name, k=3, **OPTIONS)):
+    for kw in (own(name, tau=0.4), own("lopa", tau=0.9, base=name, k=3, **PAPER),
+               own("lopa", tau=0.9, base=name, k=3, **OPTIONS)):
         alone = [generate(model, p, **kw).token_ids for p in PROMPTS]
         together = generate_many(model, list(PROMPTS), **kw)
         assert [r.token_ids for r in together] == alone
@@ -116,8 +119,8 @@ def test_branch_options_on_a_model(family):
     steps = {"active": [], "next_region": [], "verify": []}  # (the last block's start, a branched step)
     for prompt in PROMPTS:
         last = (len(prompt) + GEN - 1) // model.loaded.spec.block_size * model.loaded.spec.block_size
-        for label, options in (("active", {}), ("next_region", dict(score_span="next_region")),
-                               ("verify", dict(verify_lookahead=True))):
+        for label, options in (("active", PAPER), ("next_region", dict(PAPER, score_span="next_region")),
+                               ("verify", dict(PAPER, verify_lookahead=True))):
             out = generate(model, prompt, **own("lopa", tau=0.9, base=name, k=3, **options), trace=True)
             steps[label] += [(last, s) for s in out.trace if s.scores]
     empty_before_last = lambda last, s: s.scores[s.winner] == math.inf and min(s.filled) < last  # noqa: E731
