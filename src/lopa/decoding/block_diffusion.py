@@ -34,6 +34,10 @@ What a branch's score (Eq. 2) averages over (``DecodeConfig.score_span``):
                  exactly as the next forward would (same tokens before it, same masks in it), so when it wins
                  the fill goes on there (the paper's "logits repurposed for the subsequent decoding step");
                  predictions past the current block made while it still had a mask are dropped.
+A lookahead writes the previous forward's guess into a mask; ``verify_lookahead`` lets it compete only if the
+anchor row of the same forward (every token of the branch but that one) still predicts that token there, else it
+scores -inf. In small regions the candidates are the leftovers below tau, whose guesses often change once their
+neighbours are filled (docs/results.md: block-diffusion models).
 """
 
 from __future__ import annotations
@@ -88,9 +92,13 @@ class BlockDiffusionStrategy(WindowStrategy):
     def grow(self, state: WindowState) -> None:
         return None  # every block exists from the start
 
+    def region_width(self) -> int:
+        """Positions of a full active region: a block (Fast-dLLM v2: a sub-block)."""
+        return self.size
+
     def next_region(self, state: WindowState, region: Block) -> Block | None:
-        """The region decoded after ``region``: the next block (None after the last)."""
-        end = min(region.end + self.size, state.blocks[-1].end)
+        """The region decoded after ``region`` (None after the last): regions tile each block from its start."""
+        end = min(region.end + self.region_width(), state.blocks[-1].end)
         return Block(region.end, end, fully_active=True) if end > region.end else None
 
     def fill(self, state: WindowState) -> list[int]:
@@ -145,8 +153,9 @@ class BlockDiffusionStrategy(WindowStrategy):
         tokens = self.branch_rows(state, lo, hi, scored)
         if self.cfg.score_span == "next_region" and tokens.shape[0] > 1:
             tokens, hi = self.carry_next_region(state, tokens, hi, scored)
-        # predictions for every mask of the window (the active block): the fill uses the active region's; a
-        # Fast-dLLM v2 lookahead that completes a sub-block leaves the next one predicted, ready to branch on
+        # predictions for every mask of the window (the active block, + the next region when carried): the fill
+        # uses the active region's; a Fast-dLLM v2 lookahead that completes a sub-block leaves the next one
+        # predicted, ready to branch on
         cols = self.masked(state, lo, hi).nonzero()[:, 0]
         return ForwardBatch(tokens, lo, cols, commit=end - lo, block_ids=self.block_ids(lo, hi))
 
@@ -229,10 +238,8 @@ class FastDLLMv2Strategy(BlockDiffusionStrategy):
         block = self.current(state)
         return block.start + 1 if self.first_token_pending(state, block) else block.end
 
-    def next_region(self, state: WindowState, region: Block) -> Block | None:
-        """The next sub-block: in this block, or the next block's first (None after the last)."""
-        end = min(region.end + self.cfg.sub_block, state.blocks[-1].end)
-        return Block(region.end, end, fully_active=True) if end > region.end else None
+    def region_width(self) -> int:
+        return self.cfg.sub_block  # the next region is the next sub-block: in this block, or the next one's first
 
     def stop_end(self, state: WindowState) -> int:
         return state.blocks[-1].end if state.eos_at is None else state.eos_at
