@@ -2,14 +2,15 @@
 
 For each model folder (written by `lopa train --objective block_diffusion`, or a real SDAR / Fast-dLLM v2
 folder): the model's own loop (SDAR's dynamic threshold, or Fast-dLLM v2's sub-blocks, at --tau) and LoPA
-over that loop at each --ks, in the block size the model was trained with, on the same --n problems of
+over that loop at each --ks and each --variants (how branches are scored: DecodeConfig.score_span and
+verify_lookahead, VARIANTS below), in the block size the model was trained with, on the same --n problems of
 lopa's generated GSM8K-format test split, --batch-size problems per engine step. Per run: accuracy, TPF,
 tokens/s, branch rows; per LoPA run the paired accuracy difference against the own loop with a 95% interval.
 Before the timed runs every configuration decodes the first --warm problems once (not reported), so the CUDA
 graphs the runs meet are mostly captured already and no run pays for them alone (tokens/s are warm figures).
 Writes <out>/<model name>/eval.{json,md,png} (lopa eval's format) and <out>/bd_lopa.{json,md}.
 
-    PYTHONPATH=src python3 benchmarks/bd_lopa.py --models runs/bd4,runs/bd32 --n 1000 --batch-size 32 --out $OUT/bd
+    PYTHONPATH=src python3 benchmarks/bd_lopa.py --models runs/bd4,runs/bd32 --n 1000 --batch-size 64 --out $OUT/bd
     PYTHONPATH=src python3 benchmarks/bd_lopa.py --models /tmp/m --n 2 --ks 2 --gen-length 8 --out /tmp/x  # CPU smoke
 """
 
@@ -28,8 +29,18 @@ from lopa.eval.tasks import gsm8k
 from step_latency import git_commit
 
 
-def configs(model, tau: float, ks: list[int], gen_length: int) -> dict:
-    """The own loop first, then LoPA over it at each k; every run in the model's trained block size."""
+# LoPA's branch scoring over a block-diffusion loop: label suffix -> the DecodeConfig fields (both always set,
+# so a run does not depend on their defaults). "paper": Eq. 2 over the active region, every branch competes.
+VARIANTS = {
+    "paper": dict(score_span="active", verify_lookahead=False),
+    "next": dict(score_span="next_region", verify_lookahead=False),
+    "verify": dict(score_span="active", verify_lookahead=True),
+    "next+verify": dict(score_span="next_region", verify_lookahead=True),
+}
+
+
+def configs(model, tau: float, ks: list[int], variants: list[str], gen_length: int) -> dict:
+    """The own loop first, then LoPA over it at each k and variant; every run in the model's trained block size."""
     loop = model.model_type  # "sdar" | "fast_dllm_v2": the strategy of the same name is the model's own loop
     common = dict(tau=tau, gen_length=gen_length, block_size=model.loaded.spec.block_size)
     runs = {f"{loop} tau={tau}": decode_config(None, model.model_type, strategy=loop, **common)}
@@ -38,7 +49,9 @@ def configs(model, tau: float, ks: list[int], gen_length: int) -> dict:
         if k >= region:  # a branch fills one more mask of the active region, which holds at most region - 1 others
             print(f"{model.path.name}: k={k} skipped (the active region holds {region} positions)")
             continue
-        runs[f"lopa k={k}"] = decode_config(None, model.model_type, strategy="lopa", base=loop, k=k, **common)
+        for v in variants:
+            runs[f"lopa k={k} {v}"] = decode_config(None, model.model_type, strategy="lopa", base=loop, k=k,
+                                                    **VARIANTS[v], **common)
     return runs
 
 
@@ -47,6 +60,7 @@ def main() -> None:
     ap.add_argument("--models", required=True, help="comma-separated model folders")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--ks", default="3,7")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"LoPA runs per k, of {', '.join(VARIANTS)}")
     ap.add_argument("--tau", type=float, default=0.9)
     ap.add_argument("--gen-length", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -57,13 +71,16 @@ def main() -> None:
     args = ap.parse_args()
     problems = gsm8k(None, args.n)
     ks = [int(k) for k in args.ks.split(",")]
+    variants = args.variants.split(",")
+    if not variants or set(variants) - set(VARIANTS):
+        raise SystemExit(f"--variants: of {', '.join(VARIANTS)}, got {args.variants!r}")
     summary = []
     for folder in args.models.split(","):
         model = lopa.load_model(folder, runner=lopa.RunnerConfig(device=args.device, dtype=args.dtype,
                                                                  max_num_seqs=args.batch_size))
         if not model.config.block_diffusion:
             raise SystemExit(f"{folder}: a {model.model_type} model, not a block-diffusion one")
-        runs = configs(model, args.tau, ks, args.gen_length)
+        runs = configs(model, args.tau, ks, variants, args.gen_length)
         if args.warm:
             run_eval(model, problems[:args.warm], runs, progress=False)
         reports = run_eval(model, problems, runs, progress=False)

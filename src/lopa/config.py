@@ -21,6 +21,7 @@ CONFIDENCES = ("prob", "neg_entropy", "margin")
 ATTENTIONS = ("full", "block_causal")
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 COMPATS = ("published",)
+SCORE_SPANS = ("active", "next_region")
 
 
 def _check(ok: bool, name: str, message: str) -> None:
@@ -119,6 +120,12 @@ class DecodeConfig:
     fold_commit: bool = _setting(True, "Block diffusion: commit a finished block's K/V from the forward that starts "
                                        "the next block; false = one extra forward per finished block (the published "
                                        "loops' cache update).")
+    score_span: str = _setting("active", "LoPA over a block-diffusion loop: what a branch's score averages over: "
+                                         "active (its unfilled positions of the active region) | next_region (and "
+                                         "the next region's, carried in the window as masks: SDAR's next block, "
+                                         "Fast-dLLM v2's next sub-block).")
+    verify_lookahead: bool = _setting(True, "LoPA over a block-diffusion loop: a lookahead branch competes only if "
+                                            "the anchor row of the same forward predicts the token it placed.")
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -135,6 +142,7 @@ class DecodeConfig:
         _check(self.k >= 0, "k", f"must be >= 0, got {self.k}")
         _check(self.base in BASES, "base", f"must be one of {BASES}, got {self.base!r}")
         _check(self.sub_block >= 1, "sub_block", f"must be >= 1, got {self.sub_block}")
+        _check(self.score_span in SCORE_SPANS, "score_span", f"must be one of {SCORE_SPANS}, got {self.score_span!r}")
         if self.block_diffusion:
             _check(self.attention in (None, "block_causal"), "attention", f"block-diffusion decoding ({self.loop}) "
                                                                           f"is block-causal; got {self.attention!r}")

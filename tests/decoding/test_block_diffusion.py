@@ -3,6 +3,8 @@
 it, EOS inside a block; the folded commit against the extra-forward loop (tokens and committed K/V);
 LoPA k = 0 against the model's own loop; batched against alone."""
 
+import math
+
 import pytest
 import torch
 
@@ -35,6 +37,10 @@ def reference(name, model, hf, prompt, tau):
     return fast_dllm_v2_reference(hf, spec, prompt, GEN, size, 4, tau)
 
 
+OPTIONS = dict(score_span="next_region", verify_lookahead=True)  # LoPA's options over these loops, both on
+PAPER = dict(score_span="active", verify_lookahead=False)  # both off: Eq. 2 over the active region, as the paper
+
+
 def own(name, **kw):
     return dict(strategy=name, gen_length=GEN, sub_block=4, **kw)  # sub-blocks of 4 in the tiny v2's blocks of 8
 
@@ -58,9 +64,10 @@ def test_matches_the_reference_loop(family):
     assert eos_mid_block and multi  # the cases exercised what they claim to
 
 
-@pytest.mark.parametrize("k", [0, 3])
+@pytest.mark.parametrize("branching", [dict(k=0), dict(k=3, **PAPER), dict(k=3, **OPTIONS)],
+                         ids=["k0", "k3", "k3-options"])
 @pytest.mark.parametrize("name", ["sdar", "fast_dllm_v2"])
-def test_folded_commit_equals_the_extra_forward_loop(name, k, request, monkeypatch):
+def test_folded_commit_equals_the_extra_forward_loop(name, branching, request, monkeypatch):
     """Same tokens and the same committed K/V; SDAR saves one forward per block finished before the last."""
     model = load_model(request.getfixturevalue(f"tiny_{name}_dir"), runner=RunnerConfig(device="cpu", dtype="float64"))
     monkeypatch.setattr(model.runner, "shrink", lambda: None)  # keep the idle engine's pool: its K/V are compared
@@ -68,7 +75,7 @@ def test_folded_commit_equals_the_extra_forward_loop(name, k, request, monkeypat
     for prompt in PROMPTS[1:3]:  # on a block boundary and past it
         runs = []
         for fold in (True, False):
-            cfg = DecodeConfig(**own("lopa", base=name, k=k, tau=0.9, fold_commit=fold, block_size=size))
+            cfg = DecodeConfig(**own("lopa", base=name, tau=0.9, fold_commit=fold, block_size=size, **branching))
             seq = model.engine.prepare(prompt, cfg)
             with torch.inference_mode():
                 (out,) = model.engine.generate([seq])
@@ -88,19 +95,39 @@ def test_lopa_k0_is_the_models_own_loop_and_lopa_verifies_branches(family):
     name, model, _ = family
     for prompt in PROMPTS:
         base = generate(model, prompt, **own(name, tau=0.9), trace=True)
-        k0 = generate(model, prompt, **own("lopa", tau=0.9, base=name, k=0), trace=True)
-        assert k0.token_ids == base.token_ids and [s.filled for s in k0.trace] == [s.filled for s in base.trace]
+        for options in (PAPER, OPTIONS):
+            k0 = generate(model, prompt, **own("lopa", tau=0.9, base=name, k=0, **options), trace=True)
+            assert k0.token_ids == base.token_ids and [s.filled for s in k0.trace] == [s.filled for s in base.trace]
     lopa = generate(model, PROMPTS[3], **own("lopa", tau=0.9, base=name, k=3), trace=True)
     assert lopa.stats.branch_rows > lopa.stats.decode_forwards  # several branches verified in one forward
 
 
 def test_batched_equals_alone(family):
     name, model, _ = family
-    for kw in (own(name, tau=0.4), own("lopa", tau=0.9, base=name, k=3)):
+    for kw in (own(name, tau=0.4), own("lopa", tau=0.9, base=name, k=3, **PAPER),
+               own("lopa", tau=0.9, base=name, k=3, **OPTIONS)):
         alone = [generate(model, p, **kw).token_ids for p in PROMPTS]
         together = generate_many(model, list(PROMPTS), **kw)
         assert [r.token_ids for r in together] == alone
     assert model.engine.counters.requests_per_step > 1
+
+
+def test_branch_options_on_a_model(family):
+    """score_span "next_region": no winner scores +inf (an empty set) but in the last block, where there is no
+    next region; verify_lookahead: some lookahead is vetoed (-inf), never the anchor, never the winner."""
+    name, model, _ = family
+    steps = {"active": [], "next_region": [], "verify": []}  # (the last block's start, a branched step)
+    for prompt in PROMPTS:
+        last = (len(prompt) + GEN - 1) // model.loaded.spec.block_size * model.loaded.spec.block_size
+        for label, options in (("active", PAPER), ("next_region", dict(PAPER, score_span="next_region")),
+                               ("verify", dict(PAPER, verify_lookahead=True))):
+            out = generate(model, prompt, **own("lopa", tau=0.9, base=name, k=3, **options), trace=True)
+            steps[label] += [(last, s) for s in out.trace if s.scores]
+    empty_before_last = lambda last, s: s.scores[s.winner] == math.inf and min(s.filled) < last  # noqa: E731
+    assert any(empty_before_last(*x) for x in steps["active"])  # the case the option is for
+    assert not any(empty_before_last(*x) for x in steps["next_region"])
+    vetoed = [s for _, s in steps["verify"] if -math.inf in s.scores]
+    assert vetoed and all(s.scores[0] > -math.inf and s.scores[s.winner] > -math.inf for s in vetoed)
 
 
 def test_defaults_presets_and_errors(family):

@@ -21,6 +21,23 @@ runs the extra forward instead; tests/decoding/test_block_diffusion.py checks bo
 LoPA over these loops (``strategy="lopa", base="sdar" | "fast_dllm_v2"``): k lookahead branches, each the
 anchor plus one more of the active region's most confident masks, verified in the same forward; with k = 0
 the loop is exactly the model's own (window.py's contract).
+
+What a branch's score (Eq. 2) averages over (``DecodeConfig.score_span``):
+    active       its unfilled positions of the active region. In a small region a lookahead often fills its
+                 last mask; its set is then empty and it scores +inf (confidence.py), so it wins whatever
+                 token it forced in.
+    next_region  those plus the next region's positions (SDAR: the next block; Fast-dLLM v2: the next
+                 sub-block), carried in the window as masks when the forward branches. Under the block-causal
+                 mask they see the branch's tokens, so every branch has a non-empty set and the one that
+                 completes the region is scored by how well the next region reads after it. Candidates and
+                 fills stay in the active region. A branch that completed the region predicted the next one
+                 exactly as the next forward would (same tokens before it, same masks in it), so when it wins
+                 the fill goes on there (the paper's "logits repurposed for the subsequent decoding step");
+                 predictions past the current block made while it still had a mask are dropped.
+A lookahead writes the previous forward's guess into a mask; ``verify_lookahead`` lets it compete only if the
+anchor row of the same forward (every token of the branch but that one) still predicts that token there, else it
+scores -inf. In small regions the candidates are the leftovers below tau, whose guesses often change once their
+neighbours are filled (docs/results.md: block-diffusion models).
 """
 
 from __future__ import annotations
@@ -46,9 +63,11 @@ class BlockDiffusionStrategy(WindowStrategy):
         self.size = cfg.block_size
 
     def kv_need(self, prompt_len: int, gen_length: int) -> int:
-        """KV positions a request's slot must hold: a forward writes K rows of at most two blocks (+1 column)
-        after a committed prefix that is at most the canvas, plus the trash slot."""
-        return prompt_len + gen_length + (self.lookahead + 1) * (2 * self.size + 1) + 1
+        """KV positions a request's slot must hold: a forward writes K rows of at most two blocks (+1 column;
+        + the next region under score_span "next_region") after a committed prefix that is at most the canvas,
+        plus the trash slot."""
+        blocks = 3 if self.cfg.score_span == "next_region" else 2
+        return prompt_len + gen_length + (self.lookahead + 1) * (blocks * self.size + 1) + 1
 
     # -- the block layout ---------------------------------------------------------------------------
     def initial_blocks(self, prompt_len: int) -> list[Block]:
@@ -73,10 +92,21 @@ class BlockDiffusionStrategy(WindowStrategy):
     def grow(self, state: WindowState) -> None:
         return None  # every block exists from the start
 
+    def region_width(self) -> int:
+        """Positions of a full active region: a block (Fast-dLLM v2: a sub-block)."""
+        return self.size
+
+    def next_region(self, state: WindowState, region: Block) -> Block | None:
+        """The region decoded after ``region`` (None after the last): regions tile each block from its start."""
+        end = min(region.end + self.region_width(), state.blocks[-1].end)
+        return Block(region.end, end, fully_active=True) if end > region.end else None
+
     def fill(self, state: WindowState) -> list[int]:
         region = self.active(state)
         if region is None:
             return []
+        current = self.current(state)
+        state.pred_ok[current.end:] = False  # made while the current block had a mask: not what its next forward sees
         return fill_block(state.canvas, region, self.spec.mask_id, self.cfg.tau,
                           state.pred_tok, state.pred_prob, state.pred_conf, state.pred_ok)
 
@@ -121,13 +151,40 @@ class BlockDiffusionStrategy(WindowStrategy):
         hi = self.window_end(state)
         scored = self.scored(state)
         tokens = self.branch_rows(state, lo, hi, scored)
-        # predictions for every mask of the window (the active block): the fill uses the active region's; a
-        # Fast-dLLM v2 lookahead that completes a sub-block leaves the next one predicted, ready to branch on
+        if self.cfg.score_span == "next_region" and tokens.shape[0] > 1:
+            tokens, hi = self.carry_next_region(state, tokens, hi, scored)
+        # predictions for every mask of the window (the active block, + the next region when carried): the fill
+        # uses the active region's; a Fast-dLLM v2 lookahead that completes a sub-block leaves the next one
+        # predicted, ready to branch on
         cols = self.masked(state, lo, hi).nonzero()[:, 0]
         return ForwardBatch(tokens, lo, cols, commit=end - lo, block_ids=self.block_ids(lo, hi))
 
+    def carry_next_region(self, state: WindowState, tokens: torch.Tensor, hi: int, scored: list[int]):
+        """tokens [K, hi - lo] -> [K, hi' - lo]: the window runs to the end of the region after the active one
+        (its masks: every row the same), and the score set of the pending forward takes its masks too."""
+        nxt = self.next_region(state, self.active(state))
+        if nxt is None:
+            return tokens, hi
+        end = max(hi, nxt.end)
+        extra = state.canvas[hi:end].expand(tokens.shape[0], -1)  # [K, end - hi] masks
+        score_set = scored + (self.masked(state, nxt.start, nxt.end).nonzero()[:, 0] + nxt.start).tolist()
+        state.pending = (score_set, state.pending[1])
+        return torch.cat([tokens, extra], 1), end
+
     def window_end(self, state: WindowState) -> int:
         return self.current(state).end
+
+    def branch_scores(self, batch: ForwardBatch, preds: Predictions, scored: list[int], extra: list) -> torch.Tensor:
+        """Eq. 2, and under ``verify_lookahead`` a lookahead whose token the anchor row of this forward does not
+        predict at its position scores -inf (the anchor row holds the branch's tokens but that one)."""
+        score = super().branch_scores(batch, preds, scored, extra)  # [K]
+        if not self.cfg.verify_lookahead:
+            return score
+        look = torch.tensor(extra[1:]) - batch.start  # [K-1] window column of each lookahead
+        cols = torch.searchsorted(batch.logit_cols, look)  # [K-1] its predicted column (a mask in the anchor row)
+        drafted = batch.tokens[1:].gather(1, look[:, None])[:, 0]  # [K-1] the token the branch placed there
+        agree = torch.cat([torch.ones(1, dtype=torch.bool), preds.tokens[0, cols] == drafted])  # [K]
+        return score.masked_fill(~agree, float("-inf"))
 
     def accept(self, state: DecodeState, batch: ForwardBatch, preds: Predictions) -> int:
         if batch.prefill and batch.logit_cols.numel():  # a prefill that also predicts (Fast-dLLM v2's first token)
@@ -180,6 +237,9 @@ class FastDLLMv2Strategy(BlockDiffusionStrategy):
     def window_end(self, state: WindowState) -> int:
         block = self.current(state)
         return block.start + 1 if self.first_token_pending(state, block) else block.end
+
+    def region_width(self) -> int:
+        return self.cfg.sub_block  # the next region is the next sub-block: in this block, or the next one's first
 
     def stop_end(self, state: WindowState) -> int:
         return state.blocks[-1].end if state.eos_at is None else state.eos_at

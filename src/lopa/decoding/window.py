@@ -163,16 +163,11 @@ class WindowStrategy(Strategy):
             state.cached += batch.commit
             return 0
         scored, extra = state.pending
-        lo = batch.start
         K = batch.tokens.shape[0]
         scores: list[float] = []
         winner = 0
         if K > 1:
-            col_of = {int(c): j for j, c in enumerate(batch.logit_cols)}
-            in_set = torch.zeros(len(col_of), dtype=torch.bool)
-            in_set[[col_of[p - lo] for p in scored if p - lo in col_of]] = True
-            still = batch.tokens[:, batch.logit_cols] == self.spec.mask_id  # [K, C]
-            score = self.score(preds.conf, still & in_set, self.rng)  # [K]
+            score = self.branch_scores(batch, preds, scored, extra)  # [K]
             winner = int(torch.argmax(score))  # first maximum: ties go to the lower row
             scores = score.tolist()
         fills = [len(self.apply_row(self.what_if(state, batch), batch, preds, r, extra)) for r in range(K)] \
@@ -184,6 +179,15 @@ class WindowStrategy(Strategy):
         if self.cfg.trace:
             state.trace.append(Step(filled, winner, scores, fills))
         return winner
+
+    def branch_scores(self, batch: ForwardBatch, preds: Predictions, scored: list[int], extra: list) -> torch.Tensor:
+        """[K] each row's branch confidence over its still-masked positions of the scored set."""
+        lo = batch.start
+        col_of = {int(c): j for j, c in enumerate(batch.logit_cols)}
+        in_set = torch.zeros(len(col_of), dtype=torch.bool)
+        in_set[[col_of[p - lo] for p in scored if p - lo in col_of]] = True
+        still = batch.tokens[:, batch.logit_cols] == self.spec.mask_id  # [K, C]
+        return self.score(preds.conf, still & in_set, self.rng)
 
     def apply_row(self, state: WindowState, batch: ForwardBatch, preds: Predictions, row: int, extra: list) -> list[int]:
         """Make ``row`` the canvas, its predictions the current ones, then fill; return the positions filled.
