@@ -5,7 +5,8 @@ folder): the model's own loop (SDAR's dynamic threshold, or Fast-dLLM v2's sub-b
 over that loop at each --ks and each --variants (how branches are scored: DecodeConfig.score_span and
 verify_lookahead, VARIANTS below), in the block size the model was trained with, on the same --n problems of
 lopa's generated GSM8K-format test split, --batch-size problems per engine step. Per run: accuracy, TPF,
-tokens/s, branch rows; per LoPA run the paired accuracy difference against the own loop with a 95% interval.
+tokens/s, branch rows; per LoPA run the paired accuracy difference against the own loop with a 95% interval,
+and per variant against the paper's scoring at the same k (eval.md also pairs next+verify with verify).
 Before the timed runs every configuration decodes the first --warm problems once (not reported), so the CUDA
 graphs the runs meet are mostly captured already and no run pays for them alone (tokens/s are warm figures).
 Writes <out>/<model name>/eval.{json,md,png} (lopa eval's format) and <out>/bd_lopa.{json,md}.
@@ -55,6 +56,23 @@ def configs(model, tau: float, ks: list[int], variants: list[str], gen_length: i
     return runs
 
 
+def variant_pairs(reports: list) -> list[tuple]:
+    """(a, b) report pairs beyond the own loop: each variant against the paper's scoring at its k, and
+    next+verify against verify (what score_span adds under the check)."""
+    by_label = {r.label: r for r in reports}
+    out = []
+    for r in reports[1:]:
+        k_label, _, variant = r.label.rpartition(" ")
+        for base, of in (("paper", variant != "paper"), ("verify", variant == "next+verify")):
+            if of and f"{k_label} {base}" in by_label:
+                out.append((by_label[f"{k_label} {base}"], r))
+    return out
+
+
+def interval(p: dict | None) -> str:
+    return f"{100 * p['difference']:+.1f} ({100 * p['ci95'][0]:+.1f} to {100 * p['ci95'][1]:+.1f})" if p else ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", required=True, help="comma-separated model folders")
@@ -85,28 +103,29 @@ def main() -> None:
             run_eval(model, problems[:args.warm], runs, progress=False)
         reports = run_eval(model, problems, runs, progress=False)
         pairs = [paired_difference(reports[0], r) for r in reports[1:]]
+        against = variant_pairs(reports)
+        pairs += [paired_difference(a, b) for a, b in against]
         meta = dict(model=folder, block_size=model.loaded.spec.block_size, device=str(model.runner.device),
                     dtype=str(model.runner.dtype), n=len(problems), batch_size=args.batch_size, warm=args.warm,
                     commit=git_commit(),
                     date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         write_reports(reports, pairs, args.out / Path(folder).name, meta)
         for r in reports:
-            pair = next((p for p in pairs if p["b"] == r.label), None)
+            own = next((p for p in pairs if p["b"] == r.label and p["a"] == reports[0].label), None)
+            paper = next((p for p in pairs if p["b"] == r.label and p["a"].endswith(" paper")), None)
             summary.append({"model": Path(folder).name, "block_size": meta["block_size"], **r.summary(),
-                            "paired_vs_own": pair})
+                            "paired_vs_own": own, "paired_vs_paper": paper})
         model.close()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bd_lopa.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                        "rows": summary}, indent=1, default=str))
-    lines = ["| model | block | run | n | accuracy | TPF | tokens/s | rows/forward | accuracy vs own loop (95% CI) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | block | run | n | accuracy | TPF | tokens/s | rows/forward | accuracy vs own loop (95% CI) "
+             "| vs lopa paper, same k (95% CI) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
-        p = s["paired_vs_own"]
-        paired = (f"{100 * p['difference']:+.1f} ({100 * p['ci95'][0]:+.1f} to {100 * p['ci95'][1]:+.1f})"
-                  if p else "")
         lines.append(f"| {s['model']} | {s['block_size']} | {s['label']} | {s['n']} | {100 * s['accuracy']:.1f}% | "
                      f"{s['tpf']:.2f} | {s['tokens_per_s']:.0f} | "
-                     f"{s['branch_rows'] / max(1, s['decode_forwards']):.2f} | {paired} |")
+                     f"{s['branch_rows'] / max(1, s['decode_forwards']):.2f} | {interval(s['paired_vs_own'])} | "
+                     f"{interval(s['paired_vs_paper'])} |")
     (args.out / "bd_lopa.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -130,6 +130,23 @@ def test_branch_options_on_a_model(family):
     assert vetoed and all(s.scores[0] > -math.inf and s.scores[s.winner] > -math.inf for s in vetoed)
 
 
+def test_next_region_under_branch_parallel(tiny_sdar_dir, tiny_fast_dllm_v2_dir):
+    """2 gloo ranks = one process with both options on. A forward after a reused next-block fill branches while
+    it commits the finished block, so here K/V do travel (Commit-Winner-Cache), equal on every rank."""
+    for name, folder in (("sdar", tiny_sdar_dir), ("fast_dllm_v2", tiny_fast_dllm_v2_dir)):
+        ref = load_model(folder, runner=RunnerConfig(device="cpu", dtype="float64"))
+        bp = load_model(folder, runner=RunnerConfig(device="cpu", dtype="float64", branch_parallel=2, bp_check=True,
+                                                    bp_timeout_s=60))
+        try:
+            kw = own("lopa", base=name, k=3, tau=0.9, **OPTIONS)
+            for prompt in PROMPTS:
+                a, b = generate(ref, prompt, **kw), generate(bp, prompt, **kw)
+                assert b.token_ids == a.token_ids and b.stats.decode_forwards == a.stats.decode_forwards
+            assert bp.engine.bp.broadcasts > 0 and bp.engine.bp.kv_max_diff == 0.0
+        finally:
+            bp.close()
+
+
 def test_defaults_presets_and_errors(family):
     name, model, _ = family
     default = generate(model, PROMPTS[0], gen_length=8)
