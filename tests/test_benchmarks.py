@@ -143,11 +143,22 @@ def test_step_latency_block_diffusion_shapes(tmp_path):
 
 def test_bd_lopa_pairs_lopa_with_the_models_own_loop(tmp_path, tiny_sdar_dir):
     run("bd_lopa.py", "--models", str(tiny_sdar_dir), "--n", "2", "--ks", "2", "--gen-length", "8",
-        "--batch-size", "2", "--device", "cpu", "--out", str(tmp_path))
+        "--batch-size", "2", "--variants", "paper,next+verify", "--warm", "1", "--device", "cpu", "--out", str(tmp_path))
     rows = json.loads((tmp_path / "bd_lopa.json").read_text())["rows"]
-    assert [r["label"] for r in rows] == ["sdar tau=0.9", "lopa k=2"] and all(r["n"] == 2 for r in rows)
-    assert rows[0]["paired_vs_own"] is None and rows[1]["paired_vs_own"]["n"] == 2
+    assert [r["label"] for r in rows] == ["sdar tau=0.9", "lopa k=2 paper", "lopa k=2 next+verify"]
+    assert all(r["n"] == 2 for r in rows)
+    assert rows[0]["paired_vs_own"] is None and all(r["paired_vs_own"]["n"] == 2 for r in rows[1:])
     assert (tmp_path / tiny_sdar_dir.name / "eval.json").is_file()
+
+
+def test_bd_diagnose_counts_the_winners(tiny_sdar_dir):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bd_diagnose.py"), "--model", str(tiny_sdar_dir),
+                          "--n", "2", "--k", "2", "--device", "cpu", "--dtype", "float32"], check=True, env=env,
+                         cwd=ROOT, capture_output=True, text=True, timeout=600).stdout
+    (row,) = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert row["iterations"] > 0 and 0 <= row["wins_disagree"] <= row["lookahead_wins"] <= row["iterations"]
+    assert row["rows_disagree"] <= row["rows"] and 0.0 <= row["accuracy"] <= 1.0 and row["tpf"] >= 1.0
 
 
 def test_host_step_tiny_pairs_both_paths(tmp_path):

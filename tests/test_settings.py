@@ -21,7 +21,7 @@ SAMPLE = {"strategy": "d2f", "gen_length": 40, "block_size": 8, "tau": 0.7, "add
           "complete_threshold": 0.8, "k": 3, "base": "threshold", "temperature": 0.5, "top_p": 0.9, "seed": 11,
           "confidence": "margin", "branch_confidence": "top_m", "branch_m": 3, "k_policy": "text",
           "attention": "full", "steps": 20, "alg": "origin", "max_rounds": 50, "trace": True, "compat": "published",
-          "sub_block": 4, "fold_commit": False, "score_span": "next_region", "verify_lookahead": False}
+          "sub_block": 4, "fold_commit": False, "score_span": "active", "verify_lookahead": False}
 FIELDS = [f.name for f in dataclasses.fields(DecodeConfig)]
 runner = CliRunner()
 

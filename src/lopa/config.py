@@ -120,10 +120,10 @@ class DecodeConfig:
     fold_commit: bool = _setting(True, "Block diffusion: commit a finished block's K/V from the forward that starts "
                                        "the next block; false = one extra forward per finished block (the published "
                                        "loops' cache update).")
-    score_span: str = _setting("active", "LoPA over a block-diffusion loop: what a branch's score averages over: "
-                                         "active (its unfilled positions of the active region) | next_region (and "
-                                         "the next region's, carried in the window as masks: SDAR's next block, "
-                                         "Fast-dLLM v2's next sub-block).")
+    score_span: str = _setting("next_region", "LoPA over a block-diffusion loop: what a branch's score averages "
+                                              "over: next_region (its unfilled positions of the active region and of "
+                                              "the next region, carried in the window as masks: SDAR's next block, "
+                                              "Fast-dLLM v2's next sub-block) | active (the active region's only).")
     verify_lookahead: bool = _setting(True, "LoPA over a block-diffusion loop: a lookahead branch competes only if "
                                             "the anchor row of the same forward predicts the token it placed.")
 

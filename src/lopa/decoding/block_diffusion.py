@@ -26,7 +26,7 @@ What a branch's score (Eq. 2) averages over (``DecodeConfig.score_span``):
     active       its unfilled positions of the active region. In a small region a lookahead often fills its
                  last mask; its set is then empty and it scores +inf (confidence.py), so it wins whatever
                  token it forced in.
-    next_region  those plus the next region's positions (SDAR: the next block; Fast-dLLM v2: the next
+    next_region  (the default) those plus the next region's positions (SDAR: the next block; Fast-dLLM v2: the next
                  sub-block), carried in the window as masks when the forward branches. Under the block-causal
                  mask they see the branch's tokens, so every branch has a non-empty set and the one that
                  completes the region is scored by how well the next region reads after it. Candidates and
