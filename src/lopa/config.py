@@ -323,8 +323,8 @@ class RunnerConfig:
     # On a GPU, capture every static-path graph (B bucket x query bucket, up to max_num_seqs and
     # max_num_batched_tokens) inside load_model, so nothing captures or compiles while requests run; prompt
     # prefills run on the same shapes (each prompt padded to a query bucket). Start-up time and GPU memory are
-    # logged (H100, embedded model, before FlexAttention compiled once per query bucket: 156 s, 73 graphs, 1.7 GiB;
-    # a second start on the same machine reuses torch's on-disk kernel caches). False: each shape captures on first
+    # logged (H200, embedded model, max_num_seqs 8: 146 graphs in 71 s, 1.7 GiB; 18 s on a second start on the
+    # same machine, which reuses torch's on-disk kernel caches). False: each shape captures on first
     # use (fast start; every new shape, prompt lengths included, costs ~1-2 s while requests wait). `lopa serve`
     # turns it on
     warmup: bool = False

@@ -50,6 +50,9 @@ class Metrics:
                                 registry=r)
         self.eager_steps = Gauge("lopa_eager_decode_steps", "Greedy decode steps run eagerly because their shape "
                                  "was not captured at start-up", registry=r)
+        self.eager_prefills = Gauge("lopa_eager_prefill_steps", "Prefill steps run eagerly with exact shapes because "
+                                    "no start-up shape held them (a prompt past the largest warmed query bucket)",
+                                    registry=r)
         self.device_steps = Gauge("lopa_device_decode_steps", "Decode steps that iterated every request at once on "
                                   "the device (RunnerConfig.device_step)", registry=r)
         for status in ("ok", "cancelled", "error", "rejected"):
@@ -62,6 +65,7 @@ class Metrics:
             self.captures.set(counters.captures_after_start)
             self.recompiles.set(counters.recompiles_after_start)
             self.eager_steps.set(counters.eager_decode_steps)
+            self.eager_prefills.set(counters.eager_prefill_steps)
             self.device_steps.set(counters.device_steps)
         self.running.set(running)
         self.waiting.set(waiting)
