@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .fused import mark_batch_dynamic
+
 
 def block_causal_mask(block_ids: torch.Tensor) -> torch.Tensor:
     """[T] block index per position -> [T, T]: position i sees j iff block(j) <= block(i) (D2F's mask)."""
@@ -79,7 +81,7 @@ def step_block_mask(P: torch.Tensor, branch: torch.Tensor, block: torch.Tensor, 
     # fresh tensors, not views into the packed step: torch.compile guards on a view's offset and strides, which
     # change with B and Qb (one more compile per batch bucket)
     P, branch, block = (x.clone(memory_format=torch.contiguous_format) for x in (P, branch, block))
-    _batch_dynamic(P, branch, block)
+    mark_batch_dynamic(P, branch, block)
 
     def mask_mod(b, h, i, kv):
         n = branch.shape[1]  # Qb, static for torch.compile (an int in the closure turns dynamic at its 2nd value)
@@ -99,15 +101,6 @@ def step_block_mask(P: torch.Tensor, branch: torch.Tensor, block: torch.Tensor, 
     mask = BlockMask.from_kv_blocks(grid(end - full), tile_grid(partial_idx), grid(full),
                                     tile_grid(tiles[None, None, None]), BLOCK_SIZE=size, mask_mod=mask_mod,
                                     seq_lengths=(groups * Qb, capacity), compute_q_blocks=False)
-    _batch_dynamic(mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices)
+    mark_batch_dynamic(mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices)
     return mask
 
-
-def _batch_dynamic(*tensors: torch.Tensor) -> None:
-    """Tell torch.compile that dim 0 (the batch bucket B) of what the compiled FlexAttention reads may vary and
-    everything else is fixed, so the kernel compiles once per query bucket for every B (models/fused.py:
-    _static_queries). Only marks: nothing changes in eager code."""
-    for t in tensors:
-        torch._dynamo.maybe_mark_dynamic(t, 0)
-        for dim in range(1, t.dim()):
-            torch._dynamo.mark_static(t, dim)

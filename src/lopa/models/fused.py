@@ -142,10 +142,7 @@ def _static_queries(fn: Callable, tracing: Tracing) -> Callable:
     v are marked here, those of the block mask's tensors where it is built (models/attention.py). Size-oblivious
     reasoning keeps a first call with B = 1 from specializing on 1 (torch otherwise compiles B = 1 apart)."""
     def call(q, k, v, block_mask, **kw):
-        for x in (q, k, v):
-            torch._dynamo.maybe_mark_dynamic(x, 0)
-            for dim in range(1, x.dim()):
-                torch._dynamo.mark_static(x, dim)
+        mark_batch_dynamic(q, k, v)
         if not tracing.on:
             return fn(q, k, v, block_mask=block_mask, **kw)
         with torch._dynamo.config.patch(**_LIMITS):
@@ -159,6 +156,16 @@ def _static_queries(fn: Callable, tracing: Tracing) -> Callable:
                                   f"({type(err).__name__}: {err}); B = 1 compiles apart", RuntimeWarning, stacklevel=2)
             return fn(q, k, v, block_mask=block_mask, **kw)
     return call
+
+
+def mark_batch_dynamic(*tensors: torch.Tensor) -> None:
+    """Tell torch.compile that dim 0 (the batch bucket B) of what the compiled FlexAttention reads may vary and
+    everything else is fixed, so the kernel compiles once per query bucket for every B: q, k, v here, the block
+    mask's tensors where it is built (models/attention.py). Only marks: nothing changes in eager code."""
+    for t in tensors:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+        for dim in range(1, t.dim()):
+            torch._dynamo.mark_static(t, dim)
 
 
 @contextlib.contextmanager
