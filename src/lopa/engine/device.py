@@ -119,9 +119,7 @@ class DevicePath:
         if n != self._live_n:
             self.live.copy_(torch.arange(self.live.shape[0], device=self.live.device) < n)
             self._live_n = n
-        if measures not in self._luts:  # a request's measure (CONFIDENCES index) -> its index in the step's list
-            index = [measures.index(m) if m in measures else 0 for m in CONFIDENCES]
-            self._luts[measures] = torch.tensor(index, device=self.live.device)
+        self._lut(measures)
         if self.runner.group.distributed:
             out = self._update_spread(seqs, measures, scores)
         else:
@@ -131,6 +129,14 @@ class DevicePath:
             self.host[b] = row[2:5]
         self.runner.set_lengths([row[2] for row in rows])
         return rows
+
+    def _lut(self, measures: tuple[str, ...]) -> torch.Tensor:
+        """A request's measure (CONFIDENCES index) -> its index in the step's list ``measures``, made once per list
+        (graphs read it in place)."""
+        if measures not in self._luts:
+            index = [measures.index(m) if m in measures else 0 for m in CONFIDENCES]
+            self._luts[measures] = torch.tensor(index, device=self.live.device)
+        return self._luts[measures]
 
     def _shape(self, host: list[list[int]], eager: bool = False) -> tuple[int, int, int | None, int, int]:
         """(B, Qb, Lb, Wm, R) of the update over the requests whose [cached, rows, width] are ``host``: the runner's
@@ -260,24 +266,14 @@ class DevicePath:
         static path's GraphStats, whose start-up then ends again (GraphExecutor.started). ``on_graph(done,
         total)`` after each key. Returns the number of keys."""
         runner = self.runner
-        cuda = runner.device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize(runner.device)
-            free0 = torch.cuda.mem_get_info(runner.device)[0]
-        t0 = time.perf_counter()
-        # a canvas (prompt + gen_length) fits the context (decoding/base.py) and its KV slot; allocated outside
-        # inference mode, as lazily grown slots are: load() may write them from either mode
-        self._reserve(runner.pool.slots, min(runner.pool.capacity, self.spec.max_length), self.max_lookahead)
-        self.live.zero_()  # every row a free slot: the updates below change no request
-        self._live_n = 0
-        self._capture_all(shapes, on_graph)
-        graphs = runner.graphs
-        if cuda:
-            torch.cuda.synchronize(runner.device)
-            graphs.stats.warmup_bytes += max(0, free0 - torch.cuda.mem_get_info(runner.device)[0])
-        graphs.stats.warmup_s += time.perf_counter() - t0
-        graphs.stats.warmup_graphs += len(shapes)
-        graphs.started()
+        with runner.graphs.measured(len(shapes)):
+            # a canvas (prompt + gen_length) fits the context (decoding/base.py) and its KV slot; allocated outside
+            # inference mode, as lazily grown slots are: load() may write them from either mode
+            self._reserve(runner.pool.slots, min(runner.pool.capacity, self.spec.max_length), self.max_lookahead)
+            self.live.zero_()  # every row a free slot: the updates below change no request
+            self._live_n = 0
+            self._capture_all(shapes, on_graph)
+        runner.graphs.started()
         self.warm = True
         return len(shapes)
 
@@ -285,8 +281,7 @@ class DevicePath:
     def _capture_all(self, shapes: list[tuple[int, int]], on_graph) -> None:
         graphs = self.runner.graphs
         measures, scores = (DecodeConfig.confidence,), (DecodeConfig.branch_confidence,)
-        self._luts[measures] = torch.tensor([measures.index(m) if m in measures else 0 for m in CONFIDENCES],
-                                            device=self.live.device)
+        self._lut(measures)
         self._captured_for = (self._generation, graphs.pool)
         for done, (B, Qb) in enumerate(shapes, 1):
             Wm, R = self._widths(Qb)

@@ -31,6 +31,7 @@ On a CPU the same path runs without capture (the tests check it against eager).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -231,32 +232,45 @@ class GraphExecutor:
         """Capture (or, without capture, run once) every key now; afterwards nothing captures. The pool must be
         at its final size. ``on_graph(done, total)`` after each key (progress bars)."""
         cuda = self.runner.device.type == "cuda"
+        self._compiled0 = compiles()
+        with self.measured(len(keys)):
+            for done, key in enumerate(keys, 1):
+                self._warm_key(key, cuda)
+                if on_graph is not None:
+                    on_graph(done, len(keys))
+        return self.started()
+
+    def _warm_key(self, key: tuple, cuda: bool) -> None:
+        """Capture (or run once) one key, timed with the compiles it took."""
+        t, c = time.perf_counter(), compiles()
+        if key not in self.statics:
+            st = self._new(key)
+            pack([], st.host, self.runner.spec.mask_id)  # all padding: only the shapes matter
+            st.inputs.copy_(st.host)
+            if self.capture:
+                self._capture(st, key[3], key[4])
+            else:
+                st.out = self._body(st.inputs, 0, st.Lb, key[3], key[4])
+        if cuda:
+            torch.cuda.synchronize(self.runner.device)
+        self.stats.warmup_key_s.append(time.perf_counter() - t)
+        self.stats.warmup_key_compiles.append(compiles() - c)
+
+    @contextlib.contextmanager
+    def measured(self, graphs: int):
+        """Add a warm-up of ``graphs`` graphs to the stats: its seconds and the GPU memory it took (the device
+        path's warm-up, engine/device.py, follows this one's and adds its own)."""
+        cuda = self.runner.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.runner.device)
             free0 = torch.cuda.mem_get_info(self.runner.device)[0]
-        t0, compiled0 = time.perf_counter(), compiles()
-        for done, key in enumerate(keys, 1):
-            t, c = time.perf_counter(), compiles()
-            if key not in self.statics:
-                st = self._new(key)
-                pack([], st.host, self.runner.spec.mask_id)  # all padding: only the shapes matter
-                st.inputs.copy_(st.host)
-                if self.capture:
-                    self._capture(st, key[3], key[4])
-                else:
-                    st.out = self._body(st.inputs, 0, st.Lb, key[3], key[4])
-            if cuda:
-                torch.cuda.synchronize(self.runner.device)
-            self.stats.warmup_key_s.append(time.perf_counter() - t)
-            self.stats.warmup_key_compiles.append(compiles() - c)
-            if on_graph is not None:
-                on_graph(done, len(keys))
+        t0 = time.perf_counter()
+        yield
         if cuda:
-            self.stats.warmup_bytes = max(0, free0 - torch.cuda.mem_get_info(self.runner.device)[0])
-        self.stats.warmup_s = time.perf_counter() - t0
-        self.stats.warmup_graphs = len(keys)
-        self._compiled0 = compiled0
-        return self.started()
+            torch.cuda.synchronize(self.runner.device)
+            self.stats.warmup_bytes += max(0, free0 - torch.cuda.mem_get_info(self.runner.device)[0])
+        self.stats.warmup_s += time.perf_counter() - t0
+        self.stats.warmup_graphs += graphs
 
     def started(self) -> GraphStats:
         """Start-up ends now: nothing captures from here on, compiled calls stop setting up compiles (Ops.settle),
