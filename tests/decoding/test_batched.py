@@ -8,7 +8,7 @@ import torch
 
 from lopa.config import DecodeConfig
 from lopa.decoding import batched, make_strategy
-from lopa.decoding.base import Predictions
+from lopa.decoding.base import Predictions, answer_ids
 from lopa.decoding.slots import DEVICE_SCORES, I, Slots
 
 from .toy import EOS, MASK, SPEC
@@ -40,15 +40,16 @@ def host_run(cfg: DecodeConfig, prompt: list[int], seed: int):
         row = strategy.accept(state, batch, preds)
         if not batch.prefill:
             winners.append(row)
-    return strategy.output(state), state.rounds, winners, state.hit_round_cap
+    return strategy.output(state), state.rounds, winners, state.hit_round_cap, state.canvas.tolist()
 
 
-def device_run(cfgs: list[DecodeConfig], prompts: list[list[int]], seeds: list[int]):
-    """Every request at once on slot rows; the forward is the oracle over each query row's columns."""
+def device_run(cfgs: list[DecodeConfig], prompts: list[list[int]], seeds: list[int], pad: int = 3):
+    """Every request at once on slot rows ``pad`` positions wider than the longest canvas; the forward is the
+    oracle over each query row's columns. Also returns how many masks after an EOS the update left to store."""
     n = len(cfgs)
     strategies = [make_strategy(c, SPEC) for c in cfgs]
     states = [s.start(p) for s, p in zip(strategies, prompts)]
-    width = max(len(s.canvas) for s in states) + 3
+    width = max(len(s.canvas) for s in states) + pad
     st = Slots.empty(n, width, max(8, max(c.k for c in cfgs)), torch.device("cpu"), torch.float64)
     for b, (strategy, state) in enumerate(zip(strategies, states)):
         prefill = strategy.propose(state)
@@ -58,6 +59,7 @@ def device_run(cfgs: list[DecodeConfig], prompts: list[list[int]], seeds: list[i
     eos = torch.tensor(SPEC.eos_ids)
     results: dict[int, tuple] = {}
     winners = [[] for _ in range(n)]
+    lazy = [0]  # masks after an EOS that the update left for Slots.store to settle
     scores = tuple(sorted({c.branch_confidence for c in cfgs}))
     while len(results) < n:
         ints = st.ints[:n]
@@ -73,13 +75,18 @@ def device_run(cfgs: list[DecodeConfig], prompts: list[list[int]], seeds: list[i
                 preds[b, q] = torch.stack([out[0].double(), out[1], out[2]], -1)
         live = [b for b in range(n) if b not in results]
         winner = batched.accept(st, n, preds, max(Wm, 1), max(R, 1), scores, MASK, eos)
-        batched.propose(st, n, MASK, torch.tensor([ROW_BUDGET]))
+        batched.propose(st, n, MASK, torch.tensor([ROW_BUDGET]), max(Wm, 1))
+        ready = batched.answer_ready(st, n, MASK, max(Wm, 1))
         for b in live:
             winners[b].append(int(winner[b]))
+            T, P = len(states[b].canvas), states[b].prompt_len
+            assert ready[b] == len(answer_ids(st.canvas_of(b, T, SPEC), P, SPEC))  # streaming's settled length
             if st.ints[b, I["done"]]:
+                lazy[0] += int((st.canvas[b, :T] != st.canvas_of(b, T, SPEC)).sum())
                 st.store(b, strategies[b], states[b])
-                results[b] = (strategies[b].output(states[b]), states[b].rounds, winners[b], states[b].hit_round_cap)
-    return [results[b] for b in range(n)]
+                results[b] = (strategies[b].output(states[b]), states[b].rounds, winners[b], states[b].hit_round_cap,
+                              states[b].canvas.tolist())
+    return [results[b] for b in range(n)], lazy[0]
 
 
 def configs():
@@ -110,9 +117,26 @@ def test_slot_rows_decode_as_the_host_strategies():
     want = [host_run(c, p, s) for c, p, s in zip(cfgs, prompts, seeds)]
     # the oracle reaches the round cap, EOS, and lookahead winners past the first
     assert any(w[3] for w in want) and any(EOS in w[0] for w in want) and any(max(w[2], default=0) > 1 for w in want)
-    assert device_run(cfgs, prompts, seeds) == want
+    assert device_run(cfgs, prompts, seeds)[0] == want
     half = len(cfgs) // 2  # other neighbours, other slots
-    assert device_run(cfgs[half:], prompts[half:], seeds[half:]) == want[half:]
+    assert device_run(cfgs[half:], prompts[half:], seeds[half:])[0] == want[half:]
+
+
+def test_wide_slots_update_over_the_span():
+    """Slots far wider than the canvases (as after the warm-up): the update runs over each step's span
+    (batched.Geometry), and what it leaves beyond it (masks after an EOS, older windows' flags) is read back as
+    the host holds it: the same tokens, forwards, winners and round caps as the host strategies."""
+    long = [DecodeConfig(strategy=s, base="d2f", k=k, gen_length=200, block_size=4, tau=0.5, add_threshold=0.25,
+                         complete_threshold=0.5) for s, k in (("d2f", 0), ("lopa", 3), ("lopa", 1))]  # EOS early
+    cfgs = configs() + long
+    prompts = [[1 + (i * 7 + j) % 40 for j in range(2 + i % 5)] for i in range(len(cfgs))]
+    seeds = list(range(len(cfgs)))
+    want = [host_run(c, p, s) for c, p, s in zip(cfgs, prompts, seeds)]
+    assert all(len(w[0]) < 100 for w in want[-len(long):])
+    got, lazy = device_run(cfgs, prompts, seeds, pad=300)
+    assert got == want and lazy > 0
+    alone = slice(len(cfgs) - len(long), None)  # the widest windows of their step: a grown block ends the span
+    assert device_run(cfgs[alone], prompts[alone], seeds[alone], pad=300)[0] == want[alone]
 
 
 def test_batched_scores_equal_the_host_scores():

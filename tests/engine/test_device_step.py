@@ -201,6 +201,28 @@ def test_after_the_warm_up_every_step_key_was_warmed(ref):
     assert c.device_steps == c.decode_steps and c.eager_decode_steps > 0 and c.captures_after_start == 0
 
 
+def test_wide_slots_stream_and_settle_as_the_host_path(ref):
+    """Warmed slots (512 positions) far wider than a step's span (batched.Geometry: 2*Wm), d2f and lopa requests of
+    gen_length 96 in blocks of 4 whose answers end early (the EOS tail past the span settles on read-back):
+    streamed chunks, tokens, forwards and winners equal the host path's."""
+    model, spec, prompts, _, _, _ = ref
+    configs = [lopa.decode_config(None, model.model_type, strategy=s, k=k, gen_length=96, block_size=4, tau=0.5)
+               for s, k in (("d2f", 0), ("lopa", 3), ("lopa", 1))]
+    args = (prompts[:3], configs, [0, 0, 1])
+    host_m = _engine(model, 4, device_step=False, spec=spec)
+    host = _drive(host_m, *args, stream=True)
+    assert any(len(key[0]) < 48 for key in host[0])  # an EOS well before gen_length
+    m, _ = _warmed(model, spec, 4, max_tokens=768)
+    assert _drive(m, *args, stream=True) == host
+    c = m.engine.counters
+    assert c.device_steps == c.decode_steps > 0
+    canvases = {}  # what progress callbacks see (DevicePath.refresh): the tail past an EOS settled
+    for name, mm in (("host", host_m), ("device", m)):
+        canvases[name] = seen = []
+        lopa.generate(mm, prompts[0], configs[0], on_step=lambda state: seen.append(state.canvas.tolist()))
+    assert canvases["device"] == canvases["host"]
+
+
 def test_start_up_warms_both_paths_and_logs_them(ref, caplog):
     """load_model's warm-up (api._warm_up, here on the CPU without capture): the static path's keys, then the device
     path's for the same (B, Qb) set, counted together, one log line; start-up ends after both."""

@@ -1,7 +1,7 @@
 """One iteration of threshold / d2f / lopa for every running request at once, on the slots' device rows.
 
-The same steps as WindowStrategy (decoding/window.py), each a few tensor ops over [n, Tc] (canvas space) or
-[n, R, Wm] (branch rows x window columns), with no per-request Python:
+The same steps as WindowStrategy (decoding/window.py), each a few tensor ops over [n, S] (each slot's span of
+positions) or [n, R, Wm] (branch rows x window columns), with no per-request Python:
 
     queries(...)   the pending forward's rows, packed per query: tokens, col, branch, block   [n, Qb]
     accept(...)    branch scores over still-masked scored columns, the winner (first argmax: ties to the
@@ -13,8 +13,17 @@ The same steps as WindowStrategy (decoding/window.py), each a few tensor ops ove
 ints the caller passes (Qb, Wm, R) only size tensors. The host strategies are the specification: every rule
 here is the vectorized form of the one cited beside it, and tests/decoding/test_batched.py holds the engine's
 device path to them.
-"""
 
+The slots are as wide as the longest canvas the context allows (8,192 positions after the warm-up), but one step
+touches few of them: each function reads its slots' span (``Geometry``: S = span_width(Wm) = 2*Wm positions
+from the committed length, gathered), applies the rules there and scatters the result back, so its cost follows
+the step's windows, not the slot width. What makes the span enough: positions before the committed length are
+complete and never change (and their blocks fully active); masks change only in the window; a d2f block grows
+only after a full-size last block inside the window (so the grown window ends within 2*W); the first EOS can
+only move earlier, inside the window. The one rule whose reach is unbounded, settle_eos turning every mask after
+the first EOS into EOS up to P + G, is applied over the span and lazily beyond it, where the host reads the
+canvas (Slots.canvas_of); no step reads a position past the window after an EOS (no block grows then).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,34 +54,94 @@ class Rows:
         self.st.ints[:self.n, I[name]] = value
 
 
-class Geometry:
-    """Where each canvas position sits: in the generated region or not, and in which block (grid: block i
-    starts at P + i*bs). Block arrays are [n, NB + 1]; column NB collects positions outside every block."""
+def span_width(Wm: int, width: int) -> int:
+    """Positions S of a step's span: twice the widest window (Wm), at most the slots' width. What one step can
+    touch lies in [cached, cached + 2*Wm): the window [cached, cached + W) that accept scores, fills and
+    settles, and the block d2f's propose may add after it, whose size is at most W (a block grows only after
+    a full-size last block that is still in the window)."""
+    return min(2 * Wm, width)
 
-    def __init__(self, v: Rows) -> None:
+
+class Geometry:
+    """The step's span of each slot and where its positions sit: positions t = s0 + j, j in [0, S), s0 =
+    min(lo, width - S) (so the span stays inside the slot; positions before lo are committed and complete),
+    in the generated region or not, and in which block. Blocks are span-relative: column i is block b0 + i
+    (b0: the block holding s0; grid: block b starts at P + b*bs), [n, NB + 1] with NB = S; no position of the
+    span lies in block b0 + NB, so column NB collects the positions outside every block. Blocks before b0 are
+    committed: complete, and fully active (d2f activates a block at the latest in the accept that commits it)."""
+
+    def __init__(self, v: Rows, S: int, lo: torch.Tensor) -> None:
         n, Tc = v.n, v.st.width
+        S = min(S, Tc)
         dev = v.st.canvas.device
-        self.t = torch.arange(Tc, device=dev)[None]  # [1, Tc]
+        self.s0 = lo.clamp(max=Tc - S)[:, None]  # [n, 1]
+        self.t = self.s0 + torch.arange(S, device=dev)[None]  # [n, S] absolute positions
         # block_size >= 1: rows never loaded (bucket padding on the static path) hold zeros
         self.P, self.G, self.bs = v.prompt_len[:, None], v.gen_length[:, None], v.block_size.clamp(min=1)[:, None]
         self.T = self.P + self.G
-        self.in_gen = (self.t >= self.P) & (self.t < self.T)  # [n, Tc]
-        self.NB = Tc
-        self.bi = torch.where(self.in_gen, (self.t - self.P) // self.bs, self.NB)  # [n, Tc]
+        self.in_gen = (self.t >= self.P) & (self.t < self.T)  # [n, S]
+        self.NB = S
+        self.b0 = ((self.s0 - self.P) // self.bs).clamp(min=0)  # [n, 1]
+        self.bi = torch.where(self.in_gen, (self.t - self.P) // self.bs - self.b0, self.NB)  # [n, S]
         self.i = torch.arange(self.NB + 1, device=dev)[None]  # [1, NB + 1]
-        self.size = (self.G - self.i * self.bs).clamp(min=0).minimum(self.bs)  # [n, NB + 1]
-        self.n = n
+        self.block = self.b0 + self.i  # [n, NB + 1] absolute block index
+        self.size = (self.G - self.block * self.bs).clamp(min=0).minimum(self.bs)  # [n, NB + 1]
+        self.n, self.Tc = n, Tc
+
+    def read(self, x: torch.Tensor) -> torch.Tensor:
+        """[S_slots, Tc] slot rows -> [n, S] their span."""
+        return x[:self.n].gather(1, self.t)
+
+    def write(self, x: torch.Tensor, value: torch.Tensor) -> None:
+        x[:self.n].scatter_(1, self.t, value)
+
+    def read_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """[S_slots, Tc] per-block slot rows (Slots.active) -> [n, NB + 1]."""
+        return x[:self.n].gather(1, self.block.clamp(max=self.Tc - 1))
+
+    def write_blocks(self, x: torch.Tensor, value: torch.Tensor, nblocks: torch.Tensor) -> None:
+        """Writes the present blocks (an index < nblocks <= Tc - 1, the prompt holding a position); columns
+        clamped onto index Tc - 1 write back what they read there."""
+        index = self.block.clamp(max=self.Tc - 1)
+        x[:self.n].scatter_(1, index, torch.where(self.present(nblocks), value, x[:self.n].gather(1, index)))
 
     def per_block(self, x: torch.Tensor) -> torch.Tensor:
-        """[n, Tc] bool/int -> [n, NB + 1] sums over each block's positions."""
+        """[n, S] bool/int -> [n, NB + 1] sums over each block's positions in the span."""
         return torch.zeros(self.n, self.NB + 1, dtype=torch.int64, device=x.device).scatter_add_(1, self.bi, x.long())
 
     def present(self, nblocks: torch.Tensor) -> torch.Tensor:
-        return self.i < nblocks[:, None]
+        return self.block < nblocks[:, None]
 
     def progress(self, masked: torch.Tensor) -> torch.Tensor:
-        """blocks.py progress: filled / size, in float64 as on the host."""
+        """blocks.py progress: filled / size, in float64 as on the host (positions before the span: filled)."""
         return (self.size - self.per_block(masked)).double() / self.size.clamp(min=1).double()
+
+    def at_block(self, x: torch.Tensor, block: torch.Tensor, before: float) -> torch.Tensor:
+        """x [n, NB + 1] at absolute block ``block`` [n]; ``before`` where it lies before the span."""
+        rel = block - self.b0[:, 0]
+        return torch.where(rel >= 0, x.gather(1, rel.clamp(0, self.NB)[:, None])[:, 0], before)
+
+
+@dataclass
+class Span:
+    """A step's span of the slot rows a rule reads and writes ([n, S]; active [n, NB + 1])."""
+
+    canvas: torch.Tensor
+    pred_tok: torch.Tensor
+    pred_prob: torch.Tensor
+    pred_conf: torch.Tensor
+    pred_ok: torch.Tensor
+    active: torch.Tensor
+
+    @staticmethod
+    def read(st: Slots, geo: Geometry) -> "Span":
+        return Span(*(geo.read(x) for x in (st.canvas, st.pred_tok, st.pred_prob, st.pred_conf, st.pred_ok)),
+                    geo.read_blocks(st.active))
+
+    def write(self, st: Slots, geo: Geometry, nblocks: torch.Tensor) -> None:
+        for name in ("canvas", "pred_tok", "pred_prob", "pred_conf", "pred_ok"):
+            geo.write(getattr(st, name), getattr(self, name))
+        geo.write_blocks(st.active, self.active, nblocks)
 
 
 def _first(flags: torch.Tensor, none: int) -> torch.Tensor:
@@ -80,41 +149,42 @@ def _first(flags: torch.Tensor, none: int) -> torch.Tensor:
     return torch.where(flags.any(1), flags.long().argmax(1), none)
 
 
-def settle_eos(v: Rows, geo: Geometry, eos: torch.Tensor, mask_id: int) -> None:
-    """base.settle_eos: masks after the first EOS of the generated region become EOS; eos_at its position."""
-    canvas = v.st.canvas[:v.n]
-    is_eos = (canvas[..., None] == eos).any(-1) & geo.in_gen  # [n, Tc]
-    at = torch.where(is_eos.any(1), is_eos.long().argmax(1), NO_EOS)
-    tail = (geo.t > at[:, None]) & (canvas == mask_id) & (geo.t < geo.T)
-    canvas.copy_(torch.where(tail, eos[0], canvas))
+def settle_eos(v: Rows, geo: Geometry, x: Span, eos: torch.Tensor, mask_id: int) -> None:
+    """base.settle_eos over the span: the canvas changes only in the window, so the first EOS is the earlier of
+    eos_at and the span's first; masks after it become EOS. Past the span the rule is applied lazily by whoever
+    reads the canvas there (Slots.store, DevicePath.refresh): no step reads a position after eos_at outside the
+    window (a block grows only while there is no EOS)."""
+    is_eos = (x.canvas[..., None] == eos).any(-1) & geo.in_gen  # [n, S]
+    at = torch.where(is_eos.any(1), geo.t.gather(1, is_eos.long().argmax(1)[:, None])[:, 0], NO_EOS)
+    at = torch.minimum(at, v.eos_at)
+    tail = (geo.t > at[:, None]) & (x.canvas == mask_id) & (geo.t < geo.T)
+    x.canvas = torch.where(tail, eos[0], x.canvas)
     v.set("eos_at", at)
 
 
-def activate(v: Rows, geo: Geometry, masked: torch.Tensor, rows: torch.Tensor) -> None:
+def activate(v: Rows, geo: Geometry, masked: torch.Tensor, rows: torch.Tensor, active: torch.Tensor) -> None:
     """d2f.activate for the slots in ``rows`` [n] bool: a present block whose predecessor is >= τ_act filled
-    becomes fully active."""
+    becomes fully active (the predecessor of the span's first block is committed: filled)."""
     prog = geo.progress(masked)[:, :geo.NB]
     prev = torch.zeros_like(prog, dtype=torch.bool)
     prev[:, 1:] = prog[:, :-1] >= v.tau_act[:, None]
-    active = v.st.active[:v.n]
-    active |= rows[:, None] & geo.present(v.nblocks)[:, :geo.NB] & prev
+    prev[:, 0] = (geo.b0[:, 0] > 0) & (v.tau_act <= 1.0)
+    active[:, :geo.NB] |= rows[:, None] & geo.present(v.nblocks)[:, :geo.NB] & prev
 
 
-def fill(v: Rows, geo: Geometry, mask_id: int) -> torch.Tensor:
+def fill(v: Rows, geo: Geometry, x: Span, mask_id: int) -> torch.Tensor:
     """threshold.fill / d2f.fill with blocks.fill_block for every fillable block; returns positions filled [n]."""
-    st, n = v.st, v.n
-    canvas, d2f = st.canvas[:n], v.d2f.bool()
-    masked = (canvas == mask_id) & geo.in_gen
-    activate(v, geo, masked, d2f)  # d2f: from the state the predictions were made on
+    n, d2f = v.n, v.d2f.bool()
+    masked = (x.canvas == mask_id) & geo.in_gen
+    activate(v, geo, masked, d2f, x.active)  # d2f: from the state the predictions were made on
     present = geo.present(v.nblocks)
     incomplete = present & (geo.per_block(masked) > 0)
-    current = _first(incomplete[:, :geo.NB], geo.NB)  # threshold: the first incomplete block
+    current = _first(incomplete[:, :geo.NB], geo.NB)  # threshold: the first incomplete block (earlier: complete)
     fillable = torch.where(d2f[:, None], present, geo.i == current[:, None])
     fillable[:, geo.NB] = False
-    active = torch.cat([st.active[:n], torch.zeros(n, 1, dtype=torch.bool, device=canvas.device)], 1)
-    fallback = ~d2f[:, None] | active  # threshold blocks are always fully active
-    open_ = masked & st.pred_ok[:n] & fillable.gather(1, geo.bi)
-    prob, conf = st.pred_prob[:n], st.pred_conf[:n]
+    fallback = ~d2f[:, None] | x.active  # threshold blocks are always fully active
+    open_ = masked & x.pred_ok & fillable.gather(1, geo.bi)
+    prob, conf = x.pred_prob, x.pred_conf
     passing = open_ & (prob > v.tau.to(prob.dtype)[:, None])  # strict >, in the predictions' dtype
     top1 = (geo.per_block(passing) == 0) & (geo.per_block(open_) > 0) & fallback  # [n, NB + 1]
     conf_open = torch.where(open_, conf, float("-inf"))
@@ -124,7 +194,7 @@ def fill(v: Rows, geo: Geometry, mask_id: int) -> torch.Tensor:
     lowest = torch.full((n, geo.NB + 1), BIG, dtype=torch.int64, device=conf.device)
     lowest = lowest.scatter_reduce(1, geo.bi, torch.where(cand, geo.t, BIG), "amin")  # ties: the lowest position
     chosen = passing | (cand & (geo.t == lowest.gather(1, geo.bi)))
-    canvas.copy_(torch.where(chosen, st.pred_tok[:n], canvas))
+    x.canvas = torch.where(chosen, x.pred_tok, x.canvas)
     return chosen.sum(1)
 
 
@@ -238,8 +308,9 @@ def assemble(gathered: torch.Tensor, st: Slots, n: int, Qg: int, rank: int) -> t
 
 def accept(st: Slots, n: int, preds: torch.Tensor, Wm: int, R: int, scores: tuple[str, ...], mask_id: int,
            eos: torch.Tensor) -> torch.Tensor:
-    """window.accept + apply_row for every slot: preds [n, Qb, 3] (token, prob, conf per query). Returns the
-    winners [n]; cached, rounds, canvas, predictions, eos_at, active, last_fill updated."""
+    """window.accept + apply_row for every slot: preds [n, Qb, 3] (token, prob, conf per query), Wm >= every
+    slot's window width (the span: span_width). Returns the winners [n]; cached, rounds, canvas, predictions,
+    pred_lo, eos_at, active, last_fill updated."""
     v = Rows(st, n)
     dev = st.canvas.device
     W, K, lo = v.width, v.rows, v.cached
@@ -260,72 +331,85 @@ def accept(st: Slots, n: int, preds: torch.Tensor, Wm: int, R: int, scores: tupl
         score = torch.where((v.score == DEVICE_SCORES.index(name))[:, None], value, score)
     score = torch.where(r[..., 0] < K[:, None], score, float("-inf"))
     winner = torch.where(K > 1, score.argmax(1), 0)  # the first maximum: ties go to the lower row
-    # apply_row: the winner's row becomes the canvas, its predictions the current ones
-    geo = Geometry(v)
+    # apply_row over the span: the winner's row becomes the canvas, its predictions the current ones
+    geo = Geometry(v, span_width(Wm, st.width), lo)
+    x = Span.read(st, geo)
     ahead = look.gather(1, winner[:, None])  # [n, 1] the winner's lookahead position (-1: the anchor)
-    logit = (geo.t >= lo[:, None]) & (geo.t < (lo + W)[:, None]) & (canvas == mask_id)
-    canvas.copy_(torch.where(geo.t == ahead, st.pred_tok[:n], canvas))
+    logit = (geo.t >= lo[:, None]) & (geo.t < (lo + W)[:, None]) & (x.canvas == mask_id)
+    x.canvas = torch.where(geo.t == ahead, x.pred_tok, x.canvas)
     qt = (winner[:, None] * W[:, None] + geo.t - lo[:, None]).clamp(0, preds.shape[1] - 1)
-    pred = preds.gather(1, qt[..., None].expand(n, -1, 3))  # [n, Tc, 3]
-    st.pred_tok[:n] = torch.where(logit, pred[..., 0].long(), st.pred_tok[:n])
-    st.pred_prob[:n] = torch.where(logit, pred[..., 1], st.pred_prob[:n])
-    st.pred_conf[:n] = torch.where(logit, pred[..., 2], st.pred_conf[:n])
-    st.pred_ok[:n] = logit
+    pred = preds.gather(1, qt[..., None].expand(-1, -1, 3))  # [n, S, 3]
+    x.pred_tok = torch.where(logit, pred[..., 0].long(), x.pred_tok)
+    x.pred_prob = torch.where(logit, pred[..., 1], x.pred_prob)
+    x.pred_conf = torch.where(logit, pred[..., 2], x.pred_conf)
+    x.pred_ok = logit
+    v.set("pred_lo", lo)  # pred_ok holds nothing before the window (stale flags of older windows: Slots.store)
     v.set("cached", lo + v.commit)
     v.set("rounds", v.rounds + 1)
-    settle_eos(v, geo, eos, mask_id)
-    filled = fill(v, geo, mask_id)
-    settle_eos(v, geo, eos, mask_id)
+    settle_eos(v, geo, x, eos, mask_id)
+    filled = fill(v, geo, x, mask_id)
+    settle_eos(v, geo, x, eos, mask_id)
+    x.write(st, geo, v.nblocks)
     v.set("last_fill", filled + (winner > 0).long())
     return winner
 
 
-def propose(st: Slots, n: int, mask_id: int, row_budget: torch.Tensor) -> None:
+def propose(st: Slots, n: int, mask_id: int, row_budget: torch.Tensor, Wm: int) -> None:
     """window.propose for every slot (after accept): grow, done / capped, and the next forward's plan
     (width, rows, look, scored, commit); a finished slot gets width = rows = commit = 0. ``row_budget`` [1]:
-    DecodeState.row_budget of every request of the step (k_policy "load"), -1 for None."""
+    DecodeState.row_budget of every request of the step (k_policy "load"), -1 for None. ``Wm``: accept's
+    (the span: span_width)."""
     v = Rows(st, n)
-    geo = Geometry(v)
-    canvas, d2f = st.canvas[:n], v.d2f.bool()
-    masked = (canvas == mask_id) & geo.in_gen
+    lo = v.cached
+    geo = Geometry(v, span_width(Wm, st.width), lo)
+    x = Span.read(st, geo)
+    d2f = v.d2f.bool()
+    masked = (x.canvas == mask_id) & geo.in_gen
     # d2f.grow: one block when the last one is >= τ_add filled, none past gen_length or after an EOS
     bs = geo.bs[:, 0]
     last_end = torch.minimum(v.prompt_len + v.nblocks * bs, geo.T[:, 0])
-    last_prog = geo.progress(masked).gather(1, (v.nblocks - 1).clamp(min=0)[:, None])[:, 0]
+    last_prog = geo.at_block(geo.progress(masked), v.nblocks - 1, 1.0)  # a committed last block: filled
     grow = d2f & (last_end < geo.T[:, 0]) & (v.eos_at == NO_EOS) & (last_prog >= v.tau_add)
     v.set("nblocks", v.nblocks + grow.long())
-    activate(v, geo, masked, grow)
-    # finished, round cap
-    end = torch.minimum(v.prompt_len + v.nblocks * bs, geo.T[:, 0])  # window end
+    activate(v, geo, masked, grow, x.active)
+    geo.write_blocks(st.active, x.active, v.nblocks)
+    # finished, round cap (positions before the span are committed: filled)
+    end = torch.minimum(v.prompt_len + v.nblocks * bs, geo.T[:, 0])  # window end, inside the span
     all_filled = ~(masked & (geo.t < end[:, None])).any(1)
     done = all_filled & ((v.eos_at != NO_EOS) | (end - v.prompt_len >= v.gen_length))
     capped = ~done & (v.rounds >= v.max_rounds)
     done = done | capped
     # the scored set and the lookahead candidates (conf desc, position asc)
-    lo = v.cached
     present = geo.present(v.nblocks)
     incomplete = present & (geo.per_block(masked) > 0)
     current = _first(incomplete[:, :geo.NB], geo.NB)
     in_window = (geo.t >= lo[:, None]) & (geo.t < end[:, None])
     scored = masked & torch.where(d2f[:, None], in_window, geo.bi == current[:, None])
-    st.scored[:n] = scored
-    cands = scored & st.pred_ok[:n]
-    key = torch.where(cands, st.pred_conf[:n], float("-inf"))
-    kc = st.look.shape[1]
-    ranked = key.sort(dim=1, descending=True, stable=True)
-    order = ranked.indices[:, :kc]
-    nlook = _budget(v, torch.minimum(v.k, cands.sum(1)), ranked.values[:, :kc], end - lo, row_budget)
-    st.look[:n] = torch.where(torch.arange(kc, device=canvas.device)[None] < nlook[:, None], order, -1)
+    geo.write(st.scored, scored)
+    nlook = _lookahead(st, v, geo, scored & x.pred_ok, x.pred_conf, end - lo, row_budget)
     # commit_end: the leading run of complete blocks after the committed prefix
-    first = (lo - v.prompt_len) // bs
+    first = (lo - v.prompt_len) // bs - geo.b0[:, 0]
     stops = ~(present & ~incomplete) & (geo.i >= first[:, None])
-    commit_end = torch.minimum(v.prompt_len + _first(stops, geo.NB + 1) * bs, geo.T[:, 0])
+    commit_end = torch.minimum(v.prompt_len + (geo.b0[:, 0] + _first(stops, geo.NB + 1)) * bs, geo.T[:, 0])
     live = (~done).long()
     v.set("width", (end - lo) * live)
     v.set("rows", (1 + nlook) * live)
     v.set("commit", (commit_end - lo) * live)
     v.set("done", done.long())
     v.set("capped", capped.long())
+
+
+def _lookahead(st: Slots, v: Rows, geo: Geometry, cands: torch.Tensor, conf: torch.Tensor, width: torch.Tensor,
+               row_budget: torch.Tensor) -> torch.Tensor:
+    """window.lookahead_positions: the candidates [n, S] ranked by (conf desc, position asc: a stable sort of
+    the span), as many as the budget allows into ``look``; returns how many [n]."""
+    kc, top = st.look.shape[1], min(st.look.shape[1], geo.NB)
+    ranked = torch.where(cands, conf, float("-inf")).sort(dim=1, descending=True, stable=True)
+    nlook = _budget(v, torch.minimum(v.k, cands.sum(1)), ranked.values[:, :top], width, row_budget)
+    order = torch.full((v.n, kc), -1, dtype=torch.int64, device=conf.device)
+    order[:, :top] = geo.t.gather(1, ranked.indices[:, :top])
+    st.look[:v.n] = torch.where(torch.arange(kc, device=conf.device)[None] < nlook[:, None], order, -1)
+    return nlook
 
 
 def _budget(v: Rows, n: torch.Tensor, conf: torch.Tensor, width: torch.Tensor, row_budget: torch.Tensor):
@@ -341,11 +425,16 @@ def _budget(v: Rows, n: torch.Tensor, conf: torch.Tensor, width: torch.Tensor, r
     return torch.where(v.policy == 1, text, torch.where(v.policy == 2, load, n))
 
 
-def answer_ready(st: Slots, n: int, mask_id: int) -> torch.Tensor:
-    """[n] length of base.answer_ids: up to the first EOS (inclusive), cut at the first hole."""
+def answer_ready(st: Slots, n: int, mask_id: int, Wm: int) -> torch.Tensor:
+    """[n] length of base.answer_ids: up to the first EOS (inclusive), cut at the first hole. Over propose's
+    span: before it nothing is masked; the position after it, if generated, was in no window yet (a hole, or
+    an EOS tail after eos_at)."""
     v = Rows(st, n)
-    geo = Geometry(v)
-    P = v.prompt_len
-    stop = torch.where(v.eos_at == NO_EOS, geo.T[:, 0], v.eos_at + 1)
-    hole = _first((st.canvas[:n] == mask_id) & geo.in_gen, BIG)
+    geo = Geometry(v, span_width(Wm, st.width), v.cached)
+    P, T = v.prompt_len, geo.T[:, 0]
+    stop = torch.where(v.eos_at == NO_EOS, T, v.eos_at + 1)
+    after = geo.t[:, -1] + 1
+    holes = (geo.read(st.canvas) == mask_id) & geo.in_gen
+    hole = torch.where(holes.any(1), geo.t.gather(1, holes.long().argmax(1)[:, None])[:, 0],
+                       torch.where(after < T, after, BIG))
     return torch.minimum(stop, hole) - P

@@ -15,6 +15,12 @@ slot's block list is ``nblocks`` (how many exist) and ``active``. ``load`` and `
 host state (and its pending ForwardBatch) to its slot row and back without loss; decoding/batched.py runs the
 iteration on the rows. A step's updates read and write the first n rows only (the running requests are slots
 0..n-1); rows past them keep whatever left them.
+
+The iteration reads and writes each row over its step's span only (a bounded run of positions from the committed
+length, batched.Geometry), so a row may hold what the host state no longer does, and the readers here apply it:
+masks after the first EOS past the span (the host's settle_eos made them EOS: ``canvas_of``), ``pred_ok`` flags
+before ``pred_lo`` (the window the predictions belong to) and ``scored`` flags before the committed length (both
+left from older windows).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import CONFIDENCES, K_POLICIES
-from .base import ForwardBatch
+from .base import ForwardBatch, ModelSpec, settle_eos
 from .blocks import Block
 from .d2f import D2FStrategy
 from .window import WindowState, WindowStrategy
@@ -32,7 +38,7 @@ from .window import WindowState, WindowStrategy
 NO_EOS = 1 << 40  # eos_at of a slot whose canvas holds no EOS yet
 INTS = ("prompt_len", "gen_length", "block_size", "cached", "rounds", "max_rounds", "nblocks", "eos_at", "k",
         "commit", "width", "rows", "last_fill", "score", "measure", "policy", "branch_m", "d2f", "causal", "done",
-        "capped")
+        "capped", "pred_lo")
 FLOATS = ("tau", "tau_add", "tau_act")
 I = {name: i for i, name in enumerate(INTS)}
 F = {name: i for i, name in enumerate(FLOATS)}
@@ -116,21 +122,28 @@ class Slots:
                       score=score, measure=CONFIDENCES.index(cfg.confidence),
                       policy=K_POLICIES.index(cfg.k_policy), branch_m=cfg.branch_m,
                       d2f=int(isinstance(strategy, D2FStrategy)),
-                      causal=int(batch.block_ids is not None), done=0, capped=0)
+                      causal=int(batch.block_ids is not None), done=0, capped=0, pred_lo=0)
         self.ints[slot] = torch.tensor([values[name] for name in INTS], dtype=torch.int64).to(dev)
         self.floats[slot] = torch.tensor([cfg.tau, cfg.add_threshold, cfg.complete_threshold],
                                          dtype=torch.float64).to(dev)
+
+    def canvas_of(self, slot: int, T: int, spec: ModelSpec) -> torch.Tensor:
+        """The request's canvas [T] on the CPU, as the host holds it: the iteration settles EOS over its span, so
+        masks after the first EOS beyond it become EOS here (base.settle_eos)."""
+        canvas = self.canvas[slot, :T].cpu().clone()
+        settle_eos(canvas, int(self.ints[slot, I["prompt_len"]]), spec)
+        return canvas
 
     def store(self, slot: int, strategy: WindowStrategy, state: WindowState) -> ForwardBatch | None:
         """Write ``slot`` back into the request's host state; returns its pending batch (None when done),
         exactly as the host strategy's propose would have left them."""
         T = len(state.canvas)
         v = dict(zip(INTS, self.ints[slot].tolist()))
-        state.canvas = self.canvas[slot, :T].cpu().clone()
+        state.canvas = self.canvas_of(slot, T, strategy.spec)
         state.pred_tok = self.pred_tok[slot, :T].cpu().clone()
         state.pred_prob = self.pred_prob[slot, :T].cpu().clone()
         state.pred_conf = self.pred_conf[slot, :T].cpu().clone()
-        state.pred_ok = self.pred_ok[slot, :T].cpu().clone()
+        state.pred_ok = self.pred_ok[slot, :T].cpu() & (torch.arange(T) >= v["pred_lo"])
         P, G, bs = v["prompt_len"], v["gen_length"], v["block_size"]
         active = self.active[slot, :v["nblocks"]].tolist()
         state.blocks = [Block(P + i * bs, min(P + (i + 1) * bs, P + G), a) for i, a in enumerate(active)]
@@ -143,7 +156,7 @@ class Slots:
             return None
         lo, W = v["cached"], v["width"]
         look = self.look[slot, :v["rows"] - 1].tolist()
-        scored = (self.scored[slot, :T].nonzero()[:, 0]).tolist()
+        scored = (self.scored[slot, lo:lo + W].nonzero()[:, 0] + lo).tolist()
         state.pending = (scored, [None] + look)
         anchor = state.canvas[lo:lo + W]
         rows = anchor[None].repeat(len(look) + 1, 1)

@@ -15,6 +15,7 @@ next rows and width, the answer's settled length (streaming) and the winner.
 from __future__ import annotations
 
 import functools
+import math
 import time
 
 import torch
@@ -30,6 +31,15 @@ from ..runner.graphs import MAX_GRAPHS
 from ..runner.model_runner import ModelRunner
 from ..runner.step import Commit, pack_device
 from .sequence import Sequence
+
+
+def widths(Qb: int, lookaheads: int) -> tuple[int, int]:
+    """(Wm, R) of a bucketed step whose forwards hold at most Qb queries (K*W <= Qb) over slots with ``lookaheads``
+    lookaheads: Wm = Qb window columns (a request of one row may fill the bucket) and R branch rows, the largest K
+    with K*(K - 1) <= Qb (a lookahead is a masked window position: K <= W + 1), at most lookaheads + 1. Derived
+    from Qb alone, so the rows scored follow the step's size without a row bucket in the graph key: 23 at Qb =
+    512, 32 at 1024, where the slots' capacity is 65."""
+    return Qb, min(lookaheads + 1, (1 + math.isqrt(1 + 4 * Qb)) // 2)
 
 
 class DevicePath:
@@ -95,7 +105,7 @@ class DevicePath:
 
     def refresh(self, seq: Sequence) -> None:
         """Copy the request's canvas into its host state (progress callbacks read it; the rest stays stale)."""
-        seq.state.canvas = self.slots.canvas[seq.slot, :len(seq.state.canvas)].cpu()
+        seq.state.canvas = self.slots.canvas_of(seq.slot, len(seq.state.canvas), self.spec)
 
     def shape(self, seq: Sequence) -> tuple[int, int]:
         """(rows K, width W) of the request's pending forward."""
@@ -140,9 +150,8 @@ class DevicePath:
 
     def _shape(self, host: list[list[int]], eager: bool = False) -> tuple[int, int, int | None, int, int]:
         """(B, Qb, Lb, Wm, R) of the update over the requests whose [cached, rows, width] are ``host``: the runner's
-        buckets (runner.packed_shape; Lb None under "flex"), Wm = Qb window columns and R = min(lookaheads + 1,
-        Qb) branch rows (a row holds at least one query): a key set fixed by the buckets and the slots' lookahead
-        capacity. Without a static path: the step's exact shapes."""
+        buckets (runner.packed_shape; Lb None under "flex") and (Wm, R) from Qb (``widths``): a key set fixed by
+        the buckets and the slots' lookahead capacity. Without a static path: the step's exact shapes."""
         queries, span = max(K * W for _, K, W in host), max(P + K * W for P, K, W in host)
         B, Qb, Lb = self.runner.packed_shape(len(host), queries, span, eager)
         if self.runner.graphs is None:
@@ -150,8 +159,7 @@ class DevicePath:
         return B, Qb, Lb, *self._widths(Qb)
 
     def _widths(self, Qb: int) -> tuple[int, int]:
-        """(Wm, R) of a bucketed step: every column of the bucket, every lookahead row the slots hold."""
-        return Qb, min(self.slots.look.shape[1] + 1, Qb)
+        return widths(Qb, self.slots.look.shape[1])
 
     def _run(self, host: list[list[int]], measures: tuple[str, ...], scores: tuple[str, ...]) -> torch.Tensor:
         """One process: the update of the step's key, replayed (or captured lazily before any warm-up). After the
@@ -181,8 +189,8 @@ class DevicePath:
         W, commit = v.width.clone(), v.commit.clone()
         winner = batched.accept(st, B, preds, Wm, R, scores, mask, self.eos)
         self.runner.commit_winners(lo, winner, W, commit, Wm)
-        batched.propose(st, B, mask, self.row_budget)
-        ready = batched.answer_ready(st, B, mask)
+        batched.propose(st, B, mask, self.row_budget, Wm)
+        ready = batched.answer_ready(st, B, mask, Wm)
         return torch.stack([v.done, v.capped, v.cached, v.rows, v.width, ready, winner], 1)
 
     def _update_spread(self, seqs: list[Sequence], measures: tuple[str, ...], scores: tuple[str, ...]) -> torch.Tensor:
@@ -216,8 +224,8 @@ class DevicePath:
                            [(K, W, True) for _, K, W in host])
         if group.check:
             runner.verify(list(range(n)), [st.canvas[b, :len(s.state.canvas)].cpu() for b, s in enumerate(seqs)])
-        batched.propose(st, n, mask, self.row_budget)
-        ready = batched.answer_ready(st, n, mask)
+        batched.propose(st, n, mask, self.row_budget, Wm)
+        ready = batched.answer_ready(st, n, mask, Wm)
         c = group.counters
         c.prepare_s += t1 - t0
         c.forward_s += t2 - t1 - (c.gather_s - self._gather_s)

@@ -1,0 +1,200 @@
+"""The device path's update alone (issue 26): decoding/batched.py's queries, accept, propose and answer_ready for n
+requests on slots --width positions wide, no model forward, this tree's code beside another commit's, in one run.
+
+The requests (lopa k=7 or d2f over the d2f base, GSM8K-like prompt lengths) are decoded on the host by their
+strategies against a deterministic oracle (no model) for a few steps each, so that every one is mid-decode with
+its own window; their states are loaded into ``Slots`` of the given width with the warmed path's lookahead
+capacity (--kc, RunnerConfig.max_lookahead) and each variant times the same update from the same snapshot (restored
+before every repetition, not timed), with the warmed static path's shapes: Qb = the query bucket of the step's
+largest forward and Wm = Qb window columns; the branch rows R depend on the variant:
+
+    span       this tree: the update over each slot's span (batched.Geometry), R from Qb (engine/device.py: widths)
+    span, R=K  the same with R = the step's largest K (what a row bucket in the graph key would buy)
+    old        --against's decoding/batched.py (default: the commit before the span change), read with git show
+               into a temporary module: every per-position tensor over the whole slot width, R = min(kc + 1, Qb)
+
+After the first repetition every variant's slot rows are compared with the old one's (canvas as Slots.store reads
+it, the int fields, lookaheads): ``equal``. Times: median ms over --iters repetitions, per phase and in all. On
+the CPU this is a proxy for the GPU's figure (there the update is one captured graph; the widths drive both).
+
+    PYTHONPATH=src python3 benchmarks/device_update.py --out benchmarks/results/device_update_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import inspect
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lopa.config import DecodeConfig
+from lopa.decoding import batched, make_strategy
+from lopa.decoding.base import ModelSpec, Predictions
+from lopa.decoding.slots import DEVICE_SCORES, I, Slots
+from lopa.engine.device import widths
+from lopa.runner.graphs import QUERY_BUCKETS
+
+from step_latency import git_commit
+
+SPEC = ModelSpec(mask_id=99, eos_ids=(98,), max_length=8192, vocab_size=100)
+STRATEGIES = {"lopa": dict(strategy="lopa", k=7), "d2f": dict(strategy="d2f")}
+AGAINST = "443d81f"  # the whole-width update
+
+
+def old_module(rev: str, folder: str):
+    """decoding/batched.py at ``rev``, imported inside lopa.decoding (its relative imports resolve there)."""
+    path = Path(folder) / "batched_old.py"
+    path.write_text(subprocess.run(["git", "show", f"{rev}:src/lopa/decoding/batched.py"], check=True,
+                                   capture_output=True, text=True).stdout)
+    spec = importlib.util.spec_from_file_location("lopa.decoding._batched_old", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def oracle(row: torch.Tensor, start: int, cols: torch.Tensor):
+    """A deterministic stand-in for the model: per column a token, its probability and confidence."""
+    pos = start + cols
+    h = (pos * 31 + int((row == SPEC.mask_id).sum()) * 17) % 97
+    return 10 + h % 80, 0.5 + 0.5 * (h % 7) / 7, (h % 11) / 11
+
+
+def states(name: str, n: int, gen_length: int, block_size: int):
+    """n (strategy, state, pending batch), each a few host steps into its decode."""
+    out = []
+    for i in range(n):
+        cfg = DecodeConfig(**STRATEGIES[name], gen_length=gen_length, block_size=block_size, tau=0.9)
+        strategy = make_strategy(cfg, SPEC)
+        state = strategy.start([1 + (i * 7 + j) % 90 for j in range(80 + (i * 37) % 160)])
+        batch = strategy.propose(state)
+        for _ in range(1 + 2 * (i % 4)):
+            if batch.prefill:
+                strategy.accept(state, batch, None)
+            else:
+                rows = [oracle(r, batch.start, batch.logit_cols) for r in batch.tokens]
+                tok, prob, conf = (torch.stack([r[j] for r in rows]) for j in range(3))
+                strategy.accept(state, batch, Predictions(tok, prob.float(), conf.float()))
+            batch = strategy.propose(state)
+        out.append((strategy, state, batch))
+    return out
+
+
+def snapshot(st: Slots) -> dict:
+    return {name: getattr(st, name).clone() for name in st.__dataclass_fields__}
+
+
+def restore(st: Slots, snap: dict) -> None:
+    for name, value in snap.items():
+        getattr(st, name).copy_(value)
+
+
+def update(module, st: Slots, n: int, preds, Qb: int, Wm: int, R: int, times: dict) -> None:
+    """One update, each phase timed (ms added to ``times``)."""
+    eos, budget = torch.tensor(SPEC.eos_ids), torch.tensor([-1])
+    span = len(inspect.signature(module.propose).parameters) > 4  # this tree's signature takes Wm
+    phases = [("queries", lambda: module.queries(st, n, Qb, SPEC.mask_id)),
+              ("accept", lambda: module.accept(st, n, preds, Wm, R, ("mean",), SPEC.mask_id, eos)),
+              ("propose", lambda: module.propose(st, n, SPEC.mask_id, budget, *([Wm] if span else []))),
+              ("answer_ready", lambda: module.answer_ready(st, n, SPEC.mask_id, *([Wm] if span else [])))]
+    for name, run in phases:
+        t0 = time.perf_counter()
+        run()
+        times.setdefault(name, []).append(1e3 * (time.perf_counter() - t0))
+
+
+def state_of(st: Slots, n: int, strategies) -> list:
+    T = [len(s[1].canvas) for s in strategies]
+    ints = [[x for i, x in enumerate(st.ints[b].tolist()) if i != I["pred_lo"]] for b in range(n)]  # new field
+    return [(st.canvas_of(b, T[b], SPEC).tolist(), ints[b], st.look[b].tolist()) for b in range(n)]
+
+
+def measure_case(name: str, n: int, args, variants: dict) -> dict:
+    reqs = states(name, n, args.gen_length, args.block_size)
+    st = Slots.empty(n, args.width, args.kc, torch.device("cpu"), torch.float32)
+    for b, (strategy, state, batch) in enumerate(reqs):
+        st.load(b, strategy, state, batch, DEVICE_SCORES.index("mean"))
+    ints = st.ints[:n]
+    K, W = ints[:, I["rows"]], ints[:, I["width"]]
+    Qb = next(q for q in QUERY_BUCKETS if q >= int((K * W).max()))
+    g = torch.Generator().manual_seed(0)
+    preds = torch.stack([torch.randint(10, 90, (n, Qb), generator=g).float(), 0.5 + 0.5 * torch.rand(n, Qb, generator=g),
+                         torch.rand(n, Qb, generator=g)], -1)
+    snap = snapshot(st)
+    row = {"strategy": name, "n": n, "Qb": Qb, "K": int(K.max()), "W": int(W.max()), "width": args.width}
+    results = {}
+    for label, (module, R) in variants.items():
+        R = {"all": min(args.kc + 1, Qb), "bound": widths(Qb, args.kc)[1], "K": int(K.max())}[R]
+        times: dict = {}
+        for it in range(args.iters + 1):
+            restore(st, snap)
+            update(module, st, n, preds, Qb, Qb, R, times if it else {})
+            if it == 0:
+                results[label] = state_of(st, n, reqs)
+        row[label] = {phase: statistics.median(ms) for phase, ms in times.items()}
+        row[label]["total"] = sum(row[label][p] for p in ("queries", "accept", "propose", "answer_ready"))
+        row[label]["R"] = R
+    ref = results["old"]
+    row["equal"] = all(r == ref for r in results.values())
+    return row
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    labels = [k for k in rows[0] if isinstance(rows[0][k], dict)]
+    lines = [f"The device update alone (queries + accept + propose + answer_ready, no forward), {meta['device']}, "
+             f"{meta['threads']} thread(s), slots {meta['width']} positions wide, kc {meta['kc']}, gen_length "
+             f"{meta['gen_length']}, block_size {meta['block_size']}, commit {meta['commit']} against "
+             f"{meta['against']}, {meta['date']}. Median ms over {meta['iters']} repetitions.", "",
+             "| strategy | n | Qb (K, W) | " + " | ".join(f"{v} ms (accept / propose)" for v in labels)
+             + " | old / span | equal |", "|---|---|---|" + "---|" * len(labels) + "---|---|"]
+    for r in rows:
+        cells = [f"{r[v]['total']:.2f} ({r[v]['accept']:.2f} / {r[v]['propose']:.2f})" for v in labels]
+        lines.append(f"| {r['strategy']} | {r['n']} | {r['Qb']} ({r['K']}, {r['W']}) | " + " | ".join(cells)
+                     + f" | {r['old']['total'] / r['span']['total']:.1f}x | {r['equal']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ns", default="1,8,32")
+    ap.add_argument("--strategies", default="lopa,d2f")
+    ap.add_argument("--width", type=int, default=8192, help="slot positions (the warm-up sizes them for the context)")
+    ap.add_argument("--kc", type=int, default=64, help="lookaheads a slot holds (RunnerConfig.max_lookahead)")
+    ap.add_argument("--gen-length", type=int, default=128)
+    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--against", default=AGAINST, help="the commit whose decoding/batched.py is the old update")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/device_update"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    meta = {"device": f"CPU ({platform.processor() or platform.machine()})", "threads": args.threads,
+            "width": args.width, "kc": args.kc, "gen_length": args.gen_length, "block_size": args.block_size,
+            "iters": args.iters, "commit": git_commit(), "against": args.against, "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    rows = []
+    with tempfile.TemporaryDirectory() as folder, torch.inference_mode():
+        variants = {"old": (old_module(args.against, folder), "all"), "span": (batched, "bound"),
+                    "span, R=K": (batched, "K")}
+        for name in args.strategies.split(","):
+            for n in (int(x) for x in args.ns.split(",")):
+                rows.append(measure_case(name, n, args, variants))
+                print(json.dumps(rows[-1]), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "device_update.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (args.out / "device_update.md").write_text(markdown(meta, rows))
+    print(markdown(meta, rows))
+
+
+if __name__ == "__main__":
+    main()
