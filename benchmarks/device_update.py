@@ -78,7 +78,7 @@ def states(name: str, n: int, gen_length: int, block_size: int):
         strategy = make_strategy(cfg, SPEC)
         state = strategy.start([1 + (i * 7 + j) % 90 for j in range(80 + (i * 37) % 160)])
         batch = strategy.propose(state)
-        for _ in range(1 + 2 * (i % 4)):
+        for _ in range(3 + 2 * (i % 4)):
             if batch.prefill:
                 strategy.accept(state, batch, None)
             else:

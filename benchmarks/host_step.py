@@ -34,6 +34,8 @@ Results are written after every row (a run cut short keeps the rows it finished)
     PYTHONPATH=src python3 benchmarks/host_step.py --out benchmarks/results/host_step_h100   # the whole grid
     PYTHONPATH=src python3 benchmarks/host_step.py --strategies d2f --modes warm,host --out /tmp/d2f
     PYTHONPATH=src python3 benchmarks/host_step.py --tiny --out /tmp/x          # CPU smoke test
+    PYTHONPATH=src python3 benchmarks/host_step.py --shape dream-7b --k 3 --ns 1,32 --modes warm,host \
+        --warm-tokens 16384 --out benchmarks/results/host_step_dream7b     # issue 26's Dream-7B host share
 """
 
 from __future__ import annotations
@@ -52,14 +54,16 @@ from pathlib import Path
 import torch
 
 import lopa
+from lopa.api import build_model
 from lopa.config import decode_config
 from lopa.eval.tasks import gsm8k
 from lopa.runner.model_runner import ModelRunner
 
 from step_latency import git_commit
 
-STRATEGIES = {"lopa k=7": dict(strategy="lopa", k=7), "d2f": dict(strategy="d2f")}
-NAMES = {"lopa": "lopa k=7", "d2f": "d2f"}  # --strategies
+def strategies(k: int) -> dict[str, dict]:
+    """--strategies name -> (row label, DecodeConfig fields)."""
+    return {"lopa": (f"lopa k={k}", dict(strategy="lopa", k=k)), "d2f": ("d2f", dict(strategy="d2f"))}
 
 
 class ForwardClock:
@@ -114,13 +118,13 @@ class ForwardClock:
         return ms
 
 
-def run_pass(model, prompts: list[str], config, clock: ForwardClock) -> dict:
-    """Every prompt at once through the engine; per full decode step (all running): wall and forward ms."""
+def run_pass(model, prompts: list[list[int]], config, clock: ForwardClock) -> dict:
+    """Every prompt (token ids) at once through the engine; per full decode step (all running): wall and forward
+    ms."""
     engine = model.engine
-    tok = model.tokenizer
     c = engine.counters
     before = (c.decode_s, c.captures_after_start, c.eager_decode_steps, c.device_steps)
-    seqs = [engine.prepare(tok.encode(p), config) for p in prompts]
+    seqs = [engine.prepare(p, config) for p in prompts]
     for seq in seqs:
         engine.add(seq)
     results, walls, forwards = {}, [], []
@@ -155,7 +159,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ns", default="1,8,32,64", help="concurrent requests")
     ap.add_argument("--gen-length", type=int, default=128)
-    ap.add_argument("--strategies", default="lopa,d2f", help="lopa (k=7) and/or d2f")
+    ap.add_argument("--strategies", default="lopa,d2f", help="lopa (k = --k) and/or d2f")
+    ap.add_argument("--k", type=int, default=7, help="lopa's k")
+    ap.add_argument("--shape", default=None, help="random weights at a step_latency.py shape (dream-7b, llada-8b, "
+                    "...; prompts of random ids, GSM8K-like lengths) instead of the embedded default model")
     ap.add_argument("--modes", default=",".join(MODES), help="warm, host and/or device (module docstring)")
     ap.add_argument("--warm-tokens", type=int, default=64 * 1024,
                     help="warm: RunnerConfig.max_num_batched_tokens, the padded queries (B bucket x Qb) the warm-up "
@@ -185,19 +192,35 @@ def write(out: Path, rows: list[dict], meta: dict) -> None:
 
 
 def _load(path, args, mode: str, n: int):
+    """One model for the mode: the embedded default (or --tiny's), or random weights at --shape."""
     if mode == "warm":
         runner = lopa.RunnerConfig(device=args.device, max_num_seqs=n, warmup=True, attention="flex",
                                    device_step=True, max_num_batched_tokens=args.warm_tokens,
                                    max_positions=args.warm_positions)
     else:
         runner = lopa.RunnerConfig(device=args.device, max_num_seqs=n, device_step=mode == "device")
-    return lopa.load_model(path, runner=runner)
+    if args.shape is None:
+        return lopa.load_model(path, runner=runner)
+    from bp_latency import RandomSource
+
+    return build_model(RandomSource(args.shape), runner, name=Path(f"random-{args.shape}"))
+
+
+def prompt_ids(model, n: int) -> list[list[int]]:
+    """n GSM8K-style problems as token ids; a model without a tokenizer (random weights) gets random ids of
+    100-249 tokens, as the default tokenizer makes of those problems (seeded)."""
+    if model.tokenizer is not None:
+        return [model.tokenizer.encode(p.prompt) for p in gsm8k(None, n)]
+    g = torch.Generator().manual_seed(0)
+    spec = model.loaded.spec
+    top = min(spec.mask_id, *spec.eos_ids)  # ordinary ids: the special ones sit at the vocabulary's end
+    return [torch.randint(0, top, (100 + (i * 53) % 150,), generator=g).tolist() for i in range(n)]
 
 
 def _meta(model, args) -> dict:
     cuda = model.runner.device.type == "cuda"
     return {"device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-            "model": "tiny" if args.tiny else "default", "dtype": str(model.runner.dtype),
+            "model": "tiny" if args.tiny else args.shape or "default", "dtype": str(model.runner.dtype),
             "gen_length": args.gen_length, "commit": git_commit(), "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
@@ -216,8 +239,9 @@ def measure(path, args, save) -> tuple[list[dict], dict]:
     """Every (strategy, n) in every mode, both passes; ``save(rows, meta)`` after each."""
     ns = [int(x) for x in args.ns.split(",")]
     modes = args.modes.split(",")
-    problems = [p.prompt for p in gsm8k(None, max(ns))]
-    names = [NAMES[s] for s in args.strategies.split(",")]
+    table = strategies(args.k)
+    names = [table[s][0] for s in args.strategies.split(",")]
+    fields = dict(table.values())
     rows = {(name, n): {"strategy": name, "n": n} for name in names for n in ns}
     ids: dict[tuple, list] = {}  # (strategy, n, mode) -> token ids of pass 0 and pass 1
     meta: dict = {}
@@ -226,10 +250,11 @@ def measure(path, args, save) -> tuple[list[dict], dict]:
         meta.update({k: v for k, v in _meta(model, args).items() if k not in meta})
         if mode == "warm":
             meta["warm_start"] = _start(model, args)
+        problems = prompt_ids(model, max(ns))
         for name in names:
             for n in ns:
                 cuda = model.runner.device.type == "cuda"
-                config = decode_config(None, model.model_type, gen_length=args.gen_length, **STRATEGIES[name])
+                config = decode_config(None, model.model_type, gen_length=args.gen_length, **fields[name])
                 with torch.inference_mode(), ForwardClock(cuda) as clock:
                     passes = [run_pass(model, problems[:n], config, clock) for _ in range(2)]
                 assert all((p["device_steps"] > 0) == (mode != "host") for p in passes), mode
