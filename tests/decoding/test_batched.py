@@ -126,8 +126,10 @@ def test_wide_slots_update_over_the_span():
     """Slots far wider than the canvases (as after the warm-up): the update runs over each step's span
     (batched.Geometry), and what it leaves beyond it (masks after an EOS, older windows' flags) is read back as
     the host holds it: the same tokens, forwards, winners and round caps as the host strategies."""
-    long = [DecodeConfig(strategy=s, base="d2f", k=k, gen_length=200, block_size=4, tau=0.5, add_threshold=0.25,
-                         complete_threshold=0.5) for s, k in (("d2f", 0), ("lopa", 3), ("lopa", 1))]  # EOS early
+    long = [DecodeConfig(strategy=s, base="d2f", k=k, gen_length=200, block_size=bs, tau=tau, add_threshold=0.25,
+                         complete_threshold=0.5)  # EOS early; blocks of one position; windows filled at once
+            for s, k, bs, tau in (("d2f", 0, 4, 0.5), ("lopa", 3, 4, 0.5), ("lopa", 1, 4, 0.5), ("d2f", 0, 1, 0.5),
+                                  ("lopa", 2, 1, 0.25), ("d2f", 0, 3, 0.25))]
     cfgs = configs() + long
     prompts = [[1 + (i * 7 + j) % 40 for j in range(2 + i % 5)] for i in range(len(cfgs))]
     seeds = list(range(len(cfgs)))
@@ -135,8 +137,8 @@ def test_wide_slots_update_over_the_span():
     assert all(len(w[0]) < 100 for w in want[-len(long):])
     got, lazy = device_run(cfgs, prompts, seeds, pad=300)
     assert got == want and lazy > 0
-    alone = slice(len(cfgs) - len(long), None)  # the widest windows of their step: a grown block ends the span
-    assert device_run(cfgs[alone], prompts[alone], seeds[alone], pad=300)[0] == want[alone]
+    for i in range(len(cfgs) - len(long), len(cfgs)):  # alone: the span ends where a grown block starts
+        assert device_run(cfgs[i:i + 1], prompts[i:i + 1], seeds[i:i + 1], pad=300)[0] == want[i:i + 1]
 
 
 def test_batched_scores_equal_the_host_scores():

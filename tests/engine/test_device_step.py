@@ -156,7 +156,7 @@ def test_bucket_padding_rows_are_inert(ref, attention):
         t.copy_(torch.randint(-3, 60, t.shape, generator=g))
     for t in (slots.pred_prob, slots.pred_conf, slots.floats):
         t.uniform_(-1, 2)
-    for t in (slots.pred_ok, slots.scored, slots.active):
+    for t in (slots.pred_ok, slots.active):
         t.copy_(torch.rand(t.shape, generator=g) > 0.5)
     got = _drive(m, [prompts[i] for i in pick], [configs[i] for i in pick], [0] * 5)[0]
     assert got == [want[i] for i in pick] and m.engine.counters.device_steps > 0

@@ -15,14 +15,16 @@ here is the vectorized form of the one cited beside it, and tests/decoding/test_
 device path to them.
 
 The slots are as wide as the longest canvas the context allows (8,192 positions after the warm-up), but one step
-touches few of them: each function reads its slots' span (``Geometry``: S = span_width(Wm) = 2*Wm positions
-from the committed length, gathered), applies the rules there and scatters the result back, so its cost follows
-the step's windows, not the slot width. What makes the span enough: positions before the committed length are
-complete and never change (and their blocks fully active); masks change only in the window; a d2f block grows
-only after a full-size last block inside the window (so the grown window ends within 2*W); the first EOS can
-only move earlier, inside the window. The one rule whose reach is unbounded, settle_eos turning every mask after
-the first EOS into EOS up to P + G, is applied over the span and lazily beyond it, where the host reads the
-canvas (Slots.canvas_of); no step reads a position past the window after an EOS (no block grows then).
+touches few of them: each function reads its slots' span (``Geometry``: S = Wm positions from the committed
+length, gathered), applies the rules there and scatters the result back, so its cost follows the step's windows,
+not the slot width. What makes the span enough: positions before the committed length are complete and never
+change (and their blocks fully active); canvas and predictions change only in the window [cached, cached + W),
+W <= Wm; the block d2f's propose may grow after it is all masks (no EOS yet, never in a window), which is all
+propose and answer_ready need of it; the first EOS can only move earlier, inside the window; the scored set is
+the window's masked positions (d2f) or the current block's (threshold), recomputed where it is read. The one rule
+whose reach is unbounded, settle_eos turning every mask after the first EOS into EOS up to P + G, is applied
+over the span and lazily beyond it, where the host reads the canvas (Slots.canvas_of); no step reads a position
+past the window after an EOS (no block grows then).
 """
 from __future__ import annotations
 
@@ -54,21 +56,14 @@ class Rows:
         self.st.ints[:self.n, I[name]] = value
 
 
-def span_width(Wm: int, width: int) -> int:
-    """Positions S of a step's span: twice the widest window (Wm), at most the slots' width. What one step can
-    touch lies in [cached, cached + 2*Wm): the window [cached, cached + W) that accept scores, fills and
-    settles, and the block d2f's propose may add after it, whose size is at most W (a block grows only after
-    a full-size last block that is still in the window)."""
-    return min(2 * Wm, width)
-
-
 class Geometry:
-    """The step's span of each slot and where its positions sit: positions t = s0 + j, j in [0, S), s0 =
-    min(lo, width - S) (so the span stays inside the slot; positions before lo are committed and complete),
-    in the generated region or not, and in which block. Blocks are span-relative: column i is block b0 + i
-    (b0: the block holding s0; grid: block b starts at P + b*bs), [n, NB + 1] with NB = S; no position of the
-    span lies in block b0 + NB, so column NB collects the positions outside every block. Blocks before b0 are
-    committed: complete, and fully active (d2f activates a block at the latest in the accept that commits it)."""
+    """The step's span of each slot and where its positions sit: positions t = s0 + j, j in [0, S), S = Wm (at
+    most the slots' width), s0 = min(lo, width - S) (so the span stays inside the slot; positions before lo
+    are committed and complete), in the generated region or not, and in which block. Blocks are span-relative:
+    column i is block b0 + i (b0: the block holding s0; grid: block b starts at P + b*bs), [n, NB + 1] with
+    NB = S; no position of the span lies in block b0 + NB, so column NB collects the positions outside every
+    block (and may be a block d2f's propose just grew past the span). Blocks before b0 are committed: complete,
+    and fully active (d2f activates a block at the latest in the accept that commits it)."""
 
     def __init__(self, v: Rows, S: int, lo: torch.Tensor) -> None:
         n, Tc = v.n, v.st.width
@@ -165,11 +160,11 @@ def settle_eos(v: Rows, geo: Geometry, x: Span, eos: torch.Tensor, mask_id: int)
 def activate(v: Rows, geo: Geometry, masked: torch.Tensor, rows: torch.Tensor, active: torch.Tensor) -> None:
     """d2f.activate for the slots in ``rows`` [n] bool: a present block whose predecessor is >= τ_act filled
     becomes fully active (the predecessor of the span's first block is committed: filled)."""
-    prog = geo.progress(masked)[:, :geo.NB]
+    prog = geo.progress(masked)
     prev = torch.zeros_like(prog, dtype=torch.bool)
     prev[:, 1:] = prog[:, :-1] >= v.tau_act[:, None]
     prev[:, 0] = (geo.b0[:, 0] > 0) & (v.tau_act <= 1.0)
-    active[:, :geo.NB] |= rows[:, None] & geo.present(v.nblocks)[:, :geo.NB] & prev
+    active |= rows[:, None] & geo.present(v.nblocks) & prev
 
 
 def fill(v: Rows, geo: Geometry, x: Span, mask_id: int) -> torch.Tensor:
@@ -182,7 +177,7 @@ def fill(v: Rows, geo: Geometry, x: Span, mask_id: int) -> torch.Tensor:
     current = _first(incomplete[:, :geo.NB], geo.NB)  # threshold: the first incomplete block (earlier: complete)
     fillable = torch.where(d2f[:, None], present, geo.i == current[:, None])
     fillable[:, geo.NB] = False
-    fallback = ~d2f[:, None] | x.active  # threshold blocks are always fully active
+    fallback = ~d2f[:, None] | x.active  # threshold blocks are always fully active (column NB: no position)
     open_ = masked & x.pred_ok & fillable.gather(1, geo.bi)
     prob, conf = x.pred_prob, x.pred_conf
     passing = open_ & (prob > v.tau.to(prob.dtype)[:, None])  # strict >, in the predictions' dtype
@@ -309,7 +304,7 @@ def assemble(gathered: torch.Tensor, st: Slots, n: int, Qg: int, rank: int) -> t
 def accept(st: Slots, n: int, preds: torch.Tensor, Wm: int, R: int, scores: tuple[str, ...], mask_id: int,
            eos: torch.Tensor) -> torch.Tensor:
     """window.accept + apply_row for every slot: preds [n, Qb, 3] (token, prob, conf per query), Wm >= every
-    slot's window width (the span: span_width). Returns the winners [n]; cached, rounds, canvas, predictions,
+    slot's window width (the span). Returns the winners [n]; cached, rounds, canvas, predictions,
     pred_lo, eos_at, active, last_fill updated."""
     v = Rows(st, n)
     dev = st.canvas.device
@@ -322,7 +317,11 @@ def accept(st: Slots, n: int, preds: torch.Tensor, Wm: int, R: int, scores: tupl
     look = _look_rows(st, n)[:, :R]
     r = torch.arange(R, device=dev)[None, :, None]
     valid = (r < K[:, None, None]) & (c < W[:, None])[:, None]
-    masked = cols[:, None] & (pos[:, None] != look[..., None]) & st.scored[:n].gather(1, pos)[:, None] & valid
+    # the scored set as propose made it (window.scored): d2f every masked window column, threshold those of the
+    # current block, the one of the first masked column (the blocks before it are complete)
+    block = (pos - v.prompt_len[:, None]) // v.block_size.clamp(min=1)[:, None]
+    scored = cols & (v.d2f.bool()[:, None] | (block == block.gather(1, cols.long().argmax(1)[:, None])))
+    masked = cols[:, None] & (pos[:, None] != look[..., None]) & scored[:, None] & valid
     q = torch.where(valid, r * W[:, None, None] + c[:, None], 0).view(n, R * Wm)
     conf = preds[..., 2].gather(1, q).view(n, R, Wm)
     score = torch.zeros(n, R, dtype=conf.dtype, device=dev)
@@ -332,7 +331,7 @@ def accept(st: Slots, n: int, preds: torch.Tensor, Wm: int, R: int, scores: tupl
     score = torch.where(r[..., 0] < K[:, None], score, float("-inf"))
     winner = torch.where(K > 1, score.argmax(1), 0)  # the first maximum: ties go to the lower row
     # apply_row over the span: the winner's row becomes the canvas, its predictions the current ones
-    geo = Geometry(v, span_width(Wm, st.width), lo)
+    geo = Geometry(v, Wm, lo)
     x = Span.read(st, geo)
     ahead = look.gather(1, winner[:, None])  # [n, 1] the winner's lookahead position (-1: the anchor)
     logit = (geo.t >= lo[:, None]) & (geo.t < (lo + W)[:, None]) & (x.canvas == mask_id)
@@ -356,12 +355,13 @@ def accept(st: Slots, n: int, preds: torch.Tensor, Wm: int, R: int, scores: tupl
 
 def propose(st: Slots, n: int, mask_id: int, row_budget: torch.Tensor, Wm: int) -> None:
     """window.propose for every slot (after accept): grow, done / capped, and the next forward's plan
-    (width, rows, look, scored, commit); a finished slot gets width = rows = commit = 0. ``row_budget`` [1]:
-    DecodeState.row_budget of every request of the step (k_policy "load"), -1 for None. ``Wm``: accept's
-    (the span: span_width)."""
+    (width, rows, look, commit); a finished slot gets width = rows = commit = 0. ``row_budget`` [1]:
+    DecodeState.row_budget of every request of the step (k_policy "load"), -1 for None. ``Wm``: accept's (the
+    span). A grown block may reach past the span: it is all masks (no EOS, never in a window), which is all
+    the rules below need of it."""
     v = Rows(st, n)
     lo = v.cached
-    geo = Geometry(v, span_width(Wm, st.width), lo)
+    geo = Geometry(v, Wm, lo)
     x = Span.read(st, geo)
     d2f = v.d2f.bool()
     masked = (x.canvas == mask_id) & geo.in_gen
@@ -373,19 +373,19 @@ def propose(st: Slots, n: int, mask_id: int, row_budget: torch.Tensor, Wm: int) 
     v.set("nblocks", v.nblocks + grow.long())
     activate(v, geo, masked, grow, x.active)
     geo.write_blocks(st.active, x.active, v.nblocks)
-    # finished, round cap (positions before the span are committed: filled)
-    end = torch.minimum(v.prompt_len + v.nblocks * bs, geo.T[:, 0])  # window end, inside the span
-    all_filled = ~(masked & (geo.t < end[:, None])).any(1)
+    # finished, round cap (positions before the span are committed: filled; a grown block is not)
+    end = torch.minimum(v.prompt_len + v.nblocks * bs, geo.T[:, 0])  # window end
+    all_filled = ~(masked & (geo.t < end[:, None])).any(1) & ~grow
     done = all_filled & ((v.eos_at != NO_EOS) | (end - v.prompt_len >= v.gen_length))
     capped = ~done & (v.rounds >= v.max_rounds)
     done = done | capped
     # the scored set and the lookahead candidates (conf desc, position asc)
     present = geo.present(v.nblocks)
-    incomplete = present & (geo.per_block(masked) > 0)
+    grown = grow[:, None] & (geo.block == (v.nblocks - 1)[:, None])
+    incomplete = present & ((geo.per_block(masked) > 0) | grown)
     current = _first(incomplete[:, :geo.NB], geo.NB)
     in_window = (geo.t >= lo[:, None]) & (geo.t < end[:, None])
-    scored = masked & torch.where(d2f[:, None], in_window, geo.bi == current[:, None])
-    geo.write(st.scored, scored)
+    scored = masked & torch.where(d2f[:, None], in_window, geo.bi == current[:, None])  # window.scored
     nlook = _lookahead(st, v, geo, scored & x.pred_ok, x.pred_conf, end - lo, row_budget)
     # commit_end: the leading run of complete blocks after the committed prefix
     first = (lo - v.prompt_len) // bs - geo.b0[:, 0]
@@ -427,10 +427,10 @@ def _budget(v: Rows, n: torch.Tensor, conf: torch.Tensor, width: torch.Tensor, r
 
 def answer_ready(st: Slots, n: int, mask_id: int, Wm: int) -> torch.Tensor:
     """[n] length of base.answer_ids: up to the first EOS (inclusive), cut at the first hole. Over propose's
-    span: before it nothing is masked; the position after it, if generated, was in no window yet (a hole, or
-    an EOS tail after eos_at)."""
+    span: before it nothing is masked; the position after it, if generated, was in no window until this
+    step's grow (a hole, or an EOS tail after eos_at)."""
     v = Rows(st, n)
-    geo = Geometry(v, span_width(Wm, st.width), v.cached)
+    geo = Geometry(v, Wm, v.cached)
     P, T = v.prompt_len, geo.T[:, 0]
     stop = torch.where(v.eos_at == NO_EOS, T, v.eos_at + 1)
     after = geo.t[:, -1] + 1

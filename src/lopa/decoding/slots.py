@@ -4,7 +4,6 @@
 forward it proposed last (the plan the next step runs):
 
     canvas, pred_tok, pred_prob, pred_conf, pred_ok   [S, Tc]   Tc = the longest canvas loaded so far
-    scored                                            [S, Tc]   positions the pending forward scores
     active                                            [S, Tc]   block i of the slot is fully active (i < Tc)
     look                                              [S, kc]   the pending forward's lookahead positions (-1: none)
     ints                                              [S, len(INTS)]   int64 fields, named below
@@ -18,9 +17,9 @@ iteration on the rows. A step's updates read and write the first n rows only (th
 
 The iteration reads and writes each row over its step's span only (a bounded run of positions from the committed
 length, batched.Geometry), so a row may hold what the host state no longer does, and the readers here apply it:
-masks after the first EOS past the span (the host's settle_eos made them EOS: ``canvas_of``), ``pred_ok`` flags
-before ``pred_lo`` (the window the predictions belong to) and ``scored`` flags before the committed length (both
-left from older windows).
+masks after the first EOS past the span (the host's settle_eos made them EOS: ``canvas_of``) and ``pred_ok``
+flags before ``pred_lo`` (the window the predictions belong to; left from older windows). The pending forward's
+scored set is the strategy's own ``scored`` of the state (the canvas has not changed since propose).
 """
 
 from __future__ import annotations
@@ -54,7 +53,6 @@ class Slots:
     pred_prob: torch.Tensor
     pred_conf: torch.Tensor
     pred_ok: torch.Tensor
-    scored: torch.Tensor
     active: torch.Tensor
     look: torch.Tensor
     ints: torch.Tensor
@@ -65,7 +63,7 @@ class Slots:
         """pdt: the predictions' dtype (float32; float64 for a float64 model)."""
         z = lambda dtype, width: torch.zeros(S, width, dtype=dtype, device=device)  # noqa: E731
         return Slots(z(torch.int64, Tc), z(torch.int64, Tc), z(pdt, Tc), z(pdt, Tc), z(torch.bool, Tc),
-                     z(torch.bool, Tc), z(torch.bool, Tc), z(torch.int64, kc) - 1, z(torch.int64, len(INTS)),
+                     z(torch.bool, Tc), z(torch.int64, kc) - 1, z(torch.int64, len(INTS)),
                      z(torch.float64, len(FLOATS)))
 
     @property
@@ -80,14 +78,14 @@ class Slots:
         """At least S slots, Tc canvas positions and kc lookaheads; the rows' contents kept."""
         S, Tc, kc = max(S, self.slots), max(Tc, self.width), max(kc, self.look.shape[1])
         new = Slots.empty(S, Tc, kc, self.canvas.device, self.pred_prob.dtype)
-        for name in ("canvas", "pred_tok", "pred_prob", "pred_conf", "pred_ok", "scored", "active", "look", "ints",
+        for name in ("canvas", "pred_tok", "pred_prob", "pred_conf", "pred_ok", "active", "look", "ints",
                      "floats"):
             old = getattr(self, name)
             getattr(new, name)[:old.shape[0], :old.shape[1]] = old
         return new
 
     def move(self, src: int, dst: int) -> None:
-        for name in ("canvas", "pred_tok", "pred_prob", "pred_conf", "pred_ok", "scored", "active", "look", "ints",
+        for name in ("canvas", "pred_tok", "pred_prob", "pred_conf", "pred_ok", "active", "look", "ints",
                      "floats"):
             t = getattr(self, name)
             t[dst] = t[src]
@@ -104,10 +102,7 @@ class Slots:
         self.pred_prob[slot] = row(state.pred_prob.to(self.pred_prob.dtype))
         self.pred_conf[slot] = row(state.pred_conf.to(self.pred_conf.dtype))
         self.pred_ok[slot] = row(state.pred_ok, False)
-        scored, extra = state.pending
-        mark = torch.zeros(self.width, dtype=torch.bool)
-        mark[list(scored)] = True
-        self.scored[slot] = mark.to(dev)
+        _, extra = state.pending
         active = torch.zeros(self.width, dtype=torch.bool)
         active[:len(state.blocks)] = torch.tensor([b.fully_active for b in state.blocks])
         self.active[slot] = active.to(dev)
@@ -156,8 +151,7 @@ class Slots:
             return None
         lo, W = v["cached"], v["width"]
         look = self.look[slot, :v["rows"] - 1].tolist()
-        scored = (self.scored[slot, lo:lo + W].nonzero()[:, 0] + lo).tolist()
-        state.pending = (scored, [None] + look)
+        state.pending = (strategy.scored(state), [None] + look)
         anchor = state.canvas[lo:lo + W]
         rows = anchor[None].repeat(len(look) + 1, 1)
         for r, pos in enumerate(look, start=1):
