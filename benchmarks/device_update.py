@@ -10,11 +10,13 @@ largest forward and Wm = Qb window columns; the branch rows R depend on the vari
 
     span       this tree: the update over each slot's span (batched.Geometry), R from Qb (engine/device.py: widths)
     span, R=K  the same with R = the step's largest K (what a row bucket in the graph key would buy)
-    old        --against's decoding/batched.py (default: the commit before the span change), read with git show
-               into a temporary module: every per-position tensor over the whole slot width, R = min(kc + 1, Qb)
+    old        --against's decoding/batched.py and slots.py (default: the commit before the span change), read with
+               git show into temporary modules: every per-position tensor over the whole slot width, R = min(kc +
+               1, Qb)
 
-After the first repetition every variant's slot rows are compared with the old one's (canvas as Slots.store reads
-it, the int fields, lookaheads): ``equal``. Times: median ms over --iters repetitions, per phase and in all. On
+After the first repetition every variant's slot rows are read back into the requests' host states (Slots.store,
+each variant its own) and compared with the old one's (canvas, blocks, lengths, EOS, pending scored set and
+lookaheads, predictions' flags, the next batch): ``equal``. Times: median ms over --iters repetitions, per phase and in all. On
 the CPU this is a proxy for the GPU's figure (there the update is one captured graph; the widths drive both).
 
     PYTHONPATH=src python3 benchmarks/device_update.py --out benchmarks/results/device_update_cpu
@@ -23,6 +25,7 @@ the CPU this is a proxy for the GPU's figure (there the update is one captured g
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import importlib.util
 import inspect
@@ -40,7 +43,7 @@ import torch
 from lopa.config import DecodeConfig
 from lopa.decoding import batched, make_strategy
 from lopa.decoding.base import ModelSpec, Predictions
-from lopa.decoding.slots import DEVICE_SCORES, I, Slots
+from lopa.decoding.slots import DEVICE_SCORES, Slots
 from lopa.engine.device import widths
 from lopa.runner.graphs import QUERY_BUCKETS
 
@@ -51,16 +54,21 @@ STRATEGIES = {"lopa": dict(strategy="lopa", k=7), "d2f": dict(strategy="d2f")}
 AGAINST = "443d81f"  # the whole-width update
 
 
-def old_module(rev: str, folder: str):
-    """decoding/batched.py at ``rev``, imported inside lopa.decoding (its relative imports resolve there)."""
-    path = Path(folder) / "batched_old.py"
-    path.write_text(subprocess.run(["git", "show", f"{rev}:src/lopa/decoding/batched.py"], check=True,
-                                   capture_output=True, text=True).stdout)
-    spec = importlib.util.spec_from_file_location("lopa.decoding._batched_old", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def old_modules(rev: str, folder: str):
+    """decoding/batched.py and slots.py at ``rev``, imported inside lopa.decoding (their relative imports resolve
+    there; the old batched reads the old Slots)."""
+    modules = []
+    for name in ("slots", "batched"):
+        path = Path(folder) / f"_{name}_old.py"
+        text = subprocess.run(["git", "show", f"{rev}:src/lopa/decoding/{name}.py"], check=True, capture_output=True,
+                              text=True).stdout
+        path.write_text(text.replace("from .slots import", "from ._slots_old import"))
+        spec = importlib.util.spec_from_file_location(f"lopa.decoding._{name}_old", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        modules.append(module)
+    return modules[1], modules[0].Slots
 
 
 def oracle(row: torch.Tensor, start: int, cols: torch.Tensor):
@@ -90,16 +98,16 @@ def states(name: str, n: int, gen_length: int, block_size: int):
     return out
 
 
-def snapshot(st: Slots) -> dict:
+def snapshot(st) -> dict:
     return {name: getattr(st, name).clone() for name in st.__dataclass_fields__}
 
 
-def restore(st: Slots, snap: dict) -> None:
+def restore(st, snap: dict) -> None:
     for name, value in snap.items():
         getattr(st, name).copy_(value)
 
 
-def update(module, st: Slots, n: int, preds, Qb: int, Wm: int, R: int, times: dict) -> None:
+def update(module, st, n: int, preds, Qb: int, Wm: int, R: int, times: dict) -> None:
     """One update, each phase timed (ms added to ``times``)."""
     eos, budget = torch.tensor(SPEC.eos_ids), torch.tensor([-1])
     span = len(inspect.signature(module.propose).parameters) > 4  # this tree's signature takes Wm
@@ -113,27 +121,33 @@ def update(module, st: Slots, n: int, preds, Qb: int, Wm: int, R: int, times: di
         times.setdefault(name, []).append(1e3 * (time.perf_counter() - t0))
 
 
-def state_of(st: Slots, n: int, strategies) -> list:
-    T = [len(s[1].canvas) for s in strategies]
-    ints = [[x for i, x in enumerate(st.ints[b].tolist()) if i != I["pred_lo"]] for b in range(n)]  # new field
-    return [(st.canvas_of(b, T[b], SPEC).tolist(), ints[b], st.look[b].tolist()) for b in range(n)]
+def state_of(st, n: int, reqs) -> list:
+    """Every slot read back into (a copy of) its host state, as the engine would: the state and pending batch."""
+    out = []
+    for b, (strategy, state, _) in enumerate(reqs):
+        state = copy.deepcopy(state)
+        batch = st.store(b, strategy, state)
+        out.append((state.canvas.tolist(), [(x.start, x.end, x.fully_active) for x in state.blocks], state.cached,
+                    state.rounds, state.eos_at, state.done, state.pending, state.pred_ok.tolist(),
+                    None if batch is None else (batch.tokens.tolist(), batch.commit, batch.logit_cols.tolist())))
+    return out
 
 
 def measure_case(name: str, n: int, args, variants: dict) -> dict:
     reqs = states(name, n, args.gen_length, args.block_size)
-    st = Slots.empty(n, args.width, args.kc, torch.device("cpu"), torch.float32)
-    for b, (strategy, state, batch) in enumerate(reqs):
-        st.load(b, strategy, state, batch, DEVICE_SCORES.index("mean"))
-    ints = st.ints[:n]
-    K, W = ints[:, I["rows"]], ints[:, I["width"]]
+    K = torch.tensor([b.tokens.shape[0] for _, _, b in reqs])
+    W = torch.tensor([b.tokens.shape[1] for _, _, b in reqs])
     Qb = next(q for q in QUERY_BUCKETS if q >= int((K * W).max()))
     g = torch.Generator().manual_seed(0)
     preds = torch.stack([torch.randint(10, 90, (n, Qb), generator=g).float(), 0.5 + 0.5 * torch.rand(n, Qb, generator=g),
                          torch.rand(n, Qb, generator=g)], -1)
-    snap = snapshot(st)
     row = {"strategy": name, "n": n, "Qb": Qb, "K": int(K.max()), "W": int(W.max()), "width": args.width}
     results = {}
-    for label, (module, R) in variants.items():
+    for label, (module, slots, R) in variants.items():
+        st = slots.empty(n, args.width, args.kc, torch.device("cpu"), torch.float32)
+        for b, (strategy, state, batch) in enumerate(reqs):
+            st.load(b, strategy, state, batch, DEVICE_SCORES.index("mean"))
+        snap = snapshot(st)
         R = {"all": min(args.kc + 1, Qb), "bound": widths(Qb, args.kc)[1], "K": int(K.max())}[R]
         times: dict = {}
         for it in range(args.iters + 1):
@@ -184,8 +198,8 @@ def main() -> None:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     rows = []
     with tempfile.TemporaryDirectory() as folder, torch.inference_mode():
-        variants = {"old": (old_module(args.against, folder), "all"), "span": (batched, "bound"),
-                    "span, R=K": (batched, "K")}
+        variants = {"old": (*old_modules(args.against, folder), "all"), "span": (batched, Slots, "bound"),
+                    "span, R=K": (batched, Slots, "K")}
         for name in args.strategies.split(","):
             for n in (int(x) for x in args.ns.split(",")):
                 rows.append(measure_case(name, n, args, variants))
