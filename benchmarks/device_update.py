@@ -14,12 +14,15 @@ largest forward and Wm = Qb window columns; the branch rows R depend on the vari
                git show into temporary modules: every per-position tensor over the whole slot width, R = min(kc +
                1, Qb)
 
-After the first repetition every variant's slot rows are read back into the requests' host states (Slots.store,
-each variant its own) and compared with the old one's (canvas, blocks, lengths, EOS, pending scored set and
-lookaheads, predictions' flags, the next batch): ``equal``. Times: median ms over --iters repetitions, per phase and in all. On
-the CPU this is a proxy for the GPU's figure (there the update is one captured graph; the widths drive both).
+After one update from the snapshot every variant's slot rows are read back into the requests' host states
+(Slots.store, each variant its own) and compared with the old one's (canvas, blocks, lengths, EOS, pending
+scored set and lookaheads, predictions' flags, the next batch): ``equal``. Times: median ms over --iters
+repetitions. On the CPU each phase eagerly, a proxy for the GPU's figure; with --device cuda the whole update
+captured in one CUDA graph, as the device path runs it, its replays timed by CUDA events.
 
     PYTHONPATH=src python3 benchmarks/device_update.py --out benchmarks/results/device_update_cpu
+    PYTHONPATH=src python3 benchmarks/device_update.py --device cuda --ns 1,8,32,64 \
+        --out benchmarks/results/device_update_gpu
 """
 
 from __future__ import annotations
@@ -107,18 +110,59 @@ def restore(st, snap: dict) -> None:
         getattr(st, name).copy_(value)
 
 
-def update(module, st, n: int, preds, Qb: int, Wm: int, R: int, times: dict) -> None:
-    """One update, each phase timed (ms added to ``times``)."""
-    eos, budget = torch.tensor(SPEC.eos_ids), torch.tensor([-1])
-    span = len(inspect.signature(module.propose).parameters) > 4  # this tree's signature takes Wm
-    phases = [("queries", lambda: module.queries(st, n, Qb, SPEC.mask_id)),
-              ("accept", lambda: module.accept(st, n, preds, Wm, R, ("mean",), SPEC.mask_id, eos)),
-              ("propose", lambda: module.propose(st, n, SPEC.mask_id, budget, *([Wm] if span else []))),
-              ("answer_ready", lambda: module.answer_ready(st, n, SPEC.mask_id, *([Wm] if span else [])))]
-    for name, run in phases:
-        t0 = time.perf_counter()
-        run()
-        times.setdefault(name, []).append(1e3 * (time.perf_counter() - t0))
+PHASES = ("queries", "accept", "propose", "answer_ready")
+
+
+def phases(module, st, n: int, preds, Qb: int, Wm: int, R: int) -> list:
+    """The update's four calls (the old module's propose and answer_ready take no Wm)."""
+    eos, budget = torch.tensor(SPEC.eos_ids, device=preds.device), torch.tensor([-1], device=preds.device)
+    span = len(inspect.signature(module.propose).parameters) > 4
+    return [lambda: module.queries(st, n, Qb, SPEC.mask_id),
+            lambda: module.accept(st, n, preds, Wm, R, ("mean",), SPEC.mask_id, eos),
+            lambda: module.propose(st, n, SPEC.mask_id, budget, *([Wm] if span else [])),
+            lambda: module.answer_ready(st, n, SPEC.mask_id, *([Wm] if span else []))]
+
+
+def time_cpu(calls: list, st, snap: dict, iters: int) -> dict:
+    """Median ms of each phase, eager."""
+    times: dict = {name: [] for name in PHASES}
+    for _ in range(iters):
+        restore(st, snap)
+        for name, run in zip(PHASES, calls):
+            t0 = time.perf_counter()
+            run()
+            times[name].append(1e3 * (time.perf_counter() - t0))
+    out = {name: statistics.median(ms) for name, ms in times.items()}
+    return {**out, "total": sum(out.values())}
+
+
+def time_cuda(calls: list, st, snap: dict, iters: int) -> dict:
+    """Median ms of the whole update captured in one CUDA graph (as the device path runs it), by CUDA events; the
+    snapshot is restored before each replay, outside the graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the default stream, as capture wants
+        for _ in range(2):
+            restore(st, snap)
+            for run in calls:
+                run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for run in calls:
+            run()
+    times = []
+    for _ in range(iters):
+        restore(st, snap)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    restore(st, snap)
+    graph.replay()  # the state the comparison reads
+    return {"total": statistics.median(times)}
 
 
 def state_of(st, n: int, reqs) -> list:
@@ -139,24 +183,25 @@ def measure_case(name: str, n: int, args, variants: dict) -> dict:
     W = torch.tensor([b.tokens.shape[1] for _, _, b in reqs])
     Qb = next(q for q in QUERY_BUCKETS if q >= int((K * W).max()))
     g = torch.Generator().manual_seed(0)
-    preds = torch.stack([torch.randint(10, 90, (n, Qb), generator=g).float(), 0.5 + 0.5 * torch.rand(n, Qb, generator=g),
-                         torch.rand(n, Qb, generator=g)], -1)
+    preds = torch.stack([torch.randint(10, 90, (n, Qb), generator=g).float(),
+                         0.5 + 0.5 * torch.rand(n, Qb, generator=g), torch.rand(n, Qb, generator=g)], -1).to(args.device)
     row = {"strategy": name, "n": n, "Qb": Qb, "K": int(K.max()), "W": int(W.max()), "width": args.width}
     results = {}
     for label, (module, slots, R) in variants.items():
-        st = slots.empty(n, args.width, args.kc, torch.device("cpu"), torch.float32)
+        st = slots.empty(n, args.width, args.kc, torch.device(args.device), torch.float32)
         for b, (strategy, state, batch) in enumerate(reqs):
             st.load(b, strategy, state, batch, DEVICE_SCORES.index("mean"))
         snap = snapshot(st)
         R = {"all": min(args.kc + 1, Qb), "bound": widths(Qb, args.kc)[1], "K": int(K.max())}[R]
-        times: dict = {}
-        for it in range(args.iters + 1):
+        calls = phases(module, st, n, preds, Qb, Qb, R)
+        if args.device == "cuda":
+            row[label] = time_cuda(calls, st, snap, args.iters)
+        else:
             restore(st, snap)
-            update(module, st, n, preds, Qb, Qb, R, times if it else {})
-            if it == 0:
-                results[label] = state_of(st, n, reqs)
-        row[label] = {phase: statistics.median(ms) for phase, ms in times.items()}
-        row[label]["total"] = sum(row[label][p] for p in ("queries", "accept", "propose", "answer_ready"))
+            for run in calls:  # once untimed: the first call of each op warms up
+                run()
+            row[label] = time_cpu(calls, st, snap, args.iters)
+        results[label] = state_of(st, n, reqs)  # after one update from the snapshot
         row[label]["R"] = R
     ref = results["old"]
     row["equal"] = all(r == ref for r in results.values())
@@ -165,14 +210,17 @@ def measure_case(name: str, n: int, args, variants: dict) -> dict:
 
 def markdown(meta: dict, rows: list[dict]) -> str:
     labels = [k for k in rows[0] if isinstance(rows[0][k], dict)]
+    phased = "accept" in rows[0][labels[0]]  # the CPU times each phase; a GPU the captured whole
     lines = [f"The device update alone (queries + accept + propose + answer_ready, no forward), {meta['device']}, "
              f"{meta['threads']} thread(s), slots {meta['width']} positions wide, kc {meta['kc']}, gen_length "
              f"{meta['gen_length']}, block_size {meta['block_size']}, commit {meta['commit']} against "
              f"{meta['against']}, {meta['date']}. Median ms over {meta['iters']} repetitions.", "",
-             "| strategy | n | Qb (K, W) | " + " | ".join(f"{v} ms (accept / propose)" for v in labels)
+             "| strategy | n | Qb (K, W) | " + " | ".join(f"{v} ms" + (" (accept / propose)" if phased else "")
+                                                       for v in labels)
              + " | old / span | equal |", "|---|---|---|" + "---|" * len(labels) + "---|---|"]
     for r in rows:
-        cells = [f"{r[v]['total']:.2f} ({r[v]['accept']:.2f} / {r[v]['propose']:.2f})" for v in labels]
+        cells = [f"{r[v]['total']:.2f}" + (f" ({r[v]['accept']:.2f} / {r[v]['propose']:.2f})" if "accept" in r[v]
+                                           else "") for v in labels]
         lines.append(f"| {r['strategy']} | {r['n']} | {r['Qb']} ({r['K']}, {r['W']}) | " + " | ".join(cells)
                      + f" | {r['old']['total'] / r['span']['total']:.1f}x | {r['equal']} |")
     return "\n".join(lines) + "\n"
@@ -188,11 +236,14 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu (phases timed eagerly) or cuda (the update captured in "
+                    "one CUDA graph, replays timed by CUDA events: the GPU figure)")
     ap.add_argument("--against", default=AGAINST, help="the commit whose decoding/batched.py is the old update")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/device_update"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    meta = {"device": f"CPU ({platform.processor() or platform.machine()})", "threads": args.threads,
+    cpu = f"CPU ({platform.processor() or platform.machine()})"
+    meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else cpu, "threads": args.threads,
             "width": args.width, "kc": args.kc, "gen_length": args.gen_length, "block_size": args.block_size,
             "iters": args.iters, "commit": git_commit(), "against": args.against, "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
