@@ -310,8 +310,10 @@ def accept(st: Slots, n: int, preds: torch.Tensor, Wm: int, R: int, scores: tupl
     dev = st.canvas.device
     W, K, lo = v.width, v.rows, v.cached
     canvas = st.canvas[:n]
-    # branch scores over [n, R, Wm]: row r, window column c
-    c = torch.arange(Wm, device=dev)[None]
+    # branch scores over [n, R, Ws]: row r, window column c. Only a slot of K >= 2 rows is scored (the winner of
+    # one row is row 0), and its K*W <= Qb queries leave it at most Qb / 2 columns
+    Ws = max(1, min(Wm, preds.shape[1] // 2))
+    c = torch.arange(Ws, device=dev)[None]
     pos = (lo[:, None] + c).clamp(max=st.width - 1)
     cols = (canvas.gather(1, pos) == mask_id) & (c < W[:, None])  # the anchor's masked columns: logit_cols
     look = _look_rows(st, n)[:, :R]
@@ -322,8 +324,8 @@ def accept(st: Slots, n: int, preds: torch.Tensor, Wm: int, R: int, scores: tupl
     block = (pos - v.prompt_len[:, None]) // v.block_size.clamp(min=1)[:, None]
     scored = cols & (v.d2f.bool()[:, None] | (block == block.gather(1, cols.long().argmax(1)[:, None])))
     masked = cols[:, None] & (pos[:, None] != look[..., None]) & scored[:, None] & valid
-    q = torch.where(valid, r * W[:, None, None] + c[:, None], 0).view(n, R * Wm)
-    conf = preds[..., 2].gather(1, q).view(n, R, Wm)
+    q = torch.where(valid, r * W[:, None, None] + c[:, None], 0).view(n, R * Ws)
+    conf = preds[..., 2].gather(1, q).view(n, R, Ws)
     score = torch.zeros(n, R, dtype=conf.dtype, device=dev)
     for name in scores:
         value = SCORES[name](conf, masked, tau=v.tau, m=v.branch_m, cols=cols)
@@ -362,17 +364,17 @@ def propose(st: Slots, n: int, mask_id: int, row_budget: torch.Tensor, Wm: int) 
     v = Rows(st, n)
     lo = v.cached
     geo = Geometry(v, Wm, lo)
-    x = Span.read(st, geo)
+    canvas, active = geo.read(st.canvas), geo.read_blocks(st.active)
     d2f = v.d2f.bool()
-    masked = (x.canvas == mask_id) & geo.in_gen
+    masked = (canvas == mask_id) & geo.in_gen
     # d2f.grow: one block when the last one is >= τ_add filled, none past gen_length or after an EOS
     bs = geo.bs[:, 0]
     last_end = torch.minimum(v.prompt_len + v.nblocks * bs, geo.T[:, 0])
     last_prog = geo.at_block(geo.progress(masked), v.nblocks - 1, 1.0)  # a committed last block: filled
     grow = d2f & (last_end < geo.T[:, 0]) & (v.eos_at == NO_EOS) & (last_prog >= v.tau_add)
     v.set("nblocks", v.nblocks + grow.long())
-    activate(v, geo, masked, grow, x.active)
-    geo.write_blocks(st.active, x.active, v.nblocks)
+    activate(v, geo, masked, grow, active)
+    geo.write_blocks(st.active, active, v.nblocks)
     # finished, round cap (positions before the span are committed: filled; a grown block is not)
     end = torch.minimum(v.prompt_len + v.nblocks * bs, geo.T[:, 0])  # window end
     all_filled = ~(masked & (geo.t < end[:, None])).any(1) & ~grow
@@ -386,7 +388,7 @@ def propose(st: Slots, n: int, mask_id: int, row_budget: torch.Tensor, Wm: int) 
     current = _first(incomplete[:, :geo.NB], geo.NB)
     in_window = (geo.t >= lo[:, None]) & (geo.t < end[:, None])
     scored = masked & torch.where(d2f[:, None], in_window, geo.bi == current[:, None])  # window.scored
-    nlook = _lookahead(st, v, geo, scored & x.pred_ok, x.pred_conf, end - lo, row_budget)
+    nlook = _lookahead(st, v, geo, scored & geo.read(st.pred_ok), geo.read(st.pred_conf), end - lo, row_budget)
     # commit_end: the leading run of complete blocks after the committed prefix
     first = (lo - v.prompt_len) // bs - geo.b0[:, 0]
     stops = ~(present & ~incomplete) & (geo.i >= first[:, None])
