@@ -106,10 +106,11 @@ def _prompts(n):
     return [DEVICE_PROMPTS[i % len(DEVICE_PROMPTS)] for i in range(n)]
 
 
-def _engine(model, slots: int, device_step: bool, spec=None, static: bool = False, attention: str = "sdpa"):
+def _engine(model, slots: int, device_step: bool, spec=None, static: bool = False, attention: str = "sdpa",
+            max_positions: int | None = None):
     loaded = model.loaded
     runner = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), torch.float64, max_num_seqs=slots,
-                         static=static, capture=False, attention=attention)
+                         static=static, capture=False, attention=attention, max_positions=max_positions)
     engine = Engine(runner, spec or loaded.spec, slots, device_step=device_step)
     engine.winner_log = {}
     return engine
@@ -156,6 +157,23 @@ def test_device_path_equals_the_host_strategies(tiny):
         assert _drive(engine, prompts, configs, joins, stream=True) == want, (slots, static, attention)
         c = engine.counters
         assert c.device_steps == c.decode_steps > 0
+
+
+def test_after_the_warm_up_block_diffusion_steps_replay_warmed_keys(tiny):
+    """A block-diffusion model's step key holds its span (Wm + 2 * block size, fixed by the query bucket), so the
+    device path's warm-up (here each key run once on the CPU, "flex") covers its steps: a staggered run of the
+    matrix (default measure and score) takes no eager step and no new key, and equals the host path."""
+    name, model, _, spec = tiny
+    configs = device_configs(name, model)
+    n, joins = len(configs), [i // 2 for i in range(len(configs))]
+    want = _drive(_engine(model, 4, False, spec), _prompts(n), configs, joins)
+    engine = _engine(model, 4, True, spec, static=True, attention="flex", max_positions=512)
+    engine.runner.warmup(512)
+    assert engine.device.warmup([key[:2] for key in engine.runner.graphs.warmup_keys(512)]) > 0
+    keys = set(engine.device.graphs)
+    assert _drive(engine, _prompts(n), configs, joins) == want
+    c = engine.counters
+    assert c.device_steps == c.decode_steps > 0 and c.eager_decode_steps == 0 and set(engine.device.graphs) == keys
 
 
 def test_host_only_requests_between_device_steps(tiny):

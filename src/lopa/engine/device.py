@@ -137,10 +137,18 @@ class DevicePath:
 
     def _span(self, seqs: list[Sequence]) -> int:
         """J of the block-diffusion rules (decoding/batched_blocks.py): the largest W + 2 * block_size over the
-        step's block-diffusion requests, 0 without one; a power of two on the static path (fewer keys)."""
-        J = max((self.host[s.slot][2] + 2 * s.config.block_size for s in seqs
-                 if isinstance(s.strategy, BlockDiffusionStrategy)), default=0)
-        return 1 << (J - 1).bit_length() if J and self.runner.graphs is not None else J
+        step's block-diffusion requests, 0 without one."""
+        return max((self.host[s.slot][2] + 2 * s.config.block_size for s in seqs
+                    if isinstance(s.strategy, BlockDiffusionStrategy)), default=0)
+
+    def _keyed_span(self, Wm: int, J: int) -> int:
+        """The span of a bucketed step (a key of the static path): for a block-diffusion model Wm + 2 * its block
+        size whatever the step holds (W <= Wm; a block-diffusion strategy runs with the model's block size), so
+        the span follows from Qb and the warm-up captures it; for another model _span's J rounded up to a power
+        of two (0 without a block-diffusion request)."""
+        if self.spec.block_size:
+            return Wm + 2 * self.spec.block_size
+        return 1 << (J - 1).bit_length() if J else 0
 
     def _lut(self, measures: tuple[str, ...]) -> torch.Tensor:
         """A request's measure (CONFIDENCES index) -> its index in the step's list ``measures``, made once per list
@@ -168,13 +176,15 @@ class DevicePath:
     def _run(self, host: list[list[int]], measures: tuple[str, ...], scores: tuple[str, ...], span: int) -> torch.Tensor:
         """One process: the update of the step's key, replayed (or captured lazily before any warm-up). After the
         warm-up a key it did not capture runs eagerly (counted with the static path's eager steps): SDPA over
-        the span, nothing captured or compiled for a new FlexAttention shape. ``span``: _span's J (part of the key;
-        the warm-up captures J = 0, so a step with block-diffusion requests runs eagerly after it)."""
+        the span, nothing captured or compiled for a new FlexAttention shape. ``span``: _span's J."""
         shape = self._shape(host)
+        if self.runner.graphs is not None:
+            span = self._keyed_span(shape[3], span)
         key = (*shape, measures, scores, span)
         if self.warm and key not in self.graphs:
             self.runner.graphs.stats.eager_steps += 1
-            return self._update(*self._shape(host, eager=True), measures, scores, span)
+            eager = self._shape(host, eager=True)
+            return self._update(*eager, measures, scores, self._keyed_span(eager[3], span))
         return self._replay(key, lambda: self._update(*shape, measures, scores, span))
 
     def _update(self, B: int, Qb: int, Lb: int | None, Wm: int, R: int, measures: tuple[str, ...],
@@ -299,8 +309,9 @@ class DevicePath:
         self._captured_for = (self._generation, graphs.pool)
         for done, (B, Qb) in enumerate(shapes, 1):
             Wm, R = self._widths(Qb)
-            key = (B, Qb, None, Wm, R, measures, scores, 0)  # as _run forms it under "flex"
-            update = functools.partial(self._update, B, Qb, None, Wm, R, measures, scores, 0)
+            span = self._keyed_span(Wm, 0)
+            key = (B, Qb, None, Wm, R, measures, scores, span)  # as _run forms it under "flex"
+            update = functools.partial(self._update, B, Qb, None, Wm, R, measures, scores, span)
             update()  # eagerly first: lazy kernel initialization stays out of the graph
             self.graphs[key] = self._capture(update) if graphs.capture else (None, None)
             if on_graph is not None:
