@@ -337,7 +337,8 @@ def propose(st: Slots, n: int, mask_id: int, row_budget: torch.Tensor, span: int
     v.set("done", done.long())
     v.set("capped", capped.long())
     if span:
-        batched_blocks.propose(st, n, mask_id, span, lambda count, conf, width: _budget(v, count, conf, width, row_budget))
+        batched_blocks.propose(st, n, mask_id, span,
+                               lambda count, conf, width: _budget(v, count, conf, width, row_budget))
 
 
 def _budget(v: Rows, n: torch.Tensor, conf: torch.Tensor, width: torch.Tensor, row_budget: torch.Tensor):

@@ -141,7 +141,8 @@ def propose(st: Slots, n: int, mask_id: int, J: int, budget) -> None:
     key = torch.nn.functional.pad(key, (0, max(0, kc - key.shape[1])), value=float("-inf"))
     ranked = key.sort(dim=1, descending=True, stable=True)
     nlook = budget(torch.minimum(_int(st, n, "k"), cands.sum(1)), ranked.values[:, :kc], hi - lo)
-    look = torch.where(torch.arange(kc, device=lo.device)[None] < nlook[:, None], lo[:, None] + ranked.indices[:, :kc], -1)
+    first_k = torch.arange(kc, device=lo.device)[None] < nlook[:, None]
+    look = torch.where(first_k, lo[:, None] + ranked.indices[:, :kc], -1)
     K = 1 + nlook
     width = torch.where(_int(st, n, "family") == FAST, _int(st, n, "sub_block"), _int(st, n, "block_size"))
     T = _int(st, n, "prompt_len") + _int(st, n, "gen_length")

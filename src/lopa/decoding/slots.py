@@ -1,4 +1,5 @@
-"""The window strategies' per-request state as rows of device tensors, one row per KV slot.
+"""The window strategies' per-request state (threshold, d2f, sdar, fast_dllm_v2, lopa) as rows of device tensors,
+one row per KV slot.
 
 ``Slots`` holds, for every slot s, what a WindowState holds for one request (decoding/window.py) plus the
 forward it proposed last (the plan the next step runs):
@@ -14,9 +15,9 @@ The blocks of threshold and d2f always lie on one grid, block i = [P + i*bs, min
 slot's block list is ``nblocks`` (how many exist) and ``active``. A block-diffusion slot (``family`` sdar or
 fast_dllm_v2, decoding/block_diffusion.py) has the fixed blocks of its strategy's ``initial_blocks`` (aligned at
 absolute position 0, all fully active) and its own rules in decoding/batched_blocks.py; ``verify``,
-``next_span`` and ``sub_block`` carry verify_lookahead, score_span == "next_region" and sub_block. ``load`` and ``store`` convert one request's
-host state (and its pending ForwardBatch) to its slot row and back without loss; decoding/batched.py runs the
-iteration on the rows. A step's updates read and write the first n rows only (the running requests are slots
+``next_span`` and ``sub_block`` carry verify_lookahead, score_span == "next_region" and sub_block. ``load`` and
+``store`` convert one request's host state (and its pending ForwardBatch) to its slot row and back without loss;
+decoding/batched.py runs the iteration on the rows. A step's updates read and write the first n rows only (the running requests are slots
 0..n-1); rows past them keep whatever left them.
 """
 

@@ -173,7 +173,8 @@ class DevicePath:
         """(Wm, R) of a bucketed step: every column of the bucket, every lookahead row the slots hold."""
         return Qb, min(self.slots.look.shape[1] + 1, Qb)
 
-    def _run(self, host: list[list[int]], measures: tuple[str, ...], scores: tuple[str, ...], span: int) -> torch.Tensor:
+    def _run(self, host: list[list[int]], measures: tuple[str, ...], scores: tuple[str, ...],
+             span: int) -> torch.Tensor:
         """One process: the update of the step's key, replayed (or captured lazily before any warm-up). After the
         warm-up a key it did not capture runs eagerly (counted with the static path's eager steps): SDPA over
         the span, nothing captured or compiled for a new FlexAttention shape. ``span``: _span's J."""
