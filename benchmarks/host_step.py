@@ -195,9 +195,10 @@ def main() -> None:
             from lopa.models.tiny import write_tiny_checkpoint
 
             folder = stack.enter_context(tempfile.TemporaryDirectory())
-            sizes = {} if args.tiny else dict(hidden_size=args.random_hidden, num_layers=args.random_layers,
-                                              num_heads=args.random_hidden // 64, num_kv_heads=args.random_hidden // 256,
-                                              intermediate_size=3 * args.random_hidden, max_position_embeddings=4096)
+            hidden = args.random_hidden
+            sizes = {} if args.tiny else dict(hidden_size=hidden, num_layers=args.random_layers, num_heads=hidden // 64,
+                                              num_kv_heads=hidden // 256, intermediate_size=3 * hidden,
+                                              max_position_embeddings=4096)
             if not args.tiny and args.family != "dream":
                 sizes["block_size"] = 4 if args.family == "sdar" else 32  # the published sizes
             path = write_tiny_checkpoint(folder, model_type=args.family, **sizes)

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .slots import F, I, NO_EOS, Slots
+from .slots import FAMILIES, F, I, NO_EOS, Slots
 
 BIG = 1 << 40  # larger than any position
-FAST = 2  # FAMILIES.index("fast_dllm_v2")
+FAST = FAMILIES.index("fast_dllm_v2")
 
 
 def _int(st: Slots, n: int, name: str) -> torch.Tensor:

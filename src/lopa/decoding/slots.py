@@ -17,8 +17,8 @@ fast_dllm_v2, decoding/block_diffusion.py) has the fixed blocks of its strategy'
 absolute position 0, all fully active) and its own rules in decoding/batched_blocks.py; ``verify``,
 ``next_span`` and ``sub_block`` carry verify_lookahead, score_span == "next_region" and sub_block. ``load`` and
 ``store`` convert one request's host state (and its pending ForwardBatch) to its slot row and back without loss;
-decoding/batched.py runs the iteration on the rows. A step's updates read and write the first n rows only (the running requests are slots
-0..n-1); rows past them keep whatever left them.
+decoding/batched.py runs the iteration on the rows. A step's updates read and write the first n rows only (the
+running requests are slots 0..n-1); rows past them keep whatever left them.
 """
 
 from __future__ import annotations
