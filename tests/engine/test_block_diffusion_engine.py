@@ -251,3 +251,21 @@ def test_device_path_over_two_ranks_equals_one_process(tiny):
         assert c.device_steps == c.decode_steps > 0 and bp.engine.bp.checks > 0 and bp.engine.bp.kv_max_diff == 0.0
     finally:
         bp.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("name", FAMILIES)
+def test_device_path_equals_the_host_path_on_gpu(name, request):
+    """On a GPU the block-diffusion device step is captured per key and replayed (lazily: eager, capture, replay);
+    float32: the same tokens and decode forwards as the host strategies."""
+    folder = request.getfixturevalue(f"tiny_{name}_dir")
+    runner = dict(device="cuda", dtype="float32", max_num_seqs=2)
+    host = load_model(folder, runner=RunnerConfig(**runner, device_step=False))
+    dev = load_model(folder, runner=RunnerConfig(**runner, device_step=True))
+    for kw in configs(name)[::2]:  # the own loop (folded commit) and lopa k=3 with score_span "next_region"
+        for _ in range(3):
+            a, b = generate_many(host, list(PROMPTS), **kw), generate_many(dev, list(PROMPTS), **kw)
+            assert [(r.token_ids, r.stats.decode_forwards) for r in a] == \
+                [(r.token_ids, r.stats.decode_forwards) for r in b], kw
+    assert any(graph is not None for graph, _ in dev.engine.device.graphs.values())
+    assert dev.engine.counters.device_steps == dev.engine.counters.decode_steps > 0
