@@ -173,3 +173,14 @@ def test_host_step_tiny_pairs_both_paths(tmp_path):
                 assert x["full_steps"] > 0 and x["wall_ms"] > 0 and x["forward_ms"] > 0 and x["tokens"] > 0
                 assert x["vs_n1"] > 0 and (x["device_steps"] > 0) == (mode != "host")
     assert (tmp_path / "host_step.md").read_text().count("| d2f |") == 6
+
+
+def test_host_step_block_diffusion_family(tmp_path):
+    """--family: a random SDAR checkpoint, its own loop and lopa over it, on both paths with equal tokens."""
+    run("host_step.py", "--tiny", "--family", "sdar", "--strategies", "own,lopa-bd", "--modes", "host,device",
+        "--ns", "1", "--gen-length", "8", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "host_step.json").read_text())["rows"]
+    assert [r["strategy"] for r in rows] == ["own", "lopa k=3 (bd)"]
+    for r in rows:
+        assert r["host"]["tokens_equal"] is True and r["device"]["tokens_equal"] is True
+        assert r["device"]["pass1"]["device_steps"] > 0 and r["host"]["pass1"]["device_steps"] == 0

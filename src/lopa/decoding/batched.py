@@ -12,7 +12,9 @@ The same steps as WindowStrategy (decoding/window.py), each a few tensor ops ove
 ``n`` rows are slots 0..n-1 of ``Slots`` (decoding/slots.py); every function updates them in place. Host
 ints the caller passes (Qb, Wm, R) only size tensors. The host strategies are the specification: every rule
 here is the vectorized form of the one cited beside it, and tests/decoding/test_batched.py holds the engine's
-device path to them.
+device path to them. Block-diffusion slots (``family`` sdar / fast_dllm_v2) share queries, the branch scores,
+the winner and its predictions; their own rules (verify_lookahead, fill, stop rules, the next forward's plan)
+are decoding/batched_blocks.py's, called here when the step holds such slots (``span`` > 0: their bound J).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import batched_blocks
 from .budget import FILL_HALVING, FLAT_SPREAD, K_FLOOR
 from .slots import DEVICE_SCORES, F, I, NO_EOS, Slots
 
@@ -85,7 +88,7 @@ def settle_eos(v: Rows, geo: Geometry, eos: torch.Tensor, mask_id: int) -> None:
     canvas = v.st.canvas[:v.n]
     is_eos = (canvas[..., None] == eos).any(-1) & geo.in_gen  # [n, Tc]
     at = torch.where(is_eos.any(1), is_eos.long().argmax(1), NO_EOS)
-    tail = (geo.t > at[:, None]) & (canvas == mask_id) & (geo.t < geo.T)
+    tail = (geo.t > at[:, None]) & (canvas == mask_id) & (geo.t < geo.T) & (v.family == 0)[:, None]  # bd: masks stay
     canvas.copy_(torch.where(tail, eos[0], canvas))
     v.set("eos_at", at)
 
@@ -111,6 +114,7 @@ def fill(v: Rows, geo: Geometry, mask_id: int) -> torch.Tensor:
     current = _first(incomplete[:, :geo.NB], geo.NB)  # threshold: the first incomplete block
     fillable = torch.where(d2f[:, None], present, geo.i == current[:, None])
     fillable[:, geo.NB] = False
+    fillable &= (v.family == 0)[:, None]  # block-diffusion slots: batched_blocks.fill
     active = torch.cat([st.active[:n], torch.zeros(n, 1, dtype=torch.bool, device=canvas.device)], 1)
     fallback = ~d2f[:, None] | active  # threshold blocks are always fully active
     open_ = masked & st.pred_ok[:n] & fillable.gather(1, geo.bi)
@@ -212,7 +216,8 @@ def queries(st: Slots, n: int, Qb: int, mask_id: int,
     tokens = torch.where(valid & (pos == look), st.pred_tok[:n].gather(1, pos), st.canvas[:n].gather(1, pos))
     tokens = torch.where(valid, tokens, mask_id)
     bs = v.block_size.clamp(min=1)[:, None]
-    block = torch.where(valid & v.causal.bool()[:, None], (pos - v.prompt_len[:, None]) // bs, 0)
+    origin = torch.where(v.family > 0, 0, v.prompt_len)[:, None]  # block diffusion: blocks aligned at position 0
+    block = torch.where(valid & v.causal.bool()[:, None], (pos - origin) // bs, 0)
     return tokens, torch.where(valid, c, 0), torch.where(valid, local, -1), block
 
 
@@ -237,9 +242,10 @@ def assemble(gathered: torch.Tensor, st: Slots, n: int, Qg: int, rank: int) -> t
 
 
 def accept(st: Slots, n: int, preds: torch.Tensor, Wm: int, R: int, scores: tuple[str, ...], mask_id: int,
-           eos: torch.Tensor) -> torch.Tensor:
+           eos: torch.Tensor, span: int = 0) -> torch.Tensor:
     """window.accept + apply_row for every slot: preds [n, Qb, 3] (token, prob, conf per query). Returns the
-    winners [n]; cached, rounds, canvas, predictions, eos_at, active, last_fill updated."""
+    winners [n]; cached, rounds, canvas, predictions, eos_at, active, last_fill updated. ``span``: the
+    block-diffusion slots' bound J (batched_blocks), 0 when the step holds none."""
     v = Rows(st, n)
     dev = st.canvas.device
     W, K, lo = v.width, v.rows, v.cached
@@ -259,6 +265,8 @@ def accept(st: Slots, n: int, preds: torch.Tensor, Wm: int, R: int, scores: tupl
         value = SCORES[name](conf, masked, tau=v.tau, m=v.branch_m, cols=cols)
         score = torch.where((v.score == DEVICE_SCORES.index(name))[:, None], value, score)
     score = torch.where(r[..., 0] < K[:, None], score, float("-inf"))
+    if span:
+        score = batched_blocks.verify(st, n, score, preds, look)
     winner = torch.where(K > 1, score.argmax(1), 0)  # the first maximum: ties go to the lower row
     # apply_row: the winner's row becomes the canvas, its predictions the current ones
     geo = Geometry(v)
@@ -275,15 +283,17 @@ def accept(st: Slots, n: int, preds: torch.Tensor, Wm: int, R: int, scores: tupl
     v.set("rounds", v.rounds + 1)
     settle_eos(v, geo, eos, mask_id)
     filled = fill(v, geo, mask_id)
+    if span:
+        filled = filled + batched_blocks.fill(st, n, mask_id, span)
     settle_eos(v, geo, eos, mask_id)
     v.set("last_fill", filled + (winner > 0).long())
     return winner
 
 
-def propose(st: Slots, n: int, mask_id: int, row_budget: torch.Tensor) -> None:
+def propose(st: Slots, n: int, mask_id: int, row_budget: torch.Tensor, span: int = 0) -> None:
     """window.propose for every slot (after accept): grow, done / capped, and the next forward's plan
     (width, rows, look, scored, commit); a finished slot gets width = rows = commit = 0. ``row_budget`` [1]:
-    DecodeState.row_budget of every request of the step (k_policy "load"), -1 for None."""
+    DecodeState.row_budget of every request of the step (k_policy "load"), -1 for None. ``span``: as accept's."""
     v = Rows(st, n)
     geo = Geometry(v)
     canvas, d2f = st.canvas[:n], v.d2f.bool()
@@ -326,6 +336,9 @@ def propose(st: Slots, n: int, mask_id: int, row_budget: torch.Tensor) -> None:
     v.set("commit", (commit_end - lo) * live)
     v.set("done", done.long())
     v.set("capped", capped.long())
+    if span:
+        batched_blocks.propose(st, n, mask_id, span,
+                               lambda count, conf, width: _budget(v, count, conf, width, row_budget))
 
 
 def _budget(v: Rows, n: torch.Tensor, conf: torch.Tensor, width: torch.Tensor, row_budget: torch.Tensor):

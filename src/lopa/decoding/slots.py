@@ -1,4 +1,5 @@
-"""The window strategies' per-request state as rows of device tensors, one row per KV slot.
+"""The window strategies' per-request state (threshold, d2f, sdar, fast_dllm_v2, lopa) as rows of device tensors,
+one row per KV slot.
 
 ``Slots`` holds, for every slot s, what a WindowState holds for one request (decoding/window.py) plus the
 forward it proposed last (the plan the next step runs):
@@ -11,10 +12,13 @@ forward it proposed last (the plan the next step runs):
     floats                                            [S, len(FLOATS)] float64 thresholds (compared as on the host)
 
 The blocks of threshold and d2f always lie on one grid, block i = [P + i*bs, min(P + (i+1)*bs, P + G)), so a
-slot's block list is ``nblocks`` (how many exist) and ``active``. ``load`` and ``store`` convert one request's
-host state (and its pending ForwardBatch) to its slot row and back without loss; decoding/batched.py runs the
-iteration on the rows. A step's updates read and write the first n rows only (the running requests are slots
-0..n-1); rows past them keep whatever left them.
+slot's block list is ``nblocks`` (how many exist) and ``active``. A block-diffusion slot (``family`` sdar or
+fast_dllm_v2, decoding/block_diffusion.py) has the fixed blocks of its strategy's ``initial_blocks`` (aligned at
+absolute position 0, all fully active) and its own rules in decoding/batched_blocks.py; ``verify``,
+``next_span`` and ``sub_block`` carry verify_lookahead, score_span == "next_region" and sub_block. ``load`` and
+``store`` convert one request's host state (and its pending ForwardBatch) to its slot row and back without loss;
+decoding/batched.py runs the iteration on the rows. A step's updates read and write the first n rows only (the
+running requests are slots 0..n-1); rows past them keep whatever left them.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 
 from ..config import CONFIDENCES, K_POLICIES
 from .base import ForwardBatch
+from .block_diffusion import BlockDiffusionStrategy
 from .blocks import Block
 from .d2f import D2FStrategy
 from .window import WindowState, WindowStrategy
@@ -32,8 +37,9 @@ from .window import WindowState, WindowStrategy
 NO_EOS = 1 << 40  # eos_at of a slot whose canvas holds no EOS yet
 INTS = ("prompt_len", "gen_length", "block_size", "cached", "rounds", "max_rounds", "nblocks", "eos_at", "k",
         "commit", "width", "rows", "last_fill", "score", "measure", "policy", "branch_m", "d2f", "causal", "done",
-        "capped")
+        "capped", "family", "verify", "next_span", "sub_block")
 FLOATS = ("tau", "tau_add", "tau_act")
+FAMILIES = ("window", "sdar", "fast_dllm_v2")  # the ``family`` field: which rules decode the slot
 I = {name: i for i, name in enumerate(INTS)}
 F = {name: i for i, name in enumerate(FLOATS)}
 # branch scores the device iteration computes (decoding/batched.py); "random" draws from the request's own
@@ -116,7 +122,9 @@ class Slots:
                       score=score, measure=CONFIDENCES.index(cfg.confidence),
                       policy=K_POLICIES.index(cfg.k_policy), branch_m=cfg.branch_m,
                       d2f=int(isinstance(strategy, D2FStrategy)),
-                      causal=int(batch.block_ids is not None), done=0, capped=0)
+                      causal=int(batch.block_ids is not None), done=0, capped=0, family=family(strategy),
+                      verify=int(cfg.verify_lookahead), next_span=int(cfg.score_span == "next_region"),
+                      sub_block=cfg.sub_block)
         self.ints[slot] = torch.tensor([values[name] for name in INTS], dtype=torch.int64).to(dev)
         self.floats[slot] = torch.tensor([cfg.tau, cfg.add_threshold, cfg.complete_threshold],
                                          dtype=torch.float64).to(dev)
@@ -132,8 +140,11 @@ class Slots:
         state.pred_conf = self.pred_conf[slot, :T].cpu().clone()
         state.pred_ok = self.pred_ok[slot, :T].cpu().clone()
         P, G, bs = v["prompt_len"], v["gen_length"], v["block_size"]
-        active = self.active[slot, :v["nblocks"]].tolist()
-        state.blocks = [Block(P + i * bs, min(P + (i + 1) * bs, P + G), a) for i, a in enumerate(active)]
+        if v["family"]:  # block diffusion: the strategy's fixed blocks
+            state.blocks = strategy.initial_blocks(P)
+        else:
+            active = self.active[slot, :v["nblocks"]].tolist()
+            state.blocks = [Block(P + i * bs, min(P + (i + 1) * bs, P + G), a) for i, a in enumerate(active)]
         state.cached, state.rounds, state.last_fill = v["cached"], v["rounds"], v["last_fill"]
         state.eos_at = None if v["eos_at"] == NO_EOS else v["eos_at"]
         state.done, state.hit_round_cap = bool(v["done"]), bool(v["capped"])
@@ -143,12 +154,18 @@ class Slots:
             return None
         lo, W = v["cached"], v["width"]
         look = self.look[slot, :v["rows"] - 1].tolist()
-        scored = (self.scored[slot, :T].nonzero()[:, 0]).tolist()
+        scored = (self.scored[slot, lo:lo + W].nonzero()[:, 0] + lo).tolist()  # bits outside the window are stale
         state.pending = (scored, [None] + look)
         anchor = state.canvas[lo:lo + W]
         rows = anchor[None].repeat(len(look) + 1, 1)
         for r, pos in enumerate(look, start=1):
             rows[r, pos - lo] = state.pred_tok[pos]
-        block_ids = (torch.arange(lo, lo + W) - P) // bs if v["causal"] else None
+        origin = 0 if v["family"] else P  # block-diffusion blocks are aligned at absolute position 0
+        block_ids = (torch.arange(lo, lo + W) - origin) // bs if v["causal"] else None
         cols = (anchor == strategy.spec.mask_id).nonzero()[:, 0]
         return ForwardBatch(rows, lo, cols, commit=v["commit"], block_ids=block_ids)
+
+
+def family(strategy: WindowStrategy) -> int:
+    """The slot's ``family`` index: which rules the device iteration applies to it."""
+    return FAMILIES.index(type(strategy).name) if isinstance(strategy, BlockDiffusionStrategy) else 0  # lopa renames
