@@ -36,6 +36,12 @@ Results are written after every row (a run cut short keeps the rows it finished)
     PYTHONPATH=src python3 benchmarks/host_step.py --tiny --out /tmp/x          # CPU smoke test
     PYTHONPATH=src python3 benchmarks/host_step.py --shape dream-7b --k 3 --ns 1,32 --modes warm,host \
         --warm-tokens 16384 --out benchmarks/results/host_step_dream7b     # issue 26's Dream-7B host share
+
+Block-diffusion models (--family sdar | fast_dllm_v2; strategies "own" = the family's own loop at tau 0.9 and
+"lopa-bd" = lopa k=3 over it): a random checkpoint of the family (blocks of 4 for SDAR, 32 with sub-blocks of 8 for
+Fast-dLLM v2, --random-hidden / --random-layers wide; --tiny: the tests' tiny sizes), or --model FOLDER:
+
+    PYTHONPATH=src python3 benchmarks/host_step.py --family sdar --strategies own,lopa-bd --out /tmp/sdar
 """
 
 from __future__ import annotations
@@ -61,9 +67,20 @@ from lopa.runner.model_runner import ModelRunner
 
 from step_latency import git_commit
 
-def strategies(k: int) -> dict[str, dict]:
-    """--strategies name -> (row label, DecodeConfig fields)."""
-    return {"lopa": (f"lopa k={k}", dict(strategy="lopa", k=k)), "d2f": ("d2f", dict(strategy="d2f"))}
+def strategies(k: int) -> dict[str, tuple[str, dict]]:
+    """--strategies name -> (row label, DecodeConfig fields); "own" and "lopa-bd" name the model's loop (strategy)."""
+    return {"lopa": (f"lopa k={k}", dict(strategy="lopa", k=k)), "d2f": ("d2f", dict(strategy="d2f")),
+            "own": ("own", dict(tau=0.9)), "lopa-bd": ("lopa k=3 (bd)", dict(strategy="lopa", k=3, tau=0.9))}
+
+
+def strategy(name: str, fields: dict, model_type: str) -> dict:
+    """The decode settings of --strategies' ``name`` for the model (the block-diffusion entries name its loop)."""
+    kw = dict(fields)
+    if name == "own":
+        kw["strategy"] = model_type
+    elif name == "lopa-bd":
+        kw["base"] = model_type
+    return kw
 
 
 class ForwardClock:
@@ -159,7 +176,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ns", default="1,8,32,64", help="concurrent requests")
     ap.add_argument("--gen-length", type=int, default=128)
-    ap.add_argument("--strategies", default="lopa,d2f", help="lopa (k = --k) and/or d2f")
+    ap.add_argument("--strategies", default="lopa,d2f", help="lopa (k = --k), d2f, own, lopa-bd (module docstring)")
     ap.add_argument("--k", type=int, default=7, help="lopa's k")
     ap.add_argument("--shape", default=None, help="random weights at a step_latency.py shape (dream-7b, llada-8b, "
                     "...; prompts of random ids, GSM8K-like lengths) instead of the embedded default model")
@@ -172,14 +189,27 @@ def main() -> None:
                          "gen_length + 1)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model on the CPU (smoke test)")
+    ap.add_argument("--family", default="dream", choices=("dream", "sdar", "fast_dllm_v2"),
+                    help="sdar / fast_dllm_v2: a random checkpoint of that family (module docstring)")
+    ap.add_argument("--random-hidden", type=int, default=1024, help="--family: hidden size of the random model")
+    ap.add_argument("--random-layers", type=int, default=12, help="--family: layers of the random model")
+    ap.add_argument("--model", type=Path, default=None, help="a model folder instead (e.g. SDAR-1.7B-Chat)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/host_step"))
     args = ap.parse_args()
     with contextlib.ExitStack() as stack:
-        path = None
-        if args.tiny:
+        path = args.model
+        if path is None and (args.tiny or args.family != "dream"):
             from lopa.models.tiny import write_tiny_checkpoint
 
-            path = write_tiny_checkpoint(stack.enter_context(tempfile.TemporaryDirectory()), model_type="dream")
+            folder = stack.enter_context(tempfile.TemporaryDirectory())
+            hidden = args.random_hidden
+            sizes = {} if args.tiny else dict(hidden_size=hidden, num_layers=args.random_layers, num_heads=hidden // 64,
+                                              num_kv_heads=hidden // 256, intermediate_size=3 * hidden,
+                                              max_position_embeddings=4096)
+            if not args.tiny and args.family != "dream":
+                sizes["block_size"] = 4 if args.family == "sdar" else 32  # the published sizes
+            path = write_tiny_checkpoint(folder, model_type=args.family, **sizes)
+        if args.tiny:
             args.device = "cpu"
         rows, meta = measure(path, args, lambda rows, meta: write(args.out, rows, meta))
     print(markdown(meta, rows))
@@ -220,7 +250,9 @@ def prompt_ids(model, n: int) -> list[list[int]]:
 def _meta(model, args) -> dict:
     cuda = model.runner.device.type == "cuda"
     return {"device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-            "model": "tiny" if args.tiny else args.shape or "default", "dtype": str(model.runner.dtype),
+            "model": str(args.model) if args.model else "tiny" if args.tiny else args.shape or
+            ("default" if args.family == "dream" else f"random {args.family} {args.random_hidden}x{args.random_layers}"),
+            "dtype": str(model.runner.dtype),
             "gen_length": args.gen_length, "commit": git_commit(), "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
@@ -240,8 +272,8 @@ def measure(path, args, save) -> tuple[list[dict], dict]:
     ns = [int(x) for x in args.ns.split(",")]
     modes = args.modes.split(",")
     table = strategies(args.k)
-    names = [table[s][0] for s in args.strategies.split(",")]
-    fields = dict(table.values())
+    keys = {table[s][0]: s for s in args.strategies.split(",")}  # row label -> --strategies name
+    names = list(keys)
     rows = {(name, n): {"strategy": name, "n": n} for name in names for n in ns}
     ids: dict[tuple, list] = {}  # (strategy, n, mode) -> token ids of pass 0 and pass 1
     meta: dict = {}
@@ -254,7 +286,8 @@ def measure(path, args, save) -> tuple[list[dict], dict]:
         for name in names:
             for n in ns:
                 cuda = model.runner.device.type == "cuda"
-                config = decode_config(None, model.model_type, gen_length=args.gen_length, **fields[name])
+                config = decode_config(None, model.model_type, gen_length=args.gen_length,
+                                       **strategy(keys[name], table[keys[name]][1], model.model_type))
                 with torch.inference_mode(), ForwardClock(cuda) as clock:
                     passes = [run_pass(model, problems[:n], config, clock) for _ in range(2)]
                 assert all((p["device_steps"] > 0) == (mode != "host") for p in passes), mode

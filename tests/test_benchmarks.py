@@ -173,3 +173,35 @@ def test_host_step_tiny_pairs_both_paths(tmp_path):
                 assert x["full_steps"] > 0 and x["wall_ms"] > 0 and x["forward_ms"] > 0 and x["tokens"] > 0
                 assert x["vs_n1"] > 0 and (x["device_steps"] > 0) == (mode != "host")
     assert (tmp_path / "host_step.md").read_text().count("| d2f |") == 6
+
+
+def test_host_step_random_shape(tmp_path):
+    """--shape: random weights at a step_latency.py shape (no tokenizer: random prompt ids), --k for lopa."""
+    run("host_step.py", "--shape", "tiny", "--device", "cpu", "--strategies", "lopa", "--k", "3", "--modes",
+        "host,device", "--ns", "1", "--gen-length", "8", "--out", str(tmp_path))
+    data = json.loads((tmp_path / "host_step.json").read_text())
+    (row,) = data["rows"]
+    assert data["meta"]["model"] == "tiny" and row["strategy"] == "lopa k=3"
+    assert row["host"]["tokens_equal"] is True and row["device"]["tokens_equal"] is True
+    assert row["device"]["pass1"]["device_steps"] > 0 and row["host"]["pass1"]["tokens"] > 0
+
+
+def test_device_update_against_the_whole_width_update(tmp_path):
+    """The update alone over the span beside the old whole-width one (its modules from git): equal read-back."""
+    run("device_update.py", "--ns", "1,2", "--width", "512", "--iters", "1", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "device_update.json").read_text())["rows"]
+    assert [(r["strategy"], r["n"]) for r in rows] == [("lopa", 1), ("lopa", 2), ("d2f", 1), ("d2f", 2)]
+    for r in rows:
+        assert r["equal"] is True and r["old"]["R"] >= r["span"]["R"] >= r["span, R=K"]["R"] == r["K"]
+        assert all(r[v]["total"] > 0 for v in ("old", "span", "span, R=K"))
+
+
+def test_host_step_block_diffusion_family(tmp_path):
+    """--family: a random SDAR checkpoint, its own loop and lopa over it, on both paths with equal tokens."""
+    run("host_step.py", "--tiny", "--family", "sdar", "--strategies", "own,lopa-bd", "--modes", "host,device",
+        "--ns", "1", "--gen-length", "8", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "host_step.json").read_text())["rows"]
+    assert [r["strategy"] for r in rows] == ["own", "lopa k=3 (bd)"]
+    for r in rows:
+        assert r["host"]["tokens_equal"] is True and r["device"]["tokens_equal"] is True
+        assert r["device"]["pass1"]["device_steps"] > 0 and r["host"]["pass1"]["device_steps"] == 0

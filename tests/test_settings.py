@@ -62,9 +62,12 @@ def _flag(name):
     return "--" + name.replace("_", "-")
 
 
-def _args(name) -> list[str]:
-    """The flag setting SAMPLE[name]: --name VALUE, or for a bool field --name / --no-name."""
+def _args(name, lists: bool = False) -> list[str]:
+    """The flag setting SAMPLE[name]: --name VALUE, or for a bool field --name / --no-name (`lopa eval`'s sweep
+    fields, ``lists``: --name true|false)."""
     value = SAMPLE[name]
+    if lists and DecodeConfig.__dataclass_fields__[name].metadata["sweep"]:
+        return [_flag(name), str(value).lower()]
     if isinstance(value, bool):
         return [_flag(name) if value else "--no-" + name.replace("_", "-")]
     return [_flag(name), str(value)]
@@ -89,7 +92,7 @@ def test_lopa_eval_takes_the_field(no_model, monkeypatch, tmp_path, name):
 
     monkeypatch.setattr(harness, "run_eval", fake_run_eval)
     res = runner.invoke(app, ["eval", "--n", "1", "--strategies", "lopa", "--out", str(tmp_path),
-                                       *_args(name)])
+                                       *_args(name, lists=True)])
     assert "captured" in res.stderr, res.output
     (cfg,) = runs.values()
     assert getattr(cfg, name) == SAMPLE[name]

@@ -123,9 +123,11 @@ class DecodeConfig:
     score_span: str = _setting("next_region", "LoPA over a block-diffusion loop: what a branch's score averages "
                                               "over: next_region (its unfilled positions of the active region and of "
                                               "the next region, carried in the window as masks: SDAR's next block, "
-                                              "Fast-dLLM v2's next sub-block) | active (the active region's only).")
+                                              "Fast-dLLM v2's next sub-block) | active (the active region's only).",
+                                  sweep=True)
     verify_lookahead: bool = _setting(True, "LoPA over a block-diffusion loop: a lookahead branch competes only if "
-                                            "the anchor row of the same forward predicts the token it placed.")
+                                            "the anchor row of the same forward predicts the token it placed.",
+                                        sweep=True)
 
     def __post_init__(self) -> None:
         check_types(self)

@@ -38,12 +38,20 @@ def parse_list(name: str, text: str, kind: type) -> list:
     would name the same run twice)."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
     try:
-        values = [kind(p) for p in parts]
+        values = [_bool(p) if kind is bool else kind(p) for p in parts]
     except ValueError:
         raise ConfigError(f"{name}: must be a comma-separated list of {kind.__name__} values, got {text!r}") from None
     if len(set(values)) != len(values):
         raise ConfigError(f"{name}: a value is listed twice in {text!r}")
     return values
+
+
+def _bool(text: str) -> bool:
+    """'true' / 'false' (also 1/0, yes/no, on/off; any case) as a bool: bool('false') would be True."""
+    words = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+    if text.lower() not in words:
+        raise ValueError(text)
+    return words[text.lower()]
 
 
 def _option(field, lists: bool) -> inspect.Parameter:

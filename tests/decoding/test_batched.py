@@ -1,6 +1,7 @@
-"""decoding/batched.py against the host strategies, model-free: an oracle with coarse confidences (ties
-everywhere: between branches, lookahead candidates, fallback positions; block progress exactly at τ_add /
-τ_act) drives many requests at once through the slot rows and each alone through WindowStrategy."""
+"""decoding/batched.py (and batched_blocks.py) against the host strategies, model-free: an oracle with coarse
+confidences (ties everywhere: between branches, lookahead candidates, fallback positions; block progress exactly
+at τ_add / τ_act) drives many requests at once through the slot rows and each alone through WindowStrategy
+(threshold, d2f, sdar, fast_dllm_v2 and lopa over each)."""
 
 import itertools
 
@@ -30,14 +31,17 @@ def oracle(row: torch.Tensor, start: int, cols: torch.Tensor, seed: int):
     return tokens, prob, conf
 
 
+def predict(batch, seed: int) -> Predictions:
+    rows = [oracle(row, batch.start, batch.logit_cols, seed) for row in batch.tokens]
+    return Predictions(*(torch.stack([r[i] for r in rows]) for i in range(3)))
+
+
 def host_run(cfg: DecodeConfig, prompt: list[int], seed: int):
     strategy = make_strategy(cfg, SPEC)
     state = strategy.start(prompt)
     winners = []
     while (batch := (setattr(state, "row_budget", ROW_BUDGET), strategy.propose(state))[1]) is not None:
-        rows = [oracle(row, batch.start, batch.logit_cols, seed) for row in batch.tokens]
-        preds = Predictions(*(torch.stack([r[i] for r in rows]) for i in range(3)))
-        row = strategy.accept(state, batch, preds)
+        row = strategy.accept(state, batch, predict(batch, seed))
         if not batch.prefill:
             winners.append(row)
     return strategy.output(state), state.rounds, winners, state.hit_round_cap, state.canvas.tolist()
@@ -52,9 +56,11 @@ def device_run(cfgs: list[DecodeConfig], prompts: list[list[int]], seeds: list[i
     width = max(len(s.canvas) for s in states) + pad
     st = Slots.empty(n, width, max(8, max(c.k for c in cfgs)), torch.device("cpu"), torch.float64)
     for b, (strategy, state) in enumerate(zip(strategies, states)):
-        prefill = strategy.propose(state)
-        strategy.accept(state, prefill, None)
+        state.row_budget = ROW_BUDGET
         batch = strategy.propose(state)
+        while batch.prefill:  # on the host (Fast-dLLM v2's may predict the first token; a short SDAR prompt has none)
+            strategy.accept(state, batch, predict(batch, seeds[b]))
+            batch = strategy.propose(state)
         st.load(b, strategy, state, batch, DEVICE_SCORES.index(cfgs[b].branch_confidence))
     eos = torch.tensor(SPEC.eos_ids)
     results: dict[int, tuple] = {}
@@ -65,6 +71,8 @@ def device_run(cfgs: list[DecodeConfig], prompts: list[list[int]], seeds: list[i
         ints = st.ints[:n]
         K, W, lo = ints[:, I["rows"]], ints[:, I["width"]], ints[:, I["cached"]]
         Qb, Wm, R = int((K * W).max()), int(W.max()), int(K.max())
+        bd = ints[:, I["family"]] > 0  # the block-diffusion rules' span: W + 2 * block size
+        span = int(torch.where(bd, W + 2 * ints[:, I["block_size"]], 0).max())
         tokens, col, branch, _ = batched.queries(st, n, Qb, MASK)
         preds = torch.zeros(n, Qb, 3, dtype=torch.float64)
         for b in range(n):
@@ -74,9 +82,9 @@ def device_run(cfgs: list[DecodeConfig], prompts: list[list[int]], seeds: list[i
                 out = oracle(tokens[b, q], int(lo[b]), col[b, q], seeds[b])
                 preds[b, q] = torch.stack([out[0].double(), out[1], out[2]], -1)
         live = [b for b in range(n) if b not in results]
-        winner = batched.accept(st, n, preds, max(Wm, 1), max(R, 1), scores, MASK, eos)
-        batched.propose(st, n, MASK, torch.tensor([ROW_BUDGET]), max(Wm, 1))
-        ready = batched.answer_ready(st, n, MASK, max(Wm, 1))
+        winner = batched.accept(st, n, preds, max(Wm, 1), max(R, 1), scores, MASK, eos, span)
+        batched.propose(st, n, MASK, torch.tensor([ROW_BUDGET]), max(Wm, 1), span)
+        ready = batched.answer_ready(st, n, MASK, max(Wm, 1), span)
         for b in live:
             winners[b].append(int(winner[b]))
             T, P = len(states[b].canvas), states[b].prompt_len
@@ -139,6 +147,37 @@ def test_wide_slots_update_over_the_span():
     assert got == want and lazy > 0
     for i in range(len(cfgs) - len(long), len(cfgs)):  # alone: the span ends where a grown block starts
         assert device_run(cfgs[i:i + 1], prompts[i:i + 1], seeds[i:i + 1], pad=300)[0] == want[i:i + 1]
+
+
+def block_configs():
+    """sdar (fixed steps: tau 1.0; dynamic threshold), fast_dllm_v2 (sub-blocks, the first-token rule), lopa over
+    each with k in {0, 1, 3, 7}, verify_lookahead on / off, score_span active / next_region, every k_policy."""
+    out = [DecodeConfig(strategy="sdar", block_size=4, gen_length=12, tau=1.0),
+           DecodeConfig(strategy="sdar", block_size=4, gen_length=14, tau=0.5),
+           DecodeConfig(strategy="fast_dllm_v2", block_size=8, sub_block=4, gen_length=16, tau=0.5),
+           DecodeConfig(strategy="fast_dllm_v2", block_size=4, sub_block=2, gen_length=10, tau=0.75)]
+    for i, (base, k, verify, span) in enumerate(itertools.product(("sdar", "fast_dllm_v2"), (0, 1, 3, 7),
+                                                                  (True, False), ("active", "next_region"))):
+        out.append(DecodeConfig(strategy="lopa", base=base, k=k, verify_lookahead=verify, score_span=span,
+                                block_size=(4, 8)[i % 2], sub_block=(2, 4)[i // 2 % 2], gen_length=(12, 16, 10)[i % 3],
+                                tau=(0.5, 0.75, 1.0)[i % 3], k_policy=("fixed", "fixed", "text", "load")[i % 4],
+                                branch_confidence=DEVICE_SCORES[i % len(DEVICE_SCORES)],
+                                max_rounds=None if i % 7 else 3))
+    return out
+
+
+def test_block_diffusion_slot_rows_decode_as_the_host_strategies():
+    """Block-diffusion slots beside window slots in one batch; prompts whose length is and is not a multiple of
+    the block size (the leftover tokens in the first generated block; Fast-dLLM v2's prefill predicting the
+    first token), EOS inside blocks, round caps."""
+    cfgs = block_configs() + configs()[::7]
+    prompts = [[1 + (i * 5 + j) % 40 for j in range((4, 8, 3, 6, 2, 5)[i % 6])] for i in range(len(cfgs))]
+    seeds = [s + 100 for s in range(len(cfgs))]
+    want = [host_run(c, p, s) for c, p, s in zip(cfgs, prompts, seeds)]
+    bd = len(block_configs())
+    assert any(EOS in w[0] for w in want[:bd]) and any(max(w[2], default=0) > 0 for w in want[:bd])
+    assert device_run(cfgs, prompts, seeds)[0] == want
+    assert device_run(cfgs[5::2], prompts[5::2], seeds[5::2])[0] == want[5::2]
 
 
 def test_batched_scores_equal_the_host_scores():

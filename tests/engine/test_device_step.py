@@ -156,7 +156,7 @@ def test_bucket_padding_rows_are_inert(ref, attention):
         t.copy_(torch.randint(-3, 60, t.shape, generator=g))
     for t in (slots.pred_prob, slots.pred_conf, slots.floats):
         t.uniform_(-1, 2)
-    for t in (slots.pred_ok, slots.active):
+    for t in (slots.pred_ok, slots.scored, slots.active):
         t.copy_(torch.rand(t.shape, generator=g) > 0.5)
     got = _drive(m, [prompts[i] for i in pick], [configs[i] for i in pick], [0] * 5)[0]
     assert got == [want[i] for i in pick] and m.engine.counters.device_steps > 0
@@ -202,9 +202,9 @@ def test_after_the_warm_up_every_step_key_was_warmed(ref):
 
 
 def test_wide_slots_stream_and_settle_as_the_host_path(ref):
-    """Warmed slots (512 positions) far wider than a step's span (batched.Geometry: 2*Wm), d2f and lopa requests of
-    gen_length 96 in blocks of 4 whose answers end early (the EOS tail past the span settles on read-back):
-    streamed chunks, tokens, forwards and winners equal the host path's."""
+    """Warmed slots (512 positions) far wider than a step's span (batched.Geometry: Wm or 2*Wm positions), d2f
+    and lopa requests of gen_length 96 in blocks of 4 whose answers end early (the EOS tail past the span
+    settles on read-back): streamed chunks, tokens, forwards and winners equal the host path's."""
     model, spec, prompts, _, _, _ = ref
     configs = [lopa.decode_config(None, model.model_type, strategy=s, k=k, gen_length=96, block_size=4, tau=0.5)
                for s, k in (("d2f", 0), ("lopa", 3), ("lopa", 1))]

@@ -37,3 +37,24 @@ def test_compare_names_two_different_runs():
     for bad in ("a,a", "a", "a,c", "a,b,a"):
         with pytest.raises(ConfigError, match="compare"):
             check_compare(bad, ["a", "b"])
+
+
+def test_block_diffusion_options_sweep_as_lopa_variants_paired_with_the_first():
+    configs, refs = eval_configs("sdar", None, ["lopa"], {"base": "sdar", "block_size": 4, "k": [3],
+                                                          "score_span": ["active", "next_region"],
+                                                          "verify_lookahead": [True, False]}, 0)
+    assert list(configs) == ["lopa k=3 span=active verify=true", "lopa k=3 span=active verify=false",
+                             "lopa k=3 span=next_region verify=true", "lopa k=3 span=next_region verify=false"]
+    assert [(c.score_span, c.verify_lookahead) for c in configs.values()] == [
+        ("active", True), ("active", False), ("next_region", True), ("next_region", False)]
+    assert set(refs.values()) == {"lopa k=3 span=active verify=true"} and len(refs) == 3
+
+
+def test_a_bool_list_reads_true_and_false():
+    from lopa.flags import parse_list
+
+    assert parse_list("verify_lookahead", "true, OFF", bool) == [True, False]
+    with pytest.raises(ConfigError, match="listed twice"):
+        parse_list("verify_lookahead", "true,1", bool)
+    with pytest.raises(ConfigError, match="verify_lookahead: must be a comma-separated list of bool"):
+        parse_list("verify_lookahead", "maybe", bool)

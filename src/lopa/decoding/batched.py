@@ -12,16 +12,18 @@ positions) or [n, R, Wm] (branch rows x window columns), with no per-request Pyt
 ``n`` rows are slots 0..n-1 of ``Slots`` (decoding/slots.py); every function updates them in place. Host
 ints the caller passes (Qb, Wm, R) only size tensors. The host strategies are the specification: every rule
 here is the vectorized form of the one cited beside it, and tests/decoding/test_batched.py holds the engine's
-device path to them.
+device path to them. Block-diffusion slots (``family`` sdar / fast_dllm_v2) share queries, the branch scores,
+the winner and its predictions; their own rules (verify_lookahead, fill, stop rules, the next forward's plan)
+are decoding/batched_blocks.py's, called here when the step holds such slots (``span`` > 0: their bound J).
 
 The slots are as wide as the longest canvas the context allows (8,192 positions after the warm-up), but one step
-touches few of them: each function reads its slots' span (``Geometry``: S = Wm positions from the committed
-length, gathered), applies the rules there and scatters the result back, so its cost follows the step's windows,
-not the slot width. What makes the span enough: positions before the committed length are complete and never
-change (and their blocks fully active); canvas and predictions change only in the window [cached, cached + W),
-W <= Wm; the block d2f's propose may grow after it is all masks (no EOS yet, never in a window), which is all
-propose and answer_ready need of it; the first EOS can only move earlier, inside the window; the scored set is
-the window's masked positions (d2f) or the current block's (threshold), recomputed where it is read. The one rule
+touches few of them: each function reads its slots' span (``Geometry``: S positions from the committed length,
+gathered), applies the rules there and scatters the result back, so its cost follows the step's windows, not the
+slot width: accept's S = Wm (the widest window), propose's 2*Wm (the window and the block d2f may grow after it,
+whose size is at most W: a block grows only after a full-size last block still in the window), answer_ready's
+the larger of Wm and the block-diffusion bound J. What makes the span enough: positions before the committed
+length are complete and never change (and their blocks fully active); canvas and predictions change only in
+the window [cached, cached + W), W <= Wm; the first EOS can only move earlier, inside the window. The one rule
 whose reach is unbounded, settle_eos turning every mask after the first EOS into EOS up to P + G, is applied
 over the span and lazily beyond it, where the host reads the canvas (Slots.canvas_of); no step reads a position
 past the window after an EOS (no block grows then).
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import batched_blocks
 from .budget import FILL_HALVING, FLAT_SPREAD, K_FLOOR
 from .slots import DEVICE_SCORES, F, I, NO_EOS, Slots
 
@@ -57,13 +60,13 @@ class Rows:
 
 
 class Geometry:
-    """The step's span of each slot and where its positions sit: positions t = s0 + j, j in [0, S), S = Wm (at
-    most the slots' width), s0 = min(lo, width - S) (so the span stays inside the slot; positions before lo
-    are committed and complete), in the generated region or not, and in which block. Blocks are span-relative:
-    column i is block b0 + i (b0: the block holding s0; grid: block b starts at P + b*bs), [n, NB + 1] with
-    NB = S; no position of the span lies in block b0 + NB, so column NB collects the positions outside every
-    block (and may be a block d2f's propose just grew past the span). Blocks before b0 are committed: complete,
-    and fully active (d2f activates a block at the latest in the accept that commits it)."""
+    """The step's span of each slot and where its positions sit: positions t = s0 + j, j in [0, S) (S at most the
+    slots' width), s0 = min(lo, width - S) (so the span stays inside the slot; positions before lo are committed
+    and complete), in the generated region or not, and in which block. Blocks are span-relative: column i is
+    block b0 + i (b0: the block holding s0; grid: block b starts at P + b*bs), [n, NB + 1] with NB = S; no
+    position of the span lies in block b0 + NB, so column NB collects the positions outside every block. Blocks
+    before b0 are committed: complete, and fully active (d2f activates a block at the latest in the accept that
+    commits it)."""
 
     def __init__(self, v: Rows, S: int, lo: torch.Tensor) -> None:
         n, Tc = v.n, v.st.width
@@ -146,13 +149,13 @@ def _first(flags: torch.Tensor, none: int) -> torch.Tensor:
 
 def settle_eos(v: Rows, geo: Geometry, x: Span, eos: torch.Tensor, mask_id: int) -> None:
     """base.settle_eos over the span: the canvas changes only in the window, so the first EOS is the earlier of
-    eos_at and the span's first; masks after it become EOS. Past the span the rule is applied lazily by whoever
-    reads the canvas there (Slots.store, DevicePath.refresh): no step reads a position after eos_at outside the
-    window (a block grows only while there is no EOS)."""
+    eos_at and the span's first; masks after it become EOS (not in a block-diffusion slot: masks stay). Past the
+    span the rule is applied lazily by whoever reads the canvas there (Slots.canvas_of): no step reads a
+    position after eos_at outside the window (a block grows only while there is no EOS)."""
     is_eos = (x.canvas[..., None] == eos).any(-1) & geo.in_gen  # [n, S]
     at = torch.where(is_eos.any(1), geo.t.gather(1, is_eos.long().argmax(1)[:, None])[:, 0], NO_EOS)
     at = torch.minimum(at, v.eos_at)
-    tail = (geo.t > at[:, None]) & (x.canvas == mask_id) & (geo.t < geo.T)
+    tail = (geo.t > at[:, None]) & (x.canvas == mask_id) & (geo.t < geo.T) & (v.family == 0)[:, None]
     x.canvas = torch.where(tail, eos[0], x.canvas)
     v.set("eos_at", at)
 
@@ -177,6 +180,7 @@ def fill(v: Rows, geo: Geometry, x: Span, mask_id: int) -> torch.Tensor:
     current = _first(incomplete[:, :geo.NB], geo.NB)  # threshold: the first incomplete block (earlier: complete)
     fillable = torch.where(d2f[:, None], present, geo.i == current[:, None])
     fillable[:, geo.NB] = False
+    fillable &= (v.family == 0)[:, None]  # block-diffusion slots: batched_blocks.fill
     fallback = ~d2f[:, None] | x.active  # threshold blocks are always fully active (column NB: no position)
     open_ = masked & x.pred_ok & fillable.gather(1, geo.bi)
     prob, conf = x.pred_prob, x.pred_conf
@@ -277,7 +281,8 @@ def queries(st: Slots, n: int, Qb: int, mask_id: int,
     tokens = torch.where(valid & (pos == look), st.pred_tok[:n].gather(1, pos), st.canvas[:n].gather(1, pos))
     tokens = torch.where(valid, tokens, mask_id)
     bs = v.block_size.clamp(min=1)[:, None]
-    block = torch.where(valid & v.causal.bool()[:, None], (pos - v.prompt_len[:, None]) // bs, 0)
+    origin = torch.where(v.family > 0, 0, v.prompt_len)[:, None]  # block diffusion: blocks aligned at position 0
+    block = torch.where(valid & v.causal.bool()[:, None], (pos - origin) // bs, 0)
     return tokens, torch.where(valid, c, 0), torch.where(valid, local, -1), block
 
 
@@ -302,10 +307,11 @@ def assemble(gathered: torch.Tensor, st: Slots, n: int, Qg: int, rank: int) -> t
 
 
 def accept(st: Slots, n: int, preds: torch.Tensor, Wm: int, R: int, scores: tuple[str, ...], mask_id: int,
-           eos: torch.Tensor) -> torch.Tensor:
+           eos: torch.Tensor, span: int = 0) -> torch.Tensor:
     """window.accept + apply_row for every slot: preds [n, Qb, 3] (token, prob, conf per query), Wm >= every
-    slot's window width (the span). Returns the winners [n]; cached, rounds, canvas, predictions,
-    pred_lo, eos_at, active, last_fill updated."""
+    slot's window width (the span). Returns the winners [n]; cached, rounds, canvas, predictions, pred_lo,
+    eos_at, active, last_fill updated. ``span``: the block-diffusion slots' bound J (batched_blocks), 0 when the
+    step holds none."""
     v = Rows(st, n)
     dev = st.canvas.device
     W, K, lo = v.width, v.rows, v.cached
@@ -319,11 +325,7 @@ def accept(st: Slots, n: int, preds: torch.Tensor, Wm: int, R: int, scores: tupl
     look = _look_rows(st, n)[:, :R]
     r = torch.arange(R, device=dev)[None, :, None]
     valid = (r < K[:, None, None]) & (c < W[:, None])[:, None]
-    # the scored set as propose made it (window.scored): d2f every masked window column, threshold those of the
-    # current block, the one of the first masked column (the blocks before it are complete)
-    block = (pos - v.prompt_len[:, None]) // v.block_size.clamp(min=1)[:, None]
-    scored = cols & (v.d2f.bool()[:, None] | (block == block.gather(1, cols.long().argmax(1)[:, None])))
-    masked = cols[:, None] & (pos[:, None] != look[..., None]) & scored[:, None] & valid
+    masked = cols[:, None] & (pos[:, None] != look[..., None]) & st.scored[:n].gather(1, pos)[:, None] & valid
     q = torch.where(valid, r * W[:, None, None] + c[:, None], 0).view(n, R * Ws)
     conf = preds[..., 2].gather(1, q).view(n, R, Ws)
     score = torch.zeros(n, R, dtype=conf.dtype, device=dev)
@@ -331,6 +333,8 @@ def accept(st: Slots, n: int, preds: torch.Tensor, Wm: int, R: int, scores: tupl
         value = SCORES[name](conf, masked, tau=v.tau, m=v.branch_m, cols=cols)
         score = torch.where((v.score == DEVICE_SCORES.index(name))[:, None], value, score)
     score = torch.where(r[..., 0] < K[:, None], score, float("-inf"))
+    if span:
+        score = batched_blocks.verify(st, n, score, preds, look)
     winner = torch.where(K > 1, score.argmax(1), 0)  # the first maximum: ties go to the lower row
     # apply_row over the span: the winner's row becomes the canvas, its predictions the current ones
     geo = Geometry(v, Wm, lo)
@@ -349,21 +353,25 @@ def accept(st: Slots, n: int, preds: torch.Tensor, Wm: int, R: int, scores: tupl
     v.set("rounds", v.rounds + 1)
     settle_eos(v, geo, x, eos, mask_id)
     filled = fill(v, geo, x, mask_id)
+    if span:  # the block-diffusion rules read and write the slot rows
+        x.write(st, geo, v.nblocks)
+        filled = filled + batched_blocks.fill(st, n, mask_id, span)
+        x = Span.read(st, geo)
     settle_eos(v, geo, x, eos, mask_id)
     x.write(st, geo, v.nblocks)
     v.set("last_fill", filled + (winner > 0).long())
     return winner
 
 
-def propose(st: Slots, n: int, mask_id: int, row_budget: torch.Tensor, Wm: int) -> None:
+def propose(st: Slots, n: int, mask_id: int, row_budget: torch.Tensor, Wm: int, span: int = 0) -> None:
     """window.propose for every slot (after accept): grow, done / capped, and the next forward's plan
-    (width, rows, look, commit); a finished slot gets width = rows = commit = 0. ``row_budget`` [1]:
-    DecodeState.row_budget of every request of the step (k_policy "load"), -1 for None. ``Wm``: accept's (the
-    span). A grown block may reach past the span: it is all masks (no EOS, never in a window), which is all
-    the rules below need of it."""
+    (width, rows, look, scored, commit); a finished slot gets width = rows = commit = 0. ``row_budget`` [1]:
+    DecodeState.row_budget of every request of the step (k_policy "load"), -1 for None. ``Wm``: accept's; the
+    span is 2*Wm positions, which holds the block d2f may grow (its size is at most W: a block grows only after
+    a full-size last block still in the window). ``span``: as accept's."""
     v = Rows(st, n)
     lo = v.cached
-    geo = Geometry(v, Wm, lo)
+    geo = Geometry(v, 2 * Wm, lo)
     canvas, active = geo.read(st.canvas), geo.read_blocks(st.active)
     d2f = v.d2f.bool()
     masked = (canvas == mask_id) & geo.in_gen
@@ -375,19 +383,19 @@ def propose(st: Slots, n: int, mask_id: int, row_budget: torch.Tensor, Wm: int) 
     v.set("nblocks", v.nblocks + grow.long())
     activate(v, geo, masked, grow, active)
     geo.write_blocks(st.active, active, v.nblocks)
-    # finished, round cap (positions before the span are committed: filled; a grown block is not)
-    end = torch.minimum(v.prompt_len + v.nblocks * bs, geo.T[:, 0])  # window end
-    all_filled = ~(masked & (geo.t < end[:, None])).any(1) & ~grow
+    # finished, round cap (positions before the span are committed: filled)
+    end = torch.minimum(v.prompt_len + v.nblocks * bs, geo.T[:, 0])  # window end, inside the span
+    all_filled = ~(masked & (geo.t < end[:, None])).any(1)
     done = all_filled & ((v.eos_at != NO_EOS) | (end - v.prompt_len >= v.gen_length))
     capped = ~done & (v.rounds >= v.max_rounds)
     done = done | capped
     # the scored set and the lookahead candidates (conf desc, position asc)
     present = geo.present(v.nblocks)
-    grown = grow[:, None] & (geo.block == (v.nblocks - 1)[:, None])
-    incomplete = present & ((geo.per_block(masked) > 0) | grown)
+    incomplete = present & (geo.per_block(masked) > 0)
     current = _first(incomplete[:, :geo.NB], geo.NB)
     in_window = (geo.t >= lo[:, None]) & (geo.t < end[:, None])
-    scored = masked & torch.where(d2f[:, None], in_window, geo.bi == current[:, None])  # window.scored
+    scored = masked & torch.where(d2f[:, None], in_window, geo.bi == current[:, None])
+    geo.write(st.scored, scored)  # the span holds the window: older flags past it are never read
     nlook = _lookahead(st, v, geo, scored & geo.read(st.pred_ok), geo.read(st.pred_conf), end - lo, row_budget)
     # commit_end: the leading run of complete blocks after the committed prefix
     first = (lo - v.prompt_len) // bs - geo.b0[:, 0]
@@ -399,6 +407,9 @@ def propose(st: Slots, n: int, mask_id: int, row_budget: torch.Tensor, Wm: int) 
     v.set("commit", (commit_end - lo) * live)
     v.set("done", done.long())
     v.set("capped", capped.long())
+    if span:
+        batched_blocks.propose(st, n, mask_id, span,
+                               lambda count, conf, width: _budget(v, count, conf, width, row_budget))
 
 
 def _lookahead(st: Slots, v: Rows, geo: Geometry, cands: torch.Tensor, conf: torch.Tensor, width: torch.Tensor,
@@ -427,12 +438,13 @@ def _budget(v: Rows, n: torch.Tensor, conf: torch.Tensor, width: torch.Tensor, r
     return torch.where(v.policy == 1, text, torch.where(v.policy == 2, load, n))
 
 
-def answer_ready(st: Slots, n: int, mask_id: int, Wm: int) -> torch.Tensor:
-    """[n] length of base.answer_ids: up to the first EOS (inclusive), cut at the first hole. Over propose's
-    span: before it nothing is masked; the position after it, if generated, was in no window until this
-    step's grow (a hole, or an EOS tail after eos_at)."""
+def answer_ready(st: Slots, n: int, mask_id: int, Wm: int, span: int = 0) -> torch.Tensor:
+    """[n] length of base.answer_ids: up to the first EOS (inclusive), cut at the first hole. Over a span of
+    max(Wm, ``span``) positions from the committed length: before it nothing is masked; no position after it
+    was filled yet (windows so far end within it: accept's W <= Wm, a block-diffusion window within J), so
+    the position after it, if generated, is a hole (or an EOS tail after eos_at)."""
     v = Rows(st, n)
-    geo = Geometry(v, Wm, v.cached)
+    geo = Geometry(v, max(Wm, span), v.cached)
     P, T = v.prompt_len, geo.T[:, 0]
     stop = torch.where(v.eos_at == NO_EOS, T, v.eos_at + 1)
     after = geo.t[:, -1] + 1

@@ -38,6 +38,9 @@ A lookahead writes the previous forward's guess into a mask; ``verify_lookahead`
 anchor row of the same forward (every token of the branch but that one) still predicts that token there, else it
 scores -inf. In small regions the candidates are the leftovers below tau, whose guesses often change once their
 neighbours are filled (docs/results.md: block-diffusion models).
+
+These classes are the specification of the engine's device iteration for the same requests
+(decoding/batched_blocks.py vectorizes their rules over slot rows; fold_commit=False stays on the host).
 """
 
 from __future__ import annotations

@@ -1,25 +1,30 @@
-"""The window strategies' per-request state as rows of device tensors, one row per KV slot.
+"""The window strategies' per-request state (threshold, d2f, sdar, fast_dllm_v2, lopa) as rows of device tensors,
+one row per KV slot.
 
 ``Slots`` holds, for every slot s, what a WindowState holds for one request (decoding/window.py) plus the
 forward it proposed last (the plan the next step runs):
 
     canvas, pred_tok, pred_prob, pred_conf, pred_ok   [S, Tc]   Tc = the longest canvas loaded so far
+    scored                                            [S, Tc]   positions the pending forward scores
     active                                            [S, Tc]   block i of the slot is fully active (i < Tc)
     look                                              [S, kc]   the pending forward's lookahead positions (-1: none)
     ints                                              [S, len(INTS)]   int64 fields, named below
     floats                                            [S, len(FLOATS)] float64 thresholds (compared as on the host)
 
 The blocks of threshold and d2f always lie on one grid, block i = [P + i*bs, min(P + (i+1)*bs, P + G)), so a
-slot's block list is ``nblocks`` (how many exist) and ``active``. ``load`` and ``store`` convert one request's
-host state (and its pending ForwardBatch) to its slot row and back without loss; decoding/batched.py runs the
-iteration on the rows. A step's updates read and write the first n rows only (the running requests are slots
-0..n-1); rows past them keep whatever left them.
+slot's block list is ``nblocks`` (how many exist) and ``active``. A block-diffusion slot (``family`` sdar or
+fast_dllm_v2, decoding/block_diffusion.py) has the fixed blocks of its strategy's ``initial_blocks`` (aligned at
+absolute position 0, all fully active) and its own rules in decoding/batched_blocks.py; ``verify``,
+``next_span`` and ``sub_block`` carry verify_lookahead, score_span == "next_region" and sub_block. ``load`` and
+``store`` convert one request's host state (and its pending ForwardBatch) to its slot row and back without loss;
+decoding/batched.py runs the iteration on the rows. A step's updates read and write the first n rows only (the
+running requests are slots 0..n-1); rows past them keep whatever left them.
 
 The iteration reads and writes each row over its step's span only (a bounded run of positions from the committed
-length, batched.Geometry), so a row may hold what the host state no longer does, and the readers here apply it:
-masks after the first EOS past the span (the host's settle_eos made them EOS: ``canvas_of``) and ``pred_ok``
-flags before ``pred_lo`` (the window the predictions belong to; left from older windows). The pending forward's
-scored set is the strategy's own ``scored`` of the state (the canvas has not changed since propose).
+length: batched.Geometry, batched_blocks.layout), so a row may hold what the host state no longer does, and the
+readers here apply it: masks after the first EOS past the span (a window strategy's settle_eos made them EOS:
+``canvas_of``), ``pred_ok`` flags before ``pred_lo`` (the window the predictions belong to) and ``scored`` flags
+outside the pending window (both left from older windows).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 
 from ..config import CONFIDENCES, K_POLICIES
 from .base import ForwardBatch, ModelSpec, settle_eos
+from .block_diffusion import BlockDiffusionStrategy
 from .blocks import Block
 from .d2f import D2FStrategy
 from .window import WindowState, WindowStrategy
@@ -37,8 +43,9 @@ from .window import WindowState, WindowStrategy
 NO_EOS = 1 << 40  # eos_at of a slot whose canvas holds no EOS yet
 INTS = ("prompt_len", "gen_length", "block_size", "cached", "rounds", "max_rounds", "nblocks", "eos_at", "k",
         "commit", "width", "rows", "last_fill", "score", "measure", "policy", "branch_m", "d2f", "causal", "done",
-        "capped", "pred_lo")
+        "capped", "family", "verify", "next_span", "sub_block", "pred_lo")
 FLOATS = ("tau", "tau_add", "tau_act")
+FAMILIES = ("window", "sdar", "fast_dllm_v2")  # the ``family`` field: which rules decode the slot
 I = {name: i for i, name in enumerate(INTS)}
 F = {name: i for i, name in enumerate(FLOATS)}
 # branch scores the device iteration computes (decoding/batched.py); "random" draws from the request's own
@@ -53,6 +60,7 @@ class Slots:
     pred_prob: torch.Tensor
     pred_conf: torch.Tensor
     pred_ok: torch.Tensor
+    scored: torch.Tensor
     active: torch.Tensor
     look: torch.Tensor
     ints: torch.Tensor
@@ -63,7 +71,7 @@ class Slots:
         """pdt: the predictions' dtype (float32; float64 for a float64 model)."""
         z = lambda dtype, width: torch.zeros(S, width, dtype=dtype, device=device)  # noqa: E731
         return Slots(z(torch.int64, Tc), z(torch.int64, Tc), z(pdt, Tc), z(pdt, Tc), z(torch.bool, Tc),
-                     z(torch.bool, Tc), z(torch.int64, kc) - 1, z(torch.int64, len(INTS)),
+                     z(torch.bool, Tc), z(torch.bool, Tc), z(torch.int64, kc) - 1, z(torch.int64, len(INTS)),
                      z(torch.float64, len(FLOATS)))
 
     @property
@@ -78,14 +86,14 @@ class Slots:
         """At least S slots, Tc canvas positions and kc lookaheads; the rows' contents kept."""
         S, Tc, kc = max(S, self.slots), max(Tc, self.width), max(kc, self.look.shape[1])
         new = Slots.empty(S, Tc, kc, self.canvas.device, self.pred_prob.dtype)
-        for name in ("canvas", "pred_tok", "pred_prob", "pred_conf", "pred_ok", "active", "look", "ints",
+        for name in ("canvas", "pred_tok", "pred_prob", "pred_conf", "pred_ok", "scored", "active", "look", "ints",
                      "floats"):
             old = getattr(self, name)
             getattr(new, name)[:old.shape[0], :old.shape[1]] = old
         return new
 
     def move(self, src: int, dst: int) -> None:
-        for name in ("canvas", "pred_tok", "pred_prob", "pred_conf", "pred_ok", "active", "look", "ints",
+        for name in ("canvas", "pred_tok", "pred_prob", "pred_conf", "pred_ok", "scored", "active", "look", "ints",
                      "floats"):
             t = getattr(self, name)
             t[dst] = t[src]
@@ -102,7 +110,10 @@ class Slots:
         self.pred_prob[slot] = row(state.pred_prob.to(self.pred_prob.dtype))
         self.pred_conf[slot] = row(state.pred_conf.to(self.pred_conf.dtype))
         self.pred_ok[slot] = row(state.pred_ok, False)
-        _, extra = state.pending
+        scored, extra = state.pending
+        mark = torch.zeros(self.width, dtype=torch.bool)
+        mark[list(scored)] = True
+        self.scored[slot] = mark.to(dev)
         active = torch.zeros(self.width, dtype=torch.bool)
         active[:len(state.blocks)] = torch.tensor([b.fully_active for b in state.blocks])
         self.active[slot] = active.to(dev)
@@ -117,16 +128,20 @@ class Slots:
                       score=score, measure=CONFIDENCES.index(cfg.confidence),
                       policy=K_POLICIES.index(cfg.k_policy), branch_m=cfg.branch_m,
                       d2f=int(isinstance(strategy, D2FStrategy)),
-                      causal=int(batch.block_ids is not None), done=0, capped=0, pred_lo=0)
+                      causal=int(batch.block_ids is not None), done=0, capped=0, family=family(strategy),
+                      verify=int(cfg.verify_lookahead), next_span=int(cfg.score_span == "next_region"),
+                      sub_block=cfg.sub_block, pred_lo=0)
         self.ints[slot] = torch.tensor([values[name] for name in INTS], dtype=torch.int64).to(dev)
         self.floats[slot] = torch.tensor([cfg.tau, cfg.add_threshold, cfg.complete_threshold],
                                          dtype=torch.float64).to(dev)
 
     def canvas_of(self, slot: int, T: int, spec: ModelSpec) -> torch.Tensor:
         """The request's canvas [T] on the CPU, as the host holds it: the iteration settles EOS over its span, so
-        masks after the first EOS beyond it become EOS here (base.settle_eos)."""
+        a window strategy's masks after the first EOS beyond it become EOS here (base.settle_eos; a
+        block-diffusion strategy leaves them: BlockDiffusionStrategy.settle_eos)."""
         canvas = self.canvas[slot, :T].cpu().clone()
-        settle_eos(canvas, int(self.ints[slot, I["prompt_len"]]), spec)
+        if not self.ints[slot, I["family"]]:
+            settle_eos(canvas, int(self.ints[slot, I["prompt_len"]]), spec)
         return canvas
 
     def store(self, slot: int, strategy: WindowStrategy, state: WindowState) -> ForwardBatch | None:
@@ -140,8 +155,11 @@ class Slots:
         state.pred_conf = self.pred_conf[slot, :T].cpu().clone()
         state.pred_ok = self.pred_ok[slot, :T].cpu() & (torch.arange(T) >= v["pred_lo"])
         P, G, bs = v["prompt_len"], v["gen_length"], v["block_size"]
-        active = self.active[slot, :v["nblocks"]].tolist()
-        state.blocks = [Block(P + i * bs, min(P + (i + 1) * bs, P + G), a) for i, a in enumerate(active)]
+        if v["family"]:  # block diffusion: the strategy's fixed blocks
+            state.blocks = strategy.initial_blocks(P)
+        else:
+            active = self.active[slot, :v["nblocks"]].tolist()
+            state.blocks = [Block(P + i * bs, min(P + (i + 1) * bs, P + G), a) for i, a in enumerate(active)]
         state.cached, state.rounds, state.last_fill = v["cached"], v["rounds"], v["last_fill"]
         state.eos_at = None if v["eos_at"] == NO_EOS else v["eos_at"]
         state.done, state.hit_round_cap = bool(v["done"]), bool(v["capped"])
@@ -151,11 +169,18 @@ class Slots:
             return None
         lo, W = v["cached"], v["width"]
         look = self.look[slot, :v["rows"] - 1].tolist()
-        state.pending = (strategy.scored(state), [None] + look)
+        scored = (self.scored[slot, lo:lo + W].nonzero()[:, 0] + lo).tolist()  # bits outside the window are stale
+        state.pending = (scored, [None] + look)
         anchor = state.canvas[lo:lo + W]
         rows = anchor[None].repeat(len(look) + 1, 1)
         for r, pos in enumerate(look, start=1):
             rows[r, pos - lo] = state.pred_tok[pos]
-        block_ids = (torch.arange(lo, lo + W) - P) // bs if v["causal"] else None
+        origin = 0 if v["family"] else P  # block-diffusion blocks are aligned at absolute position 0
+        block_ids = (torch.arange(lo, lo + W) - origin) // bs if v["causal"] else None
         cols = (anchor == strategy.spec.mask_id).nonzero()[:, 0]
         return ForwardBatch(rows, lo, cols, commit=v["commit"], block_ids=block_ids)
+
+
+def family(strategy: WindowStrategy) -> int:
+    """The slot's ``family`` index: which rules the device iteration applies to it."""
+    return FAMILIES.index(type(strategy).name) if isinstance(strategy, BlockDiffusionStrategy) else 0  # lopa renames

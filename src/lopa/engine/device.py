@@ -1,5 +1,6 @@
-"""The device path of a decode step: threshold / d2f / lopa for every running request at once, their state in
-device tensors (decoding/slots.py), the iteration batched (decoding/batched.py), ONE small copy to the host.
+"""The device path of a decode step: threshold / d2f / sdar / fast_dllm_v2 / lopa over any of them for every
+running request at once, their state in device tensors (decoding/slots.py), the iteration batched
+(decoding/batched.py, with the block-diffusion rules of decoding/batched_blocks.py), ONE small copy to the host.
 
     path.load(seqs)         # requests new to the path: host WindowState + pending batch -> their slot rows
     info = path.step(seqs)  # queries, ONE forward, accept, commit the winners, propose (one CUDA graph on a
@@ -23,6 +24,7 @@ import torch
 from ..config import CONFIDENCES, DecodeConfig, RunnerConfig
 from ..decoding import batched
 from ..decoding.base import PredictSpec
+from ..decoding.block_diffusion import BlockDiffusionStrategy, FastDLLMv2Strategy, SDARStrategy
 from ..decoding.slots import DEVICE_SCORES, Slots
 from ..decoding.d2f import D2FStrategy
 from ..decoding.threshold import ThresholdStrategy
@@ -61,11 +63,13 @@ class DevicePath:
         self._gather_s = 0.0  # Branch Parallel: the group's gather seconds at the end of the last step
 
     def eligible(self, seq: Sequence) -> bool:
-        """Greedy threshold / d2f / lopa with a device branch score, no trace."""
+        """Greedy threshold / d2f / sdar / fast_dllm_v2 / lopa over any of them with a device branch score, no
+        trace. SDAR with fold_commit=False (its extra forward over each finished block) stays on the host."""
         strategy, cfg = seq.strategy, seq.config
         fits = not self.warm or (len(seq.state.canvas) <= self.slots.width
                                  and strategy.lookahead <= self.slots.look.shape[1])  # warmed slots never grow
-        return (type(strategy) in (ThresholdStrategy, D2FStrategy) and not cfg.trace
+        kinds = (ThresholdStrategy, D2FStrategy, FastDLLMv2Strategy) + ((SDARStrategy,) if cfg.fold_commit else ())
+        return (type(strategy) in kinds and not cfg.trace
                 and cfg.branch_confidence in DEVICE_SCORES and seq.state.prompt_len > 0
                 and seq.pspec == PredictSpec(0.0, 1.0, cfg.confidence, (self.spec.mask_id,)) and fits)
 
@@ -130,15 +134,31 @@ class DevicePath:
             self.live.copy_(torch.arange(self.live.shape[0], device=self.live.device) < n)
             self._live_n = n
         self._lut(measures)
+        span = self._span(seqs)
         if self.runner.group.distributed:
-            out = self._update_spread(seqs, measures, scores)
+            out = self._update_spread(seqs, measures, scores, span)
         else:
-            out = self._run(host, measures, scores)
+            out = self._run(host, measures, scores, span)
         rows = out[:n].tolist()  # the one copy to the host
         for b, row in enumerate(rows):
             self.host[b] = row[2:5]
         self.runner.set_lengths([row[2] for row in rows])
         return rows
+
+    def _span(self, seqs: list[Sequence]) -> int:
+        """J of the block-diffusion rules (decoding/batched_blocks.py): the largest W + 2 * block_size over the
+        step's block-diffusion requests, 0 without one."""
+        return max((self.host[s.slot][2] + 2 * s.config.block_size for s in seqs
+                    if isinstance(s.strategy, BlockDiffusionStrategy)), default=0)
+
+    def _keyed_span(self, Wm: int, J: int) -> int:
+        """The span of a bucketed step (a key of the static path): for a block-diffusion model Wm + 2 * its block
+        size whatever the step holds (W <= Wm; a block-diffusion strategy runs with the model's block size), so
+        the span follows from Qb and the warm-up captures it; for another model _span's J rounded up to a power
+        of two (0 without a block-diffusion request)."""
+        if self.spec.block_size:
+            return Wm + 2 * self.spec.block_size
+        return 1 << (J - 1).bit_length() if J else 0
 
     def _lut(self, measures: tuple[str, ...]) -> torch.Tensor:
         """A request's measure (CONFIDENCES index) -> its index in the step's list ``measures``, made once per list
@@ -161,19 +181,23 @@ class DevicePath:
     def _widths(self, Qb: int) -> tuple[int, int]:
         return widths(Qb, self.slots.look.shape[1])
 
-    def _run(self, host: list[list[int]], measures: tuple[str, ...], scores: tuple[str, ...]) -> torch.Tensor:
+    def _run(self, host: list[list[int]], measures: tuple[str, ...], scores: tuple[str, ...],
+             span: int) -> torch.Tensor:
         """One process: the update of the step's key, replayed (or captured lazily before any warm-up). After the
         warm-up a key it did not capture runs eagerly (counted with the static path's eager steps): SDPA over
-        the span, nothing captured or compiled for a new FlexAttention shape."""
+        the span, nothing captured or compiled for a new FlexAttention shape. ``span``: _span's J."""
         shape = self._shape(host)
-        key = (*shape, measures, scores)
+        if self.runner.graphs is not None:
+            span = self._keyed_span(shape[3], span)
+        key = (*shape, measures, scores, span)
         if self.warm and key not in self.graphs:
             self.runner.graphs.stats.eager_steps += 1
-            return self._update(*self._shape(host, eager=True), measures, scores)
-        return self._replay(key, lambda: self._update(*shape, measures, scores))
+            eager = self._shape(host, eager=True)
+            return self._update(*eager, measures, scores, self._keyed_span(eager[3], span))
+        return self._replay(key, lambda: self._update(*shape, measures, scores, span))
 
     def _update(self, B: int, Qb: int, Lb: int | None, Wm: int, R: int, measures: tuple[str, ...],
-                scores: tuple[str, ...]) -> torch.Tensor:
+                scores: tuple[str, ...], span: int) -> torch.Tensor:
         """Queries, forward, accept, commit, propose over slots 0..B-1; rows past the step's requests (free slots)
         are zeroed first: no rows, no generated region, every index in range. Device work only: graph-capturable.
         -> [B, 7]."""
@@ -187,13 +211,14 @@ class DevicePath:
         inputs = pack_device(fields, torch.where(live, lo, 0), lut[v.measure], live.long(), B, mask)
         preds = self.runner.forward_packed(inputs, Lb, measures, (mask,))  # ONE forward
         W, commit = v.width.clone(), v.commit.clone()
-        winner = batched.accept(st, B, preds, Wm, R, scores, mask, self.eos)
+        winner = batched.accept(st, B, preds, Wm, R, scores, mask, self.eos, span)
         self.runner.commit_winners(lo, winner, W, commit, Wm)
-        batched.propose(st, B, mask, self.row_budget, Wm)
-        ready = batched.answer_ready(st, B, mask, Wm)
+        batched.propose(st, B, mask, self.row_budget, Wm, span)
+        ready = batched.answer_ready(st, B, mask, Wm, span)
         return torch.stack([v.done, v.capped, v.cached, v.rows, v.width, ready, winner], 1)
 
-    def _update_spread(self, seqs: list[Sequence], measures: tuple[str, ...], scores: tuple[str, ...]) -> torch.Tensor:
+    def _update_spread(self, seqs: list[Sequence], measures: tuple[str, ...], scores: tuple[str, ...],
+                       span: int) -> torch.Tensor:
         """Branch Parallel (runner/group.py), eagerly: this rank computes its rows of every request, ONE all_gather
         puts every rank's predictions in global row order on every rank, every rank runs the same update; the
         winners' K/V come from this rank's rows or the owner's broadcast (ModelRunner.commit, after reading the
@@ -217,15 +242,15 @@ class DevicePath:
         t2 = time.perf_counter()
         Wm, R = max(W for _, _, W in host), max(K for _, K, _ in host)
         preds = batched.assemble(gathered, st, n, max(K * W for _, K, W in host), group.rank)
-        winner = batched.accept(st, n, preds, Wm, R, scores, mask, self.eos)
+        winner = batched.accept(st, n, preds, Wm, R, scores, mask, self.eos, span)
         picks = torch.stack([winner, batched.Rows(st, n).commit]).tolist()
         t3 = time.perf_counter()
         runner.commit_rows([Commit(b, b, picks[0][b], picks[1][b]) for b in range(n)],
                            [(K, W, True) for _, K, W in host])
         if group.check:
             runner.verify(list(range(n)), [st.canvas[b, :len(s.state.canvas)].cpu() for b, s in enumerate(seqs)])
-        batched.propose(st, n, mask, self.row_budget, Wm)
-        ready = batched.answer_ready(st, n, mask, Wm)
+        batched.propose(st, n, mask, self.row_budget, Wm, span)
+        ready = batched.answer_ready(st, n, mask, Wm, span)
         c = group.counters
         c.prepare_s += t1 - t0
         c.forward_s += t2 - t1 - (c.gather_s - self._gather_s)
@@ -293,8 +318,9 @@ class DevicePath:
         self._captured_for = (self._generation, graphs.pool)
         for done, (B, Qb) in enumerate(shapes, 1):
             Wm, R = self._widths(Qb)
-            key = (B, Qb, None, Wm, R, measures, scores)  # as _run forms it under "flex"
-            update = functools.partial(self._update, B, Qb, None, Wm, R, measures, scores)
+            span = self._keyed_span(Wm, 0)
+            key = (B, Qb, None, Wm, R, measures, scores, span)  # as _run forms it under "flex"
+            update = functools.partial(self._update, B, Qb, None, Wm, R, measures, scores, span)
             update()  # eagerly first: lazy kernel initialization stays out of the graph
             self.graphs[key] = self._capture(update) if graphs.capture else (None, None)
             if on_graph is not None:

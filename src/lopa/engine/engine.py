@@ -9,8 +9,8 @@ Each request keeps its own strategy and state (decoding/base.py: the contract is
 guarantees each strategy that ``propose`` is called exactly once per forward it takes part in, that
 ``accept`` gets exactly that forward's predictions, and that its window starts at its committed KV length.
 
-A decode step whose requests are all greedy threshold / d2f / lopa (no trace) runs on the device path
-instead (engine/device.py: their states in device rows, the iteration batched, one small copy back); the
+A decode step whose requests are all greedy threshold / d2f / sdar / fast_dllm_v2 / lopa (no trace) runs on the
+device path instead (engine/device.py: their states in device rows, the iteration batched, one small copy back); the
 strategies' contract above is its specification, and requests move between the paths losslessly.
 
 Under Branch Parallel the engine is replicated: every rank runs the same Engine over the same requests and

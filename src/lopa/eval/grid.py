@@ -1,6 +1,7 @@
 """`lopa eval`'s runs and pairs: the grid of DecodeConfigs a command line asks for, and which runs are compared.
 
-Runs: each strategy at each τ (and, for lopa, each k and each branch score x branch budget), then the random
+Runs: each strategy at each τ (and, for lopa, each k and each combination of the VARIANTS lists: branch score x
+branch budget x score span x verify_lookahead), then the random
 token-filling-order runs at the first k and τ. Every other DecodeConfig field the command sets applies to
 every run. Pairs: ``--compare A,B``, else each branched run (lopa / published / random-tfo) against the d2f run
 of its τ (never a run against itself: without a d2f run there is no default pair), plus each branch variant
@@ -9,22 +10,28 @@ against the first variant.
 
 from __future__ import annotations
 
-from ..config import decode_config
+import dataclasses
+
+from ..config import DecodeConfig, decode_config
 from ..errors import ConfigError
 from ..request import check_config
 from .harness import paired_difference
 
-SWEEPS = ("k", "tau", "branch_confidence", "k_policy")  # the fields a list sweeps (config.py: sweep=True)
+SWEEPS = tuple(f.name for f in dataclasses.fields(DecodeConfig) if f.metadata["sweep"])  # config.py: sweep=True
+# the sweeps that make lopa variants (each combination a run, paired with the first), and their label names
+VARIANTS = {"branch_confidence": "score", "k_policy": "budget", "score_span": "span", "verify_lookahead": "verify"}
+assert set(SWEEPS) == {"k", "tau", *VARIANTS}, SWEEPS
 BRANCHED = ("lopa", "published", "random-tfo")  # label prefixes of runs that branch (paired with d2f)
 
 
-def branch_variants(scores: list[str], policies: list[str]) -> list[tuple[str, dict]]:
-    """(label suffix, DecodeConfig fields) for each LoPA branch score x budget asked for; [("", {})] for none."""
-    out = []
-    for bc in scores or [None]:
-        for pol in policies or [None]:
-            label = (f" score={bc}" if bc else "") + (f" budget={pol}" if pol else "")
-            out.append((label, {**({"branch_confidence": bc} if bc else {}), **({"k_policy": pol} if pol else {})}))
+def branch_variants(decode: dict) -> list[tuple[str, dict]]:
+    """(label suffix, DecodeConfig fields) for each combination of the lopa variant lists ``decode`` holds, in
+    VARIANTS order (e.g. " score=count budget=text"); [("", {})] for none."""
+    out = [("", {})]
+    for name, short in VARIANTS.items():
+        values = decode.get(name) or []
+        out = [(label + f" {short}={str(v).lower() if isinstance(v, bool) else v}", {**fields, name: v})
+               for label, fields in out for v in values] or out
     return out
 
 
@@ -34,7 +41,7 @@ def eval_configs(model_type: str, preset: str | None, strategies: list[str], dec
     DecodeConfig fields, the SWEEPS as lists. Every config is checked against the model family and the
     engine's ``step_rows`` before anything runs."""
     ks, taus = decode.get("k", []), decode.get("tau", [])
-    variants = branch_variants(decode.get("branch_confidence", []), decode.get("k_policy", []))
+    variants = branch_variants(decode)
     common = {name: value for name, value in decode.items() if name not in SWEEPS}
     if len(set(strategies)) != len(strategies) or not strategies:
         raise ConfigError(f"strategies: must be a list of distinct strategy names, got {','.join(strategies)!r}")
