@@ -183,8 +183,8 @@ def measure_case(name: str, n: int, args, variants: dict) -> dict:
     W = torch.tensor([b.tokens.shape[1] for _, _, b in reqs])
     Qb = next(q for q in QUERY_BUCKETS if q >= int((K * W).max()))
     g = torch.Generator().manual_seed(0)
-    preds = torch.stack([torch.randint(10, 90, (n, Qb), generator=g).float(),
-                         0.5 + 0.5 * torch.rand(n, Qb, generator=g), torch.rand(n, Qb, generator=g)], -1).to(args.device)
+    preds = torch.stack([torch.randint(10, 90, (n, Qb), generator=g).float(), 0.5 + 0.5 * torch.rand(n, Qb, generator=g),
+                         torch.rand(n, Qb, generator=g)], -1).to(args.device)
     row = {"strategy": name, "n": n, "Qb": Qb, "K": int(K.max()), "W": int(W.max()), "width": args.width}
     results = {}
     for label, (module, slots, R) in variants.items():

@@ -247,11 +247,14 @@ def prompt_ids(model, n: int) -> list[list[int]]:
     return [torch.randint(0, top, (100 + (i * 53) % 150,), generator=g).tolist() for i in range(n)]
 
 
+def _family_name(args) -> str:
+    return "default" if args.family == "dream" else f"random {args.family} {args.random_hidden}x{args.random_layers}"
+
+
 def _meta(model, args) -> dict:
     cuda = model.runner.device.type == "cuda"
     return {"device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-            "model": str(args.model) if args.model else "tiny" if args.tiny else args.shape or
-            ("default" if args.family == "dream" else f"random {args.family} {args.random_hidden}x{args.random_layers}"),
+            "model": str(args.model) if args.model else "tiny" if args.tiny else args.shape or _family_name(args),
             "dtype": str(model.runner.dtype),
             "gen_length": args.gen_length, "commit": git_commit(), "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

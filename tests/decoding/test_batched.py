@@ -145,7 +145,7 @@ def test_wide_slots_update_over_the_span():
     assert all(len(w[0]) < 100 for w in want[-len(long):])
     got, lazy = device_run(cfgs, prompts, seeds, pad=300)
     assert got == want and lazy > 0
-    for i in range(len(cfgs) - len(long), len(cfgs)):  # alone: the span ends where a grown block starts
+    for i in range(len(cfgs) - len(long), len(cfgs)):  # alone: a grown block starts where accept's span ends
         assert device_run(cfgs[i:i + 1], prompts[i:i + 1], seeds[i:i + 1], pad=300)[0] == want[i:i + 1]
 
 
