@@ -203,16 +203,16 @@ def test_after_the_warm_up_every_step_key_was_warmed(ref):
 
 def test_wide_slots_stream_and_settle_as_the_host_path(ref):
     """Warmed slots (512 positions) far wider than a step's span (batched.Geometry: Wm or 2*Wm positions), d2f
-    and lopa requests of gen_length 96 in blocks of 4 whose answers end early (the EOS tail past the span
+    and lopa requests of gen_length 72 in blocks of 4 whose answers end early (the EOS tail past the span
     settles on read-back): streamed chunks, tokens, forwards and winners equal the host path's."""
     model, spec, prompts, _, _, _ = ref
-    configs = [lopa.decode_config(None, model.model_type, strategy=s, k=k, gen_length=96, block_size=4, tau=0.5)
-               for s, k in (("d2f", 0), ("lopa", 3), ("lopa", 1))]
-    args = (prompts[:3], configs, [0, 0, 1])
+    configs = [lopa.decode_config(None, model.model_type, strategy=s, k=k, gen_length=72, block_size=4, tau=0.5)
+               for s, k in (("d2f", 0), ("lopa", 3))]
+    args = (prompts[:2], configs, [0, 1])
     host_m = _engine(model, 4, device_step=False, spec=spec)
     host = _drive(host_m, *args, stream=True)
-    assert any(len(key[0]) < 48 for key in host[0])  # an EOS well before gen_length
-    m, _ = _warmed(model, spec, 4, max_tokens=768)
+    assert any(len(key[0]) < 36 for key in host[0])  # an EOS well before gen_length
+    m, _ = _warmed(model, spec, 4, max_tokens=256)
     assert _drive(m, *args, stream=True) == host
     c = m.engine.counters
     assert c.device_steps == c.decode_steps > 0
