@@ -23,6 +23,10 @@ captured in one CUDA graph, as the device path runs it, its replays timed by CUD
     PYTHONPATH=src python3 benchmarks/device_update.py --out benchmarks/results/device_update_cpu
     PYTHONPATH=src python3 benchmarks/device_update.py --device cuda --ns 1,8,32,64 \
         --out benchmarks/results/device_update_gpu
+
+Without git history (a copy of the tree), first put the old modules in a folder and pass --old-dir:
+
+    mkdir -p /tmp/old && for f in batched slots; do git show 443d81f:src/lopa/decoding/$f.py > /tmp/old/$f.py; done
 """
 
 from __future__ import annotations
@@ -57,14 +61,14 @@ STRATEGIES = {"lopa": dict(strategy="lopa", k=7), "d2f": dict(strategy="d2f")}
 AGAINST = "443d81f"  # the whole-width update
 
 
-def old_modules(rev: str, folder: str):
-    """decoding/batched.py and slots.py at ``rev``, imported inside lopa.decoding (their relative imports resolve
-    there; the old batched reads the old Slots)."""
+def old_modules(rev: str, folder: str, old_dir: Path | None):
+    """decoding/batched.py and slots.py at ``rev`` (or as files in ``old_dir``: a copy without git history),
+    imported inside lopa.decoding (their relative imports resolve there; the old batched reads the old Slots)."""
     modules = []
     for name in ("slots", "batched"):
         path = Path(folder) / f"_{name}_old.py"
-        text = subprocess.run(["git", "show", f"{rev}:src/lopa/decoding/{name}.py"], check=True, capture_output=True,
-                              text=True).stdout
+        text = (old_dir / f"{name}.py").read_text() if old_dir else subprocess.run(
+            ["git", "show", f"{rev}:src/lopa/decoding/{name}.py"], check=True, capture_output=True, text=True).stdout
         path.write_text(text.replace("from .slots import", "from ._slots_old import"))
         spec = importlib.util.spec_from_file_location(f"lopa.decoding._{name}_old", path)
         module = importlib.util.module_from_spec(spec)
@@ -239,6 +243,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu (phases timed eagerly) or cuda (the update captured in "
                     "one CUDA graph, replays timed by CUDA events: the GPU figure)")
     ap.add_argument("--against", default=AGAINST, help="the commit whose decoding/batched.py is the old update")
+    ap.add_argument("--old-dir", type=Path, default=None,
+                    help="a folder holding that commit's batched.py and slots.py (where git history is absent)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/device_update"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -249,7 +255,7 @@ def main() -> None:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     rows = []
     with tempfile.TemporaryDirectory() as folder, torch.inference_mode():
-        variants = {"old": (*old_modules(args.against, folder), "all"), "span": (batched, Slots, "bound"),
+        variants = {"old": (*old_modules(args.against, folder, args.old_dir), "all"), "span": (batched, Slots, "bound"),
                     "span, R=K": (batched, Slots, "K")}
         for name in args.strategies.split(","):
             for n in (int(x) for x in args.ns.split(",")):
