@@ -139,6 +139,7 @@ class GraphExecutor:
         self.statics: dict[tuple, Static] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.frozen = False  # after warmup(): no capture while serving; an uncaptured key runs eagerly
+        self.shapes: set[tuple[int, int]] = set()  # (B bucket, Qb) of the warmed keys (the decode steps' budget)
         self.stats = GraphStats()
         self._at_start = (0, compiles())  # (captures, compiles) when start-up ended: now, until a warm-up
         self._compiled0 = self._at_start[1]  # compiles() when the warm-up began
@@ -219,6 +220,11 @@ class GraphExecutor:
         Lb = min(round_up(max(item.batch.start + item.queries for item in items), KEY_STEP), pool.capacity)
         return B, round_up(q, ROW_STEP), Lb, measures, self._suppress(items)
 
+    def warmed(self, n: int, queries: int) -> bool:
+        """Whether the warm-up captured the shape of a step of n requests whose longest row has ``queries`` queries
+        (for the default measure; engine/scheduler.py forms decode steps that have one)."""
+        return (bucket(n, self.runner.pool.slots), query_bucket(queries)) in self.shapes
+
     def warmup_keys(self, max_tokens: int, measures: tuple[str, ...] = ("prob",)) -> list[tuple]:
         """Every "flex" key a step of at most ``max_tokens`` padded queries (B bucket x Qb) can have."""
         pool = self.runner.pool
@@ -233,6 +239,7 @@ class GraphExecutor:
         at its final size. ``on_graph(done, total)`` after each key (progress bars)."""
         cuda = self.runner.device.type == "cuda"
         self._compiled0 = compiles()
+        self.shapes |= {key[:2] for key in keys}
         with self.measured(len(keys)):
             for done, key in enumerate(keys, 1):
                 self._warm_key(key, cuda)
