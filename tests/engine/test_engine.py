@@ -90,7 +90,8 @@ def test_batched_requests_equal_their_solo_decodes(solo, static):
 
 
 def test_step_log_accounts_for_every_forward(solo):
-    """Engine.step_log: one StepInfo per step, naming the requests it computed and the positions (K*W) it ran."""
+    """Engine.step_log: one StepInfo per step, naming the requests it computed and the positions (K*W) it ran, and
+    the most of one request."""
     model, prompts, configs, _ = solo
     m = _engine(model, len(prompts), False)
     engine = m.engine
@@ -106,6 +107,7 @@ def test_step_log_accounts_for_every_forward(solo):
         assert sum(s.kind == "decode" for s in mine) == out.stats.decode_forwards
         assert sum(s.kind == "prefill" for s in mine) == out.stats.prefill_forwards
     assert all(s.rows <= s.positions and len(s.request_ids) == s.requests for s in log)
+    assert all(0 < s.queries <= s.positions for s in log)  # the widest request's K*W
     assert max(s.positions for s in decode) > max(s.rows for s in decode)  # windows wider than one column
 
 

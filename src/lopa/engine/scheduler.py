@@ -15,9 +15,9 @@
 - The step budget (``take``, the runner's warmed shapes after the start-up warm-up: B bucket x query bucket <=
   RunnerConfig.max_num_batched_tokens): a decode step runs the first ``take(running)`` requests, slots 0..m-1;
   when that leaves some waiting, the next schedule rotates the running order (those that waited first, in slot
-  order, then those that ran), so every request runs at least once in every ceil(n / m) decode steps. The moves
-  of a schedule (compaction and rotation) are one simultaneous permutation: every source slot is read before
-  any destination is written.
+  order, then those that ran): no running request runs twice while another waits, so with m of n running each
+  one runs at least once in every ceil(n / m) decode steps. The moves of a schedule (compaction and rotation)
+  are one simultaneous permutation: every source slot is read before any destination is written.
 """
 
 from __future__ import annotations

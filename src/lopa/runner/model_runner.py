@@ -129,8 +129,8 @@ class ModelRunner:
         """How many of the first requests of slots 0.. ((K, W) of each one's next forward, in slot order) the next
         decode step runs: all of them, unless after the warm-up their step would have no warmed shape; then the
         most of the first ones that have one together and fill their batch bucket exactly (the rows past a step's
-        requests must be free slots: the device path clears them), at least one. Rows as this rank computes them
-        (Branch Parallel: its share of each request's K)."""
+        requests must be free slots: the device path clears them), at least one. Queries as the static path's key
+        counts them (Branch Parallel: the largest rank's share of each request's rows; every rank takes the same)."""
         n = len(shapes)
         if self.graphs is None or not self.graphs.frozen:
             return n
