@@ -173,3 +173,16 @@ def test_host_step_tiny_pairs_both_paths(tmp_path):
                 assert x["full_steps"] > 0 and x["wall_ms"] > 0 and x["forward_ms"] > 0 and x["tokens"] > 0
                 assert x["vs_n1"] > 0 and (x["device_steps"] > 0) == (mode != "host")
     assert (tmp_path / "host_step.md").read_text().count("| d2f |") == 6
+
+
+def test_step_budget_tiny(tmp_path):
+    """The serve_load workload's decode steps on a warmed-up model (CPU: each key run once), without and with the
+    step budget: without it steps pass the warmed set and run eagerly; with it none does, the same tokens."""
+    run("step_budget.py", "--device", "cpu", "--concurrency", "2", "--requests", "4", "--gen-length", "16", "--k",
+        "3", "--max-tokens", "64", "--cpu-positions", "512", "--passes", "1", "--threads", "1", "--out", str(tmp_path))
+    passes = json.loads((tmp_path / "step_budget.json").read_text())["passes"]
+    (before,), (after,) = passes["no budget"], passes["budget"]
+    assert before["over_budget"] == before["eager_decode_steps"] > 0 and before["partial_steps"] == 0
+    assert after["over_budget"] == after["eager_decode_steps"] == 0 and after["partial_steps"] > 0
+    assert after["token_ids"] == before["token_ids"] and after["tokens"] > 0
+    assert "| budget | 0 |" in (tmp_path / "step_budget.md").read_text()
