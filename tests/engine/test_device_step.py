@@ -373,6 +373,26 @@ def test_warm_up_captures_the_device_path_by_default_on_gpu(tiny_dream_dir):
     assert c.captures_after_start == 0 and c.recompiles_after_start == 0 and c.eager_decode_steps == 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="start-up capture needs a GPU")
+def test_step_budget_on_gpu_runs_no_step_eagerly(tiny_dream_dir):
+    """Issue 25 on a GPU: four lopa k=3 requests (up to 4 x 24 queries each) with max_num_batched_tokens 256, so
+    all four together have no captured shape: with the step budget every decode step replays a captured graph
+    (0 eager, partial steps instead), nothing captures or recompiles, and the tokens equal the host strategies'
+    on the same static path."""
+    runner = dict(device="cuda", dtype="float32", max_num_seqs=4, max_num_batched_tokens=256)
+    dev = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(**runner, warmup=True))
+    ref = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(**runner, warmup=True, device_step=False))
+    prompts = ["a b", "Tom has 12 apples and", "The cat sat", "one two three four five six seven"]
+    cfg = lopa.DecodeConfig(strategy="lopa", k=3, gen_length=24, block_size=8)
+    want = [r.token_ids for r in lopa.generate_many(ref, prompts, cfg)]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        got = [r.token_ids for r in lopa.generate_many(dev, prompts, cfg)]
+    assert got == want
+    c = dev.engine.counters
+    assert c.device_steps == c.decode_steps > 0 and c.partial_steps > 0 and c.eager_decode_steps == 0
+    assert c.captures_after_start == 0 and c.recompiles_after_start == 0
+
+
 def test_progress_callbacks_see_the_canvas(ref):
     """api.generate's on_step reads the state's canvas after every forward: current on the device path too."""
     model, spec, prompts, configs, want, _ = ref
