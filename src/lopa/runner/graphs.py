@@ -12,7 +12,8 @@ Attention (RunnerConfig.attention):
   step's committed lengths (models/attention.py: step_block_mask), so the kernel reads each request's real
   key span and the key is (B bucket, Qb bucket, measures, suppressed ids): nothing that changes with the
   prompt or the prefix. On a GPU ``warmup`` captures every key up to the runner's limits at start-up; after
-  that a step whose key was not captured runs eagerly (counted in ``stats.eager_steps``), never captures.
+  that a step whose key was not captured runs eagerly (counted in ``stats.eager_steps``), never captures, and
+  the scheduler forms decode steps whose (B bucket, Qb) was warmed (``shapes``; ModelRunner.decode_take).
 * "sdpa": SDPA with an additive mask over the first Lb positions of the slots, Lb = prefix + queries rounded
   to KEY_STEP: Lb is part of the key, so new prompt lengths capture new graphs (the path before start-up
   capture, kept for comparison and for torch without FlexAttention).
