@@ -139,7 +139,7 @@ def run_variant(args, variant: str) -> dict:
         row = {"pass": p, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall, "steps": steps,
                "ms_per_step": 1e3 * wall / max(1, steps)}
         for key in ("prefill_s", "decode_s", "prefill_steps", "decode_steps", "captures_after_start",
-                    "recompiles_after_start", "eager_decode_steps", "eager_prefill_steps"):
+                    "recompiles_after_start", "eager_decode_steps", "eager_prefill_steps", "partial_steps"):
             row[key] = c1[key] - c0[key]
         row["new_prefill_shapes"] = len(model.runner.prefill_shapes - shapes)  # met for the first time in this pass
         shapes |= model.runner.prefill_shapes

@@ -10,9 +10,9 @@ GSM8K-style prompts (lopa's generated test split), c asyncio clients each keepin
 the last token; per level: requests/s and generated tokens/s over its wall time (tokens =
 usage.completion_tokens: up to and including the first EOS), and the server's /metrics before and after it
 (engine steps and their seconds, CUDA-graph captures, torch.compile recompiles, eager and device-path decode
-steps), and the server's CPU seconds over the level's wall time: its main thread (the event loop, which shares
-the GIL with the engine thread) and the whole process (Linux). The clients live in this process, the server in
-its own, so they share no GIL with it.
+steps, the step budget's partial decode steps), and the server's CPU seconds over the level's wall time: its
+main thread (the event loop, which shares the GIL with the engine thread) and the whole process (Linux). The
+clients live in this process, the server in its own, so they share no GIL with it.
 
 The ceiling of level c (``--ceiling``): the same N prompts through ``lopa.generate_many`` in this process, no
 server, on one model per variant loaded with the server's engine settings (max_num_seqs = the largest level,
@@ -57,8 +57,9 @@ FLAGS = {"warmup": lambda v: "--warmup" if v else "--no-warmup",
          "device_step": lambda v: "--device-step" if v else "--no-device-step",
          "attention": lambda v: f"--attention={v}"}
 GAUGES = {"captures": "lopa_graph_captures_after_startup", "recompiles": "lopa_recompiles_after_startup",
-          "eager_steps": "lopa_eager_decode_steps", "device_steps": "lopa_device_decode_steps"}
-WARMUP_LOG = re.compile(r"warm-up captured (\d+) CUDA graphs in ([\d.]+) s using ([\d.]+) GiB")
+          "eager_steps": "lopa_eager_decode_steps", "device_steps": "lopa_device_decode_steps",
+          "partial_steps": "lopa_partial_decode_steps"}
+WARMUP_LOG = re.compile(r"warm-up captured (\d+) CUDA graphs(?: \([^)]*\))? in ([\d.]+) s using ([\d.]+) GiB")
 
 
 def free_port() -> int:
@@ -322,7 +323,7 @@ def markdown(state: dict) -> str:
     lines = [f"Device: {meta['device']} ({meta['threads']} torch threads); commit {meta['commit']}; {meta['date']}; "
              f"settings {meta['settings']}; levels {levels}, rounds {meta['rounds']} (round 0 cold).", "",
              f"| variant | server flags | start-up s (compile cache) | warm-up graphs, s, GiB | after the run: "
-             f"captures / recompiles / eager / device steps | cold c={hi} / c={lo} (>= 3x) | cold server / "
+             f"captures / recompiles / eager / device / partial steps | cold c={hi} / c={lo} (>= 3x) | cold server / "
              f"generate_many at c={hi} (>= 0.8) | warm c={hi} / c={lo} (>= 8x) | warm server / generate_many at "
              f"c={hi} (>= 0.85) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, v in state["variants"].items():
@@ -340,7 +341,8 @@ def markdown(state: dict) -> str:
     lines += ([""] + notes if notes else []) + ["", f"| variant | round | c | requests | req/s | tok/s | first block p50 / p99 | last token p50 / p99 | "
               f"generate_many tok/s | server / generate_many | tok/s vs c={lo} | answers equal generate_many | "
               "engine busy | event loop CPU (server process CPU) | decode / prefill steps (generate_many) | "
-              "ms per decode step (generate_many) | captures / recompiles / eager / device steps |", "|" + "---|" * 17]
+              "ms per decode step (generate_many) | captures / recompiles / eager / device / partial steps |",
+              "|" + "---|" * 17]
     for r in state["rows"]:
         ceil = state["ceilings"].get(r["variant"], {}).get(r["concurrency"], {})
         lines.append(

@@ -205,3 +205,17 @@ def test_host_step_block_diffusion_family(tmp_path):
     for r in rows:
         assert r["host"]["tokens_equal"] is True and r["device"]["tokens_equal"] is True
         assert r["device"]["pass1"]["device_steps"] > 0 and r["host"]["pass1"]["device_steps"] == 0
+
+
+def test_step_budget_tiny(tmp_path):
+    """The serve_load workload's decode steps on a warmed-up model (CPU: each key run once), without and with the
+    step budget: without it steps pass the warmed set and run eagerly; with it none does, the same tokens."""
+    run("step_budget.py", "--device", "cpu", "--concurrency", "2", "--requests", "4", "--gen-length", "16", "--k",
+        "3", "--max-tokens", "64", "--cpu-positions", "512", "--passes", "1", "--threads", "1", "--out", str(tmp_path))
+    passes = json.loads((tmp_path / "step_budget.json").read_text())["passes"]
+    (before,), (after,) = passes["no budget"], passes["budget"]
+    assert before["over_budget"] == before["eager_decode_steps"] > 0 and before["partial_steps"] == 0
+    assert after["over_budget"] == after["eager_decode_steps"] == 0 and after["partial_steps"] > 0
+    assert after["equal_to_no_budget"] == before["equal_to_no_budget"] == 4  # every request's tokens
+    assert after["tokens"] == before["tokens"] > 0
+    assert "| budget | 0 |" in (tmp_path / "step_budget.md").read_text()

@@ -30,9 +30,15 @@ def test_move_and_resize_keep_committed_kv_and_last_hidden():
     pool = _pool()
     pool.lengths = [5, 0, 7]
     slot2, hidden2 = pool.kv[:, :, 2, :, :7].clone(), pool.last_hidden[2].clone()
-    pool.move(2, 1)
+    pool.move([(2, 1)])
     assert pool.lengths == [5, 7, 0]
     assert torch.equal(pool.kv[:, :, 1, :, :7], slot2) and torch.equal(pool.last_hidden[1], hidden2)
+    slot0, hidden0 = pool.kv[:, :, 0, :, :5].clone(), pool.last_hidden[0].clone()
+    pool.move([(0, 1), (1, 0)])  # a swap: both sources read before either is written
+    assert pool.lengths == [7, 5, 0]
+    assert torch.equal(pool.kv[:, :, 0, :, :7], slot2) and torch.equal(pool.kv[:, :, 1, :, :5], slot0)
+    assert torch.equal(pool.last_hidden[0], hidden2) and torch.equal(pool.last_hidden[1], hidden0)
+    pool.move([(1, 0), (0, 1)])  # and back
     slot0 = pool.kv[:, :, 0, :, :5].clone()
     big = pool.resized(slots=5, capacity=32)
     assert big.slots == 5 and big.capacity == 32 and big.lengths == [5, 7, 0, 0, 0]

@@ -38,12 +38,21 @@ class KVPool:
         overlapping any dst): the winning branch's leading columns become committed positions."""
         self.kv[:, :, slots, :, dst] = self.kv[:, :, slots, :, src]  # [N, 2, L, Hkv, D] gathered, then scattered
 
-    def move(self, src: int, dst: int) -> None:
-        """Compaction: slot src's committed K/V, last hidden state and length go to the free slot dst."""
-        n = self.lengths[src]
-        self.kv[:, :, dst, :, :n] = self.kv[:, :, src, :, :n]
+    def move(self, moves: list[tuple[int, int]]) -> None:
+        """Slots change places (engine/scheduler.py: Plan.moves): each (src, dst) moves slot src's committed K/V,
+        last hidden state and length to dst, all at once (every source is read before any destination is written,
+        so a rotation may reuse a slot another one leaves); a source no move refills is empty afterwards."""
+        if not moves:
+            return
+        src, dst = [s for s, _ in moves], [d for _, d in moves]
+        n = max(self.lengths[s] for s in src)
+        self.kv[:, :, dst, :, :n] = self.kv[:, :, src, :, :n]  # the right side is gathered (a copy) first
         self.last_hidden[dst] = self.last_hidden[src]
-        self.lengths[dst], self.lengths[src] = n, 0
+        lengths = [self.lengths[s] for s in src]
+        for s in src:
+            self.lengths[s] = 0
+        for d, n in zip(dst, lengths):
+            self.lengths[d] = n
 
     def resized(self, slots: int, capacity: int) -> "KVPool":
         """A pool of another size holding this one's committed K/V in its first ``slots`` slots (the caller

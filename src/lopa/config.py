@@ -317,8 +317,9 @@ class RunnerConfig:
     max_num_batched_tokens: int = 8192  # query positions (K*W) of one request's decode forward: a request whose
     # largest forward, K x gen_length (dream: prompt + gen_length), exceeds it is refused (a step's total is at most
     # max_num_seqs times it). 8192 = (15+1) x 512: the presets at k <= 15 and gen_length <= 512. The warm-up
-    # captures the static steps of at most this many padded queries (B bucket x Qb); a larger decode step runs
-    # eagerly, a larger prefill step as several warmed forwards (eagerly only for a prompt longer than the largest
+    # captures the static steps of at most this many padded queries (B bucket x Qb); after it a decode step takes
+    # the first running requests that fit them and the others wait a step (engine/scheduler.py: the step budget),
+    # a larger prefill step runs as several warmed forwards (eagerly only for a prompt longer than the largest
     # query bucket within this bound)
     kv_cache_bytes: int | None = None  # KV pool budget; None = derived when the model loads (runner/memory.py:
     # a quarter of physical RAM on a CPU, half the GPU memory the weights leave); requests wait for room

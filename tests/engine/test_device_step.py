@@ -162,11 +162,14 @@ def test_bucket_padding_rows_are_inert(ref, attention):
     assert got == [want[i] for i in pick] and m.engine.counters.device_steps > 0
 
 
-def _warmed(model, spec, max_num_seqs: int, max_tokens: int):
+def _warmed(model, spec, max_num_seqs: int, max_tokens: int, device_step: bool = True):
     """A "flex" static path warmed up as load_model does on a GPU (here the bodies run once instead of a capture):
     the static keys, then the device path's update for the same (B, Qb) set. -> (model, the device path's keys)."""
-    m = _engine(model, max_num_seqs, spec=spec, static=True, attention="flex", max_positions=512)
+    m = _engine(model, max_num_seqs, spec=spec, static=True, attention="flex", max_positions=512,
+                device_step=device_step)
     m.runner.warmup(max_tokens)
+    if not device_step:
+        return m, set()
     shapes = [key[:2] for key in m.runner.graphs.warmup_keys(max_tokens)]
     assert m.engine.device.warmup(shapes) == len(shapes) > 0
     return m, set(m.engine.device.graphs)
@@ -177,7 +180,9 @@ def test_after_the_warm_up_every_step_key_was_warmed(ref):
     d2f and lopa, requests joining, queued and leaving): every step of a varied run finds its key among the warmed
     ones, so nothing new would be captured; the slots never grow; tokens, forwards and winners equal the host
     strategies'. The warm-up covers the default measure and branch score (other ones run eagerly, counted). A
-    step past max_num_batched_tokens runs eagerly (SDPA over its span), counted, still exact."""
+    request alone past the warmed query buckets runs eagerly (SDPA over its span), counted, still exact (steps of
+    several are cut to warmed shapes by the step budget: compared with the host path under the same schedule,
+    which k_policy "load" reads)."""
     model, spec, prompts, _, _, _ = ref
     configs = [lopa.decode_config(None, model.model_type, **{**dict(gen_length=16, block_size=8, tau=0.5), **o})
                for o in (BASE[:5] + [dict(strategy="lopa", k=3, base="threshold", gen_length=20),
@@ -196,7 +201,9 @@ def test_after_the_warm_up_every_step_key_was_warmed(ref):
     assert c.device_steps == c.decode_steps > 0 and c.eager_decode_steps == 0 and c.captures_after_start == 0
     assert set(m.engine.device.graphs) == keys and m.engine.device.slots is slots
     small, _ = _warmed(model, spec, 4, max_tokens=64)  # lopa k=7 rows need more queries: no key for them
-    assert _drive(small, prompts, configs, joins)[0] == want
+    # the host path under the same schedule (the step budget's partial steps; k_policy "load" reads the load)
+    host, _ = _warmed(model, spec, 4, max_tokens=64, device_step=False)
+    assert _drive(small, prompts, configs, joins)[0] == _drive(host, prompts, configs, joins)[0]
     c = small.engine.counters
     assert c.device_steps == c.decode_steps and c.eager_decode_steps > 0 and c.captures_after_start == 0
 
@@ -388,6 +395,26 @@ def test_warm_up_captures_the_device_path_by_default_on_gpu(tiny_dream_dir):
     assert c.captures_after_start == 0 and c.recompiles_after_start == 0 and c.eager_decode_steps == 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="start-up capture needs a GPU")
+def test_step_budget_on_gpu_runs_no_step_eagerly(tiny_dream_dir):
+    """Issue 25 on a GPU: four lopa k=3 requests (up to 4 x 24 queries each) with max_num_batched_tokens 256, so
+    all four together have no captured shape: with the step budget every decode step replays a captured graph
+    (0 eager, partial steps instead), nothing captures or recompiles, and the tokens equal the host strategies'
+    on the same static path."""
+    runner = dict(device="cuda", dtype="float32", max_num_seqs=4, max_num_batched_tokens=256)
+    dev = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(**runner, warmup=True))
+    ref = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(**runner, warmup=True, device_step=False))
+    prompts = ["a b", "Tom has 12 apples and", "The cat sat", "one two three four five six seven"]
+    cfg = lopa.DecodeConfig(strategy="lopa", k=3, gen_length=24, block_size=8)
+    want = [r.token_ids for r in lopa.generate_many(ref, prompts, cfg)]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        got = [r.token_ids for r in lopa.generate_many(dev, prompts, cfg)]
+    assert got == want
+    c = dev.engine.counters
+    assert c.device_steps == c.decode_steps > 0 and c.partial_steps > 0 and c.eager_decode_steps == 0
+    assert c.captures_after_start == 0 and c.recompiles_after_start == 0
+
+
 def test_progress_callbacks_see_the_canvas(ref):
     """api.generate's on_step reads the state's canvas after every forward: current on the device path too."""
     model, spec, prompts, configs, want, _ = ref
@@ -399,3 +426,30 @@ def test_progress_callbacks_see_the_canvas(ref):
         lopa.generate(m, prompts[i], configs[i],
                       on_step=lambda state: counts.append(int((state.canvas != spec.mask_id).sum())))
     assert seen[True] == seen[False] and len(set(seen[True])) > 2
+
+
+def test_step_budget_keeps_every_device_step_on_a_warmed_shape(ref):
+    """Issue 25's step budget on the device path, warmed up as load_model does (bodies run once instead of a
+    capture): six lopa requests (k 1 and 3, the warmed measure and branch score, the model's own EOS) for four
+    slots, whose decode steps together pass the warmed (B, Qb) set (B bucket x Qb <= 128) while each alone fits
+    (4 x 24 queries at most). Without the budget
+    decode steps run eagerly; with it none does, the requests that wait keep their slot rows through the
+    rotations, and tokens, forwards and winners equal the host strategies'."""
+    model, _, prompts, _, _, _ = ref
+    spec = model.loaded.spec
+    configs = [lopa.decode_config(None, model.model_type, strategy="lopa", k=k, gen_length=g, block_size=8, tau=0.5)
+               for k, g in ((3, 24), (1, 16), (3, 16), (1, 24), (3, 24), (1, 16))]
+    joins = [0, 0, 0, 0, 2, 2]
+    want = _drive(_engine(model, 4, device_step=False, spec=spec), prompts[:6], configs, joins)[0]
+    counts = []
+    for budget in (False, True):
+        m, keys = _warmed(model, spec, 4, max_tokens=128)
+        if not budget:
+            m.engine.scheduler.take = None  # every running request in every decode step (before the budget)
+        assert _drive(m, prompts[:6], configs, joins)[0] == want
+        c = m.engine.counters
+        assert c.device_steps == c.decode_steps and set(m.engine.device.graphs) == keys
+        counts.append(c)
+    before, after = counts
+    assert before.eager_decode_steps > 0 and before.partial_steps == 0
+    assert after.eager_decode_steps == 0 and after.partial_steps > 0 and after.captures_after_start == 0

@@ -90,7 +90,8 @@ def test_batched_requests_equal_their_solo_decodes(solo, static):
 
 
 def test_step_log_accounts_for_every_forward(solo):
-    """Engine.step_log: one StepInfo per step, naming the requests it computed and the positions (K*W) it ran."""
+    """Engine.step_log: one StepInfo per step, naming the requests it computed and the positions (K*W) it ran, and
+    the most of one request."""
     model, prompts, configs, _ = solo
     m = _engine(model, len(prompts), False)
     engine = m.engine
@@ -106,6 +107,7 @@ def test_step_log_accounts_for_every_forward(solo):
         assert sum(s.kind == "decode" for s in mine) == out.stats.decode_forwards
         assert sum(s.kind == "prefill" for s in mine) == out.stats.prefill_forwards
     assert all(s.rows <= s.positions and len(s.request_ids) == s.requests for s in log)
+    assert all(0 < s.queries <= s.positions for s in log)  # the widest request's K*W
     assert max(s.positions for s in decode) > max(s.rows for s in decode)  # windows wider than one column
 
 
@@ -224,3 +226,33 @@ def test_load_budget_gives_each_request_fewer_branches_when_more_share_a_step(ti
         rows_per_forward(4, None)
     with pytest.raises(lopa.ConfigError, match="step_rows"):
         lopa.RunnerConfig(step_rows=0)
+
+
+def test_step_budget_keeps_every_decode_step_on_a_warmed_shape(solo):
+    """Issue 25's step budget on the host static path ("flex", warmed up as load_model does on a GPU; here the
+    bodies run once instead of a capture): four requests at once, whose decode steps together pass the warmed
+    keys (B bucket x Qb <= 192: e.g. 4 requests need Qb <= 32) while each alone fits. Without the budget most
+    decode steps run eagerly; with it every one has a warmed key (the scheduler runs the first requests that fit
+    and rotates the rest in), and each request's tokens, forwards and winners equal its solo decode."""
+    model, prompts, configs, ref = solo
+    pick = [i for i, c in enumerate(configs) if c.strategy in ("lopa", "d2f", "threshold") and c.temperature == 0
+            and c.compat is None]
+    assert len(pick) == 4
+    counters = []
+    for budget in (False, True):
+        loaded = model.loaded
+        runner = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), loaded.model.embed.weight.dtype,
+                             max_num_seqs=4, max_positions=512, static=True, capture=False, attention="flex")
+        runner.warmup(max_tokens=192)
+        keys = set(runner.graphs.statics)
+        m = dataclasses.replace(model, runner=runner, engine=Engine(runner, loaded.spec, 4))
+        if not budget:
+            m.engine.scheduler.take = None  # every running request in every decode step (before the budget)
+        got = lopa.generate_many(m, [prompts[i] for i in pick], [configs[i] for i in pick])
+        assert [_key(r) for r in got] == [ref[i] for i in pick]
+        assert set(runner.graphs.statics) == keys
+        counters.append(m.engine.counters)
+    before, after = counters
+    assert before.eager_decode_steps > 0 and before.partial_steps == 0
+    assert after.eager_decode_steps == 0 and after.partial_steps > 0 and after.deferred_requests >= after.partial_steps
+    assert after.as_dict()["partial_steps"] == after.partial_steps and after.captures_after_start == 0

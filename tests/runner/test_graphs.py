@@ -352,3 +352,21 @@ def test_after_warmup_prefills_and_decodes_compile_nothing(tiny_dream_dir, monke
     finally:
         loaded.model.ops = fused.EAGER
         torch._dynamo.reset()
+
+
+def test_decode_take_keeps_a_step_within_the_warmed_shapes(tiny_dream_dir):
+    """ModelRunner.decode_take, the step budget's rule: all requests when their (B bucket, Qb) was warmed, else the
+    most of the first ones that have a warmed shape and fill their bucket exactly (B 5 would pad to 6 over a
+    waiting request's slot), at least one; before the warm-up, all."""
+    model = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu"))
+    loaded = model.loaded
+    runner = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), torch.float32, max_num_seqs=6,
+                         max_positions=512, static=True, capture=False, attention="flex")
+    runner.reserve(6, 512)
+    assert runner.decode_take([(2, 32)] * 6) == 6  # no warm-up: nothing to fit
+    runner.warmup(max_tokens=192)  # B x Qb <= 192: B 4 and 6 at Qb 32, B 3 up to 64, B 2 up to 96, B 1 up to 192
+    assert runner.decode_take([(1, 32)] * 6) == 6
+    assert runner.decode_take([(2, 32)] * 6) == runner.decode_take([(2, 32)] * 5) == 3  # 64 queries a row
+    assert runner.decode_take([(1, 32)] * 5 + [(2, 32)]) == 4  # five would fit at B 6, padded over the sixth
+    assert runner.decode_take([(1, 32), (1, 24), (6, 32), (1, 32)]) == 2
+    assert runner.decode_take([(8, 32), (1, 32)]) == 1  # 256 queries: no warmed shape even alone; it runs (eagerly)

@@ -92,7 +92,8 @@ class Slots:
             getattr(new, name)[:old.shape[0], :old.shape[1]] = old
         return new
 
-    def move(self, src: int, dst: int) -> None:
+    def move(self, src: int | list[int], dst: int | list[int]) -> None:
+        """Row(s) src to dst; with index lists every source row is read before any is written (a rotation)."""
         for name in ("canvas", "pred_tok", "pred_prob", "pred_conf", "pred_ok", "scored", "active", "look", "ints",
                      "floats"):
             t = getattr(self, name)

@@ -87,12 +87,14 @@ class DevicePath:
         self.host += [[0, 0, 0] for _ in range(self.slots.slots - len(self.host))]
 
     def move(self, moves: list[tuple[int, int]]) -> None:
-        """Compaction (Plan.moves): slot rows follow their requests."""
-        if self.slots is None:
+        """Plan.moves (compaction, the step budget's rotation): slot rows follow their requests, all at once."""
+        if self.slots is None or not moves:
             return
-        for src, dst in moves:
-            self.slots.move(src, dst)
-            self.host[dst] = list(self.host[src])
+        src, dst = [s for s, _ in moves], [d for _, d in moves]
+        self.slots.move(src, dst)  # index lists: every row is read before any is written
+        rows = [list(self.host[s]) for s in src]
+        for d, row in zip(dst, rows):
+            self.host[d] = row
 
     def load(self, seqs: list[Sequence]) -> None:
         for seq in seqs:

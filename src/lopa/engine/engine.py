@@ -50,6 +50,7 @@ class StepInfo:
     seconds: float
     positions: int  # query positions computed (sum of K*W; a prefill's prompt positions)
     request_ids: tuple[str, ...]  # the requests the step computed, in the step's order
+    queries: int = 0  # the most query positions (K*W) of one request of the step (its query bucket's size)
 
 
 @dataclass
@@ -69,6 +70,10 @@ class EngineCounters:
     eager_decode_steps: int = 0  # greedy decode steps that ran eagerly: their shape was not captured
     eager_prefill_steps: int = 0  # prefill steps that ran eagerly with exact shapes after the warm-up (no warmed key)
     device_steps: int = 0  # decode steps that ran on the device path (engine/device.py)
+    # the step budget (engine/scheduler.py): decode steps that ran only the first of the running requests, because
+    # all of them together had no warmed shape, and the requests those steps left waiting (summed over the steps)
+    partial_steps: int = 0
+    deferred_requests: int = 0
 
     @property
     def rows_per_step(self) -> float:
@@ -81,7 +86,7 @@ class EngineCounters:
     def as_dict(self) -> dict:
         keys = ("steps", "prefill_steps", "decode_steps", "device_steps", "rows", "requests", "prefill_s", "decode_s",
                 "rows_per_step", "requests_per_step", "captures_after_start", "recompiles_after_start",
-                "eager_decode_steps", "eager_prefill_steps")
+                "eager_decode_steps", "eager_prefill_steps", "partial_steps", "deferred_requests")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -105,7 +110,7 @@ class Engine:
         self.device = DevicePath(runner, spec, max_lookahead) if device_step and not captured_bp else None
         self.step_rows = step_rows  # RunnerConfig.step_rows: the rows a decode step aims at (row_budget)
         self.max_lookahead, self.max_num_batched_tokens = max_lookahead, max_num_batched_tokens  # admission bounds
-        self.scheduler = Scheduler(max_num_seqs, fits=runner.fits)
+        self.scheduler = Scheduler(max_num_seqs, fits=runner.fits, take=self._decode_take)
         self.counters = EngineCounters()
         self.last_step: StepInfo | None = None
         self.step_log: list[StepInfo] | None = None  # set to a list to keep every step's StepInfo (benchmarks)
@@ -182,6 +187,12 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._done)
 
+    def _decode_take(self, seqs: list[Sequence]) -> int:
+        """The scheduler's step budget: how many of the first of ``seqs`` (the running requests, slot order) the
+        next decode step runs (ModelRunner.decode_take: a shape the warm-up captured)."""
+        shapes = [s.device_shape if s.on_device else tuple(s.batch.tokens.shape) for s in seqs]
+        return self.runner.decode_take(shapes)
+
     @property
     def num_running(self) -> int:
         return sum(s.status is Status.RUNNING for s in self.scheduler.running)
@@ -222,6 +233,9 @@ class Engine:
         outputs = [self._finish(seq) for seq in self._done]
         self._done = []
         plan = self.scheduler.schedule()
+        if plan.deferred:
+            self.counters.partial_steps += 1
+            self.counters.deferred_requests += plan.deferred
         if plan.seqs:
             try:
                 outputs += self._run(plan)
@@ -265,7 +279,7 @@ class Engine:
             s.batch = None if s.error is not None else self._guard(s, s.strategy.propose, s.state)
         dt = time.perf_counter() - t0
         self._count(plan.prefill, sum(b.tokens.shape[0] for b in batches), sum(b.tokens.numel() for b in batches),
-                    dt, [s.id for s in seqs])
+                    dt, [s.id for s in seqs], max(b.tokens.numel() for b in batches))
         for s, batch in zip(seqs, batches):
             s.stats.add_forward(batch, dt)
             if s.error is not None or s.batch is None:
@@ -285,11 +299,13 @@ class Engine:
         info = self.device.step(seqs, self.row_budget())  # ONE forward
         dt = time.perf_counter() - t0
         self.counters.device_steps += 1
-        self._count(False, sum(K for K, _ in shapes), sum(K * W for K, W in shapes), dt, [s.id for s in seqs])
+        self._count(False, sum(K for K, _ in shapes), sum(K * W for K, W in shapes), dt, [s.id for s in seqs],
+                    max(K * W for K, W in shapes))
         self._log_winners(seqs, [row[6] for row in info], False)
         outputs = []
-        for s, (K, _), (done, _, _, _, _, ready, _) in zip(seqs, shapes, info):
+        for s, (K, _), (done, _, _, rows, width, ready, _) in zip(seqs, shapes, info):
             s.stats.add_decode(K, dt)
+            s.device_shape = (rows, width)  # its slot may move before the next step (scheduler: take, moves)
             if done:
                 self.device.store(s)  # the final canvas to the host state; no batch left
                 self._release(s)
@@ -358,7 +374,7 @@ class Engine:
         self.runner.release(seq.slot)
         self.scheduler.finish(seq)
 
-    def _count(self, prefill: bool, rows: int, positions: int, seconds: float, ids: list[str]) -> None:
+    def _count(self, prefill: bool, rows: int, positions: int, seconds: float, ids: list[str], queries: int) -> None:
         c = self.counters
         c.steps += 1
         if prefill:
@@ -373,7 +389,8 @@ class Engine:
             g = self.runner.graphs.refresh_stats()
             c.captures_after_start, c.recompiles_after_start = g.captures_after_start, g.recompiles_after_start
             c.eager_decode_steps, c.eager_prefill_steps = g.eager_steps, g.eager_prefills
-        self.last_step = StepInfo("prefill" if prefill else "decode", len(ids), rows, seconds, positions, tuple(ids))
+        self.last_step = StepInfo("prefill" if prefill else "decode", len(ids), rows, seconds, positions, tuple(ids),
+                                  queries)
         if self.step_log is not None:
             self.step_log.append(self.last_step)
 

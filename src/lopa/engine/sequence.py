@@ -104,6 +104,7 @@ class Sequence:
     error: BaseException | None = None  # what ended it, when its strategy (or the step) failed
     device_ok: bool = False  # its decode iterations may run on the device path (engine/device.py)
     on_device: bool = False  # its state lives in the device path's slot rows now; state and batch are stale
+    device_shape: tuple[int, int] = (0, 0)  # on the device path: (K, W) of its next forward, read back each step
 
     @property
     def prefill_pending(self) -> bool:

@@ -12,7 +12,8 @@ Attention (RunnerConfig.attention):
   step's committed lengths (models/attention.py: step_block_mask), so the kernel reads each request's real
   key span and the key is (B bucket, Qb bucket, measures, suppressed ids): nothing that changes with the
   prompt or the prefix. On a GPU ``warmup`` captures every key up to the runner's limits at start-up; after
-  that a step whose key was not captured runs eagerly (counted in ``stats.eager_steps``), never captures.
+  that a step whose key was not captured runs eagerly (counted in ``stats.eager_steps``), never captures, and
+  the scheduler forms decode steps whose (B bucket, Qb) was warmed (``shapes``; ModelRunner.decode_take).
 * "sdpa": SDPA with an additive mask over the first Lb positions of the slots, Lb = prefix + queries rounded
   to KEY_STEP: Lb is part of the key, so new prompt lengths capture new graphs (the path before start-up
   capture, kept for comparison and for torch without FlexAttention).
@@ -139,6 +140,7 @@ class GraphExecutor:
         self.statics: dict[tuple, Static] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.frozen = False  # after warmup(): no capture while serving; an uncaptured key runs eagerly
+        self.shapes: set[tuple[int, int]] = set()  # (B bucket, Qb) of the warmed keys (the decode steps' budget)
         self.stats = GraphStats()
         self._at_start = (0, compiles())  # (captures, compiles) when start-up ended: now, until a warm-up
         self._compiled0 = self._at_start[1]  # compiles() when the warm-up began
@@ -219,6 +221,11 @@ class GraphExecutor:
         Lb = min(round_up(max(item.batch.start + item.queries for item in items), KEY_STEP), pool.capacity)
         return B, round_up(q, ROW_STEP), Lb, measures, self._suppress(items)
 
+    def warmed(self, n: int, queries: int) -> bool:
+        """Whether the warm-up captured the shape of a step of n requests whose longest row has ``queries`` queries
+        (for the default measure; engine/scheduler.py forms decode steps that have one)."""
+        return (bucket(n, self.runner.pool.slots), query_bucket(queries)) in self.shapes
+
     def warmup_keys(self, max_tokens: int, measures: tuple[str, ...] = ("prob",)) -> list[tuple]:
         """Every "flex" key a step of at most ``max_tokens`` padded queries (B bucket x Qb) can have."""
         pool = self.runner.pool
@@ -233,6 +240,7 @@ class GraphExecutor:
         at its final size. ``on_graph(done, total)`` after each key (progress bars)."""
         cuda = self.runner.device.type == "cuda"
         self._compiled0 = compiles()
+        self.shapes |= {key[:2] for key in keys}
         with self.measured(len(keys)):
             for done, key in enumerate(keys, 1):
                 self._warm_key(key, cuda)

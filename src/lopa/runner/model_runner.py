@@ -121,8 +121,24 @@ class ModelRunner:
             self.pool.lengths[slot] = 0
 
     def move(self, moves: list[tuple[int, int]]) -> None:
-        for src, dst in moves:
-            self.pool.move(src, dst)
+        """Plan.moves: (from slot, to slot), applied all at once (KVPool.move)."""
+        if moves:
+            self.pool.move(moves)
+
+    def decode_take(self, shapes: list[tuple[int, int]]) -> int:
+        """How many of the first requests of slots 0.. ((K, W) of each one's next forward, in slot order) the next
+        decode step runs: all of them, unless after the warm-up their step would have no warmed shape; then the
+        most of the first ones that have one together and fill their batch bucket exactly (the rows past a step's
+        requests must be free slots: the device path clears them), at least one. Queries as the static path's key
+        counts them (Branch Parallel: the largest rank's share of each request's rows; every rank takes the same)."""
+        n = len(shapes)
+        if self.graphs is None or not self.graphs.frozen:
+            return n
+        queries = [max(len(r) for r in self.group.parts(K, True)) * W for K, W in shapes]
+        if self.graphs.warmed(n, max(queries)):
+            return n
+        fits = [m for m in range(1, n) if bucket(m, self.pool.slots) == m and self.graphs.warmed(m, max(queries[:m]))]
+        return max(fits, default=1)
 
     # -- one step ---------------------------------------------------------------------------------------
     def execute(self, items: list[StepItem]) -> list[Predictions]:

@@ -55,6 +55,11 @@ class Metrics:
                                     registry=r)
         self.device_steps = Gauge("lopa_device_decode_steps", "Decode steps that iterated every request at once on "
                                   "the device (RunnerConfig.device_step)", registry=r)
+        self.partial_steps = Gauge("lopa_partial_decode_steps", "Decode steps that ran only part of the running "
+                                   "requests (all of them together had no shape captured at start-up: the step "
+                                   "budget, max_num_batched_tokens); the others ran in the next step", registry=r)
+        self.deferred = Gauge("lopa_deferred_requests", "Requests the partial decode steps left waiting, summed over "
+                              "those steps", registry=r)
         for status in ("ok", "cancelled", "error", "rejected"):
             self.requests.labels(status)  # every outcome shows from the start, at 0
 
@@ -67,6 +72,8 @@ class Metrics:
             self.eager_steps.set(counters.eager_decode_steps)
             self.eager_prefills.set(counters.eager_prefill_steps)
             self.device_steps.set(counters.device_steps)
+            self.partial_steps.set(counters.partial_steps)
+            self.deferred.set(counters.deferred_requests)
         self.running.set(running)
         self.waiting.set(waiting)
         self.in_flight.set(in_flight)
