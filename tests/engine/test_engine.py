@@ -256,3 +256,23 @@ def test_step_budget_keeps_every_decode_step_on_a_warmed_shape(solo):
     assert before.eager_decode_steps > 0 and before.partial_steps == 0
     assert after.eager_decode_steps == 0 and after.partial_steps > 0 and after.deferred_requests >= after.partial_steps
     assert after.as_dict()["partial_steps"] == after.partial_steps and after.captures_after_start == 0
+
+
+def test_step_budget_leaves_a_step_holding_a_sampled_request_whole(solo):
+    """A sampled request's step runs eagerly whatever its size (no captured shape predicts it), so the budget does
+    not split it: with every request sampled, no partial step, and the tokens of the unbudgeted schedule."""
+    model, prompts, configs, _ = solo
+    pick = [i for i, c in enumerate(configs) if c.strategy in ("lopa", "d2f") and c.compat is None][:4]
+    sampled = [dataclasses.replace(configs[i], temperature=0.8, seed=7 + i) for i in pick]
+    runs = []
+    for budget in (False, True):
+        loaded = model.loaded
+        runner = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), loaded.model.embed.weight.dtype,
+                             max_num_seqs=4, max_positions=512, static=True, capture=False, attention="flex")
+        runner.warmup(max_tokens=192)
+        m = dataclasses.replace(model, runner=runner, engine=Engine(runner, loaded.spec, 4))
+        if not budget:
+            m.engine.scheduler.take = None
+        runs.append(([r.token_ids for r in lopa.generate_many(m, [prompts[i] for i in pick], sampled)],
+                     m.engine.counters.partial_steps))
+    assert runs[1] == (runs[0][0], 0)

@@ -7,7 +7,8 @@
 - Running requests sit in slots 0..n-1, in slot order (dense). When some leave, the requests in the highest
   slots move into the gaps (``Plan.moves``, applied by the runner before the step's forward).
 - A step is a prefill step (the admitted requests whose next forward is their prompt prefill, all in one
-  forward) or a decode step (every running request, one forward). Admitted requests go to the tail in an
+  forward) or a decode step (every running request, or the first of them under the step budget below; one
+  forward). Admitted requests go to the tail in an
   order that puts those needing a prefill first, so every step's slots are one contiguous range, and a
   decode step's are exactly 0..m-1 (fixed addresses for CUDA graphs).
 - Admission happens only when no running request waits for its prefill, and while requests decode at most
