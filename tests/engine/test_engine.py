@@ -228,6 +228,20 @@ def test_load_budget_gives_each_request_fewer_branches_when_more_share_a_step(ti
         lopa.RunnerConfig(step_rows=0)
 
 
+def _warmed_flex(model, budget: bool):
+    """``model`` on a 4-slot static "flex" runner warmed up as load_model does on a GPU (here each key's body runs
+    once instead of a capture) for steps of at most 192 padded queries; without ``budget`` every decode step runs
+    every running request (the engine before the step budget)."""
+    loaded = model.loaded
+    runner = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), loaded.model.embed.weight.dtype,
+                         max_num_seqs=4, max_positions=512, static=True, capture=False, attention="flex")
+    runner.warmup(max_tokens=192)
+    m = dataclasses.replace(model, runner=runner, engine=Engine(runner, loaded.spec, 4))
+    if not budget:
+        m.engine.scheduler.take = None
+    return m
+
+
 def test_step_budget_keeps_every_decode_step_on_a_warmed_shape(solo):
     """Issue 25's step budget on the host static path ("flex", warmed up as load_model does on a GPU; here the
     bodies run once instead of a capture): four requests at once, whose decode steps together pass the warmed
@@ -240,17 +254,11 @@ def test_step_budget_keeps_every_decode_step_on_a_warmed_shape(solo):
     assert len(pick) == 4
     counters = []
     for budget in (False, True):
-        loaded = model.loaded
-        runner = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), loaded.model.embed.weight.dtype,
-                             max_num_seqs=4, max_positions=512, static=True, capture=False, attention="flex")
-        runner.warmup(max_tokens=192)
-        keys = set(runner.graphs.statics)
-        m = dataclasses.replace(model, runner=runner, engine=Engine(runner, loaded.spec, 4))
-        if not budget:
-            m.engine.scheduler.take = None  # every running request in every decode step (before the budget)
+        m = _warmed_flex(model, budget)
+        keys = set(m.runner.graphs.statics)
         got = lopa.generate_many(m, [prompts[i] for i in pick], [configs[i] for i in pick])
         assert [_key(r) for r in got] == [ref[i] for i in pick]
-        assert set(runner.graphs.statics) == keys
+        assert set(m.runner.graphs.statics) == keys
         counters.append(m.engine.counters)
     before, after = counters
     assert before.eager_decode_steps > 0 and before.partial_steps == 0
@@ -266,13 +274,7 @@ def test_step_budget_leaves_a_step_holding_a_sampled_request_whole(solo):
     sampled = [dataclasses.replace(configs[i], temperature=0.8, seed=7 + i) for i in pick]
     runs = []
     for budget in (False, True):
-        loaded = model.loaded
-        runner = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), loaded.model.embed.weight.dtype,
-                             max_num_seqs=4, max_positions=512, static=True, capture=False, attention="flex")
-        runner.warmup(max_tokens=192)
-        m = dataclasses.replace(model, runner=runner, engine=Engine(runner, loaded.spec, 4))
-        if not budget:
-            m.engine.scheduler.take = None
+        m = _warmed_flex(model, budget)
         runs.append(([r.token_ids for r in lopa.generate_many(m, [prompts[i] for i in pick], sampled)],
                      m.engine.counters.partial_steps))
     assert runs[1] == (runs[0][0], 0)
