@@ -14,9 +14,10 @@ device path instead (engine/device.py: their states in device rows, the iteratio
 strategies' contract above is its specification, and requests move between the paths losslessly.
 
 Under Branch Parallel the engine is replicated: every rank runs the same Engine over the same requests and
-takes the same decisions (the strategies are deterministic and see the same gathered predictions). Rank 0
-records its joins and aborts; each step opens with ``runner.group.sync``, which ships them to the workers,
-so they take effect at the same point on every rank; the workers run ``serve_worker`` until rank 0 stops.
+takes the same decisions (the strategies are deterministic and see the same gathered predictions). The engine
+hands the group (runner/group.py) every join, abort and fail_all (``group.record``) and runs each step through it
+(``group.step``), which ships rank 0's events first, so they take effect at the same point on every rank; the
+workers run ``serve_worker`` (``group.follow``) until rank 0 stops. The engine never asks which rank it is.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from ..decoding import make_strategy
 from ..decoding.base import counted_tokens
 from ..models.spec import ModelSpec
 from ..errors import ConfigError, OutOfMemoryError, PromptTooLongError
-from ..runner.memory import is_oom
 from ..runner.model_runner import ModelRunner
+from ..runner.group import Event
 from ..runner.step import Commit, StepItem
 from .device import DevicePath
 from .scheduler import Scheduler
@@ -119,7 +120,6 @@ class Engine:
         self._done: list[Sequence] = []  # finished or aborted outside a step: reported by the next step()
         self.group = runner.group
         self.bp = runner.group.counters  # Branch Parallel's phase timers and bytes (runner/group.py)
-        self._events: list[tuple] = []  # rank 0 under Branch Parallel: joins/aborts the workers apply next step
 
     # -- requests ------------------------------------------------------------------------------------------
     def prepare(self, prompt: list[int], config: DecodeConfig, request_id: str | None = None,
@@ -162,8 +162,7 @@ class Engine:
                         f"{self.runner.kv_budget / 2**20:.0f} MiB (RunnerConfig.kv_cache_bytes)")
 
     def add(self, seq: Sequence) -> None:
-        if self.group.world > 1 and self.group.is_root:
-            self._events.append(("add", seq.id, seq.prompt, seq.config, seq.stream))
+        self.group.record(("add", seq.id, seq.prompt, seq.config, seq.stream))
         if seq.batch is None:  # nothing to run (a strategy that is done at once): finishes at the next step
             self._done.append(seq)
             return
@@ -171,8 +170,7 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request between steps; the next step() reports it (finish_reason "abort") and frees its slot."""
-        if self.group.world > 1 and self.group.is_root:
-            self._events.append(("abort", request_id))
+        self.group.record(("abort", request_id))
         for seq in list(self.scheduler.waiting):
             if seq.id == request_id:
                 self.scheduler.remove_waiting(seq)
@@ -206,31 +204,22 @@ class Engine:
 
     # -- one step ---------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        if self.group.world > 1:  # rank 0 ships its joins/aborts; every rank then takes the same step
-            t0 = time.perf_counter()
-            self.group.sync(self._events)
-            self._events = []
-            self.bp.prepare_s += time.perf_counter() - t0
-            try:
-                return self._step()
-            except Exception as err:  # the ranks are out of step now: the group cannot be used again
-                self.group.failed = self.group.failed or f"rank {self.group.rank}'s step raised {type(err).__name__}"
-                raise
-        return self._step()
+        return self.group.step(self._step)  # Branch Parallel: rank 0's events reach the workers first
 
     def serve_worker(self) -> None:
         """A Branch Parallel worker (rank > 0): apply rank 0's joins/aborts and take the same steps, until rank 0
         stops the group."""
-        while (events := self.group.sync(None)) is not None:
-            for event in events:
-                if event[0] == "add":
-                    _, rid, prompt, config, stream = event
-                    self.add(self.prepare(prompt, config, rid, stream))
-                elif event[0] == "abort":
-                    self.abort(event[1])
-                else:  # "fail_all": rank 0's step failed and it emptied its engine
-                    self.fail_all(RuntimeError(f"rank 0 failed the step: {event[1]}"))
-            self._step()
+        self.group.follow(self._apply, self._step)
+
+    def _apply(self, event: Event) -> None:
+        """One of rank 0's events (runner/group.py: Event), replayed on a worker."""
+        if event[0] == "add":
+            _, rid, prompt, config, stream = event
+            self.add(self.prepare(prompt, config, rid, stream))
+        elif event[0] == "abort":
+            self.abort(event[1])
+        else:  # "fail_all": rank 0's step failed and it emptied its engine
+            self.fail_all(RuntimeError(f"rank 0 failed the step: {event[1]}"))
 
     def _step(self) -> list[RequestOutput]:
         outputs = [self._finish(seq) for seq in self._done]
@@ -243,7 +232,7 @@ class Engine:
             try:
                 outputs += self._run(plan)
             except Exception as err:  # noqa: BLE001 - only an out-of-memory in one process is survivable
-                if self.group.world > 1 or not is_oom(err):
+                if not self.group.survives(err):
                     raise
                 outputs += self._out_of_memory(plan, err)
         if not self.scheduler.has_work():  # idle: the pool goes back to nothing (the next step allocates)
@@ -351,8 +340,7 @@ class Engine:
         """The step itself failed (the device, a collective): every queued and running request ends with this
         error and the engine is empty again. Returns their outputs. Under Branch Parallel the workers do the
         same before their next step."""
-        if self.group.world > 1 and self.group.is_root:
-            self._events.append(("fail_all", f"{type(error).__name__}: {error}"))
+        self.group.record(("fail_all", f"{type(error).__name__}: {error}"))
         seqs = list(self.scheduler.waiting) + [s for s in self.scheduler.running if s.status is Status.RUNNING]
         seqs += self._done
         self._done = []

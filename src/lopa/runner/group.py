@@ -12,6 +12,19 @@ gloo between CPU processes; a gloo control group beside it) spreads each request
     sync      the control plane: rank 0 ships the engine's joins/aborts (or stop) before every step
     check     the debug mode (RunnerConfig.bp_check): every rank's lengths, canvases and K/V agree
 
+The engine's side of the control plane is four calls, the same on every group, so the engine never asks which
+rank it runs on or how many there are:
+
+    group.record(event)            an engine event (Event: a join, an abort, a fail_all) for the workers
+    group.step(run)                one engine step: ship the recorded events, then run(); a step that raises
+                                   leaves the group failed (the ranks are out of step)
+    group.follow(apply, run)       a worker's loop: apply(event) for each of rank 0's events, then run(),
+                                   until rank 0 stops the group
+    group.survives(err)            whether the engine may go on after a step raised err (one process: an
+                                   out-of-memory; several ranks: never, they would be out of step)
+
+LocalGroup runs the step directly and records nothing; a BranchGroup of one rank (NCCL on one GPU) does the same.
+
 Sampled requests are never replicated: each rank's generator draws only for its own rows, so K = 1 sampled
 rows live on rank 0 and travel like split rows (every rank then holds the same draws).
 """
@@ -22,13 +35,21 @@ import pickle
 import time
 from dataclasses import dataclass, fields
 from datetime import timedelta
+from typing import Callable, TypeVar
 
 import torch
 
 from ..decoding.base import Predictions
 from ..errors import BranchParallelError
+from .memory import is_oom
 
 CTRL_TIMEOUT = timedelta(days=7)  # workers wait on rank 0 between generate calls; a dead peer still fails at once
+
+
+# An engine event, shipped pickled from rank 0 to the workers before the next step:
+#   ("add", request_id, prompt, DecodeConfig, stream) | ("abort", request_id) | ("fail_all", "Type: message")
+Event = tuple
+T = TypeVar("T")
 
 
 def split_rows(K: int, world: int, replicate: bool = True) -> list[range]:
@@ -105,8 +126,17 @@ class LocalGroup:
     def gather(self, preds: list[Predictions], shapes, dtype) -> list[Predictions]:
         return preds
 
-    def sync(self, events):
-        return events
+    def record(self, event: Event) -> None:
+        """Nobody to tell."""
+
+    def step(self, run: Callable[[], T]) -> T:
+        return run()
+
+    def follow(self, apply: Callable[[Event], None], run: Callable[[], object]) -> None:
+        raise RuntimeError("a single process has no rank 0 to follow")
+
+    def survives(self, err: BaseException) -> bool:
+        return is_oom(err)  # the step's frames are gone with its allocations; the other requests go on
 
     def close(self) -> None:
         pass
@@ -135,6 +165,7 @@ class BranchGroup:
         self.failed: str | None = None
         self.stopped = False  # rank 0 sent (or a worker received) the stop
         self.closed = False
+        self.events: list[Event] = []  # rank 0: the engine's events since the last step, shipped by the next
 
     # -- where rows live --------------------------------------------------------------------------------
     def parts(self, K: int, replicate: bool) -> list[range]:
@@ -280,6 +311,40 @@ class BranchGroup:
             self.counters.broadcasts += 1
             self.counters.commit_bytes += size * kv.element_size()
         self.counters.commits += len(work)
+
+    # -- the engine's steps ---------------------------------------------------------------------------
+    def record(self, event: Event) -> None:
+        """Rank 0: keep ``event`` for the next step's sync. A worker records nothing: it is replaying them."""
+        if self.is_root and self.world > 1:
+            self.events.append(event)
+
+    def step(self, run: Callable[[], T]) -> T:
+        """Rank 0's engine step: ship the recorded events (timed as prepare), then run(); if it raises, the
+        ranks are out of step and the group stays failed."""
+        if self.world == 1:
+            return run()
+        t0 = time.perf_counter()
+        self.sync(self.events)
+        self.events = []
+        self.counters.prepare_s += time.perf_counter() - t0
+        try:
+            return run()
+        except Exception as err:
+            self.failed = self.failed or f"rank {self.rank}'s step raised {type(err).__name__}"
+            raise
+
+    def follow(self, apply: Callable[[Event], None], run: Callable[[], object]) -> None:
+        """A worker (rank > 0): apply rank 0's events in its order and take the same step, until rank 0 stops."""
+        if self.is_root:
+            raise RuntimeError("rank 0 leads the group; only a worker follows it")
+        while (events := self.sync(None)) is not None:
+            for event in events:
+                apply(event)
+            run()
+
+    def survives(self, err: BaseException) -> bool:
+        """One rank alone may go on after an out-of-memory, as one process does; several would be out of step."""
+        return self.world == 1 and is_oom(err)
 
     def sync(self, events: list | None):
         """Before each engine step. Rank 0 sends its events (joins, aborts) and gets them back; a worker gets rank
