@@ -14,6 +14,9 @@ from lopa.engine import Engine
 from lopa.models.tiny import write_tiny_checkpoint
 from lopa.runner.model_runner import ModelRunner
 
+from decoding.roundtrip import assert_slot_round_trip  # tests/decoding
+from engine_steps import run_steps  # tests/engine
+
 PROMPTS = ([5, 6, 7, 8, 9, 10, 11, 12], [9, 3, 4, 12, 2, 7, 30, 31, 40, 41, 3])
 FAMILIES = ("sdar", "fast_dllm_v2")
 
@@ -120,20 +123,9 @@ def _drive(engine, prompts, configs, joins, stream=False):
     """Requests join at the given steps -> per request (tokens, decode forwards, winners per decode step, streamed
     chunks)."""
     seqs = [engine.prepare(p, c, stream=stream) for p, c in zip(prompts, configs)]
-    done, chunks, step = {}, {s.id: [] for s in seqs}, 0
-    with torch.inference_mode():
-        while len(done) < len(seqs):
-            for seq, at in zip(seqs, joins):
-                if at == step:
-                    engine.add(seq)
-            for out in engine.step():
-                assert out.error is None, out.error
-                chunks[out.request_id].append(out.new_ids)
-                if out.finished:
-                    done[out.request_id] = out.result
-            step += 1
-    return [(done[s.id].token_ids, done[s.id].stats.decode_forwards, engine.winner_log.get(s.id), chunks[s.id])
-            for s in seqs]
+    finals, chunks = run_steps(engine, seqs, joins)
+    return [(out.result.token_ids, out.result.stats.decode_forwards, engine.winner_log.get(s.id), c)
+            for out, s, c in zip(finals, seqs, chunks)]
 
 
 def test_device_path_equals_the_host_strategies(tiny):
@@ -193,8 +185,6 @@ def test_host_only_requests_between_device_steps(tiny):
 def test_load_then_store_restores_a_block_diffusion_state(tiny):
     """Slots.load / store of a request after each of its host steps (its blocks, pending batch with lookahead rows
     and the next-region score set) lose nothing."""
-    from lopa.decoding.slots import Slots
-
     name, model, _, spec = tiny
     branched = 0
     for cfg in device_configs(name, model)[1::3]:
@@ -206,24 +196,9 @@ def test_load_then_store_restores_a_block_diffusion_state(tiny):
                 engine.step()
                 if seq.batch is None or seq.batch.prefill:
                     continue
-                state, batch = seq.state, seq.batch
-                branched += batch.tokens.shape[0] > 1
-                before = dataclasses.replace(state, canvas=state.canvas.clone(), pred_ok=state.pred_ok.clone(),
-                                             pred_tok=state.pred_tok.clone(), pred_prob=state.pred_prob.clone(),
-                                             pred_conf=state.pred_conf.clone(),
-                                             blocks=[dataclasses.replace(b) for b in state.blocks])
-                slots = Slots.empty(2, len(state.canvas) + 3, 4, torch.device("cpu"), state.pred_prob.dtype)
-                slots.load(1, seq.strategy, state, batch, 0)
-                again = slots.store(1, seq.strategy, state)
-                ok = before.pred_ok
-                assert torch.equal(state.canvas, before.canvas) and torch.equal(state.pred_ok, ok)
-                for field in ("pred_tok", "pred_prob", "pred_conf"):
-                    assert torch.equal(getattr(state, field)[ok], getattr(before, field)[ok]), field
-                assert (state.blocks, state.cached, state.rounds, state.eos_at, state.pending) == \
-                    (before.blocks, before.cached, before.rounds, before.eos_at, before.pending)
-                assert torch.equal(again.tokens, batch.tokens) and torch.equal(again.logit_cols, batch.logit_cols)
-                assert (again.start, again.commit) == (batch.start, batch.commit)
-                assert torch.equal(again.block_ids, batch.block_ids)
+                branched += seq.batch.tokens.shape[0] > 1
+                assert seq.batch.block_ids is not None  # block-causal windows
+                assert_slot_round_trip(seq.strategy, seq.state, seq.batch, len(seq.state.canvas) + 3, 4)
     assert branched
 
 

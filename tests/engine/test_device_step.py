@@ -11,9 +11,11 @@ import torch
 
 import lopa
 from lopa.decoding import batched
-from lopa.decoding.slots import Slots
 from lopa.engine import Engine
 from lopa.runner.model_runner import ModelRunner
+
+from decoding.roundtrip import assert_slot_round_trip  # tests/decoding
+from engine_steps import run_steps  # tests/engine
 
 SCORES = ("mean", "lowest", "count", "top_m", "segment", "logsum")
 MEASURES = {"count": "prob", "logsum": "margin", "segment": "neg_entropy", "top_m": "margin", "lowest": "prob",
@@ -84,27 +86,10 @@ def _key(result, winners):
 
 def _drive(m, prompts, configs, joins, aborts=(), stream=False):
     """Requests join at the given steps (aborts: (request index, step)); results by request index."""
-    engine = m.engine
-    seqs = [engine.prepare(m.tokenizer.encode(p), c, stream=stream) for p, c in zip(prompts, configs)]
-    index = {s.id: i for i, s in enumerate(seqs)}
-    results, chunks, step = {}, {i: [] for i in range(len(seqs))}, 0
-    with torch.inference_mode():
-        while len(results) < len(seqs):
-            for seq, at in zip(seqs, joins):
-                if at == step:
-                    engine.add(seq)
-            for i, at in aborts:
-                if at == step:
-                    engine.abort(seqs[i].id)
-            for out in engine.step():
-                assert out.error is None, out.error
-                chunks[index[out.request_id]].append(out.new_ids)
-                if out.finished:
-                    results[index[out.request_id]] = out
-            step += 1
-    keys = [_key(results[i].result, engine.winner_log.get(s.id)) if results[i].result else None
-            for i, s in enumerate(seqs)]
-    return keys, chunks
+    seqs = [m.engine.prepare(m.tokenizer.encode(p), c, stream=stream) for p, c in zip(prompts, configs)]
+    finals, chunks = run_steps(m.engine, seqs, joins, aborts)
+    keys = [_key(out.result, m.engine.winner_log.get(s.id)) if out.result else None for out, s in zip(finals, seqs)]
+    return keys, dict(enumerate(chunks))
 
 
 def test_every_request_equals_the_host_strategies(ref):
@@ -286,22 +271,7 @@ def test_load_then_store_restores_the_host_state(ref):
                 m.engine.step()
         if seq.batch is None:
             continue
-        state, batch = seq.state, seq.batch
-        before = dataclasses.replace(state, canvas=state.canvas.clone(),
-                                     blocks=[dataclasses.replace(b) for b in state.blocks])
-        slots = Slots.empty(2, len(state.canvas) + 5, 8, torch.device("cpu"), state.pred_prob.dtype)
-        slots.load(1, seq.strategy, state, batch, 0)
-        again = slots.store(1, seq.strategy, state)
-        ok = before.pred_ok
-        assert torch.equal(state.canvas, before.canvas) and torch.equal(state.pred_ok, ok)
-        for name in ("pred_tok", "pred_prob", "pred_conf"):
-            assert torch.equal(getattr(state, name)[ok], getattr(before, name)[ok]), name
-        assert (state.blocks, state.cached, state.rounds, state.eos_at, state.pending) == \
-            (before.blocks, before.cached, before.rounds, before.eos_at, before.pending)
-        assert torch.equal(again.tokens, batch.tokens) and torch.equal(again.logit_cols, batch.logit_cols)
-        assert again.start == batch.start and again.commit == batch.commit
-        assert (again.block_ids is None) == (batch.block_ids is None)
-        assert again.block_ids is None or torch.equal(again.block_ids, batch.block_ids)
+        assert_slot_round_trip(seq.strategy, seq.state, seq.batch, len(seq.state.canvas) + 5, 8)
         m.engine.abort(seq.id)
         m.engine.step()
 

@@ -12,6 +12,8 @@ from lopa.engine import Engine
 from lopa.runner import graphs
 from lopa.runner.model_runner import ModelRunner
 
+from engine_steps import run_steps  # tests/engine
+
 COMMON = dict(gen_length=24, block_size=8, tau=0.5, trace=True)
 MIX = [  # (prompt, overrides): every strategy, different k, windows, prompt lengths and gen lengths
     ("Tom has 12 apples and", dict(strategy="lopa", k=3)),
@@ -42,19 +44,8 @@ def _key(result):
 
 def _staggered(model, prompts, configs, joins):
     """Requests join at the given engine steps; returns the results in request order."""
-    engine = model.engine
-    seqs = [engine.prepare(model.tokenizer.encode(p), c) for p, c in zip(prompts, configs)]
-    results, step = {}, 0
-    with torch.inference_mode():
-        while len(results) < len(seqs):
-            for seq, at in zip(seqs, joins):
-                if at == step:
-                    engine.add(seq)
-            for out in engine.step():
-                if out.finished:
-                    results[out.request_id] = out.result
-            step += 1
-    return [results[s.id] for s in seqs]
+    seqs = [model.engine.prepare(model.tokenizer.encode(p), c) for p, c in zip(prompts, configs)]
+    return [out.result for out in run_steps(model.engine, seqs, joins)[0]]
 
 
 @pytest.fixture(scope="module", params=["dream", "llada"])
