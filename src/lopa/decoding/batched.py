@@ -36,28 +36,7 @@ import torch
 
 from . import batched_blocks
 from .budget import FILL_HALVING, FLAT_SPREAD, K_FLOOR
-from .slots import DEVICE_SCORES, F, I, NO_EOS, Slots
-
-BIG = 1 << 40  # larger than any position
-
-
-@dataclass
-class Rows:
-    """Views of the first n rows' int fields and thresholds (writes land in the slots)."""
-
-    st: Slots
-    n: int
-
-    def __getattr__(self, name: str) -> torch.Tensor:
-        if name in I:
-            return self.st.ints[:self.n, I[name]]
-        if name in F:
-            return self.st.floats[:self.n, F[name]]
-        raise AttributeError(name)
-
-    def set(self, name: str, value: torch.Tensor) -> None:
-        self.st.ints[:self.n, I[name]] = value
-
+from .slots import BIG, DEVICE_SCORES, NO_EOS, Rows, Slots
 
 class Geometry:
     """The step's span of each slot and where its positions sit: positions t = s0 + j, j in [0, S) (S at most the

@@ -25,14 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .slots import FAMILIES, F, I, NO_EOS, Slots
+from .slots import BIG, FAMILIES, NO_EOS, Rows, Slots
 
-BIG = 1 << 40  # larger than any position
 FAST = FAMILIES.index("fast_dllm_v2")
-
-
-def _int(st: Slots, n: int, name: str) -> torch.Tensor:
-    return st.ints[:n, I[name]]
 
 
 @dataclass
@@ -52,17 +47,18 @@ class Layout:
 def layout(st: Slots, n: int, mask_id: int, base: torch.Tensor, J: int) -> Layout:
     """The span [base, base + J) of every slot and its current block / active region, the search for the current
     block starting at the slot's committed length (``cached``: it is block-aligned, every block before it done)."""
+    v = Rows(st, n)
     J = min(J, st.width)
     t = base[:, None] + torch.arange(J, device=base.device)[None]  # [n, J]
     idx = t % st.width
-    P, bs = _int(st, n, "prompt_len"), _int(st, n, "block_size").clamp(min=1)
-    T = P + _int(st, n, "gen_length")
+    P, bs = v.prompt_len, v.block_size.clamp(min=1)
+    T = P + v.gen_length
     masked = (st.canvas[:n].gather(1, idx) == mask_id) & (t < T[:, None])
-    from_ = _int(st, n, "cached") // bs * bs
+    from_ = v.cached // bs * bs
     q = torch.where(masked & (t >= from_[:, None]), t, BIG).amin(1)  # the first mask left: in the current block
     cur_start = q // bs * bs
     cur_end = torch.minimum(cur_start + bs, T)
-    fast, sub = _int(st, n, "family") == FAST, _int(st, n, "sub_block").clamp(min=1)
+    fast, sub = v.family == FAST, v.sub_block.clamp(min=1)
     first = fast & (cur_start >= P) & (q == cur_start)
     sub_start = cur_start + (q - cur_start) // sub * sub  # the first sub-block with a mask: the one holding q
     rs = torch.where(fast & ~first, sub_start, cur_start)
@@ -76,9 +72,10 @@ def verify(st: Slots, n: int, score: torch.Tensor, preds: torch.Tensor, look: to
     """BlockDiffusionStrategy.branch_scores under verify_lookahead: score [n, R] -> the same with -inf for each
     lookahead whose drafted token (pred_tok at its position, before this accept) the anchor row's prediction
     there (query look - cached of row 0) does not equal. look [n, R]: each row's lookahead position (-1: none)."""
-    on = (_int(st, n, "family") > 0) & (_int(st, n, "verify") == 1)
+    v = Rows(st, n)
+    on = (v.family > 0) & (v.verify == 1)
     pos = look[:, 1:]  # [n, R - 1]
-    col = (pos - _int(st, n, "cached")[:, None]).clamp(0, preds.shape[1] - 1)
+    col = (pos - v.cached[:, None]).clamp(0, preds.shape[1] - 1)
     anchor = preds[..., 0].gather(1, col).long()
     drafted = st.pred_tok[:n].gather(1, pos.clamp(min=0))
     veto = on[:, None] & (pos >= 0) & (anchor != drafted)
@@ -90,14 +87,15 @@ def fill(st: Slots, n: int, mask_id: int, J: int) -> torch.Tensor:
     """BlockDiffusionStrategy.fill with blocks.fill_block, after apply_row's update (``cached`` already counts the
     step's ``commit``; the span starts where the step's window did). Returns positions filled [n] (0 for the
     other slots)."""
-    lay = layout(st, n, mask_id, _int(st, n, "cached") - _int(st, n, "commit"), J)
-    bd = (_int(st, n, "family") > 0)[:, None]
+    v = Rows(st, n)
+    lay = layout(st, n, mask_id, v.cached - v.commit, J)
+    bd = (v.family > 0)[:, None]
     t, idx = lay.t, lay.idx
     ok = st.pred_ok[:n].gather(1, idx) & ~(bd & (t >= lay.cur_end[:, None]))  # made while the block had a mask
     st.pred_ok[:n].scatter_(1, idx, ok)
     open_ = bd & lay.masked & ok & (t >= lay.rs[:, None]) & (t < lay.re[:, None])
     prob, conf = st.pred_prob[:n].gather(1, idx), st.pred_conf[:n].gather(1, idx)
-    tau = st.floats[:n, F["tau"]].to(prob.dtype)[:, None]
+    tau = v.tau.to(prob.dtype)[:, None]
     passing = open_ & (prob > tau)  # strict >, in the predictions' dtype
     conf_open = torch.where(open_, conf, float("-inf"))
     best = conf_open.amax(1, keepdim=True)
@@ -112,13 +110,14 @@ def fill(st: Slots, n: int, mask_id: int, J: int) -> torch.Tensor:
 def _stopped(st: Slots, n: int, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
     """WindowStrategy.stopped with the families' finished(): no mask in [P, stop_end), stop_end = SDAR: the end of
     the block holding the first EOS, Fast-dLLM v2: the first EOS (T without one). -> done, capped [n]."""
-    P, bs, eos = _int(st, n, "prompt_len"), _int(st, n, "block_size").clamp(min=1), _int(st, n, "eos_at")
-    T = P + _int(st, n, "gen_length")
+    v = Rows(st, n)
+    P, bs, eos = v.prompt_len, v.block_size.clamp(min=1), v.eos_at
+    T = P + v.gen_length
     block_end = torch.minimum((eos.clamp(max=BIG) // bs + 1) * bs, T)
-    stop_end = torch.where(eos == NO_EOS, T, torch.where(_int(st, n, "family") == FAST, eos, block_end))
+    stop_end = torch.where(eos == NO_EOS, T, torch.where(v.family == FAST, eos, block_end))
     first = torch.where(lay.masked & (lay.t >= P[:, None]), lay.t, BIG).amin(1)
     finished = first >= stop_end
-    capped = ~finished & (_int(st, n, "rounds") >= _int(st, n, "max_rounds"))
+    capped = ~finished & (v.rounds >= v.max_rounds)
     return finished | capped, capped
 
 
@@ -128,8 +127,9 @@ def propose(st: Slots, n: int, mask_id: int, J: int, budget) -> None:
     first position while Fast-dLLM v2's first token is pending), the scored set (the active region's masks), the
     lookaheads (conf desc, position asc; ``budget(count, ranked conf [n, kc], width)`` = batched._budget), and
     under score_span "next_region" with K > 1 the next region carried as masks and scored (carry_next_region)."""
-    bd = _int(st, n, "family") > 0
-    lo = _int(st, n, "cached")
+    v = Rows(st, n)
+    bd = v.family > 0
+    lo = v.cached
     lay = layout(st, n, mask_id, lo, J)
     t, idx = lay.t, lay.idx
     done, capped = _stopped(st, n, lay)
@@ -140,14 +140,14 @@ def propose(st: Slots, n: int, mask_id: int, J: int, budget) -> None:
     kc = st.look.shape[1]
     key = torch.nn.functional.pad(key, (0, max(0, kc - key.shape[1])), value=float("-inf"))
     ranked = key.sort(dim=1, descending=True, stable=True)
-    nlook = budget(torch.minimum(_int(st, n, "k"), cands.sum(1)), ranked.values[:, :kc], hi - lo)
+    nlook = budget(torch.minimum(v.k, cands.sum(1)), ranked.values[:, :kc], hi - lo)
     first_k = torch.arange(kc, device=lo.device)[None] < nlook[:, None]
     look = torch.where(first_k, lo[:, None] + ranked.indices[:, :kc], -1)
     K = 1 + nlook
-    width = torch.where(_int(st, n, "family") == FAST, _int(st, n, "sub_block"), _int(st, n, "block_size"))
-    T = _int(st, n, "prompt_len") + _int(st, n, "gen_length")
+    width = torch.where(v.family == FAST, v.sub_block, v.block_size)
+    T = v.prompt_len + v.gen_length
     nxt = torch.minimum(lay.re + width, T)  # next_region: [re, nxt)
-    carry = (_int(st, n, "next_span") == 1) & (K > 1) & (nxt > lay.re)
+    carry = (v.next_span == 1) & (K > 1) & (nxt > lay.re)
     hi = torch.where(carry, torch.maximum(hi, nxt), hi)
     scored |= carry[:, None] & lay.masked & (t >= lay.re[:, None]) & (t < nxt[:, None])
     st.scored[:n].scatter_(1, idx, torch.where(bd[:, None], scored, st.scored[:n].gather(1, idx)))
@@ -155,4 +155,4 @@ def propose(st: Slots, n: int, mask_id: int, J: int, budget) -> None:
     live = (~done).long()
     for name, value in (("width", (hi - lo) * live), ("rows", K * live), ("commit", (lay.cur_start - lo) * live),
                         ("done", done.long()), ("capped", capped.long())):
-        st.ints[:n, I[name]] = torch.where(bd, value, st.ints[:n, I[name]])
+        v.set(name, torch.where(bd, value, getattr(v, name)))

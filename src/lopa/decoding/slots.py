@@ -17,8 +17,9 @@ fast_dllm_v2, decoding/block_diffusion.py) has the fixed blocks of its strategy'
 absolute position 0, all fully active) and its own rules in decoding/batched_blocks.py; ``verify``,
 ``next_span`` and ``sub_block`` carry verify_lookahead, score_span == "next_region" and sub_block. ``load`` and
 ``store`` convert one request's host state (and its pending ForwardBatch) to its slot row and back without loss;
-decoding/batched.py runs the iteration on the rows. A step's updates read and write the first n rows only (the
-running requests are slots 0..n-1); rows past them keep whatever left them.
+decoding/batched.py runs the iteration on the rows (``Rows``: the first n rows' fields by name). A step's updates
+read and write the first n rows only (the running requests are slots 0..n-1); rows past them keep whatever left
+them.
 
 The iteration reads and writes each row over its step's span only (a bounded run of positions from the committed
 length: batched.Geometry, batched_blocks.layout), so a row may hold what the host state no longer does, and the
@@ -40,7 +41,8 @@ from .blocks import Block
 from .d2f import D2FStrategy
 from .window import WindowState, WindowStrategy
 
-NO_EOS = 1 << 40  # eos_at of a slot whose canvas holds no EOS yet
+BIG = 1 << 40  # larger than any position
+NO_EOS = BIG  # eos_at of a slot whose canvas holds no EOS yet
 INTS = ("prompt_len", "gen_length", "block_size", "cached", "rounds", "max_rounds", "nblocks", "eos_at", "k",
         "commit", "width", "rows", "last_fill", "score", "measure", "policy", "branch_m", "d2f", "causal", "done",
         "capped", "family", "verify", "next_span", "sub_block", "pred_lo")
@@ -180,6 +182,24 @@ class Slots:
         block_ids = (torch.arange(lo, lo + W) - origin) // bs if v["causal"] else None
         cols = (anchor == strategy.spec.mask_id).nonzero()[:, 0]
         return ForwardBatch(rows, lo, cols, commit=v["commit"], block_ids=block_ids)
+
+
+@dataclass
+class Rows:
+    """Views of the first n rows' int fields and thresholds (writes land in the slots)."""
+
+    st: Slots
+    n: int
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        if name in I:
+            return self.st.ints[:self.n, I[name]]
+        if name in F:
+            return self.st.floats[:self.n, F[name]]
+        raise AttributeError(name)
+
+    def set(self, name: str, value: torch.Tensor) -> None:
+        self.st.ints[:self.n, I[name]] = value
 
 
 def family(strategy: WindowStrategy) -> int:

@@ -25,7 +25,7 @@ from ..config import CONFIDENCES, DecodeConfig, RunnerConfig
 from ..decoding import batched
 from ..decoding.base import PredictSpec
 from ..decoding.block_diffusion import BlockDiffusionStrategy, FastDLLMv2Strategy, SDARStrategy
-from ..decoding.slots import DEVICE_SCORES, Slots
+from ..decoding.slots import DEVICE_SCORES, Rows, Slots
 from ..decoding.d2f import D2FStrategy
 from ..decoding.threshold import ThresholdStrategy
 from ..models.spec import ModelSpec
@@ -204,7 +204,7 @@ class DevicePath:
         are zeroed first: no rows, no generated region, every index in range. Device work only: graph-capturable.
         -> [B, 7]."""
         st, mask = self.slots, self.spec.mask_id
-        v = batched.Rows(st, B)
+        v = Rows(st, B)
         live = self.live[:B]
         st.ints[:B] = torch.where(live[:, None], st.ints[:B], 0)  # free slots: no rows, no blocks, in range
         lut = self._luts[measures]
@@ -234,7 +234,7 @@ class DevicePath:
         dev = st.canvas.device
         first = torch.tensor([r.start for r in mine] + [0] * (B - n), device=dev)
         count = torch.tensor([len(r) for r in mine] + [0] * (B - n), device=dev)
-        v, live = batched.Rows(st, B), self.live[:B]
+        v, live = Rows(st, B), self.live[:B]
         st.ints[:B] = torch.where(live[:, None], st.ints[:B], 0)
         lo = v.cached.clone()
         fields = batched.queries(st, B, Qb, mask, (first, count))
@@ -245,7 +245,7 @@ class DevicePath:
         Wm, R = max(W for _, _, W in host), max(K for _, K, _ in host)
         preds = batched.assemble(gathered, st, n, max(K * W for _, K, W in host), group.rank)
         winner = batched.accept(st, n, preds, Wm, R, scores, mask, self.eos, span)
-        picks = torch.stack([winner, batched.Rows(st, n).commit]).tolist()
+        picks = torch.stack([winner, Rows(st, n).commit]).tolist()
         t3 = time.perf_counter()
         runner.commit_rows([Commit(b, b, picks[0][b], picks[1][b]) for b in range(n)],
                            [(K, W, True) for _, K, W in host])
@@ -258,7 +258,7 @@ class DevicePath:
         c.forward_s += t2 - t1 - (c.gather_s - self._gather_s)
         c.select_s += t3 - t2
         self._gather_s = c.gather_s
-        v = batched.Rows(st, n)
+        v = Rows(st, n)
         return torch.stack([v.done, v.capped, v.cached, v.rows, v.width, ready, winner], 1)
 
     def _replay(self, key: tuple, update) -> torch.Tensor:
