@@ -13,7 +13,8 @@ def assert_slot_round_trip(strategy, state, batch, positions: int, lookaheads: i
     equal what they were."""
     before = dataclasses.replace(state, canvas=state.canvas.clone(), pred_ok=state.pred_ok.clone(),
                                  pred_tok=state.pred_tok.clone(), pred_prob=state.pred_prob.clone(),
-                                 pred_conf=state.pred_conf.clone(), blocks=[dataclasses.replace(b) for b in state.blocks])
+                                 pred_conf=state.pred_conf.clone(),
+                                 blocks=[dataclasses.replace(b) for b in state.blocks])
     slots = Slots.empty(2, positions, lookaheads, torch.device("cpu"), state.pred_prob.dtype)
     slots.load(1, strategy, state, batch, 0)
     again = slots.store(1, strategy, state)

@@ -44,6 +44,11 @@ class PredictSpec:
     measure: str = "prob"  # prob | neg_entropy | margin: what goes into Predictions.conf
     suppress_ids: tuple[int, ...] = ()  # token ids never proposed (the mask id, in lopa's default mode)
 
+    @property
+    def greedy(self) -> bool:
+        """The argmax of the logits, with no draw: what the batched greedy predict (runner/graphs.py) computes."""
+        return self.temperature == 0 and self.top_p == 1.0
+
 
 @dataclass
 class ForwardBatch:

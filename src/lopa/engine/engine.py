@@ -189,7 +189,7 @@ class Engine:
         """The scheduler's step budget: how many of the first of ``seqs`` (the running requests, slot order) the
         next decode step runs (ModelRunner.decode_take: a shape the warm-up captured). A step holding a sampled
         request runs eagerly whatever its size (no captured shape predicts it), so it takes every request."""
-        if any(s.pspec.temperature != 0 or s.pspec.top_p != 1.0 for s in seqs):
+        if not all(s.pspec.greedy for s in seqs):
             return len(seqs)
         shapes = [s.device_shape if s.on_device else tuple(s.batch.tokens.shape) for s in seqs]
         return self.runner.decode_take(shapes)

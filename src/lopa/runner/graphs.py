@@ -172,8 +172,8 @@ class GraphExecutor:
     def _predicts_greedy(self, item: StepItem, prefill: bool = False) -> bool:
         """Whether the batched greedy predict gives this request's predictions: it is greedy, or (a prompt prefill
         in one process) it asks for none. Under Branch Parallel a sampled row lives on rank 0 only."""
-        greedy = item.pspec.temperature == 0 and item.pspec.top_p == 1.0
-        return greedy or (prefill and not item.batch.logit_cols.numel() and not self.runner.group.distributed)
+        asks_none = prefill and not item.batch.logit_cols.numel() and not self.runner.group.distributed
+        return item.pspec.greedy or asks_none
 
     def plan(self, items: list[StepItem], queries: int | None = None) -> list[list[StepItem]]:
         """The static forwards this step takes: [items] when it runs on the static path (its graph exists or may
