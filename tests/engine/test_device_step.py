@@ -308,6 +308,41 @@ def test_a_failing_update_fails_the_step_not_a_token(ref, monkeypatch):
     assert _drive(m, prompts[:4], configs[:4], [0] * 4)[0] == want[:4]
 
 
+def test_an_out_of_memory_step_that_moved_slots_leaves_the_device_rows_with_their_requests(tiny_dream_dir):
+    """A step whose plan moves a running request (compaction) and admits one that grows the KV pool, out of memory
+    while growing it: the admitted request fails, the moved one decodes on from its own slot row, as alone."""
+    m = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu", dtype="float64", max_num_seqs=2,
+                                                               device_step=True))
+    cfg = dict(strategy="lopa", k=2, block_size=4, tau=0.5)
+    want = lopa.generate(m, [5, 6, 7, 8, 9, 10], gen_length=24, **cfg)
+    engine, runner = m.engine, m.runner
+    short, kept = (engine.prepare(p, want.config.replace(gen_length=g)) for p, g in (([11, 12, 13], 4),
+                                                                                     ([5, 6, 7, 8, 9, 10], 24)))
+    grows = engine.prepare(list(range(5, 305)), want.config.replace(gen_length=8))  # a larger slot capacity
+    real, failed = runner.reserve, []
+
+    def reserve(slots, positions):
+        if runner.pool is not None and positions > runner.pool.capacity and not failed:
+            failed.append(positions)
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(slots, positions)
+
+    runner.reserve = reserve
+    finals = {}
+    with torch.inference_mode():
+        engine.add(short)
+        engine.add(kept)
+        while engine.has_work():
+            for out in engine.step():
+                if out.finished:
+                    finals[out.request_id] = out
+                    if out.request_id == short.id:  # the next plan moves kept from slot 1 to 0 and admits grows
+                        engine.add(grows)
+    assert failed and isinstance(finals[grows.id].error, lopa.OutOfMemoryError)
+    assert finals[kept.id].error is None and finals[kept.id].result.token_ids == want.token_ids
+    assert engine.counters.device_steps == engine.counters.decode_steps > 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("cuda_graphs", [True, False], ids=["captured", "eager"])
 def test_device_step_equals_the_host_path_on_gpu(tiny_dream_dir, cuda_graphs):

@@ -244,10 +244,11 @@ class Engine:
         outputs = []
         running = self.scheduler.running
         self.runner.move(plan.moves)  # first: the live slots are then 0..n-1, and the pool may be resized
+        if self.device is not None:  # with the KV: an out-of-memory in reserve must not part them
+            self.device.move(plan.moves)
         self.runner.reserve(len(running), max(s.need for s in running))
         seqs = plan.seqs
         if self.device is not None:
-            self.device.move(plan.moves)
             if not plan.prefill and all(s.device_ok for s in seqs):
                 return outputs + self._device_step(seqs)
             for s in seqs:  # a host step: requests living on the device come back to their host states
