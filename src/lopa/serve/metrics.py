@@ -57,7 +57,8 @@ class Metrics:
                                   "the device (RunnerConfig.device_step)", registry=r)
         self.partial_steps = Gauge("lopa_partial_decode_steps", "Decode steps that ran only part of the running "
                                    "requests (all of them together had no shape captured at start-up: the step "
-                                   "budget, max_num_batched_tokens); the others ran in the next step", registry=r)
+                                   "budget, max_num_batched_tokens); the others waited, first in line for the "
+                                   "next", registry=r)
         self.deferred = Gauge("lopa_deferred_requests", "Requests the partial decode steps left waiting, summed over "
                               "those steps", registry=r)
         for status in ("ok", "cancelled", "error", "rejected"):
