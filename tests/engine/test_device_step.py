@@ -458,3 +458,18 @@ def test_step_budget_keeps_every_device_step_on_a_warmed_shape(ref):
     before, after = counts
     assert before.eager_decode_steps > 0 and before.partial_steps == 0
     assert after.eager_decode_steps == 0 and after.partial_steps > 0 and after.captures_after_start == 0
+
+
+def test_step_budget_leaves_a_device_step_of_another_branch_score_whole(ref):
+    """The device path's warm-up captures the default branch score only: a step of lopa requests scored by
+    "count" runs eagerly whatever its size, so the budget does not split it (splitting would only add steps):
+    no partial step, and the host strategies' tokens."""
+    model, _, prompts, _, _, _ = ref
+    spec = model.loaded.spec
+    configs = [lopa.decode_config(None, model.model_type, strategy="lopa", k=3, gen_length=16, block_size=8, tau=0.5,
+                                  branch_confidence="count") for _ in range(4)]
+    want = _drive(_engine(model, 4, device_step=False, spec=spec), prompts[:4], configs, [0] * 4)[0]
+    m, _ = _warmed(model, spec, 4, max_tokens=128)
+    assert _drive(m, prompts[:4], configs, [0] * 4)[0] == want
+    c = m.engine.counters
+    assert c.device_steps == c.decode_steps > 0 and c.partial_steps == 0 and c.eager_decode_steps > 0

@@ -257,15 +257,17 @@ def test_step_budget_keeps_every_decode_step_on_a_warmed_shape(solo):
     assert after.as_dict()["partial_steps"] == after.partial_steps and after.captures_after_start == 0
 
 
-def test_step_budget_leaves_a_step_holding_a_sampled_request_whole(solo):
-    """A sampled request's step runs eagerly whatever its size (no captured shape predicts it), so the budget does
-    not split it: with every request sampled, no partial step, and the tokens of the unbudgeted schedule."""
+@pytest.mark.parametrize("change", [dict(temperature=0.8), dict(confidence="margin")], ids=["sampled", "measure"])
+def test_step_budget_leaves_a_step_no_graph_serves_whole(solo, change):
+    """A step holding a request the warm-up captured no graph for (sampled: no captured shape predicts it; a
+    measure other than the default) runs eagerly whatever its size, so the budget does not split it: with every
+    request of that kind, no partial step, and the tokens of the unbudgeted schedule."""
     model, prompts, configs, _ = solo
     pick = [i for i, c in enumerate(configs) if c.strategy in ("lopa", "d2f") and c.compat is None][:4]
-    sampled = [dataclasses.replace(configs[i], temperature=0.8, seed=7 + i) for i in pick]
+    changed = [dataclasses.replace(configs[i], **change, seed=7 + i) for i in pick]
     runs = []
     for budget in (False, True):
         m = _warmed_flex(model, budget)
-        runs.append(([r.token_ids for r in lopa.generate_many(m, [prompts[i] for i in pick], sampled)],
+        runs.append(([r.token_ids for r in lopa.generate_many(m, [prompts[i] for i in pick], changed)],
                      m.engine.counters.partial_steps))
     assert runs[1] == (runs[0][0], 0)

@@ -187,12 +187,21 @@ class Engine:
 
     def _decode_take(self, seqs: list[Sequence]) -> int:
         """The scheduler's step budget: how many of the first of ``seqs`` (the running requests, slot order) the
-        next decode step runs (ModelRunner.decode_take: a shape the warm-up captured). A step holding a sampled
-        request runs eagerly whatever its size (no captured shape predicts it), so it takes every request."""
-        if not all(s.pspec.greedy for s in seqs):
+        next decode step runs (ModelRunner.decode_take: a shape the warm-up captured). A step holding a request
+        of a kind the warm-up captured no graph for runs eagerly whatever its size, so it takes every request:
+        splitting it would only add steps."""
+        device = self.device is not None and all(s.device_ok for s in seqs)  # the path the whole step would take
+        if not all(self._warmed_kind(s, device) for s in seqs):
             return len(seqs)
         shapes = [s.device_shape if s.on_device else tuple(s.batch.tokens.shape) for s in seqs]
         return self.runner.decode_take(shapes)
+
+    def _warmed_kind(self, seq: Sequence, device: bool) -> bool:
+        """Whether the warm-up's graphs serve this request: a greedy predict with the default measure and suppressed
+        ids (runner/graphs.py: warmup_keys) and, on the device path, the default branch score (engine/device.py)."""
+        p = seq.pspec
+        kind = p.greedy and p.measure == DecodeConfig.confidence and p.suppress_ids in ((), (self.spec.mask_id,))
+        return kind and (not device or seq.config.branch_confidence == DecodeConfig.branch_confidence)
 
     @property
     def num_running(self) -> int:
