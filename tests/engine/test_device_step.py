@@ -343,6 +343,43 @@ def test_an_out_of_memory_step_that_moved_slots_leaves_the_device_rows_with_thei
     assert engine.counters.device_steps == engine.counters.decode_steps > 0
 
 
+def test_an_out_of_memory_slot_move_fails_every_request_and_the_engine_goes_on(tiny_dream_dir):
+    """A prefill step that moves a running request (compaction) runs out of memory moving its KV: the scheduler
+    has renumbered the slots, so the moved request (not in the prefill) must not go on over the old slots. Every
+    request in the engine fails with OutOfMemoryError, the engine is empty and decodes the next request as alone."""
+    m = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu", dtype="float64", max_num_seqs=2,
+                                                               device_step=True))
+    cfg = lopa.DecodeConfig(strategy="lopa", k=2, block_size=4, tau=0.5, gen_length=24)
+    want = lopa.generate(m, [5, 6, 7, 8, 9, 10], cfg)
+    engine, runner = m.engine, m.runner
+    short, kept, joins = (engine.prepare(p, cfg.replace(gen_length=g)) for p, g in (([11, 12, 13], 4),
+                                                                                    ([5, 6, 7, 8, 9, 10], 24),
+                                                                                    ([7, 8, 9], 8)))
+    real, failed = runner.move, []
+
+    def move(moves):
+        if moves and not failed:
+            failed.append(moves)
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(moves)
+
+    runner.move = move
+    finals = {}
+    with torch.inference_mode():
+        engine.add(short)
+        engine.add(kept)
+        while engine.has_work():
+            for out in engine.step():
+                if out.finished:
+                    finals[out.request_id] = out
+                    if out.request_id == short.id:  # the next plan moves kept from slot 1 to 0 and prefills joins
+                        engine.add(joins)
+    assert failed and finals[short.id].error is None
+    assert all(isinstance(finals[s.id].error, lopa.OutOfMemoryError) for s in (kept, joins))
+    again = lopa.generate(m, [5, 6, 7, 8, 9, 10], cfg)
+    assert again.token_ids == want.token_ids and again.stats.decode_forwards == want.stats.decode_forwards
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("cuda_graphs", [True, False], ids=["captured", "eager"])
 def test_device_step_equals_the_host_path_on_gpu(tiny_dream_dir, cuda_graphs):

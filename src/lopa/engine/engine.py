@@ -252,9 +252,16 @@ class Engine:
         """One scheduled step: ONE forward for every request of the plan, accept, commit, propose."""
         outputs = []
         running = self.scheduler.running
-        self.runner.move(plan.moves)  # first: the live slots are then 0..n-1, and the pool may be resized
-        if self.device is not None:  # with the KV: an out-of-memory in reserve must not part them
-            self.device.move(plan.moves)
+        try:  # first: the live slots are then 0..n-1, and the pool may be resized
+            self.runner.move(plan.moves)
+            if self.device is not None:  # with the KV: an out-of-memory in reserve must not part them
+                self.device.move(plan.moves)
+        except Exception as err:  # the scheduler renumbered the slots already: no running request may go on
+            if not self.group.survives(err):
+                raise
+            return self.fail_all(OutOfMemoryError(
+                f"the engine ran out of memory moving the running requests' slots ({type(err).__name__}), so every "
+                "request in it failed; lower RunnerConfig.max_num_seqs or kv_cache_bytes"))
         self.runner.reserve(len(running), max(s.need for s in running))
         seqs = plan.seqs
         if self.device is not None:
