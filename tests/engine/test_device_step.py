@@ -308,6 +308,36 @@ def test_a_failing_update_fails_the_step_not_a_token(ref, monkeypatch):
     assert _drive(m, prompts[:4], configs[:4], [0] * 4)[0] == want[:4]
 
 
+def _oom_once(fn, when):
+    """fn, raising an injected CUDA out-of-memory on the first call whose arguments satisfy ``when`` -> (the
+    wrapper, the list of the arguments it failed on)."""
+    failed = []
+
+    def call(*args):
+        if not failed and when(*args):
+            failed.append(args)
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return fn(*args)
+    return call, failed
+
+
+def _join_when_first_finishes(engine, first, then):
+    """The prepared requests ``first`` join at once; when first[0] finishes, ``then`` joins (with two slots the
+    next plan moves first[1] from slot 1 to 0 and admits ``then``). Steps until the engine is empty -> each
+    request's final RequestOutput by id, failed ones included."""
+    finals = {}
+    with torch.inference_mode():
+        for seq in first:
+            engine.add(seq)
+        while engine.has_work():
+            for out in engine.step():
+                if out.finished:
+                    finals[out.request_id] = out
+                    if out.request_id == first[0].id:
+                        engine.add(then)
+    return finals
+
+
 def test_an_out_of_memory_step_that_moved_slots_leaves_the_device_rows_with_their_requests(tiny_dream_dir):
     """A step whose plan moves a running request (compaction) and admits one that grows the KV pool, out of memory
     while growing it: the admitted request fails, the moved one decodes on from its own slot row, as alone."""
@@ -319,25 +349,11 @@ def test_an_out_of_memory_step_that_moved_slots_leaves_the_device_rows_with_thei
     short, kept = (engine.prepare(p, want.config.replace(gen_length=g)) for p, g in (([11, 12, 13], 4),
                                                                                      ([5, 6, 7, 8, 9, 10], 24)))
     grows = engine.prepare(list(range(5, 305)), want.config.replace(gen_length=8))  # a larger slot capacity
-    real, failed = runner.reserve, []
+    def grows_pool(_, positions):
+        return runner.pool is not None and positions > runner.pool.capacity
 
-    def reserve(slots, positions):
-        if runner.pool is not None and positions > runner.pool.capacity and not failed:
-            failed.append(positions)
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(slots, positions)
-
-    runner.reserve = reserve
-    finals = {}
-    with torch.inference_mode():
-        engine.add(short)
-        engine.add(kept)
-        while engine.has_work():
-            for out in engine.step():
-                if out.finished:
-                    finals[out.request_id] = out
-                    if out.request_id == short.id:  # the next plan moves kept from slot 1 to 0 and admits grows
-                        engine.add(grows)
+    runner.reserve, failed = _oom_once(runner.reserve, grows_pool)
+    finals = _join_when_first_finishes(engine, [short, kept], grows)
     assert failed and isinstance(finals[grows.id].error, lopa.OutOfMemoryError)
     assert finals[kept.id].error is None and finals[kept.id].result.token_ids == want.token_ids
     assert engine.counters.device_steps == engine.counters.decode_steps > 0
@@ -355,25 +371,8 @@ def test_an_out_of_memory_slot_move_fails_every_request_and_the_engine_goes_on(t
     short, kept, joins = (engine.prepare(p, cfg.replace(gen_length=g)) for p, g in (([11, 12, 13], 4),
                                                                                     ([5, 6, 7, 8, 9, 10], 24),
                                                                                     ([7, 8, 9], 8)))
-    real, failed = runner.move, []
-
-    def move(moves):
-        if moves and not failed:
-            failed.append(moves)
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(moves)
-
-    runner.move = move
-    finals = {}
-    with torch.inference_mode():
-        engine.add(short)
-        engine.add(kept)
-        while engine.has_work():
-            for out in engine.step():
-                if out.finished:
-                    finals[out.request_id] = out
-                    if out.request_id == short.id:  # the next plan moves kept from slot 1 to 0 and prefills joins
-                        engine.add(joins)
+    runner.move, failed = _oom_once(runner.move, lambda moves: bool(moves))
+    finals = _join_when_first_finishes(engine, [short, kept], joins)
     assert failed and finals[short.id].error is None
     assert all(isinstance(finals[s.id].error, lopa.OutOfMemoryError) for s in (kept, joins))
     again = lopa.generate(m, [5, 6, 7, 8, 9, 10], cfg)
