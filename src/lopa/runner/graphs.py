@@ -217,9 +217,13 @@ class GraphExecutor:
         q = queries or max(item.queries for item in items)
         measures = tuple(sorted({item.pspec.measure for item in items if item.batch.logit_cols.numel()})) or ("prob",)
         if self.attention == "flex":
-            return B, query_bucket(q), pool.capacity, measures, self._suppress(items)
+            return B, self.bucket_queries(q), pool.capacity, measures, self._suppress(items)
         Lb = min(round_up(max(item.batch.start + item.queries for item in items), KEY_STEP), pool.capacity)
-        return B, round_up(q, ROW_STEP), Lb, measures, self._suppress(items)
+        return B, self.bucket_queries(q), Lb, measures, self._suppress(items)
+
+    def bucket_queries(self, queries: int) -> int:
+        """Qb of a request row of ``queries`` queries: a query bucket ("flex"), or a multiple of ROW_STEP."""
+        return query_bucket(queries) if self.attention == "flex" else round_up(queries, ROW_STEP)
 
     def warmed(self, n: int, queries: int) -> bool:
         """Whether the warm-up captured the shape of a step of n requests whose longest row has ``queries`` queries
