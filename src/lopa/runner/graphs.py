@@ -307,11 +307,11 @@ class GraphExecutor:
         st = self.statics[key] = Static(host, torch.zeros_like(host, device=self.runner.device), Lb)
         return st
 
-    def run(self, items: list[StepItem], spread: list[StepItem] | None = None,
-            layouts: list[list[range]] | None = None, queries: int | None = None) -> tuple[torch.Tensor, list[Predictions]]:
-        """``items``: this rank's rows of each request. Under Branch Parallel ``spread`` holds the whole
-        requests, ``layouts`` which ranks computed which of their rows, and the predictions of every rank are
-        gathered on the device before the one device-to-host copy."""
+    def run(self, items: list[StepItem], layouts: list[list[range]] | None = None,
+            queries: int | None = None) -> tuple[torch.Tensor, list[Predictions]]:
+        """``items``: this rank's rows of each request; ``layouts``: which rank computed which of their rows (the
+        group's split; None: all here). The group gathers every rank's predictions (Branch Parallel: on the
+        device) with the step's one device-to-host copy. ``queries``: as for ``key``."""
         key = self.key(items, queries)
         _, _, _, measures, suppress = key
         if items[0].slot:  # a prefill over slots first..: the key's shapes, not its graph (module docstring)
@@ -333,10 +333,7 @@ class GraphExecutor:
         else:
             st.graph.replay()
         hidden, packed = st.out
-        if spread is None:
-            preds = [Predictions(*p) for p in split(packed.cpu()[None], items)]  # the step's one device-to-host copy
-        else:  # [N, B, Qb, 3]: one all_gather on the device, then the one copy to the host
-            preds = [Predictions(*p) for p in split(self.runner.group.gather_packed(packed), spread, layouts)]
+        preds = [Predictions(*p) for p in split(self.runner.group.gather_packed(packed, layouts), items, layouts)]
         return hidden, preds
 
     def _run_at(self, items: list[StepItem], key: tuple) -> tuple[torch.Tensor, list[Predictions]]:

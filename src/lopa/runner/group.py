@@ -6,6 +6,8 @@ gloo between CPU processes; a gloo control group beside it) spreads each request
 
     rows      split_rows(K, N): balanced contiguous parts (sizes differ by <= 1), row 0 on rank 0;
               K = 1 (prefill, k = 0, the dream sampler) is replicated: every rank computes it, no traffic
+    split     the host path's step (ModelRunner.execute): this rank's rows of each request, and the layouts
+              its packed predictions gather by (LocalGroup: every item whole, None)
     local_rows  the device path's (engine/device.py): (first, count) [B] of this rank's rows of each slot, as
               tensors (rows_of; LocalGroup: None = every row)
     gather    ONE all_gather of the step's local predictions -> every rank holds every row's, in global row
@@ -38,7 +40,7 @@ from __future__ import annotations
 
 import pickle
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import timedelta
 from typing import Callable, TypeVar
 
@@ -47,6 +49,7 @@ import torch
 from ..decoding.base import Predictions
 from ..errors import BranchParallelError
 from .memory import is_oom
+from .step import StepItem
 
 CTRL_TIMEOUT = timedelta(days=7)  # workers wait on rank 0 between generate calls; a dead peer still fails at once
 
@@ -102,6 +105,17 @@ def in_row_order(gathered: torch.Tensor, K: torch.Tensor, W: torch.Tensor, rank:
     return gathered.reshape(-1, 3)[index.reshape(-1)].view(B, N * Qb, 3)
 
 
+def _rows(item: StepItem, rows: range) -> StepItem:
+    """The rows of item this rank computes: local branch ids 0..K_r-1 (only their equality matters), written at
+    P + local_row * W (Pre-Write into this rank's own slot scratch)."""
+    if len(rows) == item.batch.tokens.shape[0]:
+        return item
+    b = item.batch
+    lengths = None if b.lengths is None or not len(rows) else b.lengths[rows.start:rows.stop]
+    batch = replace(b, tokens=b.tokens[rows.start:rows.stop], lengths=lengths)
+    return replace(item, batch=batch)
+
+
 @dataclass
 class Source:
     """Where one commit's K/V come from on this rank."""
@@ -154,8 +168,8 @@ class LocalGroup:
     def __init__(self) -> None:
         self.counters = BPCounters()
 
-    def parts(self, K: int, replicate: bool) -> list[range]:
-        return [range(K)]
+    def split(self, items: list[StepItem], shapes) -> tuple[list[StepItem], None]:
+        return items, None
 
     def local_rows(self, K: torch.Tensor) -> None:
         return None  # every row
@@ -165,6 +179,9 @@ class LocalGroup:
 
     def gather(self, preds: list[Predictions], shapes, dtype) -> list[Predictions]:
         return preds
+
+    def gather_packed(self, packed: torch.Tensor, layouts: None) -> torch.Tensor:
+        return packed.cpu()[None]  # the step's one device-to-host copy
 
     def gather_rows(self, packed: torch.Tensor, K: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         return packed
@@ -211,8 +228,15 @@ class BranchGroup:
         self.events: list[Event] = []  # rank 0: the engine's events since the last step, shipped by the next
 
     # -- where rows live --------------------------------------------------------------------------------
-    def parts(self, K: int, replicate: bool) -> list[range]:
-        return split_rows(K, self.world, replicate)
+    def split(self, items: list[StepItem], shapes: list[tuple[int, int, bool]]
+              ) -> tuple[list[StepItem], list[list[range]] | None]:
+        """This rank's rows of each item (shapes: (K, W, replicate) per item) and the layouts of the packed
+        predictions' gather (runner/step.py: split): per item the rows each rank computed, a replicated row from
+        rank 0's copy; None when every row is replicated (nothing to gather)."""
+        parts = [split_rows(K, self.world, rep) for K, _, rep in shapes]
+        local = [_rows(item, p[self.rank]) for item, p in zip(items, parts)]
+        spread = [not (K == 1 and rep) for K, _, rep in shapes]
+        return local, [p if s else p[:1] for p, s in zip(parts, spread)] if any(spread) else None
 
     def local_rows(self, K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The device path's split: (first, count) [B] of this rank's rows of each slot's K [B] rows."""
@@ -301,9 +325,12 @@ class BranchGroup:
         c.gather_s += time.perf_counter() - t0
         return preds
 
-    def gather_packed(self, packed: torch.Tensor) -> torch.Tensor:
+    def gather_packed(self, packed: torch.Tensor, layouts: list[list[range]] | None) -> torch.Tensor:
         """The static path's packed predictions [B, Qb, 3] (device, the same shape on every rank) -> every rank's,
-        [N, B, Qb, 3] on the host: ONE all_gather, then one device-to-host copy."""
+        [N, B, Qb, 3] on the host: ONE all_gather, then one device-to-host copy. ``layouts`` None (split: every
+        row replicated): this rank's alone, [1, B, Qb, 3], nothing sent."""
+        if layouts is None:
+            return packed.cpu()[None]
         if self.sync_timers and packed.is_cuda:
             torch.cuda.synchronize(packed.device)  # the forward's time stays the forward's
         t0 = time.perf_counter()

@@ -3,9 +3,10 @@
     preds = runner.execute(items)      # ONE forward for every request of the step -> Predictions per request
     runner.commit(commits)             # each winner's leading K/V become committed positions of its slot
 
-Under Branch Parallel (runner/group.py) the runner computes only this rank's rows of each request, the
-group gathers every row's predictions after the forward, and ``commit`` takes a winner's K/V from this
-rank's rows or from the owner's broadcast. One process uses a LocalGroup: every row here, nothing sent.
+Under Branch Parallel (runner/group.py) the runner computes only this rank's rows of each request (the group's
+``split``; the device path's ``local_rows``), the group gathers every row's predictions after the forward, and
+``commit`` takes a winner's K/V from this rank's rows or from the owner's broadcast. One process uses a
+LocalGroup: every row here, nothing sent. The runner never asks which rank it is.
 
 A step runs eagerly with exact shapes (sampled requests, steps without a static path), or on the static path
 (runner/graphs.py: bucketed shapes, replayed from CUDA graphs on a GPU; prefill steps too under "flex"). Both
@@ -15,7 +16,6 @@ it without capture.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import torch
@@ -165,23 +165,18 @@ class ModelRunner:
                 raise ValueError("position 0 of the window needs the last committed hidden state (none cached)")
         t0 = time.perf_counter()
         self._shapes = [(*item.batch.tokens.shape, item.pspec.temperature == 0) for item in items]
-        parts = [self.group.parts(K, rep) for K, _, rep in self._shapes]
-        local = [self._local(item, p[self.group.rank]) for item, p in zip(items, parts)]  # this rank's rows
+        local, layouts = self.group.split(items, self._shapes)  # this rank's rows; how the static path gathers
+        queries = max(self.rank_queries(K, W) for K, W, _ in self._shapes)
         bp = self.group.counters
         t1 = time.perf_counter()
         gather_before = bp.gather_s  # the static path gathers inside its run: not forward time
-        queries = max(max(len(r) for r in p) * item.batch.tokens.shape[1] for p, item in zip(parts, items))
         # every rank takes the same path (plan() reads only what all ranks share), so the collectives match
         self._prefill = all(item.batch.prefill for item in items)  # the counters count decode steps only
         groups = self.graphs.plan(local, queries) if self.graphs is not None else []
         if groups and self._prefill:  # replicated under Branch Parallel: nothing to gather
             (self.hidden, preds), gathered = self._static_prefill(groups), True
         elif groups:
-            spread = [p if not (K == 1 and rep) else p[:1] for p, (K, _, rep) in zip(parts, self._shapes)]
-            bp_step = self.group.distributed and any(not (K == 1 and rep) for K, _, rep in self._shapes)
-            self.hidden, preds = self.graphs.run(local, items if bp_step else None, spread if bp_step else None,
-                                                 queries)
-            gathered = True
+            (self.hidden, preds), gathered = self.graphs.run(local, layouts, queries), True
         elif not any(item.queries for item in local):  # eager, and no row of this step is this rank's (K < N)
             self.hidden, preds, gathered = None, [self._empty(item) for item in local], False
         else:
@@ -211,16 +206,6 @@ class ModelRunner:
             return hidden[0], preds
         Q = max(h.shape[1] for h in hidden)
         return torch.cat([torch.nn.functional.pad(h, (0, 0, 0, Q - h.shape[1])) for h in hidden]), preds
-
-    def _local(self, item: StepItem, rows: range) -> StepItem:
-        """The rows of item this rank computes: local branch ids 0..K_r-1 (only their equality matters),
-        written at P + local_row * W (Pre-Write into this rank's own slot scratch)."""
-        if len(rows) == item.batch.tokens.shape[0]:
-            return item
-        b = item.batch
-        lengths = None if b.lengths is None or not len(rows) else b.lengths[rows.start:rows.stop]
-        batch = dataclasses.replace(b, tokens=b.tokens[rows.start:rows.stop], lengths=lengths)
-        return dataclasses.replace(item, batch=batch)
 
     def _empty(self, item: StepItem) -> Predictions:
         empty = torch.empty(item.batch.tokens.shape[0], item.batch.logit_cols.numel(),
