@@ -1,7 +1,7 @@
-"""Branch Parallel on the device path (engine/device.py: _update_spread), 2 and 3 gloo ranks (k = 1 over 3
-ranks: a rank holds no row of that request): each rank computes its rows, the predictions are gathered in
-global order, every rank runs the same update, winners' windows travel from their owners; token for token
-equal to one process, with the consistency check on."""
+"""Branch Parallel on the device path (engine/device.py's update behind runner/group.py), 2 and 3 gloo ranks
+(k = 1 over 3 ranks: a rank holds no row of that request): each rank computes its rows, the predictions are
+gathered in global order, every rank runs the same update, winners' windows travel from their owners; token for
+token equal to one process, with the consistency check on."""
 
 import pytest
 

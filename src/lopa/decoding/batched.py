@@ -247,7 +247,8 @@ def queries(st: Slots, n: int, Qb: int, mask_id: int,
             rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
     """The pending forward of every slot as runner/step.py's per-query fields [n, Qb]: row r column c ->
     query r*W + c; row r >= 1 is the anchor with its lookahead position filled with its predicted token.
-    ``rows`` (Branch Parallel): (first, count) [n] of the rows this rank computes, numbered 0.. locally."""
+    ``rows`` (Branch Parallel: runner/group.py, local_rows): (first, count) [n] of the rows this rank computes,
+    numbered 0.. locally; None: every row."""
     v = Rows(st, n)
     W, K, lo = v.width[:, None], v.rows[:, None], v.cached[:, None]
     q = torch.arange(Qb, device=st.canvas.device)[None]
@@ -263,26 +264,6 @@ def queries(st: Slots, n: int, Qb: int, mask_id: int,
     origin = torch.where(v.family > 0, 0, v.prompt_len)[:, None]  # block diffusion: blocks aligned at position 0
     block = torch.where(valid & v.causal.bool()[:, None], (pos - origin) // bs, 0)
     return tokens, torch.where(valid, c, 0), torch.where(valid, local, -1), block
-
-
-def assemble(gathered: torch.Tensor, st: Slots, n: int, Qg: int, rank: int) -> torch.Tensor:
-    """Branch Parallel: every rank's local predictions [N, B, Ql, 3] -> every slot's rows in global order
-    [n, Qg, 3]. Rows follow group.split_rows (balanced contiguous parts, rank 0 first); K = 1 is replicated,
-    so it is read from this rank's own copy (as the host path does)."""
-    N = gathered.shape[0]
-    v = Rows(st, n)
-    W, K = v.width.clamp(min=1)[:, None], v.rows[:, None]
-    q = torch.arange(Qg, device=gathered.device)[None]
-    r, c = q // W, q % W
-    size, extra = K // N, K % N  # ranks < extra hold size + 1 rows
-    cut = extra * (size + 1)
-    owner = torch.where(r < cut, r // (size + 1), extra + (r - cut) // size.clamp(min=1))
-    owner = torch.where(K == 1, rank, owner).clamp(0, N - 1)
-    start = owner * size + torch.minimum(owner, extra)
-    local = torch.where(K == 1, 0, r - start) * W + c
-    index = (owner * gathered.shape[1] + torch.arange(n, device=q.device)[:, None]) * gathered.shape[2]
-    index = (index + local.clamp(0, gathered.shape[2] - 1)).reshape(-1)
-    return gathered.reshape(-1, 3)[index].view(n, Qg, 3)
 
 
 def accept(st: Slots, n: int, preds: torch.Tensor, Wm: int, R: int, scores: tuple[str, ...], mask_id: int,

@@ -11,6 +11,10 @@ The engine takes this path for a decode step when every request of the step qual
 does not, the requests living here are stored back and the step runs the host strategies (and they come back
 when all qualify again). Per step the host learns, from one [n, 7] copy: done, round cap, committed length,
 next rows and width, the answer's settled length (streaming) and the winner.
+
+Under Branch Parallel every rank holds the same slot rows and runs the same update; the group (runner/group.py)
+says which rows of each slot this rank's forward computes and gathers every rank's predictions in global row
+order, and the runner commits the winners (ModelRunner.commit_winners). Nothing here asks which rank it runs on.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from ..decoding.threshold import ThresholdStrategy
 from ..models.spec import ModelSpec
 from ..runner.graphs import MAX_GRAPHS
 from ..runner.model_runner import ModelRunner
-from ..runner.step import Commit, pack_device
+from ..runner.step import pack_device
 from .sequence import Sequence
 
 
@@ -60,7 +64,6 @@ class DevicePath:
         self._luts: dict[tuple, torch.Tensor] = {}
         self._generation = 0  # bumped when the slots are reallocated (graphs read them in place)
         self.warm = False  # after warmup(): the slots never grow, nothing captures, an unwarmed key runs eagerly
-        self._gather_s = 0.0  # Branch Parallel: the group's gather seconds at the end of the last step
 
     def eligible(self, seq: Sequence) -> bool:
         """Greedy threshold / d2f / sdar / fast_dllm_v2 / lopa over any of them with a device branch score, no
@@ -127,24 +130,22 @@ class DevicePath:
     def step(self, seqs: list[Sequence], row_budget: int | None = None) -> list[list[int]]:
         """The decode step of seqs (slots 0..n-1, all on the device): per request [done, capped, cached, rows,
         width, ready, winner] after it. ``row_budget``: what the next proposals read (Engine.row_budget)."""
-        st, n = self.slots, len(seqs)
+        n = len(seqs)
         self.row_budget.fill_(-1 if row_budget is None else row_budget)
-        host = self.host[:n]
         measures = tuple(sorted({s.config.confidence for s in seqs}))
         scores = tuple(sorted({s.config.branch_confidence for s in seqs}))
         if n != self._live_n:
             self.live.copy_(torch.arange(self.live.shape[0], device=self.live.device) < n)
             self._live_n = n
         self._lut(measures)
-        span = self._span(seqs)
-        if self.runner.group.distributed:
-            out = self._update_spread(seqs, measures, scores, span)
-        else:
-            out = self._run(host, measures, scores, span)
+        out = self._run(self.host[:n], measures, scores, self._span(seqs))
         rows = out[:n].tolist()  # the one copy to the host
         for b, row in enumerate(rows):
             self.host[b] = row[2:5]
         self.runner.set_lengths([row[2] for row in rows])
+        if self.runner.group.check:  # RunnerConfig.bp_check: every rank's lengths, K/V and canvases agree
+            canvas = self.slots.canvas[:n].cpu()
+            self.runner.verify(list(range(n)), [canvas[b, :len(s.state.canvas)] for b, s in enumerate(seqs)])
         return rows
 
     def _span(self, seqs: list[Sequence]) -> int:
@@ -171,23 +172,27 @@ class DevicePath:
         return self._luts[measures]
 
     def _shape(self, host: list[list[int]], eager: bool = False) -> tuple[int, int, int | None, int, int]:
-        """(B, Qb, Lb, Wm, R) of the update over the requests whose [cached, rows, width] are ``host``: the runner's
-        buckets (runner.packed_shape; Lb None under "flex") and (Wm, R) from Qb (``widths``): a key set fixed by
-        the buckets and the slots' lookahead capacity. Without a static path: the step's exact shapes."""
-        queries, span = max(K * W for _, K, W in host), max(P + K * W for P, K, W in host)
-        B, Qb, Lb = self.runner.packed_shape(len(host), queries, span, eager)
-        if self.runner.graphs is None:
+        """(B, Qb, Lb, Wm, R) of the update over the requests whose [cached, rows, width] are ``host``. (B, Qb, Lb):
+        the runner's buckets (runner.packed_shape; Lb None under "flex") for the largest share of a request's rows
+        a rank computes (runner.rank_queries: the same on every rank; one process: K*W); (Wm, R) from the bucket of
+        the requests' whole K*W (``widths``): a key set fixed by the buckets and the slots' lookahead capacity.
+        Without a static path: the step's exact shapes."""
+        runner = self.runner
+        local = [runner.rank_queries(K, W) for _, K, W in host]
+        B, Qb, Lb = runner.packed_shape(len(host), max(local), max(P + q for (P, _, _), q in zip(host, local)), eager)
+        if runner.graphs is None:
             return B, Qb, Lb, max(W for _, _, W in host), max(K for _, K, _ in host)
-        return B, Qb, Lb, *self._widths(Qb)
+        return B, Qb, Lb, *self._widths(runner.graphs.bucket_queries(max(K * W for _, K, W in host)))
 
     def _widths(self, Qb: int) -> tuple[int, int]:
         return widths(Qb, self.slots.look.shape[1])
 
     def _run(self, host: list[list[int]], measures: tuple[str, ...], scores: tuple[str, ...],
              span: int) -> torch.Tensor:
-        """One process: the update of the step's key, replayed (or captured lazily before any warm-up). After the
-        warm-up a key it did not capture runs eagerly (counted with the static path's eager steps): SDPA over
-        the span, nothing captured or compiled for a new FlexAttention shape. ``span``: _span's J."""
+        """The update of the step's key, replayed (or captured lazily before any warm-up; Branch Parallel never
+        captures: Engine). After the warm-up a key it did not capture runs eagerly (counted with the static path's
+        eager steps): SDPA over the span, nothing captured or compiled for a new FlexAttention shape. ``span``:
+        _span's J."""
         shape = self._shape(host)
         if self.runner.graphs is not None:
             span = self._keyed_span(shape[3], span)
@@ -201,64 +206,33 @@ class DevicePath:
     def _update(self, B: int, Qb: int, Lb: int | None, Wm: int, R: int, measures: tuple[str, ...],
                 scores: tuple[str, ...], span: int) -> torch.Tensor:
         """Queries, forward, accept, commit, propose over slots 0..B-1; rows past the step's requests (free slots)
-        are zeroed first: no rows, no generated region, every index in range. Device work only: graph-capturable.
-        -> [B, 7]."""
-        st, mask = self.slots, self.spec.mask_id
+        are zeroed first: no rows, no generated region, every index in range. The forward computes this rank's rows
+        of each slot (group.local_rows; one process: all of them), the group gathers every rank's predictions in
+        global row order (one process: they are), every rank runs the same update, and the runner commits the
+        winners (under Branch Parallel from this rank's rows or the owner's broadcast, after reading them back).
+        In one process device work only: graph-capturable. -> [B, 7]."""
+        t0 = time.perf_counter()
+        st, mask, runner, group = self.slots, self.spec.mask_id, self.runner, self.runner.group
         v = Rows(st, B)
         live = self.live[:B]
         st.ints[:B] = torch.where(live[:, None], st.ints[:B], 0)  # free slots: no rows, no blocks, in range
-        lut = self._luts[measures]
-        lo = v.cached.clone()
-        fields = batched.queries(st, B, Qb, mask)
-        inputs = pack_device(fields, torch.where(live, lo, 0), lut[v.measure], live.long(), B, mask)
-        preds = self.runner.forward_packed(inputs, Lb, measures, (mask,))  # ONE forward
-        W, commit = v.width.clone(), v.commit.clone()
-        winner = batched.accept(st, B, preds, Wm, R, scores, mask, self.eos, span)
-        self.runner.commit_winners(lo, winner, W, commit, Wm)
-        batched.propose(st, B, mask, self.row_budget, Wm, span)
-        ready = batched.answer_ready(st, B, mask, Wm, span)
-        return torch.stack([v.done, v.capped, v.cached, v.rows, v.width, ready, winner], 1)
-
-    def _update_spread(self, seqs: list[Sequence], measures: tuple[str, ...], scores: tuple[str, ...],
-                       span: int) -> torch.Tensor:
-        """Branch Parallel (runner/group.py), eagerly: this rank computes its rows of every request, ONE all_gather
-        puts every rank's predictions in global row order on every rank, every rank runs the same update; the
-        winners' K/V come from this rank's rows or the owner's broadcast (ModelRunner.commit, after reading the
-        winners back). -> [n, 7]."""
-        st, mask, runner, group = self.slots, self.spec.mask_id, self.runner, self.runner.group
-        n, host = len(seqs), self.host[:len(seqs)]
-        t0 = time.perf_counter()
-        mine = [group.parts(K, True)[group.rank] for _, K, _ in host]
-        local = max(max(len(r) for r in group.parts(K, True)) * W for _, K, W in host)  # the same on every rank
-        B, Qb, Lb = runner.packed_shape(n, max(local, 1), max(P + len(r) * W for r, (P, _, W) in zip(mine, host)))
-        dev = st.canvas.device
-        first = torch.tensor([r.start for r in mine] + [0] * (B - n), device=dev)
-        count = torch.tensor([len(r) for r in mine] + [0] * (B - n), device=dev)
-        v, live = Rows(st, B), self.live[:B]
-        st.ints[:B] = torch.where(live[:, None], st.ints[:B], 0)
-        lo = v.cached.clone()
-        fields = batched.queries(st, B, Qb, mask, (first, count))
+        lo, K = v.cached.clone(), v.rows  # K [B]: read before propose rewrites it
+        fields = batched.queries(st, B, Qb, mask, group.local_rows(K))
         inputs = pack_device(fields, torch.where(live, lo, 0), self._luts[measures][v.measure], live.long(), B, mask)
         t1 = time.perf_counter()
-        gathered = group.gather_rows(runner.forward_packed(inputs, Lb, measures, (mask,)))  # ONE forward
+        packed = runner.forward_packed(inputs, Lb, measures, (mask,))  # ONE forward: [B, Qb, 3]
         t2 = time.perf_counter()
-        Wm, R = max(W for _, _, W in host), max(K for _, K, _ in host)
-        preds = batched.assemble(gathered, st, n, max(K * W for _, K, W in host), group.rank)
-        winner = batched.accept(st, n, preds, Wm, R, scores, mask, self.eos, span)
-        picks = torch.stack([winner, Rows(st, n).commit]).tolist()
+        W, commit = v.width.clone(), v.commit.clone()
+        preds = group.gather_rows(packed, K, W)  # [B, >= K*W, 3]
         t3 = time.perf_counter()
-        runner.commit_rows([Commit(b, b, picks[0][b], picks[1][b]) for b in range(n)],
-                           [(K, W, True) for _, K, W in host])
-        if group.check:
-            runner.verify(list(range(n)), [st.canvas[b, :len(s.state.canvas)].cpu() for b, s in enumerate(seqs)])
-        batched.propose(st, n, mask, self.row_budget, Wm, span)
-        ready = batched.answer_ready(st, n, mask, Wm, span)
-        c = group.counters
+        winner = batched.accept(st, B, preds, Wm, R, scores, mask, self.eos, span)
+        c = group.counters  # Branch Parallel's phases (a captured update counts its capture once)
         c.prepare_s += t1 - t0
-        c.forward_s += t2 - t1 - (c.gather_s - self._gather_s)
-        c.select_s += t3 - t2
-        self._gather_s = c.gather_s
-        v = Rows(st, n)
+        c.forward_s += t2 - t1
+        c.select_s += time.perf_counter() - t3
+        runner.commit_winners(lo, winner, K, W, commit, Wm)
+        batched.propose(st, B, mask, self.row_budget, Wm, span)
+        ready = batched.answer_ready(st, B, mask, Wm, span)
         return torch.stack([v.done, v.capped, v.cached, v.rows, v.width, ready, winner], 1)
 
     def _replay(self, key: tuple, update) -> torch.Tensor:

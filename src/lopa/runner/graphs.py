@@ -217,9 +217,13 @@ class GraphExecutor:
         q = queries or max(item.queries for item in items)
         measures = tuple(sorted({item.pspec.measure for item in items if item.batch.logit_cols.numel()})) or ("prob",)
         if self.attention == "flex":
-            return B, query_bucket(q), pool.capacity, measures, self._suppress(items)
+            return B, self.bucket_queries(q), pool.capacity, measures, self._suppress(items)
         Lb = min(round_up(max(item.batch.start + item.queries for item in items), KEY_STEP), pool.capacity)
-        return B, round_up(q, ROW_STEP), Lb, measures, self._suppress(items)
+        return B, self.bucket_queries(q), Lb, measures, self._suppress(items)
+
+    def bucket_queries(self, queries: int) -> int:
+        """Qb of a request row of ``queries`` queries: a query bucket ("flex"), or a multiple of ROW_STEP."""
+        return query_bucket(queries) if self.attention == "flex" else round_up(queries, ROW_STEP)
 
     def warmed(self, n: int, queries: int) -> bool:
         """Whether the warm-up captured the shape of a step of n requests whose longest row has ``queries`` queries
@@ -303,11 +307,11 @@ class GraphExecutor:
         st = self.statics[key] = Static(host, torch.zeros_like(host, device=self.runner.device), Lb)
         return st
 
-    def run(self, items: list[StepItem], spread: list[StepItem] | None = None,
-            layouts: list[list[range]] | None = None, queries: int | None = None) -> tuple[torch.Tensor, list[Predictions]]:
-        """``items``: this rank's rows of each request. Under Branch Parallel ``spread`` holds the whole
-        requests, ``layouts`` which ranks computed which of their rows, and the predictions of every rank are
-        gathered on the device before the one device-to-host copy."""
+    def run(self, items: list[StepItem], layouts: list[list[range]] | None = None,
+            queries: int | None = None) -> tuple[torch.Tensor, list[Predictions]]:
+        """``items``: this rank's rows of each request; ``layouts``: which rank computed which of their rows (the
+        group's split; None: all here). The group gathers every rank's predictions (Branch Parallel: on the
+        device) with the step's one device-to-host copy. ``queries``: as for ``key``."""
         key = self.key(items, queries)
         _, _, _, measures, suppress = key
         if items[0].slot:  # a prefill over slots first..: the key's shapes, not its graph (module docstring)
@@ -329,10 +333,7 @@ class GraphExecutor:
         else:
             st.graph.replay()
         hidden, packed = st.out
-        if spread is None:
-            preds = [Predictions(*p) for p in split(packed.cpu()[None], items)]  # the step's one device-to-host copy
-        else:  # [N, B, Qb, 3]: one all_gather on the device, then the one copy to the host
-            preds = [Predictions(*p) for p in split(self.runner.group.gather_packed(packed), spread, layouts)]
+        preds = [Predictions(*p) for p in split(self.runner.group.gather_packed(packed, layouts), items, layouts)]
         return hidden, preds
 
     def _run_at(self, items: list[StepItem], key: tuple) -> tuple[torch.Tensor, list[Predictions]]:

@@ -6,7 +6,14 @@ gloo between CPU processes; a gloo control group beside it) spreads each request
 
     rows      split_rows(K, N): balanced contiguous parts (sizes differ by <= 1), row 0 on rank 0;
               K = 1 (prefill, k = 0, the dream sampler) is replicated: every rank computes it, no traffic
-    gather    ONE all_gather of the step's packed local predictions -> every rank holds every row's
+    split     the host path's step (ModelRunner.execute): this rank's rows of each request, and the layouts
+              its packed predictions gather by (LocalGroup: every item whole, None)
+    local_rows  the device path's (engine/device.py): (first, count) [B] of this rank's rows of each slot, as
+              tensors (rows_of; LocalGroup: None = every row)
+    gather    ONE all_gather of the step's local predictions -> every rank holds every row's, in global row
+              order: ``gather`` (eager: the logit columns), ``gather_packed`` (the static path: the packed step,
+              then the step's one copy to the host), ``gather_rows`` (the device path: on the device, put in
+              order by in_row_order); LocalGroup returns them as they are (gather_packed: copied to the host)
     source    where a winner's window K/V come from: the rank's own rows, or the owner's broadcast
     broadcast Commit-Winner-Cache: ONE packed broadcast per owning rank per step (window K/V + last hidden)
     sync      the control plane: rank 0 ships the engine's joins/aborts (or stop) before every step
@@ -33,7 +40,7 @@ from __future__ import annotations
 
 import pickle
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import timedelta
 from typing import Callable, TypeVar
 
@@ -42,6 +49,7 @@ import torch
 from ..decoding.base import Predictions
 from ..errors import BranchParallelError
 from .memory import is_oom
+from .step import StepItem
 
 CTRL_TIMEOUT = timedelta(days=7)  # workers wait on rank 0 between generate calls; a dead peer still fails at once
 
@@ -63,6 +71,49 @@ def split_rows(K: int, world: int, replicate: bool = True) -> list[range]:
         parts.append(range(start, start + n))
         start += n
     return parts
+
+
+def _first_row(rank, size: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+    """split_rows' first row of ``rank`` (an int or a tensor) when K = size * N + extra: ranks < extra hold size + 1
+    rows, the others size."""
+    return rank * size + extra.clamp(max=rank)
+
+
+def rows_of(K: torch.Tensor, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """split_rows on the device, replicated: (first, count) [B] of ``rank``'s rows of each slot's K [B] rows."""
+    size, extra = K // world, K % world
+    first, count = _first_row(rank, size, extra), size + (extra > rank).long()
+    one = K == 1  # every rank computes row 0
+    return torch.where(one, 0, first), torch.where(one, 1, count)
+
+
+def in_row_order(gathered: torch.Tensor, K: torch.Tensor, W: torch.Tensor, rank: int) -> torch.Tensor:
+    """The inverse of rows_of: every rank's packed predictions [N, B, Qb, 3] (rank r's rows of slot b numbered 0..
+    locally, query local_row * W + c) -> [B, N * Qb, 3], row r column c of slot b at query r * W[b] + c (K[b] * W[b]
+    <= N * Qb; the queries past it are padding, copies of others). K = 1 is replicated: read from ``rank``'s own
+    copy, as the host path does."""
+    N, B, Qb, _ = gathered.shape
+    W, K = W.clamp(min=1)[:, None], K[:, None]
+    q = torch.arange(N * Qb, device=gathered.device)[None]
+    r, c = q // W, q % W  # [B, N * Qb] the global row and column of each query
+    size, extra = K // N, K % N
+    cut = extra * (size + 1)  # the rows of the ranks holding size + 1
+    owner = torch.where(r < cut, r // (size + 1), extra + (r - cut) // size.clamp(min=1))
+    owner = torch.where(K == 1, rank, owner).clamp(0, N - 1)
+    local = torch.where(K == 1, 0, r - _first_row(owner, size, extra)) * W + c
+    index = (owner * B + torch.arange(B, device=q.device)[:, None]) * Qb + local.clamp(0, Qb - 1)
+    return gathered.reshape(-1, 3)[index.reshape(-1)].view(B, N * Qb, 3)
+
+
+def _rows(item: StepItem, rows: range) -> StepItem:
+    """The rows of item this rank computes: local branch ids 0..K_r-1 (only their equality matters), written at
+    P + local_row * W (Pre-Write into this rank's own slot scratch)."""
+    if len(rows) == item.batch.tokens.shape[0]:
+        return item
+    b = item.batch
+    lengths = None if b.lengths is None or not len(rows) else b.lengths[rows.start:rows.stop]
+    batch = replace(b, tokens=b.tokens[rows.start:rows.stop], lengths=lengths)
+    return replace(item, batch=batch)
 
 
 @dataclass
@@ -117,14 +168,23 @@ class LocalGroup:
     def __init__(self) -> None:
         self.counters = BPCounters()
 
-    def parts(self, K: int, replicate: bool) -> list[range]:
-        return [range(K)]
+    def split(self, items: list[StepItem], shapes) -> tuple[list[StepItem], None]:
+        return items, None
+
+    def local_rows(self, K: torch.Tensor) -> None:
+        return None  # every row
 
     def source(self, K: int, row: int, replicate: bool) -> Source:
         return Source(row, 0, False)
 
     def gather(self, preds: list[Predictions], shapes, dtype) -> list[Predictions]:
         return preds
+
+    def gather_packed(self, packed: torch.Tensor, layouts: None) -> torch.Tensor:
+        return packed.cpu()[None]  # the step's one device-to-host copy
+
+    def gather_rows(self, packed: torch.Tensor, K: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        return packed
 
     def record(self, event: Event) -> None:
         """Nobody to tell."""
@@ -168,8 +228,19 @@ class BranchGroup:
         self.events: list[Event] = []  # rank 0: the engine's events since the last step, shipped by the next
 
     # -- where rows live --------------------------------------------------------------------------------
-    def parts(self, K: int, replicate: bool) -> list[range]:
-        return split_rows(K, self.world, replicate)
+    def split(self, items: list[StepItem], shapes: list[tuple[int, int, bool]]
+              ) -> tuple[list[StepItem], list[list[range]] | None]:
+        """This rank's rows of each item (shapes: (K, W, replicate) per item) and the layouts of the packed
+        predictions' gather (runner/step.py: split): per item the rows each rank computed, a replicated row from
+        rank 0's copy; None when every row is replicated (nothing to gather)."""
+        parts = [split_rows(K, self.world, rep) for K, _, rep in shapes]
+        local = [_rows(item, p[self.rank]) for item, p in zip(items, parts)]
+        spread = [not (K == 1 and rep) for K, _, rep in shapes]
+        return local, [p if s else p[:1] for p, s in zip(parts, spread)] if any(spread) else None
+
+    def local_rows(self, K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The device path's split: (first, count) [B] of this rank's rows of each slot's K [B] rows."""
+        return rows_of(K, self.rank, self.world)
 
     def source(self, K: int, row: int, replicate: bool) -> Source:
         parts = split_rows(K, self.world, replicate)
@@ -254,27 +325,30 @@ class BranchGroup:
         c.gather_s += time.perf_counter() - t0
         return preds
 
-    def gather_packed(self, packed: torch.Tensor) -> torch.Tensor:
+    def gather_packed(self, packed: torch.Tensor, layouts: list[list[range]] | None) -> torch.Tensor:
         """The static path's packed predictions [B, Qb, 3] (device, the same shape on every rank) -> every rank's,
-        [N, B, Qb, 3] on the host: ONE all_gather, then one device-to-host copy."""
+        [N, B, Qb, 3] on the host: ONE all_gather, then one device-to-host copy. ``layouts`` None (split: every
+        row replicated): this rank's alone, [1, B, Qb, 3], nothing sent."""
+        if layouts is None:
+            return packed.cpu()[None]
         if self.sync_timers and packed.is_cuda:
             torch.cuda.synchronize(packed.device)  # the forward's time stays the forward's
         t0 = time.perf_counter()
-        out = torch.empty(self.world * packed.shape[0], *packed.shape[1:], dtype=packed.dtype, device=packed.device)
-        self._guard("all_gather of the predictions",
-                    lambda: self._wait(self._all_gather(out, packed.contiguous(), async_op=True)))
-        host = out.cpu().view(self.world, *packed.shape)
-        c = self.counters
-        c.gathers += 1
-        c.gather_bytes += packed.numel() * packed.element_size()
-        c.split_steps += 1
-        c.gather_s += time.perf_counter() - t0
+        host = self._gather_device(packed).cpu()
+        self.counters.gather_s += time.perf_counter() - t0
         return host
 
-    def gather_rows(self, packed: torch.Tensor) -> torch.Tensor:
-        """The device path's (engine/device.py) packed local predictions [B, Qb, 3] -> every rank's [N, B, Qb, 3],
-        on the device: ONE all_gather, nothing copied to the host."""
+    def gather_rows(self, packed: torch.Tensor, K: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """The device path's (engine/device.py) packed local predictions [B, Qb, 3] (rows local_rows gave, the
+        same shape on every rank) -> every row's in global order [B, N * Qb, 3] (in_row_order), on the device:
+        ONE all_gather, nothing copied to the host. K, W: the slots' rows and widths [B]."""
         t0 = time.perf_counter()
+        preds = in_row_order(self._gather_device(packed), K, W, self.rank)
+        self.counters.gather_s += time.perf_counter() - t0
+        return preds
+
+    def _gather_device(self, packed: torch.Tensor) -> torch.Tensor:
+        """ONE all_gather of a packed [B, Qb, 3] -> [N, B, Qb, 3] on its device, counted."""
         out = torch.empty(self.world * packed.shape[0], *packed.shape[1:], dtype=packed.dtype, device=packed.device)
         self._guard("all_gather of the predictions",
                     lambda: self._wait(self._all_gather(out, packed.contiguous(), async_op=True)))
@@ -282,7 +356,6 @@ class BranchGroup:
         c.gathers += 1
         c.gather_bytes += packed.numel() * packed.element_size()
         c.split_steps += 1
-        c.gather_s += time.perf_counter() - t0
         return out.view(self.world, *packed.shape)
 
     def broadcast(self, pool, hidden, work: list) -> None:

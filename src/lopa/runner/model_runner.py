@@ -3,9 +3,10 @@
     preds = runner.execute(items)      # ONE forward for every request of the step -> Predictions per request
     runner.commit(commits)             # each winner's leading K/V become committed positions of its slot
 
-Under Branch Parallel (runner/group.py) the runner computes only this rank's rows of each request, the
-group gathers every row's predictions after the forward, and ``commit`` takes a winner's K/V from this
-rank's rows or from the owner's broadcast. One process uses a LocalGroup: every row here, nothing sent.
+Under Branch Parallel (runner/group.py) the runner computes only this rank's rows of each request (the group's
+``split``; the device path's ``local_rows``), the group gathers every row's predictions after the forward, and
+``commit`` takes a winner's K/V from this rank's rows or from the owner's broadcast. One process uses a
+LocalGroup: every row here, nothing sent. The runner never asks which rank it is.
 
 A step runs eagerly with exact shapes (sampled requests, steps without a static path), or on the static path
 (runner/graphs.py: bucketed shapes, replayed from CUDA graphs on a GPU; prefill steps too under "flex"). Both
@@ -15,7 +16,6 @@ it without capture.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import torch
@@ -25,7 +25,7 @@ from ..decoding.base import Predictions
 from ..models.spec import ModelSpec
 from ..decoding.confidence import predict
 from ..models.attention import step_block_mask, step_mask
-from .graphs import KEY_STEP, ROW_STEP, GraphExecutor, bucket, predict_rows, query_bucket, round_up
+from .graphs import KEY_STEP, GraphExecutor, bucket, predict_rows, round_up
 from .group import LocalGroup
 from .memory import kv_budget
 from .step import FIELDS, Commit, StepItem, pack, unpack
@@ -130,15 +130,21 @@ class ModelRunner:
         decode step runs: all of them, unless after the warm-up their step would have no warmed shape; then the
         most of the first ones that have one together and fill their batch bucket exactly (the rows past a step's
         requests must be free slots: the device path clears them), at least one. Queries as the static path's key
-        counts them (Branch Parallel: the largest rank's share of each request's rows; every rank takes the same)."""
+        counts them (rank_queries; every rank takes the same)."""
         n = len(shapes)
         if self.graphs is None or not self.graphs.frozen:
             return n
-        queries = [max(len(r) for r in self.group.parts(K, True)) * W for K, W in shapes]
+        queries = [self.rank_queries(K, W) for K, W in shapes]
         if self.graphs.warmed(n, max(queries)):
             return n
         fits = [m for m in range(1, n) if bucket(m, self.pool.slots) == m and self.graphs.warmed(m, max(queries[:m]))]
         return max(fits, default=1)
+
+    def rank_queries(self, K: int, W: int) -> int:
+        """Queries of the largest share of a request's K x W rows a rank computes (Branch Parallel: split_rows'
+        parts differ by at most one row, so ceil(K / N) rows; one process: K*W): the same on every rank, so every
+        rank's forward has one shape and the predictions gather as one tensor."""
+        return -(-K // self.group.world) * W
 
     # -- one step ---------------------------------------------------------------------------------------
     def execute(self, items: list[StepItem]) -> list[Predictions]:
@@ -159,23 +165,18 @@ class ModelRunner:
                 raise ValueError("position 0 of the window needs the last committed hidden state (none cached)")
         t0 = time.perf_counter()
         self._shapes = [(*item.batch.tokens.shape, item.pspec.temperature == 0) for item in items]
-        parts = [self.group.parts(K, rep) for K, _, rep in self._shapes]
-        local = [self._local(item, p[self.group.rank]) for item, p in zip(items, parts)]  # this rank's rows
+        local, layouts = self.group.split(items, self._shapes)  # this rank's rows; how the static path gathers
+        queries = max(self.rank_queries(K, W) for K, W, _ in self._shapes)
         bp = self.group.counters
         t1 = time.perf_counter()
         gather_before = bp.gather_s  # the static path gathers inside its run: not forward time
-        queries = max(max(len(r) for r in p) * item.batch.tokens.shape[1] for p, item in zip(parts, items))
         # every rank takes the same path (plan() reads only what all ranks share), so the collectives match
         self._prefill = all(item.batch.prefill for item in items)  # the counters count decode steps only
         groups = self.graphs.plan(local, queries) if self.graphs is not None else []
         if groups and self._prefill:  # replicated under Branch Parallel: nothing to gather
             (self.hidden, preds), gathered = self._static_prefill(groups), True
         elif groups:
-            spread = [p if not (K == 1 and rep) else p[:1] for p, (K, _, rep) in zip(parts, self._shapes)]
-            bp_step = self.group.distributed and any(not (K == 1 and rep) for K, _, rep in self._shapes)
-            self.hidden, preds = self.graphs.run(local, items if bp_step else None, spread if bp_step else None,
-                                                 queries)
-            gathered = True
+            (self.hidden, preds), gathered = self.graphs.run(local, layouts, queries), True
         elif not any(item.queries for item in local):  # eager, and no row of this step is this rank's (K < N)
             self.hidden, preds, gathered = None, [self._empty(item) for item in local], False
         else:
@@ -205,16 +206,6 @@ class ModelRunner:
             return hidden[0], preds
         Q = max(h.shape[1] for h in hidden)
         return torch.cat([torch.nn.functional.pad(h, (0, 0, 0, Q - h.shape[1])) for h in hidden]), preds
-
-    def _local(self, item: StepItem, rows: range) -> StepItem:
-        """The rows of item this rank computes: local branch ids 0..K_r-1 (only their equality matters),
-        written at P + local_row * W (Pre-Write into this rank's own slot scratch)."""
-        if len(rows) == item.batch.tokens.shape[0]:
-            return item
-        b = item.batch
-        lengths = None if b.lengths is None or not len(rows) else b.lengths[rows.start:rows.stop]
-        batch = dataclasses.replace(b, tokens=b.tokens[rows.start:rows.stop], lengths=lengths)
-        return dataclasses.replace(item, batch=batch)
 
     def _empty(self, item: StepItem) -> Predictions:
         empty = torch.empty(item.batch.tokens.shape[0], item.batch.logit_cols.numel(),
@@ -312,9 +303,8 @@ class ModelRunner:
         if self.graphs is None:
             return n, queries, span
         B, Lb = bucket(n, self.pool.slots), min(round_up(span, KEY_STEP), self.pool.capacity)
-        if self.graphs.attention == "flex":
-            return B, query_bucket(queries), Lb if eager else None
-        return B, round_up(queries, ROW_STEP), Lb
+        flex = self.graphs.attention == "flex"
+        return B, self.graphs.bucket_queries(queries), None if flex and not eager else Lb
 
     def forward_packed(self, inputs: torch.Tensor, Lb: int | None, measures: tuple[str, ...],
                        suppress: tuple[int, ...]) -> torch.Tensor:
@@ -331,11 +321,21 @@ class ModelRunner:
         predict = self.graphs.predict if self.graphs is not None else predict_rows  # fused when compiled
         return predict(logits, measure, suppressed, measures, suppress)
 
-    def commit_winners(self, P: torch.Tensor, row: torch.Tensor, W: torch.Tensor, n: torch.Tensor,
+    def commit_winners(self, P: torch.Tensor, row: torch.Tensor, K: torch.Tensor, W: torch.Tensor, n: torch.Tensor,
                        Wm: int) -> None:
-        """commit for slots 0..len(P)-1 from device tensors [len(P)]: the first n[b] window columns of row[b]
-        (at P + row*W) become positions P.. of slot b, with the last one's hidden state; one gather-scatter
-        (row 0's columns already sit there). The host lengths are set apart (set_lengths)."""
+        """commit for slots 0..len(P)-1 from device tensors [len(P)] after forward_packed: the first n[b] window
+        columns of row[b] (of K[b] rows of W[b] columns, at P + row*W) become positions P.. of slot b, with the last
+        one's hidden state. One process: one gather-scatter on the device (row 0's columns already sit there;
+        graph-capturable), the host lengths set apart (set_lengths). Branch Parallel: the winners are read back (a
+        second small copy, timed as select: it waits for accept) and ``commit`` takes each winner's K/V from this
+        rank's rows or its owner's broadcast."""
+        if self.group.distributed:
+            t0 = time.perf_counter()
+            rows, counts, Ks, Ws = torch.stack([row, n, K, W]).tolist()
+            self.group.counters.select_s += time.perf_counter() - t0
+            self._shapes, self._prefill = [(k, w, True) for k, w in zip(Ks, Ws)], False  # as execute records them
+            self.commit([Commit(b, b, r, c) for b, (r, c) in enumerate(zip(rows, counts))])
+            return
         S = P.shape[0]
         dev = P.device
         j = torch.arange(Wm, device=dev)[None]
@@ -347,12 +347,6 @@ class ModelRunner:
         self.pool.commit(slots, src, dst)
         last = self.hidden[torch.arange(S, device=dev), (row * W + n - 1).clamp(min=0)]  # [S, E]
         self.pool.last_hidden[:S] = torch.where((n > 0)[:, None], last, self.pool.last_hidden[:S])
-
-    def commit_rows(self, commits: list[Commit], shapes: list[tuple[int, int, bool]]) -> None:
-        """commit after forward_packed under Branch Parallel: ``shapes`` (K, W, replicated) per request of the
-        step, as execute records them, so that each winner's K/V come from this rank's rows or its owner."""
-        self._shapes, self._prefill = shapes, False
-        self.commit(commits)
 
     def set_lengths(self, lengths: list[int]) -> None:
         """Committed lengths of slots 0..len(lengths)-1, as the device step left them."""
