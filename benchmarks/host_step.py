@@ -5,6 +5,8 @@ twice in one process (pass 0: cold, pass 1: the same problems again), in each of
 
     host     RunnerConfig.device_step=False: today's host strategies, graphs captured lazily
     device   device_step=True without the warm-up: the device path, its graphs captured lazily
+    eager    the device path without CUDA graphs (cuda_graphs=False): every kernel launched one by one (with
+             --profile, a kernel table that does not depend on the profiler tracing inside graph replays)
     warm     warmup=True, attention "flex", device_step on (what RunnerConfig's "auto" picks on a GPU): every graph
              captured inside load_model (--warm-tokens, --warm-positions); its start-up (seconds, graphs, GPU
              memory) is in the meta
@@ -34,6 +36,8 @@ Results are written after every row (a run cut short keeps the rows it finished)
     PYTHONPATH=src python3 benchmarks/host_step.py --out benchmarks/results/host_step_h100   # the whole grid
     PYTHONPATH=src python3 benchmarks/host_step.py --strategies d2f --modes warm,host --out /tmp/d2f
     PYTHONPATH=src python3 benchmarks/host_step.py --tiny --out /tmp/x          # CPU smoke test
+    PYTHONPATH=src python3 benchmarks/host_step.py --ns 1,32 --strategies lopa --modes warm,host,eager --profile 1,32 \
+        --warm-positions 8192 --out /tmp/p     # kernel tables of pass 1 (profile_<mode>_lopa_<n>.txt)
     PYTHONPATH=src python3 benchmarks/host_step.py --shape dream-7b --k 3 --ns 1,32 --modes warm,host \
         --warm-tokens 16384 --out benchmarks/results/host_step_dream7b     # issue 26's Dream-7B host share
 
@@ -144,7 +148,7 @@ def run_pass(model, prompts: list[list[int]], config, clock: ForwardClock) -> di
     seqs = [engine.prepare(p, config) for p in prompts]
     for seq in seqs:
         engine.add(seq)
-    results, walls, forwards = {}, [], []
+    results, walls, forwards, positions = {}, [], [], []
     clock.take()
     while engine.has_work():
         outs = engine.step()
@@ -153,6 +157,7 @@ def run_pass(model, prompts: list[list[int]], config, clock: ForwardClock) -> di
         if info is not None and info.kind == "decode" and info.requests == len(prompts):
             walls.append(1e3 * info.seconds)
             forwards.append(forward_ms)
+            positions.append(info.positions)
         for out in outs:
             if out.error is not None:
                 raise out.error
@@ -164,12 +169,31 @@ def run_pass(model, prompts: list[list[int]], config, clock: ForwardClock) -> di
     hosts = [w - f for w, f in zip(walls, forwards)]
     return {"full_steps": len(walls), "wall_ms": statistics.median(walls), "forward_ms": statistics.median(forwards),
             "host_ms": statistics.median(hosts), "host_ms_mean": statistics.fmean(hosts),
+            "positions": statistics.fmean(positions),
             "tokens": generated, "tokens_per_s": generated / decode_s, "decode_s": decode_s,
             "captures": c.captures_after_start - before[1], "eager_steps": c.eager_decode_steps - before[2],
             "device_steps": c.device_steps - before[3], "token_ids": tokens}
 
 
-MODES = ("warm", "host", "device")
+MODES = ("warm", "host", "device", "eager")
+
+
+@contextlib.contextmanager
+def profiled(on: bool, path: Path, title: str, cuda: bool):
+    """--profile: torch.profiler around the block, its kernel table (by device time; kernels inside CUDA graph
+    replays appear where the profiler can trace them) written to ``path``."""
+    if not on:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        yield
+    table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40,
+                                      max_name_column_width=80)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"## {title}\n\n{table}\n")
 
 
 def main() -> None:
@@ -180,7 +204,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=7, help="lopa's k")
     ap.add_argument("--shape", default=None, help="random weights at a step_latency.py shape (dream-7b, llada-8b, "
                     "...; prompts of random ids, GSM8K-like lengths) instead of the embedded default model")
-    ap.add_argument("--modes", default=",".join(MODES), help="warm, host and/or device (module docstring)")
+    ap.add_argument("--modes", default="warm,host,device", help="warm, host, device and/or eager (module docstring)")
     ap.add_argument("--warm-tokens", type=int, default=64 * 1024,
                     help="warm: RunnerConfig.max_num_batched_tokens, the padded queries (B bucket x Qb) the warm-up "
                          "captures up to (default: 64 lopa k=7 requests of up to 1024 queries, gen_length 128)")
@@ -194,6 +218,8 @@ def main() -> None:
     ap.add_argument("--random-hidden", type=int, default=1024, help="--family: hidden size of the random model")
     ap.add_argument("--random-layers", type=int, default=12, help="--family: layers of the random model")
     ap.add_argument("--model", type=Path, default=None, help="a model folder instead (e.g. SDAR-1.7B-Chat)")
+    ap.add_argument("--profile", default="", help="comma-separated n: profile pass 1 of those n in every mode and "
+                    "strategy (torch.profiler kernel tables, profile_<mode>_<strategy>_<n>.txt beside the results)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/host_step"))
     args = ap.parse_args()
     with contextlib.ExitStack() as stack:
@@ -228,7 +254,8 @@ def _load(path, args, mode: str, n: int):
                                    device_step=True, max_num_batched_tokens=args.warm_tokens,
                                    max_positions=args.warm_positions)
     else:
-        runner = lopa.RunnerConfig(device=args.device, max_num_seqs=n, device_step=mode == "device")
+        runner = lopa.RunnerConfig(device=args.device, max_num_seqs=n, device_step=mode != "host",
+                                   cuda_graphs=mode != "eager")
     if args.shape is None:
         return lopa.load_model(path, runner=runner)
     from bp_latency import RandomSource
@@ -292,7 +319,10 @@ def measure(path, args, save) -> tuple[list[dict], dict]:
                 config = decode_config(None, model.model_type, gen_length=args.gen_length,
                                        **strategy(keys[name], table[keys[name]][1], model.model_type))
                 with torch.inference_mode(), ForwardClock(cuda) as clock:
-                    passes = [run_pass(model, problems[:n], config, clock) for _ in range(2)]
+                    passes = [run_pass(model, problems[:n], config, clock)]
+                    with profiled(str(n) in args.profile.split(","), args.out / f"profile_{mode}_{keys[name]}_{n}.txt",
+                                  f"{mode} mode, {name}, n = {n}, pass 1", cuda):
+                        passes.append(run_pass(model, problems[:n], config, clock))
                 assert all((p["device_steps"] > 0) == (mode != "host") for p in passes), mode
                 ids[name, n, mode] = [p.pop("token_ids") for p in passes]
                 rows[name, n][mode] = {"pass0": passes[0], "pass1": passes[1]}

@@ -176,14 +176,18 @@ def test_host_step_tiny_pairs_both_paths(tmp_path):
 
 
 def test_host_step_random_shape(tmp_path):
-    """--shape: random weights at a step_latency.py shape (no tokenizer: random prompt ids), --k for lopa."""
+    """--shape: random weights at a step_latency.py shape (no tokenizer: random prompt ids), --k for lopa; the eager
+    mode (the device path without CUDA graphs) and --profile's kernel tables."""
     run("host_step.py", "--shape", "tiny", "--device", "cpu", "--strategies", "lopa", "--k", "3", "--modes",
-        "host,device", "--ns", "1", "--gen-length", "8", "--out", str(tmp_path))
+        "host,eager", "--ns", "1", "--gen-length", "8", "--profile", "1", "--out", str(tmp_path))
     data = json.loads((tmp_path / "host_step.json").read_text())
     (row,) = data["rows"]
     assert data["meta"]["model"] == "tiny" and row["strategy"] == "lopa k=3"
-    assert row["host"]["tokens_equal"] is True and row["device"]["tokens_equal"] is True
-    assert row["device"]["pass1"]["device_steps"] > 0 and row["host"]["pass1"]["tokens"] > 0
+    assert row["host"]["tokens_equal"] is True and row["eager"]["tokens_equal"] is True
+    assert row["eager"]["pass1"]["device_steps"] > 0 and row["host"]["pass1"]["tokens"] > 0
+    assert row["eager"]["pass1"]["positions"] >= row["eager"]["pass1"]["tokens"] / row["eager"]["pass1"]["full_steps"]
+    for mode in ("host", "eager"):  # --profile 1: pass 1's kernel table
+        assert "aten::" in (tmp_path / f"profile_{mode}_lopa_1.txt").read_text()
 
 
 def test_device_update_against_the_whole_width_update(tmp_path):

@@ -192,12 +192,13 @@ def test_load_model_warms_up_and_nothing_compiles_or_captures_after(tiny_dream_d
     assert model.runner.graphs.attention == "flex"  # "auto" with the warm-up
     stats = model.runner.graphs.stats
     assert stats.warmup_graphs > 0 and stats.captures == stats.warmup_graphs
-    # after the first key only a new query bucket compiles, and only its attention (dynamic in the batch)
+    # after the first key a query bucket already seen compiles nothing, a new one at most its attention (dynamic in
+    # the batch; torch versions that also make it dynamic in the queries compile nothing more at all)
     seen, later = set(), []
     for key, n in zip(model.runner.graphs.statics, stats.warmup_key_compiles):
         later.append((key[:2], n, key[1] in seen))
         seen.add(key[1])
-    assert all(n == (0 if old else 1) for _, n, old in later[1:]), later
+    assert all(n <= (0 if old else 1) for _, n, old in later[1:]), later
     prompts = ["a", "Tom has 12 apples and " * 12, "The cat sat", "one two three four five six seven"]
     cfgs = [lopa.DecodeConfig(strategy=s, k=k, gen_length=24, block_size=8)
             for s, k in (("lopa", 7), ("d2f", 0), ("lopa", 3), ("threshold", 0))]
