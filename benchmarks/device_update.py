@@ -10,6 +10,8 @@ largest forward and Wm = Qb window columns; the branch rows R depend on the vari
 
     span       this tree: the update over each slot's span (batched.Geometry), R from Qb (engine/device.py: widths)
     span, R=K  the same with R = the step's largest K (what a row bucket in the graph key would buy)
+    compiled   (--compiled) "span" with each of the four calls through torch.compile (dynamic shapes): what fusing
+               the update's few hundred small kernels would buy (an experiment: the engine does not compile it)
     old        --against's decoding/batched.py and slots.py (default: the commit before the span change), read with
                git show into temporary modules: every per-position tensor over the whole slot width, R = min(kc +
                1, Qb)
@@ -43,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -245,6 +248,7 @@ def main() -> None:
     ap.add_argument("--against", default=AGAINST, help="the commit whose decoding/batched.py is the old update")
     ap.add_argument("--old-dir", type=Path, default=None,
                     help="a folder holding that commit's batched.py and slots.py (where git history is absent)")
+    ap.add_argument("--compiled", action="store_true", help="add the variant with the four calls torch.compile'd")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/device_update"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -257,6 +261,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder, torch.inference_mode():
         variants = {"old": (*old_modules(args.against, folder, args.old_dir), "all"), "span": (batched, Slots, "bound"),
                     "span, R=K": (batched, Slots, "K")}
+        if args.compiled:
+            fused = types.SimpleNamespace(**{name: torch.compile(getattr(batched, name), dynamic=True)
+                                             for name in PHASES})
+            variants["compiled"] = (fused, Slots, "bound")
         for name in args.strategies.split(","):
             for n in (int(x) for x in args.ns.split(",")):
                 rows.append(measure_case(name, n, args, variants))

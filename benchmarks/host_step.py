@@ -5,6 +5,8 @@ twice in one process (pass 0: cold, pass 1: the same problems again), in each of
 
     host     RunnerConfig.device_step=False: today's host strategies, graphs captured lazily
     device   device_step=True without the warm-up: the device path, its graphs captured lazily
+    warm-host  the warm mode's start-up with device_step=False: the host strategies on the same warmed graphs
+             (which of the two paths a step of n requests should take)
     eager    the device path without CUDA graphs (cuda_graphs=False): every kernel launched one by one (with
              --profile, a kernel table that does not depend on the profiler tracing inside graph replays)
     warm     warmup=True, attention "flex", device_step on (what RunnerConfig's "auto" picks on a GPU): every graph
@@ -175,7 +177,8 @@ def run_pass(model, prompts: list[list[int]], config, clock: ForwardClock) -> di
             "device_steps": c.device_steps - before[3], "token_ids": tokens}
 
 
-MODES = ("warm", "host", "device", "eager")
+MODES = ("warm", "host", "device", "eager", "warm-host")
+HOST_MODES = ("host", "warm-host")  # the host strategies
 
 
 @contextlib.contextmanager
@@ -204,7 +207,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=7, help="lopa's k")
     ap.add_argument("--shape", default=None, help="random weights at a step_latency.py shape (dream-7b, llada-8b, "
                     "...; prompts of random ids, GSM8K-like lengths) instead of the embedded default model")
-    ap.add_argument("--modes", default="warm,host,device", help="warm, host, device and/or eager (module docstring)")
+    ap.add_argument("--modes", default="warm,host,device", help="warm, host, device, eager and/or warm-host (module docstring)")
     ap.add_argument("--warm-tokens", type=int, default=64 * 1024,
                     help="warm: RunnerConfig.max_num_batched_tokens, the padded queries (B bucket x Qb) the warm-up "
                          "captures up to (default: 64 lopa k=7 requests of up to 1024 queries, gen_length 128)")
@@ -249,9 +252,9 @@ def write(out: Path, rows: list[dict], meta: dict) -> None:
 
 def _load(path, args, mode: str, n: int):
     """One model for the mode: the embedded default (or --tiny's), or random weights at --shape."""
-    if mode == "warm":
+    if mode in ("warm", "warm-host"):
         runner = lopa.RunnerConfig(device=args.device, max_num_seqs=n, warmup=True, attention="flex",
-                                   device_step=True, max_num_batched_tokens=args.warm_tokens,
+                                   device_step=mode == "warm", max_num_batched_tokens=args.warm_tokens,
                                    max_positions=args.warm_positions)
     else:
         runner = lopa.RunnerConfig(device=args.device, max_num_seqs=n, device_step=mode != "host",
@@ -323,7 +326,7 @@ def measure(path, args, save) -> tuple[list[dict], dict]:
                     with profiled(str(n) in args.profile.split(","), args.out / f"profile_{mode}_{keys[name]}_{n}.txt",
                                   f"{mode} mode, {name}, n = {n}, pass 1", cuda):
                         passes.append(run_pass(model, problems[:n], config, clock))
-                assert all((p["device_steps"] > 0) == (mode != "host") for p in passes), mode
+                assert all((p["device_steps"] > 0) == (mode not in HOST_MODES) for p in passes), mode
                 ids[name, n, mode] = [p.pop("token_ids") for p in passes]
                 rows[name, n][mode] = {"pass0": passes[0], "pass1": passes[1]}
                 ref = ids.get((name, n, "host"), ids[name, n, modes[0]])[1]
