@@ -516,6 +516,9 @@ def serve(
     device_step: Optional[bool] = typer.Option(None, "--device-step/--no-device-step", help="Greedy threshold / d2f "
                                                "/ lopa steps iterate every request at once on the device (default: "
                                                "with the warm-up on a GPU) (RunnerConfig.device_step)."),
+    device_step_min: int = typer.Option(RunnerConfig.device_step_min, help="With the device path on, the fewest "
+                                        "running requests that take it; fewer run on the host strategies "
+                                        "(RunnerConfig.device_step_min)."),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics)."""
     from .config import ServeConfig
@@ -532,7 +535,8 @@ def serve(
         runner = RunnerConfig(device=device, dtype=dtype, quantize=quantize, fuse=fuse, max_num_seqs=max_num_seqs,
                               branch_parallel=devices, step_rows=step_rows, max_lookahead=max_lookahead,
                               max_num_batched_tokens=max_num_batched_tokens, kv_cache_bytes=kv_cache_bytes,
-                              warmup=warmup, attention=attention, device_step=device_step)
+                              warmup=warmup, attention=attention, device_step=device_step,
+                              device_step_min=device_step_min)
         with console.status("loading model"):
             model = api.load_model(path, adapter=adapter, runner=runner)
     except LopaError as err:

@@ -343,6 +343,12 @@ class RunnerConfig:
     # while serving, and on a CPU the batched update costs about what the strategies' Python does
     # (docs/benchmarks.md). True forces it on (lazily captured graphs on a GPU, eager ops on a CPU)
     device_step: bool | None = None
+    # With the device path on, a decode step takes it only while at least this many requests are running; with
+    # fewer, the host strategies run the step (their requests come back from the device, and go again when enough
+    # run). On one H100 one request's step is cheaper on the host path (default model lopa k=7: 1.12 against 2.24
+    # ms; Dream-7B shape: 7-9% less), from 8 requests on the device path is even or faster (docs/benchmarks.md).
+    # 1 = whenever the device path is on
+    device_step_min: int = 1
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -353,6 +359,7 @@ class RunnerConfig:
         _check(self.step_rows is None or (isinstance(self.step_rows, int) and self.step_rows >= 1), "step_rows",
                f"must be None or an integer >= 1, got {self.step_rows!r}")
         _check(self.max_lookahead >= 0, "max_lookahead", f"must be >= 0, got {self.max_lookahead!r}")
+        _check(self.device_step_min >= 1, "device_step_min", f"must be >= 1, got {self.device_step_min!r}")
         _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
                f"must be >= 1, got {self.max_num_batched_tokens!r}")
         _check(self.kv_cache_bytes is None or self.kv_cache_bytes >= 1, "kv_cache_bytes",

@@ -68,14 +68,15 @@ def ref(family, request, tmp_path_factory):
 
 
 def _engine(model, max_num_seqs: int, device_step: bool = True, static: bool = False, spec=None,
-            attention: str = "sdpa", max_positions: int | None = None):
+            attention: str = "sdpa", max_positions: int | None = None, device_min: int = 1):
     """static: the static path's bucketed shapes without capture; attention "flex": eager FlexAttention over the
     whole slot (keys without lengths), "sdpa": an additive mask over the bucketed span."""
     loaded = model.loaded
     runner = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), loaded.model.embed.weight.dtype,
                          max_num_seqs=max_num_seqs, static=static, capture=False, attention=attention,
                          max_positions=max_positions)
-    engine = Engine(runner, spec or loaded.spec, max_num_seqs, STEP_ROWS, device_step=device_step)
+    engine = Engine(runner, spec or loaded.spec, max_num_seqs, STEP_ROWS, device_step=device_step,
+                    device_step_min=device_min)
     engine.winner_log = {}
     return dataclasses.replace(model, runner=runner, engine=engine)
 
@@ -250,6 +251,21 @@ def test_aborts_and_host_only_requests_between_device_steps(ref):
     assert 0 < c.device_steps < c.decode_steps  # both paths ran
 
 
+def test_too_few_running_requests_take_the_host_path(ref):
+    """RunnerConfig.device_step_min: while fewer requests run, steps take the host strategies, and the requests
+    cross between the paths (joins raise the count, finishes lower it) losslessly: every request as the host path
+    gives it; none of the steps goes to the device when the bound is never reached."""
+    model, spec, prompts, configs, want, _ = ref
+    n = len(configs)
+    joins = [i // 3 * 2 for i in range(n)]  # 3 at a time, two steps apart: the running count rises and falls
+    m = _engine(model, n, spec=spec, device_min=4)
+    assert _drive(m, prompts, configs, joins)[0] == want
+    c = m.engine.counters
+    assert 0 < c.device_steps < c.decode_steps
+    never = _engine(model, n, spec=spec, device_min=n + 1)
+    assert _drive(never, prompts, configs, joins)[0] == want and never.engine.counters.device_steps == 0
+
+
 def test_streamed_blocks_equal_the_host_path(ref):
     model, spec, prompts, configs, want, _ = ref
     pick = sorted(range(len(configs)), key=lambda i: -want[i][2])[:4]  # the longest answers
@@ -411,6 +427,17 @@ def test_runner_config_picks_the_path(tiny_dream_dir):
     assert on.engine.counters.device_steps == on.engine.counters.decode_steps > 0
     with pytest.raises(lopa.ConfigError, match="device_step"):
         lopa.RunnerConfig(device_step="yes")
+    with pytest.raises(lopa.ConfigError, match="device_step_min"):
+        lopa.RunnerConfig(device_step_min=0)
+    # device_step_min: one request alone takes the host path, two at once the device path
+    two = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu", device_step=True, device_step_min=2,
+                                                                    max_num_seqs=2))
+    assert lopa.generate(two, "Tom has 12 apples and", strategy="lopa", k=3, gen_length=16,
+                         block_size=8).token_ids == a.token_ids
+    assert two.engine.counters.device_steps == 0 < two.engine.counters.decode_steps
+    lopa.generate_many(two, ["Tom has 12 apples and", "The cat sat"], lopa.DecodeConfig(strategy="d2f", gen_length=16,
+                                                                                      block_size=8))
+    assert two.engine.counters.device_steps > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="start-up capture needs a GPU")

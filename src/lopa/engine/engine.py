@@ -103,12 +103,14 @@ def kv_need(strategy, prompt_len: int, gen_length: int) -> int:
 class Engine:
     def __init__(self, runner: ModelRunner, spec: ModelSpec, max_num_seqs: int = 1, step_rows: int | None = None,
                  max_lookahead: int = RunnerConfig.max_lookahead,
-                 max_num_batched_tokens: int = RunnerConfig.max_num_batched_tokens, device_step: bool = False) -> None:
+                 max_num_batched_tokens: int = RunnerConfig.max_num_batched_tokens, device_step: bool = False,
+                 device_step_min: int = RunnerConfig.device_step_min) -> None:
         self.runner, self.spec = runner, spec
         # RunnerConfig.device_step: decode steps whose requests all qualify run on the device path; Branch Parallel
         # with CUDA graphs keeps the host path, whose static path captures the forward with its gather
         captured_bp = runner.group.distributed and runner.graphs is not None and runner.graphs.capture
         self.device = DevicePath(runner, spec, max_lookahead) if device_step and not captured_bp else None
+        self.device_min = device_step_min  # RunnerConfig.device_step_min: fewer running requests take the host path
         self.step_rows = step_rows  # RunnerConfig.step_rows: the rows a decode step aims at (row_budget)
         self.max_lookahead, self.max_num_batched_tokens = max_lookahead, max_num_batched_tokens  # admission bounds
         self.scheduler = Scheduler(max_num_seqs, fits=runner.fits, take=self._decode_take)
@@ -190,11 +192,17 @@ class Engine:
         next decode step runs (ModelRunner.decode_take: a shape the warm-up captured). A step holding a request
         of a kind the warm-up captured no graph for runs eagerly whatever its size, so it takes every request:
         splitting it would only add steps."""
-        device = self.device is not None and all(s.device_ok for s in seqs)  # the path the whole step would take
+        device = self._on_device(seqs, len(seqs))  # the path the whole step would take
         if not all(self._warmed_kind(s, device) for s in seqs):
             return len(seqs)
         shapes = [s.device_shape if s.on_device else tuple(s.batch.tokens.shape) for s in seqs]
         return self.runner.decode_take(shapes)
+
+    def _on_device(self, seqs: list[Sequence], running: int) -> bool:
+        """Whether a decode step of ``seqs`` takes the device path: it is on, every request of the step qualifies
+        and at least RunnerConfig.device_step_min requests are running (the running count, not the step's: a step
+        the budget splits takes the path of its whole batch)."""
+        return self.device is not None and running >= self.device_min and all(s.device_ok for s in seqs)
 
     def _warmed_kind(self, seq: Sequence, device: bool) -> bool:
         """Whether the warm-up's graphs serve this request: a greedy predict with the default measure and suppressed
@@ -265,7 +273,7 @@ class Engine:
         self.runner.reserve(len(running), max(s.need for s in running))
         seqs = plan.seqs
         if self.device is not None:
-            if not plan.prefill and all(s.device_ok for s in seqs):
+            if not plan.prefill and self._on_device(seqs, len(running)):
                 return outputs + self._device_step(seqs)
             for s in seqs:  # a host step: requests living on the device come back to their host states
                 if s.on_device:
