@@ -105,13 +105,14 @@ def _random_step(seed: int, size: int):
     return P, branch, block, graphs.round_up(int(P.max()) + Qb + 1, size)
 
 
-@pytest.mark.parametrize("seed,groups", [(s, 1 + s % 3) for s in range(8)])
+@pytest.mark.parametrize("seed,groups", [(s, 1 + s % 3) for s in range(12)])
 def test_block_mask_tiles_cover_exactly_the_step_mask(seed, groups):
     """What the compiled FlexAttention kernel computes from the block mask (full tiles: every key; partial tiles:
-    mask_mod; other tiles skipped) equals step_mask on every real query, and the skipped tiles start at the end of
-    each request's window: the kernel's work follows the real key span, not the capacity. (The eager
-    FlexAttention on a CPU ignores the tiles, so this is checked here, on the tile lists themselves.) With
-    ``groups`` query heads per KV head on the query axis, each repeats the step's queries."""
+    mask_mod; other tiles skipped) equals step_mask on every real query of every query tile, and each query tile
+    reads no window tile past its own branches' columns: the kernel's work follows each query's real key span,
+    not the capacity nor the whole window. (The eager FlexAttention on a CPU ignores the tiles, so this is
+    checked here, on the tile lists themselves.) With ``groups`` query heads per KV head on the query axis, each
+    repeats the step's queries."""
     size = 16
     P, branch, block, cap = _random_step(seed, size)
     bm = attention.step_block_mask(P, branch, block, cap, size, groups=groups)
@@ -119,21 +120,35 @@ def test_block_mask_tiles_cover_exactly_the_step_mask(seed, groups):
     want = step_mask(P, branch, block, cap).repeat(1, groups, 1)  # [B, groups * Qb, cap]
     kv, q = torch.arange(cap), torch.arange(groups * Qb)
     for b in range(B):
-        got = torch.zeros(groups * Qb, cap, dtype=torch.bool)
-        qt = 0  # every query tile has the same lists (per request)
-        full = bm.full_kv_indices[b, 0, qt, :int(bm.full_kv_num_blocks[b, 0, qt])]
-        part = bm.kv_indices[b, 0, qt, :int(bm.kv_num_blocks[b, 0, qt])]
-        assert not set(full.tolist()) & set(part.tolist())
-        for t in full.tolist():
-            got[:, t * size:(t + 1) * size] = True
-        for t in part.tolist():
-            keys = kv[t * size:(t + 1) * size]
-            got[:, keys] = bm.mask_mod(torch.tensor(b), 0, q[:, None], keys[None, :])
         real = (branch[b] >= 0).repeat(groups)
-        assert torch.equal(got[real], want[b][real])
-        covered = (full.tolist() + part.tolist())
-        assert max(covered) + 1 == -(-(int(P[b]) + Qb) // size)  # nothing past the window's last tile
-        assert (bm.kv_num_blocks[b] == bm.kv_num_blocks[b, 0, 0]).all()
+        for qt in range(-(-groups * Qb // size)):
+            rows = q[qt * size:(qt + 1) * size]
+            got = torch.zeros(len(rows), cap, dtype=torch.bool)
+            full = bm.full_kv_indices[b, 0, qt, :int(bm.full_kv_num_blocks[b, 0, qt])]
+            part = bm.kv_indices[b, 0, qt, :int(bm.kv_num_blocks[b, 0, qt])]
+            assert not set(full.tolist()) & set(part.tolist()) and len(set(part.tolist())) == len(part)
+            for t in full.tolist():
+                got[:, t * size:(t + 1) * size] = True
+            for t in part.tolist():
+                keys = kv[t * size:(t + 1) * size]
+                got[:, keys] = bm.mask_mod(torch.tensor(b), 0, rows[:, None], keys[None, :])
+            assert torch.equal(got[real[rows]], want[b][rows][real[rows]]), (b, qt)
+            # nothing past the last column of the tile's real queries' branches (the tile holding P_b at least)
+            mine = {int(branch[b, i % Qb]) for i in rows.tolist() if real[i]}
+            cols = [c for c in range(Qb) if int(branch[b, c]) in mine]
+            last = (int(P[b]) + max(cols)) // size if cols else int(P[b]) // size
+            assert max(full.tolist() + part.tolist()) == max(last, int(P[b]) // size), (b, qt)
+
+
+def test_block_mask_query_tiles_read_their_own_branch():
+    """k = 7 lookaheads over a 32-column window (Qb = 256): a 16-query tile lies inside one branch and reads the
+    tile holding P and its branch's window tiles (2, or 3 when P is not tile-aligned), not the whole window's."""
+    size, K, W = 16, 8, 32
+    P = torch.tensor([16, 40])
+    branch = torch.arange(K).repeat_interleave(W).repeat(2, 1)
+    bm = attention.step_block_mask(P, branch, torch.zeros_like(branch), 512, size)
+    assert bm.kv_num_blocks.shape == (2, 1, K * W // size)
+    assert (bm.kv_num_blocks[0] <= 3).all() and (bm.kv_num_blocks[1] <= 4).all()  # the whole window: 16-17 tiles
 
 
 @pytest.mark.parametrize("attn", ["flex", "sdpa"])

@@ -68,10 +68,12 @@ def step_block_mask(P: torch.Tensor, branch: torch.Tensor, block: torch.Tensor, 
     Qb, D]: each K/V tile is read once for all of them), so query index i is query i % Qb of the step.
 
     Keys are tiled in ``size``-position blocks. For request b the tiles wholly inside its prefix [0, P_b) are
-    full (every query sees them: no mask evaluated), the tiles from there to the end of its window,
-    P_b + Qb, are partial (``mask_mod`` decides per key), and the rest are skipped: the kernel's work follows
-    each request's real key span, not the capacity. Tiles are per request and shared by all its query tiles.
-    In full tiles a padding query sees the prefix (step_mask: key 0 only); padding outputs are never read.
+    full (every query sees them: no mask evaluated); the tile holding P_b and the window's tiles that a query tile
+    needs are partial (``mask_mod`` decides per key); the rest are skipped. A query tile needs only the window
+    columns of the branches its queries belong to (each branch's run of columns, so with k lookaheads a tile reads
+    about one branch's columns, not all k + 1): the kernel's work follows each query's real key span, not the
+    capacity nor the whole step's window. In full tiles a padding query sees the prefix (step_mask: key 0 only);
+    padding outputs are never read, and a tile of padding queries reads only the tile holding P_b.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -92,15 +94,38 @@ def step_block_mask(P: torch.Tensor, branch: torch.Tensor, block: torch.Tensor, 
         own = (rel >= 0) & (rel < n) & (branch[b, src] == branch[b, q]) & (block[b, src] <= block[b, q])
         return (real & ((rel < 0) | own)) | (~real & (kv == 0))
 
-    tiles = torch.arange(n_kv, device=P.device, dtype=torch.int32)
-    full = (P // size).to(torch.int32)  # [B] tiles wholly inside the prefix
-    end = torch.clamp(-(-(P + Qb) // size), max=n_kv).to(torch.int32)  # [B] one past the window's last tile
-    grid = lambda x: x[:, None, None].expand(B, 1, n_q).contiguous()  # noqa: E731 - [B] -> [B, 1, n_q]
-    tile_grid = lambda x: x.expand(B, 1, n_q, n_kv).contiguous()  # noqa: E731 - [B|1, .., n_kv] -> [B, 1, n_q, n_kv]
-    partial_idx = torch.clamp(full[:, None] + tiles[None], max=n_kv - 1)[:, None, None]  # [B, 1, 1, n_kv]
-    mask = BlockMask.from_kv_blocks(grid(end - full), tile_grid(partial_idx), grid(full),
-                                    tile_grid(tiles[None, None, None]), BLOCK_SIZE=size, mask_mod=mask_mod,
-                                    seq_lengths=(groups * Qb, capacity), compute_q_blocks=False)
+    full = (P // size).to(torch.int32)  # [B] tiles wholly inside the prefix; tile `full` holds P_b
+    lo, hi = _query_tile_spans(P, branch, groups, size, n_q)  # [B, n_q] first / last key tile of each query tile
+    start = torch.maximum(lo, full[:, None] + 1)  # window tiles past the one holding P_b
+    count = 1 + (torch.clamp(hi, max=n_kv - 1) - start + 1).clamp(min=0)  # [B, n_q] partial tiles
+    j = torch.arange(n_kv, device=P.device, dtype=torch.int32)
+    partial = torch.where(j == 0, full[:, None, None], start[..., None] + j - 1).clamp(0, n_kv - 1)  # [B, n_q, n_kv]
+    full_grid = full[:, None, None].expand(B, 1, n_q).contiguous()  # [B, 1, n_q]
+    mask = BlockMask.from_kv_blocks(count.to(torch.int32)[:, None].contiguous(), partial[:, None].contiguous(),
+                                    full_grid, j.expand(B, 1, n_q, n_kv).contiguous(), BLOCK_SIZE=size,
+                                    mask_mod=mask_mod, seq_lengths=(groups * Qb, capacity), compute_q_blocks=False)
     mark_batch_dynamic(mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices)
     return mask
+
+
+def _query_tile_spans(P: torch.Tensor, branch: torch.Tensor, groups: int, size: int,
+                      n_q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key tiles [lo, hi] holding the window columns that the real queries of each ``size``-query tile of the
+    query axis (``groups`` copies of the step's Qb queries) may see: their branches' runs of columns, at keys
+    P_b + column. A tile without a real query gets lo > hi. -> int32 [B, n_q] each."""
+    B, Qb = branch.shape
+    c = torch.arange(Qb, device=P.device)
+    real = branch >= 0
+    edge = branch.new_full((B, 1), -2)
+    starts = real & (branch != torch.cat([edge, branch[:, :-1]], 1))  # a branch's first column
+    ends = real & (branch != torch.cat([branch[:, 1:], edge], 1))  # its last
+    first = torch.where(starts, c, 0).cummax(1).values  # [B, Qb] the first column of each column's run
+    last = torch.where(ends, c, Qb).flip(1).cummin(1).values.flip(1)  # [B, Qb] its last column
+    i = torch.arange(n_q * size, device=P.device)
+    q = i % Qb
+    ok = (i < groups * Qb)[None] & real[:, q]  # [B, n_q * size] real queries on the query axis
+    far = torch.iinfo(torch.int32).max // 2  # past every tile
+    lo = torch.where(ok, P[:, None] + first[:, q], far).view(B, n_q, size).amin(-1) // size
+    hi = torch.where(ok, P[:, None] + last[:, q], -size).view(B, n_q, size).amax(-1) // size
+    return lo.to(torch.int32), hi.to(torch.int32)
 
