@@ -2,6 +2,7 @@
 count and per-step winners it gives alone, whatever else runs beside it, when it joins, or how many run at
 once; eager and on the static (CUDA-graph) path run without capture; float64 and float32."""
 
+import collections
 import dataclasses
 
 import pytest
@@ -247,9 +248,14 @@ def test_step_budget_keeps_every_decode_step_on_a_warmed_shape(solo):
     for budget in (False, True):
         m = _warmed_flex(model, budget)
         keys = set(m.runner.graphs.statics)
-        got = lopa.generate_many(m, [prompts[i] for i in pick], [configs[i] for i in pick])
+        seqs = [m.engine.prepare(m.tokenizer.encode(prompts[i]), configs[i]) for i in pick]
+        calls = collections.Counter()
+        with torch.inference_mode():  # as the API runs it
+            got = m.engine.generate(seqs, on_step=lambda s: calls.update([s.id]))
         assert [_key(r) for r in got] == [ref[i] for i in pick]
         assert set(m.runner.graphs.statics) == keys
+        # on_step: once per decode forward a request took part in (a partial step's deferred requests took none)
+        assert [calls[s.id] for s in seqs] == [r.stats.decode_forwards for r in got]
         counters.append(m.engine.counters)
     before, after = counters
     assert before.eager_decode_steps > 0 and before.partial_steps == 0

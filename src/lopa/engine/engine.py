@@ -443,8 +443,8 @@ class Engine:
     def generate(self, seqs: list[Sequence], on_step: Callable[[Sequence], None] | None = None,
                  on_finish: Callable[[Sequence, RunOutput], None] | None = None) -> list[RunOutput]:
         """Decode every sequence (queued FIFO, at most max_num_seqs at once); results in the given order.
-        ``on_step(seq)`` runs after each forward a sequence took part in (progress bars; ``seq.state.canvas`` is
-        current, on either path)."""
+        ``on_step(seq)`` runs after each decode step a sequence took part in (progress bars; ``seq.state.canvas``
+        is current, on either path); not after its prefill, nor after a partial step that left it waiting."""
         results: dict[str, RunOutput] = {}
         by_id = {s.id: s for s in seqs}
         for seq in seqs:
@@ -453,6 +453,7 @@ class Engine:
             if not self.has_work():
                 raise RuntimeError("the engine stopped with requests unfinished")
             step_seqs = [s for s in self.scheduler.running if s.status is Status.RUNNING]
+            steps = self.counters.steps
             try:
                 outs = self.step()
             except BaseException as err:
@@ -467,7 +468,8 @@ class Engine:
                     if on_finish is not None:
                         on_finish(by_id[out.request_id], out.result)
             if on_step is not None:
-                for s in step_seqs:
+                ran = set(self.last_step.request_ids) if self.counters.steps > steps else set()  # a partial step
+                for s in (s for s in step_seqs if s.id in ran):  # left the deferred ones out of its forward
                     if s.on_device:  # its host state is stale while it decodes on the device: bring the canvas
                         self.device.refresh(s)
                     on_step(s)
