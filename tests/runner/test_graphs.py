@@ -334,6 +334,37 @@ def test_prefills_on_the_static_path_decode_as_alone(family, tiny_dream_dir, tin
     assert all(q in graphs.QUERY_BUCKETS for _, q in runner.prefill_shapes)
 
 
+@pytest.mark.parametrize("pad_flops", [graphs.PAD_FLOPS, 0.0], ids=["graph", "eager"])
+def test_after_warmup_a_prefill_beside_running_requests_replays_the_graph_from_slot_0(tiny_dream_dir, monkeypatch,
+                                                                                      pad_flops):
+    """After the warm-up a prefill over slots first.. is laid into rows first.. of the warmed graph over slots 0..
+    (the rows below padding over the running requests' slots), unless its padding would cost more than PAD_FLOPS
+    (then it runs eagerly on its own bucket: _run_at). Either way every request's tokens equal it decoded alone,
+    and the running requests' caches are untouched (they decode on to the same tokens)."""
+    model = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu"))
+    loaded = model.loaded
+    runner = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), torch.float32, max_num_seqs=2, static=True,
+                         capture=False, attention="flex", max_positions=512)
+    runner.warmup(max_tokens=256)
+    monkeypatch.setattr(graphs, "PAD_FLOPS", pad_flops)
+    calls = {"wide": [], "eager": []}
+    run, run_at = graphs.GraphExecutor.run, graphs.GraphExecutor._run_at
+    monkeypatch.setattr(graphs.GraphExecutor, "run", lambda self, items, *a, **k: (
+        calls["wide"].append(items[0].slot) if items[0].slot and items[0].batch.prefill else None) or
+        run(self, items, *a, **k))
+    monkeypatch.setattr(graphs.GraphExecutor, "_run_at", lambda self, items, key: calls["eager"].append(items[0].slot)
+                        or run_at(self, items, key))
+    static = dataclasses.replace(model, runner=runner, engine=Engine(runner, loaded.spec, 2))
+    prompts = ["a b c", "Tom has 12 apples and " * 2, "The cat sat on the", "one two three four five six seven eight"]
+    cfgs = [lopa.DecodeConfig(strategy="lopa", k=2, gen_length=16, block_size=8, tau=0.5, attention=attn)
+            for attn in ("full", "block_causal", "block_causal", "full")]
+    got = [r.token_ids for r in lopa.generate_many(static, prompts, cfgs)]
+    assert got == [lopa.generate(model, p, c).token_ids for p, c in zip(prompts, cfgs)]
+    assert calls["wide"], "no prefill ran beside a running request"
+    assert calls["eager"] == ([] if pad_flops else calls["wide"])
+    assert static.engine.counters.eager_prefill_steps == 0 and static.engine.counters.eager_decode_steps == 0
+
+
 def test_after_warmup_prefills_and_decodes_compile_nothing(tiny_dream_dir, monkeypatch):
     """The GPU start-up's promise, traced on the CPU: with every compiled piece (fused elementwise ops, FlexAttention,
     the batched predict) through dynamo's eager backend, a warm-up over B {1, 2} x Qb {32 .. 128} leaves nothing to

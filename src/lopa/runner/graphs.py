@@ -21,10 +21,12 @@ Attention (RunnerConfig.attention):
 Greedy requests only (temperature 0, top_p 1): steps with a sampled request and cache-less windows run eagerly.
 Prefill steps (under "flex") run here too, on the same keys: each prompt is one row of query bucket Qb >= its
 length (padding queries are masked and write only the slot's trash position), so the warm-up's kernels serve
-them and no prompt length meets a new shape. A prefill over slots 0.. replays the key's graph; one over slots
-first.. (requests already running below it) runs the same body on the warmed shapes without its graph (the
-graph's slot addresses start at 0): its bucket's rows are laid over slots [start, start + B) with the prompts at
-rows first - start.., the other rows all padding. A prefill step with no warmed key is split into contiguous
+them and no prompt length meets a new shape. A prefill over slots 0.. replays the key's graph. One over slots
+first.. (requests already running below it) replays the warmed graph of slots 0..first + n - 1 with the prompts
+at rows first.. and the rows below all padding (their queries write only each running slot's trash position),
+when that graph exists and its extra rows cost at most PAD_FLOPS; else it runs the same body on the warmed
+shapes without a graph (the graph's slot addresses start at 0): its bucket's rows are laid over slots
+[start, start + B) with the prompts at rows first - start.., the other rows all padding. A prefill step with no warmed key is split into contiguous
 groups that have one (several forwards); one whose prompt alone has none (longer than the largest query bucket
 that fits max_num_batched_tokens) runs eagerly with exact shapes, counted in ``eager_prefills``.
 On a CPU the same path runs without capture (the tests check it against eager).
@@ -49,6 +51,10 @@ BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 # "flex": request rows padded to one of these query counts (at most 1.5x the real count past 32)
 QUERY_BUCKETS = (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
 MAX_GRAPHS = 256  # lazily captured graphs kept; past this all are dropped and recaptured on demand
+# The padded work (2 x parameters x padded queries) a prefill over slots first.. may add to replay the warmed graph
+# of slots 0.. instead of running its body eagerly (launches and Python: a few ms a step on a GPU). An estimate, not
+# yet measured: the embedded model (7M parameters) always replays; a 7B model only for a few padded queries
+PAD_FLOPS = 2e12
 
 
 def round_up(x: int, step: int) -> int:
@@ -138,6 +144,7 @@ class GraphExecutor:
         # one kernel for every bucket
         self.predict = _static_vocab(torch.compile(predict_rows, fullgraph=True, dynamic=True)) if fuse else predict_rows
         self.statics: dict[tuple, Static] = {}
+        self.params = sum(p.numel() for p in runner.model.parameters())  # what a padded query costs (PAD_FLOPS)
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.frozen = False  # after warmup(): no capture while serving; an uncaptured key runs eagerly
         self.shapes: set[tuple[int, int]] = set()  # (B bucket, Qb) of the warmed keys (the decode steps' budget)
@@ -313,9 +320,13 @@ class GraphExecutor:
         group's split; None: all here). The group gathers every rank's predictions (Branch Parallel: on the
         device) with the step's one device-to-host copy. ``queries``: as for ``key``."""
         key = self.key(items, queries)
+        row = items[0].slot  # > 0: a prefill over slots first.. (module docstring)
+        if row:
+            wide = self._from_zero(items, key)
+            if wide is None:  # no graph of slots 0.. to lay it into
+                return self._run_at(items, key)
+            key = wide
         _, _, _, measures, suppress = key
-        if items[0].slot:  # a prefill over slots first..: the key's shapes, not its graph (module docstring)
-            return self._run_at(items, key)
         st = self.statics.get(key)
         fresh = st is None
         if fresh:
@@ -324,7 +335,7 @@ class GraphExecutor:
             if len(self.statics) >= MAX_GRAPHS:  # lazy capture only: the warm-up keeps its whole set
                 self.clear()
             st = self._new(key)
-        pack(items, st.host, self.runner.spec.mask_id, measures, suppress)
+        pack(items, st.host, self.runner.spec.mask_id, measures, suppress, row=row)
         st.inputs.copy_(st.host, non_blocking=True)  # safe: the previous step's results were read (synced)
         if not self.capture:
             st.out = self._body(st.inputs, 0, st.Lb, measures, suppress)
@@ -333,8 +344,19 @@ class GraphExecutor:
         else:
             st.graph.replay()
         hidden, packed = st.out
+        hidden, packed = hidden[row:row + len(items)], packed[row:row + len(items)]  # the step's own rows
         preds = [Predictions(*p) for p in split(self.runner.group.gather_packed(packed, layouts), items, layouts)]
         return hidden, preds
+
+    def _from_zero(self, items: list[StepItem], key: tuple) -> tuple | None:
+        """The key of a prefill over slots first.. laid into rows first.. of the warmed graph over slots 0.. (the
+        rows below: padding over the running requests' slots); None when there is no such graph or its extra rows
+        would add more than PAD_FLOPS of work."""
+        wide = (bucket(items[0].slot + len(items), self.runner.pool.slots), *key[1:])
+        extra = (wide[0] - key[0]) * key[1]  # padded queries past the step's own bucket
+        if self.frozen and wide in self.statics and 2 * self.params * extra <= PAD_FLOPS:
+            return wide
+        return None
 
     def _run_at(self, items: list[StepItem], key: tuple) -> tuple[torch.Tensor, list[Predictions]]:
         """A prefill over slots [first, first + n) on the key's shapes, without a graph: the bucket's B rows over
