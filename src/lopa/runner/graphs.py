@@ -337,8 +337,9 @@ class GraphExecutor:
             st = self._new(key)
         pack(items, st.host, self.runner.spec.mask_id, measures, suppress, row=row)
         st.inputs.copy_(st.host, non_blocking=True)  # safe: the previous step's results were read (synced)
-        if not self.capture:
-            st.out = self._body(st.inputs, 0, st.Lb, measures, suppress)
+        if not self.capture:  # into the key's outputs in place, as a replay writes (what a view of them sees)
+            out = self._body(st.inputs, 0, st.Lb, measures, suppress)
+            st.out = out if st.out is None else tuple(o.copy_(x) for o, x in zip(st.out, out))
         elif fresh:
             self._capture(st, measures, suppress)
         else:
