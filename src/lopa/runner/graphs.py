@@ -29,7 +29,8 @@ shapes without a graph (the graph's slot addresses start at 0): its bucket's row
 [start, start + B) with the prompts at rows first - start.., the other rows all padding. A prefill step with no warmed key is split into contiguous
 groups that have one (several forwards); one whose prompt alone has none (longer than the largest query bucket
 that fits max_num_batched_tokens) runs eagerly with exact shapes, counted in ``eager_prefills``.
-On a CPU the same path runs without capture (the tests check it against eager).
+On a CPU the same path runs without capture (the tests check it against eager), writing into each key's outputs
+in place as a replay does, so a view of them kept past the next run of the key goes stale there too.
 """
 
 from __future__ import annotations
