@@ -11,6 +11,7 @@ from lopa.models import attention
 from lopa.models.attention import branch_mask, step_mask
 from lopa.runner import graphs
 from lopa.runner.model_runner import ModelRunner
+from lopa.runner.step import FIELDS
 
 
 def test_static_path_with_fused_kernels_matches_eager(tiny_dream_dir, monkeypatch):
@@ -149,6 +150,62 @@ def test_block_mask_query_tiles_read_their_own_branch():
     bm = attention.step_block_mask(P, branch, torch.zeros_like(branch), 512, size)
     assert bm.kv_num_blocks.shape == (2, 1, K * W // size)
     assert (bm.kv_num_blocks[0] <= 3).all() and (bm.kv_num_blocks[1] <= 4).all()  # the whole window: 16-17 tiles
+
+
+def _packed_step(rng, size: int):
+    """A step as pack() lays it out (runner/step.py): decode rows of K x W windows, some with rows of unequal
+    lengths (padding columns at each row's tail) or block ids, prefill rows (one branch over the prompt), rows
+    past the items all padding (P = 0), at P anywhere up to a capacity the step may fill exactly."""
+    from lopa.decoding.base import ForwardBatch, PredictSpec
+    from lopa.runner.step import StepItem, pack, unpack
+
+    items = []
+    for slot in range(rng.randint(1, 3)):
+        kind = rng.choice(["window", "lengths", "blocks", "prefill"])
+        K, W = (1, rng.randint(1, 3 * size + 5)) if kind == "prefill" else (rng.randint(1, 5), rng.randint(1, 2 * size))
+        lengths = tuple(rng.randint(0, W) for _ in range(K)) if kind == "lengths" else None
+        blocks = (torch.arange(W) + rng.randint(0, 3)) // rng.randint(1, 4) if kind == "blocks" else None
+        P = rng.choice([0, rng.randint(0, 6 * size), rng.randint(1, 6) * size, rng.randint(1, 6) * size - 1])
+        batch = ForwardBatch(torch.zeros(K, W, dtype=torch.long), P, torch.arange(0), block_ids=blocks,
+                             lengths=lengths, prefill=kind == "prefill")
+        items.append(StepItem(slot, batch, PredictSpec()))
+    Qb = max(item.queries for item in items) + rng.choice([0, rng.randint(1, size)])
+    host = torch.zeros(len(items) + rng.randint(0, 2), FIELDS * Qb + 3, dtype=torch.long)
+    pack(items, host, 99)
+    _, _, branch, block, P, _, _ = unpack(host)
+    return P, branch, block, graphs.round_up(int((P + Qb).max()) + rng.randint(0, 1), size)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_block_mask_equals_the_step_mask_on_packed_steps(seed):
+    """The block mask's tiles expanded as the kernel reads them (full: every key; partial: mask_mod; others: none)
+    equal step_mask on every real query of steps pack() lays out: rows of unequal lengths, prefill rows, block ids,
+    all-padding rows, query tiles straddling two copies of the step's queries (groups > 1, Qb no multiple of the
+    tile), windows reaching the slot's last tile; each padding query sees some key."""
+    import random
+
+    rng = random.Random(seed)
+    for _ in range(40):
+        size, groups = rng.choice([4, 8, 16]), rng.choice([1, 2, 3, 7])
+        P, branch, block, cap = _packed_step(rng, size)
+        B, Qb = branch.shape
+        bm = attention.step_block_mask(P, branch, block, cap, size, groups=groups)
+        want = step_mask(P, branch, block, cap).repeat(1, groups, 1)
+        got = torch.zeros_like(want)
+        kv, q = torch.arange(cap), torch.arange(groups * Qb)
+        for b in range(B):
+            for qt in range(bm.kv_num_blocks.shape[-1]):
+                rows = q[qt * size:(qt + 1) * size]
+                full = bm.full_kv_indices[b, 0, qt, :int(bm.full_kv_num_blocks[b, 0, qt])].tolist()
+                part = bm.kv_indices[b, 0, qt, :int(bm.kv_num_blocks[b, 0, qt])].tolist()
+                assert not set(full) & set(part) and len(set(part)) == len(part) and max(full + part) < cap // size
+                for t in full:
+                    got[b, rows, t * size:(t + 1) * size] = True
+                for t in part:
+                    keys = kv[t * size:(t + 1) * size]
+                    got[b, rows[:, None], keys] = bm.mask_mod(torch.tensor(b), 0, rows[:, None], keys[None, :])
+        real = (branch >= 0).repeat(1, groups)
+        assert torch.equal(got[real], want[real]) and got.any(-1).all()
 
 
 @pytest.mark.parametrize("attn", ["flex", "sdpa"])
@@ -306,6 +363,41 @@ def test_static_prefill_equals_eager_and_leaves_running_slots_alone(family, tiny
     assert static.pool.lengths == eager.pool.lengths == [5, 8, 13, 21, 3, 30]
     a, b = want[1][2], got[1][2]  # the prediction of the prefill that asks for one
     assert torch.equal(a.tokens, b.tokens) and torch.allclose(a.prob, b.prob, **tight)
+
+
+def test_a_prefill_split_into_groups_that_replay_one_graph_keeps_each_groups_hidden(tiny_dream_dir):
+    """After the warm-up a prefill step without a warmed key is split into groups; a later group laid into rows
+    first.. of the warmed graph over slots 0.. may replay the SAME graph as the first group (here: 9 short prompts
+    at slots 0..8, key (11, 32); a 150-token prompt that joins no group; one more short prompt at slot 10, laid
+    into that key's rows). The replay overwrites the graph's static outputs, so each group's hidden states must be
+    taken before the next group runs: every slot's K/V and last hidden state equal the eager prefill's. (The CPU
+    path writes into the key's outputs in place, as a replay does.)"""
+    from lopa.runner.step import Commit
+
+    loaded = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu", dtype="float64")).loaded
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 200, (n,), generator=g) for n in (5, 8, 13, 21, 3, 30, 9, 17, 4, 150, 11)]
+    step = [_prefill(slot, p) for slot, p in enumerate(prompts)]
+    runners = []
+    for static in (False, True):
+        r = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), torch.float64, max_num_seqs=11,
+                        max_positions=256, static=static, capture=False, attention="flex")
+        if static:
+            r.warmup(max_tokens=360)
+            assert r.graphs.plan(step) == [step[:9], step[9:10], step[10:]]
+        else:
+            r.reserve(11, r.slot_capacity())
+        with torch.inference_mode():
+            r.execute(step)
+            r.commit([Commit(item.slot, i, 0, item.batch.commit) for i, item in enumerate(step)])
+        runners.append(r)
+    eager, static = runners
+    assert (11, 32) in static.prefill_shapes  # the first group's key, replayed again by the last group
+    tight = dict(rtol=1e-12, atol=1e-12)
+    for slot, p in enumerate(prompts):
+        torch.testing.assert_close(static.pool.kv[:, :, slot, :, :len(p)], eager.pool.kv[:, :, slot, :, :len(p)],
+                                   **tight)
+        torch.testing.assert_close(static.pool.last_hidden[slot], eager.pool.last_hidden[slot], **tight)
 
 
 @pytest.mark.parametrize("family", ["dream", "llada"])

@@ -29,7 +29,8 @@ shapes without a graph (the graph's slot addresses start at 0): its bucket's row
 [start, start + B) with the prompts at rows first - start.., the other rows all padding. A prefill step with no warmed key is split into contiguous
 groups that have one (several forwards); one whose prompt alone has none (longer than the largest query bucket
 that fits max_num_batched_tokens) runs eagerly with exact shapes, counted in ``eager_prefills``.
-On a CPU the same path runs without capture (the tests check it against eager).
+On a CPU the same path runs without capture (the tests check it against eager), writing into each key's outputs
+in place as a replay does, so a view of them kept past the next run of the key goes stale there too.
 """
 
 from __future__ import annotations
@@ -337,8 +338,9 @@ class GraphExecutor:
             st = self._new(key)
         pack(items, st.host, self.runner.spec.mask_id, measures, suppress, row=row)
         st.inputs.copy_(st.host, non_blocking=True)  # safe: the previous step's results were read (synced)
-        if not self.capture:
-            st.out = self._body(st.inputs, 0, st.Lb, measures, suppress)
+        if not self.capture:  # into the key's outputs in place, as a replay writes (what a view of them sees)
+            out = self._body(st.inputs, 0, st.Lb, measures, suppress)
+            st.out = out if st.out is None else tuple(o.copy_(x) for o, x in zip(st.out, out))
         elif fresh:
             self._capture(st, measures, suppress)
         else:

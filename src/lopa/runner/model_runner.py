@@ -200,7 +200,8 @@ class ModelRunner:
         for group in groups:
             self.prefill_shapes.add(self.graphs.key(group)[:2])
             h, p = self.graphs.run(group)
-            hidden.append(h[:len(group)])
+            # a view of the graph's static outputs: a later group may replay the same graph (laid into its rows)
+            hidden.append(h[:len(group)] if len(groups) == 1 else h[:len(group)].clone())
             preds += p
         if len(hidden) == 1:
             return hidden[0], preds
