@@ -365,23 +365,26 @@ def test_static_prefill_equals_eager_and_leaves_running_slots_alone(family, tiny
     assert torch.equal(a.tokens, b.tokens) and torch.allclose(a.prob, b.prob, **tight)
 
 
-def test_a_prefill_split_into_groups_that_replay_one_graph_keeps_each_groups_hidden(tiny_dream_dir):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA graphs need a GPU"))])
+def test_a_prefill_split_into_groups_that_replay_one_graph_keeps_each_groups_hidden(tiny_dream_dir, device):
     """After the warm-up a prefill step without a warmed key is split into groups; a later group laid into rows
     first.. of the warmed graph over slots 0.. may replay the SAME graph as the first group (here: 9 short prompts
     at slots 0..8, key (11, 32); a 150-token prompt that joins no group; one more short prompt at slot 10, laid
     into that key's rows). The replay overwrites the graph's static outputs, so each group's hidden states must be
     taken before the next group runs: every slot's K/V and last hidden state equal the eager prefill's. (The CPU
-    path writes into the key's outputs in place, as a replay does.)"""
+    path writes into the key's outputs in place, as a replay does; on a GPU the graphs are captured, float32.)"""
     from lopa.runner.step import Commit
 
-    loaded = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu", dtype="float64")).loaded
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    loaded = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device=device, dtype=str(dtype)[6:])).loaded
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, 200, (n,), generator=g) for n in (5, 8, 13, 21, 3, 30, 9, 17, 4, 150, 11)]
     step = [_prefill(slot, p) for slot, p in enumerate(prompts)]
     runners = []
     for static in (False, True):
-        r = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), torch.float64, max_num_seqs=11,
-                        max_positions=256, static=static, capture=False, attention="flex")
+        r = ModelRunner(loaded.model, loaded.spec, torch.device(device), dtype, max_num_seqs=11,
+                        max_positions=256, static=static, capture=static and device == "cuda", attention="flex")
         if static:
             r.warmup(max_tokens=360)
             assert r.graphs.plan(step) == [step[:9], step[9:10], step[10:]]
@@ -393,7 +396,7 @@ def test_a_prefill_split_into_groups_that_replay_one_graph_keeps_each_groups_hid
         runners.append(r)
     eager, static = runners
     assert (11, 32) in static.prefill_shapes  # the first group's key, replayed again by the last group
-    tight = dict(rtol=1e-12, atol=1e-12)
+    tight = dict(rtol=1e-12, atol=1e-12) if device == "cpu" else dict(rtol=1e-4, atol=1e-4)
     for slot, p in enumerate(prompts):
         torch.testing.assert_close(static.pool.kv[:, :, slot, :, :len(p)], eager.pool.kv[:, :, slot, :, :len(p)],
                                    **tight)
