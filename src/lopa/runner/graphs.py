@@ -26,9 +26,10 @@ first.. (requests already running below it) replays the warmed graph of slots 0.
 at rows first.. and the rows below all padding (their queries write only each running slot's trash position),
 when that graph exists and its extra rows cost at most PAD_FLOPS; else it runs the same body on the warmed
 shapes without a graph (the graph's slot addresses start at 0): its bucket's rows are laid over slots
-[start, start + B) with the prompts at rows first - start.., the other rows all padding. A prefill step with no warmed key is split into contiguous
-groups that have one (several forwards); one whose prompt alone has none (longer than the largest query bucket
-that fits max_num_batched_tokens) runs eagerly with exact shapes, counted in ``eager_prefills``.
+[start, start + B) with the prompts at rows first - start.., the other rows all padding. A prefill step with no
+warmed key is split into contiguous groups that have one (several forwards); one whose prompt alone has none
+(longer than the largest query bucket that fits max_num_batched_tokens) runs eagerly with exact shapes, counted
+in ``eager_prefills``.
 On a CPU the same path runs without capture (the tests check it against eager), writing into each key's outputs
 in place as a replay does, so a view of them kept past the next run of the key goes stale there too.
 """
