@@ -15,7 +15,8 @@ def test_bad_serve_flags_exit_2_with_one_line():
                          (["--request-timeout", "-1"], "request_timeout_s"),
                          (["--kv-cache-bytes", "0"], "kv_cache_bytes"),
                          (["--max-num-batched-tokens", "0"], "max_num_batched_tokens"),
-                         (["--attention", "dense"], "attention")):
+                         (["--attention", "dense"], "attention"),
+                         (["--device-step-min", "0"], "device_step_min")):
         result = CliRunner().invoke(app, ["serve", *flags])
         assert result.exit_code == 2, result.output
         assert field in result.output and "Traceback" not in result.output
@@ -43,7 +44,8 @@ def test_serve_builds_an_app_with_the_flags_and_the_env_api_key(monkeypatch):
 
 
 def test_device_step_flag_reaches_the_engine_and_metrics(monkeypatch):
-    """--device-step: greedy lopa requests decode on the device path, counted in /metrics; without it, none do."""
+    """--device-step: greedy lopa requests decode on the device path, counted in /metrics; without it, none do, nor
+    with --device-step-min 2 for one request at a time."""
     seen = {}
 
     def fake_serve(asgi_app, host, port):
@@ -54,7 +56,7 @@ def test_device_step_flag_reaches_the_engine_and_metrics(monkeypatch):
             seen["device steps"] = metric(httpx.get(url + "/metrics").text, "lopa_device_decode_steps")
 
     monkeypatch.setattr(lopa.serve, "serve", fake_serve)
-    for flags, on in (([], False), (["--device-step"], True)):
+    for flags, on in (([], False), (["--device-step"], True), (["--device-step", "--device-step-min", "2"], False)):
         result = CliRunner().invoke(app, ["serve", "--device", "cpu", "--served-model-name", "m",
                                           "--metrics-public", *flags])
         assert result.exit_code == 0 and seen["status"] == 200, result.output
