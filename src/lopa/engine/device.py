@@ -216,7 +216,7 @@ class DevicePath:
         v = Rows(st, B)
         live = self.live[:B]
         st.ints[:B] = torch.where(live[:, None], st.ints[:B], 0)  # free slots: no rows, no blocks, in range
-        lo, K = v.cached.clone(), v.rows  # K [B]: read before propose rewrites it
+        lo, K = v.cached.clone(), v.rows  # K [B]: a view of the slots, used only before propose rewrites it
         fields = batched.queries(st, B, Qb, mask, group.local_rows(K))
         inputs = pack_device(fields, torch.where(live, lo, 0), self._luts[measures][v.measure], live.long(), B, mask)
         t1 = time.perf_counter()
