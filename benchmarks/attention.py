@@ -1,13 +1,19 @@
-"""The static path's attention alone, one layer at Dream-7B shape: SDPA with today's additive mask against
-FlexAttention over the whole slot with the device-built block mask (models/attention.py: step_block_mask),
-in kernel variants, side by side in one run.
+"""The static path's attention alone, one layer: SDPA with today's additive mask against FlexAttention over the
+whole slot with the device-built block mask (models/attention.py: step_block_mask), in kernel variants, side by
+side in one run.
 
 Case: n requests, each K = k+1 branches x W columns (Qb = K*W queries, padded to the static path's bucket)
-over its own P-position prefix, 28 query heads over 4 KV heads of 128 (Dream-7B). "sdpa": the keys of the first
-Lb = round_up(P + Qb, 256) positions with an additive [n, 1, Qb, Lb] mask. "flex*": the keys of the whole slot
-(capacity --capacity) with the block mask, compiled with dynamic shapes as the engine does (or per shape: "static"); "packed" puts the 7
-query heads of a KV head on the query axis (one K/V read per KV head). Times: median of CUDA-graph replays of
-the attention call (the mask is built once per step for all layers, timed apart as "mask").
+over its own P-position prefix; heads of --shape: dream-7b (28 query heads over 4 KV heads of 128) or default
+(the embedded model: 4 over 2 of 64). "sdpa": the keys of the first Lb = round_up(P + Qb, 256) positions with an
+additive [n, 1, Qb, Lb] mask. "flex*": the keys of the whole slot (capacity --capacity) with the block mask.
+"engine" is exactly what the static path runs: models/fused.py's compiled FlexAttention (static query and key
+lengths, dynamic batch) with the query heads of a KV head on the query axis and step_block_mask(groups=...).
+Other variants: compiled with dynamic shapes, or per shape ("static"); "packed" = the engine's query axis; words
+m64 / n32 / w4 / s3 = kernel options BLOCK_M / BLOCK_N / num_warps / num_stages ("engine m64 n64": the engine's
+kernel with those tiles, "engine torch" with torch's default tiles; the engine picks them by head dim:
+models/fused.py flex_tiles). "tiles" = key tiles the mask lists per query tile (partial + full), averaged over the real
+ones. Times: median of CUDA-graph replays of the attention call (the mask is built once per step for all layers,
+timed apart as "mask").
 
     PYTHONPATH=src python3 benchmarks/attention.py --out benchmarks/results/attention_h100
 """
@@ -28,10 +34,10 @@ from lopa.runner.graphs import query_bucket, round_up
 
 from gemm_rows import median_ms  # CUDA-graph replays, median
 
-H, HKV, D = 28, 4, 128
+SHAPES = {"dream-7b": (28, 4, 128), "default": (4, 2, 64)}  # query heads, KV heads, head dim
 
 
-def case_tensors(n: int, k: int, W: int, P: int, cap: int, device):
+def case_tensors(n: int, k: int, W: int, P: int, cap: int, device, H: int, HKV: int, D: int):
     K = k + 1
     Qb = query_bucket(K * W)
     branch = torch.full((n, Qb), -1, device=device)
@@ -43,20 +49,21 @@ def case_tensors(n: int, k: int, W: int, P: int, cap: int, device):
     return Pt, branch, block, q, kv, Qb
 
 
-def packed_mask(Pt, branch, block, cap: int, groups: int, size: int = 128):
-    """step_block_mask for the query axis holding the query heads of one KV head one after another."""
-    from torch.nn.attention.flex_attention import BlockMask
+def tiles_of(name: str) -> dict:
+    """Kernel options from a variant's words: m64 -> BLOCK_M 64, n32 -> BLOCK_N 32, w4 -> num_warps 4, s3 ->
+    num_stages 3 ("m64" alone: 64 x 64)."""
+    keys = {"m": "BLOCK_M", "n": "BLOCK_N", "w": "num_warps", "s": "num_stages"}
+    opts = {keys[w[0]]: int(w[1:]) for w in name.split() if w[:1] in keys and w[1:].isdigit()}
+    if opts.keys() == {"BLOCK_M"}:
+        opts["BLOCK_N"] = opts["BLOCK_M"]
+    return opts
 
-    base = step_block_mask(Pt, branch, block, cap, size)
-    Qb = branch.shape[1]
-    n_q = -(-groups * Qb // size)
 
-    def mask_mod(b, h, q, kv):
-        return base.mask_mod(b, h, q % Qb, kv)
-    grow = lambda x: x[:, :, :1].expand(x.shape[0], 1, n_q, *x.shape[3:]).contiguous()  # noqa: E731
-    return BlockMask.from_kv_blocks(grow(base.kv_num_blocks), grow(base.kv_indices), grow(base.full_kv_num_blocks),
-                                    grow(base.full_kv_indices), BLOCK_SIZE=size, mask_mod=mask_mod,
-                                    seq_lengths=(groups * Qb, cap), compute_q_blocks=False)
+def tiles(mask, Qb: int, groups: int, size: int = 128) -> float:
+    """Mean key tiles (partial + full) the block mask lists per query tile holding a real query."""
+    n_real = -(-groups * Qb // size)
+    per = (mask.kv_num_blocks + mask.full_kv_num_blocks)[:, :, :n_real].float()
+    return float(per.mean())
 
 
 def main() -> None:
@@ -67,11 +74,16 @@ def main() -> None:
     ap.add_argument("--ns", default="1,16")
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--capacity", type=int, default=16384)
-    ap.add_argument("--variants", default="flex,flex static,flex packed,flex packed static,flex packed m64 static",
-                    help="FlexAttention variants: 'packed' = query heads of a KV head on the query axis, 'static' = "
-                    "compiled for each shape (the engine compiles with dynamic shapes), 'm64'/'m32' = kernel tiles")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="dream-7b")
+    ap.add_argument("--variants", default="engine,flex packed static,flex packed m64 static",
+                    help="FlexAttention variants (module docstring): 'engine' = the static path's kernel, 'packed' = "
+                    "query heads of a KV head on the query axis, 'static' = compiled for each shape (else dynamic "
+                    "shapes), m64 / n64 / w4 / s3 = kernel options")
     args = ap.parse_args()
     from torch.nn.attention.flex_attention import flex_attention
+
+    from lopa.models.fused import compiled
+    H, HKV, D = SHAPES[args.shape]
 
     device = torch.device("cuda")
     for name in ("recompile_limit", "cache_size_limit"):  # "static" variants compile once per case
@@ -79,20 +91,22 @@ def main() -> None:
             setattr(torch._dynamo.config, name, 256)
     variants = {}  # name -> (packed query heads, kernel call); each its own compiled function (no shared cache)
     for name in args.variants.split(","):
+        opts = tiles_of(name)
+        if name.startswith("engine"):  # with tile words: the engine's call with other kernel tiles
+            fn = compiled().flex
+            if opts or "torch" in name:  # "engine torch": torch's default tiles, whatever the head dim
+                fn = functools.partial(fn, kernel_options=opts)
+            variants[name] = (True, fn)
+            continue
         dynamic = "static" not in name
         fn = torch.compile(flex_attention, fullgraph=True, dynamic=dynamic)
-        opts = {}
-        if "m64" in name:
-            opts = {"BLOCK_M": 64, "BLOCK_N": 64}
-        if "m32" in name:
-            opts = {"BLOCK_M": 32, "BLOCK_N": 64}
         packed = "packed" in name
         variants[name] = (packed, functools.partial(fn, enable_gqa=not packed, kernel_options=opts or None))
     rows = []
     for P in [int(x) for x in args.prefixes.split(",")]:
         for k in [int(x) for x in args.ks.split(",")]:
             for n in [int(x) for x in args.ns.split(",")]:
-                Pt, branch, block, q, kv, Qb = case_tensors(n, k, args.window, P, args.capacity, device)
+                Pt, branch, block, q, kv, Qb = case_tensors(n, k, args.window, P, args.capacity, device, H, HKV, D)
                 row = {"P": P, "k": k, "n": n, "Qb": Qb}
                 with torch.inference_mode():
                     Lb = round_up(P + Qb, 256)
@@ -106,7 +120,8 @@ def main() -> None:
                     bm = step_block_mask(Pt, branch, block, args.capacity)
                     row["mask_flex_ms"] = median_ms(lambda: step_block_mask(Pt, branch, block, args.capacity))
                     real = (branch >= 0)[:, None, :, None]
-                    pm = packed_mask(Pt, branch, block, args.capacity, H // HKV)
+                    pm = step_block_mask(Pt, branch, block, args.capacity, groups=H // HKV)  # the engine's
+                    row["tiles"] = tiles(pm, Qb, H // HKV)
                     qp = q.view(n, HKV, H // HKV * Qb, D)  # heads of a KV group consecutive: [n, Hkv, 7*Qb, D]
                     for name, (packed, fn) in variants.items():
                         call = (lambda: fn(qp, kv[0], kv[1], block_mask=pm)) if packed else \
@@ -121,18 +136,21 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     names = list(variants)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "W": args.window,
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "W": args.window, "shape": args.shape,
             "capacity": args.capacity, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "attention.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    head = "| P | k | n | Qb | sdpa ms | " + " | ".join(f"{v} ms (sdpa/it)" for v in names) + " | mask sdpa / flex ms |"
-    lines = [head, "|" + "---|" * (5 + len(names) + 1)]
+    head = ("| P | k | n | Qb | tiles | sdpa ms | " + " | ".join(f"{v} ms (sdpa/it)" for v in names)
+            + " | mask sdpa / flex ms |")
+    lines = [f"{args.shape} heads {H}/{HKV}x{D}, capacity {args.capacity}, W {args.window}, {meta['device']}, "
+             f"torch {meta['torch']}, {meta['date']}", "", head, "|" + "---|" * (6 + len(names) + 1)]
     for r in rows:
         cells = []
         for v in names:
             t = r.get(f"{v}_ms")
             cells.append("failed" if t is None else f"{t:.3f} ({r['sdpa_ms'] / t:.2f})")
-        lines.append(f"| {r['P']} | {r['k']} | {r['n']} | {r['Qb']} | {r['sdpa_ms']:.3f} | " + " | ".join(cells) +
+        lines.append(f"| {r['P']} | {r['k']} | {r['n']} | {r['Qb']} | {r['tiles']:.1f} | {r['sdpa_ms']:.3f} | "
+                     + " | ".join(cells) +
                      f" | {r['mask_sdpa_ms']:.3f} / {r['mask_flex_ms']:.3f} |")
     (args.out / "attention.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

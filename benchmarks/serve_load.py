@@ -52,10 +52,11 @@ VARIANTS = {
     "device": {"device_step": True},  # the decode iteration for every request at once on the device (the default
     # with the warm-up on a GPU: RunnerConfig.device_step None)
     "lazy": {"warmup": False},  # no warm-up: sdpa, each shape captured on first use (the default before it)
+    "device2": {"device_step": True, "device_step_min": 2},  # one running request takes the host strategies
 }
 FLAGS = {"warmup": lambda v: "--warmup" if v else "--no-warmup",
          "device_step": lambda v: "--device-step" if v else "--no-device-step",
-         "attention": lambda v: f"--attention={v}"}
+         "attention": lambda v: f"--attention={v}", "device_step_min": lambda v: f"--device-step-min={v}"}
 GAUGES = {"captures": "lopa_graph_captures_after_startup", "recompiles": "lopa_recompiles_after_startup",
           "eager_steps": "lopa_eager_decode_steps", "device_steps": "lopa_device_decode_steps",
           "partial_steps": "lopa_partial_decode_steps"}

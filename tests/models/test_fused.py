@@ -56,3 +56,27 @@ def test_flex_falls_back_to_compiling_batch_one_apart_when_size_oblivious_fails(
         out = ops.flex(q, kv, kv, mask)
     assert out.shape == q.shape and not ops.tracing.oblivious
     torch.testing.assert_close(out, fused.EAGER.flex(q, kv, kv, block_mask=mask))
+
+
+def test_compiled_flex_picks_its_kernel_tiles_by_head_dim(monkeypatch):
+    """The compiled FlexAttention asks for 64 x 64 Triton tiles for heads of at most 64 and leaves torch's choice
+    above; a caller's own kernel_options win. The output is the eager attention's."""
+    from lopa.models.attention import step_block_mask
+
+    seen = []
+    real = fused.flex_attention
+
+    def spy(q, k, v, block_mask=None, **kw):
+        seen.append(kw.get("kernel_options"))
+        return real(q, k, v, block_mask=block_mask)
+
+    monkeypatch.setattr(fused, "flex_attention", spy)
+    ops = fused.compiled(backend="eager")
+    P, branch = torch.zeros(1, dtype=torch.long), torch.zeros(1, 32, dtype=torch.long)
+    mask = step_block_mask(P, branch, torch.zeros_like(branch), 256, groups=2)
+    with torch.inference_mode():
+        for D in (64, 128):
+            q, kv = torch.randn(1, 2, 64, D), torch.randn(1, 2, 256, D)
+            torch.testing.assert_close(ops.flex(q, kv, kv, mask), fused.EAGER.flex(q, kv, kv, block_mask=mask))
+        ops.flex(torch.randn(1, 2, 64, 64), kv[..., :64], kv[..., :64], mask, kernel_options={"BLOCK_M": 32})
+    assert seen == [{"BLOCK_M": 64, "BLOCK_N": 64}, None, {"BLOCK_M": 32}]

@@ -143,6 +143,7 @@ def _static_queries(fn: Callable, tracing: Tracing) -> Callable:
     reasoning keeps a first call with B = 1 from specializing on 1 (torch otherwise compiles B = 1 apart)."""
     def call(q, k, v, block_mask, **kw):
         mark_batch_dynamic(q, k, v)
+        kw.setdefault("kernel_options", flex_tiles(q.shape[-1]))
         if not tracing.on:
             return fn(q, k, v, block_mask=block_mask, **kw)
         with torch._dynamo.config.patch(**_LIMITS):
@@ -156,6 +157,14 @@ def _static_queries(fn: Callable, tracing: Tracing) -> Callable:
                                   f"({type(err).__name__}: {err}); B = 1 compiles apart", RuntimeWarning, stacklevel=2)
             return fn(q, k, v, block_mask=block_mask, **kw)
     return call
+
+
+def flex_tiles(head_dim: int) -> dict | None:
+    """The compiled FlexAttention's Triton tiles for a head dim: 64 queries x 64 keys for heads of at most 64
+    (H100, benchmarks/attention.py: about 3x torch's default tiles at the embedded model's 4 heads over 2 of 64,
+    where a step's few small tiles leave the kernel latency-bound), torch's own choice above (64 x 64 ran at half
+    its speed at Dream-7B's 128)."""
+    return {"BLOCK_M": 64, "BLOCK_N": 64} if head_dim <= 64 else None
 
 
 def mark_batch_dynamic(*tensors: torch.Tensor) -> None:
