@@ -49,14 +49,13 @@ import httpx
 # RunnerConfig fields of each variant (the server gets them as flags, the ceiling as RunnerConfig)
 VARIANTS = {
     "host": {"device_step": False},  # the warm-up on a GPU (flex attention), the host strategies
-    "device": {"device_step": True},  # the decode iteration for every request at once on the device (the default
-    # with the warm-up on a GPU: RunnerConfig.device_step None)
+    "device": {"device_step": True},  # every decode step iterates all its requests at once on the device
+    "auto": {},  # the defaults: with the warm-up on a GPU the device path from DEVICE_STEP_MIN_AUTO running requests
     "lazy": {"warmup": False},  # no warm-up: sdpa, each shape captured on first use (the default before it)
-    "device2": {"device_step": True, "device_step_min": 2},  # one running request takes the host strategies
 }
 FLAGS = {"warmup": lambda v: "--warmup" if v else "--no-warmup",
          "device_step": lambda v: "--device-step" if v else "--no-device-step",
-         "attention": lambda v: f"--attention={v}", "device_step_min": lambda v: f"--device-step-min={v}"}
+         "attention": lambda v: f"--attention={v}"}
 GAUGES = {"captures": "lopa_graph_captures_after_startup", "recompiles": "lopa_recompiles_after_startup",
           "eager_steps": "lopa_eager_decode_steps", "device_steps": "lopa_device_decode_steps",
           "partial_steps": "lopa_partial_decode_steps"}
@@ -251,6 +250,10 @@ def ceiling_runner(args, variant: str):
         fields["attention"] = "flex" if warmup else "sdpa"
     if gpu and warmup:
         from lopa.api import WARMUP_POSITIONS
+        from lopa.config import DEVICE_STEP_MIN_AUTO
+
+        if "device_step" not in fields:  # what the server's automatic device path resolves to with its warm-up
+            fields.update(device_step=True, device_step_min=DEVICE_STEP_MIN_AUTO)
 
         fields["max_positions"] = WARMUP_POSITIONS
     return lopa.RunnerConfig(device=args.device, max_num_seqs=max(args.concurrency), warmup=False, **fields)

@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 
 from . import request
-from .config import DecodeConfig, RunnerConfig
+from .config import DecodeConfig, RunnerConfig, device_step_min_of
 from .decoding.base import DecodeState, Step
 from .engine import Engine, Sequence, Stats
 from .errors import CheckpointError, ConfigError
@@ -216,7 +216,7 @@ def build_model(source, runner: RunnerConfig, group=None, name: Path | None = No
     # RunnerConfig.device_step None ("auto"): the device path where its graphs are captured at start-up
     device_step = warm if runner.device_step is None else runner.device_step
     engine = Engine(model_runner, loaded.spec, runner.max_num_seqs, runner.step_rows, runner.max_lookahead,
-                    runner.max_num_batched_tokens, device_step, runner.device_step_min)
+                    runner.max_num_batched_tokens, device_step, device_step_min_of(runner))
     if warm:
         _warm_up(model_runner, engine, runner.max_num_batched_tokens)
     model = LopaModel(name or getattr(source, "folder", Path(".")), loaded, model_runner, engine)

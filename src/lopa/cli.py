@@ -516,9 +516,10 @@ def serve(
     device_step: Optional[bool] = typer.Option(None, "--device-step/--no-device-step", help="Greedy threshold / d2f "
                                                "/ lopa steps iterate every request at once on the device (default: "
                                                "with the warm-up on a GPU) (RunnerConfig.device_step)."),
-    device_step_min: int = typer.Option(RunnerConfig.device_step_min, help="With the device path on, the fewest "
-                                        "running requests that take it; fewer run on the host strategies "
-                                        "(RunnerConfig.device_step_min)."),
+    device_step_min: Optional[int] = typer.Option(None, help="With the device path on, the fewest running "
+                                                  "requests that take it; fewer run on the host strategies (default: "
+                                                  "3 with the automatic device path, 1 with --device-step) "
+                                                  "(RunnerConfig.device_step_min)."),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics)."""
     from .config import ServeConfig

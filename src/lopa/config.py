@@ -345,10 +345,9 @@ class RunnerConfig:
     device_step: bool | None = None
     # With the device path on, a decode step takes it only while at least this many requests are running; with
     # fewer, the host strategies run the step (their requests come back from the device, and go again when enough
-    # run). On one H100 one request's step is cheaper on the host path (default model lopa k=7: 1.12 against 2.24
-    # ms; Dream-7B shape: 7-9% less), from 8 requests on the device path is even or faster (docs/benchmarks.md).
-    # 1 = whenever the device path is on
-    device_step_min: int = 1
+    # run). None ("auto") = DEVICE_STEP_MIN_AUTO where device_step is auto, 1 (every step) where device_step=True
+    # forces the path on (device_step_min_of). 1 = whenever the device path is on
+    device_step_min: int | None = None
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -359,7 +358,8 @@ class RunnerConfig:
         _check(self.step_rows is None or (isinstance(self.step_rows, int) and self.step_rows >= 1), "step_rows",
                f"must be None or an integer >= 1, got {self.step_rows!r}")
         _check(self.max_lookahead >= 0, "max_lookahead", f"must be >= 0, got {self.max_lookahead!r}")
-        _check(self.device_step_min >= 1, "device_step_min", f"must be >= 1, got {self.device_step_min!r}")
+        _check(self.device_step_min is None or self.device_step_min >= 1, "device_step_min",
+               f"must be None or >= 1, got {self.device_step_min!r}")
         _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
                f"must be >= 1, got {self.max_num_batched_tokens!r}")
         _check(self.kv_cache_bytes is None or self.kv_cache_bytes >= 1, "kv_cache_bytes",
@@ -377,6 +377,20 @@ class RunnerConfig:
             "device",
             f"must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}",
         )
+
+
+# RunnerConfig.device_step_min's "auto" value: on one H100 (default model, 64 x 64 attention tiles) one or two
+# running requests step faster on the host strategies (lopa k=7: 1.15 / 1.62 ms against 1.61 / 1.81), three are
+# about even (2.05 / 1.91; d2f 1.42 / 1.46) and from four on the device path is faster (docs/benchmarks.md)
+DEVICE_STEP_MIN_AUTO = 3
+
+
+def device_step_min_of(runner: RunnerConfig) -> int:
+    """The fewest running requests that take the device path: RunnerConfig.device_step_min, or for None
+    DEVICE_STEP_MIN_AUTO where the path is automatic and 1 where device_step=True forces it on."""
+    if runner.device_step_min is not None:
+        return runner.device_step_min
+    return DEVICE_STEP_MIN_AUTO if runner.device_step is None else 1
 
 
 @dataclass(frozen=True)

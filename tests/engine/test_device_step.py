@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import lopa
+from lopa.config import DEVICE_STEP_MIN_AUTO, device_step_min_of
 from lopa.decoding import batched
 from lopa.engine import Engine
 from lopa.runner.model_runner import ModelRunner
@@ -429,6 +430,11 @@ def test_runner_config_picks_the_path(tiny_dream_dir):
         lopa.RunnerConfig(device_step="yes")
     with pytest.raises(lopa.ConfigError, match="device_step_min"):
         lopa.RunnerConfig(device_step_min=0)
+    # device_step_min None: 3 running requests where the path is automatic, every step where device_step forces it
+    assert on.engine.device_min == 1 and lopa.RunnerConfig().device_step_min is None
+    assert device_step_min_of(lopa.RunnerConfig()) == DEVICE_STEP_MIN_AUTO == 3
+    assert device_step_min_of(lopa.RunnerConfig(device_step=True)) == 1
+    assert device_step_min_of(lopa.RunnerConfig(device_step_min=2)) == 2
     # device_step_min: one request alone takes the host path, two at once the device path
     two = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu", device_step=True, device_step_min=2,
                                                                     max_num_seqs=2))
