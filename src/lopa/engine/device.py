@@ -230,7 +230,8 @@ class DevicePath:
         c.prepare_s += t1 - t0
         c.forward_s += t2 - t1
         c.select_s += time.perf_counter() - t3
-        runner.commit_winners(lo, winner, K, W, commit, Wm)
+        # a lookahead row wins only in a slot of K >= 2 rows, whose K*W <= Qb queries leave it W <= Qb / 2 columns
+        runner.commit_winners(lo, winner, K, W, commit, min(Wm, max(1, Qb // 2)))
         batched.propose(st, B, mask, self.row_budget, Wm, span)
         ready = batched.answer_ready(st, B, mask, Wm, span)
         return torch.stack([v.done, v.capped, v.cached, v.rows, v.width, ready, winner], 1)

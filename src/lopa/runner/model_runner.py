@@ -323,11 +323,12 @@ class ModelRunner:
         return predict(logits, measure, suppressed, measures, suppress)
 
     def commit_winners(self, P: torch.Tensor, row: torch.Tensor, K: torch.Tensor, W: torch.Tensor, n: torch.Tensor,
-                       Wm: int) -> None:
+                       cols: int) -> None:
         """commit for slots 0..len(P)-1 from device tensors [len(P)] after forward_packed: the first n[b] window
         columns of row[b] (of K[b] rows of W[b] columns, at P + row*W) become positions P.. of slot b, with the last
-        one's hidden state. One process: one gather-scatter on the device (row 0's columns already sit there;
-        graph-capturable), the host lengths set apart (set_lengths). Branch Parallel: the winners are read back (a
+        one's hidden state. One process: one gather-scatter on the device over ``cols`` columns a slot (at least
+        every n[b] whose row[b] > 0: row 0's columns already sit there; graph-capturable), the host lengths set
+        apart (set_lengths). Branch Parallel: the winners are read back (a
         second small copy, timed as select: it waits for accept) and ``commit`` takes each winner's K/V from this
         rank's rows or its owner's broadcast."""
         if self.group.distributed:
@@ -339,12 +340,12 @@ class ModelRunner:
             return
         S = P.shape[0]
         dev = P.device
-        j = torch.arange(Wm, device=dev)[None]
+        j = torch.arange(cols, device=dev)[None]
         moving = (j < n[:, None]) & (row[:, None] > 0)
         trash = self.pool.capacity - 1  # inactive entries copy the trash position onto itself
         src = torch.where(moving, P[:, None] + row[:, None] * W[:, None] + j, trash).reshape(-1)
         dst = torch.where(moving, P[:, None] + j, trash).reshape(-1)
-        slots = torch.arange(S, device=dev)[:, None].expand(S, Wm).reshape(-1)
+        slots = torch.arange(S, device=dev)[:, None].expand(S, cols).reshape(-1)
         self.pool.commit(slots, src, dst)
         last = self.hidden[torch.arange(S, device=dev), (row * W + n - 1).clamp(min=0)]  # [S, E]
         self.pool.last_hidden[:S] = torch.where((n > 0)[:, None], last, self.pool.last_hidden[:S])
