@@ -262,6 +262,9 @@ def main() -> None:
         variants = {"old": (*old_modules(args.against, folder, args.old_dir), "all"), "span": (batched, Slots, "bound"),
                     "span, R=K": (batched, Slots, "K")}
         if args.compiled:
+            # module-level floats (budget.FILL_HALVING, FLAT_SPREAD) would become 0-dim CPU tensor inputs under
+            # dynamic=True, which Inductor's CUDA kernels cannot read ("cpu tensor?"): keep them constants
+            torch._dynamo.config.specialize_float = True
             fused = types.SimpleNamespace(**{name: torch.compile(getattr(batched, name), dynamic=True)
                                              for name in PHASES})
             variants["compiled"] = (fused, Slots, "bound")
