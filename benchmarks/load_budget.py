@@ -69,13 +69,15 @@ def cost_grid(shape: str, device, dtype, ns: list[int], Ks: list[int], W: int, P
 
 
 def _along(points: list[tuple[int, float]], x: float) -> float:
-    """Piecewise-linear in x through sorted (x, y) points; flat below the first, linear past the last two."""
+    """Piecewise-linear in x through sorted (x, y) points; flat below the first, linear past the last two but never
+    falling there (noisy timings may make the last point cheaper than the one before: a larger step is not)."""
     xs = [p for p, _ in points]
     if x <= xs[0] or len(points) == 1:
         return points[0][1]
     i = min(bisect.bisect_left(xs, x), len(xs) - 1)
     (x0, y0), (x1, y1) = points[i - 1], points[i]
-    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    slope = (y1 - y0) / (x1 - x0)
+    return y1 + max(slope, 0.0) * (x - x1) if x > x1 else y0 + slope * (x - x0)
 
 
 class CostModel:

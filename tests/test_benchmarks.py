@@ -87,6 +87,21 @@ def test_load_budget_tiny(tmp_path):
     assert (tmp_path / "load_budget.md").read_text().count("| 2 | k=6 load |") == 1
 
 
+def test_load_budget_cost_model_never_falls_past_its_last_measured_step(monkeypatch):
+    """Timings are noisy: a last point cheaper than the one before must not extrapolate a larger step cheaper
+    still (once below zero, which made the projected tokens/s negative)."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the script imports its sibling benchmarks
+    spec = importlib.util.spec_from_file_location("load_budget", ROOT / "benchmarks" / "load_budget.py")
+    lb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lb)
+    cost = lb.CostModel([{"n": 1, "positions": x, "step_ms": y} for x, y in ((10, 1.0), (20, 3.0), (30, 2.0))])
+    assert [cost(1, x) for x in (5, 15, 25, 30, 300)] == [1.0, 2.0, 2.5, 2.0, 2.0]
+    rising = lb.CostModel([{"n": 1, "positions": x, "step_ms": y} for x, y in ((10, 1.0), (20, 3.0))])
+    assert rising(1, 40) == 7.0
+
+
 def test_serve_load_tiny(tmp_path):
     """Both default server variants from a fresh start: a cold round and a warm one over two levels, each level
     beside generate_many; the summary carries the start-up time and the engine's counters after the run."""
