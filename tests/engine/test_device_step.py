@@ -127,6 +127,36 @@ def test_k_policies_equal_the_host_path(ref):
         assert _drive(m, prompts, configs, joins) == host and m.engine.counters.device_steps > 0
 
 
+def test_lookahead_winners_commit_the_same_kv_as_the_host_path(ref):
+    """The device path's KV commit (a gather-scatter over a column bound: Qb / 2, as a lookahead row wins only
+    with K >= 2 rows) against the host path's, stepping side by side: k = 1, a low τ that completes a 16-column
+    block per step, so lookahead winners commit 16 columns of their window. After every step each slot's
+    committed K/V are equal bit for bit; the tokens alone barely feel a stale column (row 0's K/V sit there
+    already, differing only through the lookahead token), so a bound below a winner's commit shows here."""
+    model = ref[0]  # its own EOS: the answers run to gen_length
+    cfg = lopa.decode_config(None, model.model_type, strategy="lopa", k=1, base="threshold", block_size=16,
+                             gen_length=64, tau=0.02, branch_confidence="mean")
+    host, dev = (_engine(model, len(PROMPTS), device_step=d, static=True).engine for d in (False, True))
+    for engine in (host, dev):
+        for p in PROMPTS:
+            engine.add(engine.prepare(model.tokenizer.encode(p), cfg))
+    finished, compared = 0, 0
+    with torch.inference_mode():
+        while finished < len(PROMPTS):
+            outs = [engine.step() for engine in (host, dev)]
+            assert [(o.request_id, o.new_ids, o.finished) for o in outs[0]] == \
+                [(o.request_id, o.new_ids, o.finished) for o in outs[1]]
+            finished += sum(o.finished for o in outs[0])
+            if finished < len(PROMPTS):
+                a, b = host.runner.pool, dev.runner.pool
+                assert a.lengths == b.lengths
+                for slot, length in enumerate(a.lengths):
+                    assert torch.equal(a.kv[:, :, slot, :, :length], b.kv[:, :, slot, :, :length])
+                compared += 1
+    assert dev.counters.device_steps > 0 and compared >= 4  # the prefill and three of the four blocks' steps
+    assert host.winner_log == dev.winner_log and any(w > 0 for ws in host.winner_log.values() for w in ws)
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "flex"])
 def test_bucket_padding_rows_are_inert(ref, attention):
     """The static path runs the update over the whole bucket (5 requests in a bucket of 6): the padding rows
