@@ -50,7 +50,7 @@ import httpx
 VARIANTS = {
     "host": {"device_step": False},  # the warm-up on a GPU (flex attention), the host strategies
     "device": {"device_step": True},  # every decode step iterates all its requests at once on the device
-    "auto": {},  # the defaults: with the warm-up on a GPU the device path from DEVICE_STEP_MIN_AUTO running requests
+    "auto": {},  # the defaults: with the warm-up on a GPU the device path, its update compiled, for every step
     "lazy": {"warmup": False},  # no warm-up: sdpa, each shape captured on first use (the default before it)
 }
 FLAGS = {"warmup": lambda v: "--warmup" if v else "--no-warmup",
@@ -250,10 +250,10 @@ def ceiling_runner(args, variant: str):
         fields["attention"] = "flex" if warmup else "sdpa"
     if gpu and warmup:
         from lopa.api import WARMUP_POSITIONS
-        from lopa.config import DEVICE_STEP_MIN_AUTO
+        from lopa.config import device_step_min_of
 
         if "device_step" not in fields:  # what the server's automatic device path resolves to with its warm-up
-            fields.update(device_step=True, device_step_min=DEVICE_STEP_MIN_AUTO)
+            fields.update(device_step=True, device_step_min=device_step_min_of(lopa.RunnerConfig(), fused=True))
 
         fields["max_positions"] = WARMUP_POSITIONS
     return lopa.RunnerConfig(device=args.device, max_num_seqs=max(args.concurrency), warmup=False, **fields)

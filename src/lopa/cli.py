@@ -127,7 +127,8 @@ def generate(
     dtype: str = typer.Option("auto", help="auto (bfloat16 on a GPU, float32 on the CPU) | float32 | bfloat16 | "
                                            "float16 | float64"),
     quantize: Optional[str] = typer.Option(None, help="Decoder Linears: int8 (weight-only) or fp8 (W8A8, fp8 GEMMs on Hopper/Ada GPUs)."),
-    fuse: bool = typer.Option(True, help="On a GPU, fuse RMSNorm/RoPE/SiLU/confidence kernels with torch.compile."),
+    fuse: bool = typer.Option(True, help="On a GPU, fuse RMSNorm/RoPE/SiLU/confidence kernels and the device "
+                              "step's update with torch.compile."),
     devices: int = typer.Option(1, help="Branch Parallel: spread each request's branches over N processes "
                                 "(GPUs cuda:0..N-1, or CPU processes), each holding the whole model."),
     max_num_seqs: int = typer.Option(8, help="Requests decoded together (one forward per step; --prompts-file)."),
@@ -344,7 +345,8 @@ def evaluate(
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N]"),
     dtype: str = typer.Option("auto", help="auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16 | float64"),
     quantize: Optional[str] = typer.Option(None, help="Decoder Linears: int8 (weight-only) or fp8 (W8A8, fp8 GEMMs on Hopper/Ada GPUs)."),
-    fuse: bool = typer.Option(True, help="On a GPU, fuse RMSNorm/RoPE/SiLU/confidence kernels with torch.compile."),
+    fuse: bool = typer.Option(True, help="On a GPU, fuse RMSNorm/RoPE/SiLU/confidence kernels and the device "
+                              "step's update with torch.compile."),
     devices: int = typer.Option(1, help="Branch Parallel: spread each request's branches over N processes/GPUs."),
 ) -> None:
     """Run strategies side by side on the same problems: accuracy, TPF, forwards, tokens/s; paired comparisons.
@@ -503,7 +505,8 @@ def serve(
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto"),
     quantize: Optional[str] = typer.Option(None, help="Decoder Linears: int8 (weight-only) or fp8 (W8A8)."),
-    fuse: bool = typer.Option(True, help="On a GPU, fuse RMSNorm/RoPE/SiLU/confidence kernels with torch.compile."),
+    fuse: bool = typer.Option(True, help="On a GPU, fuse RMSNorm/RoPE/SiLU/confidence kernels and the device "
+                              "step's update with torch.compile."),
     max_lookahead: int = typer.Option(RunnerConfig.max_lookahead, help="Largest k a request may ask for (else 400)."),
     max_num_batched_tokens: int = typer.Option(RunnerConfig.max_num_batched_tokens,
                                                help="Most query positions (K x W) of a request's forward (else 400)."),
@@ -518,7 +521,7 @@ def serve(
                                                "with the warm-up on a GPU) (RunnerConfig.device_step)."),
     device_step_min: Optional[int] = typer.Option(None, help="With the device path on, the fewest running "
                                                   "requests that take it; fewer run on the host strategies (default: "
-                                                  "3 with the automatic device path, 1 with --device-step) "
+                                                  "1, or 3 with the automatic path and --no-fuse) "
                                                   "(RunnerConfig.device_step_min)."),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics)."""

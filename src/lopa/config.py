@@ -298,7 +298,8 @@ class RunnerConfig:
     device: str = "auto"  # "auto" = cuda if available else cpu
     dtype: str = "auto"  # "auto" = bfloat16 on GPU, float32 on CPU; or float32 / bfloat16 / float16 / float64
     cuda_graphs: bool = True  # on a GPU, replay greedy decode steps from CUDA graphs (runner/graphs.py)
-    fuse: bool = True  # on a GPU, fuse RMSNorm / RoPE / SiLU·up / confidences with torch.compile (models/fused.py)
+    fuse: bool = True  # on a GPU, fuse RMSNorm / RoPE / SiLU·up / confidences (models/fused.py) and the device path's
+    # update (engine/device.py) with torch.compile
     quantize: str | None = None  # None | "int8" (weight-only) | "fp8" (W8A8 e4m3): decoder Linears (models/quant.py)
     max_num_seqs: int = 8  # requests decoded together, one forward per engine step (each holds a KV slot)
     max_positions: int | None = None  # KV positions per slot (longer requests are refused); None = grow on demand,
@@ -345,8 +346,9 @@ class RunnerConfig:
     device_step: bool | None = None
     # With the device path on, a decode step takes it only while at least this many requests are running; with
     # fewer, the host strategies run the step (their requests come back from the device, and go again when enough
-    # run). None ("auto") = DEVICE_STEP_MIN_AUTO where device_step is auto, 1 (every step) where device_step=True
-    # forces the path on (device_step_min_of). 1 = whenever the device path is on
+    # run). None ("auto", device_step_min_of) = 1 where the update is compiled (fuse on a GPU: faster than the
+    # host strategies from one request on), DEVICE_STEP_MIN_UNFUSED where device_step is auto and it is not, 1
+    # where device_step=True forces the path on. 1 = whenever the device path is on
     device_step_min: int | None = None
 
     def __post_init__(self) -> None:
@@ -382,15 +384,17 @@ class RunnerConfig:
 # RunnerConfig.device_step_min's "auto" value: on one H100 (default model, 64 x 64 attention tiles) one or two
 # running requests step faster on the host strategies (lopa k=7: 1.15 / 1.62 ms against 1.61 / 1.81), three are
 # about even (2.05 / 1.91; d2f 1.42 / 1.46) and from four on the device path is faster (docs/benchmarks.md)
-DEVICE_STEP_MIN_AUTO = 3
+# where the device path's update runs unfused, one or two requests step faster on the host path (H100, eager update)
+DEVICE_STEP_MIN_UNFUSED = 3
 
 
-def device_step_min_of(runner: RunnerConfig) -> int:
-    """The fewest running requests that take the device path: RunnerConfig.device_step_min, or for None
-    DEVICE_STEP_MIN_AUTO where the path is automatic and 1 where device_step=True forces it on."""
+def device_step_min_of(runner: RunnerConfig, fused: bool) -> int:
+    """The fewest running requests that take the device path: RunnerConfig.device_step_min, or for None 1 where
+    ``fused`` (the runner compiles the update: faster than the host strategies at every n, H100) or device_step=True
+    forces the path on, else DEVICE_STEP_MIN_UNFUSED."""
     if runner.device_step_min is not None:
         return runner.device_step_min
-    return DEVICE_STEP_MIN_AUTO if runner.device_step is None else 1
+    return 1 if fused or runner.device_step is not None else DEVICE_STEP_MIN_UNFUSED
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lopa
-from lopa.config import DEVICE_STEP_MIN_AUTO, device_step_min_of
+from lopa.config import DEVICE_STEP_MIN_UNFUSED, device_step_min_of
 from lopa.decoding import batched
 from lopa.engine import Engine
 from lopa.runner.model_runner import ModelRunner
@@ -355,6 +355,80 @@ def test_a_failing_update_fails_the_step_not_a_token(ref, monkeypatch):
     assert _drive(m, prompts[:4], configs[:4], [0] * 4)[0] == want[:4]
 
 
+def _counting_backend(counts: dict):
+    """A torch.compile backend that runs the traced graph as it is (dynamo's tracing, no code generation: the CPU
+    proxy of Inductor) and counts the graphs of each compiled function."""
+    def backend_for(fn):
+        def backend(gm, example_inputs):
+            counts[fn.__name__] = counts.get(fn.__name__, 0) + 1
+            return gm.forward
+        return backend
+    return backend_for
+
+
+@pytest.mark.filterwarnings("error:the device path's update did not compile")  # no silent fallback to eager
+def test_the_compiled_update_equals_the_host_path_and_compiles_only_at_start_up(tiny_dream_dir, monkeypatch):
+    """RunnerConfig.fuse on a GPU compiles the device path's update (engine/device.py: compiled_update), traced here
+    through dynamo with the graph run as traced: each phase traces whole (fullgraph) and, dynamic in every size,
+    compiles at most twice over the whole warm-up (one request apart), then nothing compiles while varied requests
+    run (torch.compile set to fail on a recompile); every step is a device step and the tokens and forwards equal
+    the host strategies'. After the warm-up a key it did not warm runs batched's own functions."""
+    from lopa.engine import device
+
+    counts = {}
+    compile_ = torch.compile
+    backend_for = _counting_backend(counts)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **kw) if fn.__name__ not in device.PHASES
+                        else compile_(fn, **{**kw, "backend": backend_for(fn)}))
+    model = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu", dtype="float64"))
+    prompts = ["Tom has 12 apples and", "The cat sat", "one two three four five six", "Mia has"]
+    cfgs = [lopa.DecodeConfig(strategy=s, k=k, gen_length=24, block_size=8, tau=0.5)
+            for s, k in (("lopa", 3), ("d2f", 0), ("lopa", 7), ("threshold", 0))]
+    host = _engine(model, 4, device_step=False)
+    want = [(r.token_ids, r.stats.decode_forwards) for r in lopa.generate_many(host, prompts, cfgs)]
+    m = _engine(model, 4, static=True, attention="flex", max_positions=512)
+    assert m.engine.device.update is batched  # the runner does not fuse on a CPU
+    m.engine.device.update = device.compiled_update.__wrapped__()  # uncached: traced by the counting backend
+    torch._dynamo.reset()
+    try:
+        m.runner.warmup(256)
+        m.engine.device.warmup([key[:2] for key in m.runner.graphs.warmup_keys(256)])
+        assert set(counts) == set(device.PHASES) and all(1 <= c <= 2 for c in counts.values()), counts
+        with torch.compiler.set_stance("fail_on_recompile"):
+            got = [(r.token_ids, r.stats.decode_forwards) for r in lopa.generate_many(m, prompts, cfgs)]
+            assert got == want
+            c = m.engine.counters
+            assert c.device_steps == c.decode_steps > 0 and c.eager_decode_steps == 0
+            # a key the warm-up did not capture (a request past its query buckets) runs eagerly, compiling nothing
+            long = lopa.DecodeConfig(strategy="lopa", k=7, gen_length=48, block_size=48, tau=0.5)  # 8 x 48 queries
+            assert lopa.generate(m, prompts[0], long).token_ids == lopa.generate(host, prompts[0], long).token_ids
+            assert m.engine.counters.eager_decode_steps > 0
+    finally:
+        torch._dynamo.reset()
+
+
+def test_an_update_that_does_not_compile_runs_unfused_with_a_warning(tiny_dream_dir):
+    """Where torch.compile fails on the update (here a backend that raises), the step runs batched's own phases,
+    with one warning, and the tokens are the host path's."""
+    from lopa.engine import device
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    model = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu"))
+    cfg = lopa.DecodeConfig(strategy="lopa", k=3, gen_length=16, block_size=8, tau=0.5)
+    m = _engine(model, 2)
+    m.engine.device.update = device.compiled_update.__wrapped__(backend=broken)
+    torch._dynamo.reset()
+    try:
+        with pytest.warns(RuntimeWarning, match="update did not compile"):
+            got = lopa.generate(m, "Tom has 12 apples and", cfg)
+    finally:
+        torch._dynamo.reset()
+    want = lopa.generate(_engine(model, 2, device_step=False), "Tom has 12 apples and", cfg)
+    assert got.token_ids == want.token_ids and m.engine.counters.device_steps > 0
+
+
 def _oom_once(fn, when):
     """fn, raising an injected CUDA out-of-memory on the first call whose arguments satisfy ``when`` -> (the
     wrapper, the list of the arguments it failed on)."""
@@ -460,11 +534,13 @@ def test_runner_config_picks_the_path(tiny_dream_dir):
         lopa.RunnerConfig(device_step="yes")
     with pytest.raises(lopa.ConfigError, match="device_step_min"):
         lopa.RunnerConfig(device_step_min=0)
-    # device_step_min None: 3 running requests where the path is automatic, every step where device_step forces it
+    # device_step_min None: every step where the update is compiled or device_step forces the path, else 3 running
+    # requests where the path is automatic
     assert on.engine.device_min == 1 and lopa.RunnerConfig().device_step_min is None
-    assert device_step_min_of(lopa.RunnerConfig()) == DEVICE_STEP_MIN_AUTO == 3
-    assert device_step_min_of(lopa.RunnerConfig(device_step=True)) == 1
-    assert device_step_min_of(lopa.RunnerConfig(device_step_min=2)) == 2
+    assert device_step_min_of(lopa.RunnerConfig(), fused=False) == DEVICE_STEP_MIN_UNFUSED == 3
+    assert device_step_min_of(lopa.RunnerConfig(), fused=True) == 1
+    assert device_step_min_of(lopa.RunnerConfig(device_step=True), fused=False) == 1
+    assert device_step_min_of(lopa.RunnerConfig(device_step_min=2), fused=True) == 2
     # device_step_min: one request alone takes the host path, two at once the device path
     two = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu", device_step=True, device_step_min=2,
                                                                     max_num_seqs=2))
@@ -481,10 +557,12 @@ def test_warm_up_captures_the_device_path_by_default_on_gpu(tiny_dream_dir):
     """On a GPU with the warm-up the device path is on by default and its graphs are captured inside load_model;
     then varied prompts and k run with torch.compile set to fail on any recompile, the counters report no capture,
     recompile or eager step after start-up, and the tokens equal the host strategies' on the same static path."""
-    runner = dict(device="cuda", dtype="float32", max_num_seqs=4, max_num_batched_tokens=2048, warmup=True)
+    runner = dict(device="cuda", dtype="float32", max_num_seqs=4, max_num_batched_tokens=2048, warmup=True,
+                  device_step_min=1)  # every step on the device path (the default leaves one or two on the host)
     dev = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(**runner))
     host = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(**runner, device_step=False))
     assert dev.engine.device is not None and dev.engine.device.warm
+    assert dev.engine.device.update is not batched  # fuse (the default) compiles the update on a GPU
     stats = dev.runner.graphs.stats
     assert stats.captures == stats.warmup_graphs == 2 * len(host.runner.graphs.statics)
     prompts = ["a", "Tom has 12 apples and " * 12, "The cat sat", "one two three four five six seven"]
@@ -505,7 +583,7 @@ def test_step_budget_on_gpu_runs_no_step_eagerly(tiny_dream_dir):
     all four together have no captured shape: with the step budget every decode step replays a captured graph
     (0 eager, partial steps instead), nothing captures or recompiles, and the tokens equal the host strategies'
     on the same static path."""
-    runner = dict(device="cuda", dtype="float32", max_num_seqs=4, max_num_batched_tokens=256)
+    runner = dict(device="cuda", dtype="float32", max_num_seqs=4, max_num_batched_tokens=256, device_step_min=1)
     dev = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(**runner, warmup=True))
     ref = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(**runner, warmup=True, device_step=False))
     prompts = ["a b", "Tom has 12 apples and", "The cat sat", "one two three four five six seven"]

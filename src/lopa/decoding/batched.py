@@ -158,7 +158,7 @@ def fill(v: Rows, geo: Geometry, x: Span, mask_id: int) -> torch.Tensor:
     incomplete = present & (geo.per_block(masked) > 0)
     current = _first(incomplete[:, :geo.NB], geo.NB)  # threshold: the first incomplete block (earlier: complete)
     fillable = torch.where(d2f[:, None], present, geo.i == current[:, None])
-    fillable[:, geo.NB] = False
+    fillable[:, -1] = False  # column NB (no position); -1 keeps a compiled update from specializing on NB
     fillable &= (v.family == 0)[:, None]  # block-diffusion slots: batched_blocks.fill
     fallback = ~d2f[:, None] | x.active  # threshold blocks are always fully active (column NB: no position)
     open_ = masked & x.pred_ok & fillable.gather(1, geo.bi)

@@ -22,6 +22,8 @@ from __future__ import annotations
 import functools
 import math
 import time
+import types
+import warnings
 
 import torch
 
@@ -32,6 +34,7 @@ from ..decoding.block_diffusion import BlockDiffusionStrategy, FastDLLMv2Strateg
 from ..decoding.slots import DEVICE_SCORES, Rows, Slots
 from ..decoding.d2f import D2FStrategy
 from ..decoding.threshold import ThresholdStrategy
+from ..models.fused import COMPILE_LIMITS
 from ..models.spec import ModelSpec
 from ..runner.graphs import MAX_GRAPHS
 from ..runner.model_runner import ModelRunner
@@ -48,9 +51,43 @@ def widths(Qb: int, lookaheads: int) -> tuple[int, int]:
     return Qb, min(lookaheads + 1, (1 + math.isqrt(1 + 4 * Qb)) // 2)
 
 
+PHASES = ("queries", "accept", "propose", "answer_ready")  # decoding/batched.py's update, in the order a step calls
+
+
+@functools.cache  # one per process: every model's path shares its compiled graphs (a new torch.compile recompiles)
+def compiled_update(backend: str = "inductor") -> types.SimpleNamespace:
+    """decoding/batched.py's phases through torch.compile (the path's update where the runner fuses: RunnerConfig.fuse
+    on a GPU), each one graph, dynamic in every size from the first call, so the warm-up's keys share a few
+    compiles (one request apart: size-oblivious tracing made Inductor fail). Eager, the update is a few hundred
+    small kernels (an H100, 32 lopa requests: 1.18 ms captured in a CUDA graph); compiled, 0.26 ms, the same
+    results (benchmarks/device_update.py). Module floats stay constants (specialize_float: dynamic=True would make
+    them CPU tensors a CUDA kernel cannot read). A phase that does not compile (TorchDynamoException: raised while
+    tracing, before any of its kernels ran) runs batched's own function, from then on every phase, one warning."""
+    broken: list[str] = []
+
+    def phase(name: str):
+        fn = torch.compile(getattr(batched, name), dynamic=True, fullgraph=True, backend=backend)
+
+        def call(*args):
+            if not broken:
+                try:
+                    with torch._dynamo.config.patch(specialize_float=True, **COMPILE_LIMITS):
+                        return fn(*args)
+                except torch._dynamo.exc.TorchDynamoException as err:
+                    broken.append(name)
+                    warnings.warn(f"the device path's update did not compile ({name}: {type(err).__name__}: {err}); "
+                                  f"it runs unfused", RuntimeWarning, stacklevel=2)
+            return getattr(batched, name)(*args)
+        return call
+    return types.SimpleNamespace(**{name: phase(name) for name in PHASES})
+
+
 class DevicePath:
     def __init__(self, runner: ModelRunner, spec: ModelSpec, max_lookahead: int = RunnerConfig.max_lookahead) -> None:
         self.runner, self.spec = runner, spec
+        # the update's phases: compiled where the runner fuses (a GPU); a step run eagerly after the warm-up (a key
+        # it did not capture) calls batched's own, so that nothing compiles while requests run
+        self.update = compiled_update() if runner.fuse else batched
         self.max_lookahead = max_lookahead  # the engine's admission ceiling on k: the warmed slots' lookaheads
         self.pdt = torch.promote_types(runner.dtype, torch.float32)
         self.eos = torch.tensor(spec.eos_ids, dtype=torch.int64, device=runner.device)
@@ -200,24 +237,26 @@ class DevicePath:
         if self.warm and key not in self.graphs:
             self.runner.graphs.stats.eager_steps += 1
             eager = self._shape(host, eager=True)
-            return self._update(*eager, measures, scores, self._keyed_span(eager[3], span))
+            return self._update(*eager, measures, scores, self._keyed_span(eager[3], span), batched)
         return self._replay(key, lambda: self._update(*shape, measures, scores, span))
 
     def _update(self, B: int, Qb: int, Lb: int | None, Wm: int, R: int, measures: tuple[str, ...],
-                scores: tuple[str, ...], span: int) -> torch.Tensor:
+                scores: tuple[str, ...], span: int, update=None) -> torch.Tensor:
         """Queries, forward, accept, commit, propose over slots 0..B-1; rows past the step's requests (free slots)
         are zeroed first: no rows, no generated region, every index in range. The forward computes this rank's rows
         of each slot (group.local_rows; one process: all of them), the group gathers every rank's predictions in
         global row order (one process: they are), every rank runs the same update, and the runner commits the
         winners (under Branch Parallel from this rank's rows or the owner's broadcast, after reading them back).
-        In one process device work only: graph-capturable. -> [B, 7]."""
+        In one process device work only: graph-capturable. ``update``: the phases' functions (default: the path's).
+        -> [B, 7]."""
+        ops = update or self.update
         t0 = time.perf_counter()
         st, mask, runner, group = self.slots, self.spec.mask_id, self.runner, self.runner.group
         v = Rows(st, B)
         live = self.live[:B]
         st.ints[:B] = torch.where(live[:, None], st.ints[:B], 0)  # free slots: no rows, no blocks, in range
         lo, K = v.cached.clone(), v.rows  # K [B]: a view of the slots, used only before propose rewrites it
-        fields = batched.queries(st, B, Qb, mask, group.local_rows(K))
+        fields = ops.queries(st, B, Qb, mask, group.local_rows(K))
         inputs = pack_device(fields, torch.where(live, lo, 0), self._luts[measures][v.measure], live.long(), B, mask)
         t1 = time.perf_counter()
         packed = runner.forward_packed(inputs, Lb, measures, (mask,))  # ONE forward: [B, Qb, 3]
@@ -225,15 +264,15 @@ class DevicePath:
         W, commit = v.width.clone(), v.commit.clone()
         preds = group.gather_rows(packed, K, W)  # [B, >= K*W, 3]
         t3 = time.perf_counter()
-        winner = batched.accept(st, B, preds, Wm, R, scores, mask, self.eos, span)
+        winner = ops.accept(st, B, preds, Wm, R, scores, mask, self.eos, span)
         c = group.counters  # Branch Parallel's phases (a captured update counts its capture once)
         c.prepare_s += t1 - t0
         c.forward_s += t2 - t1
         c.select_s += time.perf_counter() - t3
         # a lookahead row wins only in a slot of K >= 2 rows, whose K*W <= Qb queries leave it W <= Qb / 2 columns
         runner.commit_winners(lo, winner, K, W, commit, min(Wm, max(1, Qb // 2)))
-        batched.propose(st, B, mask, self.row_budget, Wm, span)
-        ready = batched.answer_ready(st, B, mask, Wm, span)
+        ops.propose(st, B, mask, self.row_budget, Wm, span)
+        ready = ops.answer_ready(st, B, mask, Wm, span)
         return torch.stack([v.done, v.capped, v.cached, v.rows, v.width, ready, winner], 1)
 
     def _replay(self, key: tuple, update) -> torch.Tensor:

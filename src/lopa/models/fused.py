@@ -146,7 +146,7 @@ def _static_queries(fn: Callable, tracing: Tracing) -> Callable:
         kw.setdefault("kernel_options", flex_tiles(q.shape[-1]))
         if not tracing.on:
             return fn(q, k, v, block_mask=block_mask, **kw)
-        with torch._dynamo.config.patch(**_LIMITS):
+        with torch._dynamo.config.patch(**COMPILE_LIMITS):
             if tracing.oblivious:
                 try:
                     with size_oblivious():
@@ -196,7 +196,7 @@ def size_oblivious():
 
 # the warm-up compiles one graph per query bucket (len(QUERY_BUCKETS) at most), above dynamo's default of 8; the
 # margin keeps an unexpected specialization from falling back to the eager FlexAttention (scores materialized)
-_LIMITS = {name: value for name, value in (("recompile_limit", 512), ("accumulated_recompile_limit", 4096))
+COMPILE_LIMITS = {name: value for name, value in (("recompile_limit", 512), ("accumulated_recompile_limit", 4096))
            if hasattr(torch._dynamo.config, name)}
 
 
