@@ -381,10 +381,10 @@ class RunnerConfig:
         )
 
 
-# RunnerConfig.device_step_min's "auto" value: on one H100 (default model, 64 x 64 attention tiles) one or two
-# running requests step faster on the host strategies (lopa k=7: 1.15 / 1.62 ms against 1.61 / 1.81), three are
-# about even (2.05 / 1.91; d2f 1.42 / 1.46) and from four on the device path is faster (docs/benchmarks.md)
-# where the device path's update runs unfused, one or two requests step faster on the host path (H100, eager update)
+# RunnerConfig.device_step_min's "auto" value where the device path's update runs unfused: on one H100 (default
+# model, 64 x 64 attention tiles, the eager update) one or two running requests step faster on the host strategies
+# (lopa k=7: 1.15 / 1.62 ms against 1.61 / 1.81), three are about even (2.05 / 1.91; d2f 1.42 / 1.46) and from four
+# on the device path is faster (docs/benchmarks.md). Compiled, the update is faster from one request on (auto: 1)
 DEVICE_STEP_MIN_UNFUSED = 3
 
 
