@@ -259,8 +259,10 @@ def test_start_up_warms_both_paths_and_logs_them(ref, caplog):
     stats = m.runner.graphs.stats
     static = len(m.runner.graphs.statics)
     assert static == 3 and stats.warmup_graphs == 2 * static == 2 * len(m.engine.device.graphs)
+    assert len(stats.warmup_key_s) == len(stats.warmup_key_compiles) == stats.warmup_graphs  # both paths' keys timed
     assert m.engine.device.warm and m.runner.graphs.frozen and m.runner.graphs.refresh_stats().captures_after_start == 0
     assert "warm-up captured 6 CUDA graphs (3 of them the device path's steps)" in caplog.text
+    assert "torch.compile graphs" in caplog.text
 
 
 def test_aborts_and_host_only_requests_between_device_steps(ref):

@@ -337,7 +337,8 @@ class DevicePath:
             span = self._keyed_span(Wm, 0)
             key = (B, Qb, None, Wm, R, measures, scores, span)  # as _run forms it under "flex"
             update = functools.partial(self._update, B, Qb, None, Wm, R, measures, scores, span)
-            update()  # eagerly first: lazy kernel initialization stays out of the graph
-            self.graphs[key] = self._capture(update) if graphs.capture else (None, None)
+            with graphs.timed_key():
+                update()  # eagerly first (a compiled update compiles here): lazy initialization stays out of graphs
+                self.graphs[key] = self._capture(update) if graphs.capture else (None, None)
             if on_graph is not None:
                 on_graph(done, len(shapes))

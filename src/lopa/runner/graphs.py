@@ -251,28 +251,34 @@ class GraphExecutor:
     def warmup(self, keys: list[tuple], on_graph=None) -> GraphStats:
         """Capture (or, without capture, run once) every key now; afterwards nothing captures. The pool must be
         at its final size. ``on_graph(done, total)`` after each key (progress bars)."""
-        cuda = self.runner.device.type == "cuda"
         self._compiled0 = compiles()
         self.shapes |= {key[:2] for key in keys}
         with self.measured(len(keys)):
             for done, key in enumerate(keys, 1):
-                self._warm_key(key, cuda)
+                self._warm_key(key)
                 if on_graph is not None:
                     on_graph(done, len(keys))
         return self.started()
 
-    def _warm_key(self, key: tuple, cuda: bool) -> None:
+    def _warm_key(self, key: tuple) -> None:
         """Capture (or run once) one key, timed with the compiles it took."""
+        with self.timed_key():
+            if key not in self.statics:
+                st = self._new(key)
+                pack([], st.host, self.runner.spec.mask_id)  # all padding: only the shapes matter
+                st.inputs.copy_(st.host)
+                if self.capture:
+                    self._capture(st, key[3], key[4])
+                else:
+                    st.out = self._body(st.inputs, 0, st.Lb, key[3], key[4])
+
+    @contextlib.contextmanager
+    def timed_key(self):
+        """One warmed key's seconds and torch.compile graphs into the stats (this path's keys, then the device
+        path's: engine/device.py)."""
         t, c = time.perf_counter(), compiles()
-        if key not in self.statics:
-            st = self._new(key)
-            pack([], st.host, self.runner.spec.mask_id)  # all padding: only the shapes matter
-            st.inputs.copy_(st.host)
-            if self.capture:
-                self._capture(st, key[3], key[4])
-            else:
-                st.out = self._body(st.inputs, 0, st.Lb, key[3], key[4])
-        if cuda:
+        yield
+        if self.runner.device.type == "cuda":
             torch.cuda.synchronize(self.runner.device)
         self.stats.warmup_key_s.append(time.perf_counter() - t)
         self.stats.warmup_key_compiles.append(compiles() - c)
