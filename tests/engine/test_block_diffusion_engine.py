@@ -151,6 +151,40 @@ def test_device_path_equals_the_host_strategies(tiny):
         assert c.device_steps == c.decode_steps > 0
 
 
+@pytest.mark.filterwarnings("error:the device path's update did not compile")  # no silent fallback to eager
+def test_the_compiled_update_equals_the_host_strategies(tiny, monkeypatch):
+    """The device path's compiled update (engine/device.py: compiled_update, what a GPU runs; here traced by dynamo
+    and run as traced) over the block-diffusion rules (decoding/batched_blocks.py inside accept and propose): each
+    phase traces whole (at most twice over the warm-up: one request apart), and tokens, forwards and winners equal
+    the host path's, every step replaying a warmed key."""
+    from lopa.engine import device
+
+    name, model, _, spec = tiny
+    configs = device_configs(name, model)
+    n = len(configs)
+    want = _drive(_engine(model, 4, False, spec), _prompts(n), configs, [i // 2 for i in range(n)])
+    compile_ = torch.compile
+    traced = []
+
+    def backend(gm, example_inputs):
+        traced.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **kw) if fn.__name__ not in device.PHASES
+                        else compile_(fn, **{**kw, "backend": backend}))
+    engine = _engine(model, 4, True, spec, static=True, attention="flex", max_positions=512)
+    engine.device.update = device.compiled_update.__wrapped__()  # uncached: traced by this backend
+    torch._dynamo.reset()
+    try:
+        engine.runner.warmup(512)
+        engine.device.warmup([key[:2] for key in engine.runner.graphs.warmup_keys(512)])
+        assert _drive(engine, _prompts(n), configs, [i // 2 for i in range(n)]) == want
+    finally:
+        torch._dynamo.reset()
+    c = engine.counters
+    assert 4 <= len(traced) <= 8 and c.device_steps == c.decode_steps > 0 and c.eager_decode_steps == 0
+
+
 def test_after_the_warm_up_block_diffusion_steps_replay_warmed_keys(tiny):
     """A block-diffusion model's step key holds its span (Wm + 2 * block size, fixed by the query bucket), so the
     device path's warm-up (here each key run once on the CPU, "flex") covers its steps: a staggered run of the
