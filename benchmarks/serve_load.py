@@ -237,13 +237,41 @@ def n_requests(args, c: int) -> int:
     return max(args.min_requests, args.waves * c)
 
 
+def runner_fields(server_args: list[str]) -> dict:
+    """The RunnerConfig fields among --server-arg flags (``--name=value``, ``--flag``, ``--no-flag``; a value read
+    as JSON, else as text), so that generate_many runs the server's engine settings; max_num_seqs stays the
+    script's (the largest level); other flags (the HTTP side) are the server's alone."""
+    import dataclasses
+
+    import lopa
+
+    names = {f.name for f in dataclasses.fields(lopa.RunnerConfig)} - {"max_num_seqs"}
+    fields = {}
+    for arg in server_args:
+        flag, eq, value = arg.lstrip("-").partition("=")
+        name = flag.replace("-", "_")
+        negated = not eq and name.startswith("no_") and name[3:] in names
+        name = name[3:] if negated else name
+        if name not in names:
+            continue
+        if not eq:
+            fields[name] = not negated
+            continue
+        try:
+            fields[name] = json.loads(value)
+        except json.JSONDecodeError:
+            fields[name] = value
+    return fields
+
+
 def ceiling_runner(args, variant: str):
     """The server's engine settings for generate_many, without the warm-up (the first pass warms up instead):
-    the attention the warm-up would have picked and its slot size, so the steps are the server's."""
+    the variant's and the --server-arg flags' RunnerConfig fields, the attention the warm-up would have picked and
+    its slot size, so the steps are the server's."""
     import lopa
     import torch
 
-    fields = dict(VARIANTS[variant])
+    fields = {**VARIANTS[variant], **runner_fields(args.server_arg)}
     warmup = fields.pop("warmup", True)
     gpu = args.device != "cpu" and torch.cuda.is_available()
     if gpu and fields.get("attention", "auto") == "auto":
@@ -253,9 +281,9 @@ def ceiling_runner(args, variant: str):
         from lopa.config import device_step_min_of
 
         if "device_step" not in fields:  # what the server's automatic device path resolves to with its warm-up
-            fields.update(device_step=True, device_step_min=device_step_min_of(lopa.RunnerConfig(), fused=True))
-
-        fields["max_positions"] = WARMUP_POSITIONS
+            fields["device_step"] = True
+            fields.setdefault("device_step_min", device_step_min_of(lopa.RunnerConfig(), fields.get("fuse", True)))
+        fields.setdefault("max_positions", WARMUP_POSITIONS)
     return lopa.RunnerConfig(device=args.device, max_num_seqs=max(args.concurrency), warmup=False, **fields)
 
 

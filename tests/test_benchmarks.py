@@ -127,6 +127,21 @@ def test_serve_load_tiny(tmp_path):
     assert md.count("| host | cold |") == 2 and md.count("| device | warm 1 |") == 2 and "| device | --device-step |" in md
 
 
+def test_serve_load_ceiling_takes_the_server_args_engine_settings(monkeypatch):
+    """generate_many beside the server runs the server's RunnerConfig flags (a larger max_num_batched_tokens was
+    once compared against generate_many at the default); HTTP-side flags and max_num_seqs stay out."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("serve_load", ROOT / "benchmarks" / "serve_load.py")
+    sl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sl)
+    args = ["--max-num-batched-tokens=16384", "--no-device-step", "--warmup", "--step-rows=256", "--attention=flex",
+            "--max-pending=9", "--max-num-seqs=3", "--api-key=x"]
+    assert sl.runner_fields(args) == {"max_num_batched_tokens": 16384, "device_step": False, "warmup": True,
+                                      "step_rows": 256, "attention": "flex"}
+
+
 def test_cold_start_tiny(tmp_path):
     """The engine variants, each in a fresh process (a repeated one on the first one's kernel caches), decode the
     same varied workload twice; prefill and decode are timed apart and the prefill shapes counted."""
