@@ -52,6 +52,9 @@ def widths(Qb: int, lookaheads: int) -> tuple[int, int]:
 
 
 PHASES = ("queries", "accept", "propose", "answer_ready")  # decoding/batched.py's update, in the order a step calls
+# module floats as constants, and the warm-up's recompiles within limits (the names a torch version has)
+_UPDATE_CONFIG = {name: value for name, value in {"specialize_float": True, **COMPILE_LIMITS}.items()
+                  if hasattr(torch._dynamo.config, name)}
 
 
 @functools.cache  # one per process: every model's path shares its compiled graphs (a new torch.compile recompiles)
@@ -71,7 +74,7 @@ def compiled_update(backend: str = "inductor") -> types.SimpleNamespace:
         def call(*args):
             if not broken:
                 try:
-                    with torch._dynamo.config.patch(specialize_float=True, **COMPILE_LIMITS):
+                    with torch._dynamo.config.patch(**_UPDATE_CONFIG):
                         return fn(*args)
                 except torch._dynamo.exc.TorchDynamoException as err:
                     broken.append(name)
