@@ -73,7 +73,8 @@ def step_block_mask(P: torch.Tensor, branch: torch.Tensor, block: torch.Tensor, 
     columns of the branches its queries belong to (each branch's run of columns, so with k lookaheads a tile reads
     about one branch's columns, not all k + 1): the kernel's work follows each query's real key span, not the
     capacity nor the whole step's window. In full tiles a padding query sees the prefix (step_mask: key 0 only);
-    padding outputs are never read, and a tile of padding queries reads only the tile holding P_b.
+    padding outputs are never read, and a tile of padding queries only (a row's tail past its K*W queries, a free
+    slot) reads tile 0 alone, through mask_mod: key 0, whatever the prefix's length.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -96,11 +97,13 @@ def step_block_mask(P: torch.Tensor, branch: torch.Tensor, block: torch.Tensor, 
 
     full = (P // size).to(torch.int32)  # [B] tiles wholly inside the prefix; tile `full` holds P_b
     lo, hi = _query_tile_spans(P, branch, groups, size, n_q)  # [B, n_q] first / last key tile of each query tile
+    empty = lo > hi  # [B, n_q] query tiles without a real query: tile 0 alone, where their queries see key 0
     start = torch.maximum(lo, full[:, None] + 1)  # window tiles past the one holding P_b
     count = 1 + (torch.clamp(hi, max=n_kv - 1) - start + 1).clamp(min=0)  # [B, n_q] partial tiles
+    first = torch.where(empty, 0, full[:, None])  # [B, n_q] the first partial tile: the one holding P_b, or tile 0
     j = torch.arange(n_kv, device=P.device, dtype=torch.int32)
-    partial = torch.where(j == 0, full[:, None, None], start[..., None] + j - 1).clamp(0, n_kv - 1)  # [B, n_q, n_kv]
-    full_grid = full[:, None, None].expand(B, 1, n_q).contiguous()  # [B, 1, n_q]
+    partial = torch.where(j == 0, first[..., None], start[..., None] + j - 1).clamp(0, n_kv - 1)  # [B, n_q, n_kv]
+    full_grid = torch.where(empty, 0, full[:, None])[:, None].to(torch.int32).contiguous()  # [B, 1, n_q]
     mask = BlockMask.from_kv_blocks(count.to(torch.int32)[:, None].contiguous(), partial[:, None].contiguous(),
                                     full_grid, j.expand(B, 1, n_q, n_kv).contiguous(), BLOCK_SIZE=size,
                                     mask_mod=mask_mod, seq_lengths=(groups * Qb, capacity), compute_q_blocks=False)
