@@ -157,11 +157,10 @@ def _warm_up(runner: ModelRunner, engine: Engine, max_tokens: int) -> None:
         if bar is not None:
             bar.stop()
     if stats is not None:
-        compiling = sum(t for t, c in zip(stats.warmup_key_s, stats.warmup_key_compiles) if c)
         log.info("lopa: warm-up captured %d CUDA graphs (%d of them the device path's steps) in %.1f s (%.1f s of "
                  "it in the keys that compiled %d torch.compile graphs) using %.2f GiB of GPU memory (max_num_seqs "
                  "%d, %d positions a slot, max_num_batched_tokens %d)", stats.warmup_graphs, device, stats.warmup_s,
-                 compiling, stats.warmup_compiles, stats.warmup_bytes / 2**30, runner.max_num_seqs,
+                 stats.compiling_s, stats.warmup_compiles, stats.warmup_bytes / 2**30, runner.max_num_seqs,
                  runner.slot_capacity(), max_tokens)
 
 

@@ -1,4 +1,7 @@
-"""The engine tests' driver: requests join (and abort) at given engine steps, the engine steps until all finish."""
+"""The engine tests' driver: requests join (and abort) at given engine steps, the engine steps until all finish;
+and the device path's compiled update traced on the CPU."""
+
+import contextlib
 
 import torch
 
@@ -24,3 +27,28 @@ def run_steps(engine, seqs, joins, aborts=()):
                     finals[index[out.request_id]] = out
             step += 1
     return [finals[i] for i in range(len(seqs))], chunks
+
+
+@contextlib.contextmanager
+def traced_update(monkeypatch):
+    """The device path's compiled update (engine/device.py: compiled_update, uncached) with each phase traced by
+    dynamo and its graph run as traced (no code generation: the CPU proxy of Inductor); other torch.compile calls
+    as they are. Dynamo's caches are reset before and after. -> (the update, graphs traced per phase name)."""
+    from lopa.engine import device
+
+    counts = {}
+    compile_ = torch.compile
+
+    def backend_for(name):
+        def backend(gm, example_inputs):
+            counts[name] = counts.get(name, 0) + 1
+            return gm.forward
+        return backend
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **kw) if fn.__name__ not in device.PHASES
+                        else compile_(fn, **{**kw, "backend": backend_for(fn.__name__)}))
+    torch._dynamo.reset()
+    try:
+        yield device.compiled_update.__wrapped__(), counts
+    finally:
+        torch._dynamo.reset()

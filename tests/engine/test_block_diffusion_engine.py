@@ -15,7 +15,7 @@ from lopa.models.tiny import write_tiny_checkpoint
 from lopa.runner.model_runner import ModelRunner
 
 from decoding.roundtrip import assert_slot_round_trip  # tests/decoding
-from engine_steps import run_steps  # tests/engine
+from engine_steps import run_steps, traced_update  # tests/engine
 
 PROMPTS = ([5, 6, 7, 8, 9, 10, 11, 12], [9, 3, 4, 12, 2, 7, 30, 31, 40, 41, 3])
 FAMILIES = ("sdar", "fast_dllm_v2")
@@ -157,32 +157,17 @@ def test_the_compiled_update_equals_the_host_strategies(tiny, monkeypatch):
     and run as traced) over the block-diffusion rules (decoding/batched_blocks.py inside accept and propose): each
     phase traces whole (at most twice over the warm-up: one request apart), and tokens, forwards and winners equal
     the host path's, every step replaying a warmed key."""
-    from lopa.engine import device
-
     name, model, _, spec = tiny
     configs = device_configs(name, model)
     n = len(configs)
     want = _drive(_engine(model, 4, False, spec), _prompts(n), configs, [i // 2 for i in range(n)])
-    compile_ = torch.compile
-    traced = []
-
-    def backend(gm, example_inputs):
-        traced.append(gm)
-        return gm.forward
-
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **kw) if fn.__name__ not in device.PHASES
-                        else compile_(fn, **{**kw, "backend": backend}))
     engine = _engine(model, 4, True, spec, static=True, attention="flex", max_positions=512)
-    engine.device.update = device.compiled_update.__wrapped__()  # uncached: traced by this backend
-    torch._dynamo.reset()
-    try:
+    with traced_update(monkeypatch) as (engine.device.update, counts):
         engine.runner.warmup(512)
         engine.device.warmup([key[:2] for key in engine.runner.graphs.warmup_keys(512)])
         assert _drive(engine, _prompts(n), configs, [i // 2 for i in range(n)]) == want
-    finally:
-        torch._dynamo.reset()
     c = engine.counters
-    assert 4 <= len(traced) <= 8 and c.device_steps == c.decode_steps > 0 and c.eager_decode_steps == 0
+    assert 4 <= sum(counts.values()) <= 8 and c.device_steps == c.decode_steps > 0 and c.eager_decode_steps == 0
 
 
 def test_after_the_warm_up_block_diffusion_steps_replay_warmed_keys(tiny):

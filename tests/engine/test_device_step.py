@@ -16,7 +16,7 @@ from lopa.engine import Engine
 from lopa.runner.model_runner import ModelRunner
 
 from decoding.roundtrip import assert_slot_round_trip  # tests/decoding
-from engine_steps import run_steps  # tests/engine
+from engine_steps import run_steps, traced_update  # tests/engine
 
 SCORES = ("mean", "lowest", "count", "top_m", "segment", "logsum")
 MEASURES = {"count": "prob", "logsum": "margin", "segment": "neg_entropy", "top_m": "margin", "lowest": "prob",
@@ -357,17 +357,6 @@ def test_a_failing_update_fails_the_step_not_a_token(ref, monkeypatch):
     assert _drive(m, prompts[:4], configs[:4], [0] * 4)[0] == want[:4]
 
 
-def _counting_backend(counts: dict):
-    """A torch.compile backend that runs the traced graph as it is (dynamo's tracing, no code generation: the CPU
-    proxy of Inductor) and counts the graphs of each compiled function."""
-    def backend_for(fn):
-        def backend(gm, example_inputs):
-            counts[fn.__name__] = counts.get(fn.__name__, 0) + 1
-            return gm.forward
-        return backend
-    return backend_for
-
-
 @pytest.mark.filterwarnings("error:the device path's update did not compile")  # no silent fallback to eager
 def test_the_compiled_update_equals_the_host_path_and_compiles_only_at_start_up(tiny_dream_dir, monkeypatch):
     """RunnerConfig.fuse on a GPU compiles the device path's update (engine/device.py: compiled_update), traced here
@@ -377,11 +366,6 @@ def test_the_compiled_update_equals_the_host_path_and_compiles_only_at_start_up(
     the host strategies'. After the warm-up a key it did not warm runs batched's own functions."""
     from lopa.engine import device
 
-    counts = {}
-    compile_ = torch.compile
-    backend_for = _counting_backend(counts)
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **kw) if fn.__name__ not in device.PHASES
-                        else compile_(fn, **{**kw, "backend": backend_for(fn)}))
     model = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu", dtype="float64"))
     prompts = ["Tom has 12 apples and", "The cat sat", "one two three four five six", "Mia has"]
     cfgs = [lopa.DecodeConfig(strategy=s, k=k, gen_length=24, block_size=8, tau=0.5)
@@ -390,9 +374,7 @@ def test_the_compiled_update_equals_the_host_path_and_compiles_only_at_start_up(
     want = [(r.token_ids, r.stats.decode_forwards) for r in lopa.generate_many(host, prompts, cfgs)]
     m = _engine(model, 4, static=True, attention="flex", max_positions=512)
     assert m.engine.device.update is batched  # the runner does not fuse on a CPU
-    m.engine.device.update = device.compiled_update.__wrapped__()  # uncached: traced by the counting backend
-    torch._dynamo.reset()
-    try:
+    with traced_update(monkeypatch) as (m.engine.device.update, counts):
         m.runner.warmup(256)
         m.engine.device.warmup([key[:2] for key in m.runner.graphs.warmup_keys(256)])
         assert set(counts) == set(device.PHASES) and all(1 <= c <= 2 for c in counts.values()), counts
@@ -405,8 +387,6 @@ def test_the_compiled_update_equals_the_host_path_and_compiles_only_at_start_up(
             long = lopa.DecodeConfig(strategy="lopa", k=7, gen_length=48, block_size=48, tau=0.5)  # 8 x 48 queries
             assert lopa.generate(m, prompts[0], long).token_ids == lopa.generate(host, prompts[0], long).token_ids
             assert m.engine.counters.eager_decode_steps > 0
-    finally:
-        torch._dynamo.reset()
 
 
 def test_an_update_that_does_not_compile_runs_unfused_with_a_warning(tiny_dream_dir):

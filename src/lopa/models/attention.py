@@ -100,10 +100,11 @@ def step_block_mask(P: torch.Tensor, branch: torch.Tensor, block: torch.Tensor, 
     empty = lo > hi  # [B, n_q] query tiles without a real query: tile 0 alone, where their queries see key 0
     start = torch.maximum(lo, full[:, None] + 1)  # window tiles past the one holding P_b
     count = 1 + (torch.clamp(hi, max=n_kv - 1) - start + 1).clamp(min=0)  # [B, n_q] partial tiles
-    first = torch.where(empty, 0, full[:, None])  # [B, n_q] the first partial tile: the one holding P_b, or tile 0
+    # [B, n_q] the first partial tile (the one holding P_b, or tile 0), so also the count of full tiles before it
+    first = torch.where(empty, 0, full[:, None]).to(torch.int32)
     j = torch.arange(n_kv, device=P.device, dtype=torch.int32)
     partial = torch.where(j == 0, first[..., None], start[..., None] + j - 1).clamp(0, n_kv - 1)  # [B, n_q, n_kv]
-    full_grid = torch.where(empty, 0, full[:, None])[:, None].to(torch.int32).contiguous()  # [B, 1, n_q]
+    full_grid = first[:, None].contiguous()  # [B, 1, n_q]
     mask = BlockMask.from_kv_blocks(count.to(torch.int32)[:, None].contiguous(), partial[:, None].contiguous(),
                                     full_grid, j.expand(B, 1, n_q, n_kv).contiguous(), BLOCK_SIZE=size,
                                     mask_mod=mask_mod, seq_lengths=(groups * Qb, capacity), compute_q_blocks=False)

@@ -92,6 +92,11 @@ class GraphStats:
     warmup_key_s: list[float] = field(default_factory=list)  # seconds per warmed key, in warm-up order
     warmup_key_compiles: list[int] = field(default_factory=list)  # torch.compile graphs compiled per warmed key
 
+    @property
+    def compiling_s(self) -> float:
+        """Seconds of the warmed keys that compiled a torch.compile graph."""
+        return sum(t for t, c in zip(self.warmup_key_s, self.warmup_key_compiles) if c)
+
 
 def _static_vocab(fn):
     """A compiled predict, dynamic in B and Qb (one kernel for every bucket, B = 1 included) but specialized on
