@@ -46,7 +46,7 @@ def traced_update(monkeypatch):
         return backend
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **kw) if fn.__name__ not in device.PHASES
-                        else compile_(fn, **{**kw, "backend": backend_for(fn.__name__)}))
+                        else compile_(fn, **{**kw, "backend": backend_for(fn.__name__), "options": None}))
     torch._dynamo.reset()
     try:
         yield device.compiled_update.__wrapped__(), counts

@@ -1,6 +1,8 @@
 """The static decode path behind CUDA graphs: its batched predict and its mask equal the eager ones."""
 
+import contextlib
 import dataclasses
+import gc
 
 import pytest
 import torch
@@ -32,6 +34,62 @@ def test_static_path_with_fused_kernels_matches_eager(tiny_dream_dir, monkeypatc
     assert runner.graphs.statics, "the static path was not exercised"
     for a, b in zip(ref, got):
         assert a.token_ids == b.token_ids and [s.winner for s in a.trace] == [s.winner for s in b.trace]
+
+
+def test_captures_hold_the_garbage_collector_off(monkeypatch):
+    """graphs.capturing: no cyclic collection inside a capture (it may destroy an earlier model's CUDA graphs, which
+    invalidates the capture), the collector's state restored after it, also when the capture raises."""
+    seen = []
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None: contextlib.nullcontext())
+    with graphs.capturing(None, None):
+        seen.append(gc.isenabled())
+    with pytest.raises(RuntimeError, match="boom"), graphs.capturing(None, None):
+        seen.append(gc.isenabled())
+        raise RuntimeError("boom")
+    assert seen == [False, False] and gc.isenabled()
+    gc.disable()
+    try:
+        with graphs.capturing(None, None):
+            pass
+        assert not gc.isenabled()  # left off as it was
+    finally:
+        gc.enable()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_garbage_freed_during_a_warm_up_does_not_break_its_captures(tiny_dream_dir, monkeypatch):
+    """A CUDA graph left in a reference cycle (as a dropped model's are) and collected while the warm-up captures
+    would be destroyed inside the capture, which invalidates it. Here every forward captured drops such a cycle and
+    sets the collector to run at nearly every allocation: the warm-up still captures every key."""
+    from lopa.models.transformer import Transformer
+
+    x = torch.zeros(1, device="cuda")
+    spares = []
+    for _ in range(64):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            x.add_(1)
+        spares.append(g)
+    forward = Transformer.forward
+
+    threshold = gc.get_threshold()
+
+    def dropping(self, *args, **kwargs):
+        capturing = torch.cuda.is_current_stream_capturing()
+        gc.set_threshold(1 if capturing else threshold[0])  # while capturing, a collection at nearly every allocation
+        if capturing and spares:
+            cycle = [spares.pop()]
+            cycle.append(cycle)  # unreachable after this call: only the collector frees it
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(Transformer, "forward", dropping)
+    try:
+        model = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cuda", max_num_seqs=2,
+                                                                         max_num_batched_tokens=128, warmup=True))
+    finally:
+        gc.set_threshold(*threshold)
+    stats = model.runner.graphs.stats
+    assert len(spares) < 64 and stats.captures == stats.warmup_graphs > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -36,7 +36,7 @@ from ..decoding.d2f import D2FStrategy
 from ..decoding.threshold import ThresholdStrategy
 from ..models.fused import COMPILE_LIMITS
 from ..models.spec import ModelSpec
-from ..runner.graphs import MAX_GRAPHS
+from ..runner.graphs import MAX_GRAPHS, capturing
 from ..runner.model_runner import ModelRunner
 from ..runner.step import pack_device
 from .sequence import Sequence
@@ -57,6 +57,14 @@ _UPDATE_CONFIG = {name: value for name, value in {"specialize_float": True, **CO
                   if hasattr(torch._dynamo.config, name)}
 
 
+def _inductor_options() -> dict:
+    """The update's Inductor options: no coalescing analysis for tilings, which asserted on the block-diffusion
+    accept's score columns (a size of max(1, min(Wm, Qb // 2)); torch 2.11, an H100). The update's kernels are
+    small, so its tiling heuristics go."""
+    import torch._inductor.config as inductor
+    return {"triton.coalesce_tiling_analysis": False} if hasattr(inductor.triton, "coalesce_tiling_analysis") else {}
+
+
 @functools.cache  # one per process: every model's path shares its compiled graphs (a new torch.compile recompiles)
 def compiled_update(backend: str = "inductor") -> types.SimpleNamespace:
     """decoding/batched.py's phases through torch.compile (the path's update where the runner fuses: RunnerConfig.fuse
@@ -67,9 +75,10 @@ def compiled_update(backend: str = "inductor") -> types.SimpleNamespace:
     them CPU tensors a CUDA kernel cannot read). A phase that does not compile (TorchDynamoException: raised while
     tracing, before any of its kernels ran) runs batched's own function, from then on every phase, one warning."""
     broken: list[str] = []
+    options = _inductor_options() if backend == "inductor" else None
 
     def phase(name: str):
-        fn = torch.compile(getattr(batched, name), dynamic=True, fullgraph=True, backend=backend)
+        fn = torch.compile(getattr(batched, name), dynamic=True, fullgraph=True, backend=backend, options=options)
 
         def call(*args):
             if not broken:
@@ -304,7 +313,7 @@ class DevicePath:
 
     def _capture(self, update) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.runner.graphs.pool):
+        with capturing(graph, self.runner.graphs.pool):
             out = update()
         self.runner.graphs.stats.captures += 1
         return graph, out

@@ -37,6 +37,7 @@ in place as a replay does, so a view of them kept past the next run of the key g
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from dataclasses import dataclass, field
 
@@ -70,6 +71,23 @@ def bucket(n: int, slots: int) -> int:
 
 def query_bucket(q: int) -> int:
     return next((b for b in QUERY_BUCKETS if b >= q), round_up(q, QUERY_BUCKETS[-1]))
+
+
+@contextlib.contextmanager
+def capturing(graph: torch.cuda.CUDAGraph, pool):
+    """torch.cuda.graph with Python's cyclic garbage collector held off. A collection inside a capture may free an
+    earlier model's CUDA graphs (a dropped model in a reference cycle): destroying a graph is not permitted while a
+    stream captures, and it invalidated the capture (seen on an H100: a second load_model's warm-up failed with
+    "operation failed due to a previous error during capture"). torch no longer collects before a capture, so a
+    warm-up collects once before its first (GraphExecutor.measured)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def compiles() -> int:
@@ -291,9 +309,11 @@ class GraphExecutor:
     @contextlib.contextmanager
     def measured(self, graphs: int):
         """Add a warm-up of ``graphs`` graphs to the stats: its seconds and the GPU memory it took (the device
-        path's warm-up, engine/device.py, follows this one's and adds its own)."""
+        path's warm-up, engine/device.py, follows this one's and adds its own). On a GPU garbage is collected
+        first (see capturing)."""
         cuda = self.runner.device.type == "cuda"
         if cuda:
+            gc.collect()  # garbage holding CUDA graphs goes now, not inside a capture (capturing)
             torch.cuda.synchronize(self.runner.device)
             free0 = torch.cuda.mem_get_info(self.runner.device)[0]
         t0 = time.perf_counter()
@@ -412,7 +432,7 @@ class GraphExecutor:
             self._body(st.inputs, 0, st.Lb, measures, suppress)  # warm-up: lazy kernel initialization stays out
         torch.cuda.current_stream().wait_stream(stream)
         st.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(st.graph, pool=self.pool):
+        with capturing(st.graph, self.pool):
             st.out = self._body(st.inputs, 0, st.Lb, measures, suppress)
         st.graph.replay()
         self.stats.captures += 1
