@@ -11,7 +11,9 @@ fresh subprocess, so compiled kernels and captured graphs never carry over betwe
 * "warm flex": RunnerConfig(attention="flex", warmup=True): the graph set captured inside load_model; prefill
   steps run on the warmed shapes too;
 * "warm flex (eager prefill)": the same with prefill steps forced onto the eager path (exact shapes: each new
-  prompt length meets new kernel shapes), to measure what the bucketed prefill changes.
+  prompt length meets new kernel shapes), to measure what the bucketed prefill changes;
+* "warm flex (eager update)": "warm flex" with RunnerConfig.compile_update=False: the device path's update eager,
+  to measure what compiling it costs a start and buys a step.
 
 Each variant starts with empty on-disk kernel caches of its own (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR in a
 fresh temporary folder), so its start-up is a first start on this machine whatever ran before; a variant named
@@ -23,6 +25,9 @@ Per pass: prefill and decode seconds (the engine's counters), the distinct prefi
 earlier step had (bucketed keys on the static path, exact shapes eagerly); per variant: the warm-up's
 torch.compile graphs and seconds per key (min / median / max, and the seconds of keys that compiled something
 against those that only captured).
+
+The results are written after every variant (a run cut short keeps those it finished); the child's log goes to
+stderr as it runs, and a SIGTERM to this process (``timeout``) kills the child too.
 
 Counting: generated tokens up to EOS of every request; tokens/s = those tokens over the pass's wall time
 (prefill included: the users' view); ms/step over the engine's steps; captures / recompiles / eager steps
@@ -43,6 +48,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -53,7 +59,8 @@ from pathlib import Path
 import torch
 
 VARIANTS = {"lazy sdpa": dict(attention="sdpa", warmup=False), "warm flex": dict(attention="flex", warmup=True),
-            "warm flex (eager prefill)": dict(attention="flex", warmup=True)}
+            "warm flex (eager prefill)": dict(attention="flex", warmup=True),
+            "warm flex (eager update)": dict(attention="flex", warmup=True, compile_update=False)}
 STRATEGIES = ("lopa", "d2f", "threshold")
 KS = (0, 3, 7, 14)
 
@@ -211,20 +218,29 @@ def main() -> None:
         print("RESULT " + json.dumps(run_variant(args, args.child)), flush=True)
         return
     results, caches = [], {}
+    # the child's log goes straight to ours (a run cut short still shows how far it got); a SIGTERM here (a `timeout`)
+    # exits through subprocess.run, which kills the child rather than leave it on the GPU
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for variant in args.variants.split(","):
         again = variant in caches  # a repeat: a second start on the first one's on-disk caches
         cache = caches.setdefault(variant, args.cache_dir or tempfile.mkdtemp(prefix="lopa_cold_start_"))
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"{cache}/inductor", "TRITON_CACHE_DIR": f"{cache}/triton"}
         cmd = [sys.executable, __file__, "--child", variant] + [a for a in sys.argv[1:]]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        sys.stderr.write(proc.stderr[-3000:])
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         name = f"{variant}, second start" if again else variant
         results.append({**json.loads(line[7:]), "variant": name} if line else {"variant": name,
-                                                                               "error": proc.stderr[-300:]})
+                                                                               "error": f"exit {proc.returncode}"})
+        md = write(args, results)  # after every variant: a run cut short keeps the ones it finished
     for cache in set(caches.values()) - {args.cache_dir}:
         shutil.rmtree(cache, ignore_errors=True)
-    sys.path.insert(0, str(Path(__file__).parent))
+    print(md)
+
+
+def write(args, results: list[dict]) -> str:
+    """The JSON and the Markdown table of the variants so far -> the table."""
+    if str(Path(__file__).parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).parent))
     from step_latency import git_commit
 
     meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "cpu",
@@ -238,7 +254,7 @@ def main() -> None:
     (args.out / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     md = table(results)
     (args.out / f"{name}.md").write_text(md + "\n")
-    print(md)
+    return md
 
 
 if __name__ == "__main__":

@@ -282,7 +282,8 @@ def ceiling_runner(args, variant: str):
 
         if "device_step" not in fields:  # what the server's automatic device path resolves to with its warm-up
             fields["device_step"] = True
-            fields.setdefault("device_step_min", device_step_min_of(lopa.RunnerConfig(), fields.get("fuse", True)))
+            compiled = fields.get("fuse", True) and fields.get("compile_update", True)
+            fields.setdefault("device_step_min", device_step_min_of(lopa.RunnerConfig(), compiled))
         fields.setdefault("max_positions", WARMUP_POSITIONS)
     return lopa.RunnerConfig(device=args.device, max_num_seqs=max(args.concurrency), warmup=False, **fields)
 

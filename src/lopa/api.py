@@ -216,8 +216,9 @@ def build_model(source, runner: RunnerConfig, group=None, name: Path | None = No
                                kv_cache_bytes=runner.kv_cache_bytes)
     # RunnerConfig.device_step None ("auto"): the device path where its graphs are captured at start-up
     device_step = warm if runner.device_step is None else runner.device_step
+    compiled = model_runner.fuse and runner.compile_update  # the device path's update through torch.compile
     engine = Engine(model_runner, loaded.spec, runner.max_num_seqs, runner.step_rows, runner.max_lookahead,
-                    runner.max_num_batched_tokens, device_step, device_step_min_of(runner, model_runner.fuse))
+                    runner.max_num_batched_tokens, device_step, device_step_min_of(runner, compiled), compiled)
     if warm:
         _warm_up(model_runner, engine, runner.max_num_batched_tokens)
     model = LopaModel(name or getattr(source, "folder", Path(".")), loaded, model_runner, engine)

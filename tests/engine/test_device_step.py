@@ -519,10 +519,10 @@ def test_runner_config_picks_the_path(tiny_dream_dir):
     # device_step_min None: every step where the update is compiled or device_step forces the path, else 3 running
     # requests where the path is automatic
     assert on.engine.device_min == 1 and lopa.RunnerConfig().device_step_min is None
-    assert device_step_min_of(lopa.RunnerConfig(), fused=False) == DEVICE_STEP_MIN_UNFUSED == 3
-    assert device_step_min_of(lopa.RunnerConfig(), fused=True) == 1
-    assert device_step_min_of(lopa.RunnerConfig(device_step=True), fused=False) == 1
-    assert device_step_min_of(lopa.RunnerConfig(device_step_min=2), fused=True) == 2
+    assert device_step_min_of(lopa.RunnerConfig(), compiled=False) == DEVICE_STEP_MIN_UNFUSED == 3
+    assert device_step_min_of(lopa.RunnerConfig(), compiled=True) == 1
+    assert device_step_min_of(lopa.RunnerConfig(device_step=True), compiled=False) == 1
+    assert device_step_min_of(lopa.RunnerConfig(device_step_min=2), compiled=True) == 2
     # device_step_min: one request alone takes the host path, two at once the device path
     two = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu", device_step=True, device_step_min=2,
                                                                     max_num_seqs=2))
@@ -532,6 +532,28 @@ def test_runner_config_picks_the_path(tiny_dream_dir):
     lopa.generate_many(two, ["Tom has 12 apples and", "The cat sat"], lopa.DecodeConfig(strategy="d2f", gen_length=16,
                                                                                       block_size=8))
     assert two.engine.counters.device_steps > 0
+
+
+def test_compile_update_chooses_the_update_where_the_runner_fuses(tiny_dream_dir):
+    """RunnerConfig.compile_update (on by default): where the runner fuses (a GPU; here a fusing runner on the CPU)
+    the device path runs compiled_update's phases, with compile_update=False batched's own, as it does wherever the
+    runner does not fuse; load_model passes it on (a CPU runner never fuses)."""
+    from lopa.engine import device
+
+    model = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu"))
+    loaded = model.loaded
+
+    def update(fuse: bool, compile_update: bool):
+        runner = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), torch.float32, max_num_seqs=2, fuse=fuse)
+        return Engine(runner, loaded.spec, 2, device_step=True, compile_update=compile_update).device.update
+
+    assert lopa.RunnerConfig().compile_update is True
+    assert update(True, True) is device.compiled_update()
+    assert update(True, False) is batched and update(False, True) is batched
+    off = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu", device_step=True, compile_update=False))
+    assert off.engine.device.update is batched
+    with pytest.raises(lopa.ConfigError, match="compile_update"):
+        lopa.RunnerConfig(compile_update="no")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="start-up capture needs a GPU")

@@ -61,3 +61,20 @@ def test_device_step_flag_reaches_the_engine_and_metrics(monkeypatch):
                                           "--metrics-public", *flags])
         assert result.exit_code == 0 and seen["status"] == 200, result.output
         assert (seen["device steps"] > 0) == on, (flags, seen)
+
+
+def test_compile_update_flag_reaches_the_runner_config(monkeypatch):
+    """--no-compile-update: RunnerConfig.compile_update off (the device path's update eager, a shorter first start)."""
+    import lopa.api
+
+    seen = []
+
+    def fake_load(path, adapter=None, runner=None):
+        seen.append(runner.compile_update)
+        raise lopa.ConfigError("stop here")
+
+    monkeypatch.setattr(lopa.api, "load_model", fake_load)
+    for flags in ([], ["--no-compile-update"]):
+        result = CliRunner().invoke(app, ["serve", "--device", "cpu", *flags])
+        assert "stop here" in result.output and "Traceback" not in result.output, result.output
+    assert seen == [True, False]

@@ -67,8 +67,8 @@ def _inductor_options() -> dict:
 
 @functools.cache  # one per process: every model's path shares its compiled graphs (a new torch.compile recompiles)
 def compiled_update(backend: str = "inductor") -> types.SimpleNamespace:
-    """decoding/batched.py's phases through torch.compile (the path's update where the runner fuses: RunnerConfig.fuse
-    on a GPU), each one graph, dynamic in every size from the first call, so the warm-up's keys share a few
+    """decoding/batched.py's phases through torch.compile (the path's update where the runner fuses, RunnerConfig.fuse
+    on a GPU, and RunnerConfig.compile_update), each one graph, dynamic in every size from the first call, so the warm-up's keys share a few
     compiles (one request apart: size-oblivious tracing made Inductor fail). Eager, the update is a few hundred
     small kernels (an H100, 32 lopa requests: 1.18 ms captured in a CUDA graph); compiled, 0.26 ms, the same
     results (benchmarks/device_update.py). Module floats stay constants (specialize_float: dynamic=True would make
@@ -95,11 +95,13 @@ def compiled_update(backend: str = "inductor") -> types.SimpleNamespace:
 
 
 class DevicePath:
-    def __init__(self, runner: ModelRunner, spec: ModelSpec, max_lookahead: int = RunnerConfig.max_lookahead) -> None:
+    def __init__(self, runner: ModelRunner, spec: ModelSpec, max_lookahead: int = RunnerConfig.max_lookahead,
+                 compiled: bool = False) -> None:
         self.runner, self.spec = runner, spec
-        # the update's phases: compiled where the runner fuses (a GPU); a step run eagerly after the warm-up (a key
-        # it did not capture) calls batched's own, so that nothing compiles while requests run
-        self.update = compiled_update() if runner.fuse else batched
+        # the update's phases: ``compiled`` (RunnerConfig.compile_update where the runner fuses, a GPU) or eager; a
+        # step run eagerly after the warm-up (a key it did not capture) calls batched's own, so that nothing
+        # compiles while requests run
+        self.update = compiled_update() if compiled else batched
         self.max_lookahead = max_lookahead  # the engine's admission ceiling on k: the warmed slots' lookaheads
         self.pdt = torch.promote_types(runner.dtype, torch.float32)
         self.eos = torch.tensor(spec.eos_ids, dtype=torch.int64, device=runner.device)

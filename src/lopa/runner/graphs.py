@@ -78,8 +78,9 @@ def capturing(graph: torch.cuda.CUDAGraph, pool):
     """torch.cuda.graph with Python's cyclic garbage collector held off. A collection inside a capture may free an
     earlier model's CUDA graphs (a dropped model in a reference cycle): destroying a graph is not permitted while a
     stream captures, and it invalidated the capture (seen on an H100: a second load_model's warm-up failed with
-    "operation failed due to a previous error during capture"). torch no longer collects before a capture, so a
-    warm-up collects once before its first (GraphExecutor.measured)."""
+    "operation failed due to a previous error during capture"). torch.cuda.graph collects first only under
+    torch.compiler.config.force_cudagraph_gc (off by default), so a warm-up collects once before its first capture
+    (GraphExecutor.measured)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
