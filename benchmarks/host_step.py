@@ -20,6 +20,8 @@ graphs; compiled kernels stay); per row the captures and eager steps after start
 Per decode step in which all n requests run:
 
     wall ms      the engine step (StepInfo.seconds: forward, accept, commit, propose, bookkeeping)
+    queries      real: the step's query positions (sum of K*W); padded: what the static path's "flex" key computes
+                 for it, B bucket x query bucket (the same count whatever the mode ran)
     forward ms   the forward's own device time: CUDA events around each graph replay (the static path, the
                  default on a GPU: forward + batched predict); on the CPU the wall time of the eager forward
                  and its predictions
@@ -69,6 +71,7 @@ import lopa
 from lopa.api import build_model
 from lopa.config import decode_config
 from lopa.eval.tasks import gsm8k
+from lopa.runner.graphs import bucket, query_bucket
 from lopa.runner.model_runner import ModelRunner
 
 from step_latency import git_commit
@@ -150,7 +153,7 @@ def run_pass(model, prompts: list[list[int]], config, clock: ForwardClock) -> di
     seqs = [engine.prepare(p, config) for p in prompts]
     for seq in seqs:
         engine.add(seq)
-    results, walls, forwards, positions = {}, [], [], []
+    results, walls, forwards, positions, padded = {}, [], [], [], []
     clock.take()
     while engine.has_work():
         outs = engine.step()
@@ -160,6 +163,7 @@ def run_pass(model, prompts: list[list[int]], config, clock: ForwardClock) -> di
             walls.append(1e3 * info.seconds)
             forwards.append(forward_ms)
             positions.append(info.positions)
+            padded.append(bucket(info.requests, model.runner.max_num_seqs) * query_bucket(info.queries))
         for out in outs:
             if out.error is not None:
                 raise out.error
@@ -171,7 +175,7 @@ def run_pass(model, prompts: list[list[int]], config, clock: ForwardClock) -> di
     hosts = [w - f for w, f in zip(walls, forwards)]
     return {"full_steps": len(walls), "wall_ms": statistics.median(walls), "forward_ms": statistics.median(forwards),
             "host_ms": statistics.median(hosts), "host_ms_mean": statistics.fmean(hosts),
-            "positions": statistics.fmean(positions),
+            "positions": statistics.fmean(positions), "padded": statistics.fmean(padded),
             "tokens": generated, "tokens_per_s": generated / decode_s, "decode_s": decode_s,
             "captures": c.captures_after_start - before[1], "eager_steps": c.eager_decode_steps - before[2],
             "device_steps": c.device_steps - before[3], "token_ids": tokens}
@@ -367,8 +371,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                   f"in {warm['seconds']:.1f} s, {warm['gib']:.2f} GiB, {warm['positions']} positions a slot, "
                   f"max_num_batched_tokens {warm['max_num_batched_tokens']}.", ""]
     lines += ["| strategy | n | mode | pass 0: wall / host ms | pass 0 tok/s (xN1) | pass 1: wall / forward / host "
-              "ms | pass 1 tok/s (xN1) | captures / eager steps (pass 0, 1) | tokens equal |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "ms | pass 1 tok/s (xN1) | captures / eager steps (pass 0, 1) | tokens equal | queries real / padded |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     tps = lambda x: f"{x['tokens_per_s']:.0f}" + (f" ({x['vs_n1']:.1f}x)" if x.get("vs_n1") else "")  # noqa: E731
     for r in rows:
         for mode in MODES:
@@ -379,7 +383,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                          f"{tps(p0)} | {p1['wall_ms']:.2f} / {p1['forward_ms']:.2f} / {p1['host_ms']:.2f} | "
                          f"{tps(p1)} | "
                          f"{p0['captures']}, {p1['captures']} / {p0['eager_steps']}, {p1['eager_steps']} | "
-                         f"{r[mode].get('tokens_equal', '')} |")
+                         f"{r[mode].get('tokens_equal', '')} | {p1['positions']:.0f} / {p1['padded']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -204,6 +204,7 @@ def test_host_step_tiny_pairs_both_paths(tmp_path):
             for p in ("pass0", "pass1"):
                 x = r[mode][p]
                 assert x["full_steps"] > 0 and x["wall_ms"] > 0 and x["forward_ms"] > 0 and x["tokens"] > 0
+                assert x["padded"] >= x["positions"] > 0  # the static path's B bucket x query bucket holds them
                 assert x["vs_n1"] > 0 and (x["device_steps"] > 0) == (mode != "host")
     assert (tmp_path / "host_step.md").read_text().count("| d2f |") == 6
 
