@@ -541,7 +541,8 @@ def serve(
                              served_model_name=served_model_name, request_timeout_s=request_timeout,
                              metrics_public=metrics_public)
         runner = RunnerConfig(device=device, dtype=dtype, quantize=quantize, fuse=fuse, compile_update=compile_update,
-                              max_num_seqs=max_num_seqs, branch_parallel=devices, step_rows=step_rows, max_lookahead=max_lookahead,
+                              max_num_seqs=max_num_seqs, branch_parallel=devices, step_rows=step_rows,
+                              max_lookahead=max_lookahead,
                               max_num_batched_tokens=max_num_batched_tokens, kv_cache_bytes=kv_cache_bytes,
                               warmup=warmup, attention=attention, device_step=device_step,
                               device_step_min=device_step_min)

@@ -352,8 +352,8 @@ class RunnerConfig:
     # With the device path on, a decode step takes it only while at least this many requests are running; with
     # fewer, the host strategies run the step (their requests come back from the device, and go again when enough
     # run). None ("auto", device_step_min_of) = 1 where the update is compiled (fuse and compile_update on a GPU:
-    # faster than the host strategies from one request on), DEVICE_STEP_MIN_UNFUSED where device_step is auto and it is not, 1
-    # where device_step=True forces the path on. 1 = whenever the device path is on
+    # faster than the host strategies from one request on), DEVICE_STEP_MIN_UNFUSED where device_step is auto and
+    # it is not, 1 where device_step=True forces the path on. 1 = whenever the device path is on
     device_step_min: int | None = None
 
     def __post_init__(self) -> None:

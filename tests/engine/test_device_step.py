@@ -550,7 +550,8 @@ def test_compile_update_chooses_the_update_where_the_runner_fuses(tiny_dream_dir
     assert lopa.RunnerConfig().compile_update is True
     assert update(True, True) is device.compiled_update()
     assert update(True, False) is batched and update(False, True) is batched
-    off = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu", device_step=True, compile_update=False))
+    off = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu", device_step=True,
+                                                                    compile_update=False))
     assert off.engine.device.update is batched
     with pytest.raises(lopa.ConfigError, match="compile_update"):
         lopa.RunnerConfig(compile_update="no")
