@@ -277,3 +277,18 @@ def test_step_budget_leaves_a_step_no_graph_serves_whole(solo, change):
         runs.append(([r.token_ids for r in lopa.generate_many(m, [prompts[i] for i in pick], changed)],
                      m.engine.counters.partial_steps))
     assert runs[1] == (runs[0][0], 0)
+
+
+def test_a_step_runs_without_autograd_whoever_calls_it(tiny_dream_dir):
+    """Engine.step enters inference mode itself: a script driving the engine outside it builds no autograd graph
+    (the predictions it keeps do not require grad) and gets the tokens generate gives."""
+    model = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu"))
+    cfg = lopa.DecodeConfig(strategy="lopa", k=3, gen_length=16, block_size=8, tau=0.5)
+    engine = model.engine
+    seq = engine.prepare(model.tokenizer.encode("Tom has 12 apples and"), cfg)
+    engine.add(seq)
+    done = []
+    while engine.has_work():
+        done += [out.result for out in engine.step() if out.finished]
+        assert not seq.state.pred_conf.requires_grad and not torch.is_inference_mode_enabled()
+    assert done[0].token_ids == lopa.generate(model, "Tom has 12 apples and", cfg).token_ids

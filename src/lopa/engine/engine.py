@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 from ..config import DecodeConfig, RunnerConfig
 from ..decoding import make_strategy
 from ..decoding.base import counted_tokens
@@ -221,6 +223,7 @@ class Engine:
         return len(self.scheduler.waiting)
 
     # -- one step ---------------------------------------------------------------------------------------
+    @torch.inference_mode()  # a step never needs autograd, whoever calls it (the front ends already run in this mode)
     def step(self) -> list[RequestOutput]:
         return self.group.step(self._step)  # Branch Parallel: rank 0's events reach the workers first
 
