@@ -71,7 +71,6 @@ def test_garbage_freed_during_a_warm_up_does_not_break_its_captures(tiny_dream_d
             x.add_(1)
         spares.append(g)
     forward = Transformer.forward
-
     threshold = gc.get_threshold()
 
     def dropping(self, *args, **kwargs):

@@ -38,6 +38,7 @@ class ModelRunner:
                  kv_cache_bytes: int | None = None, attention: str | None = None) -> None:
         self.model, self.spec, self.device, self.dtype = model, spec, device, dtype
         self.fuse = fuse  # compiled kernels (RunnerConfig.fuse on a GPU): the predict here, the device path's update
+        # where RunnerConfig.compile_update is on too
         self.group = group or LocalGroup()  # LocalGroup | BranchGroup (runner/group.py)
         self.max_num_seqs = max_num_seqs
         self.max_positions = max_positions  # None: the pool grows on demand; else every slot holds this many
