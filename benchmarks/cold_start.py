@@ -106,7 +106,8 @@ def warmup_row(stats) -> dict:
     return {"warmup_compiles": stats.warmup_compiles, "key_s_min": min(secs), "key_s_median": statistics.median(secs),
             "key_s_max": max(secs), "keys_compiling": sum(1 for c in comp if c),
             "s_compiling_keys": stats.compiling_s,
-            "s_other_keys": sum(secs) - stats.compiling_s}
+            "s_other_keys": sum(secs) - stats.compiling_s,
+            "compiling_keys": [[name, t, c] for name, t, c in zip(stats.warmup_key_names, secs, comp) if c]}
 
 
 def run_variant(args, variant: str) -> dict:

@@ -260,6 +260,7 @@ def test_start_up_warms_both_paths_and_logs_them(ref, caplog):
     static = len(m.runner.graphs.statics)
     assert static == 3 and stats.warmup_graphs == 2 * static == 2 * len(m.engine.device.graphs)
     assert len(stats.warmup_key_s) == len(stats.warmup_key_compiles) == stats.warmup_graphs  # both paths' keys timed
+    assert [name.split()[0] for name in stats.warmup_key_names] == ["forward"] * static + ["update"] * static
     assert m.engine.device.warm and m.runner.graphs.frozen and m.runner.graphs.refresh_stats().captures_after_start == 0
     assert "warm-up captured 6 CUDA graphs (3 of them the device path's steps)" in caplog.text
     assert "torch.compile graphs" in caplog.text

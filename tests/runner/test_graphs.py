@@ -546,6 +546,8 @@ def test_after_warmup_prefills_and_decodes_compile_nothing(tiny_dream_dir, monke
         # the first key compiles every piece; later keys only the attention of a new query bucket: each compiled
         # piece is dynamic in the batch and the tokens from its first call
         assert stats.warmup_key_compiles[0] > 1 and stats.warmup_key_compiles[1:] == [1, 1, 1, 0, 0]
+        assert stats.warmup_key_names == ["forward B=1 Qb=32", "forward B=1 Qb=64", "forward B=1 Qb=96",
+                                          "forward B=1 Qb=128", "forward B=2 Qb=32", "forward B=2 Qb=64"]
         warm = dataclasses.replace(model, runner=runner, engine=Engine(runner, loaded.spec, 2))
         with torch.compiler.set_stance("fail_on_recompile"):
             got = [r.token_ids for r in lopa.generate_many(warm, prompts, cfg)]

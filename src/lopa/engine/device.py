@@ -352,7 +352,7 @@ class DevicePath:
             span = self._keyed_span(Wm, 0)
             key = (B, Qb, None, Wm, R, measures, scores, span)  # as _run forms it under "flex"
             update = functools.partial(self._update, B, Qb, None, Wm, R, measures, scores, span)
-            with graphs.timed_key():
+            with graphs.timed_key(f"update B={B} Qb={Qb}"):
                 update()  # eagerly first (a compiled update compiles here): lazy initialization stays out of graphs
                 self.graphs[key] = self._capture(update) if graphs.capture else (None, None)
             if on_graph is not None:

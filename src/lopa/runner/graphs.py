@@ -110,6 +110,7 @@ class GraphStats:
     warmup_compiles: int = 0  # torch.compile graphs compiled during the warm-up (process-wide)
     warmup_key_s: list[float] = field(default_factory=list)  # seconds per warmed key, in warm-up order
     warmup_key_compiles: list[int] = field(default_factory=list)  # torch.compile graphs compiled per warmed key
+    warmup_key_names: list[str] = field(default_factory=list)  # "forward B=1 Qb=32" or "update ...", the same order
 
     @property
     def compiling_s(self) -> float:
@@ -286,7 +287,7 @@ class GraphExecutor:
 
     def _warm_key(self, key: tuple) -> None:
         """Capture (or run once) one key, timed with the compiles it took."""
-        with self.timed_key():
+        with self.timed_key(f"forward B={key[0]} Qb={key[1]}"):
             if key not in self.statics:
                 st = self._new(key)
                 pack([], st.host, self.runner.spec.mask_id)  # all padding: only the shapes matter
@@ -297,15 +298,16 @@ class GraphExecutor:
                     st.out = self._body(st.inputs, 0, st.Lb, key[3], key[4])
 
     @contextlib.contextmanager
-    def timed_key(self):
-        """One warmed key's seconds and torch.compile graphs into the stats (this path's keys, then the device
-        path's: engine/device.py)."""
+    def timed_key(self, name: str):
+        """One warmed key's seconds and torch.compile graphs into the stats, under ``name`` (this path's keys, then
+        the device path's: engine/device.py)."""
         t, c = time.perf_counter(), compiles()
         yield
         if self.runner.device.type == "cuda":
             torch.cuda.synchronize(self.runner.device)
         self.stats.warmup_key_s.append(time.perf_counter() - t)
         self.stats.warmup_key_compiles.append(compiles() - c)
+        self.stats.warmup_key_names.append(name)
 
     @contextlib.contextmanager
     def measured(self, graphs: int):
