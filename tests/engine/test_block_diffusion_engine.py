@@ -162,7 +162,7 @@ def test_the_compiled_update_equals_the_host_strategies(tiny, monkeypatch):
     n = len(configs)
     want = _drive(_engine(model, 4, False, spec), _prompts(n), configs, [i // 2 for i in range(n)])
     engine = _engine(model, 4, True, spec, static=True, attention="flex", max_positions=512)
-    with traced_update(monkeypatch) as (engine.device.update, counts):
+    with traced_update(monkeypatch) as (engine.device.update, counts, _):
         engine.runner.warmup(512)
         engine.device.warmup([key[:2] for key in engine.runner.graphs.warmup_keys(512)])
         assert _drive(engine, _prompts(n), configs, [i // 2 for i in range(n)]) == want

@@ -364,7 +364,8 @@ def test_the_compiled_update_equals_the_host_path_and_compiles_only_at_start_up(
     through dynamo with the graph run as traced: each phase traces whole (fullgraph) and, dynamic in every size,
     compiles at most twice over the whole warm-up (one request apart), then nothing compiles while varied requests
     run (torch.compile set to fail on a recompile); every step is a device step and the tokens and forwards equal
-    the host strategies'. After the warm-up a key it did not warm runs batched's own functions."""
+    the host strategies'. The warmed slots' sizes are static in its graphs. After the warm-up a key it did not warm
+    runs batched's own functions."""
     from lopa.engine import device
 
     model = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu", dtype="float64"))
@@ -375,10 +376,12 @@ def test_the_compiled_update_equals_the_host_path_and_compiles_only_at_start_up(
     want = [(r.token_ids, r.stats.decode_forwards) for r in lopa.generate_many(host, prompts, cfgs)]
     m = _engine(model, 4, static=True, attention="flex", max_positions=512)
     assert m.engine.device.update is batched  # the runner does not fuse on a CPU
-    with traced_update(monkeypatch) as (m.engine.device.update, counts):
+    with traced_update(monkeypatch) as (m.engine.device.update, counts, slot_shapes):
         m.runner.warmup(256)
         m.engine.device.warmup([key[:2] for key in m.runner.graphs.warmup_keys(256)])
         assert set(counts) == set(device.PHASES) and all(1 <= c <= 2 for c in counts.values()), counts
+        # the warmed slots' sizes are constants of the graphs (they trace and compile faster), not symbols
+        assert slot_shapes and all(type(d) is int for shape in slot_shapes for d in shape), slot_shapes
         with torch.compiler.set_stance("fail_on_recompile"):
             got = [(r.token_ids, r.stats.decode_forwards) for r in lopa.generate_many(m, prompts, cfgs)]
             assert got == want

@@ -327,13 +327,18 @@ class DevicePath:
         pool slot, the longest canvas a slot and the context allow, the engine's largest k) and capture the
         update of every (B bucket, query bucket) in ``shapes`` for the default measure and branch score, reusing
         the static path's compiled kernels (the forward is the same); on a CPU run each once. Counted in the
-        static path's GraphStats, whose start-up then ends again (GraphExecutor.started). ``on_graph(done,
-        total)`` after each key. Returns the number of keys."""
+        static path's GraphStats, whose start-up then ends again (GraphExecutor.started). A compiled update sees the
+        final slots' sizes as constants (torch._dynamo.mark_static; the step's sizes stay dynamic), which trace and
+        compile faster (benchmarks/update_compile.py). ``on_graph(done, total)`` after each key. Returns the number
+        of keys."""
         runner = self.runner
         with runner.graphs.measured(len(shapes)):
             # a canvas (prompt + gen_length) fits the context (decoding/base.py) and its KV slot; allocated outside
             # inference mode, as lazily grown slots are: load() may write them from either mode
             self._reserve(runner.pool.slots, min(runner.pool.capacity, self.spec.max_length), self.max_lookahead)
+            if self.update is not batched:  # compiled: the final slots' sizes become constants of its graphs
+                for t in (*vars(self.slots).values(), self.eos, self.row_budget):
+                    torch._dynamo.mark_static(t)
             self.live.zero_()  # every row a free slot: the updates below change no request
             self._live_n = 0
             self._capture_all(shapes, on_graph)
