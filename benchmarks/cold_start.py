@@ -185,11 +185,15 @@ def table(results: list[dict]) -> str:
     warm = [r for r in results if "warmup_compiles" in r]
     if warm:
         lines += ["", "| variant | warm-up s | keys | torch.compile graphs | keys compiling | s in them | s in the "
-                  "others | s/key min / median / max |", "|---|---|---|---|---|---|---|---|"]
+                  "others | s/key min / median / max | compiling: forward keys (s, graphs) | update keys (s, graphs) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in warm:
+            paths = [[k for k in r["compiling_keys"] if k[0].startswith(path)] for path in ("forward", "update")]
             lines.append(f"| {r['variant']} | {r['warmup_s']:.1f} | {r['warmup_graphs']} | {r['warmup_compiles']} | "
                          f"{r['keys_compiling']} | {r['s_compiling_keys']:.1f} | {r['s_other_keys']:.1f} | "
-                         f"{r['key_s_min']:.2f} / {r['key_s_median']:.2f} / {r['key_s_max']:.2f} |")
+                         f"{r['key_s_min']:.2f} / {r['key_s_median']:.2f} / {r['key_s_max']:.2f} | "
+                         + " | ".join(f"{len(keys)} ({sum(k[1] for k in keys):.1f}, {sum(k[2] for k in keys)})"
+                                      for keys in paths) + " |")
     return "\n".join(lines)
 
 

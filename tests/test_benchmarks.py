@@ -142,6 +142,26 @@ def test_serve_load_ceiling_takes_the_server_args_engine_settings(monkeypatch):
                                       "step_rows": 256, "attention": "flex"}
 
 
+def test_cold_start_splits_the_compiling_keys_by_path(monkeypatch):
+    """The warm-up's keys that compiled, by name: the forward's and the device path's update apart."""
+    import importlib.util
+
+    from lopa.runner.graphs import GraphStats
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("cold_start", ROOT / "benchmarks" / "cold_start.py")
+    cs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cs)
+    stats = GraphStats(warmup_compiles=5, warmup_key_s=[1.5, 0.1, 2.0, 0.2], warmup_key_compiles=[2, 0, 3, 0],
+                       warmup_key_names=["forward B=1 Qb=32", "forward B=1 Qb=64", "update B=1 Qb=32",
+                                         "update B=1 Qb=64"])
+    row = cs.warmup_row(stats)
+    assert row["compiling_keys"] == [["forward B=1 Qb=32", 1.5, 2], ["update B=1 Qb=32", 2.0, 3]]
+    assert row["s_compiling_keys"] == 3.5 and row["keys_compiling"] == 2
+    text = cs.table([{"variant": "v", "warmup_s": 3.8, "warmup_graphs": 4, "passes": [], **row}])
+    assert "| 1 (1.5, 2) | 1 (2.0, 3) |" in text
+
+
 def test_cold_start_tiny(tmp_path):
     """The engine variants, each in a fresh process (a repeated one on the first one's kernel caches), decode the
     same varied workload twice; prefill and decode are timed apart and the prefill shapes counted. ("eager update":
