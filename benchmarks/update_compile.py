@@ -50,7 +50,7 @@ from lopa.engine import device
 from lopa.engine.device import widths
 from lopa.runner.graphs import QUERY_BUCKETS, bucket, compiles
 
-from device_update import SPEC, restore, snapshot, state_of, states
+from device_update import SPEC, restore, snapshot, state_of, states, time_cuda
 from step_latency import git_commit
 
 OPTIONS = {"eager": None, "default": {}, "no autotune": {"triton.autotune_pointwise": False},
@@ -114,8 +114,8 @@ def child(variant: str, args) -> dict:
             for b, (strategy, state, batch) in enumerate(reqs):
                 st.load(b, strategy, state, batch, DEVICE_SCORES.index("mean"))
             snap = snapshot(st)
-            p = torch.stack([torch.randint(10, 90, (n, Qb), generator=g).float(), 0.5 + 0.5 * torch.rand(n, Qb, generator=g),
-                             torch.rand(n, Qb, generator=g)], -1).to(dev)
+            p = torch.stack([torch.randint(10, 90, (n, Qb), generator=g).float(),
+                             0.5 + 0.5 * torch.rand(n, Qb, generator=g), torch.rand(n, Qb, generator=g)], -1).to(dev)
             c = compiles()
             ms = replay_ms(lambda: update(ops, st, n, Qb, p, eos, budget), st, snap, args.iters, dev)
             restore(st, snap)
@@ -128,43 +128,26 @@ def child(variant: str, args) -> dict:
 
 
 def replay_ms(run, st: Slots, snap: dict, iters: int, dev: torch.device) -> float:
-    """Median ms of ``run`` captured in one CUDA graph (on a CPU: run eagerly), the slots restored before each."""
-    if dev.type != "cuda":
-        restore(st, snap)
-        run()  # untimed: a first call compiles
-        times = []
-        for _ in range(iters):
-            restore(st, snap)
-            t = time.perf_counter()
-            run()
-            times.append(1e3 * (time.perf_counter() - t))
-        return statistics.median(times)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            restore(st, snap)
-            run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
+    """Median ms of ``run`` captured in one CUDA graph (device_update.time_cuda); on a CPU run eagerly, the slots
+    restored before each."""
+    if dev.type == "cuda":
+        return time_cuda([run], st, snap, iters)["total"]
+    restore(st, snap)
+    run()  # untimed: a first call compiles
     times = []
     for _ in range(iters):
         restore(st, snap)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        t = time.perf_counter()
+        run()
+        times.append(1e3 * (time.perf_counter() - t))
     return statistics.median(times)
 
 
 def markdown(meta: dict, rows: list[dict], ns: list[str]) -> str:
-    lines = [f"The compiled update's first start (each variant a fresh process, empty kernel caches), {meta['device']}, "
-             f"warm-up of {meta['keys']} keys ({meta['slots']} slots, max {meta['max_tokens']} padded queries, "
-             f"slots {meta['capacity']} wide, kc {meta['kc']}), backend {meta['backend']}, commit {meta['commit']}, torch {meta['torch']}, "
+    lines = [f"The compiled update's first start (each variant a fresh process, empty kernel caches), "
+             f"{meta['device']}, warm-up of {meta['keys']} keys ({meta['slots']} slots, max {meta['max_tokens']} "
+             f"padded queries, slots {meta['capacity']} wide, kc {meta['kc']}), backend {meta['backend']}, commit "
+             f"{meta['commit']}, torch {meta['torch']}, "
              f"{meta['date']}. Warm: lopa k=7 requests mid-decode, the update in one CUDA graph, median ms of "
              f"{meta['iters']} replays; equal: every slot reads back as after the eager update.", "",
              "| variant | warm-up s | compiles | keys compiling (B, Qb: s) | "
@@ -185,7 +168,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--slots", type=int, default=8, help="the pool's slots (max_num_seqs)")
     ap.add_argument("--max-tokens", type=int, default=8192, help="RunnerConfig.max_num_batched_tokens")
-    ap.add_argument("--capacity", type=int, default=8192, help="slot positions (the warm-up sizes them for the context)")
+    ap.add_argument("--capacity", type=int, default=8192, help="slot positions (the warm-up sizes them for the "
+                    "context)")
     ap.add_argument("--kc", type=int, default=64, help="lookaheads a slot holds (RunnerConfig.max_lookahead)")
     ap.add_argument("--ns", default="1,8")
     ap.add_argument("--iters", type=int, default=50)
@@ -226,8 +210,8 @@ def main() -> None:
             "slots": args.slots,
             "max_tokens": args.max_tokens, "capacity": args.capacity, "kc": args.kc, "iters": args.iters,
             "keys": len(warmup_keys(args.slots, args.max_tokens, args.capacity)), "commit": git_commit(),
-            "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv)}
+            "torch": torch.__version__, "command": " ".join(sys.argv),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "update_compile.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (args.out / "update_compile.md").write_text(markdown(meta, rows, ns))
