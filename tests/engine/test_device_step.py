@@ -361,8 +361,8 @@ def test_a_failing_update_fails_the_step_not_a_token(ref, monkeypatch):
 @pytest.mark.filterwarnings("error:the device path's update did not compile")  # no silent fallback to eager
 def test_the_compiled_update_equals_the_host_path_and_compiles_only_at_start_up(tiny_dream_dir, monkeypatch):
     """RunnerConfig.fuse on a GPU compiles the device path's update (engine/device.py: compiled_update), traced here
-    through dynamo with the graph run as traced: each phase traces whole (fullgraph) and, dynamic in every size,
-    compiles at most twice over the whole warm-up (one request apart), then nothing compiles while varied requests
+    through dynamo with the graph run as traced: each phase traces whole (fullgraph) and, dynamic in the step's
+    sizes, compiles at most twice over the whole warm-up (one request apart), then nothing compiles while varied requests
     run (torch.compile set to fail on a recompile); every step is a device step and the tokens and forwards equal
     the host strategies'. The warmed slots' sizes are static in its graphs. After the warm-up a key it did not warm
     runs batched's own functions."""

@@ -68,10 +68,12 @@ def _inductor_options() -> dict:
 @functools.cache  # one per process: every model's path shares its compiled graphs (a new torch.compile recompiles)
 def compiled_update(backend: str = "inductor") -> types.SimpleNamespace:
     """decoding/batched.py's phases through torch.compile (the path's update where the runner fuses, RunnerConfig.fuse
-    on a GPU, and RunnerConfig.compile_update), each one graph, dynamic in every size from the first call, so the
-    warm-up's keys share a few compiles (one request apart: size-oblivious tracing made Inductor fail). Eager, the
-    update is a few hundred small kernels (an H100, 32 lopa requests: 1.18 ms captured in a CUDA graph); compiled,
-    0.26 ms, the same results (benchmarks/device_update.py). Module floats stay constants (specialize_float:
+    on a GPU, and RunnerConfig.compile_update), each one graph, dynamic in every size from the first call but the
+    warmed slots' (DevicePath.warmup marks them static), so the warm-up's keys share a few compiles (one request
+    apart: size-oblivious tracing made Inductor fail). Eager, the update is a few hundred small kernels (an H100,
+    32 lopa requests: 1.18 ms captured in a CUDA graph); compiled, 0.26-0.40 ms, the same results
+    (benchmarks/device_update.py, update_compile.py), for 45-70 s of compiles on a machine's first start and about
+    19 s on later ones (update_compile.py, H100). Module floats stay constants (specialize_float:
     dynamic=True would make them CPU tensors a CUDA kernel cannot read). A phase that does not compile
     (TorchDynamoException: raised while tracing, before any of its kernels ran) runs batched's own function, from
     then on every phase, one warning."""
