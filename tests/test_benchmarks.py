@@ -158,6 +158,7 @@ def test_cold_start_splits_the_compiling_keys_by_path(monkeypatch):
     row = cs.warmup_row(stats)
     assert row["compiling_keys"] == [["forward B=1 Qb=32", 1.5, 2], ["update B=1 Qb=32", 2.0, 3]]
     assert row["s_compiling_keys"] == 3.5 and row["keys_compiling"] == 2
+    assert stats.compiling_s_of("update") == 2.0 and stats.compiling_s_of("forward") == 1.5
     text = cs.table([{"variant": "v", "warmup_s": 3.8, "warmup_graphs": 4, "passes": [], **row}])
     assert "| 1 (1.5, 2) | 1 (2.0, 3) |" in text
 

@@ -158,10 +158,11 @@ def _warm_up(runner: ModelRunner, engine: Engine, max_tokens: int) -> None:
             bar.stop()
     if stats is not None:
         log.info("lopa: warm-up captured %d CUDA graphs (%d of them the device path's steps) in %.1f s (%.1f s of "
-                 "it in the keys that compiled %d torch.compile graphs) using %.2f GiB of GPU memory (max_num_seqs "
-                 "%d, %d positions a slot, max_num_batched_tokens %d)", stats.warmup_graphs, device, stats.warmup_s,
-                 stats.compiling_s, stats.warmup_compiles, stats.warmup_bytes / 2**30, runner.max_num_seqs,
-                 runner.slot_capacity(), max_tokens)
+                 "it in the keys that compiled %d torch.compile graphs, %.1f s in the device path's update's: "
+                 "RunnerConfig.compile_update) using %.2f GiB of GPU memory (max_num_seqs %d, %d positions a slot, "
+                 "max_num_batched_tokens %d)", stats.warmup_graphs, device, stats.warmup_s, stats.compiling_s,
+                 stats.warmup_compiles, stats.compiling_s_of("update"), stats.warmup_bytes / 2**30,
+                 runner.max_num_seqs, runner.slot_capacity(), max_tokens)
 
 
 def load_model(

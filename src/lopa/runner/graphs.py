@@ -117,6 +117,11 @@ class GraphStats:
         """Seconds of the warmed keys that compiled a torch.compile graph."""
         return sum(t for t, c in zip(self.warmup_key_s, self.warmup_key_compiles) if c)
 
+    def compiling_s_of(self, path: str) -> float:
+        """compiling_s of one path's keys: "forward" (this one's) or "update" (the device path's)."""
+        return sum(t for t, c, name in zip(self.warmup_key_s, self.warmup_key_compiles, self.warmup_key_names)
+                   if c and name.startswith(path))
+
 
 def _static_vocab(fn):
     """A compiled predict, dynamic in B and Qb (one kernel for every bucket, B = 1 included) but specialized on
