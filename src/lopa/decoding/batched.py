@@ -282,7 +282,9 @@ def accept(st: Slots, n: int, preds: torch.Tensor, Wm: int, R: int, scores: tupl
     c = torch.arange(Ws, device=dev)[None]
     pos = (lo[:, None] + c).clamp(max=st.width - 1)
     cols = (canvas.gather(1, pos) == mask_id) & (c < W[:, None])  # the anchor's masked columns: logit_cols
-    look = _look_rows(st, n)[:, :R]
+    # [n, R] (R <= kc + 1: engine/device.py, widths) by index, not [:, :R]: a slice's size is min(R, kc + 1), a size
+    # relation torch.compile would guard on and recompile for where R reaches kc + 1
+    look = _look_rows(st, n).index_select(1, torch.arange(R, device=dev).clamp(max=st.look.shape[1]))
     r = torch.arange(R, device=dev)[None, :, None]
     valid = (r < K[:, None, None]) & (c < W[:, None])[:, None]
     masked = cols[:, None] & (pos[:, None] != look[..., None]) & st.scored[:n].gather(1, pos)[:, None] & valid
@@ -376,11 +378,14 @@ def _lookahead(st: Slots, v: Rows, geo: Geometry, cands: torch.Tensor, conf: tor
                row_budget: torch.Tensor) -> torch.Tensor:
     """window.lookahead_positions: the candidates [n, S] ranked by (conf desc, position asc: a stable sort of
     the span), as many as the budget allows into ``look``; returns how many [n]."""
-    kc, top = st.look.shape[1], min(st.look.shape[1], geo.NB)
-    ranked = torch.where(cands, conf, float("-inf")).sort(dim=1, descending=True, stable=True)
-    nlook = _budget(v, torch.minimum(v.k, cands.sum(1)), ranked.values[:, :top], width, row_budget)
-    order = torch.full((v.n, kc), -1, dtype=torch.int64, device=conf.device)
-    order[:, :top] = geo.t.gather(1, ranked.indices[:, :top])
+    kc = st.look.shape[1]
+    # kc columns of non-candidates after the span, so the ranking has at least kc columns whatever S is: taking
+    # its first kc needs no min(kc, S), a size relation torch.compile would guard on (and recompile when it flips)
+    ranked = torch.cat([torch.where(cands, conf, float("-inf")), conf.new_full((v.n, kc), float("-inf"))], 1)
+    ranked = ranked.sort(dim=1, descending=True, stable=True)
+    nlook = _budget(v, torch.minimum(v.k, cands.sum(1)), ranked.values[:, :kc], width, row_budget)
+    # a rank past the span is never a lookahead (nlook <= the candidates, all ranked before it): clamped to read
+    order = geo.t.gather(1, ranked.indices[:, :kc].clamp(max=geo.NB - 1))
     st.look[:v.n] = torch.where(torch.arange(kc, device=conf.device)[None] < nlook[:, None], order, -1)
     return nlook
 
