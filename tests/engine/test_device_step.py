@@ -362,10 +362,10 @@ def test_a_failing_update_fails_the_step_not_a_token(ref, monkeypatch):
 def test_the_compiled_update_equals_the_host_path_and_compiles_only_at_start_up(tiny_dream_dir, monkeypatch):
     """RunnerConfig.fuse on a GPU compiles the device path's update (engine/device.py: compiled_update), traced here
     through dynamo with the graph run as traced: each phase traces whole (fullgraph) and, dynamic in the step's
-    sizes, compiles at most twice over the whole warm-up (one request apart), then nothing compiles while varied requests
-    run (torch.compile set to fail on a recompile); every step is a device step and the tokens and forwards equal
-    the host strategies'. The warmed slots' sizes are static in its graphs. After the warm-up a key it did not warm
-    runs batched's own functions."""
+    sizes, compiles at most twice over the whole warm-up (one request apart), then nothing compiles while varied
+    requests run (torch.compile set to fail on a recompile); every step is a device step and the tokens and
+    forwards equal the host strategies'. The warmed slots' sizes are static in its graphs. After the warm-up a key
+    it did not warm runs batched's own functions."""
     from lopa.engine import device
 
     model = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu", dtype="float64"))
