@@ -4,26 +4,30 @@ engine/device.compiled_update's four phases (decoding/batched.py) are called as 
 (B bucket, query bucket) key of a warm-up with --max-tokens padded queries and --slots slots (B x Qb <= max
 tokens), on free slots (every int field zero), in order. Each variant runs in a fresh process with empty on-disk
 kernel caches (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR) of its own: a first start. Reported per variant: the
-seconds of the keys that compiled, how many torch.compile graphs they made, and the phase and key of each; then the
+warm-up's seconds, how many torch.compile graphs it made, the keys that compiled (seconds each), dynamo's seconds
+per compile stage (in the JSON); then the
 warm update of n requests mid-decode (lopa k=7; benchmarks/device_update.py's states) captured in one CUDA graph,
 median ms of its replays, and whether every slot reads back equal to the eager update's (``equal``: a digest of
 every slot read back into its request's host state, benchmarks/device_update.py's state_of).
 
 Variants (--variants, comma-separated):
     eager             batched's own functions (no compile): the reference and the eager step
-    default           today's compiled update (device._inductor_options)
+    default           device.compiled_update with its Inductor options (device._inductor_options), dynamic slots
     no autotune       + Inductor "triton.autotune_pointwise": False (one launch configuration per pointwise kernel)
     deterministic     + "deterministic": True (no on-device benchmarking of kernel configurations)
     both              the two above
-    two rows          today's, every key of one request called on two rows instead (a size of 1 specializes)
-    static slots      today's, every dimension of the slots' tensors marked static (torch._dynamo.mark_static: a
-                      process's slots never change shape after the warm-up); the step's sizes stay dynamic
+    two rows          default, every key of one request called on two rows instead (a size of 1 specializes)
+    static slots      default with every dimension of the slots' tensors marked static (torch._dynamo.mark_static):
+                      what DevicePath.warmup does; the step's sizes stay dynamic
     static slots + two rows   both
 A repeated variant is a second start: a fresh process on the first one's caches (what a restart costs).
 
     PYTHONPATH=src python3 benchmarks/update_compile.py --out benchmarks/results/update_compile_h100   # a GPU
     PYTHONPATH=src python3 benchmarks/update_compile.py --device cpu --backend eager --max-tokens 64 --slots 2 \
         --capacity 256 --variants "static slots,static slots" --out /tmp/x                # CPU smoke test
+
+On a CPU with Inductor (--device cpu, the default backend; about 2 minutes a variant on 2 cores) the update's
+size guards and so its recompiles are the GPU's: with TORCH_LOGS=recompiles it names the guard behind each.
 """
 
 from __future__ import annotations
