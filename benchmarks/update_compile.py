@@ -17,14 +17,16 @@ Variants (--variants, comma-separated):
     deterministic     + "deterministic": True (no on-device benchmarking of kernel configurations)
     both              the two above
     two rows          default, every key of one request called on two rows instead (a size of 1 specializes)
-    static slots      default with every dimension of the slots' tensors marked static (torch._dynamo.mark_static):
-                      what DevicePath.warmup does; the step's sizes stay dynamic
+    static slots      default with every dimension of the slots' tensors marked static (torch._dynamo.mark_static);
+                      the step's sizes stay dynamic
     static slots + two rows   both
+    static widths     default with the slots' widths that no request or model changes marked static (the lookahead
+                      capacity, the field counts): what DevicePath.warmup does
 A repeated variant is a second start: a fresh process on the first one's caches (what a restart costs).
 
     PYTHONPATH=src python3 benchmarks/update_compile.py --out benchmarks/results/update_compile_h100   # a GPU
     PYTHONPATH=src python3 benchmarks/update_compile.py --device cpu --backend eager --max-tokens 64 --slots 2 \
-        --capacity 256 --variants "static slots,static slots" --out /tmp/x                # CPU smoke test
+        --capacity 256 --variants "static widths,static widths" --out /tmp/x              # CPU smoke test
 
 On a CPU with Inductor (--device cpu, the default backend; about 2 minutes a variant on 2 cores) the update's
 size guards and so its recompiles are the GPU's: with TORCH_LOGS=recompiles it names the guard behind each.
@@ -60,7 +62,7 @@ from step_latency import git_commit
 OPTIONS = {"eager": None, "default": {}, "no autotune": {"triton.autotune_pointwise": False},
            "deterministic": {"deterministic": True},
            "both": {"triton.autotune_pointwise": False, "deterministic": True}, "two rows": {}, "static slots": {},
-           "static slots + two rows": {}}
+           "static slots + two rows": {}, "static widths": {}}
 
 
 def warmup_keys(slots: int, max_tokens: int, capacity: int) -> list[tuple[int, int]]:
@@ -89,8 +91,14 @@ def child(variant: str, args) -> dict:
         ops = device.compiled_update(args.backend)
     eos, budget = torch.tensor(SPEC.eos_ids, device=dev), torch.tensor([-1], device=dev)
     g = torch.Generator().manual_seed(0)
-    fixed = (lambda st: [torch._dynamo.mark_static(t) for t in vars(st).values()]) if "static" in variant \
-        else (lambda st: None)
+    def fixed(st) -> None:
+        """Mark the variant's static sizes (a Slots, or the step's constant tensors)."""
+        if variant == "static widths":
+            for t in (st.look, st.ints, st.floats) if isinstance(st, Slots) else (st.budget,):
+                torch._dynamo.mark_static(t, 1 if isinstance(st, Slots) else None)
+        elif variant.startswith("static slots"):
+            for t in vars(st).values():
+                torch._dynamo.mark_static(t)
     fixed(types.SimpleNamespace(eos=eos, budget=budget))
     out: dict = {"variant": variant, "keys": []}
     with torch.inference_mode():

@@ -259,14 +259,14 @@ def test_update_compile_times_each_variant_in_a_fresh_process(tmp_path):
     """The compiled update's start-up cost: eager first (the reference), each variant in its own process, a
     repeated one on the first one's caches; the warm-up's keys in order, and the read-back equal to eager's."""
     run("update_compile.py", "--device", "cpu", "--backend", "eager", "--max-tokens", "64", "--slots", "2",
-        "--capacity", "256", "--kc", "8", "--ns", "2", "--iters", "1", "--variants", "static slots,static slots",
+        "--capacity", "256", "--kc", "8", "--ns", "2", "--iters", "1", "--variants", "static widths,static widths",
         "--out", str(tmp_path))
     rows = json.loads((tmp_path / "update_compile.json").read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["eager", "static slots", "static slots, second start"]
+    assert [r["variant"] for r in rows] == ["eager", "static widths", "static widths, second start"]
     assert [(k["B"], k["Qb"]) for k in rows[0]["keys"]] == [(1, 32), (1, 64), (2, 32)]
     assert rows[0]["warmup_compiles"] == 0 and all(r["warmup_compiles"] >= 4 for r in rows[1:])  # every phase
     assert all(r["steps"][n]["state"] == rows[0]["steps"][n]["state"] for r in rows for n in ("2",))
-    assert "| static slots, second start |" in (tmp_path / "update_compile.md").read_text()
+    assert "| static widths, second start |" in (tmp_path / "update_compile.md").read_text()
 
 
 def test_host_step_block_diffusion_family(tmp_path):

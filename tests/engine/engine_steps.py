@@ -34,17 +34,17 @@ def traced_update(monkeypatch):
     """The device path's compiled update (engine/device.py: compiled_update, uncached) with each phase traced by
     dynamo and its graph run as traced (no code generation: the CPU proxy of Inductor); other torch.compile calls
     as they are. Dynamo's caches are reset before and after. -> (the update, graphs traced per phase name, the
-    shapes of the slots' tensors as the traced graphs see them: ints where static, else symbols)."""
+    shapes of the slots' tensors by field as the last traced graph saw them: ints where static, else symbols)."""
     from lopa.engine import device
 
-    counts, slot_shapes = {}, []
+    counts, slot_shapes = {}, {}
     compile_ = torch.compile
 
     def backend_for(name):
         def backend(gm, example_inputs):
             counts[name] = counts.get(name, 0) + 1
-            slot_shapes.extend(tuple(node.meta["example_value"].shape) for node in gm.graph.nodes
-                               if node.op == "placeholder" and "_st_" in node.name)  # the slots' tensors
+            slot_shapes.update({node.name.split("_st_")[1]: tuple(node.meta["example_value"].shape)
+                                for node in gm.graph.nodes if node.op == "placeholder" and "_st_" in node.name})
             return gm.forward
         return backend
 

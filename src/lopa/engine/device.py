@@ -69,7 +69,7 @@ def _inductor_options() -> dict:
 def compiled_update(backend: str = "inductor") -> types.SimpleNamespace:
     """decoding/batched.py's phases through torch.compile (the path's update where the runner fuses, RunnerConfig.fuse
     on a GPU, and RunnerConfig.compile_update), each one graph, dynamic in every size from the first call but the
-    warmed slots' (DevicePath.warmup marks them static), so the warm-up's keys share a few compiles (one request
+    warmed slots' fixed widths (DevicePath.warmup), so the warm-up's keys share a few compiles (one request
     apart: size-oblivious tracing made Inductor fail). Eager, the update is a few hundred small kernels (an H100,
     32 lopa requests: 1.18 ms captured in a CUDA graph); compiled, 0.26-0.40 ms, the same results
     (benchmarks/device_update.py, update_compile.py), for 45-70 s of compiles on a machine's first start and about
@@ -330,17 +330,19 @@ class DevicePath:
         update of every (B bucket, query bucket) in ``shapes`` for the default measure and branch score, reusing
         the static path's compiled kernels (the forward is the same); on a CPU run each once. Counted in the
         static path's GraphStats, whose start-up then ends again (GraphExecutor.started). A compiled update sees the
-        final slots' sizes as constants (torch._dynamo.mark_static; the step's sizes stay dynamic), which trace and
-        compile faster (benchmarks/update_compile.py). ``on_graph(done, total)`` after each key. Returns the number
-        of keys."""
+        slots' widths that no request or model changes (the lookahead capacity, the field counts) as constants
+        (torch._dynamo.mark_static), which trace and compile faster (benchmarks/update_compile.py); the slot count
+        and width and the step's sizes stay dynamic, so models of other pool sizes share its graphs. ``on_graph(done,
+        total)`` after each key. Returns the number of keys."""
         runner = self.runner
         with runner.graphs.measured(len(shapes)):
             # a canvas (prompt + gen_length) fits the context (decoding/base.py) and its KV slot; allocated outside
             # inference mode, as lazily grown slots are: load() may write them from either mode
             self._reserve(runner.pool.slots, min(runner.pool.capacity, self.spec.max_length), self.max_lookahead)
-            if self.update is not batched:  # compiled: the final slots' sizes become constants of its graphs
-                for t in (*vars(self.slots).values(), self.eos, self.row_budget):
-                    torch._dynamo.mark_static(t)
+            if self.update is not batched:  # compiled: sizes no request changes become constants of its graphs
+                for t in (self.slots.look, self.slots.ints, self.slots.floats):
+                    torch._dynamo.mark_static(t, 1)  # the lookahead capacity, the field counts
+                torch._dynamo.mark_static(self.row_budget)
             self.live.zero_()  # every row a free slot: the updates below change no request
             self._live_n = 0
             self._capture_all(shapes, on_graph)
