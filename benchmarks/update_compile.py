@@ -54,7 +54,7 @@ from lopa.decoding import batched
 from lopa.decoding.slots import DEVICE_SCORES, Slots
 from lopa.engine import device
 from lopa.engine.device import widths
-from lopa.runner.graphs import QUERY_BUCKETS, bucket, compiles
+from lopa.runner.graphs import QUERY_BUCKETS, compiles, warmup_shapes
 
 from device_update import SPEC, restore, snapshot, state_of, states, time_cuda
 from step_latency import git_commit
@@ -63,12 +63,6 @@ OPTIONS = {"eager": None, "default": {}, "no autotune": {"triton.autotune_pointw
            "deterministic": {"deterministic": True},
            "both": {"triton.autotune_pointwise": False, "deterministic": True}, "two rows": {}, "static slots": {},
            "static slots + two rows": {}, "static widths": {}}
-
-
-def warmup_keys(slots: int, max_tokens: int, capacity: int) -> list[tuple[int, int]]:
-    """(B, Qb) of every key the warm-up captures, in its order (GraphExecutor.warmup_keys)."""
-    Bs = sorted({bucket(n, slots) for n in range(1, slots + 1)})
-    return [(B, Qb) for B in Bs for Qb in QUERY_BUCKETS if B * Qb <= max_tokens and Qb < capacity]
 
 
 def update(ops, st: Slots, B: int, Qb: int, preds: torch.Tensor, eos: torch.Tensor, budget: torch.Tensor) -> None:
@@ -107,7 +101,7 @@ def child(variant: str, args) -> dict:
         fixed(st)
         preds = torch.zeros(args.slots, args.max_tokens, 3, device=dev)
         t_all, c_all = time.perf_counter(), compiles()
-        for B, Qb in warmup_keys(args.slots, args.max_tokens, args.capacity):
+        for B, Qb in warmup_shapes(args.slots, args.capacity, args.max_tokens):
             rows = 2 if "two rows" in variant and B == 1 else B
             st.ints.zero_()
             t, c = time.perf_counter(), compiles()
@@ -221,7 +215,7 @@ def main() -> None:
     meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "CPU", "backend": args.backend,
             "slots": args.slots,
             "max_tokens": args.max_tokens, "capacity": args.capacity, "kc": args.kc, "iters": args.iters,
-            "keys": len(warmup_keys(args.slots, args.max_tokens, args.capacity)), "commit": git_commit(),
+            "keys": len(warmup_shapes(args.slots, args.capacity, args.max_tokens)), "commit": git_commit(),
             "torch": torch.__version__, "command": " ".join(sys.argv),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -73,6 +73,13 @@ def query_bucket(q: int) -> int:
     return next((b for b in QUERY_BUCKETS if b >= q), round_up(q, QUERY_BUCKETS[-1]))
 
 
+def warmup_shapes(slots: int, capacity: int, max_tokens: int) -> list[tuple[int, int]]:
+    """(B bucket, query bucket) of every key the warm-up captures for a pool of ``slots`` slots of ``capacity``
+    positions, B x Qb <= ``max_tokens``, in its order (GraphExecutor.warmup_keys)."""
+    Bs = sorted({bucket(n, slots) for n in range(1, slots + 1)})
+    return [(B, Qb) for B in Bs for Qb in QUERY_BUCKETS if B * Qb <= max_tokens and Qb < capacity]
+
+
 @contextlib.contextmanager
 def capturing(graph: torch.cuda.CUDAGraph, pool):
     """torch.cuda.graph with Python's cyclic garbage collector held off. A collection inside a capture may free an
@@ -115,10 +122,11 @@ class GraphStats:
     @property
     def compiling_s(self) -> float:
         """Seconds of the warmed keys that compiled a torch.compile graph."""
-        return sum(t for t, c in zip(self.warmup_key_s, self.warmup_key_compiles) if c)
+        return self.compiling_s_of("")
 
     def compiling_s_of(self, path: str) -> float:
-        """compiling_s of one path's keys: "forward" (this one's) or "update" (the device path's)."""
+        """compiling_s of one path's keys: "forward" (this one's) or "update" (the device path's); "" both (every
+        timed key is named: GraphExecutor.timed_key)."""
         return sum(t for t, c, name in zip(self.warmup_key_s, self.warmup_key_compiles, self.warmup_key_names)
                    if c and name.startswith(path))
 
@@ -272,10 +280,9 @@ class GraphExecutor:
     def warmup_keys(self, max_tokens: int, measures: tuple[str, ...] = ("prob",)) -> list[tuple]:
         """Every "flex" key a step of at most ``max_tokens`` padded queries (B bucket x Qb) can have."""
         pool = self.runner.pool
-        Bs = sorted({bucket(n, pool.slots) for n in range(1, pool.slots + 1)})
         suppress = (self.runner.spec.mask_id,)
-        return [(B, Qb, pool.capacity, measures, suppress) for B in Bs for Qb in QUERY_BUCKETS
-                if B * Qb <= max_tokens and Qb < pool.capacity]
+        return [(B, Qb, pool.capacity, measures, suppress) for B, Qb in warmup_shapes(pool.slots, pool.capacity,
+                                                                                       max_tokens)]
 
     @torch.inference_mode()  # the mode every step runs in, so compiled guards match later steps
     def warmup(self, keys: list[tuple], on_graph=None) -> GraphStats:
