@@ -12,8 +12,10 @@ fresh subprocess, so compiled kernels and captured graphs never carry over betwe
   steps run on the warmed shapes too;
 * "warm flex (eager prefill)": the same with prefill steps forced onto the eager path (exact shapes: each new
   prompt length meets new kernel shapes), to measure what the bucketed prefill changes;
-* "warm flex (eager update)": "warm flex" with RunnerConfig.compile_update=False: the device path's update eager,
-  to measure what compiling it costs a start and buys a step.
+* "warm flex (eager update)" / "warm flex (compiled update)": "warm flex" with RunnerConfig.compile_update False /
+  True: the device path's update eager / compiled whatever the model's size ("warm flex" leaves it to compile_update's
+  "auto": compiled for the embedded model, eager at Dream-7B shape), to measure what compiling it costs a start and
+  buys a step.
 
 Each variant starts with empty on-disk kernel caches of its own (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR in a
 fresh temporary folder), so its start-up is a first start on this machine whatever ran before; a variant named
@@ -60,7 +62,8 @@ import torch
 
 VARIANTS = {"lazy sdpa": dict(attention="sdpa", warmup=False), "warm flex": dict(attention="flex", warmup=True),
             "warm flex (eager prefill)": dict(attention="flex", warmup=True),
-            "warm flex (eager update)": dict(attention="flex", warmup=True, compile_update=False)}
+            "warm flex (eager update)": dict(attention="flex", warmup=True, compile_update=False),
+            "warm flex (compiled update)": dict(attention="flex", warmup=True, compile_update=True)}
 STRATEGIES = ("lopa", "d2f", "threshold")
 KS = (0, 3, 7, 14)
 

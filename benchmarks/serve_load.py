@@ -278,12 +278,13 @@ def ceiling_runner(args, variant: str):
         fields["attention"] = "flex" if warmup else "sdpa"
     if gpu and warmup:
         from lopa.api import WARMUP_POSITIONS
-        from lopa.config import device_step_min_of
+        from lopa.config import compiles_update, device_step_min_of
 
         if "device_step" not in fields:  # what the server's automatic device path resolves to with its warm-up
             fields["device_step"] = True
-            compiled = fields.get("fuse", True) and fields.get("compile_update", True)
-            fields.setdefault("device_step_min", device_step_min_of(lopa.RunnerConfig(), compiled))
+            on = lopa.RunnerConfig(compile_update=fields.get("compile_update"))
+            compiled = compiles_update(on, fields.get("fuse", True), params=0)  # the embedded model: small
+            fields.setdefault("device_step_min", device_step_min_of(on, compiled))
         fields.setdefault("max_positions", WARMUP_POSITIONS)
     return lopa.RunnerConfig(device=args.device, max_num_seqs=max(args.concurrency), warmup=False, **fields)
 

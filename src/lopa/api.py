@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 
 from . import request
-from .config import DecodeConfig, RunnerConfig, device_step_min_of
+from .config import DecodeConfig, RunnerConfig, compiles_update, device_step_min_of
 from .decoding.base import DecodeState, Step
 from .engine import Engine, Sequence, Stats
 from .errors import CheckpointError, ConfigError
@@ -217,7 +217,8 @@ def build_model(source, runner: RunnerConfig, group=None, name: Path | None = No
                                kv_cache_bytes=runner.kv_cache_bytes)
     # RunnerConfig.device_step None ("auto"): the device path where its graphs are captured at start-up
     device_step = warm if runner.device_step is None else runner.device_step
-    compiled = model_runner.fuse and runner.compile_update  # the device path's update through torch.compile
+    params = sum(p.numel() for p in loaded.model.parameters())
+    compiled = compiles_update(runner, model_runner.fuse, params)  # the device path's update through torch.compile
     engine = Engine(model_runner, loaded.spec, runner.max_num_seqs, runner.step_rows, runner.max_lookahead,
                     runner.max_num_batched_tokens, device_step, device_step_min_of(runner, compiled), compiled)
     if warm:

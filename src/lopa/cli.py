@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import api
-from .config import RunnerConfig
+from .config import COMPILE_UPDATE_MAX_PARAMS, RunnerConfig
 from .errors import ConfigError, LopaError
 from .flags import decode_flags
 from .flags import default_help as _default
@@ -507,9 +507,10 @@ def serve(
     quantize: Optional[str] = typer.Option(None, help="Decoder Linears: int8 (weight-only) or fp8 (W8A8)."),
     fuse: bool = typer.Option(True, help="On a GPU, fuse RMSNorm/RoPE/SiLU/confidence kernels and the device "
                               "step's update with torch.compile."),
-    compile_update: bool = typer.Option(True, help="With --fuse, compile the device step's update: faster steps "
-                                        "(the embedded model 1.2-1.8x), about 45 s more on a machine's first start "
-                                        "at 7B (RunnerConfig.compile_update)."),
+    compile_update: Optional[bool] = typer.Option(
+        None, "--compile-update/--no-compile-update", show_default=f"auto: under {COMPILE_UPDATE_MAX_PARAMS / 1e9:g}B parameters",
+        help="With --fuse, compile the device step's update: faster steps (the embedded model 1.2-1.8x), about 45 s "
+             "more on a machine's first start (RunnerConfig.compile_update)."),
     max_lookahead: int = typer.Option(RunnerConfig.max_lookahead, help="Largest k a request may ask for (else 400)."),
     max_num_batched_tokens: int = typer.Option(RunnerConfig.max_num_batched_tokens,
                                                help="Most query positions (K x W) of a request's forward (else 400)."),

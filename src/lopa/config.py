@@ -302,9 +302,11 @@ class RunnerConfig:
     # update (engine/device.py) with torch.compile
     # Where the runner fuses, compile the device path's update too (engine/device.py: compiled_update): one H100, 32
     # lopa requests, 0.26 against 1.18 ms of update a step; the embedded model's steps 1.2-1.8x faster. Its
-    # compiles cost a machine's first start (kernels cached on disk for later ones): Dream-7B shape on an H100, a
-    # first start's warm-up 94.4 s against 47.2 s with it eager (docs/benchmarks.md). False: the update eager
-    compile_update: bool = True
+    # compiles cost a machine's first start about 45 s whatever the model (kernels cached on disk for later starts):
+    # Dream-7B shape on an H100, a first start's warm-up 94.4 s against 47.2 s with it eager (docs/benchmarks.md).
+    # None ("auto", compiles_update) = compiled for models under COMPILE_UPDATE_MAX_PARAMS parameters, eager above;
+    # True / False: compiled / eager for every model
+    compile_update: bool | None = None
     quantize: str | None = None  # None | "int8" (weight-only) | "fp8" (W8A8 e4m3): decoder Linears (models/quant.py)
     max_num_seqs: int = 8  # requests decoded together, one forward per engine step (each holds a KV slot)
     max_positions: int | None = None  # KV positions per slot (longer requests are refused); None = grow on demand,
@@ -351,7 +353,7 @@ class RunnerConfig:
     device_step: bool | None = None
     # With the device path on, a decode step takes it only while at least this many requests are running; with
     # fewer, the host strategies run the step (their requests come back from the device, and go again when enough
-    # run). None ("auto", device_step_min_of) = 1 where the update is compiled (fuse and compile_update on a GPU:
+    # run). None ("auto", device_step_min_of) = 1 where the update is compiled (fuse on a GPU and compiles_update:
     # faster than the host strategies from one request on), DEVICE_STEP_MIN_UNFUSED where device_step is auto and
     # it is not, 1 where device_step=True forces the path on. 1 = whenever the device path is on
     device_step_min: int | None = None
@@ -391,6 +393,24 @@ class RunnerConfig:
 # (lopa k=7: 1.15 / 1.62 ms against 1.61 / 1.81), three are about even (2.05 / 1.91; d2f 1.42 / 1.46) and from four
 # on the device path is faster (docs/benchmarks.md). Compiled, the update is faster from one request on (auto: 1)
 DEVICE_STEP_MIN_UNFUSED = 3
+
+
+# compile_update "auto": the update is compiled for models under this many parameters. What it saves a step (~0.7 ms
+# on an H100, about the same for every model) is up to half of the embedded model's step but about 5% of one
+# Dream-7B request's (14 ms) and under 1% of 32 requests' (~200 ms), while its compile costs any model the same
+# ~45 s of a first start: at 7-8B it would double the start-up for a few percent of a step (docs/benchmarks.md)
+COMPILE_UPDATE_MAX_PARAMS = 5_000_000_000
+
+
+def compiles_update(runner: RunnerConfig, fused: bool, params: int) -> bool:
+    """Whether the device path's update runs through torch.compile: never where the runner does not fuse (a CPU,
+    fuse=False); else RunnerConfig.compile_update, None ("auto") = a model of fewer than COMPILE_UPDATE_MAX_PARAMS
+    ``params``."""
+    if not fused:
+        return False
+    if runner.compile_update is None:
+        return params < COMPILE_UPDATE_MAX_PARAMS
+    return runner.compile_update
 
 
 def device_step_min_of(runner: RunnerConfig, compiled: bool) -> int:

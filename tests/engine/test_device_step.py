@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import lopa
-from lopa.config import DEVICE_STEP_MIN_UNFUSED, device_step_min_of
+import lopa.api
+from lopa.config import COMPILE_UPDATE_MAX_PARAMS, DEVICE_STEP_MIN_UNFUSED, compiles_update, device_step_min_of
 from lopa.decoding import batched
 from lopa.engine import Engine
 from lopa.runner.model_runner import ModelRunner
@@ -540,10 +541,11 @@ def test_runner_config_picks_the_path(tiny_dream_dir):
     assert two.engine.counters.device_steps > 0
 
 
-def test_compile_update_chooses_the_update_where_the_runner_fuses(tiny_dream_dir):
-    """RunnerConfig.compile_update (on by default): where the runner fuses (a GPU; here a fusing runner on the CPU)
-    the device path runs compiled_update's phases, with compile_update=False batched's own, as it does wherever the
-    runner does not fuse; load_model passes it on (a CPU runner never fuses)."""
+def test_compile_update_chooses_the_update_where_the_runner_fuses(tiny_dream_dir, monkeypatch):
+    """RunnerConfig.compile_update: where the runner fuses (a GPU; here a fusing runner on the CPU) the device path
+    runs compiled_update's phases, with compile_update=False batched's own, as it does wherever the runner does not
+    fuse; load_model passes it on (a CPU runner never fuses). None (the default, "auto") compiles it for a model
+    under COMPILE_UPDATE_MAX_PARAMS parameters: load_model counts the model's."""
     from lopa.engine import device
 
     model = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu"))
@@ -553,7 +555,17 @@ def test_compile_update_chooses_the_update_where_the_runner_fuses(tiny_dream_dir
         runner = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), torch.float32, max_num_seqs=2, fuse=fuse)
         return Engine(runner, loaded.spec, 2, device_step=True, compile_update=compile_update).device.update
 
-    assert lopa.RunnerConfig().compile_update is True
+    auto, on, off = (lopa.RunnerConfig(compile_update=c) for c in (None, True, False))
+    assert lopa.RunnerConfig().compile_update is None
+    assert compiles_update(auto, True, COMPILE_UPDATE_MAX_PARAMS - 1)
+    assert not compiles_update(auto, True, COMPILE_UPDATE_MAX_PARAMS)
+    assert compiles_update(on, True, 10 * COMPILE_UPDATE_MAX_PARAMS) and not compiles_update(off, True, 1)
+    assert not any(compiles_update(c, False, 1) for c in (auto, on))  # a runner that does not fuse: eager
+    seen = []
+    monkeypatch.setattr(lopa.api, "compiles_update", lambda runner, fused, params: seen.append((fused, params)))
+    lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu"))
+    assert seen == [(False, sum(p.numel() for p in loaded.model.parameters()))]
+    monkeypatch.undo()
     assert update(True, True) is device.compiled_update()
     assert update(True, False) is batched and update(False, True) is batched
     off = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu", device_step=True,

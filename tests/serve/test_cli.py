@@ -64,7 +64,8 @@ def test_device_step_flag_reaches_the_engine_and_metrics(monkeypatch):
 
 
 def test_compile_update_flag_reaches_the_runner_config(monkeypatch):
-    """--no-compile-update: RunnerConfig.compile_update off (the device path's update eager, a shorter first start)."""
+    """--compile-update / --no-compile-update: RunnerConfig.compile_update on / off (the device path's update eager,
+    a shorter first start); neither: None, the model's size decides (config.compiles_update)."""
     import lopa.api
 
     seen = []
@@ -74,7 +75,7 @@ def test_compile_update_flag_reaches_the_runner_config(monkeypatch):
         raise lopa.ConfigError("stop here")
 
     monkeypatch.setattr(lopa.api, "load_model", fake_load)
-    for flags in ([], ["--no-compile-update"]):
+    for flags in ([], ["--compile-update"], ["--no-compile-update"]):
         result = CliRunner().invoke(app, ["serve", "--device", "cpu", *flags])
         assert "stop here" in result.output and "Traceback" not in result.output, result.output
-    assert seen == [True, False]
+    assert seen == [None, True, False]
