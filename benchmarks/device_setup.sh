@@ -7,7 +7,8 @@
 # The wheels (Python 3.12, x86_64 Linux), downloaded on a machine with a registry, from the repository root:
 #   python3 -m pip download --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl "fastapi>=0.120,<0.121" "starlette>=0.49,<0.50" uvicorn prometheus-client httpx typer rich pip
+#     -d .whl "fastapi>=0.120,<0.121" "starlette>=0.49,<0.50" uvicorn prometheus-client httptools uvloop httpx typer \
+#     rich pip
 # (fastapi 0.120 / starlette 0.49 need no opentelemetry; pip itself rides along for an interpreter without it.)
 #
 # Usage, from the repository root:  bash benchmarks/device_setup.sh [WHEEL_DIR]   (PYTHON=... to pick python3)
@@ -15,8 +16,9 @@ set -euo pipefail
 
 WHL=${1:-.whl}
 PY=${PYTHON:-python3}
-NEED=(fastapi starlette uvicorn pydantic prometheus-client httpx typer rich)  # the serve extra, the CLI, the clients
-MODULES="fastapi starlette uvicorn pydantic prometheus_client httpx typer rich"
+NEED=(fastapi starlette uvicorn pydantic prometheus-client httptools uvloop httpx typer rich)  # the serve extra, the CLI,
+# the clients
+MODULES="fastapi starlette uvicorn pydantic prometheus_client httptools uvloop httpx typer rich"
 
 [ -d "$WHL" ] || { echo "device_setup: no wheel folder $WHL (carry it: carry [\".whl\"])" >&2; exit 2; }
 torch_version() { "$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null || echo absent; }

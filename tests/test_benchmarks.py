@@ -292,3 +292,14 @@ def test_step_budget_tiny(tmp_path):
     assert after["equal_to_no_budget"] == before["equal_to_no_budget"] == 4  # every request's tokens
     assert after["tokens"] == before["tokens"] > 0
     assert "| budget | 0 |" in (tmp_path / "step_budget.md").read_text()
+
+
+def test_http_overhead_times_each_server_variant(tmp_path):
+    """Both HTTP stacks serve the stand-in engine in their own processes; every level gets a row."""
+    run("http_overhead.py", "--variants", "asyncio:h11,uvloop:httptools", "--requests", "8", "--levels", "1,2",
+        "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "http_overhead.json").read_text())["rows"]
+    assert [(r["variant"], r["concurrency"]) for r in rows] == [
+        (v, c) for v in ("asyncio:h11", "uvloop:httptools") for c in (1, 2)]
+    assert all(r["requests_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0 for r in rows)
+    assert (tmp_path / "http_overhead.md").read_text().count("| uvloop:httptools |") == 2

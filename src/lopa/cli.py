@@ -508,7 +508,8 @@ def serve(
     fuse: bool = typer.Option(True, help="On a GPU, fuse RMSNorm/RoPE/SiLU/confidence kernels and the device "
                               "step's update with torch.compile."),
     compile_update: Optional[bool] = typer.Option(
-        None, "--compile-update/--no-compile-update", show_default=f"auto: under {COMPILE_UPDATE_MAX_PARAMS / 1e9:g}B parameters",
+        None, "--compile-update/--no-compile-update",
+        show_default=f"auto: under {COMPILE_UPDATE_MAX_PARAMS / 1e9:g}B parameters",
         help="With --fuse, compile the device step's update: faster steps (the embedded model 1.2-1.8x), about 45 s "
              "more on a machine's first start (RunnerConfig.compile_update)."),
     max_lookahead: int = typer.Option(RunnerConfig.max_lookahead, help="Largest k a request may ask for (else 400)."),

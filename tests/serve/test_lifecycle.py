@@ -1,9 +1,13 @@
 """Cancellation, the queue bound, the per-request time limit, engine death and shutdown, over real HTTP."""
 
+import sys
 import threading
 import time
 
 import httpx
+import pytest
+
+from lopa.serve.server import _config
 
 from .conftest import metric, serving
 from .fakes import Gated
@@ -101,3 +105,17 @@ def test_a_request_whose_strategy_fails_gets_500_and_the_server_goes_on(model):
         assert httpx.get(url + "/health").status_code == 200
         assert metric(httpx.get(url + "/metrics").text, 'lopa_requests_total{status="error"}') == 2
     assert not model.engine.has_work()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="uvloop does not run on Windows")
+def test_the_server_runs_on_uvicorns_c_parser_and_event_loop(model):
+    """The serve extra installs httptools and uvloop, and the server leaves uvicorn's choice on "auto", so requests
+    are parsed by httptools on a uvloop event loop (the engine loop's deliveries arrive on it too)."""
+    import uvloop
+
+    with serving(model) as (url, app):
+        assert httpx.get(url + "/health").status_code == 200
+        assert isinstance(app.state.core.loop, uvloop.Loop), type(app.state.core.loop)
+    config = _config(app, "127.0.0.1", 0, 1, "warning")  # what `lopa serve` and BackgroundServer run
+    config.load()
+    assert config.http_protocol_class.__name__ == "HttpToolsProtocol", config.http_protocol_class
