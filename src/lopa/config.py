@@ -303,7 +303,7 @@ class RunnerConfig:
     # Where the runner fuses, compile the device path's update too (engine/device.py: compiled_update): one H100, 32
     # lopa requests, 0.26 against 1.18 ms of update a step; the embedded model's steps 1.2-1.8x faster. Its
     # compiles cost a machine's first start about 45 s whatever the model (kernels cached on disk for later starts):
-    # Dream-7B shape on an H100, a first start's warm-up 94.4 s against 47.2 s with it eager (docs/benchmarks.md).
+    # Dream-7B shape on one H100, a first start's warm-up 82.5 s against 50.0 s with it eager (docs/benchmarks.md).
     # None ("auto", compiles_update) = compiled for models under COMPILE_UPDATE_MAX_PARAMS parameters, eager above;
     # True / False: compiled / eager for every model
     compile_update: bool | None = None

@@ -73,7 +73,7 @@ def compiled_update(backend: str = "inductor") -> types.SimpleNamespace:
     apart: size-oblivious tracing made Inductor fail). Eager, the update is a few hundred small kernels (an H100,
     32 lopa requests: 1.18 ms captured in a CUDA graph); compiled, 0.26-0.40 ms, the same results
     (benchmarks/device_update.py, update_compile.py), for 45-70 s of compiles on a machine's first start and about
-    19 s on later ones (update_compile.py, H100). Module floats stay constants (specialize_float:
+    14-19 s on later ones (update_compile.py, H100). Module floats stay constants (specialize_float:
     dynamic=True would make them CPU tensors a CUDA kernel cannot read). A phase that does not compile
     (TorchDynamoException: raised while tracing, before any of its kernels ran) runs batched's own function, from
     then on every phase, one warning."""
@@ -331,9 +331,9 @@ class DevicePath:
         the static path's compiled kernels (the forward is the same); on a CPU run each once. Counted in the
         static path's GraphStats, whose start-up then ends again (GraphExecutor.started). A compiled update sees the
         slots' widths that no request or model changes (the lookahead capacity, the field counts) as constants
-        (torch._dynamo.mark_static), which trace and compile faster (benchmarks/update_compile.py); the slot count
-        and width and the step's sizes stay dynamic, so models of other pool sizes share its graphs. ``on_graph(done,
-        total)`` after each key. Returns the number of keys."""
+        (torch._dynamo.mark_static; benchmarks/update_compile.py: 13% less compiling on a CPU, no gain measured on
+        an H100); the slot count and width and the step's sizes stay dynamic, so models of other pool sizes share
+        its graphs. ``on_graph(done, total)`` after each key. Returns the number of keys."""
         runner = self.runner
         with runner.graphs.measured(len(shapes)):
             # a canvas (prompt + gen_length) fits the context (decoding/base.py) and its KV slot; allocated outside
