@@ -397,8 +397,9 @@ DEVICE_STEP_MIN_UNFUSED = 3
 
 # compile_update "auto": the update is compiled for models under this many parameters. What it saves a step (~0.7 ms
 # on an H100, about the same for every model) is up to half of the embedded model's step but about 5% of one
-# Dream-7B request's (14 ms) and under 1% of 32 requests' (~200 ms), while its compile costs any model the same
-# ~45 s of a first start: at 7-8B it would double the start-up for a few percent of a step (docs/benchmarks.md)
+# Dream-7B request's (14 ms) and under 1% of 32 requests' (~200 ms), while its compile costs any model about the
+# same ~35-45 s of a first start: at Dream-7B shape 82.5 against 50.0 s of warm-up for steps 0.6-1.1% faster (one
+# H100, docs/benchmarks.md)
 COMPILE_UPDATE_MAX_PARAMS = 5_000_000_000
 
 
