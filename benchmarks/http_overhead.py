@@ -3,10 +3,10 @@
 Each variant ("LOOP:HTTP", uvicorn's ``loop`` and ``http`` settings: asyncio or uvloop, h11 or httptools) serves
 the app of `lopa serve` (serve/app.py: auth, validation, tokenization, the engine thread, SSE chunks, metrics) in
 its own process, over the stand-in engine of the server tests (tests/serve/fakes.py: each step hands every running
-request its next block of ids, no model work), so what is timed is the HTTP side alone. The clients (httpx, asyncio,
-streaming completions with usage) live in this process. Per level c: requests/s, latency p50 / p99, and the server
-process's CPU milliseconds per request (Linux /proc: its event loop, engine thread and HTTP parsing together).
-Ratios against the first variant, measured in the same run.
+request its next block of ids, no model work), so what is timed is the HTTP side alone. The clients (serve_load.py's:
+httpx, asyncio, streaming completions with usage) live in this process. Per level c: requests/s, latency p50 /
+p99, and the server process's CPU milliseconds per request (Linux /proc: its event loop, engine thread and HTTP
+parsing together). Ratios against the first variant, measured in the same run.
 
     PYTHONPATH=src python3 benchmarks/http_overhead.py --out benchmarks/results/http_overhead
     PYTHONPATH=src python3 benchmarks/http_overhead.py --requests 20 --levels 1,4 --out /tmp/h    # smoke test
@@ -19,7 +19,6 @@ import asyncio
 import datetime
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -46,40 +45,9 @@ def serve(port: int, loop: str, http: str) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, loop=loop, http=http, log_level="warning")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-async def level(url: str, body: dict, c: int, n: int) -> tuple[float, list[float]]:
-    """n streaming requests, at most c in flight: (wall seconds, per-request seconds)."""
-    import httpx
-
-    latencies: list[float] = []
-    gate = asyncio.Semaphore(c)
-    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=c)) as client:
-        async def one() -> None:
-            async with gate:
-                t0 = time.perf_counter()
-                async with client.stream("POST", url + "/v1/completions", json=body) as response:
-                    response.raise_for_status()
-                    async for _ in response.aiter_lines():
-                        pass
-                latencies.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one() for _ in range(n)))
-        return time.perf_counter() - t0, latencies
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_variant(args, variant: str) -> list[dict]:
     import httpx
+    from serve_load import cpu_seconds, free_port, load_level  # its clients, its server CPU, its ports
 
     loop, http = variant.split(":")
     port = free_port()
@@ -100,13 +68,13 @@ def run_variant(args, variant: str) -> list[dict]:
         body = {"model": "bench", "prompt": "Question: Tom has 3 apples and buys 5 more. How many now?\nAnswer:",
                 "max_tokens": args.max_tokens, "block_size": args.block_size, "stream": True,
                 "stream_options": {"include_usage": True}}
-        asyncio.run(level(url, body, 1, max(4, args.requests // 10)))  # connections, imports, first calls
+        asyncio.run(load_level(url, [body] * max(4, args.requests // 10), 1))  # connections, imports, first calls
         rows = []
         for c in args.levels:
-            before = cpu_seconds(server.pid)
-            wall, lat = asyncio.run(level(url, body, c, args.requests))
-            cpu = cpu_seconds(server.pid) - before
-            lat.sort()
+            before = cpu_seconds(server.pid)["process_cpu_s"]
+            results, wall = asyncio.run(load_level(url, [body] * args.requests, c))
+            cpu = cpu_seconds(server.pid)["process_cpu_s"] - before
+            lat = sorted(r["last_token_s"] for r in results)
             rows.append({"variant": variant, "concurrency": c, "requests": args.requests,
                          "requests_per_s": args.requests / wall, "p50_ms": 1e3 * lat[len(lat) // 2],
                          "p99_ms": 1e3 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
