@@ -381,8 +381,8 @@ def test_the_compiled_update_equals_the_host_path_and_compiles_only_at_start_up(
         m.runner.warmup(256)
         m.engine.device.warmup([key[:2] for key in m.runner.graphs.warmup_keys(256)])
         assert set(counts) == set(device.PHASES) and all(1 <= c <= 2 for c in counts.values()), counts
-        # the slots' fixed widths are constants of the graphs (they trace and compile faster); the slot count and
-        # width stay symbols, so a pool of another size reuses the graphs
+        # the slots' fixed widths are constants of the graphs (13% less compiling on a CPU with Inductor, no gain
+        # measured on an H100); the slot count and width stay symbols, so a pool of another size reuses the graphs
         assert all(type(slot_shapes[f][1]) is int for f in ("look", "ints", "floats")), slot_shapes
         assert all(type(d) is not int for d in slot_shapes["canvas"]), slot_shapes
         with torch.compiler.set_stance("fail_on_recompile"):
