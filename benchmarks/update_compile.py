@@ -45,7 +45,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -54,7 +53,7 @@ from lopa.decoding import batched
 from lopa.decoding.slots import DEVICE_SCORES, Slots
 from lopa.engine import device
 from lopa.engine.device import widths
-from lopa.runner.graphs import QUERY_BUCKETS, compiles, warmup_shapes
+from lopa.runner.graphs import compiles, query_bucket, warmup_shapes
 
 from device_update import SPEC, restore, snapshot, state_of, states, time_cuda
 from step_latency import git_commit
@@ -85,15 +84,13 @@ def child(variant: str, args) -> dict:
         ops = device.compiled_update(args.backend)
     eos, budget = torch.tensor(SPEC.eos_ids, device=dev), torch.tensor([-1], device=dev)
     g = torch.Generator().manual_seed(0)
-    def fixed(st) -> None:
-        """Mark the variant's static sizes (a Slots, or the step's constant tensors)."""
-        if variant == "static widths":
-            for t in (st.look, st.ints, st.floats) if isinstance(st, Slots) else (st.budget,):
-                torch._dynamo.mark_static(t, 1 if isinstance(st, Slots) else None)
+    def fixed(st: Slots) -> None:
+        """Mark the variant's static sizes: of the slots, and of the step's constant tensors."""
+        if variant == "static widths":  # what the engine marks
+            device.mark_fixed_widths(st, budget)
         elif variant.startswith("static slots"):
-            for t in vars(st).values():
+            for t in (*vars(st).values(), eos, budget):
                 torch._dynamo.mark_static(t)
-    fixed(types.SimpleNamespace(eos=eos, budget=budget))
     out: dict = {"variant": variant, "keys": []}
     with torch.inference_mode():
         # the warm-up: free slots, every key in order
@@ -114,7 +111,7 @@ def child(variant: str, args) -> dict:
         out["steps"] = {}
         for n in (int(x) for x in args.ns.split(",")):
             reqs = states("lopa", n, 128, 32)
-            Qb = next(q for q in QUERY_BUCKETS if q >= max(b.tokens.numel() for _, _, b in reqs))
+            Qb = query_bucket(max(b.tokens.numel() for _, _, b in reqs))
             st = Slots.empty(n, args.capacity, args.kc, dev, torch.float32)
             fixed(st)
             for b, (strategy, state, batch) in enumerate(reqs):

@@ -97,6 +97,14 @@ def compiled_update(backend: str = "inductor") -> types.SimpleNamespace:
     return types.SimpleNamespace(**{name: phase(name) for name in PHASES})
 
 
+def mark_fixed_widths(slots: Slots, row_budget: torch.Tensor) -> None:
+    """Tell torch.compile which sizes of the update's inputs no request or model changes (DevicePath.warmup): the
+    slots' lookahead capacity and int and float field counts, and the row budget's one element."""
+    for t in (slots.look, slots.ints, slots.floats):
+        torch._dynamo.mark_static(t, 1)
+    torch._dynamo.mark_static(row_budget)
+
+
 class DevicePath:
     def __init__(self, runner: ModelRunner, spec: ModelSpec, max_lookahead: int = RunnerConfig.max_lookahead,
                  compiled: bool = False) -> None:
@@ -340,9 +348,7 @@ class DevicePath:
             # inference mode, as lazily grown slots are: load() may write them from either mode
             self._reserve(runner.pool.slots, min(runner.pool.capacity, self.spec.max_length), self.max_lookahead)
             if self.update is not batched:  # compiled: sizes no request changes become constants of its graphs
-                for t in (self.slots.look, self.slots.ints, self.slots.floats):
-                    torch._dynamo.mark_static(t, 1)  # the lookahead capacity, the field counts
-                torch._dynamo.mark_static(self.row_budget)
+                mark_fixed_widths(self.slots, self.row_budget)
             self.live.zero_()  # every row a free slot: the updates below change no request
             self._live_n = 0
             self._capture_all(shapes, on_graph)
