@@ -11,7 +11,9 @@ lengths, dynamic batch) with the query heads of a KV head on the query axis and 
 Other variants: compiled with dynamic shapes, or per shape ("static"); "packed" = the engine's query axis; words
 m64 / n32 / w4 / s3 = kernel options BLOCK_M / BLOCK_N / num_warps / num_stages ("engine m64 n64": the engine's
 kernel with those tiles, "engine torch" with torch's default tiles; the engine picks them by head dim:
-models/fused.py flex_tiles). "tiles" = key tiles the mask lists per query tile (partial + full), averaged over the real
+models/fused.py flex_tiles). "engine split" = the engine's kernel with the keys in chunks where the step leaves the
+GPU idle (models/attention.py: key_splits, split_attention, as the runner does; the chunk count in the table),
+"engine split:N" in N chunks always. "tiles" = key tiles the mask lists per query tile (partial + full), averaged over the real
 ones. Times: median of CUDA-graph replays of the attention call (the mask is built once per step for all layers,
 timed apart as "mask").
 
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lopa.models.attention import step_block_mask, step_mask
+from lopa.models.attention import key_splits, split_attention, step_block_mask, step_mask
 from lopa.runner.graphs import query_bucket, round_up
 
 from gemm_rows import median_ms  # CUDA-graph replays, median
@@ -86,12 +88,16 @@ def main() -> None:
     H, HKV, D = SHAPES[args.shape]
 
     device = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
     for name in ("recompile_limit", "cache_size_limit"):  # "static" variants compile once per case
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 256)
     variants = {}  # name -> (packed query heads, kernel call); each its own compiled function (no shared cache)
     for name in args.variants.split(","):
         opts = tiles_of(name)
+        if name.startswith("engine split"):  # the runner's choice of chunks, or "engine split:N"
+            variants[name] = ("split", (compiled().flex, int(name.partition(":")[2] or 0)))
+            continue
         if name.startswith("engine"):  # with tile words: the engine's call with other kernel tiles
             fn = compiled().flex
             if opts or "torch" in name:  # "engine torch": torch's default tiles, whatever the head dim
@@ -124,8 +130,16 @@ def main() -> None:
                     row["tiles"] = tiles(pm, Qb, H // HKV)
                     qp = q.view(n, HKV, H // HKV * Qb, D)  # heads of a KV group consecutive: [n, Hkv, 7*Qb, D]
                     for name, (packed, fn) in variants.items():
-                        call = (lambda: fn(qp, kv[0], kv[1], block_mask=pm)) if packed else \
-                            (lambda: fn(q, kv[0], kv[1], block_mask=bm))
+                        if packed == "split":
+                            fn, S = fn
+                            S = S or key_splits(n, Qb, H // HKV, HKV, args.capacity, sms)
+                            row[f"{name}_splits"] = S
+                            sm = step_block_mask(Pt, branch, block, args.capacity, groups=H // HKV, splits=S,
+                                                 kv_heads=HKV)
+                            call = functools.partial(split_attention, fn, qp, kv[0], kv[1], sm)
+                        else:
+                            call = (lambda: fn(qp, kv[0], kv[1], block_mask=pm)) if packed else \
+                                (lambda: fn(q, kv[0], kv[1], block_mask=bm))
                         try:
                             out = call().view(n, H, Qb, D)
                             row[f"{name}_err"] = float(((out - ref) * real).float().norm() / (ref * real).float().norm())
@@ -148,7 +162,8 @@ def main() -> None:
         cells = []
         for v in names:
             t = r.get(f"{v}_ms")
-            cells.append("failed" if t is None else f"{t:.3f} ({r['sdpa_ms'] / t:.2f})")
+            splits = f" [{r[f'{v}_splits']}]" if f"{v}_splits" in r else ""
+            cells.append("failed" if t is None else f"{t:.3f} ({r['sdpa_ms'] / t:.2f}){splits}")
         lines.append(f"| {r['P']} | {r['k']} | {r['n']} | {r['Qb']} | {r['tiles']:.1f} | {r['sdpa_ms']:.3f} | "
                      + " | ".join(cells) +
                      f" | {r['mask_sdpa_ms']:.3f} / {r['mask_flex_ms']:.3f} |")

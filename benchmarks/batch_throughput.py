@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from lopa.decoding.base import ForwardBatch, ModelSpec, PredictSpec
+from lopa.models.attention import key_splits
 from lopa.models.config import ModelConfig
 from lopa.models.fused import EAGER, fused_ops
 from lopa.models.transformer import Transformer
@@ -47,8 +48,11 @@ def batch_costs(cfg: ModelConfig, n: int, K: int, W: int, P: int) -> dict:
 
 
 def setup(model, spec, device, dtype, n_max: int, K_max: int, W: int, P: int, fuse: bool, attention: str = "sdpa"):
-    """One runner per attention and prefix (as the engine has one), its n_max slots holding random P-token prefixes."""
-    runner = ModelRunner(model, spec, device, dtype, max_num_seqs=n_max, static=True, fuse=fuse, attention=attention)
+    """One runner per attention and prefix (as the engine has one), its n_max slots holding random P-token prefixes.
+    ``attention`` "flex:N" = flex with RunnerConfig.key_splits N ("flex:1": the keys never split)."""
+    name, _, splits = attention.partition(":")
+    runner = ModelRunner(model, spec, device, dtype, max_num_seqs=n_max, static=True, fuse=fuse, attention=name,
+                         key_splits=int(splits) if splits else None)
     runner.reserve(n_max, P + K_max * W + 256)
     torch.manual_seed(P + W)
     with torch.inference_mode():
@@ -105,7 +109,10 @@ def cases(runner, cfg, spec, device, ns, ks, W: int, P: int, peak: dict, reps: i
                 continue
             solo = n * solo_one
             roof, bound = roofline(batch_costs(cfg, n, K, W, P), peak)
-            row = {"attention": attention, "P": P, "k": k, "n": n, "rows_per_step": n * K * W,
+            key = runner.graphs.key(items)
+            splits = None if runner.graphs.attention != "flex" else runner.key_splits or key_splits(
+                key[0], key[1], cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads, key[2], runner.sms)
+            row = {"attention": attention, "P": P, "k": k, "n": n, "rows_per_step": n * K * W, "key_splits": splits,
                    "step_ms": batched * 1e3, "solo_ms": solo * 1e3,
                    "speedup_vs_solo": solo / batched, "roofline_ms": roof * 1e3, "x_roofline": batched / roof,
                    "bound": bound, "rows_per_s": n * K * W / batched,
@@ -124,7 +131,8 @@ def main() -> None:
     ap.add_argument("--ks", default="0,3,7,10")
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--prefixes", default="512")
-    ap.add_argument("--attention", default="flex,sdpa", help="static-path attentions timed side by side")
+    ap.add_argument("--attention", default="flex,sdpa", help="static-path attentions timed side by side (flex:N = "
+                    "flex with its keys in N chunks, RunnerConfig.key_splits; flex alone: the runner's choice)")
     ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -155,7 +163,7 @@ def main() -> None:
     for r in rows:  # the same case under the other attention, side by side
         twin = next((t for t in rows if t is not r and "error" not in t and "error" not in r and t["attention"] == "sdpa"
                      and (t["k"], t["n"], t["P"]) == (r["k"], r["n"], r["P"])), None)
-        if twin is not None and r["attention"] == "flex":
+        if twin is not None and r["attention"].startswith("flex"):
             r["sdpa_over_flex"] = twin["step_ms"] / r["step_ms"]
     rows = [r for r in rows if "error" not in r] + [r for r in rows if "error" in r]
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
@@ -163,16 +171,17 @@ def main() -> None:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "counting": "rows = n*K*W queries per step; solo = n one-request steps"}
     (args.out / "batch_throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = ["| attention | P | k | n | rows/step | step ms | x roofline | n solo ms | batched speed-up | rows/s | "
-             "host ms | sdpa / flex |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| attention | key splits | P | k | n | rows/step | step ms | x roofline | n solo ms | batched speed-up | "
+             "rows/s | host ms | sdpa / flex |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['attention']} | {r['P']} | {r['k']} | {r['n']} | failed: {r['error'][:80]} |  |  |  |  "
-                         "|  |  |  |")
+            lines.append(f"| {r['attention']} |  | {r['P']} | {r['k']} | {r['n']} | failed: {r['error'][:80]} |  |  |  "
+                         "|  |  |  |  |")
             continue
         host = "" if r["host_ms"] is None else f"{r['host_ms']:.2f}"
         ratio = f"{r['sdpa_over_flex']:.2f}" if "sdpa_over_flex" in r else ""
-        lines.append(f"| {r['attention']} | {r['P']} | {r['k']} | {r['n']} | {r['rows_per_step']} | {r['step_ms']:.2f} | "
+        lines.append(f"| {r['attention']} | {r['key_splits'] or ''} | {r['P']} | {r['k']} | {r['n']} | "
+                     f"{r['rows_per_step']} | {r['step_ms']:.2f} | "
                      f"{r['x_roofline']:.2f} | {r['solo_ms']:.2f} | {r['speedup_vs_solo']:.2f}x | {r['rows_per_s']:.0f} | "
                      f"{host} | {ratio} |")
     (args.out / "batch_throughput.md").write_text("\n".join(lines) + "\n")

@@ -63,7 +63,8 @@ import torch
 VARIANTS = {"lazy sdpa": dict(attention="sdpa", warmup=False), "warm flex": dict(attention="flex", warmup=True),
             "warm flex (eager prefill)": dict(attention="flex", warmup=True),
             "warm flex (eager update)": dict(attention="flex", warmup=True, compile_update=False),
-            "warm flex (compiled update)": dict(attention="flex", warmup=True, compile_update=True)}
+            "warm flex (compiled update)": dict(attention="flex", warmup=True, compile_update=True),
+            "warm flex (keys unsplit)": dict(attention="flex", warmup=True, key_splits=1)}
 STRATEGIES = ("lopa", "d2f", "threshold")
 KS = (0, 3, 7, 14)
 

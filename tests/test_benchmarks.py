@@ -36,12 +36,15 @@ def test_quant_accuracy_pairs_every_scheme_with_full_precision(tmp_path):
 
 
 def test_batch_throughput_tiny(tmp_path):
-    run("batch_throughput.py", "--tiny", "--reps", "2", "--out", str(tmp_path))
+    """flex (the runner's key splits: none on a CPU), flex with its keys in 2 chunks, and sdpa, side by side."""
+    run("batch_throughput.py", "--tiny", "--reps", "2", "--attention", "flex,flex:2,sdpa", "--out", str(tmp_path))
     rows = json.loads((tmp_path / "batch_throughput.json").read_text())["rows"]
     assert {(r["k"], r["n"]) for r in rows} == {(0, 1), (0, 2), (3, 1), (3, 2)}
+    assert {(r["attention"], r["key_splits"]) for r in rows} == {("flex", 1), ("flex:2", 2), ("sdpa", None)}
     assert all(r["step_ms"] > 0 and r["roofline_ms"] > 0 and r["rows_per_step"] == r["n"] * (r["k"] + 1) * 8
                for r in rows)
-    assert "| 3 | 2 | 64 |" in (tmp_path / "batch_throughput.md").read_text()
+    assert all(("sdpa_over_flex" in r) == r["attention"].startswith("flex") for r in rows)
+    assert "| flex:2 | 2 | 16 | 3 | 2 | 64 |" in (tmp_path / "batch_throughput.md").read_text()
 
 
 def test_bp_latency_tiny_two_ranks(tmp_path):

@@ -214,7 +214,7 @@ def build_model(source, runner: RunnerConfig, group=None, name: Path | None = No
     model_runner = ModelRunner(loaded.model, loaded.spec, device, dtype, max_num_seqs=runner.max_num_seqs,
                                max_positions=runner.max_positions or (WARMUP_POSITIONS if warm else None),
                                static=static, fuse=loaded.model.ops is not EAGER, group=group, attention=attention,
-                               kv_cache_bytes=runner.kv_cache_bytes)
+                               kv_cache_bytes=runner.kv_cache_bytes, key_splits=runner.key_splits)
     # RunnerConfig.device_step None ("auto"): the device path where its graphs are captured at start-up
     device_step = warm if runner.device_step is None else runner.device_step
     params = sum(p.numel() for p in loaded.model.parameters())

@@ -521,6 +521,9 @@ def serve(
                                 "request waits for a capture (RunnerConfig.warmup)."),
     attention: str = typer.Option(RunnerConfig.attention, help="GPU static path's attention: flex, sdpa, or auto "
                                   "(flex with the warm-up, else sdpa) (RunnerConfig.attention)."),
+    key_splits: Optional[int] = typer.Option(None, show_default="auto: as many as fill the GPU",
+                                             help="flex: a step too small to fill the GPU attends over its keys in "
+                                             "this many chunks side by side; 1 = never (RunnerConfig.key_splits)."),
     device_step: Optional[bool] = typer.Option(None, "--device-step/--no-device-step", help="Greedy threshold / d2f "
                                                "/ lopa steps iterate every request at once on the device (default: "
                                                "with the warm-up on a GPU) (RunnerConfig.device_step)."),
@@ -546,7 +549,7 @@ def serve(
                               max_num_seqs=max_num_seqs, branch_parallel=devices, step_rows=step_rows,
                               max_lookahead=max_lookahead,
                               max_num_batched_tokens=max_num_batched_tokens, kv_cache_bytes=kv_cache_bytes,
-                              warmup=warmup, attention=attention, device_step=device_step,
+                              warmup=warmup, attention=attention, key_splits=key_splits, device_step=device_step,
                               device_step_min=device_step_min)
         with console.status("loading model"):
             model = api.load_model(path, adapter=adapter, runner=runner)

@@ -344,6 +344,12 @@ class RunnerConfig:
     # padded span (faster steps, measured in docs/benchmarks.md, but graphs keyed by the span); "auto" = flex with
     # the warm-up, else sdpa
     attention: str = "auto"
+    # "flex": a step whose FlexAttention would fill under half the GPU's multiprocessors (few requests, short windows:
+    # one request at Dream-7B shape runs 8 programs on an H100's 132) has its keys cut into chunks that run side by
+    # side and are merged (models/attention.py: split_attention, key_splits). None ("auto") = as many as fill the
+    # GPU, chunks of at least 1,024 keys, one more compile per query bucket that splits; 1 = never; N = every "flex"
+    # step in N chunks (tests). A CPU never splits on auto
+    key_splits: int | None = None
     # Decode steps whose requests are all greedy threshold / d2f / lopa (no trace) run the iteration for every
     # request at once on the device (engine/device.py), host work flat in the batch; False = the host strategies.
     # None ("auto") = on where its CUDA graphs are captured at start-up (a GPU with the warm-up: "flex" graphs keyed
@@ -379,6 +385,8 @@ class RunnerConfig:
                f"must be an integer >= 1, got {self.branch_parallel!r}")
         _check(self.bp_commit in ("broadcast", "local"), "bp_commit", f"must be 'broadcast' or 'local', got {self.bp_commit!r}")
         _check(self.bp_timeout_s > 0, "bp_timeout_s", f"must be > 0, got {self.bp_timeout_s!r}")
+        _check(self.key_splits is None or (isinstance(self.key_splits, int) and self.key_splits >= 1), "key_splits",
+               f"must be None or an integer >= 1, got {self.key_splits!r}")
         _check(self.attention in ("auto", "flex", "sdpa"), "attention",
                f"must be 'auto', 'flex' or 'sdpa', got {self.attention!r}")
         _check(

@@ -70,13 +70,15 @@ def ref(family, request, tmp_path_factory):
 
 
 def _engine(model, max_num_seqs: int, device_step: bool = True, static: bool = False, spec=None,
-            attention: str = "sdpa", max_positions: int | None = None, device_min: int = 1):
+            attention: str = "sdpa", max_positions: int | None = None, device_min: int = 1,
+            key_splits: int | None = None):
     """static: the static path's bucketed shapes without capture; attention "flex": eager FlexAttention over the
-    whole slot (keys without lengths), "sdpa": an additive mask over the bucketed span."""
+    whole slot (keys without lengths; key_splits: in that many chunks), "sdpa": an additive mask over the bucketed
+    span."""
     loaded = model.loaded
     runner = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), loaded.model.embed.weight.dtype,
                          max_num_seqs=max_num_seqs, static=static, capture=False, attention=attention,
-                         max_positions=max_positions)
+                         max_positions=max_positions, key_splits=key_splits)
     engine = Engine(runner, spec or loaded.spec, max_num_seqs, STEP_ROWS, device_step=device_step,
                     device_step_min=device_min)
     engine.winner_log = {}
@@ -104,9 +106,9 @@ def test_every_request_equals_the_host_strategies(ref):
     c, h = together.engine.counters, host.engine.counters
     assert c.device_steps == c.decode_steps > 0 and (c.decode_steps, c.rows, c.requests) == (h.decode_steps, h.rows,
                                                                                             h.requests)
-    for attention in ("sdpa", "flex"):  # the static path's bucketed shapes
-        staggered = _engine(model, n, spec=spec, static=True, attention=attention)
-        assert _drive(staggered, prompts, configs, [i // 3 * 2 for i in range(n)])[0] == want, attention
+    for attention, splits in (("sdpa", None), ("flex", None), ("flex", 3)):  # the static path's bucketed shapes
+        staggered = _engine(model, n, spec=spec, static=True, attention=attention, key_splits=splits)
+        assert _drive(staggered, prompts, configs, [i // 3 * 2 for i in range(n)])[0] == want, (attention, splits)
     queued = _engine(model, 3, spec=spec)  # fewer slots than requests: compaction moves slot rows
     assert _drive(queued, prompts, configs, [0] * n)[0] == want
 

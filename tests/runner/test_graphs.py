@@ -242,31 +242,94 @@ def test_block_mask_equals_the_step_mask_on_packed_steps(seed):
     """The block mask's tiles expanded as the kernel reads them (full: every key; partial: mask_mod; others: none)
     equal step_mask on every real query of steps pack() lays out: rows of unequal lengths, prefill rows, block ids,
     all-padding rows, query tiles straddling two copies of the step's queries (groups > 1, Qb no multiple of the
-    tile), windows reaching the slot's last tile; each padding query sees some key."""
+    tile), windows reaching the slot's last tile; each padding query sees some key. With the keys split into
+    chunks (one query head per chunk and KV head), each head's tiles lie in its own chunk and the chunks of a KV
+    head together read exactly the unsplit tiles."""
     import random
 
     rng = random.Random(seed)
     for _ in range(40):
         size, groups = rng.choice([4, 8, 16]), rng.choice([1, 2, 3, 7])
+        splits, kv_heads = rng.choice([(1, 1), (2, 1), (3, 2), (5, 1)])
         P, branch, block, cap = _packed_step(rng, size)
         B, Qb = branch.shape
-        bm = attention.step_block_mask(P, branch, block, cap, size, groups=groups)
+        bm = attention.step_block_mask(P, branch, block, cap, size, groups=groups, splits=splits, kv_heads=kv_heads)
+        assert bm.kv_num_blocks.shape[1] == (1 if splits == 1 else splits * kv_heads)
+        # row b's chunks: ceil(tiles_b / splits) tiles each, tiles_b = 1 + the last tile the unsplit mask reads
+        one = attention.step_block_mask(P, branch, block, cap, size, groups=groups)
+        tiles = [1 + max(int(one.kv_indices[b, 0, qt, :int(one.kv_num_blocks[b, 0, qt])].max())
+                         for qt in range(one.kv_num_blocks.shape[-1])) for b in range(B)]
         want = step_mask(P, branch, block, cap).repeat(1, groups, 1)
-        got = torch.zeros_like(want)
         kv, q = torch.arange(cap), torch.arange(groups * Qb)
-        for b in range(B):
-            for qt in range(bm.kv_num_blocks.shape[-1]):
-                rows = q[qt * size:(qt + 1) * size]
-                full = bm.full_kv_indices[b, 0, qt, :int(bm.full_kv_num_blocks[b, 0, qt])].tolist()
-                part = bm.kv_indices[b, 0, qt, :int(bm.kv_num_blocks[b, 0, qt])].tolist()
-                assert not set(full) & set(part) and len(set(part)) == len(part) and max(full + part) < cap // size
-                for t in full:
-                    got[b, rows, t * size:(t + 1) * size] = True
-                for t in part:
-                    keys = kv[t * size:(t + 1) * size]
-                    got[b, rows[:, None], keys] = bm.mask_mod(torch.tensor(b), 0, rows[:, None], keys[None, :])
-        real = (branch >= 0).repeat(1, groups)
-        assert torch.equal(got[real], want[real]) and got.any(-1).all()
+        for h in range(kv_heads):
+            got = torch.zeros_like(want)
+            for s in range(splits):
+                head = h * splits + s if splits > 1 else 0
+                for b in range(B):
+                    for qt in range(bm.kv_num_blocks.shape[-1]):
+                        rows = q[qt * size:(qt + 1) * size]
+                        full = bm.full_kv_indices[b, head, qt, :int(bm.full_kv_num_blocks[b, head, qt])].tolist()
+                        part = bm.kv_indices[b, head, qt, :int(bm.kv_num_blocks[b, head, qt])].tolist()
+                        assert not set(full) & set(part) and len(set(part)) == len(part)
+                        width = -(-tiles[b] // splits)
+                        assert all(s * width <= t < min((s + 1) * width, cap // size) for t in full + part)
+                        for t in full:
+                            assert not got[b, rows, t * size:(t + 1) * size].any()  # no tile read twice
+                            got[b, rows, t * size:(t + 1) * size] = True
+                        for t in part:
+                            keys = kv[t * size:(t + 1) * size]
+                            got[b, rows[:, None], keys] = bm.mask_mod(torch.tensor(b), head, rows[:, None],
+                                                                      keys[None, :])
+            real = (branch >= 0).repeat(1, groups)
+            assert torch.equal(got[real], want[real]) and got.any(-1).all()
+
+
+@pytest.mark.parametrize("splits", [2, 3, 8])
+def test_split_attention_equals_the_unsplit_attention(splits):
+    """split_attention (the keys in chunks, merged by their log-sum-exps) equals FlexAttention over the unsplit block
+    mask on every real query, float64, eager and through torch.compile (eager backend), chunks without any key
+    included (8 chunks over short prefixes)."""
+    from lopa.models import fused
+
+    compiled = fused.compiled(backend="eager").flex
+    for seed in range(4):
+        size, Hkv, groups, D = 16, 2, 1 + seed % 3, 8
+        P, branch, block, cap = _random_step(seed, size)
+        B, Qb = branch.shape
+        g = torch.Generator().manual_seed(seed)
+        q = torch.randn(B, Hkv, groups * Qb, D, dtype=torch.float64, generator=g)
+        k, v = (torch.randn(B, Hkv, cap, D, dtype=torch.float64, generator=g) for _ in range(2))
+        with torch.inference_mode():
+            want = fused.EAGER.flex(q, k, v, block_mask=attention.step_block_mask(P, branch, block, cap, size,
+                                                                                   groups=groups))
+            mask = attention.step_block_mask(P, branch, block, cap, size, groups=groups, splits=splits, kv_heads=Hkv)
+            for flex in (fused.EAGER.flex, compiled):
+                got = attention.split_attention(flex, q, k, v, mask)
+                real = (branch >= 0).repeat(1, groups)[:, None].expand(B, Hkv, groups * Qb)
+                torch.testing.assert_close(got[real], want[real], rtol=1e-12, atol=1e-12)
+
+
+def test_key_splits_fill_the_gpu_only_where_a_step_leaves_it_idle():
+    """One request at Dream-7B shape (4 KV heads of 7 query heads, an H100's 132 multiprocessors): Qb = 32 runs 8
+    programs, so its keys split 16 ways (128 programs; MAX_KEY_SPLITS), as do 8 requests; 16 fill the GPU unsplit;
+    longer windows split less; a short slot less (two tiles a chunk at least); a CPU (0 multiprocessors) never. Splits
+    depend on Qb, not B."""
+    dream = dict(groups=7, kv_heads=4, capacity=8192, sms=132)
+    assert attention.key_splits(1, 32, **dream) == 16 == attention.key_splits(8, 32, **dream)
+    assert attention.key_splits(16, 32, **dream) == 1
+    assert [attention.key_splits(1, Qb, **dream) for Qb in (64, 128, 256, 384)] == [8, 4, 2, 1]
+    assert attention.key_splits(1, 32, **{**dream, "capacity": 1024}) == 4
+    assert attention.key_splits(1, 32, **{**dream, "capacity": 256}) == 1
+    assert attention.key_splits(1, 32, **{**dream, "sms": 0}) == 1
+    assert attention.key_splits(1, 32, groups=1, kv_heads=1, capacity=8192, sms=132) == attention.MAX_KEY_SPLITS
+
+
+def test_load_model_hands_key_splits_to_the_runner(tiny_dream_dir):
+    """RunnerConfig.key_splits reaches the runner (None = by the multiprocessors: a CPU has none); 0 is refused."""
+    model = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu", key_splits=3))
+    assert model.runner.key_splits == 3 and model.runner.sms == 0
+    with pytest.raises(lopa.ConfigError, match="key_splits"):
+        lopa.RunnerConfig(key_splits=0)
 
 
 @pytest.mark.parametrize("attn", ["flex", "sdpa"])
@@ -325,13 +388,18 @@ def test_load_model_warms_up_and_nothing_compiles_or_captures_after(tiny_dream_d
     assert model.runner.graphs.attention == "flex"  # "auto" with the warm-up
     stats = model.runner.graphs.stats
     assert stats.warmup_graphs > 0 and stats.captures == stats.warmup_graphs
-    # after the first key a query bucket already seen compiles nothing, a new one at most its attention (dynamic in
-    # the batch; torch versions that also make it dynamic in the queries compile nothing more at all)
+    # after the first key a query bucket already seen with the same key splits compiles nothing, a new one at most
+    # its attention (dynamic in the batch; torch versions that also make it dynamic in the queries compile nothing
+    # more at all)
+    cfg, runner = model.loaded.model.config, model.runner
     seen, later = set(), []
-    for key, n in zip(model.runner.graphs.statics, stats.warmup_key_compiles):
-        later.append((key[:2], n, key[1] in seen))
-        seen.add(key[1])
-    assert all(n <= (0 if old else 1) for _, n, old in later[1:]), later
+    for key, n in zip(runner.graphs.statics, stats.warmup_key_compiles):
+        splits = attention.key_splits(key[0], key[1], cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads, key[2],
+                                      runner.sms)
+        later.append((key[:2], splits, n, (key[1], splits) in seen))
+        seen.add((key[1], splits))
+    assert all(n <= (0 if old else 1) for _, _, n, old in later[1:]), later
+    assert any(splits > 1 for _, splits, _, _ in later)  # an H100 or H200 splits the keys of its smallest steps
     prompts = ["a", "Tom has 12 apples and " * 12, "The cat sat", "one two three four five six seven"]
     cfgs = [lopa.DecodeConfig(strategy=s, k=k, gen_length=24, block_size=8)
             for s, k in (("lopa", 7), ("d2f", 0), ("lopa", 3), ("threshold", 0))]

@@ -15,7 +15,7 @@ def test_bad_serve_flags_exit_2_with_one_line():
                          (["--request-timeout", "-1"], "request_timeout_s"),
                          (["--kv-cache-bytes", "0"], "kv_cache_bytes"),
                          (["--max-num-batched-tokens", "0"], "max_num_batched_tokens"),
-                         (["--attention", "dense"], "attention"),
+                         (["--attention", "dense"], "attention"), (["--key-splits", "0"], "key_splits"),
                          (["--device-step-min", "0"], "device_step_min")):
         result = CliRunner().invoke(app, ["serve", *flags])
         assert result.exit_code == 2, result.output
@@ -63,19 +63,20 @@ def test_device_step_flag_reaches_the_engine_and_metrics(monkeypatch):
         assert (seen["device steps"] > 0) == on, (flags, seen)
 
 
-def test_compile_update_flag_reaches_the_runner_config(monkeypatch):
+def test_compile_update_and_key_splits_flags_reach_the_runner_config(monkeypatch):
     """--compile-update / --no-compile-update: RunnerConfig.compile_update on / off (the device path's update eager,
-    a shorter first start); neither: None, the model's size decides (config.compiles_update)."""
+    a shorter first start); neither: None, the model's size decides (config.compiles_update). --key-splits N:
+    RunnerConfig.key_splits (default None: by the GPU's size)."""
     import lopa.api
 
     seen = []
 
     def fake_load(path, adapter=None, runner=None):
-        seen.append(runner.compile_update)
+        seen.append((runner.compile_update, runner.key_splits))
         raise lopa.ConfigError("stop here")
 
     monkeypatch.setattr(lopa.api, "load_model", fake_load)
-    for flags in ([], ["--compile-update"], ["--no-compile-update"]):
+    for flags in ([], ["--compile-update"], ["--no-compile-update", "--key-splits", "4"]):
         result = CliRunner().invoke(app, ["serve", "--device", "cpu", *flags])
         assert "stop here" in result.output and "Traceback" not in result.output, result.output
-    assert seen == [None, True, False]
+    assert seen == [(None, None), (True, None), (False, 4)]

@@ -6,6 +6,11 @@ import torch
 
 from .fused import mark_batch_dynamic
 
+try:  # FlexAttention's auxiliary outputs (torch >= 2.9; before, return_lse=True)
+    from torch.nn.attention.flex_attention import AuxRequest as _AuxRequest
+except ImportError:  # pragma: no cover - older torch
+    _AuxRequest = None
+
 
 def block_causal_mask(block_ids: torch.Tensor) -> torch.Tensor:
     """[T] block index per position -> [T, T]: position i sees j iff block(j) <= block(i) (D2F's mask)."""
@@ -60,7 +65,7 @@ def step_mask(P: torch.Tensor, branch: torch.Tensor, block: torch.Tensor, Lb: in
 
 
 def step_block_mask(P: torch.Tensor, branch: torch.Tensor, block: torch.Tensor, capacity: int, size: int = 128,
-                    groups: int = 1):
+                    groups: int = 1, splits: int = 1, kv_heads: int = 1):
     """The same mask as step_mask, as a FlexAttention BlockMask over each slot's WHOLE capacity, built on the
     device (no host read: CUDA graphs capture it as is, and one graph serves every prefix length).
 
@@ -75,6 +80,12 @@ def step_block_mask(P: torch.Tensor, branch: torch.Tensor, block: torch.Tensor, 
     capacity nor the whole step's window. In full tiles a padding query sees the prefix (step_mask: key 0 only);
     padding outputs are never read, and a tile of padding queries only (a row's tail past its K*W queries, a free
     slot) reads tile 0 alone, through mask_mod: key 0, whatever the prefix's length.
+
+    ``splits`` > 1 cuts the key tiles that row b reads at all (up to the last one any of its queries needs) into that
+    many chunks of consecutive tiles, of ceil(tiles_b / splits) each, one per query head of the split layout
+    (split_attention: [B, kv_heads * splits, groups * Qb, D], head h * splits + s reading chunk s of KV head h), so
+    the kernel runs splits times more programs over shorter spans that follow the row's real length (still nothing
+    host-side: the chunks are computed here); each chunk's lists hold only its own tiles (a chunk may hold none).
     """
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -93,21 +104,43 @@ def step_block_mask(P: torch.Tensor, branch: torch.Tensor, block: torch.Tensor, 
         src = rel.clamp(0, n - 1)
         real = branch[b, q] >= 0
         own = (rel >= 0) & (rel < n) & (branch[b, src] == branch[b, q]) & (block[b, src] <= block[b, q])
-        return (real & ((rel < 0) | own)) | (~real & (kv == 0))
+        allowed = (real & ((rel < 0) | own)) | (~real & (kv == 0))
+        if splits > 1:  # head h * splits + s sees chunk s alone (the kernel reads no other tile; the eager one would)
+            return allowed & (kv // (size * width[b]) == h % splits)
+        return allowed
 
     full = (P // size).to(torch.int32)  # [B] tiles wholly inside the prefix; tile `full` holds P_b
     lo, hi = _query_tile_spans(P, branch, groups, size, n_q)  # [B, n_q] first / last key tile of each query tile
     empty = lo > hi  # [B, n_q] query tiles without a real query: tile 0 alone, where their queries see key 0
-    start = torch.maximum(lo, full[:, None] + 1)  # window tiles past the one holding P_b
-    count = 1 + (torch.clamp(hi, max=n_kv - 1) - start + 1).clamp(min=0)  # [B, n_q] partial tiles
     # [B, n_q] the first partial tile (the one holding P_b, or tile 0), so also the count of full tiles before it
-    first = torch.where(empty, 0, full[:, None]).to(torch.int32)
+    first = torch.where(empty, 0, full[:, None]).to(torch.int32)[:, None]  # [B, 1, n_q]
+    start = torch.maximum(lo, full[:, None] + 1)[:, None]  # [B, 1, n_q] window tiles past the one holding P_b
+    hi = torch.clamp(hi, max=n_kv - 1)[:, None]
+    # chunk s of row b's key tiles: [begin, end] ([B, splits, 1] each; one chunk of every tile without a split)
+    if splits == 1:
+        begin, end = torch.zeros_like(first), torch.full_like(first, n_kv - 1)
+    else:
+        tiles = torch.maximum(first, torch.where(hi >= start, hi, 0)).amax(-1, keepdim=True) + 1  # [B, 1, 1] read
+        width = -(-tiles // splits)  # [B, 1, 1] tiles a chunk
+        begin = torch.arange(splits, device=P.device, dtype=torch.int32)[:, None] * width
+        end = torch.clamp(begin + width - 1, max=n_kv - 1)
+        width = width.view(B).clone()  # read by mask_mod
+        mark_batch_dynamic(width)
+    has_first = (first >= begin) & (first <= end)  # [B, splits, n_q]: the tile holding P_b lies in the chunk
+    lo_win = torch.maximum(start, begin)  # the chunk's run of window tiles [lo_win, hi_win]
+    count = has_first.int() + (torch.minimum(hi, end) - lo_win + 1).clamp(min=0)  # [B, splits, n_q] partial tiles
     j = torch.arange(n_kv, device=P.device, dtype=torch.int32)
-    partial = torch.where(j == 0, first[..., None], start[..., None] + j - 1).clamp(0, n_kv - 1)  # [B, n_q, n_kv]
-    full_grid = first[:, None].contiguous()  # [B, 1, n_q]
-    mask = BlockMask.from_kv_blocks(count.to(torch.int32)[:, None].contiguous(), partial[:, None].contiguous(),
-                                    full_grid, j.expand(B, 1, n_q, n_kv).contiguous(), BLOCK_SIZE=size,
-                                    mask_mod=mask_mod, seq_lengths=(groups * Qb, capacity), compute_q_blocks=False)
+    run = lo_win[..., None] + j - has_first[..., None].int()  # the window tiles after the first one (if any)
+    partial = torch.where(has_first[..., None] & (j == 0), first[..., None], run).clamp(0, n_kv - 1)
+    full_count = torch.minimum(first - begin, end - begin + 1).clamp(min=0)  # [B, splits, n_q] full tiles in the chunk
+    full_tiles = (begin[..., None] + j).clamp(max=n_kv - 1).expand(B, splits, n_q, n_kv)
+    if splits > 1:  # one copy per KV head: head h * splits + s reads chunk s
+        count, partial, full_count, full_tiles = (x.repeat(1, kv_heads, *[1] * (x.dim() - 2))
+                                                  for x in (count, partial, full_count, full_tiles))
+    mask = BlockMask.from_kv_blocks(count.to(torch.int32).contiguous(), partial.to(torch.int32).contiguous(),
+                                    full_count.to(torch.int32).contiguous(), full_tiles.to(torch.int32).contiguous(),
+                                    BLOCK_SIZE=size, mask_mod=mask_mod, seq_lengths=(groups * Qb, capacity),
+                                    compute_q_blocks=False)
     mark_batch_dynamic(mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices)
     return mask
 
@@ -133,3 +166,43 @@ def _query_tile_spans(P: torch.Tensor, branch: torch.Tensor, groups: int, size: 
     hi = torch.where(ok, P[:, None] + last[:, q], -size).view(B, n_q, size).amax(-1) // size
     return lo.to(torch.int32), hi.to(torch.int32)
 
+
+
+def split_attention(flex, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
+    """FlexAttention with the keys cut into chunks, for steps too small to fill the GPU: q [B, Hkv, Q, D] (the packed
+    query axis), k / v [B, Hkv, L, D], a block mask of step_block_mask(splits=S, kv_heads=Hkv) -> [B, Hkv, Q, D].
+
+    The queries are repeated S times as query heads (head h * S + s reads chunk s of KV head h: enable_gqa), so the
+    kernel runs S times the programs, each over about 1/S of the span; the chunks' partial results are merged by
+    their log-sum-exps (a chunk without keys has -inf and weighs 0). Equal to the unsplit attention up to rounding.
+    """
+    B, Hkv, Q, D = q.shape
+    S = block_mask.kv_num_blocks.shape[1] // Hkv
+    qs = q[:, :, None].expand(B, Hkv, S, Q, D).reshape(B, Hkv * S, Q, D)
+    if _AuxRequest is None:  # torch < 2.9
+        out, lse = flex(qs, k, v, block_mask=block_mask, enable_gqa=True, return_lse=True)
+    else:
+        out, aux = flex(qs, k, v, block_mask=block_mask, enable_gqa=True, return_aux=_AuxRequest(lse=True))
+        lse = aux.lse
+    lse = lse.view(B, Hkv, S, Q)
+    weight = torch.softmax(lse.to(torch.promote_types(lse.dtype, torch.float32)), dim=2)[..., None]  # [B, Hkv, S, Q, 1]
+    return (out.view(B, Hkv, S, Q, D) * weight).sum(2).to(q.dtype)
+
+
+MAX_KEY_SPLITS = 16  # the chunks' partial outputs ([B, H, Qb, D] each) are merged in one more pass
+
+
+def key_splits(B: int, Qb: int, groups: int, kv_heads: int, capacity: int, sms: int, size: int = 128) -> int:
+    """How many chunks a step's keys are cut into (split_attention) so its FlexAttention fills ``sms``
+    multiprocessors: the kernel runs one program per (row, KV head, query tile), B * kv_heads * ceil(groups * Qb /
+    size); one request's decode step at Dream-7B shape (4 KV heads, 7 query heads each, Qb = 32) runs 8 programs on
+    an H100's 132. Splits are a power of two (at most MAX_KEY_SPLITS) chosen per query bucket, so one more compile
+    each, and used for the batch buckets that fill under half the GPU; a slot of ``capacity`` keys keeps at least
+    two tiles a chunk. 1 = no split (the CPU: ``sms`` 0)."""
+    one = kv_heads * -(-groups * Qb // size)  # programs of one row
+    if sms <= 0 or 2 * B * one > sms:
+        return 1
+    splits = 1
+    while 2 * splits * one <= sms and 2 * splits <= MAX_KEY_SPLITS and 4 * splits * size <= capacity:
+        splits *= 2
+    return splits

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..cache import CacheView
 from .config import ModelConfig
+from .attention import split_attention
 from .fused import EAGER, Ops
 
 _TORCH = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
@@ -80,7 +81,11 @@ class Attention(nn.Module):
             else:  # a FlexAttention BlockMask over the whole slot (models/attention.py: step_block_mask), the query
                 # heads of each KV head on the query axis: [B, Hkv, (H / Hkv) * T, D], each K/V tile read once
                 packed = q.reshape(B, self.Hkv, self.H // self.Hkv * T, self.D)
-                out = ops.flex(packed, keys, values, block_mask=mask).view(B, self.H, T, self.D)
+                if mask.kv_num_blocks.shape[1] > 1:  # the keys in chunks, one per extra query head (key_splits)
+                    out = split_attention(ops.flex, packed, keys, values, mask)
+                else:
+                    out = ops.flex(packed, keys, values, block_mask=mask)
+                out = out.view(B, self.H, T, self.D)
             out = out.transpose(1, 2)  # [B, T, H, D]
         return self.o(out.reshape(B, T, self.H * self.D))
 

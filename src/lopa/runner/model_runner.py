@@ -24,7 +24,7 @@ from ..cache import KVPool
 from ..decoding.base import Predictions
 from ..models.spec import ModelSpec
 from ..decoding.confidence import predict
-from ..models.attention import step_block_mask, step_mask
+from ..models.attention import key_splits, step_block_mask, step_mask
 from .graphs import KEY_STEP, GraphExecutor, bucket, predict_rows, round_up
 from .group import LocalGroup
 from .memory import kv_budget
@@ -35,7 +35,8 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, spec: ModelSpec, device: torch.device, dtype: torch.dtype, *,
                  max_num_seqs: int = 1, max_positions: int | None = None, static: bool = False,
                  capture: bool | None = None, fuse: bool = False, group=None,
-                 kv_cache_bytes: int | None = None, attention: str | None = None) -> None:
+                 kv_cache_bytes: int | None = None, attention: str | None = None,
+                 key_splits: int | None = None) -> None:
         self.model, self.spec, self.device, self.dtype = model, spec, device, dtype
         self.fuse = fuse  # compiled kernels (RunnerConfig.fuse on a GPU): the predict here, the device path's update
         # where RunnerConfig.compile_update is on too
@@ -46,6 +47,10 @@ class ModelRunner:
         self.pool: KVPool | None = None
         self.peak_slots = self.peak_bytes = 0  # the largest pool held so far (tests, benchmarks)
         attention = attention or "sdpa"  # of the static path (runner/graphs.py): "sdpa" | "flex"
+        # "flex": the keys of a step too small to fill the GPU in chunks (RunnerConfig.key_splits; None = by the
+        # multiprocessors' count, models/attention.py: key_splits; a CPU never splits)
+        self.key_splits = key_splits
+        self.sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
         self.graphs = GraphExecutor(self, capture=device.type == "cuda" if capture is None else capture,
                                     fuse=fuse, attention=attention) if static else None
         self.hidden: torch.Tensor | None = None  # [B, Qb, E] of the last forward (commit reads the winners)
@@ -226,7 +231,9 @@ class ModelRunner:
         write = torch.where(branch >= 0, (P[:, None] + q).clamp(max=trash), trash)
         if flex:
             cfg = self.model.config  # the query heads of a KV head share the query axis (models/transformer.py)
-            mask = step_block_mask(P, branch, block, Lb, groups=cfg.num_heads // cfg.num_kv_heads)
+            groups, heads = cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads
+            splits = self.key_splits or key_splits(B, Qb, groups, heads, Lb, self.sms)
+            mask = step_block_mask(P, branch, block, Lb, groups=groups, splits=splits, kv_heads=heads)
         else:
             allowed = step_mask(P, branch, block, Lb)  # [B, Qb, Lb]
             # additive, in the model's dtype, built once: SDPA would turn a bool mask into this in every layer
