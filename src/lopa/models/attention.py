@@ -1,4 +1,5 @@
-"""Attention masks (bool, True = may attend) shared by the runner, the trainer and the tests."""
+"""Attention masks (bool, True = may attend) shared by the runner, the trainer and the tests; the static path's
+FlexAttention block mask, and its split over key chunks for steps too small to fill the GPU."""
 
 from __future__ import annotations
 
@@ -165,7 +166,6 @@ def _query_tile_spans(P: torch.Tensor, branch: torch.Tensor, groups: int, size: 
     lo = torch.where(ok, P[:, None] + first[:, q], far).view(B, n_q, size).amin(-1) // size
     hi = torch.where(ok, P[:, None] + last[:, q], -size).view(B, n_q, size).amax(-1) // size
     return lo.to(torch.int32), hi.to(torch.int32)
-
 
 
 def split_attention(flex, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
