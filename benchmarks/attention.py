@@ -132,7 +132,7 @@ def main() -> None:
                     for name, (packed, fn) in variants.items():
                         if packed == "split":
                             fn, S = fn
-                            S = S or key_splits(n, Qb, H // HKV, HKV, args.capacity, sms)
+                            S = S or key_splits(n, Qb, H // HKV, HKV, D, args.capacity, sms)
                             row[f"{name}_splits"] = S
                             sm = step_block_mask(Pt, branch, block, args.capacity, groups=H // HKV, splits=S,
                                                  kv_heads=HKV)

@@ -311,17 +311,21 @@ def test_split_attention_equals_the_unsplit_attention(splits):
 
 def test_key_splits_fill_the_gpu_only_where_a_step_leaves_it_idle():
     """One request at Dream-7B shape (4 KV heads of 7 query heads, an H100's 132 multiprocessors): Qb = 32 runs 8
-    programs, so its keys split 16 ways (128 programs; MAX_KEY_SPLITS), as do 8 requests; 16 fill the GPU unsplit;
-    longer windows split less; a short slot less (two tiles a chunk at least); a CPU (0 multiprocessors) never. Splits
-    depend on Qb, not B."""
-    dream = dict(groups=7, kv_heads=4, capacity=8192, sms=132)
-    assert attention.key_splits(1, 32, **dream) == 16 == attention.key_splits(8, 32, **dream)
-    assert attention.key_splits(16, 32, **dream) == 1
-    assert [attention.key_splits(1, Qb, **dream) for Qb in (64, 128, 256, 384)] == [8, 4, 2, 1]
-    assert attention.key_splits(1, 32, **{**dream, "capacity": 1024}) == 4
-    assert attention.key_splits(1, 32, **{**dream, "capacity": 256}) == 1
+    programs, so its keys split 16 ways (128 programs; MAX_KEY_SPLITS), as do 2 requests, not 3 (over twice the GPU
+    once split); Qb = 64 splits 8 ways; longer windows would split 4 or 2 ways (under MIN_KEY_SPLITS: not at all);
+    a short slot less (two tiles a chunk at least); narrow keys (the embedded model), LLaDA's 32 KV heads and a CPU
+    (0 multiprocessors) never."""
+    dream = dict(groups=7, kv_heads=4, head_dim=128, capacity=8192, sms=132)
+    assert attention.key_splits(1, 32, **dream) == 16 == attention.key_splits(2, 32, **dream)
+    assert attention.key_splits(3, 32, **dream) == 1  # 384 programs split: over twice the GPU
+    assert [attention.key_splits(1, Qb, **dream) for Qb in (64, 96, 256)] == [8, 1, 1]  # 4 and 2 chunks: not worth it
+    assert attention.key_splits(2, 64, **dream) == 8 and attention.key_splits(3, 64, **dream) == 1
+    assert attention.key_splits(1, 32, **{**dream, "capacity": 2048}) == 8
+    assert attention.key_splits(1, 32, **{**dream, "capacity": 1024}) == 1  # 4 chunks at most
     assert attention.key_splits(1, 32, **{**dream, "sms": 0}) == 1
-    assert attention.key_splits(1, 32, groups=1, kv_heads=1, capacity=8192, sms=132) == attention.MAX_KEY_SPLITS
+    assert attention.key_splits(1, 32, **{**dream, "kv_heads": 2, "head_dim": 64}) == 1  # the embedded model's keys
+    llada = dict(groups=1, kv_heads=32, head_dim=128, capacity=8192, sms=132)  # 32 programs a row: 4 chunks at most
+    assert attention.key_splits(1, 32, **llada) == 1
 
 
 def test_load_model_hands_key_splits_to_the_runner(tiny_dream_dir):
@@ -394,12 +398,11 @@ def test_load_model_warms_up_and_nothing_compiles_or_captures_after(tiny_dream_d
     cfg, runner = model.loaded.model.config, model.runner
     seen, later = set(), []
     for key, n in zip(runner.graphs.statics, stats.warmup_key_compiles):
-        splits = attention.key_splits(key[0], key[1], cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads, key[2],
-                                      runner.sms)
+        splits = attention.key_splits(key[0], key[1], cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads,
+                                      cfg.head_dim, key[2], runner.sms)
         later.append((key[:2], splits, n, (key[1], splits) in seen))
         seen.add((key[1], splits))
     assert all(n <= (0 if old else 1) for _, _, n, old in later[1:]), later
-    assert any(splits > 1 for _, splits, _, _ in later)  # an H100 or H200 splits the keys of its smallest steps
     prompts = ["a", "Tom has 12 apples and " * 12, "The cat sat", "one two three four five six seven"]
     cfgs = [lopa.DecodeConfig(strategy=s, k=k, gen_length=24, block_size=8)
             for s, k in (("lopa", 7), ("d2f", 0), ("lopa", 3), ("threshold", 0))]

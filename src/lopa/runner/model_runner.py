@@ -232,7 +232,7 @@ class ModelRunner:
         if flex:
             cfg = self.model.config  # the query heads of a KV head share the query axis (models/transformer.py)
             groups, heads = cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads
-            splits = self.key_splits or key_splits(B, Qb, groups, heads, Lb, self.sms)
+            splits = self.key_splits or key_splits(B, Qb, groups, heads, cfg.head_dim, Lb, self.sms)
             mask = step_block_mask(P, branch, block, Lb, groups=groups, splits=splits, kv_heads=heads)
         else:
             allowed = step_mask(P, branch, block, Lb)  # [B, Qb, Lb]
