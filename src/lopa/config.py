@@ -344,11 +344,13 @@ class RunnerConfig:
     # padded span (faster steps, measured in docs/benchmarks.md, but graphs keyed by the span); "auto" = flex with
     # the warm-up, else sdpa
     attention: str = "auto"
-    # "flex": a step whose FlexAttention would fill under half the GPU's multiprocessors (few requests, short windows:
-    # one request at Dream-7B shape runs 8 programs on an H100's 132) has its keys cut into chunks that run side by
-    # side and are merged (models/attention.py: split_attention, key_splits). None ("auto") = as many as fill the
-    # GPU, chunks of at least 1,024 keys, one more compile per query bucket that splits; 1 = never; N = every "flex"
-    # step in N chunks (tests). A CPU never splits on auto
+    # "flex": a step whose FlexAttention leaves most of the GPU idle (one request at Dream-7B shape and k = 0 runs 8
+    # programs on an H100's 132) has its keys cut into chunks that run side by side and are merged (models/attention.py:
+    # split_attention; the rule: key_splits). One H100, Dream-7B shape, one request at k = 0: a step 1.69x faster at
+    # an 8,192-token prefix, 1.16x at 2,048; the mixed cold-start workload unchanged (110.8 against 111.3 ms a step),
+    # the first start's warm-up +3.7 s (two more compiles). Short prompts pay the merge: about 16 us a layer at 512
+    # (docs/benchmarks.md). None ("auto") = that rule (a CPU never splits); 1 = never; N = every "flex" step in N
+    # chunks (tests)
     key_splits: int | None = None
     # Decode steps whose requests are all greedy threshold / d2f / lopa (no trace) run the iteration for every
     # request at once on the device (engine/device.py), host work flat in the batch; False = the host strategies.
