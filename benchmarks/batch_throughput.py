@@ -14,6 +14,8 @@ and "sdpa" (an additive mask over the padded span: the path before start-up capt
 
     PYTHONPATH=src python3 benchmarks/batch_throughput.py --out benchmarks/results/batch_h200
     PYTHONPATH=src python3 benchmarks/batch_throughput.py --prefixes 512,2048,8192 --ks 0,7,14 --ns 1,16 --out ...
+    PYTHONPATH=src python3 benchmarks/batch_throughput.py --prefixes 512 --ks 0 --ns 1,2 --capacity 8192 \
+        --attention flex,flex:1,sdpa --out ...     # the serving slot: key splits with unsplit and SDPA beside them
     PYTHONPATH=src python3 benchmarks/batch_throughput.py --tiny --out /tmp/x     # CPU smoke test
 """
 
@@ -23,7 +25,6 @@ import argparse
 import datetime
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from lopa.models.transformer import Transformer
 from lopa.runner.model_runner import ModelRunner
 from lopa.runner.step import Commit, StepItem
 
-from step_latency import SHAPES, costs, git_commit, measure_device, roofline, sync, timed
+from step_latency import SHAPES, costs, git_commit, measure_device, roofline, timed
 
 
 def batch_costs(cfg: ModelConfig, n: int, K: int, W: int, P: int) -> dict:
@@ -47,13 +48,15 @@ def batch_costs(cfg: ModelConfig, n: int, K: int, W: int, P: int) -> dict:
             "linear_params": one["linear_params"], "other_bytes": weights + n * (one["other_bytes"] - weights)}
 
 
-def setup(model, spec, device, dtype, n_max: int, K_max: int, W: int, P: int, fuse: bool, attention: str = "sdpa"):
-    """One runner per attention and prefix (as the engine has one), its n_max slots holding random P-token prefixes.
-    ``attention`` "flex:N" = flex with RunnerConfig.key_splits N ("flex:1": the keys never split)."""
+def setup(model, spec, device, dtype, n_max: int, K_max: int, W: int, P: int, fuse: bool, attention: str = "sdpa",
+          capacity: int | None = None):
+    """One runner per attention and prefix (as the engine has one), its n_max slots holding random P-token prefixes,
+    each slot of ``capacity`` positions (default: P + K_max * W + 256, rounded up by the pool). ``attention``
+    "flex:N" = flex with RunnerConfig.key_splits N ("flex:1": the keys never split)."""
     name, _, splits = attention.partition(":")
     runner = ModelRunner(model, spec, device, dtype, max_num_seqs=n_max, static=True, fuse=fuse, attention=name,
                          key_splits=int(splits) if splits else None)
-    runner.reserve(n_max, P + K_max * W + 256)
+    runner.reserve(n_max, max(capacity or 0, P + K_max * W + 256))
     torch.manual_seed(P + W)
     with torch.inference_mode():
         for s in range(n_max):
@@ -134,6 +137,8 @@ def main() -> None:
     ap.add_argument("--attention", default="flex,sdpa", help="static-path attentions timed side by side (flex:N = "
                     "flex with its keys in N chunks, RunnerConfig.key_splits; flex alone: the runner's choice)")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--capacity", type=int, default=None, help="KV positions a slot (default: the prefix + the "
+                    "largest window + 256); 8192 = the serving slot, where the key splits follow it (key_splits)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -155,7 +160,7 @@ def main() -> None:
     rows = []
     for P in prefixes:
         for attention in attentions:
-            runner = setup(model, spec, device, dtype, max(ns), max(ks) + 1, W, P, fuse, attention)
+            runner = setup(model, spec, device, dtype, max(ns), max(ks) + 1, W, P, fuse, attention, args.capacity)
             rows += cases(runner, cfg, spec, device, ns, ks, W, P, peak, args.reps, attention)
             del runner
             if device.type == "cuda":
@@ -169,7 +174,8 @@ def main() -> None:
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
             "shape": shape, "dtype": str(dtype), "W": W, "prefixes": prefixes, "peak": peak, "commit": git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "counting": "rows = n*K*W queries per step; solo = n one-request steps"}
+            "torch": torch.__version__, "capacity": args.capacity,
+            "counting": "rows = n*K*W queries per step; solo = n one-request steps"}
     (args.out / "batch_throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = ["| attention | key splits | P | k | n | rows/step | step ms | x roofline | n solo ms | batched speed-up | "
              "rows/s | host ms | sdpa / flex |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

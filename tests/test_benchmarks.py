@@ -37,8 +37,11 @@ def test_quant_accuracy_pairs_every_scheme_with_full_precision(tmp_path):
 
 def test_batch_throughput_tiny(tmp_path):
     """flex (the runner's key splits: none on a CPU), flex with its keys in 2 chunks, and sdpa, side by side."""
-    run("batch_throughput.py", "--tiny", "--reps", "2", "--attention", "flex,flex:2,sdpa", "--out", str(tmp_path))
-    rows = json.loads((tmp_path / "batch_throughput.json").read_text())["rows"]
+    run("batch_throughput.py", "--tiny", "--reps", "2", "--attention", "flex,flex:2,sdpa", "--capacity", "1024",
+        "--out", str(tmp_path))
+    result = json.loads((tmp_path / "batch_throughput.json").read_text())
+    rows = result["rows"]
+    assert result["meta"]["capacity"] == 1024
     assert {(r["k"], r["n"]) for r in rows} == {(0, 1), (0, 2), (3, 1), (3, 2)}
     assert {(r["attention"], r["key_splits"]) for r in rows} == {("flex", 1), ("flex:2", 2), ("sdpa", None)}
     assert all(r["step_ms"] > 0 and r["roofline_ms"] > 0 and r["rows_per_step"] == r["n"] * (r["k"] + 1) * 8
