@@ -521,9 +521,10 @@ def serve(
                                 "request waits for a capture (RunnerConfig.warmup)."),
     attention: str = typer.Option(RunnerConfig.attention, help="GPU static path's attention: flex, sdpa, or auto "
                                   "(flex with the warm-up, else sdpa) (RunnerConfig.attention)."),
-    key_splits: Optional[int] = typer.Option(None, show_default="auto: as many as fill the GPU",
+    key_splits: Optional[int] = typer.Option(None, show_default="auto: by the GPU and the model",
                                              help="flex: a step too small to fill the GPU attends over its keys in "
-                                             "this many chunks side by side; 1 = never (RunnerConfig.key_splits)."),
+                                             "this many chunks side by side (one Dream-7B request with an 8K prompt: "
+                                             "1.69x a step on an H100); 1 = never (RunnerConfig.key_splits)."),
     device_step: Optional[bool] = typer.Option(None, "--device-step/--no-device-step", help="Greedy threshold / d2f "
                                                "/ lopa steps iterate every request at once on the device (default: "
                                                "with the warm-up on a GPU) (RunnerConfig.device_step)."),
