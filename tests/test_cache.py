@@ -47,3 +47,25 @@ def test_move_and_resize_keep_committed_kv_and_last_hidden():
     small = big.resized(slots=2, capacity=8)  # shrinking keeps the live slots (0..1) and their committed prefix
     assert small.slots == 2 and small.capacity == 8 and small.lengths == [5, 7]
     assert torch.equal(small.kv[:, :, 1, :, :7], slot2) and torch.equal(small.last_hidden[1], hidden2)
+
+
+def test_a_view_writes_each_query_where_it_belongs_without_copying_the_projections():
+    """CacheView.write puts request b's query q of KV head h at slot first + b, position write_index[b, q], for k and
+    v as the attention hands them over: [B, Hkv, Qb, D] views of the projection's [B, Qb, Hkv, D] (no copy of them
+    on the way: the index runs in their memory order). Other slots and positions are untouched."""
+    pool = _pool(slots=4, cap=16)
+    before = pool.kv.clone()
+    B, Qb, Hkv, D = 2, 3, 2, 4
+    k, v = (torch.randn(B, Qb, Hkv, D).transpose(1, 2) for _ in range(2))  # as models/transformer.py makes them
+    write_index = torch.tensor([[2, 3, 15], [0, 7, 8]])
+    view = pool.view(1, B, 16, write_index)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        keys, values = view.write(1, k, v)
+    assert not {e.name for e in prof.events()} & {"aten::clone", "aten::contiguous", "aten::copy_"}
+    want = before.clone()
+    for b in range(B):
+        for q in range(Qb):
+            want[0, 1, 1 + b, :, int(write_index[b, q])] = k[b, :, q]
+            want[1, 1, 1 + b, :, int(write_index[b, q])] = v[b, :, q]
+    assert torch.equal(pool.kv, want)
+    assert torch.equal(keys, pool.kv[0, 1, 1:3]) and torch.equal(values, pool.kv[1, 1, 1:3])

@@ -79,14 +79,16 @@ class CacheView:
         self.pool, self.first, self.B, self.Lb = pool, first, B, Lb
         Hkv, cap = pool.kv.shape[3], pool.capacity
         heads = torch.arange(Hkv, device=write_index.device)
-        # [B, Hkv, Qb] flat row in kv[i, layer, first:first+B] viewed as [B*Hkv*cap, D]
-        rows = (torch.arange(B, device=write_index.device)[:, None, None] * Hkv + heads[None, :, None]) * cap
-        self.flat_index = (rows + write_index[:, None, :]).reshape(-1)
+        # [B, Qb, Hkv] flat row in kv[i, layer, first:first+B] viewed as [B*Hkv*cap, D], in the order k and v lie in
+        # memory ([B, Qb, Hkv, D]: the projection's, transposed to [B, Hkv, Qb, D] as views), so writing them takes
+        # no copy
+        rows = (torch.arange(B, device=write_index.device)[:, None, None] * Hkv + heads[None, None, :]) * cap
+        self.flat_index = (rows + write_index[:, :, None]).reshape(-1)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k/v [B, Hkv, Qb, D] -> keys/values [B, Hkv, Lb, D]: strided views of the slots, no copy."""
         D = k.shape[-1]
         span = slice(self.first, self.first + self.B)
-        for i, x in enumerate((k, v)):
-            self.pool.kv[i, layer, span].view(-1, D).index_copy_(0, self.flat_index, x.reshape(-1, D))
+        for i, x in enumerate((k, v)):  # [B, Qb, Hkv, D] rows: a view when x is a transposed [B, Qb, Hkv, D] tensor
+            self.pool.kv[i, layer, span].view(-1, D).index_copy_(0, self.flat_index, x.transpose(1, 2).reshape(-1, D))
         return self.pool.kv[0, layer, span, :, :self.Lb], self.pool.kv[1, layer, span, :, :self.Lb]
