@@ -92,7 +92,9 @@ def main() -> None:
     for name in ("recompile_limit", "cache_size_limit"):  # "static" variants compile once per case
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 256)
-    variants = {}  # name -> (packed query heads, kernel call); each its own compiled function (no shared cache)
+    # name -> (packed query heads, kernel call), or ("split", (kernel call, chunks: 0 = the rule's)); each its own
+    # compiled function (no shared cache)
+    variants = {}
     for name in args.variants.split(","):
         opts = tiles_of(name)
         if name.startswith("engine split"):  # the runner's choice of chunks, or "engine split:N"
@@ -136,7 +138,8 @@ def main() -> None:
                             row[f"{name}_splits"] = S
                             sm = step_block_mask(Pt, branch, block, args.capacity, groups=H // HKV, splits=S,
                                                  kv_heads=HKV)
-                            call = functools.partial(split_attention, fn, qp, kv[0], kv[1], sm)
+                            call = functools.partial(split_attention, fn, qp, kv[0], kv[1], sm) if S > 1 else \
+                                functools.partial(fn, qp, kv[0], kv[1], block_mask=pm)  # the rule splits nothing
                         else:
                             call = (lambda: fn(qp, kv[0], kv[1], block_mask=pm)) if packed else \
                                 (lambda: fn(q, kv[0], kv[1], block_mask=bm))
