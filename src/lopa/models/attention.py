@@ -178,6 +178,7 @@ def split_attention(flex, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blo
     """
     B, Hkv, Q, D = q.shape
     S = block_mask.kv_num_blocks.shape[1] // Hkv
+    assert S > 1 and S * Hkv == block_mask.kv_num_blocks.shape[1], "a block mask of step_block_mask(splits >= 2)"
     qs = q[:, :, None].expand(B, Hkv, S, Q, D).reshape(B, Hkv * S, Q, D)
     if _AuxRequest is None:  # torch < 2.9
         out, lse = flex(qs, k, v, block_mask=block_mask, enable_gqa=True, return_lse=True)
