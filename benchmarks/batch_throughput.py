@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 
 from lopa.decoding.base import ForwardBatch, ModelSpec, PredictSpec
-from lopa.models.attention import key_splits
 from lopa.models.config import ModelConfig
 from lopa.models.fused import EAGER, fused_ops
 from lopa.models.transformer import Transformer
@@ -113,8 +112,7 @@ def cases(runner, cfg, spec, device, ns, ks, W: int, P: int, peak: dict, reps: i
             solo = n * solo_one
             roof, bound = roofline(batch_costs(cfg, n, K, W, P), peak)
             key = runner.graphs.key(items)
-            splits = None if runner.graphs.attention != "flex" else runner.key_splits or key_splits(
-                key[0], key[1], cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads, cfg.head_dim, key[2], runner.sms)
+            splits = runner.splits_of(*key[:3]) if runner.graphs.attention == "flex" else None
             row = {"attention": attention, "P": P, "k": k, "n": n, "rows_per_step": n * K * W, "key_splits": splits,
                    "step_ms": batched * 1e3, "solo_ms": solo * 1e3,
                    "speedup_vs_solo": solo / batched, "roofline_ms": roof * 1e3, "x_roofline": batched / roof,

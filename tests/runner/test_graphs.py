@@ -331,7 +331,8 @@ def test_key_splits_fill_the_gpu_only_where_a_step_leaves_it_idle():
 def test_load_model_hands_key_splits_to_the_runner(tiny_dream_dir):
     """RunnerConfig.key_splits reaches the runner (None = by the multiprocessors: a CPU has none); 0 is refused."""
     model = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu", key_splits=3))
-    assert model.runner.key_splits == 3 and model.runner.sms == 0
+    assert model.runner.splits_of(1, 32, 8192) == 3 and model.runner.sms == 0
+    assert lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu")).runner.splits_of(1, 32, 8192) == 1
     with pytest.raises(lopa.ConfigError, match="key_splits"):
         lopa.RunnerConfig(key_splits=0)
 
@@ -395,11 +396,9 @@ def test_load_model_warms_up_and_nothing_compiles_or_captures_after(tiny_dream_d
     # after the first key a query bucket already seen with the same key splits compiles nothing, a new one at most
     # its attention (dynamic in the batch; torch versions that also make it dynamic in the queries compile nothing
     # more at all)
-    cfg, runner = model.loaded.model.config, model.runner
     seen, later = set(), []
-    for key, n in zip(runner.graphs.statics, stats.warmup_key_compiles):
-        splits = attention.key_splits(key[0], key[1], cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads,
-                                      cfg.head_dim, key[2], runner.sms)
+    for key, n in zip(model.runner.graphs.statics, stats.warmup_key_compiles):
+        splits = model.runner.splits_of(*key[:3])
         later.append((key[:2], splits, n, (key[1], splits) in seen))
         seen.add((key[1], splits))
     assert all(n <= (0 if old else 1) for _, _, n, old in later[1:]), later

@@ -220,6 +220,13 @@ class ModelRunner:
                             dtype=torch.promote_types(self.dtype, torch.float32))
         return Predictions(empty.long(), empty, empty)
 
+    def splits_of(self, B: int, Qb: int, Lb: int) -> int:
+        """The key chunks of a "flex" step of B rows of Qb queries over slots of Lb positions (split_attention):
+        RunnerConfig.key_splits, or by the rule (models/attention.py: key_splits)."""
+        cfg = self.model.config
+        return self.key_splits or key_splits(B, Qb, cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads, cfg.head_dim,
+                                             Lb, self.sms)
+
     def body(self, inputs: torch.Tensor, first: int, Lb: int, flex: bool = False) -> torch.Tensor:
         """The forward of a packed step (runner/step.py) over slots [first, first + B): hidden [B, Qb, E].
         Positions, write slots and the mask are built here on the device (graph-capturable): an additive mask
@@ -231,9 +238,8 @@ class ModelRunner:
         write = torch.where(branch >= 0, (P[:, None] + q).clamp(max=trash), trash)
         if flex:
             cfg = self.model.config  # the query heads of a KV head share the query axis (models/transformer.py)
-            groups, heads = cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads
-            splits = self.key_splits or key_splits(B, Qb, groups, heads, cfg.head_dim, Lb, self.sms)
-            mask = step_block_mask(P, branch, block, Lb, groups=groups, splits=splits, kv_heads=heads)
+            mask = step_block_mask(P, branch, block, Lb, groups=cfg.num_heads // cfg.num_kv_heads,
+                                   splits=self.splits_of(B, Qb, Lb), kv_heads=cfg.num_kv_heads)
         else:
             allowed = step_mask(P, branch, block, Lb)  # [B, Qb, Lb]
             # additive, in the model's dtype, built once: SDPA would turn a bool mask into this in every layer
