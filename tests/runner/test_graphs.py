@@ -304,7 +304,7 @@ def test_split_attention_equals_the_unsplit_attention(splits):
                                                                                    groups=groups))
             mask = attention.step_block_mask(P, branch, block, cap, size, groups=groups, splits=splits, kv_heads=Hkv)
             for flex in (fused.EAGER.flex, compiled):
-                got = attention.split_attention(flex, q, k, v, mask)
+                got = attention.split_attention(flex, q.view(B, Hkv * groups, Qb, D), k, v, mask)  # heads unpacked
                 real = (branch >= 0).repeat(1, groups)[:, None].expand(B, Hkv, groups * Qb)
                 torch.testing.assert_close(got[real], want[real], rtol=1e-12, atol=1e-12)
 

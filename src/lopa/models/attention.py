@@ -169,17 +169,20 @@ def _query_tile_spans(P: torch.Tensor, branch: torch.Tensor, groups: int, size: 
 
 
 def split_attention(flex, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
-    """FlexAttention with the keys cut into chunks, for steps too small to fill the GPU: q [B, Hkv, Q, D] (the packed
-    query axis), k / v [B, Hkv, L, D], a block mask of step_block_mask(splits=S, kv_heads=Hkv) -> [B, Hkv, Q, D].
+    """FlexAttention with the keys cut into chunks, for steps too small to fill the GPU: q [B, H, T, D] (the query
+    heads of a KV head consecutive), k / v [B, Hkv, L, D], a block mask of step_block_mask(splits=S, kv_heads=Hkv,
+    groups=H / Hkv) -> [B, Hkv, (H / Hkv) * T, D], the packed query axis of the unsplit call.
 
-    The queries are repeated S times as query heads (head h * S + s reads chunk s of KV head h: enable_gqa), so the
-    kernel runs S times the programs, each over about 1/S of the span; the chunks' partial results are merged by
-    their log-sum-exps (a chunk without keys has -inf and weighs 0). Equal to the unsplit attention up to rounding.
+    The packed queries are repeated S times as query heads (head h * S + s reads chunk s of KV head h: enable_gqa),
+    in one copy of q, so the kernel runs S times the programs, each over about 1/S of the span; the chunks' partial
+    results are merged by their log-sum-exps (a chunk without keys has -inf and weighs 0). Equal to the unsplit
+    attention up to rounding.
     """
-    B, Hkv, Q, D = q.shape
-    S = block_mask.kv_num_blocks.shape[1] // Hkv
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    S, Q = block_mask.kv_num_blocks.shape[1] // Hkv, H // Hkv * T
     assert S > 1 and S * Hkv == block_mask.kv_num_blocks.shape[1], "a block mask of step_block_mask(splits >= 2)"
-    qs = q[:, :, None].expand(B, Hkv, S, Q, D).reshape(B, Hkv * S, Q, D)
+    qs = q.unflatten(1, (Hkv, H // Hkv))[:, :, None].expand(B, Hkv, S, H // Hkv, T, D).reshape(B, Hkv * S, Q, D)
     if _AuxRequest is None:  # torch < 2.9
         out, lse = flex(qs, k, v, block_mask=block_mask, enable_gqa=True, return_lse=True)
     else:
