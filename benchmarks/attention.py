@@ -12,10 +12,11 @@ Other variants: compiled with dynamic shapes, or per shape ("static"); "packed" 
 m64 / n32 / w4 / s3 = kernel options BLOCK_M / BLOCK_N / num_warps / num_stages ("engine m64 n64": the engine's
 kernel with those tiles, "engine torch" with torch's default tiles; the engine picks them by head dim:
 models/fused.py flex_tiles). "engine split" = the engine's kernel with the keys in chunks where the step leaves the
-GPU idle (models/attention.py: key_splits, split_attention, as the runner does; the chunk count in the table),
-"engine split:N" in N chunks always. "tiles" = key tiles the mask lists per query tile (partial + full), averaged
-over the real ones. Times: median of CUDA-graph replays of the attention call (the mask is built once per step for all layers,
-timed apart as "mask").
+GPU idle (models/attention.py: key_splits, split_attention, as the runner does with models/fused.py's compiled
+Ops.split; the chunk count in the table), "engine split:N" in N chunks always, "engine split unfused" with the
+repeat and the merge eager around the compiled kernel (before Ops.split). "tiles" = key tiles the mask lists per
+query tile (partial + full), averaged over the real ones. Times: median of CUDA-graph replays of the attention
+call (the mask is built once per step for all layers, timed apart as "mask").
 
     PYTHONPATH=src python3 benchmarks/attention.py --out benchmarks/results/attention_h100
 """
@@ -94,10 +95,13 @@ def main() -> None:
             setattr(torch._dynamo.config, name, 256)
     # name -> (packed query heads, or "split", kernel call); each its own compiled function (no shared cache)
     variants = {}
+    unsplit = compiled().flex
     for name in args.variants.split(","):
         opts = tiles_of(name)
-        if name.startswith("engine split"):  # the runner's choice of chunks, or "engine split:N"
-            variants[name] = ("split", compiled().flex)
+        if name.startswith("engine split"):  # the runner's choice of chunks, or "engine split:N"; "unfused": the
+            # compiled kernel between the eager repeat and merge (what the engine ran before Ops.split)
+            ops = compiled()
+            variants[name] = ("split", functools.partial(split_attention, ops.flex) if "unfused" in name else ops.split)
             continue
         if name.startswith("engine"):  # with tile words: the engine's call with other kernel tiles
             fn = compiled().flex
@@ -132,13 +136,13 @@ def main() -> None:
                     qp = q.view(n, HKV, H // HKV * Qb, D)  # heads of a KV group consecutive: [n, Hkv, 7*Qb, D]
                     for name, (packed, fn) in variants.items():
                         if packed == "split":
-                            S = int(name.partition(":")[2] or 0) or key_splits(n, Qb, H // HKV, HKV, D, args.capacity,
-                                                                               sms)
+                            forced = int(name.partition(":")[2].split()[0]) if ":" in name else 0
+                            S = forced or key_splits(n, Qb, H // HKV, HKV, D, args.capacity, sms)
                             row[f"{name}_splits"] = S
                             sm = step_block_mask(Pt, branch, block, args.capacity, groups=H // HKV, splits=S,
                                                  kv_heads=HKV)
-                            call = functools.partial(split_attention, fn, q, kv[0], kv[1], sm) if S > 1 else \
-                                functools.partial(fn, qp, kv[0], kv[1], block_mask=pm)  # the rule splits nothing
+                            call = functools.partial(fn, q, kv[0], kv[1], sm) if S > 1 else \
+                                functools.partial(unsplit, qp, kv[0], kv[1], block_mask=pm)  # the rule splits nothing
                         else:
                             call = (lambda: fn(qp, kv[0], kv[1], block_mask=pm)) if packed else \
                                 (lambda: fn(q, kv[0], kv[1], block_mask=bm))

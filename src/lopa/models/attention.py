@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from .fused import mark_batch_dynamic
-
 try:  # FlexAttention's auxiliary outputs (torch >= 2.9; before, return_lse=True)
     from torch.nn.attention.flex_attention import AuxRequest as _AuxRequest
 except ImportError:  # pragma: no cover - older torch
@@ -168,7 +166,7 @@ def _query_tile_spans(P: torch.Tensor, branch: torch.Tensor, groups: int, size: 
     return lo.to(torch.int32), hi.to(torch.int32)
 
 
-def split_attention(flex, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
+def split_attention(flex, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, **kw) -> torch.Tensor:
     """FlexAttention with the keys cut into chunks, for steps too small to fill the GPU: q [B, H, T, D] (the query
     heads of a KV head consecutive), k / v [B, Hkv, L, D], a block mask of step_block_mask(splits=S, kv_heads=Hkv,
     groups=H / Hkv) -> [B, Hkv, (H / Hkv) * T, D], the packed query axis of the unsplit call.
@@ -176,7 +174,8 @@ def split_attention(flex, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blo
     The packed queries are repeated S times as query heads (head h * S + s reads chunk s of KV head h: enable_gqa),
     in one copy of q, so the kernel runs S times the programs, each over about 1/S of the span; the chunks' partial
     results are merged by their log-sum-exps (a chunk without keys has -inf and weighs 0). Equal to the unsplit
-    attention up to rounding.
+    attention up to rounding. ``kw``: flex's other options (kernel_options). models/fused.py compiles the whole call
+    (Ops.split): the repeat and the merge become one kernel each around FlexAttention's.
     """
     B, H, T, D = q.shape
     Hkv = k.shape[1]
@@ -184,9 +183,9 @@ def split_attention(flex, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blo
     assert S > 1 and S * Hkv == block_mask.kv_num_blocks.shape[1], "a block mask of step_block_mask(splits >= 2)"
     qs = q.unflatten(1, (Hkv, H // Hkv))[:, :, None].expand(B, Hkv, S, H // Hkv, T, D).reshape(B, Hkv * S, Q, D)
     if _AuxRequest is None:  # torch < 2.9
-        out, lse = flex(qs, k, v, block_mask=block_mask, enable_gqa=True, return_lse=True)
+        out, lse = flex(qs, k, v, block_mask=block_mask, enable_gqa=True, return_lse=True, **kw)
     else:
-        out, aux = flex(qs, k, v, block_mask=block_mask, enable_gqa=True, return_aux=_AuxRequest(lse=True))
+        out, aux = flex(qs, k, v, block_mask=block_mask, enable_gqa=True, return_aux=_AuxRequest(lse=True), **kw)
         lse = aux.lse
     lse = lse.view(B, Hkv, S, Q)
     weight = torch.softmax(lse.to(torch.promote_types(lse.dtype, torch.float32)), dim=2)[..., None]  # [B, Hkv, S, Q, 1]
@@ -218,3 +217,14 @@ def key_splits(B: int, Qb: int, groups: int, kv_heads: int, head_dim: int, capac
     while 2 * splits * one <= sms and 2 * splits <= MAX_KEY_SPLITS and 4 * splits * size <= capacity:
         splits *= 2
     return splits if splits >= MIN_KEY_SPLITS and B * one * splits <= 2 * sms else 1
+
+
+def mark_batch_dynamic(*tensors: torch.Tensor) -> None:
+    """Tell torch.compile that dim 0 (the batch bucket B) of what the compiled FlexAttention reads may vary and
+    everything else is fixed, so the kernel compiles once per query bucket for every B: q, k, v where it is called
+    (models/fused.py), the block mask's tensors where it is built (step_block_mask). Only marks: nothing changes in
+    eager code."""
+    for t in tensors:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+        for dim in range(1, t.dim()):
+            torch._dynamo.mark_static(t, dim)

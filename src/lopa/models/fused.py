@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -19,6 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .attention import mark_batch_dynamic, split_attention
 from .quant import quantize_rows
 
 try:  # FlexAttention (torch >= 2.5): the static path's attention over each slot's real key span
@@ -64,6 +66,9 @@ class Ops:
     # (q, k, v, block_mask=, enable_gqa=) -> out; eager it evaluates the mask everywhere (reference, CPU tests),
     # compiled it is one Triton kernel that skips the key tiles the block mask leaves out
     flex: Callable[..., torch.Tensor] | None = flex_attention
+    # (q, k, v, block_mask) -> out: the same with the keys in chunks (models/attention.py: split_attention); compiled,
+    # the repeated queries and the chunks' merge are fused around the kernel
+    split: Callable[..., torch.Tensor] | None = None
     tracing: "Tracing | None" = None  # compiled(): whether calls still set up what a compile needs (settle())
 
     def settle(self) -> None:
@@ -79,7 +84,8 @@ class Tracing:
     oblivious: bool = True  # the attention compiles size-obliviously (False after a compiler refused it)
 
 
-EAGER = Ops(rms_norm, add_rms_norm, rope, silu_mul, quantize_rows)
+EAGER = Ops(rms_norm, add_rms_norm, rope, silu_mul, quantize_rows, flex_attention,
+            None if flex_attention is None else functools.partial(split_attention, flex_attention))
 
 
 def _static_width(fn: Callable) -> Callable:
@@ -130,9 +136,12 @@ def compiled(backend: str = "inductor") -> Ops:
     rms, add_rms, rope_, silu = (_dynamic_rows(torch.compile(f, backend=backend, fullgraph=True), _VARYING[f],
                                                tracing) for f in (rms_norm, add_rms_norm, rope, silu_mul))
     quant = _static_width(torch.compile(quantize_rows, backend=backend, fullgraph=True))
-    flex = None if flex_attention is None else _static_queries(torch.compile(flex_attention, backend=backend,
-                                                                             fullgraph=True), tracing)
-    return Ops(rms, add_rms, rope_, silu, quant, flex, tracing)
+    flex = split = None
+    if flex_attention is not None:
+        flex = _static_queries(torch.compile(flex_attention, backend=backend, fullgraph=True), tracing)
+        split = _static_queries(torch.compile(functools.partial(split_attention, flex_attention), backend=backend,
+                                              fullgraph=True), tracing)
+    return Ops(rms, add_rms, rope_, silu, quant, flex, split, tracing)
 
 
 def _static_queries(fn: Callable, tracing: Tracing) -> Callable:
@@ -167,16 +176,6 @@ def flex_tiles(head_dim: int) -> dict | None:
     return {"BLOCK_M": 64, "BLOCK_N": 64} if head_dim <= 64 else None
 
 
-def mark_batch_dynamic(*tensors: torch.Tensor) -> None:
-    """Tell torch.compile that dim 0 (the batch bucket B) of what the compiled FlexAttention reads may vary and
-    everything else is fixed, so the kernel compiles once per query bucket for every B: q, k, v here, the block
-    mask's tensors where it is built (models/attention.py). Only marks: nothing changes in eager code."""
-    for t in tensors:
-        torch._dynamo.maybe_mark_dynamic(t, 0)
-        for dim in range(1, t.dim()):
-            torch._dynamo.mark_static(t, dim)
-
-
 @contextlib.contextmanager
 def size_oblivious():
     """torch.fx.experimental._config.backed_size_oblivious on (torch >= 2.6), set and restored directly: the
@@ -206,7 +205,7 @@ def fused_ops(device: torch.device, dtype: torch.dtype) -> Ops:
     try:
         ops = compiled()
         if device.type != "cuda":  # inductor's CPU FlexAttention template does not take this mask: eager there
-            ops = dataclasses.replace(ops, flex=EAGER.flex)
+            ops = dataclasses.replace(ops, flex=EAGER.flex, split=EAGER.split)
         with torch.inference_mode():  # the mode the runner calls it in, so the guards match
             x = torch.ones(2, 8, device=device, dtype=dtype)
             torch.testing.assert_close(ops.rms_norm(x, x[0], 1e-6), rms_norm(x, x[0], 1e-6))

@@ -14,7 +14,6 @@ from torch import nn
 
 from ..cache import CacheView
 from .config import ModelConfig
-from .attention import split_attention
 from .fused import EAGER, Ops
 
 _TORCH = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
@@ -81,7 +80,7 @@ class Attention(nn.Module):
             else:  # a FlexAttention BlockMask over the whole slot (models/attention.py: step_block_mask), the query
                 # heads of each KV head on the query axis: [B, Hkv, (H / Hkv) * T, D], each K/V tile read once
                 if mask.kv_num_blocks.shape[1] > 1:  # the keys in chunks, one per extra query head (key_splits)
-                    out = split_attention(ops.flex, q, keys, values, mask)
+                    out = ops.split(q, keys, values, mask)
                 else:
                     packed = q.reshape(B, self.Hkv, self.H // self.Hkv * T, self.D)
                     out = ops.flex(packed, keys, values, block_mask=mask)
