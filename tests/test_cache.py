@@ -20,10 +20,12 @@ def test_commit_copies_each_slots_winner_columns():
     slots = torch.tensor([0, 0, 2, 2, 2])
     src = torch.tensor([9, 10, 12, 13, 14])
     dst = torch.tensor([3, 4, 5, 6, 7])
-    pool.commit(slots, src, dst)
+    trash = torch.tensor([15, 15])  # idle entries (the device path's): the trash position onto itself, repeated
+    pool.commit(torch.cat([slots, torch.tensor([1, 1])]), torch.cat([src, trash]), torch.cat([dst, trash]))
+    want = before.clone()
     for s, a, b in zip(slots.tolist(), src.tolist(), dst.tolist()):
-        assert torch.equal(pool.kv[:, :, s, :, b], before[:, :, s, :, a])
-    assert torch.equal(pool.kv[:, :, 1], before[:, :, 1])  # other slots untouched
+        want[:, :, s, :, b] = before[:, :, s, :, a]
+    assert torch.equal(pool.kv, want)  # every winner column copied, every other position (other slots too) kept
 
 
 def test_move_and_resize_keep_committed_kv_and_last_hidden():

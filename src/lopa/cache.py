@@ -35,8 +35,16 @@ class KVPool:
 
     def commit(self, slots: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy K/V at positions src to dst within each slot (index tensors [N] on the device, src never
-        overlapping any dst): the winning branch's leading columns become committed positions."""
-        self.kv[:, :, slots, :, dst] = self.kv[:, :, slots, :, src]  # [N, 2, L, Hkv, D] gathered, then scattered
+        overlapping any dst): the winning branch's leading columns become committed positions. Entries may repeat
+        a (slot, dst) only with the same src (the device path's idle entries copy the trash position onto itself).
+
+        As rows of D features of one [2 * L, S * Hkv * cap, D] view: one row gather and one row scatter, instead of
+        advanced indexing over two non-adjacent dims of the 6-D tensor."""
+        _, L, S, Hkv, cap, D = self.kv.shape
+        rows = self.kv.view(2 * L, S * Hkv * cap, D)
+        base = (slots[:, None] * Hkv + torch.arange(Hkv, device=slots.device)) * cap  # [N, Hkv] row of position 0
+        moved = rows.index_select(1, (base + src[:, None]).view(-1))  # [2L, N * Hkv, D], read before any write
+        rows.index_copy_(1, (base + dst[:, None]).view(-1), moved)
 
     def move(self, moves: list[tuple[int, int]]) -> None:
         """Slots change places (engine/scheduler.py: Plan.moves): each (src, dst) moves slot src's committed K/V,
