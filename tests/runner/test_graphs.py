@@ -311,6 +311,31 @@ def test_split_attention_equals_the_unsplit_attention(splits):
             torch.testing.assert_close(ops.split(heads, k, v, mask)[real], want[real], rtol=1e-6, atol=1e-6)
 
 
+def test_split_attention_falls_back_to_the_unfused_form_where_its_compile_fails():
+    """Ops.split whose whole compile raises: a warning once, then the unfused form (the attention alone compiled),
+    with the same output; later calls do not try the compile again."""
+    from lopa.models import fused
+
+    calls = []
+
+    def refusing(*args):
+        calls.append(args)
+        raise RuntimeError("no kernel for this")
+
+    split = fused._or_unfused(refusing, fused.EAGER.flex)
+    P, branch, block, cap = _random_step(0, 16)
+    B, Qb = branch.shape
+    q = torch.randn(B, 4, Qb, 8, dtype=torch.float64)
+    k, v = (torch.randn(B, 2, cap, 8, dtype=torch.float64) for _ in range(2))
+    with torch.inference_mode():
+        mask = attention.step_block_mask(P, branch, block, cap, 16, groups=2, splits=2, kv_heads=2)
+        with pytest.warns(RuntimeWarning, match="did not compile whole"):
+            got = split(q, k, v, mask)
+        torch.testing.assert_close(got, fused.EAGER.split(q, k, v, mask), rtol=0, atol=0)
+        split(q, k, v, mask)
+    assert len(calls) == 1
+
+
 def test_key_splits_fill_the_gpu_only_where_a_step_leaves_it_idle():
     """One request at Dream-7B shape (4 KV heads of 7 query heads, an H100's 132 multiprocessors): Qb = 32 runs 8
     programs, so its keys split 16 ways (128 programs; MAX_KEY_SPLITS), as do 2 requests, not 3 (over twice the GPU

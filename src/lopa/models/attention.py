@@ -175,7 +175,7 @@ def split_attention(flex, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blo
     in one copy of q, so the kernel runs S times the programs, each over about 1/S of the span; the chunks' partial
     results are merged by their log-sum-exps (a chunk without keys has -inf and weighs 0). Equal to the unsplit
     attention up to rounding. ``kw``: flex's other options (kernel_options). models/fused.py compiles the whole call
-    (Ops.split): the repeat and the merge become one kernel each around FlexAttention's.
+    (Ops.split): the repeat and the merge become generated kernels around FlexAttention's.
     """
     B, H, T, D = q.shape
     Hkv = k.shape[1]

@@ -139,8 +139,8 @@ def compiled(backend: str = "inductor") -> Ops:
     flex = split = None
     if flex_attention is not None:
         flex = _static_queries(torch.compile(flex_attention, backend=backend, fullgraph=True), tracing)
-        split = _static_queries(torch.compile(functools.partial(split_attention, flex_attention), backend=backend,
-                                              fullgraph=True), tracing)
+        whole = torch.compile(functools.partial(split_attention, flex_attention), backend=backend, fullgraph=True)
+        split = _or_unfused(_static_queries(whole, tracing), flex)
     return Ops(rms, add_rms, rope_, silu, quant, flex, split, tracing)
 
 
@@ -165,6 +165,24 @@ def _static_queries(fn: Callable, tracing: Tracing) -> Callable:
                     warnings.warn(f"FlexAttention did not compile with size-oblivious batch sizes "
                                   f"({type(err).__name__}: {err}); B = 1 compiles apart", RuntimeWarning, stacklevel=2)
             return fn(q, k, v, block_mask=block_mask, **kw)
+    return call
+
+
+def _or_unfused(split: Callable, flex: Callable) -> Callable:
+    """Ops.split compiled whole or, from the first call whose compile fails, with only FlexAttention compiled (the
+    repeat and the merge eager around it, as before Ops.split), with a warning: a compiler that refuses the fused
+    form costs speed, never the model's load."""
+    fused = [split]
+
+    def call(q, k, v, block_mask):
+        if fused[0] is not None:
+            try:
+                return fused[0](q, k, v, block_mask)
+            except Exception as err:  # noqa: BLE001 - any compiler failure means: the unfused form
+                warnings.warn(f"the split attention did not compile whole ({type(err).__name__}: {err}); its repeat "
+                              f"and merge run unfused", RuntimeWarning, stacklevel=2)
+                fused[0] = None
+        return split_attention(flex, q, k, v, block_mask)
     return call
 
 
