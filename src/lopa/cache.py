@@ -14,6 +14,11 @@ from __future__ import annotations
 import torch
 
 
+def _head_rows(slots: torch.Tensor, Hkv: int, cap: int) -> torch.Tensor:
+    """slots [N] -> [N, Hkv]: the row of position 0 of each (slot, KV head) in slots viewed as [S * Hkv * cap, D]."""
+    return (slots[:, None] * Hkv + torch.arange(Hkv, device=slots.device)) * cap
+
+
 class KVPool:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, hidden_size: int, slots: int,
                  capacity: int, device: torch.device | str, dtype: torch.dtype) -> None:
@@ -42,7 +47,7 @@ class KVPool:
         advanced indexing over two non-adjacent dims of the 6-D tensor."""
         _, L, S, Hkv, cap, D = self.kv.shape
         rows = self.kv.view(2 * L, S * Hkv * cap, D)
-        base = (slots[:, None] * Hkv + torch.arange(Hkv, device=slots.device)) * cap  # [N, Hkv] row of position 0
+        base = _head_rows(slots, Hkv, cap)  # [N, Hkv]
         moved = rows.index_select(1, (base + src[:, None]).view(-1))  # [2L, N * Hkv, D], read before any write
         rows.index_copy_(1, (base + dst[:, None]).view(-1), moved)
 
@@ -85,13 +90,11 @@ class CacheView:
         assert first + B <= pool.slots and Lb <= pool.capacity, (first, B, pool.slots, Lb, pool.capacity)
         assert write_index.shape[0] == B, write_index.shape
         self.pool, self.first, self.B, self.Lb = pool, first, B, Lb
-        Hkv, cap = pool.kv.shape[3], pool.capacity
-        heads = torch.arange(Hkv, device=write_index.device)
         # [B, Qb, Hkv] flat row in kv[i, layer, first:first+B] viewed as [B*Hkv*cap, D], in the order k and v lie in
         # memory ([B, Qb, Hkv, D]: the projection's, transposed to [B, Hkv, Qb, D] as views), so writing them takes
         # no copy
-        rows = (torch.arange(B, device=write_index.device)[:, None, None] * Hkv + heads[None, None, :]) * cap
-        self.flat_index = (rows + write_index[:, :, None]).reshape(-1)
+        rows = _head_rows(torch.arange(B, device=write_index.device), pool.kv.shape[3], pool.capacity)  # [B, Hkv]
+        self.flat_index = (rows[:, None, :] + write_index[:, :, None]).reshape(-1)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k/v [B, Hkv, Qb, D] -> keys/values [B, Hkv, Lb, D]: strided views of the slots, no copy."""
