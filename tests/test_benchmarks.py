@@ -309,3 +309,18 @@ def test_http_overhead_times_each_server_variant(tmp_path):
         (v, c) for v in ("asyncio:h11", "uvloop:httptools") for c in (1, 2)]
     assert all(r["requests_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0 for r in rows)
     assert (tmp_path / "http_overhead.md").read_text().count("| uvloop:httptools |") == 2
+
+
+def test_chain_tuning_times_every_variant_at_both_shapes(tmp_path):
+    """chain_tuning.py on the CPU (dynamo's eager backend): every variant compiled afresh and timed at both shapes,
+    its first shape first, with the bytes each chain moves; the table's ratios are to 'small first'."""
+    run("chain_tuning.py", "--device", "cpu", "--backend", "eager", "--shapes", "tiny", "--small", "1x4", "--large",
+        "2x8", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "chain_tuning.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["small first", "large first", "static", "heads static"]
+    for r in rows:
+        first = "2x8" if r["variant"] == "large first" else "1x4"
+        assert next(k for k in r if k.endswith("_ms")) == f"rope_{first}_ms"
+        assert all(r[f"{c}_{s}_ms"] > 0 and r[f"{c}_{s}_MB"] > 0
+                   for c in ("rope", "silu", "rms") for s in ("1x4", "2x8"))
+    assert "| tiny | small first | rope | " in (tmp_path / "chain_tuning.md").read_text()
