@@ -91,6 +91,27 @@ def inputs(shape: str, B: int, T: int, device, dtype):
     return q, k, cos, sin, gate_up, x, delta, weight, bytes_
 
 
+def write(out: Path, meta: dict, rows: list[dict], tags: tuple[str, str]) -> str:
+    """chain_tuning.json and chain_tuning.md under ``out``; returns the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "chain_tuning.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [f"{meta['device']}, torch {meta['torch']}, {meta['date']}: ms at each shape ((x) = 'small first' ms / "
+             "this ms at that shape, above 1 faster; GB/s = the bytes the chain must move / its time)", "",
+             "| shape | variant | chain | " + " | ".join(f"{s} ms (x) | {s} GB/s" for s in tags) + " |",
+             "|" + "---|" * 7]
+    for row in rows:
+        base = next((r for r in rows if r["shape"] == row["shape"] and r["variant"] == "small first"), row)
+        for chain in ("rope", "silu", "rms"):
+            cells = []
+            for tag in tags:
+                ms = row[f"{chain}_{tag}_ms"]
+                cells.append(f"{ms:.4f} ({base[f'{chain}_{tag}_ms'] / ms:.2f}) | {row[f'{chain}_{tag}_MB'] / ms:.0f}")
+            lines.append(f"| {row['shape']} | {row['variant']} | {chain} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    (out / "chain_tuning.md").write_text(table)
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/chain_tuning"))
@@ -111,6 +132,9 @@ def main() -> None:
     inductor_config.fx_graph_cache = False  # every variant compiles and tunes afresh
     inductor_config.autotune_local_cache = False
     small, large = (tuple(int(x) for x in s.split("x")) for s in (args.small, args.large))
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+            "backend": args.backend, "small": args.small, "large": args.large,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     rows = []
     for shape in args.shapes.split(","):
         for variant in args.variants.split(","):
@@ -127,26 +151,8 @@ def main() -> None:
                     row[f"{chain}_{tag}_MB"] = n / 1e6
             rows.append(row)
             print(json.dumps(row), flush=True)
-    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-            "backend": args.backend, "small": args.small, "large": args.large,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "chain_tuning.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [f"{meta['device']}, torch {meta['torch']}, {meta['date']}: ms at each shape ((x) = 'small first' ms / "
-             "this ms at that shape, above 1 faster; GB/s = the bytes the chain must move / its time)", "",
-             "| shape | variant | chain | "
-             + " | ".join(f"{s} ms (x) | {s} GB/s" for s in (args.small, args.large)) + " |",
-             "|" + "---|" * 7]
-    for row in rows:
-        base = next((r for r in rows if r["shape"] == row["shape"] and r["variant"] == "small first"), row)
-        for chain in ("rope", "silu", "rms"):
-            cells = []
-            for tag in (args.small, args.large):
-                ms = row[f"{chain}_{tag}_ms"]
-                cells.append(f"{ms:.4f} ({base[f'{chain}_{tag}_ms'] / ms:.2f}) | {row[f'{chain}_{tag}_MB'] / ms:.0f}")
-            lines.append(f"| {row['shape']} | {row['variant']} | {chain} | " + " | ".join(cells) + " |")
-    (args.out / "chain_tuning.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+            table = write(args.out, meta, rows, (args.small, args.large))  # after every row: a cut run keeps its rows
+    print(table)
 
 
 if __name__ == "__main__":
