@@ -5,8 +5,9 @@ Why: the chains are compiled dynamic in their rows, and Inductor fixes a generat
 from the sizes of its first call (the size hints its candidate configs are built from; the autotuning among them
 at the first launch). The start-up warm-up calls them first at its first key, B = 1 and Qb = 32 (runner/graphs.py:
 warmup_shapes), so every later step runs kernels tuned for 32 rows. The eighth session's kernel table of 32
-requests on the embedded model (benchmarks/results/host_step_profile_compiled_h100) had RoPE and SiLU*up at 2-4x
-the time their bytes need. This measures whether the first shape is the cause.
+requests on the embedded model (benchmarks/results/host_step_profile_compiled_h100) had RoPE and SiLU*up far below
+the bandwidth their bytes allow (docs/benchmarks.md, eleventh session). This measures whether the first shape is the
+cause.
 
 Variants, each compiled afresh in the same process (dynamo reset, Inductor's local caches off):
 
