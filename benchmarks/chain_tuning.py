@@ -4,7 +4,7 @@ a small and a large step, by the shape they were first called at.
 Why: the chains are compiled dynamic in their rows, and Inductor fixes a generated kernel's launch configurations
 from the sizes of its first call (the size hints its candidate configs are built from; the autotuning among them
 at the first launch). The start-up warm-up calls them first at its first key, B = 1 and Qb = 32 (runner/graphs.py:
-warmup_shapes), so every later step runs kernels tuned for 32 rows. The eighth session's kernel table of 32
+warmup_shapes), so later steps may run kernels tuned for 32 rows. The eighth session's kernel table of 32
 requests on the embedded model (benchmarks/results/host_step_profile_compiled_h100) had RoPE and SiLU*up far below
 the bandwidth their bytes allow (docs/benchmarks.md, eleventh session). This measures whether the first shape is the
 cause.
