@@ -28,8 +28,6 @@ import argparse
 import datetime
 import functools
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -40,16 +38,6 @@ from lopa.models.transformer import rope as rope_tables
 # query heads, KV heads, head dim, hidden, intermediate
 SHAPES = {"default": (4, 2, 64, 256, 768), "dream-7b": (28, 4, 128, 3584, 18944), "tiny": (2, 1, 8, 16, 32)}
 VARIANTS = ("small first", "large first", "static", "heads static")
-
-
-def wall_ms(fn, reps: int = 20) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def chains(variant: str, backend: str):
@@ -128,7 +116,10 @@ def main() -> None:
     if device.type == "cuda":
         from gemm_rows import median_ms as timer  # CUDA-graph replays, as the engine runs them
     else:
-        timer = wall_ms
+        from step_latency import timed
+
+        def timer(fn):
+            return timed(fn, device) * 1e3
     import torch._inductor.config as inductor_config
     inductor_config.fx_graph_cache = False  # every variant compiles and tunes afresh
     inductor_config.autotune_local_cache = False
