@@ -172,16 +172,15 @@ def _or_unfused(split: Callable, flex: Callable) -> Callable:
     """Ops.split compiled whole or, from the first call whose compile fails, with only FlexAttention compiled (the
     repeat and the merge eager around it, as before Ops.split), with a warning: a compiler that refuses the fused
     form costs speed, never the model's load."""
-    fused = [split]
-
     def call(q, k, v, block_mask):
-        if fused[0] is not None:
+        nonlocal split
+        if split is not None:
             try:
-                return fused[0](q, k, v, block_mask)
+                return split(q, k, v, block_mask)
             except Exception as err:  # noqa: BLE001 - any compiler failure means: the unfused form
                 warnings.warn(f"the split attention did not compile whole ({type(err).__name__}: {err}); its repeat "
                               f"and merge run unfused", RuntimeWarning, stacklevel=2)
-                fused[0] = None
+                split = None
         return split_attention(flex, q, k, v, block_mask)
     return call
 
