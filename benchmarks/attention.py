@@ -83,6 +83,11 @@ def main() -> None:
                     "query heads of a KV head on the query axis, 'static' = compiled for each shape (else dynamic "
                     "shapes), m64 / n64 / w4 / s3 = kernel options")
     args = ap.parse_args()
+    widest = max(int(P) for P in args.prefixes.split(",")) + query_bucket((max(int(k) for k in args.ks.split(",")) + 1)
+                                                                          * args.window)
+    if round_up(widest, 256) > args.capacity:  # the SDPA reference's mask spans P + Qb rounded to 256 keys
+        ap.error(f"--capacity {args.capacity} is below the widest case's keys ({round_up(widest, 256)}: the longest "
+                 f"prefix and the largest k's queries, rounded to 256); raise it")
     from torch.nn.attention.flex_attention import flex_attention
 
     from lopa.models.fused import compiled

@@ -324,3 +324,14 @@ def test_chain_tuning_times_every_variant_at_both_shapes(tmp_path):
         assert all(r[f"{c}_{s}_ms"] > 0 and r[f"{c}_{s}_MB"] > 0
                    for c in ("rope", "silu", "rms") for s in ("1x4", "2x8"))
     assert "| tiny | small first | rope | " in (tmp_path / "chain_tuning.md").read_text()
+
+
+def test_attention_refuses_a_capacity_below_its_widest_case(tmp_path):
+    """attention.py (GPU only) checks its arguments before it touches a GPU: slots narrower than the longest prefix
+    plus the largest k's queries (the SDPA reference's keys) are a usage error, not a shape error mid-run."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention.py"), "--prefixes", "512,8192", "--ks",
+                          "0", "--capacity", "8192", "--out", str(tmp_path)], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "--capacity 8192 is below the widest case's keys (8448" in out.stderr
+    assert not any(tmp_path.iterdir())

@@ -443,6 +443,16 @@ def test_load_model_warms_up_and_nothing_compiles_or_captures_after(tiny_dream_d
     assert c.eager_prefill_steps == 0 and model.runner.prefill_shapes <= {k[:2] for k in model.runner.graphs.statics}
 
 
+def test_warm_up_order_puts_the_key_of_the_most_queries_first():
+    """graphs.largest_first: the key of the most queries (B x Qb; ties to the larger B) leads, every other key
+    follows in the order given, none lost or repeated; an empty list stays empty."""
+    keys = [(1, 32, 512), (1, 256, 512), (2, 32, 512), (32, 256, 512), (16, 512, 512), (4, 64, 512)]
+    assert graphs.largest_first(keys) == [(32, 256, 512), (1, 32, 512), (1, 256, 512), (2, 32, 512),
+                                          (16, 512, 512), (4, 64, 512)]
+    assert graphs.largest_first([(1, 64, 8), (2, 32, 8)]) == [(2, 32, 8), (1, 64, 8)]
+    assert graphs.largest_first(keys[:1]) == keys[:1] and graphs.largest_first([]) == []
+
+
 def test_warmup_compiles_flex_attention_once_per_query_bucket(tiny_dream_dir):
     """The compiled FlexAttention is dynamic in the batch from its first call: warming B buckets {1, 2, 4} x two
     query buckets traces one graph per query bucket (dynamo with the eager backend: graphs are traced and counted,
@@ -639,12 +649,13 @@ def test_after_warmup_prefills_and_decodes_compile_nothing(tiny_dream_dir, monke
         runner = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), torch.float32, max_num_seqs=2,
                              max_positions=256, static=True, capture=False, fuse=True, attention="flex")
         stats = runner.warmup(max_tokens=128)
-        assert [k[:2] for k in runner.graphs.statics] == [(1, 32), (1, 64), (1, 96), (1, 128), (2, 32), (2, 64)]
+        # the key of the most queries first (the chains' kernels are tuned at their first call), then the rest
+        assert [k[:2] for k in runner.graphs.statics] == [(2, 64), (1, 32), (1, 64), (1, 96), (1, 128), (2, 32)]
         # the first key compiles every piece; later keys only the attention of a new query bucket: each compiled
-        # piece is dynamic in the batch and the tokens from its first call
-        assert stats.warmup_key_compiles[0] > 1 and stats.warmup_key_compiles[1:] == [1, 1, 1, 0, 0]
-        assert stats.warmup_key_names == ["forward B=1 Qb=32", "forward B=1 Qb=64", "forward B=1 Qb=96",
-                                          "forward B=1 Qb=128", "forward B=2 Qb=32", "forward B=2 Qb=64"]
+        # piece is dynamic in the batch and the tokens from its first call (B = 1 after B = 2 included)
+        assert stats.warmup_key_compiles[0] > 1 and stats.warmup_key_compiles[1:] == [1, 0, 1, 1, 0]
+        assert stats.warmup_key_names == ["forward B=2 Qb=64", "forward B=1 Qb=32", "forward B=1 Qb=64",
+                                          "forward B=1 Qb=96", "forward B=1 Qb=128", "forward B=2 Qb=32"]
         warm = dataclasses.replace(model, runner=runner, engine=Engine(runner, loaded.spec, 2))
         with torch.compiler.set_stance("fail_on_recompile"):
             got = [r.token_ids for r in lopa.generate_many(warm, prompts, cfg)]

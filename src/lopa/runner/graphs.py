@@ -80,6 +80,15 @@ def warmup_shapes(slots: int, capacity: int, max_tokens: int) -> list[tuple[int,
     return [(B, Qb) for B in Bs for Qb in QUERY_BUCKETS if B * Qb <= max_tokens and Qb < capacity]
 
 
+def largest_first(keys: list[tuple]) -> list[tuple]:
+    """The warm-up's order: the key of the most queries (B x Qb) first, then the rest as given. The compiled
+    elementwise chains are dynamic in their rows, and Inductor tunes each generated kernel's launch at its first
+    call: first called at 1 x 32 rows, the chains ran up to 2x slower at 32 x 256 than first called there (H100,
+    benchmarks/chain_tuning.py)."""
+    first = max(keys, key=lambda key: (key[0] * key[1], key[0]), default=None)
+    return [first] + [key for key in keys if key != first] if keys else []
+
+
 @contextlib.contextmanager
 def capturing(graph: torch.cuda.CUDAGraph, pool):
     """torch.cuda.graph with Python's cyclic garbage collector held off. A collection inside a capture may free an
@@ -291,7 +300,7 @@ class GraphExecutor:
         self._compiled0 = compiles()
         self.shapes |= {key[:2] for key in keys}
         with self.measured(len(keys)):
-            for done, key in enumerate(keys, 1):
+            for done, key in enumerate(largest_first(keys), 1):
                 self._warm_key(key)
                 if on_graph is not None:
                     on_graph(done, len(keys))
