@@ -14,9 +14,10 @@ kernel with those tiles, "engine torch" with torch's default tiles; the engine p
 models/fused.py flex_tiles). "engine split" = the engine's kernel with the keys in chunks where the step leaves the
 GPU idle (models/attention.py: key_splits, split_attention, as the runner does with models/fused.py's compiled
 Ops.split; the chunk count in the table), "engine split:N" in N chunks always, "engine split unfused" with the
-repeat and the merge eager around the compiled kernel (before Ops.split). "tiles" = key tiles the mask lists per
-query tile (partial + full), averaged over the real ones. Times: median of CUDA-graph replays of the attention
-call (the mask is built once per step for all layers, timed apart as "mask").
+repeat and the merge eager around the compiled kernel (before Ops.split); the word "unaligned": compiled without
+Inductor's assume_aligned_inputs (models/fused.py: compile_whole; the engine before the twelfth session). "tiles" =
+key tiles the mask lists per query tile (partial + full), averaged over the real ones. Times: median of CUDA-graph
+replays of the attention call (the mask is built once per step for all layers, timed apart as "mask").
 
     PYTHONPATH=src python3 benchmarks/attention.py --out benchmarks/results/attention_h100
 """
@@ -48,6 +49,9 @@ def case_tensors(n: int, k: int, W: int, P: int, cap: int, device, H: int, HKV: 
     block = torch.zeros(n, Qb, dtype=torch.long, device=device)
     Pt = torch.full((n,), P, device=device)
     q = torch.randn(n, H, Qb, D, device=device, dtype=torch.bfloat16)
+    # K at its buffer's start, V past it: as the engine's cache views at a compile's first call (layer 0, slot 0),
+    # where a compile dynamic in the batch specializes K's offset to 0 and makes V's symbolic (models/fused.py:
+    # compile_whole)
     kv = torch.randn(2, n, HKV, cap, D, device=device, dtype=torch.bfloat16)
     return Pt, branch, block, q, kv, Qb
 
@@ -101,15 +105,16 @@ def main() -> None:
     # name -> (packed query heads, or "split", kernel call); each its own compiled function (no shared cache)
     variants = {}
     unsplit = compiled().flex
+    aligned = {name: "unaligned" not in name.split() for name in args.variants.split(",")}
     for name in args.variants.split(","):
         opts = tiles_of(name)
         if name.startswith("engine split"):  # the runner's choice of chunks, or "engine split:N"; "unfused": the
             # compiled kernel between the eager repeat and merge (what the engine ran before Ops.split)
-            ops = compiled()
+            ops = compiled(aligned=aligned[name])
             variants[name] = ("split", functools.partial(split_attention, ops.flex) if "unfused" in name else ops.split)
             continue
         if name.startswith("engine"):  # with tile words: the engine's call with other kernel tiles
-            fn = compiled().flex
+            fn = compiled(aligned=aligned[name]).flex
             if opts or "torch" in name:  # "engine torch": torch's default tiles, whatever the head dim
                 fn = functools.partial(fn, kernel_options=opts)
             variants[name] = (True, fn)

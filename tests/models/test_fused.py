@@ -80,3 +80,19 @@ def test_compiled_flex_picks_its_kernel_tiles_by_head_dim(monkeypatch):
             torch.testing.assert_close(ops.flex(q, kv, kv, mask), fused.EAGER.flex(q, kv, kv, block_mask=mask))
         ops.flex(torch.randn(1, 2, 64, 64), kv[..., :64], kv[..., :64], mask, kernel_options={"BLOCK_M": 32})
     assert seen == [{"BLOCK_M": 64, "BLOCK_N": 64}, None, {"BLOCK_M": 32}]
+
+
+def test_inductor_compiles_assume_their_inputs_aligned(monkeypatch):
+    """compiled(): every Inductor compile assumes its inputs 16-byte aligned (fused.compile_whole: a tensor marked
+    dynamic gets a symbolic storage offset, whose alignment Inductor cannot prove); the eager backend and
+    aligned=False pass no options. Unmocked, torch.compile checks the option's name when it is called, so this
+    torch knows it."""
+    fused.compiled()  # raises on an option this torch does not know
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    fused.compiled()
+    n = len(seen)
+    assert n >= 5 and all(kw["options"] == {"assume_aligned_inputs": True} and kw["fullgraph"] for kw in seen)
+    fused.compiled(backend="eager")
+    fused.compiled(aligned=False)
+    assert len(seen) == 3 * n and all(kw["options"] is None for kw in seen[n:])

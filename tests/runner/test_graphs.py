@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import gc
+import warnings
 
 import pytest
 import torch
@@ -334,6 +335,27 @@ def test_split_attention_falls_back_to_the_unfused_form_where_its_compile_fails(
         torch.testing.assert_close(got, fused.EAGER.split(q, k, v, mask), rtol=0, atol=0)
         split(q, k, v, mask)
     assert len(calls) == 1
+
+
+def test_split_attention_keeps_its_fused_form_when_the_gpu_runs_out_of_memory():
+    """An out-of-memory error from Ops.split's whole compile (or its kernel) is not a compiler's refusal: it reaches
+    the caller with no warning, and the next call tries the fused form again."""
+    from lopa.models import fused
+
+    calls = []
+
+    def out_of_memory(*args):
+        calls.append(args)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    split = fused._or_unfused(out_of_memory, fused.EAGER.flex)
+    q, kv = torch.randn(1, 4, 32, 8), torch.randn(1, 2, 64, 8)
+    for _ in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback warning
+            with pytest.raises(torch.cuda.OutOfMemoryError):
+                split(q, kv, kv, None)
+    assert len(calls) == 2
 
 
 def test_key_splits_fill_the_gpu_only_where_a_step_leaves_it_idle():

@@ -130,18 +130,39 @@ def _dynamic_rows(fn: Callable, varying: Callable, tracing: Tracing) -> Callable
     return call
 
 
-def compiled(backend: str = "inductor") -> Ops:
-    """The same functions through torch.compile (one graph each, no breaks). backend="eager" only traces."""
+def compiled(backend: str = "inductor", aligned: bool = True) -> Ops:
+    """The same functions through torch.compile (one graph each, no breaks). backend="eager" only traces.
+    ``aligned``: Inductor assumes every input 16-byte aligned (compile_whole); False only for benchmarks/attention.py's
+    comparison."""
     tracing = Tracing()
-    rms, add_rms, rope_, silu = (_dynamic_rows(torch.compile(f, backend=backend, fullgraph=True), _VARYING[f],
-                                               tracing) for f in (rms_norm, add_rms_norm, rope, silu_mul))
-    quant = _static_width(torch.compile(quantize_rows, backend=backend, fullgraph=True))
+    compile_ = functools.partial(compile_whole, backend=backend, aligned=aligned)
+    rms, add_rms, rope_, silu = (_dynamic_rows(compile_(f), _VARYING[f], tracing)
+                                 for f in (rms_norm, add_rms_norm, rope, silu_mul))
+    quant = _static_width(compile_(quantize_rows))
     flex = split = None
     if flex_attention is not None:
-        flex = _static_queries(torch.compile(flex_attention, backend=backend, fullgraph=True), tracing)
-        whole = torch.compile(functools.partial(split_attention, flex_attention), backend=backend, fullgraph=True)
-        split = _or_unfused(_static_queries(whole, tracing), flex)
+        flex = _static_queries(compile_(flex_attention), tracing)
+        split = _or_unfused(_static_queries(compile_(functools.partial(split_attention, flex_attention)), tracing),
+                            flex)
     return Ops(rms, add_rms, rope_, silu, quant, flex, split, tracing)
+
+
+def compile_whole(fn: Callable, backend: str = "inductor", aligned: bool = True) -> Callable:
+    """torch.compile of one whole graph; under Inductor with every input assumed 16-byte aligned. A tensor marked
+    dynamic gets a symbolic storage offset, and Inductor, unable to prove a symbolic offset aligned, drops the
+    pointer's alignment hint: Triton then loads it in 2-byte pieces, outside its pipeline. The attention's V is
+    such a tensor: a cache view past the pool's start at every call, the first included (K's first call, layer 0
+    and slot 0, specializes its offset to 0; later offsets are checked at run time). Seen in the FlexAttention
+    kernel Inductor generated for a batch marked dynamic (H100, torch 2.11): V's loads scalar and unpipelined,
+    where the same kernel compiled static, V's offset known, kept them 16-byte and pipelined, and ran 1.2-1.5x
+    faster (docs/benchmarks.md, twelfth session). Every offset lopa passes is a multiple of 8 elements; an input
+    found misaligned at a call is copied first (Inductor's own check), so the assumption costs a copy at worst,
+    never a wrong result."""
+    options = None
+    if aligned and backend == "inductor":
+        from torch._inductor import config
+        options = {"assume_aligned_inputs": True} if hasattr(config, "assume_aligned_inputs") else None
+    return torch.compile(fn, backend=backend, fullgraph=True, options=options)
 
 
 def _static_queries(fn: Callable, tracing: Tracing) -> Callable:
@@ -171,12 +192,15 @@ def _static_queries(fn: Callable, tracing: Tracing) -> Callable:
 def _or_unfused(split: Callable, flex: Callable) -> Callable:
     """Ops.split compiled whole or, from the first call whose compile fails, with only FlexAttention compiled (the
     repeat and the merge eager around it, as before Ops.split), with a warning: a compiler that refuses the fused
-    form costs speed, never the model's load."""
+    form costs speed, never the model's load. Running out of GPU memory is not a compiler's refusal: it propagates
+    and leaves the fused form in place."""
     def call(q, k, v, block_mask):
         nonlocal split
         if split is not None:
             try:
                 return split(q, k, v, block_mask)
+            except torch.cuda.OutOfMemoryError:
+                raise
             except Exception as err:  # noqa: BLE001 - any compiler failure means: the unfused form
                 warnings.warn(f"the split attention did not compile whole ({type(err).__name__}: {err}); its repeat "
                               f"and merge run unfused", RuntimeWarning, stacklevel=2)
