@@ -81,12 +81,15 @@ def warmup_shapes(slots: int, capacity: int, max_tokens: int) -> list[tuple[int,
 
 
 def largest_first(keys: list[tuple]) -> list[tuple]:
-    """The warm-up's order: the key of the most queries (B x Qb) first, then the rest as given. The compiled
-    elementwise chains are dynamic in their rows, and Inductor tunes each generated kernel's launch at its first
-    call: first called at 1 x 32 rows, the chains ran up to 2x slower at 32 x 256 than first called there (H100,
-    benchmarks/chain_tuning.py)."""
-    first = max(keys, key=lambda key: (key[0] * key[1], key[0]), default=None)
-    return [first] + [key for key in keys if key != first] if keys else []
+    """The warm-up's order: the key of the most queries (B x Qb; ties to the larger B) first, then the rest as given.
+    The compiled elementwise chains are dynamic in their rows, and Inductor tunes each generated kernel's launch at
+    its first call: first called at 1 x 32 rows, the chains ran up to 2x slower at 32 x 256 than first called there
+    (H100, benchmarks/chain_tuning.py). The smaller captures then also reuse the largest one's blocks in the shared
+    graph pool (Dream-7B shape: 0.86 instead of 4.80 GiB; docs/benchmarks.md, twelfth session)."""
+    if not keys:
+        return []
+    first = max(keys, key=lambda key: (key[0] * key[1], key[0]))
+    return [first] + [key for key in keys if key != first]
 
 
 @contextlib.contextmanager
