@@ -3,18 +3,20 @@ a small and a large step, by the shape they were first called at.
 
 Why: the chains are compiled dynamic in their rows, and Inductor fixes a generated kernel's launch configurations
 from the sizes of its first call (the size hints its candidate configs are built from; the autotuning among them
-at the first launch). The start-up warm-up calls them first at its first key, B = 1 and Qb = 32 (runner/graphs.py:
-warmup_shapes), so later steps may run kernels tuned for 32 rows. The eighth session's kernel table of 32
-requests on the embedded model (benchmarks/results/host_step_profile_compiled_h100) had RoPE and SiLU*up far below
-the bandwidth their bytes allow (docs/benchmarks.md, eleventh session). This measures whether the first shape is the
-cause.
+at the first launch). The start-up warm-up called them first at its first key, B = 1 and Qb = 32, so later steps
+ran kernels tuned for 32 rows: the eighth session's kernel table of 32 requests on the embedded model
+(benchmarks/results/host_step_profile_compiled_h100) had RoPE and SiLU*up far below the bandwidth their bytes allow.
+This measured the first shape as the cause (docs/benchmarks.md, twelfth session: the warm-up now runs its largest
+key first, runner/graphs.py largest_first), and times what a static head count would add to RoPE.
 
 Variants, each compiled afresh in the same process (dynamo reset, Inductor's local caches off):
 
-    small first   the engine's compiled chains (fused.compiled()), called first at --small (what the warm-up does)
-    large first   the same, called first at --large
+    small first   the engine's compiled chains (fused.compiled()), called first at --small (the warm-up's order
+                  before the twelfth session)
+    large first   the same, called first at --large (the warm-up's order since)
     static        each chain compiled for each shape (torch.compile dynamic=False)
     heads static  RoPE with the head count static too (q and k each their own kernel), first at --small
+    large first heads static   the same, first at --large
 
 Each row: ms at each shape (CUDA-graph replay median on a GPU, wall median on a CPU), the bytes each chain must move
 (reads + writes), and the ratio to "small first" at the same shape. --device cpu --backend eager is the smoke test.
@@ -37,7 +39,7 @@ from lopa.models.transformer import rope as rope_tables
 
 # query heads, KV heads, head dim, hidden, intermediate
 SHAPES = {"default": (4, 2, 64, 256, 768), "dream-7b": (28, 4, 128, 3584, 18944), "tiny": (2, 1, 8, 16, 32)}
-VARIANTS = ("small first", "large first", "static", "heads static")
+VARIANTS = ("small first", "large first", "static", "heads static", "large first heads static")
 
 
 def chains(variant: str, backend: str):
@@ -48,7 +50,7 @@ def chains(variant: str, backend: str):
                      for f in (fused.rope, fused.silu_mul, fused.add_rms_norm))
     ops = fused.compiled(backend)
     rope = ops.rope
-    if variant == "heads static":
+    if variant.endswith("heads static"):
         compiled = torch.compile(fused.rope, backend=backend, fullgraph=True)
 
         def rope(x, cos, sin):  # the engine's marks (models/fused.py: _VARYING), the head dim static as well
@@ -132,7 +134,7 @@ def main() -> None:
         for variant in args.variants.split(","):
             rope, silu, rms = chains(variant, args.backend)
             row = {"shape": shape, "variant": variant}
-            for B, T in ([large, small] if variant == "large first" else [small, large]):
+            for B, T in ([large, small] if variant.startswith("large first") else [small, large]):
                 q, k, cos, sin, gate_up, x, delta, weight, bytes_ = inputs(shape, B, T, device, dtype)
                 tag = f"{B}x{T}"
                 with torch.inference_mode():
