@@ -101,9 +101,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     for r in rows:
         b = base[r["concurrency"]]
         cpu, cpu0 = r["server_cpu_ms_per_request"], b["server_cpu_ms_per_request"]
+        ratio = f"{cpu / cpu0:.2f}x" if cpu0 else "n/a"  # /proc counts clock ticks (10 ms): a short run may read 0
         lines.append(f"| {r['variant']} | {r['concurrency']} | {r['requests_per_s']:.0f} "
                      f"({r['requests_per_s'] / b['requests_per_s']:.2f}x) | {r['p50_ms']:.2f} / {r['p99_ms']:.2f} | "
-                     f"{cpu:.2f} ({cpu / cpu0:.2f}x) |")
+                     f"{cpu:.2f} ({ratio}) |")
     return "\n".join(lines) + "\n"
 
 

@@ -300,6 +300,23 @@ def test_step_budget_tiny(tmp_path):
     assert "| budget | 0 |" in (tmp_path / "step_budget.md").read_text()
 
 
+def test_http_overhead_table_takes_a_server_cpu_of_zero(monkeypatch):
+    """/proc counts CPU in clock ticks (10 ms): 8 requests may read 0 ms for the base variant; its table then says
+    n/a for that ratio instead of failing the run (seen: a ZeroDivisionError after every row was measured)."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("http_overhead", ROOT / "benchmarks" / "http_overhead.py")
+    ho = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ho)
+    meta = {"cpus": 2, "python": "3.11", "commit": "x", "date": "d", "requests": 8, "max_tokens": 4, "block_size": 2}
+    rows = [{"variant": v, "concurrency": 2, "requests_per_s": 100.0, "p50_ms": 1.0, "p99_ms": 2.0,
+             "server_cpu_ms_per_request": cpu} for v, cpu in (("asyncio:h11", 0.0), ("uvloop:httptools", 1.25))]
+    table = ho.markdown(meta, rows)
+    assert "| asyncio:h11 | 2 | 100 (1.00x) | 1.00 / 2.00 | 0.00 (n/a) |" in table
+    assert "| uvloop:httptools | 2 | 100 (1.00x) | 1.00 / 2.00 | 1.25 (n/a) |" in table
+
+
 def test_http_overhead_times_each_server_variant(tmp_path):
     """Both HTTP stacks serve the stand-in engine in their own processes; every level gets a row."""
     run("http_overhead.py", "--variants", "asyncio:h11,uvloop:httptools", "--requests", "8", "--levels", "1,2",
