@@ -36,6 +36,7 @@ import torch
 
 from lopa.models import fused
 from lopa.models.transformer import rope as rope_tables
+from step_latency import kernel_ms  # a sibling benchmark
 
 # query heads, KV heads, head dim, hidden, intermediate
 SHAPES = {"default": (4, 2, 64, 256, 768), "dream-7b": (28, 4, 128, 3584, 18944), "tiny": (2, 1, 8, 16, 32)}
@@ -115,13 +116,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cuda":
-        from gemm_rows import median_ms as timer  # CUDA-graph replays, as the engine runs them
-    else:
-        from step_latency import timed
-
-        def timer(fn):
-            return timed(fn, device) * 1e3
+    timer = kernel_ms(device)
     import torch._inductor.config as inductor_config
     inductor_config.fx_graph_cache = False  # every variant compiles and tunes afresh
     inductor_config.autotune_local_cache = False

@@ -33,6 +33,7 @@ import torch
 from lopa.cache import CacheView, KVPool
 from lopa.models import fused
 from lopa.models.transformer import rope as rope_tables
+from step_latency import kernel_ms  # a sibling benchmark
 
 # query heads, KV heads, head dim
 SHAPES = {"default": (4, 2, 64), "dream-7b": (28, 4, 128), "tiny": (2, 1, 8)}
@@ -50,24 +51,17 @@ def _rope_write(dst_k, dst_v, index, k, v, cos, sin) -> None:
     _write(dst_k, dst_v, index, fused.rope(k, cos, sin).transpose(1, 2), v)
 
 
-def _dynamic(fn):
-    """Call a compiled write dynamic in the rows from its first call, as the engine's compiled chains are
-    (models/fused.py: _dynamic_rows): every dim of every tensor argument but the feature dim (the last), under
-    size-oblivious reasoning so a first B = 1 does not specialize."""
-    def call(*args):
-        for x in args:
-            for dim in range(x.dim() - 1):
-                torch._dynamo.maybe_mark_dynamic(x, dim)
-        with fused.size_oblivious():
-            return fn(*args)
-    return call
-
-
 def variants(backend: str) -> dict:
-    """name -> write(view, layer, k_raw [B, Hkv, T, D], v [B, Hkv, T, D], cos, sin, rope_k): each writes layer's rows
-    of the view's slots; k_raw is k before RoPE (the engine applies its compiled RoPE first)."""
+    """name -> write(view, layer, k [B, Hkv, T, D] before RoPE, v [B, Hkv, T, D], cos, sin): each writes layer's rows
+    of the view's slots (the engine applies its compiled RoPE to k first). The compiled writes are dynamic in every
+    dim but the feature dim from their first call, through the engine's own wrapper for its chains."""
     ops = fused.compiled(backend)
-    write, rope_write = (_dynamic(fused.compile_whole(f, backend)) for f in (_write, _rope_write))
+
+    def rows(*args):  # every tensor argument's dims but the last (models/fused.py: _VARYING)
+        return [r for x in args for r in fused._rows(x)]
+
+    write, rope_write = (fused._dynamic_rows(fused.compile_whole(f, backend), rows, ops.tracing)
+                         for f in (_write, _rope_write))
 
     def flat(view: CacheView, layer: int):
         D = view.pool.kv.shape[-1]
@@ -113,8 +107,8 @@ def write_tables(out: Path, meta: dict, rows: list[dict]) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "kv_write.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"{meta['device']}, torch {meta['torch']}, backend {meta['backend']}, {meta['date']}: one layer's K/V "
-             f"write, slots of {meta['capacity']} positions from P = {meta['prefix']}; (x) = engine ms / this ms, "
-             "above 1 faster; GB/s = bytes the write must move / its time", "",
+             f"write, slots of {meta['capacity']} positions from P = {meta['prefix']}; (x) = {rows[0]['variant']} ms / "
+             "this ms, above 1 faster; GB/s = bytes the write must move / its time", "",
              "| shape | B x Qb | variant | ms (x) | GB/s | equal |", "|---|---|---|---|---|---|"]
     for r in rows:
         base = next(b for b in rows if b["shape"] == r["shape"] and b["step"] == r["step"])
@@ -142,13 +136,7 @@ def main() -> None:
                  f"{max(T for _, T in steps)})")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cuda":
-        from gemm_rows import median_ms as timer  # CUDA-graph replays, as the engine runs them
-    else:
-        from step_latency import timed
-
-        def timer(fn):
-            return timed(fn, device) * 1e3
+    timer = kernel_ms(device)
     names = args.variants.split(",")
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
@@ -162,14 +150,14 @@ def main() -> None:
         for B, T in steps:
             pool, view, k, v, cos, sin, plain, with_tables = case(shape, B, T, args.prefix, args.capacity, device,
                                                                    dtype)
-            want = None
+            with torch.inference_mode():  # what the engine's write leaves in a zeroed pool
+                fns["engine"](view, 1, k, v, cos, sin)
+                want = pool.kv.clone()
             for name in names:
                 pool.kv.zero_()
                 with torch.inference_mode():
                     fns[name](view, 1, k, v, cos, sin)
                     got = pool.kv.clone()
-                    if want is None:
-                        want = got if name == "engine" else _reference(fns, view, k, v, cos, sin, pool)
                     exact = "rope" not in name
                     equal = torch.equal(got, want) if exact else torch.allclose(got, want, rtol=1e-2, atol=1e-2)
                     ms = timer(lambda: fns[name](view, 1, k, v, cos, sin))
@@ -181,15 +169,6 @@ def main() -> None:
     if not all(r["equal"] for r in rows):
         raise SystemExit("a variant wrote other values than the engine's write: " +
                          ", ".join(f"{r['shape']} {r['step']} {r['variant']}" for r in rows if not r["equal"]))
-
-
-def _reference(fns, view, k, v, cos, sin, pool) -> torch.Tensor:
-    """The engine's write into a zeroed pool (when "engine" is not among the variants run)."""
-    pool.kv.zero_()
-    fns["engine"](view, 1, k, v, cos, sin)
-    want = pool.kv.clone()
-    pool.kv.zero_()
-    return want
 
 
 if __name__ == "__main__":

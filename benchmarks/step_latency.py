@@ -101,6 +101,15 @@ def timed(fn, device, warmup=3, reps=10) -> float:
     return statistics.median(times)
 
 
+def kernel_ms(device):
+    """fn -> its median ms: CUDA-graph replays on a GPU (gemm_rows.median_ms, as the engine runs kernels), wall
+    time on a CPU (timed)."""
+    if device.type == "cuda":
+        from gemm_rows import median_ms
+        return median_ms
+    return lambda fn: timed(fn, device) * 1e3
+
+
 def measure_device(device, dtype) -> dict:
     """Peak matmul rate on random data and copy bandwidth (bytes read + written), measured here."""
     n = 8192 if device.type == "cuda" else 512
