@@ -1,21 +1,23 @@
 """The attention's K/V write into the cache slots, one layer, in variants side by side.
 
 Why: in the 32-request lopa step of the embedded model (H100, docs/benchmarks.md, twelfth session) the two
-`index_copy_` kernels of `CacheView.write` (lopa/cache.py) took 8.9 us a call for about 2 MB each, about 0.24 TB/s,
-6.6% of the step's kernel time; v, a strided view of the fused q/k/v projection, is also copied contiguous before
-its write (one of the three elementwise copies a layer in that profile). Variants, each writing the same rows:
+`index_copy_` kernels of the cache write took 8.9 us a call for about 2 MB each, about 0.24 TB/s, 6.6% of the
+step's kernel time; v, a strided view of the fused q/k/v projection, was also copied contiguous before its write
+(one of the three elementwise copies a layer in that profile). Variants, each writing the same rows:
 
-    engine         CacheView.write as the engine runs it: RoPE'd k (its own compiled chain) and v index_copy_'d
-    index_put      the rows written by index_put_ straight from the strided views (no copy of v)
-    compiled       both writes in one torch.compile'd function (models/fused.py: compile_whole), dynamic in the rows
-                   from its first call as the engine's chains are
-    compiled rope  k's RoPE fused into that compiled write (the engine's RoPE on k, then its write, in one function)
+    index_copy  the engine before the thirteenth session: k RoPE'd by its own compiled chain, then k and v
+                index_copy_'d (v copied contiguous first)
+    index_put   k RoPE'd by its own compiled chain, the rows written by index_put_ straight from the strided views
+    compiled    the same, both writes in one torch.compile'd function (models/fused.py: compile_whole), dynamic in
+                the rows from its first call as the engine's chains are
+    engine      the engine now: k's RoPE fused into that compiled write (models/fused.py: rope_write, as
+                fused.compiled() makes it)
 
 Each at --steps (B x Qb: default 1x32 and 32x256) for --shapes (default: the embedded model and Dream-7B's heads),
 slots of --capacity positions, the queries written at P = --prefix onwards. Times: CUDA-graph replay medians on a
 GPU (gemm_rows.median_ms), wall medians on a CPU (step_latency.timed); "GB/s" = the bytes the write must move (k and
-v read, written once; cos and sin read for the RoPE variants) over the time. After each variant the pool holds
-what the engine's write leaves, asserted (exactly; within bf16 rounding where RoPE is fused).
+v read, written once; cos and sin read where RoPE is fused) over the time. After each variant the pool holds
+what index_copy leaves, asserted (exactly; within bf16 rounding where RoPE is fused).
 
     PYTHONPATH=src:benchmarks python3 benchmarks/kv_write.py --out benchmarks/results/kv_write_h100
     PYTHONPATH=src:benchmarks python3 benchmarks/kv_write.py --device cpu --backend eager --shapes tiny  # smoke test
@@ -37,54 +39,46 @@ from step_latency import kernel_ms  # a sibling benchmark
 
 # query heads, KV heads, head dim
 SHAPES = {"default": (4, 2, 64), "dream-7b": (28, 4, 128), "tiny": (2, 1, 8)}
-VARIANTS = ("engine", "index_put", "compiled", "compiled rope")
+VARIANTS = ("index_copy", "index_put", "compiled", "engine")
 
 
-def _write(dst_k: torch.Tensor, dst_v: torch.Tensor, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """dst_* [rows, D] (a layer's slots, flat); index [B, T, Hkv]; k, v [B, T, Hkv, D] (any strides)."""
-    dst_k.index_put_((index,), k)
-    dst_v.index_put_((index,), v)
+def _index_copy(view: CacheView, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """The cache write before rope_write (k RoPE'd): each tensor's [B, Qb, Hkv, D] rows made contiguous (a view
+    for k, a copy for v) and index_copy_'d at the flat index."""
+    D = k.shape[-1]
+    for rows, x in zip(view.rows(layer), (k, v)):
+        rows.index_copy_(0, view.index.reshape(-1), x.transpose(1, 2).reshape(-1, D))
 
 
-def _rope_write(dst_k, dst_v, index, k, v, cos, sin) -> None:
-    """_write with k [B, Hkv, T, D] RoPE'd on the way (models/fused.py: rope; cos / sin [B, 1, T, D])."""
-    _write(dst_k, dst_v, index, fused.rope(k, cos, sin).transpose(1, 2), v)
+def _write(k_rows, v_rows, index, k, v) -> None:
+    """rope_write without the RoPE: k (RoPE'd) and v [B, Hkv, T, D] put at index [B, T, Hkv] of the rows [N, D]."""
+    k_rows.index_put_((index,), k.transpose(1, 2))
+    v_rows.index_put_((index,), v.transpose(1, 2))
 
 
 def variants(backend: str) -> dict:
     """name -> write(view, layer, k [B, Hkv, T, D] before RoPE, v [B, Hkv, T, D], cos, sin): each writes layer's rows
-    of the view's slots (the engine applies its compiled RoPE to k first). The compiled writes are dynamic in every
-    dim but the feature dim from their first call, through the engine's own wrapper for its chains."""
+    of the view's slots. The compiled writes are dynamic in the rows (not the KV heads) from their first call,
+    through the engine's own wrapper and marks."""
     ops = fused.compiled(backend)
+    def marks(k_rows, v_rows, index, k, v):  # rope_write's (models/fused.py: _VARYING), without cos and sin
+        return [(k_rows, (0,)), (v_rows, (0,)), (index, (0, 1)), (k, (0, 2)), (v, (0, 2))]
 
-    def rows(*args):  # every tensor argument's dims but the last (models/fused.py: _VARYING)
-        return [r for x in args for r in fused._rows(x)]
+    write = fused._dynamic_rows(fused.compile_whole(_write, backend), marks, ops.tracing)
 
-    write, rope_write = (fused._dynamic_rows(fused.compile_whole(f, backend), rows, ops.tracing)
-                         for f in (_write, _rope_write))
-
-    def flat(view: CacheView, layer: int):
-        D = view.pool.kv.shape[-1]
-        span = slice(view.first, view.first + view.B)
-        return view.pool.kv[0, layer, span].view(-1, D), view.pool.kv[1, layer, span].view(-1, D)
-
-    def index(view: CacheView, k: torch.Tensor) -> torch.Tensor:
-        B, Hkv, T, _ = k.shape
-        return view.flat_index.view(B, T, Hkv)
-
-    def engine(view, layer, k, v, cos, sin):
-        view.write(layer, ops.rope(k, cos, sin), v)
+    def index_copy(view, layer, k, v, cos, sin):
+        _index_copy(view, layer, ops.rope(k, cos, sin), v)
 
     def index_put(view, layer, k, v, cos, sin):
-        _write(*flat(view, layer), index(view, k), ops.rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2))
+        _write(*view.rows(layer), view.index, ops.rope(k, cos, sin), v)
 
     def compiled(view, layer, k, v, cos, sin):
-        write(*flat(view, layer), index(view, k), ops.rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2))
+        write(*view.rows(layer), view.index, ops.rope(k, cos, sin), v)
 
-    def compiled_rope(view, layer, k, v, cos, sin):
-        rope_write(*flat(view, layer), index(view, k), k, v.transpose(1, 2), cos, sin)
+    def engine(view, layer, k, v, cos, sin):
+        ops.rope_write(*view.rows(layer), view.index, k, v, cos, sin)
 
-    return {"engine": engine, "index_put": index_put, "compiled": compiled, "compiled rope": compiled_rope}
+    return {"index_copy": index_copy, "index_put": index_put, "compiled": compiled, "engine": engine}
 
 
 def case(shape: str, B: int, T: int, prefix: int, capacity: int, device, dtype):
@@ -150,24 +144,24 @@ def main() -> None:
         for B, T in steps:
             pool, view, k, v, cos, sin, plain, with_tables = case(shape, B, T, args.prefix, args.capacity, device,
                                                                    dtype)
-            with torch.inference_mode():  # what the engine's write leaves in a zeroed pool
-                fns["engine"](view, 1, k, v, cos, sin)
+            with torch.inference_mode():  # what the old write leaves in a zeroed pool
+                fns["index_copy"](view, 1, k, v, cos, sin)
                 want = pool.kv.clone()
             for name in names:
                 pool.kv.zero_()
                 with torch.inference_mode():
                     fns[name](view, 1, k, v, cos, sin)
                     got = pool.kv.clone()
-                    exact = "rope" not in name
+                    exact = name != "engine"
                     equal = torch.equal(got, want) if exact else torch.allclose(got, want, rtol=1e-2, atol=1e-2)
                     ms = timer(lambda: fns[name](view, 1, k, v, cos, sin))
                 rows.append({"shape": shape, "step": f"{B}x{T}", "variant": name, "ms": ms, "equal": bool(equal),
-                             "MB": (with_tables if "rope" in name else plain) / 1e6})
+                             "MB": (with_tables if name == "engine" else plain) / 1e6})
                 print(json.dumps(rows[-1]), flush=True)
                 table = write_tables(args.out, meta, rows)  # after every row: a cut run keeps its rows
     print(table)
     if not all(r["equal"] for r in rows):
-        raise SystemExit("a variant wrote other values than the engine's write: " +
+        raise SystemExit("a variant wrote other values than index_copy: " +
                          ", ".join(f"{r['shape']} {r['step']} {r['variant']}" for r in rows if not r["equal"]))
 
 

@@ -52,22 +52,29 @@ def test_move_and_resize_keep_committed_kv_and_last_hidden():
 
 
 def test_a_view_writes_each_query_where_it_belongs_without_copying_the_projections():
-    """CacheView.write puts request b's query q of KV head h at slot first + b, position write_index[b, q], for k and
-    v as the attention hands them over: [B, Hkv, Qb, D] views of the projection's [B, Qb, Hkv, D] (no copy of them
-    on the way: the index runs in their memory order). Other slots and positions are untouched."""
+    """The attention's cache write (models/fused.py: rope_write, through CacheView.rows and .index) puts request b's
+    query q of KV head h at slot first + b, position write_index[b, q]: k RoPE'd, v as it is, both as the attention
+    hands them over, [B, Hkv, Qb, D] views of the projection's [B, Qb, Hkv, D] (no copy of them on the way: the index
+    runs in their memory order). Other slots and positions are untouched; CacheView.keys reads the slots."""
+    from lopa.models.fused import EAGER, rope
+    from lopa.models.transformer import rope as tables
+
     pool = _pool(slots=4, cap=16)
     before = pool.kv.clone()
     B, Qb, Hkv, D = 2, 3, 2, 4
     k, v = (torch.randn(B, Qb, Hkv, D).transpose(1, 2) for _ in range(2))  # as models/transformer.py makes them
+    cos, sin = tables(torch.arange(Qb)[None].expand(B, Qb) + 5, D, 1e4)
     write_index = torch.tensor([[2, 3, 15], [0, 7, 8]])
     view = pool.view(1, B, 16, write_index)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        keys, values = view.write(1, k, v)
+        EAGER.rope_write(*view.rows(1), view.index, k, v, cos, sin)
     assert not {e.name for e in prof.events()} & {"aten::clone", "aten::contiguous", "aten::copy_"}
+    roped = rope(k, cos, sin)
     want = before.clone()
     for b in range(B):
         for q in range(Qb):
-            want[0, 1, 1 + b, :, int(write_index[b, q])] = k[b, :, q]
+            want[0, 1, 1 + b, :, int(write_index[b, q])] = roped[b, :, q]
             want[1, 1, 1 + b, :, int(write_index[b, q])] = v[b, :, q]
     assert torch.equal(pool.kv, want)
+    keys, values = view.keys(1)
     assert torch.equal(keys, pool.kv[0, 1, 1:3]) and torch.equal(values, pool.kv[1, 1, 1:3])

@@ -90,16 +90,20 @@ class CacheView:
         assert first + B <= pool.slots and Lb <= pool.capacity, (first, B, pool.slots, Lb, pool.capacity)
         assert write_index.shape[0] == B, write_index.shape
         self.pool, self.first, self.B, self.Lb = pool, first, B, Lb
-        # [B, Qb, Hkv] flat row in kv[i, layer, first:first+B] viewed as [B*Hkv*cap, D], in the order k and v lie in
-        # memory ([B, Qb, Hkv, D]: the projection's, transposed to [B, Hkv, Qb, D] as views), so writing them takes
-        # no copy
+        # [B, Qb, Hkv]: each query's row, per KV head, in a layer's slots [first, first + B) viewed as
+        # [B * Hkv * cap, D] (rows()), in the order k and v lie in memory ([B, Qb, Hkv, D]: the projection's,
+        # transposed to [B, Hkv, Qb, D] as views), so writing them takes no copy
         rows = _head_rows(torch.arange(B, device=write_index.device), pool.kv.shape[3], pool.capacity)  # [B, Hkv]
-        self.flat_index = (rows[:, None, :] + write_index[:, :, None]).reshape(-1)
+        self.index = rows[:, None, :] + write_index[:, :, None]
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k/v [B, Hkv, Qb, D] -> keys/values [B, Hkv, Lb, D]: strided views of the slots, no copy."""
-        D = k.shape[-1]
+    def rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's K and V of the view's slots, each [B * Hkv * cap, D] (views): where models/fused.py's
+        rope_write puts this forward's K/V, at ``index``."""
         span = slice(self.first, self.first + self.B)
-        for i, x in enumerate((k, v)):  # [B, Qb, Hkv, D] rows: a view when x is a transposed [B, Qb, Hkv, D] tensor
-            self.pool.kv[i, layer, span].view(-1, D).index_copy_(0, self.flat_index, x.transpose(1, 2).reshape(-1, D))
+        D = self.pool.kv.shape[-1]
+        return self.pool.kv[0, layer, span].view(-1, D), self.pool.kv[1, layer, span].view(-1, D)
+
+    def keys(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys/values [B, Hkv, Lb, D] the layer's attention reads: strided views of the slots, no copy."""
+        span = slice(self.first, self.first + self.B)
         return self.pool.kv[0, layer, span, :, :self.Lb], self.pool.kv[1, layer, span, :, :self.Lb]

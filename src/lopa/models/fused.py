@@ -1,5 +1,5 @@
-"""The decoder layer's elementwise chains (RMSNorm with the residual add before it, RoPE, SiLU·up, fp8
-activation quantization) as plain functions, and a fused set of them.
+"""The decoder layer's elementwise chains (RMSNorm with the residual add before it, RoPE, the K/V cache write
+with k's RoPE, SiLU·up, fp8 activation quantization) as plain functions, and a fused set of them.
 
 Run eagerly, each chain is several kernels with float32 round trips through memory: RMSNorm six, RoPE about
 nine per tensor, SiLU·up two over strided halves. At Dream-7B size on an H100 those kernels cost about as much
@@ -50,6 +50,18 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return (x.to(dt) * cos.to(dt) + rotated.to(dt) * sin.to(dt)).to(x.dtype)
 
 
+def rope_write(k_rows: torch.Tensor, v_rows: torch.Tensor, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """The attention's cache write: k RoPE'd, then k and v put at their rows. k_rows / v_rows [N, D]: a layer's K and V
+    of the forward's slots, flat (cache.py: CacheView.rows); index [B, T, Hkv]: each query's row there; k, v
+    [B, Hkv, T, D] (k before RoPE; any strides: both are views of the fused projection). Compiled, one kernel reads
+    the projection's k and v where they lie and scatters them: no RoPE'd k or contiguous v in between. The rows are
+    two inputs, not one [2, N, D]: a compiled write into a view of an input copies that whole input around the
+    scatter; into an input itself it scatters in place."""
+    k_rows.index_put_((index,), rope(k, cos, sin).transpose(1, 2))
+    v_rows.index_put_((index,), v.transpose(1, 2))
+
+
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[..., 2I] (gate then up) -> [..., I]: silu(gate) * up."""
     gate, up = gate_up.chunk(2, dim=-1)
@@ -61,6 +73,7 @@ class Ops:
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
     add_rms_norm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
     rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    rope_write: Callable[..., None]  # (k_rows, v_rows, index, k, v, cos, sin): k's RoPE and the K/V cache write
     silu_mul: Callable[[torch.Tensor], torch.Tensor]
     quantize_rows: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # fp8 activations (models/quant.py)
     # (q, k, v, block_mask=, enable_gqa=) -> out; eager it evaluates the mask everywhere (reference, CPU tests),
@@ -84,7 +97,7 @@ class Tracing:
     oblivious: bool = True  # the attention compiles size-obliviously (False after a compiler refused it)
 
 
-EAGER = Ops(rms_norm, add_rms_norm, rope, silu_mul, quantize_rows, flex_attention,
+EAGER = Ops(rms_norm, add_rms_norm, rope, rope_write, silu_mul, quantize_rows, flex_attention,
             None if flex_attention is None else functools.partial(split_attention, flex_attention))
 
 
@@ -103,13 +116,21 @@ def _rows(x: torch.Tensor) -> list[tuple[torch.Tensor, range]]:
     return [(x, range(x.dim() - 1))]
 
 
+def _tables(cos: torch.Tensor, sin: torch.Tensor) -> list[tuple[torch.Tensor, range]]:
+    """RoPE's cos / sin, [T, D] or [B, 1, T, D]: every dim but the feature dim and the size-1 head dim."""
+    return [(t, (0, 2) if t.dim() == 4 else range(t.dim() - 1)) for t in (cos, sin)]
+
+
 # which dims of each chain's tensor arguments vary with the step (batch, tokens, heads): every one but the feature
-# dim, except the size-1 head dim that cos / sin [B, 1, T, D] broadcast over
+# dim, except the size-1 head dim that cos / sin [B, 1, T, D] broadcast over; the cache write keeps the KV heads
+# static (a model constant)
 _VARYING = {
     rms_norm: lambda x, weight, eps: _rows(x),
     add_rms_norm: lambda x, delta, weight, eps: _rows(x) + _rows(delta),
     silu_mul: _rows,
-    rope: lambda x, cos, sin: _rows(x) + [(t, (0, 2) if t.dim() == 4 else range(t.dim() - 1)) for t in (cos, sin)],
+    rope: lambda x, cos, sin: _rows(x) + _tables(cos, sin),
+    rope_write: lambda k_rows, v_rows, index, k, v, cos, sin: [(k_rows, (0,)), (v_rows, (0,)), (index, (0, 1)),
+                                                               (k, (0, 2)), (v, (0, 2))] + _tables(cos, sin),
 }
 
 
@@ -136,15 +157,15 @@ def compiled(backend: str = "inductor", aligned: bool = True) -> Ops:
     comparison."""
     tracing = Tracing()
     compile_ = functools.partial(compile_whole, backend=backend, aligned=aligned)
-    rms, add_rms, rope_, silu = (_dynamic_rows(compile_(f), _VARYING[f], tracing)
-                                 for f in (rms_norm, add_rms_norm, rope, silu_mul))
+    rms, add_rms, rope_, write, silu = (_dynamic_rows(compile_(f), _VARYING[f], tracing)
+                                        for f in (rms_norm, add_rms_norm, rope, rope_write, silu_mul))
     quant = _static_width(compile_(quantize_rows))
     flex = split = None
     if flex_attention is not None:
         flex = _static_queries(compile_(flex_attention), tracing)
         split = _or_unfused(_static_queries(compile_(functools.partial(split_attention, flex_attention)), tracing),
                             flex)
-    return Ops(rms, add_rms, rope_, silu, quant, flex, split, tracing)
+    return Ops(rms, add_rms, rope_, write, silu, quant, flex, split, tracing)
 
 
 def compile_whole(fn: Callable, backend: str = "inductor", aligned: bool = True) -> Callable:

@@ -68,13 +68,13 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q, ops), self.k_norm(k, ops)
         q = ops.rope(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
-        k = ops.rope(k.transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
-        v = v.view(B, T, self.Hkv, self.D).transpose(1, 2)
+        k, v = k.transpose(1, 2), v.view(B, T, self.Hkv, self.D).transpose(1, 2)  # [B, Hkv, T, D], views
         if cache is None:  # independent rows; mask None, [T, T] or [B, T, T]
             m = None if mask is None else (mask[None, None] if mask.dim() == 2 else mask[:, None])
-            out = attend(q, k, v, m).transpose(1, 2)  # [B, T, H, D]
+            out = attend(q, ops.rope(k, cos, sin), v, m).transpose(1, 2)  # [B, T, H, D]
         else:  # row b is one request's branches, flattened; its keys are its slot's prefix + this window
-            keys, values = cache.write(layer, k, v)  # [B, Hkv, Lb, D]
+            ops.rope_write(*cache.rows(layer), cache.index, k, v, cos, sin)  # k RoPE'd on its way into the cache
+            keys, values = cache.keys(layer)  # [B, Hkv, Lb, D]
             if isinstance(mask, torch.Tensor):  # additive [B, 1, T, Lb]
                 out = attend(q, keys, values, mask)
             else:  # a FlexAttention BlockMask over the whole slot (models/attention.py: step_block_mask), the query
