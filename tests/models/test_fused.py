@@ -96,3 +96,31 @@ def test_inductor_compiles_assume_their_inputs_aligned(monkeypatch):
     fused.compiled(backend="eager")
     fused.compiled(aligned=False)
     assert len(seen) == 3 * n and all(kw["options"] is None for kw in seen[n:])
+
+
+def test_compiled_cache_write_puts_what_the_eager_one_does_for_every_batch():
+    """Ops.rope_write compiled by Inductor (the engine's on a GPU; here its CPU code) leaves the pool exactly as the
+    eager write does, at two batch sizes and two layers without recompiling (its rows are dynamic from the first
+    call, the KV heads static), and touches no other position."""
+    from lopa.cache import KVPool
+    from lopa.models.transformer import rope as tables
+
+    ops = fused.compiled()
+    Hkv, D, cap = 2, 8, 32
+    pools = [KVPool(3, Hkv, D, 4, 4, cap, "cpu", torch.float32) for _ in range(2)]
+    for pool in pools:
+        pool.kv.normal_(generator=torch.Generator().manual_seed(0))  # untouched positions must keep these
+    equal = []
+    with torch.inference_mode():
+        for B, T, layer in ((3, 8, 0), (1, 4, 2)):
+            write_index = torch.stack([torch.randperm(cap - 1)[:T] for _ in range(B)])
+            qkv = torch.randn(B, T, 6 * Hkv * D)  # [B, T, (H + 2 Hkv) D], H = 4: k and v are strided views
+            k, v = (qkv[..., i * Hkv * D:(i + 1) * Hkv * D].view(B, T, Hkv, D).transpose(1, 2) for i in (2, 3))
+            cos, sin = tables(torch.arange(T)[None].expand(B, T) + 3, D, 1e4)
+            stance = "fail_on_recompile" if equal else "default"  # the second shape must reuse the first's compile
+            with torch.compiler.set_stance(stance):
+                for pool, write in zip(pools, (ops.rope_write, fused.EAGER.rope_write)):
+                    view = pool.view(1, B, cap, write_index)
+                    write(*view.rows(layer), view.index, k, v, cos, sin)
+            equal.append(torch.equal(pools[0].kv, pools[1].kv))
+    assert equal == [True, True]
