@@ -108,6 +108,22 @@ def test_graph_replay_matches_eager_on_gpu(tiny_dream_dir):
     assert fast.runner.graphs.statics and all(s.graph is not None for s in fast.runner.graphs.statics.values())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernels run on a GPU")
+def test_fused_kernels_decode_as_the_eager_ops_on_gpu(tiny_dream_dir):
+    """On a GPU the compiled kernels (the elementwise chains, the cache write with k's RoPE: Ops.rope_write, the
+    batched predict) decode the tokens the eager ops do, float32, through the same SDPA path; the CPU runs the
+    eager ops only, so this is where the compiled write meets the engine."""
+    runner = dict(device="cuda", dtype="float32", max_num_seqs=4, attention="sdpa")
+    fused = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(**runner))
+    eager = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(**runner, fuse=False))
+    assert fused.fused and not eager.fused
+    prompts = ["Tom has 12 apples and", "The cat sat", "A B C", "one two"]
+    for strategy in ("d2f", "lopa"):
+        a = lopa.generate_many(eager, prompts, strategy=strategy, k=3, gen_length=40, block_size=8)
+        b = lopa.generate_many(fused, prompts, strategy=strategy, k=3, gen_length=40, block_size=8)
+        assert [r.token_ids for r in a] == [r.token_ids for r in b]
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_step_mask_equals_branch_mask_per_request(seed):
     """For random mixes of requests (K, W, P, block ids, row lengths) the device-built step mask, on each
