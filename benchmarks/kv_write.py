@@ -20,7 +20,7 @@ v read, written once; cos and sin read where RoPE is fused) over the time. After
 what index_copy leaves, asserted (exactly; within bf16 rounding where RoPE is fused).
 
     PYTHONPATH=src:benchmarks python3 benchmarks/kv_write.py --out benchmarks/results/kv_write_h100
-    PYTHONPATH=src:benchmarks python3 benchmarks/kv_write.py --device cpu --backend eager --shapes tiny  # smoke test
+    PYTHONPATH=src:benchmarks python3 benchmarks/kv_write.py --device cpu --backend eager --shapes default  # smoke test
 """
 
 from __future__ import annotations
@@ -61,10 +61,8 @@ def variants(backend: str) -> dict:
     of the view's slots. The compiled writes are dynamic in the rows (not the KV heads) from their first call,
     through the engine's own wrapper and marks."""
     ops = fused.compiled(backend)
-    def marks(k_rows, v_rows, index, k, v):  # rope_write's (models/fused.py: _VARYING), without cos and sin
-        return [(k_rows, (0,)), (v_rows, (0,)), (index, (0, 1)), (k, (0, 2)), (v, (0, 2))]
-
-    write = fused._dynamic_rows(fused.compile_whole(_write, backend), marks, ops.tracing)
+    # rope_write's marks without cos and sin
+    write = fused._dynamic_rows(fused.compile_whole(_write, backend), fused._cache_rows, ops.tracing)
 
     def index_copy(view, layer, k, v, cos, sin):
         _index_copy(view, layer, ops.rope(k, cos, sin), v)

@@ -116,6 +116,11 @@ def _rows(x: torch.Tensor) -> list[tuple[torch.Tensor, range]]:
     return [(x, range(x.dim() - 1))]
 
 
+def _cache_rows(k_rows, v_rows, index, k, v) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+    """rope_write's rows, index and k / v [B, Hkv, T, D]: the rows and tokens vary, the KV heads and D do not."""
+    return [(k_rows, (0,)), (v_rows, (0,)), (index, (0, 1)), (k, (0, 2)), (v, (0, 2))]
+
+
 def _tables(cos: torch.Tensor, sin: torch.Tensor) -> list[tuple[torch.Tensor, range]]:
     """RoPE's cos / sin, [T, D] or [B, 1, T, D]: every dim but the feature dim and the size-1 head dim."""
     return [(t, (0, 2) if t.dim() == 4 else range(t.dim() - 1)) for t in (cos, sin)]
@@ -129,8 +134,8 @@ _VARYING = {
     add_rms_norm: lambda x, delta, weight, eps: _rows(x) + _rows(delta),
     silu_mul: _rows,
     rope: lambda x, cos, sin: _rows(x) + _tables(cos, sin),
-    rope_write: lambda k_rows, v_rows, index, k, v, cos, sin: [(k_rows, (0,)), (v_rows, (0,)), (index, (0, 1)),
-                                                               (k, (0, 2)), (v, (0, 2))] + _tables(cos, sin),
+    rope_write: lambda k_rows, v_rows, index, k, v, cos, sin: (_cache_rows(k_rows, v_rows, index, k, v)
+                                                               + _tables(cos, sin)),
 }
 
 
