@@ -1,7 +1,9 @@
 """Host time per decode step: the device path (engine/device.py) beside the host strategies, in one run (issues 25, 26).
 
-For each strategy (lopa k=7, d2f) and each n in --ns, the same n generated GSM8K-style problems through the engine,
-twice in one process (pass 0: cold, pass 1: the same problems again), in each of --modes:
+For each strategy (lopa k=7, d2f) and each n in --ns, the same --prompts generated GSM8K-style problems (default:
+max(--ns) of them) through the engine with at most n running at once, each finished request replaced by the next
+problem (n closed-loop clients: n = 1 decodes them one after another, n = --prompts all at once), twice in one
+process (pass 0: cold, pass 1: the same problems again), in each of --modes:
 
     host     RunnerConfig.device_step=False: today's host strategies, graphs captured lazily
     device   device_step=True without the warm-up: the device path, its graphs captured lazily
@@ -17,7 +19,7 @@ Each mode starts ONE model (max_num_seqs = max(--ns)) and runs every (strategy, 
 would see them. Pass 0 of the lazy modes is cold for graphs (each n grows the KV pool, which drops the captured
 graphs; compiled kernels stay); per row the captures and eager steps after start-up.
 
-Per decode step in which all n requests run:
+Per decode step in which n requests run:
 
     wall ms      the engine step (StepInfo.seconds: forward, accept, commit, propose, bookkeeping)
     queries      real: the step's query positions (sum of K*W); padded: what the static path's "flex" key computes
@@ -33,8 +35,10 @@ Per decode step in which all n requests run:
                  ops and counts as host.
 
 Throughput: tokens up to EOS / the engine's decode-step seconds (prefill apart), and its ratio to n = 1 of the
-same mode and pass. ``tokens_equal``: each mode's pass 1 gave the host mode's tokens for every request (the warm
-mode attends with FlexAttention, the others with SDPA: in bfloat16 a token may differ), and its pass 0 its pass 1's.
+same mode and pass: the same problems and tokens, one request at a time. (Before --prompts, n = 1 decoded the first
+problem alone, a baseline that moved with that one problem's length and steps.) ``tokens_equal``: each mode's pass 1
+gave the host mode's tokens for every request (the warm mode attends with FlexAttention, the others with SDPA: in
+bfloat16 a token may differ), and its pass 0 its pass 1's.
 Results are written after every row (a run cut short keeps the rows it finished).
 
     PYTHONPATH=src python3 benchmarks/host_step.py --out benchmarks/results/host_step_h100   # the whole grid
@@ -58,6 +62,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import itertools
 import json
 import platform
 import statistics
@@ -144,14 +149,15 @@ class ForwardClock:
         return ms
 
 
-def run_pass(model, prompts: list[list[int]], config, clock: ForwardClock) -> dict:
-    """Every prompt (token ids) at once through the engine; per full decode step (all running): wall and forward
-    ms."""
+def run_pass(model, prompts: list[list[int]], n: int, config, clock: ForwardClock) -> dict:
+    """The prompts (token ids) through the engine, at most n running: each finished request is replaced by the next
+    prompt (n closed-loop clients); per full decode step (n running): wall and forward ms."""
     engine = model.engine
     c = engine.counters
     before = (c.decode_s, c.captures_after_start, c.eager_decode_steps, c.device_steps)
     seqs = [engine.prepare(p, config) for p in prompts]
-    for seq in seqs:
+    waiting = iter(seqs)
+    for seq in itertools.islice(waiting, n):
         engine.add(seq)
     results, walls, forwards, positions, padded = {}, [], [], [], []
     clock.take()
@@ -159,7 +165,7 @@ def run_pass(model, prompts: list[list[int]], config, clock: ForwardClock) -> di
         outs = engine.step()
         forward_ms = clock.take()
         info = engine.last_step
-        if info is not None and info.kind == "decode" and info.requests == len(prompts):
+        if info is not None and info.kind == "decode" and info.requests == n:
             walls.append(1e3 * info.seconds)
             forwards.append(forward_ms)
             positions.append(info.positions)
@@ -169,6 +175,9 @@ def run_pass(model, prompts: list[list[int]], config, clock: ForwardClock) -> di
                 raise out.error
             if out.finished:
                 results[out.request_id] = out.result
+                following = next(waiting, None)
+                if following is not None:
+                    engine.add(following)
     tokens = [results[s.id].token_ids for s in seqs]
     generated = sum(results[s.id].stats.generated_tokens for s in seqs)
     decode_s = c.decode_s - before[0]
@@ -206,6 +215,8 @@ def profiled(on: bool, path: Path, title: str, cuda: bool):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ns", default="1,8,32,64", help="concurrent requests")
+    ap.add_argument("--prompts", type=int, default=None,
+                    help="problems every n decodes, at most n at a time (default: max(--ns); module docstring)")
     ap.add_argument("--gen-length", type=int, default=128)
     ap.add_argument("--strategies", default="lopa,d2f", help="lopa (k = --k), d2f, own, lopa-bd (module docstring)")
     ap.add_argument("--k", type=int, default=7, help="lopa's k")
@@ -230,6 +241,10 @@ def main() -> None:
                     "strategy (torch.profiler kernel tables, profile_<mode>_<strategy>_<n>.txt beside the results)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/host_step"))
     args = ap.parse_args()
+    most = max(int(x) for x in args.ns.split(","))
+    args.prompts = args.prompts or most
+    if args.prompts < most:
+        ap.error(f"--prompts {args.prompts} is fewer than the largest n ({most}): that n would never run")
     with contextlib.ExitStack() as stack:
         path = args.model
         if path is None and (args.tiny or args.family != "dream"):
@@ -291,7 +306,7 @@ def _meta(model, args) -> dict:
     return {"device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
             "model": str(args.model) if args.model else "tiny" if args.tiny else args.shape or _family_name(args),
             "dtype": str(model.runner.dtype),
-            "gen_length": args.gen_length, "commit": git_commit(), "torch": torch.__version__,
+            "gen_length": args.gen_length, "prompts": args.prompts, "commit": git_commit(), "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -320,17 +335,17 @@ def measure(path, args, save) -> tuple[list[dict], dict]:
         meta.update({k: v for k, v in _meta(model, args).items() if k not in meta})
         if mode == "warm":
             meta["warm_start"] = _start(model, args)
-        problems = prompt_ids(model, max(ns))
+        problems = prompt_ids(model, args.prompts)
         for name in names:
             for n in ns:
                 cuda = model.runner.device.type == "cuda"
                 config = decode_config(None, model.model_type, gen_length=args.gen_length,
                                        **strategy(keys[name], table[keys[name]][1], model.model_type))
                 with torch.inference_mode(), ForwardClock(cuda) as clock:
-                    passes = [run_pass(model, problems[:n], config, clock)]
+                    passes = [run_pass(model, problems, n, config, clock)]
                     with profiled(str(n) in args.profile.split(","), args.out / f"profile_{mode}_{keys[name]}_{n}.txt",
                                   f"{mode} mode, {name}, n = {n}, pass 1", cuda):
-                        passes.append(run_pass(model, problems[:n], config, clock))
+                        passes.append(run_pass(model, problems, n, config, clock))
                 assert all((p["device_steps"] > 0) == (mode not in HOST_MODES) for p in passes), mode
                 ids[name, n, mode] = [p.pop("token_ids") for p in passes]
                 rows[name, n][mode] = {"pass0": passes[0], "pass1": passes[1]}
@@ -362,10 +377,12 @@ def _ratios(rows: list[dict]) -> list[dict]:
 def markdown(meta: dict, rows: list[dict]) -> str:
     warm = meta.get("warm_start")
     lines = [f"Host time per decode step, {meta.get('model')} model on {meta.get('device')} ({meta.get('dtype')}, "
-             f"gen_length {meta.get('gen_length')}, commit {meta.get('commit')}, {meta.get('date')}). Medians over "
-             "the steps in which all n requests ran; host = wall - forward. tok/s: tokens up to EOS / decode-step "
-             "seconds; xN1: against n = 1 of the same mode and pass. Pass 0: the first time the workload runs in the "
-             "process; pass 1: the same problems again.", ""]
+             f"gen_length {meta.get('gen_length')}, commit {meta.get('commit')}, {meta.get('date')}). Every n decodes "
+             f"the same {meta.get('prompts')} problems, at most n at a time (each finished request replaced by the "
+             "next). "
+             "Medians over the steps in which n requests ran; host = wall - forward. tok/s: tokens up to EOS / "
+             "decode-step seconds; xN1: against n = 1 (the same problems one at a time) of the same mode and pass. "
+             "Pass 0: the first time the workload runs in the process; pass 1: the same problems again.", ""]
     if warm:
         lines += [f"warm start-up: {warm['graphs']} CUDA graphs ({warm['device_graphs']} of them the device path's) "
                   f"in {warm['seconds']:.1f} s, {warm['gib']:.2f} GiB, {warm['positions']} positions a slot, "

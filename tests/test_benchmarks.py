@@ -222,9 +222,16 @@ def test_bd_diagnose_counts_the_winners(tiny_sdar_dir):
 
 
 def test_host_step_tiny_pairs_both_paths(tmp_path):
-    run("host_step.py", "--tiny", "--ns", "1,2", "--gen-length", "8", "--out", str(tmp_path))
-    rows = json.loads((tmp_path / "host_step.json").read_text())["rows"]
+    """Both paths on the same problems; every n decodes all --prompts of them, at most n at a time (n = 2 refills a
+    finished request's slot), so each n counts the same tokens."""
+    run("host_step.py", "--tiny", "--ns", "1,2", "--prompts", "3", "--gen-length", "8", "--out", str(tmp_path))
+    data = json.loads((tmp_path / "host_step.json").read_text())
+    rows = data["rows"]
+    assert data["meta"]["prompts"] == 3
     assert [(r["strategy"], r["n"]) for r in rows] == [("lopa k=7", 1), ("lopa k=7", 2), ("d2f", 1), ("d2f", 2)]
+    for one, two in zip(rows[::2], rows[1::2]):
+        assert all(one[m][p]["tokens"] == two[m][p]["tokens"] for m in ("warm", "host", "device")
+                   for p in ("pass0", "pass1"))
     for r in rows:
         for mode in ("warm", "host", "device"):
             assert r[mode]["tokens_equal"] is True

@@ -578,13 +578,20 @@ def test_compile_update_chooses_the_update_where_the_runner_fuses(tiny_dream_dir
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="start-up capture needs a GPU")
-def test_warm_up_captures_the_device_path_by_default_on_gpu(tiny_dream_dir):
-    """On a GPU with the warm-up the device path is on by default and its graphs are captured inside load_model;
-    then varied prompts and k run with torch.compile set to fail on any recompile, the counters report no capture,
-    recompile or eager step after start-up, and the tokens equal the host strategies' on the same static path."""
+def test_warm_up_captures_the_device_path_by_default_on_gpu(tiny_dream_dir, monkeypatch):
+    """On a GPU with the warm-up the device path is on by default and its graphs are captured inside load_model,
+    each launched once there (a graph's first launch uploads it: not the first request's cost); then varied prompts
+    and k run with torch.compile set to fail on any recompile, the counters report no capture, recompile or eager
+    step after start-up, and the tokens equal the host strategies' on the same static path."""
     runner = dict(device="cuda", dtype="float32", max_num_seqs=4, max_num_batched_tokens=2048, warmup=True,
                   device_step_min=1)  # every step on the device path (the default leaves one or two on the host)
+    launched, replay = set(), torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: (launched.add(id(graph)), replay(graph))[1])
     dev = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(**runner))
+    captured = [g for g, _ in dev.engine.device.graphs.values()]
+    captured += [st.graph for st in dev.runner.graphs.statics.values()]
+    assert captured and all(g is not None and id(g) in launched for g in captured)
+    monkeypatch.undo()
     host = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(**runner, device_step=False))
     assert dev.engine.device is not None and dev.engine.device.warm
     assert dev.engine.device.update is not batched  # fuse (the default) compiles the update on a GPU

@@ -369,6 +369,8 @@ class DevicePath:
             update = functools.partial(self._update, B, Qb, None, Wm, R, measures, scores, span)
             with graphs.timed_key(f"update B={B} Qb={Qb}"):
                 update()  # eagerly first (a compiled update compiles here): lazy initialization stays out of graphs
-                self.graphs[key] = self._capture(update) if graphs.capture else (None, None)
+                self.graphs[key] = entry = self._capture(update) if graphs.capture else (None, None)
+                if entry[0] is not None:  # launched once here: a graph's first launch uploads it to the device,
+                    entry[0].replay()  # which the first request of this shape would pay (as the static path's do)
             if on_graph is not None:
                 on_graph(done, len(shapes))
