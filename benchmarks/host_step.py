@@ -379,8 +379,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"Host time per decode step, {meta.get('model')} model on {meta.get('device')} ({meta.get('dtype')}, "
              f"gen_length {meta.get('gen_length')}, commit {meta.get('commit')}, {meta.get('date')}). Every n decodes "
              f"the same {meta.get('prompts')} problems, at most n at a time (each finished request replaced by the "
-             "next). "
-             "Medians over the steps in which n requests ran; host = wall - forward. tok/s: tokens up to EOS / "
+             "next). Medians over the steps in which n requests ran; host = wall - forward. tok/s: tokens up to EOS / "
              "decode-step seconds; xN1: against n = 1 (the same problems one at a time) of the same mode and pass. "
              "Pass 0: the first time the workload runs in the process; pass 1: the same problems again.", ""]
     if warm:
