@@ -16,7 +16,7 @@ from lopa.decoding import batched
 from lopa.engine import Engine
 from lopa.runner.model_runner import ModelRunner
 
-from decoding.roundtrip import assert_slot_round_trip  # tests/decoding
+from decoding.roundtrip import assert_slot_round_trip, assert_slots_round_trip  # tests/decoding
 from engine_steps import run_steps, traced_update  # tests/engine
 
 SCORES = ("mean", "lowest", "count", "top_m", "segment", "logsum")
@@ -327,6 +327,24 @@ def test_load_then_store_restores_the_host_state(ref):
         assert_slot_round_trip(seq.strategy, seq.state, seq.batch, len(seq.state.canvas) + 5, 8)
         m.engine.abort(seq.id)
         m.engine.step()
+
+
+def test_requests_load_and_store_together_as_one_at_a_time(ref):
+    """Requests joining (or leaving) the device path in one step: Slots.load_many writes each field's rows in one
+    copy and store_many reads them back in one, as loading / storing each request alone does (mid-decode states of
+    three strategies)."""
+    model, spec, prompts, configs, _, _ = ref
+    m = _engine(model, 3, device_step=False, spec=spec)
+    seqs = [m.engine.prepare(m.tokenizer.encode(prompts[i]), configs[c]) for i, c in ((1, 3), (2, 8), (0, 13))]
+    for seq in seqs:
+        m.engine.add(seq)
+    with torch.inference_mode():
+        for _ in range(2):  # the three prompts' prefill, one decode step
+            m.engine.step()
+    live = [s for s in seqs if s.batch is not None]
+    assert len(live) >= 2
+    width = max(len(s.state.canvas) for s in live) + 5
+    assert_slots_round_trip([(s.strategy, s.state, s.batch) for s in live], width, 8)
 
 
 def test_ineligible_requests_stay_on_the_host(ref):

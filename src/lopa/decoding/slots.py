@@ -48,6 +48,7 @@ INTS = ("prompt_len", "gen_length", "block_size", "cached", "rounds", "max_round
         "capped", "family", "verify", "next_span", "sub_block", "pred_lo")
 FLOATS = ("tau", "tau_add", "tau_act")
 FAMILIES = ("window", "sdar", "fast_dllm_v2")  # the ``family`` field: which rules decode the slot
+FIELDS = ("canvas", "pred_tok", "pred_prob", "pred_conf", "pred_ok", "scored", "active", "look", "ints", "floats")
 I = {name: i for i, name in enumerate(INTS)}
 F = {name: i for i, name in enumerate(FLOATS)}
 # branch scores the device iteration computes (decoding/batched.py); "random" draws from the request's own
@@ -88,16 +89,14 @@ class Slots:
         """At least S slots, Tc canvas positions and kc lookaheads; the rows' contents kept."""
         S, Tc, kc = max(S, self.slots), max(Tc, self.width), max(kc, self.look.shape[1])
         new = Slots.empty(S, Tc, kc, self.canvas.device, self.pred_prob.dtype)
-        for name in ("canvas", "pred_tok", "pred_prob", "pred_conf", "pred_ok", "scored", "active", "look", "ints",
-                     "floats"):
+        for name in FIELDS:
             old = getattr(self, name)
             getattr(new, name)[:old.shape[0], :old.shape[1]] = old
         return new
 
     def move(self, src: int | list[int], dst: int | list[int]) -> None:
         """Row(s) src to dst; with index lists every source row is read before any is written (a rotation)."""
-        for name in ("canvas", "pred_tok", "pred_prob", "pred_conf", "pred_ok", "scored", "active", "look", "ints",
-                     "floats"):
+        for name in FIELDS:
             t = getattr(self, name)
             t[dst] = t[src]
 
@@ -105,24 +104,30 @@ class Slots:
     def load(self, slot: int, strategy: WindowStrategy, state: WindowState, batch: ForwardBatch,
              score: int) -> None:
         """Write a request's state (after its propose) and its pending decode batch into ``slot``."""
-        cfg, T = strategy.cfg, len(state.canvas)
+        self.load_many([slot], [(strategy, state, batch, score)])
+
+    def load_many(self, slots: list[int],
+                  requests: list[tuple[WindowStrategy, WindowState, ForwardBatch, int]]) -> None:
+        """``load`` for several requests (strategy, state, pending batch, branch score) into their slots: each
+        field's rows built on the host and written in one copy (requests joining together cost one transfer a
+        field, not one per request)."""
+        rows = [self._row(*request) for request in requests]
         dev = self.canvas.device
-        row = lambda x, fill=0: torch.nn.functional.pad(x, (0, self.width - T), value=fill).to(dev)  # noqa: E731
-        self.canvas[slot] = row(state.canvas)
-        self.pred_tok[slot] = row(state.pred_tok)
-        self.pred_prob[slot] = row(state.pred_prob.to(self.pred_prob.dtype))
-        self.pred_conf[slot] = row(state.pred_conf.to(self.pred_conf.dtype))
-        self.pred_ok[slot] = row(state.pred_ok, False)
+        index = torch.tensor(slots, dtype=torch.int64).to(dev)
+        for name in FIELDS:
+            getattr(self, name)[index] = torch.stack([row[name] for row in rows]).to(dev)
+
+    def _row(self, strategy: WindowStrategy, state: WindowState, batch: ForwardBatch, score: int) -> dict:
+        """One request's slot row, field by field, on the host."""
+        cfg, T = strategy.cfg, len(state.canvas)
+        pad = lambda x, fill=0: torch.nn.functional.pad(x, (0, self.width - T), value=fill)  # noqa: E731
         scored, extra = state.pending
         mark = torch.zeros(self.width, dtype=torch.bool)
         mark[list(scored)] = True
-        self.scored[slot] = mark.to(dev)
         active = torch.zeros(self.width, dtype=torch.bool)
         active[:len(state.blocks)] = torch.tensor([b.fully_active for b in state.blocks])
-        self.active[slot] = active.to(dev)
         look = torch.full((self.look.shape[1],), -1, dtype=torch.int64)
         look[:len(extra) - 1] = torch.tensor(extra[1:], dtype=torch.int64)
-        self.look[slot] = look.to(dev)
         K, W = batch.tokens.shape
         values = dict(prompt_len=state.prompt_len, gen_length=cfg.gen_length, block_size=cfg.block_size,
                       cached=state.cached, rounds=state.rounds, max_rounds=strategy.max_rounds,
@@ -134,34 +139,48 @@ class Slots:
                       causal=int(batch.block_ids is not None), done=0, capped=0, family=family(strategy),
                       verify=int(cfg.verify_lookahead), next_span=int(cfg.score_span == "next_region"),
                       sub_block=cfg.sub_block, pred_lo=0)
-        self.ints[slot] = torch.tensor([values[name] for name in INTS], dtype=torch.int64).to(dev)
-        self.floats[slot] = torch.tensor([cfg.tau, cfg.add_threshold, cfg.complete_threshold],
-                                         dtype=torch.float64).to(dev)
+        pdt = self.pred_prob.dtype
+        return dict(canvas=pad(state.canvas), pred_tok=pad(state.pred_tok), pred_prob=pad(state.pred_prob.to(pdt)),
+                    pred_conf=pad(state.pred_conf.to(pdt)), pred_ok=pad(state.pred_ok, False), scored=mark,
+                    active=active, look=look, ints=torch.tensor([values[name] for name in INTS], dtype=torch.int64),
+                    floats=torch.tensor([cfg.tau, cfg.add_threshold, cfg.complete_threshold], dtype=torch.float64))
 
     def canvas_of(self, slot: int, T: int, spec: ModelSpec) -> torch.Tensor:
         """The request's canvas [T] on the CPU, as the host holds it: the iteration settles EOS over its span, so
         a window strategy's masks after the first EOS beyond it become EOS here (base.settle_eos; a
         block-diffusion strategy leaves them: BlockDiffusionStrategy.settle_eos)."""
-        canvas = self.canvas[slot, :T].cpu().clone()
-        if not self.ints[slot, I["family"]]:
-            settle_eos(canvas, int(self.ints[slot, I["prompt_len"]]), spec)
-        return canvas
+        return _settled(self.canvas[slot, :T].cpu().clone(), self.ints[slot].tolist(), spec)
 
     def store(self, slot: int, strategy: WindowStrategy, state: WindowState) -> ForwardBatch | None:
         """Write ``slot`` back into the request's host state; returns its pending batch (None when done),
         exactly as the host strategy's propose would have left them."""
+        return self.store_many([slot], [strategy], [state])[0]
+
+    def store_many(self, slots: list[int], strategies: list[WindowStrategy],
+                   states: list[WindowState]) -> list[ForwardBatch | None]:
+        """``store`` for several slots: each field's rows copied to the host at once (one transfer a field, not
+        one per request), then each request's state written from its rows."""
+        index = torch.tensor(slots, dtype=torch.int64).to(self.canvas.device)
+        fields = {name: getattr(self, name)[index].cpu() for name in FIELDS}  # [m, ...] each, copies
+        return [self._unrow({name: t[i] for name, t in fields.items()}, strategy, state)
+                for i, (strategy, state) in enumerate(zip(strategies, states))]
+
+    @staticmethod
+    def _unrow(row: dict, strategy: WindowStrategy, state: WindowState) -> ForwardBatch | None:
+        """One slot row (on the host) into the request's state; its pending batch."""
         T = len(state.canvas)
-        v = dict(zip(INTS, self.ints[slot].tolist()))
-        state.canvas = self.canvas_of(slot, T, strategy.spec)
-        state.pred_tok = self.pred_tok[slot, :T].cpu().clone()
-        state.pred_prob = self.pred_prob[slot, :T].cpu().clone()
-        state.pred_conf = self.pred_conf[slot, :T].cpu().clone()
-        state.pred_ok = self.pred_ok[slot, :T].cpu() & (torch.arange(T) >= v["pred_lo"])
+        ints = row["ints"].tolist()
+        v = dict(zip(INTS, ints))
+        state.canvas = _settled(row["canvas"][:T].clone(), ints, strategy.spec)
+        state.pred_tok = row["pred_tok"][:T].clone()
+        state.pred_prob = row["pred_prob"][:T].clone()
+        state.pred_conf = row["pred_conf"][:T].clone()
+        state.pred_ok = row["pred_ok"][:T] & (torch.arange(T) >= v["pred_lo"])
         P, G, bs = v["prompt_len"], v["gen_length"], v["block_size"]
         if v["family"]:  # block diffusion: the strategy's fixed blocks
             state.blocks = strategy.initial_blocks(P)
         else:
-            active = self.active[slot, :v["nblocks"]].tolist()
+            active = row["active"][:v["nblocks"]].tolist()
             state.blocks = [Block(P + i * bs, min(P + (i + 1) * bs, P + G), a) for i, a in enumerate(active)]
         state.cached, state.rounds, state.last_fill = v["cached"], v["rounds"], v["last_fill"]
         state.eos_at = None if v["eos_at"] == NO_EOS else v["eos_at"]
@@ -171,8 +190,8 @@ class Slots:
             state.pending = ()
             return None
         lo, W = v["cached"], v["width"]
-        look = self.look[slot, :v["rows"] - 1].tolist()
-        scored = (self.scored[slot, lo:lo + W].nonzero()[:, 0] + lo).tolist()  # bits outside the window are stale
+        look = row["look"][:v["rows"] - 1].tolist()
+        scored = (row["scored"][lo:lo + W].nonzero()[:, 0] + lo).tolist()  # bits outside the window are stale
         state.pending = (scored, [None] + look)
         anchor = state.canvas[lo:lo + W]
         rows = anchor[None].repeat(len(look) + 1, 1)
@@ -205,3 +224,10 @@ class Rows:
 def family(strategy: WindowStrategy) -> int:
     """The slot's ``family`` index: which rules the device iteration applies to it."""
     return FAMILIES.index(type(strategy).name) if isinstance(strategy, BlockDiffusionStrategy) else 0  # lopa renames
+
+
+def _settled(canvas: torch.Tensor, ints: list[int], spec: ModelSpec) -> torch.Tensor:
+    """A slot's canvas (on the host, owned) as the host holds it (Slots.canvas_of), given the slot's int fields."""
+    if not ints[I["family"]]:
+        settle_eos(canvas, ints[I["prompt_len"]], spec)
+    return canvas

@@ -5,7 +5,7 @@ running request at once, their state in device tensors (decoding/slots.py), the 
     path.load(seqs)         # requests new to the path: host WindowState + pending batch -> their slot rows
     info = path.step(seqs)  # queries, ONE forward, accept, commit the winners, propose (one CUDA graph on a
                             # GPU); one read-back
-    path.store(seq)         # a slot row -> the request's host state and pending batch (exact, lossless)
+    path.store(seqs)        # slot rows -> the requests' host states and pending batches (exact, lossless)
 
 The engine takes this path for a decode step when every request of the step qualifies (``eligible``); when one
 does not, the requests living here are stored back and the step runs the host strategies (and they come back
@@ -162,17 +162,25 @@ class DevicePath:
             self.host[d] = row
 
     def load(self, seqs: list[Sequence]) -> None:
+        """Requests new to the path into their slot rows, all in one write a field (Slots.load_many)."""
+        if not seqs:
+            return
+        self._reserve(max(max(s.slot for s in seqs) + 1, self.runner.max_num_seqs),
+                      max(len(s.state.canvas) for s in seqs), max(s.strategy.lookahead for s in seqs))
+        self.slots.load_many([s.slot for s in seqs], [(s.strategy, s.state, s.batch,
+                                                       DEVICE_SCORES.index(s.config.branch_confidence)) for s in seqs])
         for seq in seqs:
-            self._reserve(max(seq.slot + 1, self.runner.max_num_seqs), len(seq.state.canvas), seq.strategy.lookahead)
-            batch = seq.batch
-            self.slots.load(seq.slot, seq.strategy, seq.state, batch,
-                            DEVICE_SCORES.index(seq.config.branch_confidence))
-            self.host[seq.slot] = [batch.start, *batch.tokens.shape]
+            self.host[seq.slot] = [seq.batch.start, *seq.batch.tokens.shape]
             seq.on_device = True
 
-    def store(self, seq: Sequence) -> None:
-        seq.batch = self.slots.store(seq.slot, seq.strategy, seq.state)
-        seq.on_device = False
+    def store(self, seqs: list[Sequence]) -> None:
+        """Slot rows back into the requests' host states and pending batches, one read a field (Slots.store_many)."""
+        if not seqs:
+            return
+        batches = self.slots.store_many([s.slot for s in seqs], [s.strategy for s in seqs], [s.state for s in seqs])
+        for seq, batch in zip(seqs, batches):
+            seq.batch = batch
+            seq.on_device = False
 
     def refresh(self, seq: Sequence) -> None:
         """Copy the request's canvas into its host state (progress callbacks read it; the rest stays stale)."""
