@@ -279,8 +279,8 @@ class Engine:
         if self.device is not None:
             if not plan.prefill and self._on_device(seqs, len(running)):
                 return outputs + self._device_step(seqs)
-            self.device.store([s for s in seqs if s.on_device])  # a host step: requests living on the device come
-            # back to their host states
+            # a host step: requests living on the device come back to their host states
+            self.device.store([s for s in seqs if s.on_device])
         t0 = time.perf_counter()
         preds = self.runner.execute([StepItem(s.slot, s.batch, s.pspec, s.generator) for s in seqs])  # ONE forward
         batches = [s.batch for s in seqs]
@@ -323,8 +323,8 @@ class Engine:
                     max(K * W for K, W in shapes))
         self._log_winners(seqs, [row[6] for row in info], False)
         outputs = []
-        self.device.store([s for s, row in zip(seqs, info) if row[0]])  # the finished: final canvases to the host
-        # states, no batch left
+        # the finished requests: their final canvases to the host states, no batch left
+        self.device.store([s for s, row in zip(seqs, info) if row[0]])
         for s, (K, _), (done, _, _, rows, width, ready, _) in zip(seqs, shapes, info):
             s.stats.add_decode(K, dt)
             s.device_shape = (rows, width)  # its slot may move before the next step (scheduler: take, moves)
