@@ -59,8 +59,10 @@ class KVPool:
             return
         src, dst = [s for s, _ in moves], [d for _, d in moves]
         n = max(self.lengths[s] for s in src)
-        self.kv[:, :, dst, :, :n] = self.kv[:, :, src, :, :n]  # the right side is gathered (a copy) first
-        self.last_hidden[dst] = self.last_hidden[src]
+        index = torch.tensor([src, dst], dtype=torch.int64).to(self.kv.device)  # one copy to the device
+        prefix = self.kv[:, :, :, :, :n]
+        prefix.index_copy_(2, index[1], prefix.index_select(2, index[0]))  # every source gathered (a copy) first
+        self.last_hidden.index_copy_(0, index[1], self.last_hidden.index_select(0, index[0]))
         lengths = [self.lengths[s] for s in src]
         for s in src:
             self.lengths[s] = 0

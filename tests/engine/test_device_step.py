@@ -4,6 +4,7 @@ attentions, threshold / d2f / lopa, k in {0, 1, 3, 7} and every k_policy; all at
 aborted, mixed with requests it does not take (their states go back to the host and return), with EOS inside
 the window; float64 and float32, both model families."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -13,6 +14,7 @@ import lopa
 import lopa.api
 from lopa.config import COMPILE_UPDATE_MAX_PARAMS, DEVICE_STEP_MIN_UNFUSED, compiles_update, device_step_min_of
 from lopa.decoding import batched
+from lopa.decoding.slots import I, Slots
 from lopa.engine import Engine
 from lopa.runner.model_runner import ModelRunner
 
@@ -345,6 +347,37 @@ def test_requests_load_and_store_together_as_one_at_a_time(ref):
     assert len(live) >= 2
     width = max(len(s.state.canvas) for s in live) + 5
     assert_slots_round_trip([(s.strategy, s.state, s.batch) for s in live], width, 8)
+
+
+def test_finished_requests_store_what_their_results_read(ref):
+    """Slots.store_done (the requests a device step finished): their host states get the settled canvas, lengths,
+    rounds, EOS and round cap that the full store_many gives them, from one read (mid-decode states of three
+    strategies, marked done in their slots, one of them at its round cap)."""
+    model, spec, prompts, configs, _, _ = ref
+    m = _engine(model, 3, device_step=False, spec=spec)
+    seqs = [m.engine.prepare(m.tokenizer.encode(prompts[i]), configs[c]) for i, c in ((1, 3), (2, 8), (0, 13))]
+    for seq in seqs:
+        m.engine.add(seq)
+    with torch.inference_mode():
+        for _ in range(2):  # the three prompts' prefill, one decode step
+            m.engine.step()
+    live = [s for s in seqs if s.batch is not None]
+    assert len(live) >= 2
+    where = list(range(len(live), 0, -1))
+    slots = Slots.empty(len(live) + 1, max(len(s.state.canvas) for s in live) + 5, 8, torch.device("cpu"),
+                        live[0].state.pred_prob.dtype)
+    slots.load_many(where, [(s.strategy, s.state, s.batch, 0) for s in live])
+    slots.ints[:, I["done"]] = 1
+    slots.ints[where[0], I["capped"]] = 1
+    full, light = copy.deepcopy([s.state for s in live]), copy.deepcopy([s.state for s in live])
+    slots.store_many(where, [s.strategy for s in live], full)
+    with torch.inference_mode():  # the engine's mode
+        slots.store_done(where, [s.strategy for s in live], light)
+    for a, b in zip(full, light):
+        assert torch.equal(a.canvas, b.canvas)
+        assert (a.cached, a.rounds, a.eos_at, a.done, a.hit_round_cap, a.pending, a.last_fill) == \
+            (b.cached, b.rounds, b.eos_at, b.done, b.hit_round_cap, b.pending, b.last_fill)
+    assert [s.hit_round_cap for s in light] == [True] + [False] * (len(live) - 1) and all(s.done for s in light)
 
 
 def test_ineligible_requests_stay_on_the_host(ref):

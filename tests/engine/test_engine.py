@@ -4,6 +4,7 @@ once; eager and on the static (CUDA-graph) path run without capture; float64 and
 
 import collections
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -101,6 +102,43 @@ def test_step_log_accounts_for_every_forward(solo):
     assert all(s.rows <= s.positions and len(s.request_ids) == s.requests for s in log)
     assert all(0 < s.queries <= s.positions for s in log)  # the widest request's K*W
     assert max(s.positions for s in decode) > max(s.rows for s in decode)  # windows wider than one column
+
+
+@pytest.mark.parametrize("device_step", [False, True], ids=["host", "device"])
+def test_a_step_counts_its_whole_wall_time(solo, device_step, monkeypatch):
+    """StepInfo.seconds and the counters' prefill_s / decode_s are a step's whole wall time: its scheduling, the
+    slot moves before its forward and the finished requests' outputs after it count, on both paths (each made to
+    take 10 ms here; the rest of the step only adds)."""
+    model, prompts, configs, _ = solo
+    m = _engine(model, 2, False)  # fewer slots than requests: requests leave, others join and slots move
+    engine = Engine(m.runner, m.loaded.spec, 2, device_step=device_step)
+    slow = {}
+
+    def slowed(owner, name):
+        fn = getattr(owner, name)
+
+        def call(*args, **kwargs):
+            slow[name] = slow.get(name, 0) + 1
+            time.sleep(0.01)
+            return fn(*args, **kwargs)
+        monkeypatch.setattr(owner, name, call)
+
+    for owner, name in ((engine.scheduler, "schedule"), (engine.runner, "move"), (engine, "_finish")):
+        slowed(owner, name)
+    keep = [i for i, c in enumerate(configs) if c.strategy in ("lopa", "d2f", "threshold") and c.temperature == 0]
+    seqs = [engine.prepare(m.tokenizer.encode(prompts[i]), configs[i].replace(trace=False)) for i in keep]
+    engine.step_log = log = []
+    with torch.inference_mode():
+        outs = engine.generate(seqs)
+    assert len(outs) == len(seqs) and slow["move"] == len(log) and slow["_finish"] == len(seqs)
+    assert (engine.counters.device_steps > 0) == device_step
+    last = {rid: i for i, s in enumerate(log) for rid in s.request_ids}  # each request's finishing step
+    finishing = [log[i] for i in sorted(set(last.values()))]
+    assert finishing and all(s.seconds >= 0.02 for s in log)  # its schedule and its moves
+    assert all(s.seconds >= 0.03 for s in finishing)  # and the outputs of the requests it finished
+    c = engine.counters
+    assert c.decode_s == pytest.approx(sum(s.seconds for s in log if s.kind == "decode"))
+    assert c.prefill_s == pytest.approx(sum(s.seconds for s in log if s.kind == "prefill"))
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "flex"])

@@ -94,11 +94,13 @@ class Slots:
             getattr(new, name)[:old.shape[0], :old.shape[1]] = old
         return new
 
-    def move(self, src: int | list[int], dst: int | list[int]) -> None:
-        """Row(s) src to dst; with index lists every source row is read before any is written (a rotation)."""
+    def move(self, src: list[int], dst: list[int]) -> None:
+        """Rows src to dst, every source row read before any is written (a rotation); the indices go to the device
+        in one copy (not two a field, as indexing with lists does)."""
+        index = torch.tensor([src, dst], dtype=torch.int64).to(self.canvas.device)
         for name in FIELDS:
             t = getattr(self, name)
-            t[dst] = t[src]
+            t.index_copy_(0, index[1], t.index_select(0, index[0]))
 
     # -- host state <-> slot row ---------------------------------------------------------------------
     def load(self, slot: int, strategy: WindowStrategy, state: WindowState, batch: ForwardBatch,
@@ -165,6 +167,19 @@ class Slots:
         return [self._unrow({name: t[i] for name, t in fields.items()}, strategy, state)
                 for i, (strategy, state) in enumerate(zip(strategies, states))]
 
+    def store_done(self, slots: list[int], strategies: list[WindowStrategy], states: list[WindowState]) -> None:
+        """``store_many`` for requests the iteration finished: only what their results read (the canvas, settled,
+        and the int fields: lengths, rounds, EOS, done, the round cap), in one copy; the rest of their host states
+        (predictions, blocks) is left as it was, since a finished request never decodes again."""
+        index = torch.tensor(slots, dtype=torch.int64).to(self.canvas.device)
+        rows = torch.cat([self.canvas.index_select(0, index), self.ints.index_select(0, index)], 1).cpu()
+        for row, strategy, state in zip(rows, strategies, states):
+            ints = row[self.width:].tolist()
+            state.canvas = _settled(row[:len(state.canvas)].clone(), ints, strategy.spec)
+            _scalars(state, dict(zip(INTS, ints)))
+            assert state.done, "store_done: the request is not finished"
+            state.pending = ()
+
     @staticmethod
     def _unrow(row: dict, strategy: WindowStrategy, state: WindowState) -> ForwardBatch | None:
         """One slot row (on the host) into the request's state; its pending batch."""
@@ -182,10 +197,7 @@ class Slots:
         else:
             active = row["active"][:v["nblocks"]].tolist()
             state.blocks = [Block(P + i * bs, min(P + (i + 1) * bs, P + G), a) for i, a in enumerate(active)]
-        state.cached, state.rounds, state.last_fill = v["cached"], v["rounds"], v["last_fill"]
-        state.eos_at = None if v["eos_at"] == NO_EOS else v["eos_at"]
-        state.done, state.hit_round_cap = bool(v["done"]), bool(v["capped"])
-        state.prefilled = True
+        _scalars(state, v)
         if state.done:
             state.pending = ()
             return None
@@ -224,6 +236,14 @@ class Rows:
 def family(strategy: WindowStrategy) -> int:
     """The slot's ``family`` index: which rules the device iteration applies to it."""
     return FAMILIES.index(type(strategy).name) if isinstance(strategy, BlockDiffusionStrategy) else 0  # lopa renames
+
+
+def _scalars(state: WindowState, v: dict) -> None:
+    """A slot's int fields (by name) into the request's host state: lengths, rounds, EOS, done, the round cap."""
+    state.cached, state.rounds, state.last_fill = v["cached"], v["rounds"], v["last_fill"]
+    state.eos_at = None if v["eos_at"] == NO_EOS else v["eos_at"]
+    state.done, state.hit_round_cap = bool(v["done"]), bool(v["capped"])
+    state.prefilled = True
 
 
 def _settled(canvas: torch.Tensor, ints: list[int], spec: ModelSpec) -> torch.Tensor:

@@ -182,6 +182,16 @@ class DevicePath:
             seq.batch = batch
             seq.on_device = False
 
+    def finish(self, seqs: list[Sequence]) -> None:
+        """Requests the step finished: their final canvases (and counts) to their host states, in one read
+        (Slots.store_done); no batch left."""
+        if not seqs:
+            return
+        self.slots.store_done([s.slot for s in seqs], [s.strategy for s in seqs], [s.state for s in seqs])
+        for seq in seqs:
+            seq.batch = None
+            seq.on_device = False
+
     def refresh(self, seq: Sequence) -> None:
         """Copy the request's canvas into its host state (progress callbacks read it; the rest stays stale)."""
         seq.state.canvas = self.slots.canvas_of(seq.slot, len(seq.state.canvas), self.spec)

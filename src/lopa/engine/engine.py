@@ -50,7 +50,7 @@ class StepInfo:
     kind: str  # prefill | decode
     requests: int
     rows: int  # branch rows computed (sum of K over the step's requests)
-    seconds: float
+    seconds: float  # wall time of the whole step: scheduling, slot moves, forward, update, outputs (Engine._run)
     positions: int  # query positions computed (sum of K*W; a prefill's prompt positions)
     request_ids: tuple[str, ...]  # the requests the step computed, in the step's order
     queries: int = 0  # the most query positions (K*W) of one request of the step (its query bucket's size)
@@ -243,6 +243,7 @@ class Engine:
             self.fail_all(RuntimeError(f"rank 0 failed the step: {event[1]}"))
 
     def _step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()  # a step's seconds include its scheduling (_run)
         outputs = [self._finish(seq) for seq in self._done]
         self._done = []
         plan = self.scheduler.schedule()
@@ -251,7 +252,7 @@ class Engine:
             self.counters.deferred_requests += plan.deferred
         if plan.seqs:
             try:
-                outputs += self._run(plan)
+                outputs += self._run(plan, t0)
             except Exception as err:  # noqa: BLE001 - only an out-of-memory in one process is survivable
                 if not self.group.survives(err):
                     raise
@@ -260,8 +261,10 @@ class Engine:
             self.runner.shrink()
         return outputs
 
-    def _run(self, plan) -> list[RequestOutput]:
-        """One scheduled step: ONE forward for every request of the plan, accept, commit, propose."""
+    def _run(self, plan, t0: float) -> list[RequestOutput]:
+        """One scheduled step: ONE forward for every request of the plan, accept, commit, propose. Its seconds
+        (StepInfo.seconds, the counters' prefill_s / decode_s) run from ``t0``, the step's start (before its
+        scheduling and slot moves), to its last output: the whole step's wall time, host work included."""
         outputs = []
         running = self.scheduler.running
         try:  # first: the live slots are then 0..n-1, and the pool may be resized
@@ -278,10 +281,9 @@ class Engine:
         seqs = plan.seqs
         if self.device is not None:
             if not plan.prefill and self._on_device(seqs, len(running)):
-                return outputs + self._device_step(seqs)
+                return outputs + self._device_step(seqs, t0)
             # a host step: requests living on the device come back to their host states
             self.device.store([s for s in seqs if s.on_device])
-        t0 = time.perf_counter()
         preds = self.runner.execute([StepItem(s.slot, s.batch, s.pspec, s.generator) for s in seqs])  # ONE forward
         batches = [s.batch for s in seqs]
         t1 = time.perf_counter()
@@ -297,9 +299,7 @@ class Engine:
         for s in seqs:  # the next forward is decided now; None = finished
             s.state.row_budget = budget  # read by k_policy "load" (decoding/budget.py); a plain int, no device state
             s.batch = None if s.error is not None else self._guard(s, s.strategy.propose, s.state)
-        dt = time.perf_counter() - t0
-        self._count(plan.prefill, sum(b.tokens.shape[0] for b in batches), sum(b.tokens.numel() for b in batches),
-                    dt, [s.id for s in seqs], max(b.tokens.numel() for b in batches))
+        dt = time.perf_counter() - t0  # each request's share: the step up to its outputs
         for s, batch in zip(seqs, batches):
             s.stats.add_forward(batch, dt)
             if s.error is not None or s.batch is None:
@@ -309,22 +309,21 @@ class Engine:
                 out = self._stream(s)
                 if out is not None:
                     outputs.append(out)
+        self._count(plan.prefill, sum(b.tokens.shape[0] for b in batches), sum(b.tokens.numel() for b in batches),
+                    time.perf_counter() - t0, [s.id for s in seqs], max(b.tokens.numel() for b in batches))
         return outputs
 
-    def _device_step(self, seqs: list[Sequence]) -> list[RequestOutput]:
-        """A decode step on the device path (engine/device.py): the same counting and outputs as the host's."""
-        t0 = time.perf_counter()
+    def _device_step(self, seqs: list[Sequence], t0: float) -> list[RequestOutput]:
+        """A decode step on the device path (engine/device.py): the same counting and outputs as the host's (``t0``:
+        the step's start, _run's)."""
         self.device.load([s for s in seqs if not s.on_device])
         shapes = [self.device.shape(s) for s in seqs]  # (K, W) of each request's forward in this step
         info = self.device.step(seqs, self.row_budget())  # ONE forward
-        dt = time.perf_counter() - t0
         self.counters.device_steps += 1
-        self._count(False, sum(K for K, _ in shapes), sum(K * W for K, W in shapes), dt, [s.id for s in seqs],
-                    max(K * W for K, W in shapes))
         self._log_winners(seqs, [row[6] for row in info], False)
         outputs = []
-        # the finished requests: their final canvases to the host states, no batch left
-        self.device.store([s for s, row in zip(seqs, info) if row[0]])
+        self.device.finish([s for s, row in zip(seqs, info) if row[0]])  # final canvases to the host states
+        dt = time.perf_counter() - t0  # each request's share: the step up to its outputs
         for s, (K, _), (done, _, _, rows, width, ready, _) in zip(seqs, shapes, info):
             s.stats.add_decode(K, dt)
             s.device_shape = (rows, width)  # its slot may move before the next step (scheduler: take, moves)
@@ -335,6 +334,8 @@ class Engine:
                 out = self._stream(s, ready)
                 if out is not None:
                     outputs.append(out)
+        self._count(False, sum(K for K, _ in shapes), sum(K * W for K, W in shapes), time.perf_counter() - t0,
+                    [s.id for s in seqs], max(K * W for K, W in shapes))
         return outputs
 
     def _log_winners(self, seqs: list[Sequence], rows: list[int], prefill: bool) -> None:
