@@ -21,7 +21,8 @@ graphs; compiled kernels stay); per row the captures and eager steps after start
 
 Per decode step in which n requests run:
 
-    wall ms      the engine step (StepInfo.seconds: forward, accept, commit, propose, bookkeeping)
+    wall ms      the engine step (StepInfo.seconds: the whole step, from its scheduling and slot moves to its
+                 outputs; before 6d82acd it left out the moves, the finished requests' read-back and results)
     queries      real: the step's query positions (sum of K*W); padded: what the static path's "flex" key computes
                  for it, B bucket x query bucket (the same count whatever the mode ran)
     forward ms   the forward's own device time: CUDA events around each graph replay (the static path, the
