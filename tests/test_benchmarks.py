@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -375,3 +377,32 @@ def test_kv_write_times_every_variant_and_checks_what_it_wrote(tmp_path):
                                                          ("index_copy", "index_put", "compiled", "engine")]
     assert all(r["equal"] and r["ms"] > 0 and r["MB"] > 0 for r in rows)
     assert "| default | 2x8 | engine | " in (tmp_path / "kv_write.md").read_text()
+
+
+def test_flat_attention_equals_the_padded_rows_on_every_real_query(tmp_path):
+    """benchmarks/flat_attention.py on a CPU (eager FlexAttention, float32): the flat query axis gives each real
+    query the padded layout's output, with 128- and 32-query tiles (32: no padding left for these widths)."""
+    for q_tile in ("128", "32"):
+        run("flat_attention.py", "--device", "cpu", "--tiny", "--q-tile", q_tile, "--out", str(tmp_path / q_tile))
+        rows = json.loads((tmp_path / q_tile / "flat_attention.json").read_text())["rows"]
+        assert [(r["n"], r["k"]) for r in rows] == [(3, 1), (3, 3)]
+        assert all(r["err"] < 1e-5 and r["real"] < r["padded"] for r in rows)
+        assert all(r["flat"] == r["real"] for r in rows) == (q_tile == "32")
+
+
+def test_flat_attention_check_catches_a_wrong_mask(monkeypatch):
+    """The script's comparison fails when the flat mask lets a query see another request's slot."""
+    import importlib.util
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("flat_attention", ROOT / "benchmarks" / "flat_attention.py")
+    fa = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fa)
+    args = (3, 1, [32, 64], (5, 300), 1024, "tiny", 128, torch.device("cpu"), torch.float32, flex_attention,
+            flex_attention, None)
+    assert fa.run_case(*args)["err"] < 1e-5
+    real = fa.flat_block_mask
+    monkeypatch.setattr(fa, "flat_block_mask", lambda P, slot, *rest: real(P, slot.flip(0), *rest))
+    assert fa.run_case(*args)["err"] > 0.1
