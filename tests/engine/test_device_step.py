@@ -331,10 +331,8 @@ def test_load_then_store_restores_the_host_state(ref):
         m.engine.step()
 
 
-def test_requests_load_and_store_together_as_one_at_a_time(ref):
-    """Requests joining (or leaving) the device path in one step: Slots.load_many writes each field's rows in one
-    copy and store_many reads them back in one, as loading / storing each request alone does (mid-decode states of
-    three strategies)."""
+def _mid_decode(ref) -> list:
+    """Requests of three strategies after their prefill and one decode step on the host path (the live ones)."""
     model, spec, prompts, configs, _, _ = ref
     m = _engine(model, 3, device_step=False, spec=spec)
     seqs = [m.engine.prepare(m.tokenizer.encode(prompts[i]), configs[c]) for i, c in ((1, 3), (2, 8), (0, 13))]
@@ -345,6 +343,14 @@ def test_requests_load_and_store_together_as_one_at_a_time(ref):
             m.engine.step()
     live = [s for s in seqs if s.batch is not None]
     assert len(live) >= 2
+    return live
+
+
+def test_requests_load_and_store_together_as_one_at_a_time(ref):
+    """Requests joining (or leaving) the device path in one step: Slots.load_many writes each field's rows in one
+    copy and store_many reads them back in one, as loading / storing each request alone does (mid-decode states of
+    three strategies)."""
+    live = _mid_decode(ref)
     width = max(len(s.state.canvas) for s in live) + 5
     assert_slots_round_trip([(s.strategy, s.state, s.batch) for s in live], width, 8)
 
@@ -353,16 +359,7 @@ def test_finished_requests_store_what_their_results_read(ref):
     """Slots.store_done (the requests a device step finished): their host states get the settled canvas, lengths,
     rounds, EOS and round cap that the full store_many gives them, from one read (mid-decode states of three
     strategies, marked done in their slots, one of them at its round cap)."""
-    model, spec, prompts, configs, _, _ = ref
-    m = _engine(model, 3, device_step=False, spec=spec)
-    seqs = [m.engine.prepare(m.tokenizer.encode(prompts[i]), configs[c]) for i, c in ((1, 3), (2, 8), (0, 13))]
-    for seq in seqs:
-        m.engine.add(seq)
-    with torch.inference_mode():
-        for _ in range(2):  # the three prompts' prefill, one decode step
-            m.engine.step()
-    live = [s for s in seqs if s.batch is not None]
-    assert len(live) >= 2
+    live = _mid_decode(ref)
     where = list(range(len(live), 0, -1))
     slots = Slots.empty(len(live) + 1, max(len(s.state.canvas) for s in live) + 5, 8, torch.device("cpu"),
                         live[0].state.pred_prob.dtype)
