@@ -111,41 +111,53 @@ class Slots:
     def load_many(self, slots: list[int],
                   requests: list[tuple[WindowStrategy, WindowState, ForwardBatch, int]]) -> None:
         """``load`` for several requests (strategy, state, pending batch, branch score) into their slots: each
-        field's rows built on the host and written in one copy (requests joining together cost one transfer a
-        field, not one per request)."""
-        rows = [self._row(*request) for request in requests]
+        field's rows built on the host for all of them at once (a few tensor ops a request: its canvas and
+        predictions copied into place; the rest gathered as Python lists) and written in one copy (requests joining
+        together cost one transfer a field, not one per request)."""
+        rows = self._rows(requests)
         dev = self.canvas.device
         index = torch.tensor(slots, dtype=torch.int64).to(dev)
         for name in FIELDS:
-            getattr(self, name)[index] = torch.stack([row[name] for row in rows]).to(dev)
+            getattr(self, name)[index] = rows[name].to(dev)
 
-    def _row(self, strategy: WindowStrategy, state: WindowState, batch: ForwardBatch, score: int) -> dict:
-        """One request's slot row, field by field, on the host."""
-        cfg, T = strategy.cfg, len(state.canvas)
-        pad = lambda x, fill=0: torch.nn.functional.pad(x, (0, self.width - T), value=fill)  # noqa: E731
-        scored, extra = state.pending
-        mark = torch.zeros(self.width, dtype=torch.bool)
-        mark[list(scored)] = True
-        active = torch.zeros(self.width, dtype=torch.bool)
-        active[:len(state.blocks)] = torch.tensor([b.fully_active for b in state.blocks])
-        look = torch.full((self.look.shape[1],), -1, dtype=torch.int64)
-        look[:len(extra) - 1] = torch.tensor(extra[1:], dtype=torch.int64)
-        K, W = batch.tokens.shape
-        values = dict(prompt_len=state.prompt_len, gen_length=cfg.gen_length, block_size=cfg.block_size,
-                      cached=state.cached, rounds=state.rounds, max_rounds=strategy.max_rounds,
-                      nblocks=len(state.blocks), eos_at=NO_EOS if state.eos_at is None else state.eos_at,
-                      k=strategy.lookahead, commit=batch.commit, width=W, rows=K, last_fill=state.last_fill,
-                      score=score, measure=CONFIDENCES.index(cfg.confidence),
-                      policy=K_POLICIES.index(cfg.k_policy), branch_m=cfg.branch_m,
-                      d2f=int(isinstance(strategy, D2FStrategy)),
-                      causal=int(batch.block_ids is not None), done=0, capped=0, family=family(strategy),
-                      verify=int(cfg.verify_lookahead), next_span=int(cfg.score_span == "next_region"),
-                      sub_block=cfg.sub_block, pred_lo=0)
-        pdt = self.pred_prob.dtype
-        return dict(canvas=pad(state.canvas), pred_tok=pad(state.pred_tok), pred_prob=pad(state.pred_prob.to(pdt)),
-                    pred_conf=pad(state.pred_conf.to(pdt)), pred_ok=pad(state.pred_ok, False), scored=mark,
-                    active=active, look=look, ints=torch.tensor([values[name] for name in INTS], dtype=torch.int64),
-                    floats=torch.tensor([cfg.tau, cfg.add_threshold, cfg.complete_threshold], dtype=torch.float64))
+    def _rows(self, requests: list[tuple[WindowStrategy, WindowState, ForwardBatch, int]]) -> dict:
+        """The requests' slot rows, field by field ([m, ...] each), on the host."""
+        m, width, kc, pdt = len(requests), self.width, self.look.shape[1], self.pred_prob.dtype
+        out = {name: torch.zeros(m, width, dtype=dtype) for name, dtype in (
+            ("canvas", torch.int64), ("pred_tok", torch.int64), ("pred_prob", pdt), ("pred_conf", pdt),
+            ("pred_ok", torch.bool))}
+        marks, active, look, ints, floats = ([], []), ([], []), [], [], []
+        for i, (strategy, state, batch, score) in enumerate(requests):
+            cfg, T = strategy.cfg, len(state.canvas)
+            for name in ("canvas", "pred_tok", "pred_prob", "pred_conf", "pred_ok"):
+                out[name][i, :T] = getattr(state, name)
+            scored, extra = state.pending
+            marks[0].extend([i] * len(scored))
+            marks[1].extend(scored)
+            fully = [j for j, b in enumerate(state.blocks) if b.fully_active]
+            active[0].extend([i] * len(fully))
+            active[1].extend(fully)
+            look.append(list(extra[1:]) + [-1] * (kc - len(extra) + 1))
+            K, W = batch.tokens.shape
+            values = dict(prompt_len=state.prompt_len, gen_length=cfg.gen_length, block_size=cfg.block_size,
+                          cached=state.cached, rounds=state.rounds, max_rounds=strategy.max_rounds,
+                          nblocks=len(state.blocks), eos_at=NO_EOS if state.eos_at is None else state.eos_at,
+                          k=strategy.lookahead, commit=batch.commit, width=W, rows=K, last_fill=state.last_fill,
+                          score=score, measure=CONFIDENCES.index(cfg.confidence),
+                          policy=K_POLICIES.index(cfg.k_policy), branch_m=cfg.branch_m,
+                          d2f=int(isinstance(strategy, D2FStrategy)),
+                          causal=int(batch.block_ids is not None), done=0, capped=0, family=family(strategy),
+                          verify=int(cfg.verify_lookahead), next_span=int(cfg.score_span == "next_region"),
+                          sub_block=cfg.sub_block, pred_lo=0)
+            ints.append([values[name] for name in INTS])
+            floats.append([cfg.tau, cfg.add_threshold, cfg.complete_threshold])
+        for name, (rows, cols) in (("scored", marks), ("active", active)):
+            out[name] = torch.zeros(m, width, dtype=torch.bool)
+            out[name][rows, cols] = True
+        out["look"] = torch.tensor(look, dtype=torch.int64)
+        out["ints"] = torch.tensor(ints, dtype=torch.int64)
+        out["floats"] = torch.tensor(floats, dtype=torch.float64)
+        return out
 
     def canvas_of(self, slot: int, T: int, spec: ModelSpec) -> torch.Tensor:
         """The request's canvas [T] on the CPU, as the host holds it: the iteration settles EOS over its span, so
