@@ -406,3 +406,25 @@ def test_flat_attention_check_catches_a_wrong_mask(monkeypatch):
     real = fa.flat_block_mask
     monkeypatch.setattr(fa, "flat_block_mask", lambda P, slot, *rest: real(P, slot.flip(0), *rest))
     assert fa.run_case(*args)["err"] > 0.1
+
+
+def test_flat_layer_equals_the_padded_layer_on_every_real_query(tmp_path, monkeypatch):
+    """benchmarks/flat_layer.py on a CPU: the model's own decoder layer over the flat layout (a heads-outermost pool
+    behind FlatView) gives each real query the padded layout's output, residual included; a mask that reads another
+    request's slot is caught."""
+    import importlib.util
+
+    from lopa.models.fused import EAGER
+
+    run("flat_layer.py", "--device", "cpu", "--tiny", "--q-tile", "32", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "flat_layer.json").read_text())["rows"]
+    assert [(r["shape"], r["n"], r["k"]) for r in rows] == [("tiny", 3, 1), ("tiny", 3, 3)]
+    assert all(r["err"] < 1e-5 and r["flat"] == r["real"] < r["padded"] for r in rows)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("flat_layer", ROOT / "benchmarks" / "flat_layer.py")
+    fl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fl)
+    real = fl.flat_block_mask
+    monkeypatch.setattr(fl, "flat_block_mask", lambda P, slot, *rest: real(P, slot.flip(0), *rest))
+    row = fl.run_case(3, 1, [32, 64], (5, 300), 1024, "tiny", 32, torch.device("cpu"), torch.float32, EAGER, None)
+    assert row["err"] > 0.05
