@@ -56,7 +56,9 @@ class FlatView:
         return self.kv[0, layer][None], self.kv[1, layer][None]
 
 
-def run_case(n, k, widths, prefixes, capacity, shape, q_tile, device, dtype, ops, timer) -> dict:
+def run_case(n, k, widths, prefixes, capacity, shape, q_tile, device, dtype, ops, flat_ops, timer) -> dict:
+    """One step of n requests (lopa k, widths cycled) through the layer in both layouts (``ops`` / ``flat_ops``: the
+    fused ops of each; the flat one's FlexAttention may use smaller query tiles)."""
     E, I, H, HKV = SHAPES[shape]
     D, groups = E // H, H // HKV
     cfg = ModelConfig("dream", 1000, E, I, 1, H, HKV, 1e6, 1e-6, capacity, 0, 1)
@@ -91,7 +93,7 @@ def run_case(n, k, widths, prefixes, capacity, shape, q_tile, device, dtype, ops
     fm = flat_block_mask(P, torch.arange(n, device=device), branch, block, owner, fcol, capacity, n, groups, q_tile)
     with torch.inference_mode():
         padded = lambda: sum(layer(x, None, cos, sin, pm, view, 0, ops))  # noqa: E731 - (x, delta): x + delta
-        flat = lambda: sum(layer(xf, None, fcos, fsin, fm, fview, 0, ops))  # noqa: E731
+        flat = lambda: sum(layer(xf, None, fcos, fsin, fm, fview, 0, flat_ops))  # noqa: E731
         out_p, out_f = padded(), flat()
         ref = torch.cat([out_p[r, :Q] for r, Q in enumerate(queries)])  # [sum Q, E] the real queries
         got = torch.cat([out_f[0, starts[r]:starts[r] + Q] for r, Q in enumerate(queries)])
@@ -146,22 +148,22 @@ def main() -> None:
         from lopa.models.fused import compiled
 
         from gemm_rows import median_ms as timer
-        ops = compiled()
-        if args.q_tile < 128:  # the kernel's query tile within a segment
+        ops = flat_ops = compiled()
+        if args.q_tile < 128:  # the flat kernel's query tile within a segment (the padded one keeps the engine's)
             import dataclasses
             import functools
-            ops = dataclasses.replace(ops, flex=functools.partial(ops.flex, kernel_options={"BLOCK_M": args.q_tile,
-                                                                                            "BLOCK_N": 64}))
+            flat_ops = dataclasses.replace(ops, flex=functools.partial(
+                ops.flex, kernel_options={"BLOCK_M": args.q_tile, "BLOCK_N": 64}))
     else:
         from lopa.models.fused import EAGER as ops
-        timer = None
+        flat_ops, timer = ops, None
     tol = args.tol if args.tol is not None else (3e-2 if dtype == torch.bfloat16 else 1e-5)
     rows = []
     for shape in args.shapes.split(","):
         for n in [int(x) for x in args.ns.split(",")]:
             for k in ks:
                 row = {"shape": shape, **run_case(n, k, widths, prefixes, args.capacity, shape, args.q_tile, device,
-                                                  dtype, ops, timer)}
+                                                  dtype, ops, flat_ops, timer)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     meta = {"device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": str(dtype), "torch": torch.__version__,

@@ -426,5 +426,6 @@ def test_flat_layer_equals_the_padded_layer_on_every_real_query(tmp_path, monkey
     spec.loader.exec_module(fl)
     real = fl.flat_block_mask
     monkeypatch.setattr(fl, "flat_block_mask", lambda P, slot, *rest: real(P, slot.flip(0), *rest))
-    row = fl.run_case(3, 1, [32, 64], (5, 300), 1024, "tiny", 32, torch.device("cpu"), torch.float32, EAGER, None)
+    row = fl.run_case(3, 1, [32, 64], (5, 300), 1024, "tiny", 32, torch.device("cpu"), torch.float32, EAGER, EAGER,
+                      None)
     assert row["err"] > 0.05
