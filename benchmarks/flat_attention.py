@@ -136,12 +136,14 @@ def run_case(n, k, widths, prefixes, capacity, shape, q_tile, device, dtype, fle
     qf = torch.zeros(1, H, T, D, device=device, dtype=dtype)
     for r, Q in enumerate(queries):
         qf[0, :, starts[r]:starts[r] + Q] = q[r, :, :Q]
-    kvf = kv.permute(0, 2, 1, 3, 4).reshape(2, HKV, n * capacity, D).contiguous()[:, None]  # [2, 1, Hkv, n*cap, D]
+    # [1, Hkv, n*cap, D] each, apart: each at its own buffer's start, so a compile without Inductor's alignment
+    # assumption (flex_flat below) still sees both aligned
+    kf, vf = (kv[i].permute(1, 0, 2, 3).reshape(1, HKV, n * capacity, D).contiguous() for i in (0, 1))
     with torch.inference_mode():
         pm = step_block_mask(P, branch, block, capacity, groups=groups)
         fm = flat_block_mask(P, slot, branch, block, owner, col, capacity, n, groups, q_tile)
         padded = lambda: flex_padded(q.reshape(n, HKV, groups * Qb, D), kv[0], kv[1], block_mask=pm)  # noqa: E731
-        flat = lambda: flex_flat(qf.reshape(1, HKV, groups * T, D), kvf[0], kvf[1], block_mask=fm)  # noqa: E731
+        flat = lambda: flex_flat(qf.reshape(1, HKV, groups * T, D), kf, vf, block_mask=fm)  # noqa: E731
         out_p = padded().view(n, H, Qb, D)
         out_f = flat().view(1, H, T, D)
         ref = torch.cat([out_p[r, :, :Q] for r, Q in enumerate(queries)], 1)  # [H, sum Q, D] the real queries
