@@ -33,6 +33,7 @@ import datetime
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -160,29 +161,29 @@ def run_case(n, k, widths, prefixes, capacity, shape, q_tile, device, dtype, fle
     return row
 
 
-def markdown(meta: dict, rows: list[dict]) -> str:
-    timed = "padded_ms" in rows[0]
-    head = "| n | k | Qb | queries real / padded / flat | key tiles listed padded / flat | rel. err |"
-    head += " padded ms | flat ms | padded / flat | masks ms padded / flat |" if timed else ""
-    lines = [f"{meta['shape']} heads, capacity {meta['capacity']}, query tile {meta['q_tile']} (flat), widths "
-             f"{meta['widths']}, prefixes "
-             f"{meta['prefixes']}, {meta['device']} ({meta['dtype']}), torch {meta['torch']}, {meta['date']}", "",
-             head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        line = (f"| {r['n']} | {r['k']} | {r['Qb']} | {r['real']:,} / {r['padded']:,} / {r['flat']:,} | "
-                f"{r['tiles_padded']:,} / {r['tiles_flat']:,} | {r['err']:.1e} |")
-        if timed:
-            line += (f" {r['padded_ms']:.3f} | {r['flat_ms']:.3f} | {r['padded_ms'] / r['flat_ms']:.2f}x | "
-                     f"{r['mask_padded_ms']:.3f} / {r['mask_flat_ms']:.3f} |")
-        lines.append(line)
-    return "\n".join(lines) + "\n"
+def columns(timed: bool) -> list[tuple[str, Callable[[dict], str]]]:
+    """The columns both flat scripts' tables share: (header, cell of a row)."""
+    cols = [("n", lambda r: str(r["n"])), ("k", lambda r: str(r["k"])), ("Qb", lambda r: str(r["Qb"])),
+            ("queries real / padded / flat", lambda r: f"{r['real']:,} / {r['padded']:,} / {r['flat']:,}"),
+            ("rel. err", lambda r: f"{r['err']:.1e}")]
+    if timed:
+        cols += [("padded ms", lambda r: f"{r['padded_ms']:.3f}"), ("flat ms", lambda r: f"{r['flat_ms']:.3f}"),
+                 ("padded / flat", lambda r: f"{r['padded_ms'] / r['flat_ms']:.2f}x")]
+    return cols
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/flat_attention"))
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="dream-7b")
+def markdown(title: str, rows: list[dict], cols: list[tuple[str, Callable[[dict], str]]]) -> str:
+    lines = [title, "", "| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
+    return "\n".join(lines + ["| " + " | ".join(cell(r) for _, cell in cols) + " |" for r in rows]) + "\n"
+
+
+def title(meta: dict, what: str) -> str:
+    return (f"{what}, capacity {meta['capacity']}, query tile {meta['q_tile']} (flat), widths {meta['widths']}, "
+            f"prefixes {meta['prefixes']}, {meta['device']} ({meta['dtype']}), torch {meta['torch']}, {meta['date']}")
+
+
+def add_workload_args(ap: argparse.ArgumentParser) -> None:
+    """The step's workload and the CPU check (--tiny), as flat_attention.py and flat_layer.py take them."""
     ap.add_argument("--tiny", action="store_true", help="the tiny heads, 3 requests, capacity 1024 (a CPU check)")
     ap.add_argument("--ns", default="8,32")
     ap.add_argument("--ks", default="3,7")
@@ -191,19 +192,36 @@ def main() -> None:
     ap.add_argument("--capacity", type=int, default=2048, help="KV positions a slot (a multiple of 128)")
     ap.add_argument("--q-tile", type=int, default=128, choices=(32, 64, 128),
                     help="the flat layout's query tile (segments padded to it; the kernel's BLOCK_M at most it)")
+
+
+def parse_workload(ap: argparse.ArgumentParser, args) -> tuple:
+    """-> device, cuda, dtype (bfloat16 on a GPU, float32 on a CPU), widths, (lo, hi) prefixes, ks; --tiny sets the
+    CPU check's sizes (3 requests, k 1 and 3, capacity 1024)."""
+    if args.tiny:
+        args.ns, args.ks, args.capacity, args.prefixes = "3", "1,3", 1024, "5,300"
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    widths = [int(w) for w in args.widths.split(",")]
+    prefixes = tuple(int(p) for p in args.prefixes.split(","))
+    ks = [int(k) for k in args.ks.split(",")]
+    if args.capacity % TILE or prefixes[1] + (max(ks) + 1) * max(widths) >= args.capacity:
+        ap.error(f"--capacity must be a multiple of {TILE} and hold the longest prefix and window (and a trash "
+                 f"position)")
+    return device, cuda, torch.bfloat16 if cuda else torch.float32, widths, prefixes, ks
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/flat_attention"))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="dream-7b")
+    add_workload_args(ap)
     ap.add_argument("--tol", type=float, default=None, help="largest relative error (default: 1e-5 in float32, "
                     "2e-2 in bfloat16)")
     args = ap.parse_args()
     if args.tiny:
-        args.shape, args.ns, args.ks, args.capacity, args.prefixes = "tiny", "3", "1,3", 1024, "5,300"
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
-    widths = [int(w) for w in args.widths.split(",")]
-    prefixes = tuple(int(p) for p in args.prefixes.split(","))
-    ks = [int(k) for k in args.ks.split(",")]
-    if args.capacity % TILE or prefixes[1] + (max(ks) + 1) * max(widths) > args.capacity:
-        ap.error(f"--capacity must be a multiple of {TILE} and hold the longest prefix and window")
+        args.shape = "tiny"
+    device, cuda, dtype, widths, prefixes, ks = parse_workload(ap, args)
     from torch.nn.attention.flex_attention import flex_attention
 
     if cuda:  # as the engine compiles it: static lengths, the engine's tiles (models/fused.py)
@@ -232,7 +250,11 @@ def main() -> None:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "flat_attention.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    table = markdown(meta, rows)
+    cols = columns("padded_ms" in rows[0])
+    cols.insert(4, ("key tiles listed padded / flat", lambda r: f"{r['tiles_padded']:,} / {r['tiles_flat']:,}"))
+    if "padded_ms" in rows[0]:
+        cols.append(("masks ms padded / flat", lambda r: f"{r['mask_padded_ms']:.3f} / {r['mask_flat_ms']:.3f}"))
+    table = markdown(title(meta, f"{meta['shape']} heads"), rows, cols)
     (args.out / "flat_attention.md").write_text(table)
     print(table)
     bad = [r for r in rows if not r["err"] <= tol]

@@ -34,7 +34,8 @@ from lopa.models.attention import step_block_mask
 from lopa.models.config import ModelConfig
 from lopa.models.transformer import DecoderLayer, rope
 
-from flat_attention import flat_block_mask, flat_layout, padded_layout, workload
+from flat_attention import (add_workload_args, columns, flat_block_mask, flat_layout, markdown, padded_layout,
+                            parse_workload, title, workload)
 
 # hidden, intermediate, query heads, KV heads (head dim = hidden / heads): Dream-7B, the embedded model, the tests'
 SHAPES = {"dream-7b": (3584, 18944, 28, 4), "default": (256, 768, 4, 2), "tiny": (64, 128, 4, 2)}
@@ -104,46 +105,18 @@ def run_case(n, k, widths, prefixes, capacity, shape, q_tile, device, dtype, ops
     return row
 
 
-def markdown(meta: dict, rows: list[dict]) -> str:
-    timed = "padded_ms" in rows[0]
-    head = "| n | k | Qb | queries real / padded / flat | rel. err |"
-    head += " padded ms | flat ms | padded / flat |" if timed else ""
-    lines = [f"one {meta['shape']} layer, capacity {meta['capacity']}, query tile {meta['q_tile']} (flat), widths "
-             f"{meta['widths']}, prefixes {meta['prefixes']}, {meta['device']} ({meta['dtype']}), torch "
-             f"{meta['torch']}, {meta['date']}", "", head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        line = f"| {r['n']} | {r['k']} | {r['Qb']} | {r['real']:,} / {r['padded']:,} / {r['flat']:,} | {r['err']:.1e} |"
-        if timed:
-            line += f" {r['padded_ms']:.3f} | {r['flat_ms']:.3f} | {r['padded_ms'] / r['flat_ms']:.2f}x |"
-        lines.append(line)
-    return "\n".join(lines) + "\n"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/flat_layer"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shapes", default="dream-7b,default", help=f"comma-separated, of {', '.join(SHAPES)}")
-    ap.add_argument("--tiny", action="store_true", help="the tiny shape, 3 requests, capacity 1024 (a CPU check)")
-    ap.add_argument("--ns", default="8,32")
-    ap.add_argument("--ks", default="3,7")
-    ap.add_argument("--widths", default="32,64,32,64,96", help="each request's window W, cycled")
-    ap.add_argument("--prefixes", default="128,640", help="prefix lengths spread over [lo, hi)")
-    ap.add_argument("--capacity", type=int, default=2048, help="KV positions a slot (a multiple of 128)")
-    ap.add_argument("--q-tile", type=int, default=128, choices=(32, 64, 128), help="the flat layout's query tile")
+    add_workload_args(ap)
     ap.add_argument("--tol", type=float, default=None, help="largest relative error (default: 1e-5 in float32, "
                     "3e-2 in bfloat16)")
     args = ap.parse_args()
     if args.tiny:
-        args.shapes, args.ns, args.ks, args.capacity, args.prefixes = "tiny", "3", "1,3", 1024, "5,300"
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
-    widths = [int(w) for w in args.widths.split(",")]
-    prefixes = tuple(int(p) for p in args.prefixes.split(","))
-    ks = [int(k) for k in args.ks.split(",")]
-    if args.capacity % 128 or prefixes[1] + (max(ks) + 1) * max(widths) >= args.capacity:
-        ap.error("--capacity must be a multiple of 128 and hold the longest prefix and window (and a trash position)")
+        args.shapes = "tiny"
+    device, cuda, dtype, widths, prefixes, ks = parse_workload(ap, args)
     if cuda:  # the runner's fused ops: compiled chains and FlexAttention (models/fused.py)
         from lopa.models.fused import compiled
 
@@ -171,8 +144,8 @@ def main() -> None:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "flat_layer.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    table = "\n".join(markdown({**meta, "shape": shape}, [r for r in rows if r["shape"] == shape])
-                      for shape in args.shapes.split(","))
+    table = "\n".join(markdown(title(meta, f"one {shape} layer"), [r for r in rows if r["shape"] == shape],
+                               columns("padded_ms" in rows[0])) for shape in args.shapes.split(","))
     (args.out / "flat_layer.md").write_text(table)
     print(table)
     bad = [r for r in rows if not r["err"] <= tol]
