@@ -182,6 +182,15 @@ def title(meta: dict, what: str) -> str:
             f"prefixes {meta['prefixes']}, {meta['device']} ({meta['dtype']}), torch {meta['torch']}, {meta['date']}")
 
 
+def flat_tiles(head_dim: int, q_tile: int) -> dict | None:
+    """The flat layout's FlexAttention tiles: the engine's for the head dim (models/fused.py: flex_tiles), with the
+    query tile no larger than a segment's (--q-tile below 128)."""
+    from lopa.models.fused import flex_tiles
+
+    opts = {**(flex_tiles(head_dim) or {}), **({"BLOCK_M": q_tile} if q_tile < TILE else {})}
+    return opts or None
+
+
 def add_workload_args(ap: argparse.ArgumentParser) -> None:
     """The step's workload and the CPU check (--tiny), as flat_attention.py and flat_layer.py take them."""
     ap.add_argument("--tiny", action="store_true", help="the tiny heads, 3 requests, capacity 1024 (a CPU check)")
@@ -225,13 +234,12 @@ def main() -> None:
     from torch.nn.attention.flex_attention import flex_attention
 
     if cuda:  # as the engine compiles it: static lengths, the engine's tiles (models/fused.py)
-        from lopa.models.fused import compiled, flex_tiles
+        from lopa.models.fused import compiled
 
         flex_padded = compiled().flex
-        opts = flex_tiles(SHAPES[args.shape][2])
         flex_flat = torch.compile(flex_attention, fullgraph=True, dynamic=False)
-        opts = {**(opts or {}), **({"BLOCK_M": args.q_tile} if args.q_tile < 128 else {})}  # a tile within a segment
-        flex_flat_call = lambda *a, **kw: flex_flat(*a, kernel_options=opts or None, **kw)  # noqa: E731
+        opts = flat_tiles(SHAPES[args.shape][2], args.q_tile)
+        flex_flat_call = lambda *a, **kw: flex_flat(*a, kernel_options=opts, **kw)  # noqa: E731
         from gemm_rows import median_ms as timer
     else:  # eager: FlexAttention's reference implementation
         flex_padded = flex_flat_call = flex_attention

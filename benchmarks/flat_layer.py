@@ -22,7 +22,9 @@ non-zero past --tol). On a GPU: the median of CUDA-graph replays of each layer c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import functools
 import json
 import sys
 from pathlib import Path
@@ -34,8 +36,8 @@ from lopa.models.attention import step_block_mask
 from lopa.models.config import ModelConfig
 from lopa.models.transformer import DecoderLayer, rope
 
-from flat_attention import (add_workload_args, columns, flat_block_mask, flat_layout, markdown, padded_layout,
-                            parse_workload, title, workload)
+from flat_attention import (add_workload_args, columns, flat_block_mask, flat_layout, flat_tiles, markdown,
+                            padded_layout, parse_workload, title, workload)
 
 # hidden, intermediate, query heads, KV heads (head dim = hidden / heads): Dream-7B, the embedded model, the tests'
 SHAPES = {"dream-7b": (3584, 18944, 28, 4), "default": (256, 768, 4, 2), "tiny": (64, 128, 4, 2)}
@@ -121,18 +123,19 @@ def main() -> None:
         from lopa.models.fused import compiled
 
         from gemm_rows import median_ms as timer
-        ops = flat_ops = compiled()
-        if args.q_tile < 128:  # the flat kernel's query tile within a segment (the padded one keeps the engine's)
-            import dataclasses
-            import functools
-            flat_ops = dataclasses.replace(ops, flex=functools.partial(
-                ops.flex, kernel_options={"BLOCK_M": args.q_tile, "BLOCK_N": 64}))
+        ops = compiled()
     else:
         from lopa.models.fused import EAGER as ops
-        flat_ops, timer = ops, None
+        timer = None
     tol = args.tol if args.tol is not None else (3e-2 if dtype == torch.bfloat16 else 1e-5)
     rows = []
     for shape in args.shapes.split(","):
+        flat_ops = ops
+        if cuda and args.q_tile < 128:  # the flat kernel's query tile within a segment (the padded one keeps the
+            # engine's tiles)
+            E, _, H, _ = SHAPES[shape]
+            flat_ops = dataclasses.replace(ops, flex=functools.partial(ops.flex,
+                                                                       kernel_options=flat_tiles(E // H, args.q_tile)))
         for n in [int(x) for x in args.ns.split(",")]:
             for k in ks:
                 row = {"shape": shape, **run_case(n, k, widths, prefixes, args.capacity, shape, args.q_tile, device,
