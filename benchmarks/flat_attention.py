@@ -73,18 +73,25 @@ def flat_layout(queries: list[int], q_tile: int, device) -> tuple[torch.Tensor, 
 
 
 def flat_block_mask(P: torch.Tensor, slot: torch.Tensor, branch: torch.Tensor, block: torch.Tensor,
-                    owner: torch.Tensor, col: torch.Tensor, capacity: int, slots: int, groups: int, q_tile: int):
+                    owner: torch.Tensor, col: torch.Tensor, capacity: int, slots: int, groups: int, q_tile: int,
+                    heads: int = 1):
     """The step's mask on the flat query axis (queries [groups * T]: head g's T queries after head g-1's; keys: the
     pool's slots one after another, [slots * capacity]), as a FlexAttention BlockMask built on the device. Request r
     (slot slot[r], prefix P[r], its padded layout's branch / block [n, Qb]) owns the flat queries with owner == r, its
     col-th query each. A real query sees its slot's prefix and the keys its own branch's columns wrote this step
     (step_mask's rule); a padding query sees key 0 only (padding outputs are never read). Query tiles of ``q_tile``
-    queries (a divisor of TILE: small windows waste less), key tiles of TILE."""
+    queries (a divisor of TILE: small windows waste less), key tiles of TILE.
+
+    ``heads`` > 1: the engine's own slot-major pool instead, a layer's keys [slots, Hkv, capacity, D] read as ONE key
+    head [slots * Hkv * capacity] (a free view) by ``heads`` = Hkv query heads (enable_gqa): query head h of request
+    r reads the keys of (slot[r], h), i.e. "slot" slot[r] * Hkv + h of capacity positions. The mask's head dim is
+    then ``heads``."""
     from torch.nn.attention.flex_attention import BlockMask
 
     n, Qb = branch.shape
     T = owner.shape[0]
     nk, n_q = capacity // TILE, groups * T // q_tile
+    hs = torch.arange(heads, device=P.device)[:, None]  # [heads, 1]
     qc = col.clamp(max=Qb - 1)
     real = (col < Qb) & (branch[owner, qc] >= 0)  # [T]
 
@@ -95,7 +102,8 @@ def flat_block_mask(P: torch.Tensor, slot: torch.Tensor, branch: torch.Tensor, b
         rel = kv - s * capacity - P[r]
         src = rel.clamp(0, Qb - 1)
         own = (rel >= 0) & (rel < Qb) & (branch[r, src] == branch[r, q]) & (block[r, src] <= block[r, q])
-        return (real[t] & (s == slot[r]) & ((rel < 0) | own)) | (~real[t] & (kv == 0))
+        mine = s == slot[r] * heads + (h if heads > 1 else 0)  # heads 1: the keys' head is the query's own (h)
+        return (real[t] & mine & ((rel < 0) | own)) | (~real[t] & (kv == 0))
 
     # [n, Qb]: the first / last key tile (within the slot) of each padded query's branch run, as step_block_mask
     # reads them per 128-query tile; here per flat query tile
@@ -110,16 +118,16 @@ def flat_block_mask(P: torch.Tensor, slot: torch.Tensor, branch: torch.Tensor, b
     hold = (P[r] // TILE).to(torch.int32)  # the tile holding the prefix's end: partial
     start = torch.maximum(lo, hold + 1)
     hi = hi.clamp(max=nk - 1)
-    base = (slot[r] * nk).to(torch.int32)[:, None]
-    j = torch.arange(slots * nk, device=P.device, dtype=torch.int32)
-    count = torch.where(empty, 1, 1 + (hi - start + 1).clamp(min=0))
+    base = ((slot[r] * heads + hs) * nk).to(torch.int32)[..., None]  # [heads, n_q, 1]
+    j = torch.arange(slots * heads * nk, device=P.device, dtype=torch.int32)
+    count = torch.where(empty, 1, 1 + (hi - start + 1).clamp(min=0)).expand(heads, -1)
     partial = torch.where(empty[:, None], 0, base + torch.where(j == 0, hold[:, None], start[:, None] + j - 1)
                           .clamp(0, nk - 1))
-    full_count = torch.where(empty, 0, hold)
+    full_count = torch.where(empty, 0, hold).expand(heads, -1)
     full = base + j.clamp(max=nk - 1)
-    as4 = lambda x: x.to(torch.int32)[None, None].contiguous()  # noqa: E731 - [1, 1, n_q(, tiles)]
+    as4 = lambda x: x.to(torch.int32)[None].contiguous()  # noqa: E731 - [1, heads, n_q(, tiles)]
     return BlockMask.from_kv_blocks(as4(count), as4(partial), as4(full_count), as4(full), BLOCK_SIZE=(q_tile, TILE),
-                                    mask_mod=mask_mod, seq_lengths=(groups * T, slots * capacity))
+                                    mask_mod=mask_mod, seq_lengths=(groups * T, slots * heads * capacity))
 
 
 def run_case(n, k, widths, prefixes, capacity, shape, q_tile, device, dtype, flex_padded, flex_flat, timer) -> dict:
@@ -145,16 +153,25 @@ def run_case(n, k, widths, prefixes, capacity, shape, q_tile, device, dtype, fle
         fm = flat_block_mask(P, slot, branch, block, owner, col, capacity, n, groups, q_tile)
         padded = lambda: flex_padded(q.reshape(n, HKV, groups * Qb, D), kv[0], kv[1], block_mask=pm)  # noqa: E731
         flat = lambda: flex_flat(qf.reshape(1, HKV, groups * T, D), kf, vf, block_mask=fm)  # noqa: E731
+        # the same flat queries over the engine's slot-major pool, as one key head: no copy of the keys
+        sm = flat_block_mask(P, slot, branch, block, owner, col, capacity, n, groups, q_tile, heads=HKV)
+        ks, vs = (kv[i].reshape(1, 1, n * HKV * capacity, D) for i in (0, 1))
+        slots = lambda: flex_flat(qf.reshape(1, HKV, groups * T, D), ks, vs, block_mask=sm,  # noqa: E731
+                                  enable_gqa=True)
         out_p = padded().view(n, H, Qb, D)
-        out_f = flat().view(1, H, T, D)
         ref = torch.cat([out_p[r, :, :Q] for r, Q in enumerate(queries)], 1)  # [H, sum Q, D] the real queries
-        got = torch.cat([out_f[0, :, starts[r]:starts[r] + Q] for r, Q in enumerate(queries)], 1)
-        err = float((got - ref).float().norm() / ref.float().norm())
+
+        def error(out: torch.Tensor) -> float:
+            out = out.view(1, H, T, D)
+            got = torch.cat([out[0, :, starts[r]:starts[r] + Q] for r, Q in enumerate(queries)], 1)
+            return float((got - ref).float().norm() / ref.float().norm())
+
+        err = max(error(flat()), error(slots()))
         row = {"n": n, "k": k, "Qb": Qb, "real": sum(queries), "padded": n * Qb, "flat": T, "err": err,
                "tiles_padded": int((pm.kv_num_blocks + pm.full_kv_num_blocks).sum()),
                "tiles_flat": int((fm.kv_num_blocks + fm.full_kv_num_blocks).sum())}
         if timer is not None:
-            row["padded_ms"], row["flat_ms"] = timer(padded), timer(flat)
+            row["padded_ms"], row["flat_ms"], row["slots_ms"] = timer(padded), timer(flat), timer(slots)
             row["mask_padded_ms"] = timer(lambda: step_block_mask(P, branch, block, capacity, groups=groups))
             row["mask_flat_ms"] = timer(lambda: flat_block_mask(P, slot, branch, block, owner, col, capacity, n,
                                                                 groups, q_tile))
@@ -192,7 +209,7 @@ def flat_tiles(head_dim: int, q_tile: int) -> dict | None:
 
 
 def add_workload_args(ap: argparse.ArgumentParser) -> None:
-    """The step's workload and the CPU check (--tiny), as flat_attention.py and flat_layer.py take them."""
+    """The step's workload and the CPU check (--tiny), as flat_attention.py takes them."""
     ap.add_argument("--tiny", action="store_true", help="the tiny heads, 3 requests, capacity 1024 (a CPU check)")
     ap.add_argument("--ns", default="8,32")
     ap.add_argument("--ks", default="3,7")
@@ -261,6 +278,7 @@ def main() -> None:
     cols = columns("padded_ms" in rows[0])
     cols.insert(4, ("key tiles listed padded / flat", lambda r: f"{r['tiles_padded']:,} / {r['tiles_flat']:,}"))
     if "padded_ms" in rows[0]:
+        cols.append(("flat, slot-major pool ms", lambda r: f"{r['slots_ms']:.3f}"))
         cols.append(("masks ms padded / flat", lambda r: f"{r['mask_padded_ms']:.3f} / {r['mask_flat_ms']:.3f}"))
     table = markdown(title(meta, f"{meta['shape']} heads"), rows, cols)
     (args.out / "flat_attention.md").write_text(table)

@@ -404,28 +404,32 @@ def test_flat_attention_check_catches_a_wrong_mask(monkeypatch):
             flex_attention, None)
     assert fa.run_case(*args)["err"] < 1e-5
     real = fa.flat_block_mask
-    monkeypatch.setattr(fa, "flat_block_mask", lambda P, slot, *rest: real(P, slot.flip(0), *rest))
+    monkeypatch.setattr(fa, "flat_block_mask", lambda P, slot, *rest, **kw: real(P, slot.flip(0), *rest, **kw))
     assert fa.run_case(*args)["err"] > 0.1
 
 
-def test_flat_layer_equals_the_padded_layer_on_every_real_query(tmp_path, monkeypatch):
-    """benchmarks/flat_layer.py on a CPU: the model's own decoder layer over the flat layout (a heads-outermost pool
-    behind FlatView) gives each real query the padded layout's output, residual included; a mask that reads another
-    request's slot is caught."""
+def test_flat_forward_equals_the_padded_forward_on_every_real_query(tmp_path, monkeypatch):
+    """benchmarks/flat_forward.py on a CPU: the runner's flat forward (ModelRunner.flat_body) gives each real query the
+    padded forward's hidden state; a flat mask that reads another request's slot is caught."""
     import importlib.util
 
-    from lopa.models.fused import EAGER
+    import lopa.runner.model_runner as model_runner
 
-    run("flat_layer.py", "--device", "cpu", "--tiny", "--q-tile", "32", "--out", str(tmp_path))
-    rows = json.loads((tmp_path / "flat_layer.json").read_text())["rows"]
+    run("flat_forward.py", "--device", "cpu", "--tiny", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "flat_forward.json").read_text())["rows"]
     assert [(r["shape"], r["n"], r["k"]) for r in rows] == [("tiny", 3, 1), ("tiny", 3, 3)]
-    assert all(r["err"] < 1e-5 and r["flat"] == r["real"] < r["padded"] for r in rows)
+    assert all(r["err"] < 1e-5 for r in rows) and rows[1]["flat"] == rows[1]["real"] < rows[1]["padded"]
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("flat_layer", ROOT / "benchmarks" / "flat_layer.py")
-    fl = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fl)
-    real = fl.flat_block_mask
-    monkeypatch.setattr(fl, "flat_block_mask", lambda P, slot, *rest: real(P, slot.flip(0), *rest))
-    row = fl.run_case(3, 1, [32, 64], (5, 300), 1024, "tiny", 32, torch.device("cpu"), torch.float32, EAGER, EAGER,
-                      None)
-    assert row["err"] > 0.05
+    spec = importlib.util.spec_from_file_location("flat_forward", ROOT / "benchmarks" / "flat_forward.py")
+    ff = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ff)
+    model = ff.Transformer(ff.ModelConfig(**ff.SHAPES["tiny"])).eval()
+    spec_ = ff.ModelSpec(511, (510,), 4096, 512)
+    runner = ff.ModelRunner(model, spec_, torch.device("cpu"), torch.float32, max_num_seqs=3, max_positions=1023)
+    runner.reserve(3, 1023)
+    runner.pool.kv.normal_()
+    case = lambda: ff.run_case(runner, 3, 3, [32, 64], (5, 300), 128, None)["err"]  # noqa: E731
+    assert case() < 1e-5
+    real = model_runner.flat_block_mask
+    monkeypatch.setattr(model_runner, "flat_block_mask", lambda slot, *rest, **kw: real(slot.flip(0), *rest, **kw))
+    assert case() > 0.05

@@ -109,3 +109,27 @@ class CacheView:
         """keys/values [B, Hkv, Lb, D] the layer's attention reads: strided views of the slots, no copy."""
         span = slice(self.first, self.first + self.B)
         return self.pool.kv[0, layer, span, :, :self.Lb], self.pool.kv[1, layer, span, :, :self.Lb]
+
+
+class FlatView:
+    """One flat-axis forward's access to the whole pool (models/attention.py: flat_block_mask): its T queries, of
+    requests in any slots, write their K/V at ``index`` and read every slot's keys as ONE key head.
+
+    slot [T], position [T] (device, int64): where each query's K/V go (a padding query: its slot's trash position).
+    """
+
+    def __init__(self, pool: KVPool, slot: torch.Tensor, position: torch.Tensor) -> None:
+        self.pool = pool
+        self.Lb = pool.slots * pool.kv.shape[3] * pool.capacity  # the keys the mask covers
+        # [1, T, Hkv]: each query's row, per KV head, in a layer's pool viewed as [S * Hkv * cap, D] (rows())
+        self.index = (_head_rows(slot, pool.kv.shape[3], pool.capacity) + position[:, None])[None]
+
+    def rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's K and V of every slot, each [S * Hkv * cap, D] (views)."""
+        D = self.pool.kv.shape[-1]
+        return self.pool.kv[0, layer].view(-1, D), self.pool.kv[1, layer].view(-1, D)
+
+    def keys(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys/values [1, 1, S * Hkv * cap, D]: the layer's pool as one key head (views, no copy)."""
+        D = self.pool.kv.shape[-1]
+        return self.pool.kv[0, layer].view(1, 1, -1, D), self.pool.kv[1, layer].view(1, 1, -1, D)

@@ -166,6 +166,80 @@ def _query_tile_spans(P: torch.Tensor, branch: torch.Tensor, groups: int, size: 
     return lo.to(torch.int32), hi.to(torch.int32)
 
 
+def flat_block_mask(slot: torch.Tensor, P: torch.Tensor, start: torch.Tensor, Q: torch.Tensor, owner: torch.Tensor,
+                    branch: torch.Tensor, block: torch.Tensor, slots: int, capacity: int, kv_heads: int,
+                    groups: int = 1, q_tile: int = 128, size: int = 128):
+    """step_block_mask's rule for a step laid out on ONE query axis, over the pool's slots as one key sequence.
+
+    Request r of the step (per-request tensors [R]) lives in slot slot[r] with P[r] committed positions; its Q[r]
+    queries (K x W, branch-major, as a padded row holds them) sit at flat positions start[r] + 0..Q[r]-1, its
+    segment padded to a multiple of ``q_tile`` (so no query tile holds two requests; flat query t is query
+    t - start[owner[t]] of its request and wrote its K/V at that position past P). Per flat query [T]: owner (its
+    request), branch (-1 = padding), block. The query axis is ``groups`` copies of the T queries (the query heads of a KV head,
+    as the padded step packs them); the keys are a layer's pool [slots, Hkv, capacity, D] read as ONE key head of
+    slots * Hkv * capacity positions (a free view: cache.FlatView), which the call's ``kv_heads`` query heads
+    share (enable_gqa): query head h of request r reads (slot[r], h), positions (slot[r] * Hkv + h) * capacity...
+
+    A real query sees its slot's prefix and the keys its own branch's columns of its own and earlier blocks wrote
+    this step; a padding query sees its slot's position 0 only (or, in a full tile beside real queries, the
+    prefix there: padding outputs are never read, and no softmax row is empty). Per query tile the lists hold only
+    its request's slot: the tiles
+    wholly inside the prefix as full, the one holding P and those of its branches' window columns as partial, each
+    list at most a slot's ``capacity // size`` tiles long. Built on the device from the step's tensors (nothing is
+    read on the host), so a CUDA graph captures it and one graph serves every prefix length and request mix of T
+    queries."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    T = owner.shape[0]
+    assert T % q_tile == 0 and size % q_tile == 0, (T, q_tile, size)
+    nk, n_q = capacity // size, groups * T // q_tile
+    dev = P.device
+
+    def mask_mod(b, h, i, kv):
+        t = i % T if groups > 1 else i
+        r = owner[t]
+        s = kv // capacity
+        rel = kv - s * capacity - P[r]
+        src = (start[r] + rel).clamp(0, T - 1)  # the flat query that wrote key kv this step (0 <= rel < Q[r])
+        own = (rel >= 0) & (rel < Q[r]) & (branch[src] == branch[t]) & (block[src] <= block[t])
+        mine = s == slot[r] * kv_heads + h
+        return mine & (((branch[t] >= 0) & ((rel < 0) | own)) | ((branch[t] < 0) & (rel == -P[r])))
+
+    # each real query's window span: its (request, branch) run of queries, flat query t at key P + t - start
+    real = branch >= 0
+    c = torch.arange(T, device=dev)
+    same = lambda a, b: (owner[a] == owner[b]) & (branch[a] == branch[b])  # noqa: E731
+    starts = real & ~torch.cat([torch.zeros(1, dtype=torch.bool, device=dev), same(c[1:], c[:-1])])
+    ends = real & ~torch.cat([same(c[:-1], c[1:]), torch.zeros(1, dtype=torch.bool, device=dev)])
+    first = torch.where(starts, c, 0).cummax(0).values  # [T] the first flat query of each query's run
+    last = torch.where(ends, c, T).flip(0).cummin(0).values.flip(0)  # its last
+    base_key = P[owner] - start[owner]  # [T] key position of flat query 0 of the query's own segment
+    far = torch.iinfo(torch.int32).max // 2
+    tiles = c.view(-1, q_tile)  # [T / q_tile, q_tile]: the query tiles of one copy (the groups' copies repeat them)
+    ok = real[tiles]
+    lo = torch.where(ok, base_key[tiles] + first[tiles], far).amin(-1) // size  # [T / q_tile]
+    hi = (torch.where(ok, base_key[tiles] + last[tiles], -size).amax(-1) // size).clamp(max=nk - 1)
+    empty = ~ok.any(-1)
+    r = owner[tiles[:, 0]]
+    hold = P[r] // size  # the tile holding P: partial
+    begin = torch.maximum(lo, hold + 1)
+    j = torch.arange(nk, device=dev)
+    count = torch.where(empty, 1, 1 + (hi - begin + 1).clamp(min=0))
+    partial = torch.where(j == 0, hold[:, None], begin[:, None] + j - 1).clamp(0, nk - 1)  # [T / q_tile, nk]
+    full_count = torch.where(empty, 0, hold)
+    # per KV head: the tiles of (slot[r], h); a tile without a real query reads the slot's first tile alone
+    heads = torch.arange(kv_heads, device=dev)[:, None, None]
+    base = (slot[r][:, None] * kv_heads + heads) * nk  # [Hkv, T / q_tile, 1]
+    partial = base + torch.where(empty[:, None], 0, partial)
+    full = base + j.clamp(max=nk - 1)
+    as4 = lambda x, reps: x.to(torch.int32).repeat(*reps)[None].contiguous()  # noqa: E731 - the groups' copies
+    per_head = lambda x: x.expand(kv_heads, *x.shape)  # noqa: E731
+    return BlockMask.from_kv_blocks(as4(per_head(count), (1, groups)), as4(partial, (1, groups, 1)),
+                                    as4(per_head(full_count), (1, groups)), as4(full, (1, groups, 1)),
+                                    BLOCK_SIZE=(q_tile, size), mask_mod=mask_mod,
+                                    seq_lengths=(groups * T, slots * kv_heads * capacity), compute_q_blocks=False)
+
+
 def split_attention(flex, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, **kw) -> torch.Tensor:
     """FlexAttention with the keys cut into chunks, for steps too small to fill the GPU: q [B, H, T, D] (the query
     heads of a KV head consecutive), k / v [B, Hkv, L, D], a block mask of step_block_mask(splits=S, kv_heads=Hkv,

@@ -79,10 +79,13 @@ class Attention(nn.Module):
                 out = attend(q, keys, values, mask)
             else:  # a FlexAttention BlockMask over the whole slot (models/attention.py: step_block_mask), the query
                 # heads of each KV head on the query axis: [B, Hkv, (H / Hkv) * T, D], each K/V tile read once
-                if mask.kv_num_blocks.shape[1] > 1:  # the keys in chunks, one per extra query head (key_splits)
+                packed = q.reshape(B, self.Hkv, self.H // self.Hkv * T, self.D)
+                if keys.shape[1] != self.Hkv:  # a flat step: every slot and KV head as one key sequence, each KV
+                    # head's queries reading their own (cache.FlatView, flat_block_mask)
+                    out = ops.flex(packed, keys, values, block_mask=mask, enable_gqa=True)
+                elif mask.kv_num_blocks.shape[1] > 1:  # the keys in chunks, one per extra query head (key_splits)
                     out = ops.split(q, keys, values, mask)
                 else:
-                    packed = q.reshape(B, self.Hkv, self.H // self.Hkv * T, self.D)
                     out = ops.flex(packed, keys, values, block_mask=mask)
                 out = out.view(B, self.H, T, self.D)
             out = out.transpose(1, 2)  # [B, T, H, D]

@@ -20,15 +20,15 @@ import time
 
 import torch
 
-from ..cache import KVPool
+from ..cache import FlatView, KVPool
 from ..decoding.base import Predictions
 from ..models.spec import ModelSpec
 from ..decoding.confidence import predict
-from ..models.attention import key_splits, step_block_mask, step_mask
+from ..models.attention import flat_block_mask, key_splits, step_block_mask, step_mask
 from .graphs import KEY_STEP, GraphExecutor, bucket, predict_rows, round_up
 from .group import LocalGroup
 from .memory import kv_budget
-from .step import FIELDS, Commit, StepItem, pack, unpack
+from .step import FIELDS, Commit, StepItem, pack, unpack, unpack_flat
 
 
 class ModelRunner:
@@ -247,6 +247,21 @@ class ModelRunner:
             mask.masked_fill_(~allowed[:, None], float("-inf"))
         view = self.pool.view(first, B, Lb, write)
         return self.model(tokens, cache=view, attn_mask=mask, positions=P[:, None] + col)
+
+    def flat_body(self, inputs: torch.Tensor, T: int, q_tile: int = 128) -> torch.Tensor:
+        """``body`` on ONE query axis: a step in the flat layout (runner/step.py: flatten; its rows back to back,
+        each padded only to a multiple of ``q_tile``, not to the widest row's Qb; T flat queries) -> hidden [1, T,
+        E]. Every slot's keys are read as one sequence (cache.FlatView) under flat_block_mask, and each query
+        writes its K/V where ``body`` writes them (P + its index in its row; a padding query: its row's slot's
+        trash position)."""
+        tokens, col, branch, block, owner, slot, P, start, Q, _, _ = unpack_flat(inputs, T)
+        pool, cfg = self.pool, self.model.config
+        t = torch.arange(T, device=inputs.device)
+        position = torch.where(branch >= 0, P[owner] + t - start[owner], pool.capacity - 1)
+        mask = flat_block_mask(slot, P, start, Q, owner, branch, block, pool.slots, pool.capacity, cfg.num_kv_heads,
+                               groups=cfg.num_heads // cfg.num_kv_heads, q_tile=q_tile)
+        view = FlatView(pool, slot[owner], position)
+        return self.model(tokens[None], cache=view, attn_mask=mask, positions=(P[owner] + col)[None])
 
     def _eager(self, items: list[StepItem]) -> tuple[torch.Tensor, list[Predictions]]:
         """Exact shapes; each request's logits for its own columns and its own predict (and generator)."""

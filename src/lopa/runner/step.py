@@ -120,3 +120,47 @@ def pack_device(fields: tuple[torch.Tensor, ...], P: torch.Tensor, measure: torc
     view[:n] = torch.stack(fields, 1)
     out[:n, FIELDS * Qb:] = torch.stack([P, measure, suppress], 1)
     return out
+
+
+# The flat query axis (ModelRunner.flat_body): the step's rows back to back, each padded to a multiple of a query tile.
+# ONE int64 tensor [FLAT_FIELDS * T + ROW_FIELDS * R]: per flat query token, col, branch (-1 = padding), block and
+# owner (its row); per row slot, P, start (its first flat query), Q (1 + its last real query), measure, suppress.
+# Flat query t of row r is query t - start[r] of that row, its K/V written at P + t - start[r] of the row's slot.
+FLAT_FIELDS, ROW_FIELDS = 5, 6
+
+
+def flat_segments(branch: torch.Tensor, T: int, q_tile: int) -> tuple[torch.Tensor, ...]:
+    """The flat query axis of a packed step (branch [B, Qb] of unpack): request row b's queries 0..Q_b-1 (Q_b =
+    1 + its last real query, 0 for an all-padding row) back to back at start[b].., each segment padded to a multiple
+    of ``q_tile``, T positions in all (at least the segments' total). -> Q [B], start [B], owner [T] (the row of
+    each flat query; the tail past the segments: the last row), qidx [T] (its query within the row, >= Q on
+    padding). Built on the device from static shapes: graph-capturable."""
+    B, Qb = branch.shape
+    dev = branch.device
+    Q = ((torch.arange(1, Qb + 1, device=dev) * (branch >= 0)).amax(1))  # [B]
+    seg = (Q + q_tile - 1) // q_tile * q_tile
+    end = seg.cumsum(0)
+    start = end - seg
+    t = torch.arange(T, device=dev)
+    owner = torch.searchsorted(end, t, right=True).clamp(max=B - 1)
+    return Q, start, owner, t - start[owner]
+
+
+def flatten(inputs: torch.Tensor, T: int, q_tile: int, mask_id: int, first: int = 0) -> torch.Tensor:
+    """A packed step [B, 4*Qb + 3] over slots [first, first + B) -> its flat layout [FLAT_FIELDS * T + ROW_FIELDS * B]
+    (T at least the rows' segments in all), on the device: graph-capturable."""
+    tokens, col, branch, block, P, measure, suppress = unpack(inputs)
+    B, Qb = tokens.shape
+    Q, start, owner, qidx = flat_segments(branch, T, q_tile)
+    q = qidx.clamp(max=Qb - 1)
+    real = (qidx < Qb) & (branch[owner, q] >= 0)  # [T]
+    fields = [torch.where(real, tokens[owner, q], mask_id), torch.where(real, col[owner, q], 0),
+              torch.where(real, branch[owner, q], -1), torch.where(real, block[owner, q], 0), owner]
+    rows = [first + torch.arange(B, device=inputs.device), P, start, Q, measure, suppress]
+    return torch.cat([torch.stack(fields).view(-1), torch.stack(rows).view(-1)])
+
+
+def unpack_flat(inputs: torch.Tensor, T: int) -> tuple[torch.Tensor, ...]:
+    """The flat layout -> token, col, branch, block, owner [T]; slot, P, start, Q, measure, suppress [R]."""
+    fields = inputs[:FLAT_FIELDS * T].view(FLAT_FIELDS, T).unbind(0)
+    return (*fields, *inputs[FLAT_FIELDS * T:].view(ROW_FIELDS, -1).unbind(0))
