@@ -57,7 +57,8 @@ def test_flat_block_mask_lists_exactly_each_requests_step_mask(seed):
     real = (qidx < Qb) & (branch[owner, q] >= 0)
     slot = first + torch.arange(B)
     bm = flat_block_mask(slot, P, start, Q, owner, torch.where(real, branch[owner, q], -1),
-                         torch.where(real, block[owner, q], 0), slots, cap, Hkv, groups=groups, q_tile=q_tile, size=size)
+                         torch.where(real, block[owner, q], 0), slots, cap, Hkv, groups=groups, q_tile=q_tile,
+                         size=size)
     keys = slots * Hkv * cap
     assert bm.kv_num_blocks.shape == (1, Hkv, groups * T // q_tile) and bm.shape[-1] == keys
     want = step_mask(P, branch, block, cap)  # [B, Qb, cap]

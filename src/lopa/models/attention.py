@@ -175,24 +175,24 @@ def flat_block_mask(slot: torch.Tensor, P: torch.Tensor, start: torch.Tensor, Q:
     queries (K x W, branch-major, as a padded row holds them) sit at flat positions start[r] + 0..Q[r]-1, its
     segment padded to a multiple of ``q_tile`` (so no query tile holds two requests; flat query t is query
     t - start[owner[t]] of its request and wrote its K/V at that position past P). Per flat query [T]: owner (its
-    request), branch (-1 = padding), block. The query axis is ``groups`` copies of the T queries (the query heads of a KV head,
-    as the padded step packs them); the keys are a layer's pool [slots, Hkv, capacity, D] read as ONE key head of
-    slots * Hkv * capacity positions (a free view: cache.FlatView), which the call's ``kv_heads`` query heads
-    share (enable_gqa): query head h of request r reads (slot[r], h), positions (slot[r] * Hkv + h) * capacity...
+    request), branch (-1 = padding), block. The query axis is ``groups`` copies of the T queries (the query heads
+    of a KV head, as the padded step packs them); the keys are a layer's pool [slots, Hkv, capacity, D] read as ONE
+    key head of slots * Hkv * capacity positions (a free view: cache.FlatView), which the call's ``kv_heads``
+    query heads share (enable_gqa): query head h of request r reads (slot[r], h), positions from
+    (slot[r] * Hkv + h) * capacity.
 
     A real query sees its slot's prefix and the keys its own branch's columns of its own and earlier blocks wrote
     this step; a padding query sees its slot's position 0 only (or, in a full tile beside real queries, the
     prefix there: padding outputs are never read, and no softmax row is empty). Per query tile the lists hold only
-    its request's slot: the tiles
-    wholly inside the prefix as full, the one holding P and those of its branches' window columns as partial, each
-    list at most a slot's ``capacity // size`` tiles long. Built on the device from the step's tensors (nothing is
-    read on the host), so a CUDA graph captures it and one graph serves every prefix length and request mix of T
-    queries."""
+    its request's slot: the tiles wholly inside the prefix as full, the one holding P and those of its branches'
+    window columns as partial, each list at most a slot's ``capacity // size`` tiles long. Built on the device from
+    the step's tensors (nothing is read on the host), so a CUDA graph captures it and one graph serves every prefix
+    length and request mix of T queries."""
     from torch.nn.attention.flex_attention import BlockMask
 
     T = owner.shape[0]
     assert T % q_tile == 0 and size % q_tile == 0, (T, q_tile, size)
-    nk, n_q = capacity // size, groups * T // q_tile
+    nk = capacity // size
     dev = P.device
 
     def mask_mod(b, h, i, kv):
