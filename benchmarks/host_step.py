@@ -14,6 +14,10 @@ process (pass 0: cold, pass 1: the same problems again), in each of --modes:
     warm     warmup=True, attention "flex", device_step on (what RunnerConfig's "auto" picks on a GPU): every graph
              captured inside load_model (--warm-tokens, --warm-positions); its start-up (seconds, graphs, GPU
              memory) is in the meta
+    flex     the device path with attention "flex" and slots of --warm-positions, graphs captured lazily (no warm-up)
+    flat     the same with the step's forward on the flat query axis (DevicePath.flat_tile = --flat-tile: each
+             request's queries back to back, not padded to the widest one's; its keys are not warmed at start-up
+             yet, so this mode's pass 0 captures)
 
 Each mode starts ONE model (max_num_seqs = max(--ns)) and runs every (strategy, n) on it in order, as a server
 would see them. Pass 0 of the lazy modes is cold for graphs (each n grows the KV pool, which drops the captured
@@ -134,6 +138,7 @@ class ForwardClock:
         else:  # eager: the host path's forward + per-request predict, the device path's forward + batched predict
             self._wrap(ModelRunner, "_eager")
             self._wrap(ModelRunner, "forward_packed")
+            self._wrap(ModelRunner, "forward_flat")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -191,7 +196,7 @@ def run_pass(model, prompts: list[list[int]], n: int, config, clock: ForwardCloc
             "device_steps": c.device_steps - before[3], "token_ids": tokens}
 
 
-MODES = ("warm", "host", "device", "eager", "warm-host")
+MODES = ("warm", "host", "device", "eager", "warm-host", "flex", "flat")
 HOST_MODES = ("host", "warm-host")  # the host strategies
 
 
@@ -231,6 +236,7 @@ def main() -> None:
     ap.add_argument("--warm-positions", type=int, default=2048,
                     help="warm: RunnerConfig.max_positions, KV positions a slot (lopa k=7 needs prompt + 8 x "
                          "gen_length + 1)")
+    ap.add_argument("--flat-tile", type=int, default=128, help="the flat mode's query tile (DevicePath.flat_tile)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model on the CPU (smoke test)")
     ap.add_argument("--family", default="dream", choices=("dream", "sdar", "fast_dllm_v2"),
@@ -277,14 +283,21 @@ def _load(path, args, mode: str, n: int):
         runner = lopa.RunnerConfig(device=args.device, max_num_seqs=n, warmup=True, attention="flex",
                                    device_step=mode == "warm", max_num_batched_tokens=args.warm_tokens,
                                    max_positions=args.warm_positions)
+    elif mode in ("flex", "flat"):
+        runner = lopa.RunnerConfig(device=args.device, max_num_seqs=n, device_step=True, attention="flex",
+                                   max_positions=args.warm_positions)
     else:
         runner = lopa.RunnerConfig(device=args.device, max_num_seqs=n, device_step=mode != "host",
                                    cuda_graphs=mode != "eager")
     if args.shape is None:
-        return lopa.load_model(path, runner=runner)
-    from bp_latency import RandomSource
+        model = lopa.load_model(path, runner=runner)
+    else:
+        from bp_latency import RandomSource
 
-    return build_model(RandomSource(args.shape), runner, name=Path(f"random-{args.shape}"))
+        model = build_model(RandomSource(args.shape), runner, name=Path(f"random-{args.shape}"))
+    if mode == "flat":
+        model.engine.device.flat_tile = args.flat_tile
+    return model
 
 
 def prompt_ids(model, n: int) -> list[list[int]]:

@@ -730,3 +730,55 @@ def test_step_budget_leaves_a_device_step_of_another_branch_score_whole(ref):
     assert _drive(m, prompts[:4], configs, [0] * 4)[0] == want
     c = m.engine.counters
     assert c.device_steps == c.decode_steps > 0 and c.partial_steps == 0 and c.eager_decode_steps > 0
+
+
+def test_the_flat_forward_decodes_as_the_padded_rows(ref, tile=32):
+    """DevicePath.flat_tile: the step's forward on the flat query axis (each request's queries back to back, padded
+    to a multiple of the tile; ModelRunner.forward_flat) gives every request the host strategies' tokens, forwards
+    and winners, all at once and staggered, with fewer slots than requests (slot moves). (A 32-query tile keeps the
+    eager FlexAttention's scores small on the CPU; the tile changes only the padding between requests.)"""
+    model, spec, prompts, configs, want, _ = ref
+    n = len(configs)
+    for slots, joins in ((n, [0] * n), (n, [i // 3 * 2 for i in range(n)]), (3, [0] * n)):
+        m = _engine(model, slots, spec=spec, static=True, attention="flex")
+        m.engine.device.flat_tile = tile
+        flat, calls = m.runner.forward_flat, []
+        m.runner.forward_flat = lambda inputs, T, *rest: calls.append(T) or flat(inputs, T, *rest)
+        assert _drive(m, prompts, configs, joins)[0] == want, (slots, joins)
+        assert len(calls) == m.engine.counters.device_steps > 0 and all(T % tile == 0 for T in calls)
+
+
+def test_the_flat_forward_commits_what_the_padded_rows_commit(ref):
+    """Stepping side by side with the padded device path (lopa k = 3 and 1, d2f, threshold; windows of different
+    widths in one step): after every step each slot's committed K/V and last hidden state equal the padded path's
+    (float64: to rounding; float32: closely), and so do the outputs."""
+    model = ref[0]
+    configs = [lopa.decode_config(None, model.model_type, **o) for o in (
+        dict(strategy="lopa", k=3, base="threshold", block_size=16, gen_length=48, tau=0.05),
+        dict(strategy="lopa", k=1, block_size=8, gen_length=32, tau=0.3),
+        dict(strategy="d2f", block_size=8, gen_length=32, tau=0.3),
+        dict(strategy="threshold", block_size=16, gen_length=32, tau=0.2))]
+    engines = [_engine(model, len(configs), static=True, attention="flex").engine for _ in range(2)]
+    engines[1].device.flat_tile = 32
+    for engine in engines:
+        for p, c in zip(PROMPTS, configs):
+            engine.add(engine.prepare(model.tokenizer.encode(p), c))
+    dtype = model.loaded.model.embed.weight.dtype
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    steps = 0
+    with torch.inference_mode():
+        while engines[0].has_work():
+            outs = [engine.step() for engine in engines]
+            assert [(o.request_id, o.new_ids, o.finished) for o in outs[0]] == \
+                [(o.request_id, o.new_ids, o.finished) for o in outs[1]]
+            a, b = (engine.runner.pool for engine in engines)
+            if a is None or b is None:  # both idle: the pools given back
+                assert a is b is None
+                continue
+            assert a.lengths == b.lengths
+            for slot, length in enumerate(a.lengths):
+                if length:
+                    torch.testing.assert_close(b.kv[:, :, slot, :, :length], a.kv[:, :, slot, :, :length], **tol)
+                    torch.testing.assert_close(b.last_hidden[slot], a.last_hidden[slot], **tol)
+            steps += engines[1].last_step is not None and engines[1].last_step.kind == "decode"
+    assert engines[1].counters.device_steps == engines[0].counters.device_steps >= 4 and steps >= 4

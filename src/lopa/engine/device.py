@@ -36,7 +36,7 @@ from ..decoding.d2f import D2FStrategy
 from ..decoding.threshold import ThresholdStrategy
 from ..models.fused import COMPILE_LIMITS
 from ..models.spec import ModelSpec
-from ..runner.graphs import MAX_GRAPHS, capturing
+from ..runner.graphs import MAX_GRAPHS, capturing, query_bucket, round_up
 from ..runner.model_runner import ModelRunner
 from ..runner.step import pack_device
 from .sequence import Sequence
@@ -126,6 +126,10 @@ class DevicePath:
         self._luts: dict[tuple, torch.Tensor] = {}
         self._generation = 0  # bumped when the slots are reallocated (graphs read them in place)
         self.warm = False  # after warmup(): the slots never grow, nothing captures, an unwarmed key runs eagerly
+        # the forward on the flat query axis, each request's queries padded to a multiple of this many (_flat_queries,
+        # ModelRunner.forward_flat); None: the padded rows. Not yet warmed at start-up (lazily captured keys only):
+        # set by benchmarks/host_step.py --flat and the tests, the step towards the flat axis (docs/architecture.md)
+        self.flat_tile: int | None = None
 
     def eligible(self, seq: Sequence) -> bool:
         """Greedy threshold / d2f / sdar / fast_dllm_v2 / lopa over any of them with a device branch score, no
@@ -276,22 +280,32 @@ class DevicePath:
         shape = self._shape(host)
         if self.runner.graphs is not None:
             span = self._keyed_span(shape[3], span)
-        key = (*shape, measures, scores, span)
+        T = self._flat_queries(host)
+        key = (*shape, measures, scores, span) + ((T,) if T else ())
         if self.warm and key not in self.graphs:
             self.runner.graphs.stats.eager_steps += 1
             eager = self._shape(host, eager=True)
-            return self._update(*eager, measures, scores, self._keyed_span(eager[3], span), batched)
-        return self._replay(key, lambda: self._update(*shape, measures, scores, span))
+            return self._update(*eager, measures, scores, self._keyed_span(eager[3], span), batched, T)
+        return self._replay(key, lambda: self._update(*shape, measures, scores, span, T=T))
+
+    def _flat_queries(self, host: list[list[int]]) -> int | None:
+        """T of the step's forward on the flat query axis (``flat_tile``: each request's K*W queries padded to a
+        multiple of it; the total to a query bucket of them), None on the padded rows (the default)."""
+        tile = self.flat_tile
+        if tile is None or self.runner.group.distributed:
+            return None
+        total = sum(-(-K * W // tile) * tile for _, K, W in host)
+        return round_up(query_bucket(total), tile)
 
     def _update(self, B: int, Qb: int, Lb: int | None, Wm: int, R: int, measures: tuple[str, ...],
-                scores: tuple[str, ...], span: int, update=None) -> torch.Tensor:
+                scores: tuple[str, ...], span: int, update=None, T: int | None = None) -> torch.Tensor:
         """Queries, forward, accept, commit, propose over slots 0..B-1; rows past the step's requests (free slots)
         are zeroed first: no rows, no generated region, every index in range. The forward computes this rank's rows
         of each slot (group.local_rows; one process: all of them), the group gathers every rank's predictions in
         global row order (one process: they are), every rank runs the same update, and the runner commits the
         winners (under Branch Parallel from this rank's rows or the owner's broadcast, after reading them back).
         In one process device work only: graph-capturable. ``update``: the phases' functions (default: the path's).
-        -> [B, 7]."""
+        ``T``: the forward on the flat query axis of T queries (ModelRunner.forward_flat). -> [B, 7]."""
         ops = update or self.update
         t0 = time.perf_counter()
         st, mask, runner, group = self.slots, self.spec.mask_id, self.runner, self.runner.group
@@ -302,7 +316,10 @@ class DevicePath:
         fields = ops.queries(st, B, Qb, mask, group.local_rows(K))
         inputs = pack_device(fields, torch.where(live, lo, 0), self._luts[measures][v.measure], live.long(), B, mask)
         t1 = time.perf_counter()
-        packed = runner.forward_packed(inputs, Lb, measures, (mask,))  # ONE forward: [B, Qb, 3]
+        if T:  # ONE forward: [B, Qb, 3]
+            packed = runner.forward_flat(inputs, T, self.flat_tile, measures, (mask,))
+        else:
+            packed = runner.forward_packed(inputs, Lb, measures, (mask,))
         t2 = time.perf_counter()
         W, commit = v.width.clone(), v.commit.clone()
         preds = group.gather_rows(packed, K, W)  # [B, >= K*W, 3]

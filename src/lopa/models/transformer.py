@@ -157,7 +157,8 @@ class Transformer(nn.Module):
                           first: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [B, T, E] -> [B, T, E]: the state each column's logits come from. Dream predicts position i
         from the hidden state at i-1, so a window's column 0 uses the last committed position's state
-        (``last_hidden`` [E] or [B, E]; without it column 0 is NaN). ``first`` [B, T] bool marks the columns
+        (``last_hidden`` [E] or [B, E], or [B, T, E]: each column's own, as a flat step's requests have; without
+        it column 0 is NaN). ``first`` [B, T] bool marks the columns
         that start a branch when a row holds several branches flattened (default: column 0 only); the others
         read the column before them. Shape-static and sync-free, so CUDA graphs capture it as is."""
         if not self.config.logit_shift:
@@ -165,6 +166,8 @@ class Transformer(nn.Module):
         B, T, E = hidden.shape
         if last_hidden is None:
             last = hidden.new_full((B, 1, E), float("nan"))
+        elif last_hidden.dim() == 3:
+            last = last_hidden.to(hidden.dtype)
         else:
             last = last_hidden.to(hidden.dtype).reshape(-1, 1, E).expand(B, 1, E)
         if first is None:

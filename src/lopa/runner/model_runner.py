@@ -28,7 +28,7 @@ from ..models.attention import flat_block_mask, key_splits, step_block_mask, ste
 from .graphs import KEY_STEP, GraphExecutor, bucket, predict_rows, round_up
 from .group import LocalGroup
 from .memory import kv_budget
-from .step import FIELDS, Commit, StepItem, pack, unpack, unpack_flat
+from .step import FIELDS, Commit, StepItem, flatten, pack, unpack, unpack_flat
 
 
 class ModelRunner:
@@ -54,6 +54,7 @@ class ModelRunner:
         self.graphs = GraphExecutor(self, capture=device.type == "cuda" if capture is None else capture,
                                     fuse=fuse, attention=attention) if static else None
         self.hidden: torch.Tensor | None = None  # [B, Qb, E] of the last forward (commit reads the winners)
+        self.flat_start: torch.Tensor | None = None  # [B]: forward_flat's rows' first flat queries (hidden [1, T, E])
         self._shapes: list[tuple[int, int, bool]] = []  # (K, W, replicated) per request of the last forward
         self._prefill = False  # the last forward was a prefill step
         self.prefill_shapes: set[tuple[int, int]] = set()  # (rows, queries a row) of the prefill forwards so far:
@@ -179,6 +180,7 @@ class ModelRunner:
         gather_before = bp.gather_s  # the static path gathers inside its run: not forward time
         # every rank takes the same path (plan() reads only what all ranks share), so the collectives match
         self._prefill = all(item.batch.prefill for item in items)  # the counters count decode steps only
+        self.flat_start = None  # self.hidden below is [B, Qb, E]
         groups = self.graphs.plan(local, queries) if self.graphs is not None else []
         if groups and self._prefill:  # replicated under Branch Parallel: nothing to gather
             (self.hidden, preds), gathered = self._static_prefill(groups), True
@@ -344,13 +346,32 @@ class ModelRunner:
         for commit_winners. ``Lb``: the key span of an SDPA mask, or None: FlexAttention over the whole slot
         (packed_shape). Graph-capturable: the device path (engine/device.py) captures it with its update."""
         flex = Lb is None
-        self.hidden = self.body(inputs, 0, self.pool.capacity if flex else Lb, flex=flex)
+        self.hidden, self.flat_start = self.body(inputs, 0, self.pool.capacity if flex else Lb, flex=flex), None
         _, col, branch, _, _, measure, suppressed = unpack(inputs)
         first = (col == 0) & (branch >= 0)  # each branch's column 0 reads the slot's last committed state
         last = self.pool.last_hidden[:inputs.shape[0]]
         logits = self.model.lm_head(self.model.predicting_hidden(self.hidden, last, first))  # [B, Qb, V]
         predict = self.graphs.predict if self.graphs is not None else predict_rows  # fused when compiled
         return predict(logits, measure, suppressed, measures, suppress)
+
+    def forward_flat(self, inputs: torch.Tensor, T: int, q_tile: int, measures: tuple[str, ...],
+                     suppress: tuple[int, ...]) -> torch.Tensor:
+        """forward_packed on the flat query axis (runner/step.py: flatten; T flat queries, each row padded only to
+        a multiple of ``q_tile``): the same [B, Qb, 3] predictions (its queries past a row's own are not computed:
+        what lies there is never read), the hidden states kept flat for commit_winners. Graph-capturable."""
+        flat = flatten(inputs, T, q_tile, self.spec.mask_id)
+        self.hidden = self.flat_body(flat, T, q_tile)  # [1, T, E]
+        _, col, branch, _, owner, slot, _, start, _, measure, suppressed = unpack_flat(flat, T)
+        self.flat_start = start
+        first = (col == 0) & (branch >= 0)
+        last = self.pool.last_hidden[slot[owner]]  # [T, E] each query's request's last committed state
+        logits = self.model.lm_head(self.model.predicting_hidden(self.hidden, last[None], first[None]))  # [1, T, V]
+        predict = self.graphs.predict if self.graphs is not None else predict_rows
+        # each flat query as a row of one: its own request's measure and suppression
+        packed = predict(logits.view(T, 1, -1), measure[owner], suppressed[owner], measures, suppress)  # [T, 1, 3]
+        Qb = inputs.shape[1] // FIELDS
+        index = (start[:, None] + torch.arange(Qb, device=inputs.device)).clamp(max=T - 1)  # [B, Qb]
+        return packed[index, 0]
 
     def commit_winners(self, P: torch.Tensor, row: torch.Tensor, K: torch.Tensor, W: torch.Tensor, n: torch.Tensor,
                        cols: int) -> None:
@@ -377,7 +398,11 @@ class ModelRunner:
         dst = torch.where(moving, P[:, None] + j, trash).reshape(-1)
         slots = torch.arange(S, device=dev)[:, None].expand(S, cols).reshape(-1)
         self.pool.commit(slots, src, dst)
-        last = self.hidden[torch.arange(S, device=dev), (row * W + n - 1).clamp(min=0)]  # [S, E]
+        query = (row * W + n - 1).clamp(min=0)
+        if self.flat_start is not None:  # forward_flat's: row b's queries from flat_start[b]
+            last = self.hidden[0, (self.flat_start[:S] + query).clamp(max=self.hidden.shape[1] - 1)]
+        else:
+            last = self.hidden[torch.arange(S, device=dev), query]  # [S, E]
         self.pool.last_hidden[:S] = torch.where((n > 0)[:, None], last, self.pool.last_hidden[:S])
 
     def set_lengths(self, lengths: list[int]) -> None:
