@@ -209,7 +209,7 @@ def flat_tiles(head_dim: int, q_tile: int) -> dict | None:
 
 
 def add_workload_args(ap: argparse.ArgumentParser) -> None:
-    """The step's workload and the CPU check (--tiny), as flat_attention.py takes them."""
+    """The step's workload and the CPU check (--tiny), as flat_attention.py and flat_forward.py take them."""
     ap.add_argument("--tiny", action="store_true", help="the tiny heads, 3 requests, capacity 1024 (a CPU check)")
     ap.add_argument("--ns", default="8,32")
     ap.add_argument("--ks", default="3,7")

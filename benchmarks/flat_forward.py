@@ -38,6 +38,7 @@ from lopa.runner.graphs import query_bucket
 from lopa.runner.model_runner import ModelRunner
 from lopa.runner.step import FIELDS, StepItem, flatten, pack, unpack_flat
 
+from flat_attention import add_workload_args, parse_workload
 from step_latency import SHAPES
 
 DEFAULT = dict(model_type="dream", vocab_size=768, hidden_size=256, intermediate_size=768, num_layers=8, num_heads=4,
@@ -90,26 +91,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/flat_forward"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shapes", default="default,dream-7b", help="default (the embedded model's) or step_latency.py's")
-    ap.add_argument("--tiny", action="store_true", help="step_latency.py's tiny shape, 3 requests (a CPU check)")
-    ap.add_argument("--ns", default="8,32")
-    ap.add_argument("--ks", default="3,7")
-    ap.add_argument("--widths", default="32,64,32,64,96", help="each request's window W, cycled")
-    ap.add_argument("--prefixes", default="128,640", help="prefix lengths spread over [lo, hi)")
-    ap.add_argument("--capacity", type=int, default=2048, help="KV positions a slot (a multiple of 256)")
-    ap.add_argument("--q-tile", type=int, default=128, choices=(32, 64, 128), help="the flat segments' multiple")
+    add_workload_args(ap)
     ap.add_argument("--tol", type=float, default=None, help="largest relative error of the hidden states (default: "
                     "1e-5 in float32, 3e-2 in bfloat16)")
     args = ap.parse_args()
     if args.tiny:
-        args.shapes, args.ns, args.ks, args.capacity, args.prefixes = "tiny", "3", "1,3", 1024, "5,300"
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
-    widths = [int(w) for w in args.widths.split(",")]
-    prefixes = tuple(int(p) for p in args.prefixes.split(","))
-    ks = [int(k) for k in args.ks.split(",")]
-    if prefixes[1] + (max(ks) + 1) * max(widths) >= args.capacity:
-        ap.error("--capacity must hold the longest prefix and window (and a trash position)")
+        args.shapes = "tiny"
+    device, cuda, dtype, widths, prefixes, ks = parse_workload(ap, args)
     timer = None
     if cuda:
         from gemm_rows import median_ms as timer
