@@ -229,7 +229,7 @@ def main() -> None:
     ap.add_argument("--shape", default=None, help="random weights at a step_latency.py shape (dream-7b, llada-8b, "
                     "...; prompts of random ids, GSM8K-like lengths) instead of the embedded default model")
     ap.add_argument("--modes", default="warm,host,device",
-                    help="warm, host, device, eager and/or warm-host (module docstring)")
+                    help="warm, host, device, eager, warm-host, flex and/or flat (module docstring)")
     ap.add_argument("--warm-tokens", type=int, default=64 * 1024,
                     help="warm: RunnerConfig.max_num_batched_tokens, the padded queries (B bucket x Qb) the warm-up "
                          "captures up to (default: 64 lopa k=7 requests of up to 1024 queries, gen_length 128)")
