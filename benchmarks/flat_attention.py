@@ -38,6 +38,7 @@ from typing import Callable
 import torch
 
 from lopa.models.attention import _query_tile_spans, step_block_mask
+from lopa.models.attention import flat_block_mask as engine_flat_mask
 from lopa.runner.graphs import query_bucket, round_up
 
 SHAPES = {"dream-7b": (28, 4, 128), "default": (4, 2, 64), "tiny": (4, 2, 16)}  # query heads, KV heads, head dim
@@ -73,25 +74,18 @@ def flat_layout(queries: list[int], q_tile: int, device) -> tuple[torch.Tensor, 
 
 
 def flat_block_mask(P: torch.Tensor, slot: torch.Tensor, branch: torch.Tensor, block: torch.Tensor,
-                    owner: torch.Tensor, col: torch.Tensor, capacity: int, slots: int, groups: int, q_tile: int,
-                    heads: int = 1):
+                    owner: torch.Tensor, col: torch.Tensor, capacity: int, slots: int, groups: int, q_tile: int):
     """The step's mask on the flat query axis (queries [groups * T]: head g's T queries after head g-1's; keys: the
     pool's slots one after another, [slots * capacity]), as a FlexAttention BlockMask built on the device. Request r
     (slot slot[r], prefix P[r], its padded layout's branch / block [n, Qb]) owns the flat queries with owner == r, its
     col-th query each. A real query sees its slot's prefix and the keys its own branch's columns wrote this step
     (step_mask's rule); a padding query sees key 0 only (padding outputs are never read). Query tiles of ``q_tile``
-    queries (a divisor of TILE: small windows waste less), key tiles of TILE.
-
-    ``heads`` > 1: the engine's own slot-major pool instead, a layer's keys [slots, Hkv, capacity, D] read as ONE key
-    head [slots * Hkv * capacity] (a free view) by ``heads`` = Hkv query heads (enable_gqa): query head h of request
-    r reads the keys of (slot[r], h), i.e. "slot" slot[r] * Hkv + h of capacity positions. The mask's head dim is
-    then ``heads``."""
+    queries (a divisor of TILE: small windows waste less), key tiles of TILE."""
     from torch.nn.attention.flex_attention import BlockMask
 
     n, Qb = branch.shape
     T = owner.shape[0]
     nk, n_q = capacity // TILE, groups * T // q_tile
-    hs = torch.arange(heads, device=P.device)[:, None]  # [heads, 1]
     qc = col.clamp(max=Qb - 1)
     real = (col < Qb) & (branch[owner, qc] >= 0)  # [T]
 
@@ -102,8 +96,7 @@ def flat_block_mask(P: torch.Tensor, slot: torch.Tensor, branch: torch.Tensor, b
         rel = kv - s * capacity - P[r]
         src = rel.clamp(0, Qb - 1)
         own = (rel >= 0) & (rel < Qb) & (branch[r, src] == branch[r, q]) & (block[r, src] <= block[r, q])
-        mine = s == slot[r] * heads + (h if heads > 1 else 0)  # heads 1: the keys' head is the query's own (h)
-        return (real[t] & mine & ((rel < 0) | own)) | (~real[t] & (kv == 0))
+        return (real[t] & (s == slot[r]) & ((rel < 0) | own)) | (~real[t] & (kv == 0))
 
     # [n, Qb]: the first / last key tile (within the slot) of each padded query's branch run, as step_block_mask
     # reads them per 128-query tile; here per flat query tile
@@ -118,16 +111,16 @@ def flat_block_mask(P: torch.Tensor, slot: torch.Tensor, branch: torch.Tensor, b
     hold = (P[r] // TILE).to(torch.int32)  # the tile holding the prefix's end: partial
     start = torch.maximum(lo, hold + 1)
     hi = hi.clamp(max=nk - 1)
-    base = ((slot[r] * heads + hs) * nk).to(torch.int32)[..., None]  # [heads, n_q, 1]
-    j = torch.arange(slots * heads * nk, device=P.device, dtype=torch.int32)
-    count = torch.where(empty, 1, 1 + (hi - start + 1).clamp(min=0)).expand(heads, -1)
+    base = (slot[r] * nk).to(torch.int32)[:, None]
+    j = torch.arange(slots * nk, device=P.device, dtype=torch.int32)
+    count = torch.where(empty, 1, 1 + (hi - start + 1).clamp(min=0))
     partial = torch.where(empty[:, None], 0, base + torch.where(j == 0, hold[:, None], start[:, None] + j - 1)
                           .clamp(0, nk - 1))
-    full_count = torch.where(empty, 0, hold).expand(heads, -1)
+    full_count = torch.where(empty, 0, hold)
     full = base + j.clamp(max=nk - 1)
-    as4 = lambda x: x.to(torch.int32)[None].contiguous()  # noqa: E731 - [1, heads, n_q(, tiles)]
+    as4 = lambda x: x.to(torch.int32)[None, None].contiguous()  # noqa: E731 - [1, 1, n_q(, tiles)]
     return BlockMask.from_kv_blocks(as4(count), as4(partial), as4(full_count), as4(full), BLOCK_SIZE=(q_tile, TILE),
-                                    mask_mod=mask_mod, seq_lengths=(groups * T, slots * heads * capacity))
+                                    mask_mod=mask_mod, seq_lengths=(groups * T, slots * capacity))
 
 
 def run_case(n, k, widths, prefixes, capacity, shape, q_tile, device, dtype, flex_padded, flex_flat, timer) -> dict:
@@ -153,8 +146,13 @@ def run_case(n, k, widths, prefixes, capacity, shape, q_tile, device, dtype, fle
         fm = flat_block_mask(P, slot, branch, block, owner, col, capacity, n, groups, q_tile)
         padded = lambda: flex_padded(q.reshape(n, HKV, groups * Qb, D), kv[0], kv[1], block_mask=pm)  # noqa: E731
         flat = lambda: flex_flat(qf.reshape(1, HKV, groups * T, D), kf, vf, block_mask=fm)  # noqa: E731
-        # the same flat queries over the engine's slot-major pool, as one key head: no copy of the keys
-        sm = flat_block_mask(P, slot, branch, block, owner, col, capacity, n, groups, q_tile, heads=HKV)
+        # the same flat queries over the engine's slot-major pool, as one key head (no copy of the keys), under the
+        # engine's own flat mask (models/attention.py)
+        qc = col.clamp(max=Qb - 1)
+        real = (col < Qb) & (branch[owner, qc] >= 0)
+        sm = engine_flat_mask(slot, P, starts, torch.tensor(queries, device=device), owner,
+                              torch.where(real, branch[owner, qc], -1), torch.where(real, block[owner, qc], 0), n,
+                              capacity, HKV, groups=groups, q_tile=q_tile, size=TILE)
         ks, vs = (kv[i].reshape(1, 1, n * HKV * capacity, D) for i in (0, 1))
         slots = lambda: flex_flat(qf.reshape(1, HKV, groups * T, D), ks, vs, block_mask=sm,  # noqa: E731
                                   enable_gqa=True)
@@ -179,7 +177,7 @@ def run_case(n, k, widths, prefixes, capacity, shape, q_tile, device, dtype, fle
 
 
 def columns(timed: bool) -> list[tuple[str, Callable[[dict], str]]]:
-    """The columns both flat scripts' tables share: (header, cell of a row)."""
+    """The columns flat_attention.py's and flat_forward.py's tables share: (header, cell of a row)."""
     cols = [("n", lambda r: str(r["n"])), ("k", lambda r: str(r["k"])), ("Qb", lambda r: str(r["Qb"])),
             ("queries real / padded / flat", lambda r: f"{r['real']:,} / {r['padded']:,} / {r['flat']:,}"),
             ("rel. err", lambda r: f"{r['err']:.1e}")]

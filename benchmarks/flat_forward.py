@@ -38,7 +38,7 @@ from lopa.runner.graphs import query_bucket
 from lopa.runner.model_runner import ModelRunner
 from lopa.runner.step import FIELDS, StepItem, flatten, pack, unpack_flat
 
-from flat_attention import add_workload_args, parse_workload
+from flat_attention import add_workload_args, columns, markdown, parse_workload
 from step_latency import SHAPES
 
 DEFAULT = dict(model_type="dream", vocab_size=768, hidden_size=256, intermediate_size=768, num_layers=8, num_heads=4,
@@ -128,19 +128,10 @@ def main() -> None:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "flat_forward.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    cols = ["shape", "n", "k", "Qb", "queries real / padded / flat", "rel. err"]
-    if timer is not None:
-        cols += ["padded ms", "flat ms", "padded / flat"]
-    lines = [f"One whole forward + head, padded rows against the flat query axis, capacity {args.capacity}, query "
+    title = (f"One whole forward + head, padded rows against the flat query axis, capacity {args.capacity}, query "
              f"tile {args.q_tile}, widths {args.widths}, prefixes {args.prefixes}, {meta['device']} ({dtype}), torch "
-             f"{torch.__version__}, {meta['date']}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        cells = [r["shape"], str(r["n"]), str(r["k"]), str(r["Qb"]), f"{r['real']:,} / {r['padded']:,} / {r['flat']:,}",
-                 f"{r['err']:.1e}"]
-        if timer is not None:
-            cells += [f"{r['padded_ms']:.3f}", f"{r['flat_ms']:.3f}", f"{r['padded_ms'] / r['flat_ms']:.2f}x"]
-        lines.append("| " + " | ".join(cells) + " |")
-    table = "\n".join(lines) + "\n"
+             f"{torch.__version__}, {meta['date']}")
+    table = markdown(title, rows, [("shape", lambda r: r["shape"])] + columns(timer is not None))
     (args.out / "flat_forward.md").write_text(table)
     print(table)
     bad = [r for r in rows if not r["err"] <= tol]
