@@ -1,12 +1,15 @@
-"""A whole forward of a step of requests of different widths: the static path's padded rows (ModelRunner.body) against
-the flat query axis (ModelRunner.flat_body), side by side in one run, both with the head (docs/benchmarks.md,
-sixteenth session: on one H100 at the embedded model's shape the flat one took 1.6x as long).
+"""A whole forward of a step of requests of different widths: the static path's padded rows (ModelRunner.body)
+against the flat query axis (ModelRunner.flat_body), side by side in one run, both with the head.
 
     padded  what the engine runs: every request row padded to the widest one's query bucket, [n, Qb]; each row reads
             its own slot's keys under step_block_mask
-    flat    the same rows back to back on ONE query axis, each padded only to a multiple of --q-tile
-            (runner/step.py: flatten, timed with the forward), every slot's keys read as one sequence
-            (cache.FlatView) under flat_block_mask; the same K/V land at the same positions
+    flat    the same rows back to back on ONE query axis of T queries (each request's segment padded only to a
+            multiple of --q-tile; T its total rounded up to a query bucket, as engine/device.py keys it;
+            runner/step.py: flatten, timed with the forward): the projections, norms, MLP and head run over T rows;
+            the attention lays the queries into the padded rows and runs there, as padded's does (cache.FlatView)
+
+(The sixteenth session's flat forward attended on the flat axis itself, every slot's keys as one sequence under
+a mask of its own: 1.6x slower than the padded rows on one H100, docs/benchmarks.md. That attention is gone.)
 
 A step: n lopa k requests (K = k + 1 rows of W columns each, W cycling through --widths: one to three active D2F
 blocks) at prefixes spread over --prefixes, in slots 0..n-1 of a pool of n slots. Both forwards run the model's
@@ -26,6 +29,7 @@ import datetime
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -34,11 +38,10 @@ from lopa.models.config import ModelConfig
 from lopa.models.fused import EAGER, fused_ops
 from lopa.models.spec import ModelSpec
 from lopa.models.transformer import Transformer
-from lopa.runner.graphs import query_bucket
+from lopa.runner.graphs import query_bucket, round_up
 from lopa.runner.model_runner import ModelRunner
 from lopa.runner.step import FIELDS, StepItem, flatten, pack, unpack_flat
 
-from flat_attention import add_workload_args, columns, markdown, parse_workload
 from step_latency import SHAPES
 
 DEFAULT = dict(model_type="dream", vocab_size=768, hidden_size=256, intermediate_size=768, num_layers=8, num_heads=4,
@@ -65,13 +68,13 @@ def run_case(runner: ModelRunner, n: int, k: int, widths, prefixes, q_tile: int,
     items = step_items(n, k, widths, prefixes, model.config.vocab_size)
     queries = [item.queries for item in items]
     Qb = query_bucket(max(queries))
-    T = sum(-(-q // q_tile) * q_tile for q in queries)
+    T = round_up(query_bucket(sum(round_up(q, q_tile) for q in queries)), q_tile)  # engine/device.py: _flat_queries
     host = torch.empty(n, FIELDS * Qb + 3, dtype=torch.long)
     pack(items, host, runner.spec.mask_id)
     inputs = host.to(runner.device)
     head = lambda h: model.lm_head(h).float().softmax(-1).max(-1)  # noqa: E731 - the per-query head
     padded = lambda: head(runner.body(inputs, 0, runner.pool.capacity, flex=True))  # noqa: E731
-    flat_body = lambda: runner.flat_body(flatten(inputs, T, q_tile, runner.spec.mask_id), T, q_tile)  # noqa: E731
+    flat_body = lambda: runner.flat_body(inputs, flatten(inputs, T, q_tile, runner.spec.mask_id), T)  # noqa: E731
     flat = lambda: head(flat_body())  # noqa: E731
     with torch.inference_mode():
         hp = runner.body(inputs, 0, runner.pool.capacity, flex=True)
@@ -86,18 +89,43 @@ def run_case(runner: ModelRunner, n: int, k: int, widths, prefixes, q_tile: int,
     return row
 
 
+def columns(timed: bool) -> list[tuple[str, Callable[[dict], str]]]:
+    """The table's columns: (header, cell of a row)."""
+    cols = [("shape", lambda r: r["shape"]), ("n", lambda r: str(r["n"])), ("k", lambda r: str(r["k"])),
+            ("Qb", lambda r: str(r["Qb"])),
+            ("queries real / padded / flat", lambda r: f"{r['real']:,} / {r['padded']:,} / {r['flat']:,}"),
+            ("rel. err", lambda r: f"{r['err']:.1e}")]
+    if timed:
+        cols += [("padded ms", lambda r: f"{r['padded_ms']:.3f}"), ("flat ms", lambda r: f"{r['flat_ms']:.3f}"),
+                 ("padded / flat", lambda r: f"{r['padded_ms'] / r['flat_ms']:.2f}x")]
+    return cols
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/flat_forward"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shapes", default="default,dream-7b", help="default (the embedded model's) or step_latency.py's")
-    add_workload_args(ap)
+    ap.add_argument("--tiny", action="store_true", help="the tiny heads, 3 requests, capacity 1024 (a CPU check)")
+    ap.add_argument("--ns", default="8,32")
+    ap.add_argument("--ks", default="3,7")
+    ap.add_argument("--widths", default="32,64,32,64,96", help="each request's window W, cycled")
+    ap.add_argument("--prefixes", default="128,640", help="prefix lengths spread over [lo, hi)")
+    ap.add_argument("--capacity", type=int, default=2048, help="KV positions a slot (a multiple of 256)")
+    ap.add_argument("--q-tile", type=int, default=1, help="the flat layout's segments padded to a multiple of this")
     ap.add_argument("--tol", type=float, default=None, help="largest relative error of the hidden states (default: "
                     "1e-5 in float32, 3e-2 in bfloat16)")
     args = ap.parse_args()
     if args.tiny:
-        args.shapes = "tiny"
-    device, cuda, dtype, widths, prefixes, ks = parse_workload(ap, args)
+        args.shapes, args.ns, args.ks, args.capacity, args.prefixes = "tiny", "3", "1,3", 1024, "5,300"
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    widths = [int(w) for w in args.widths.split(",")]
+    prefixes = tuple(int(p) for p in args.prefixes.split(","))
+    ks = [int(k) for k in args.ks.split(",")]
+    if args.capacity % 256 or prefixes[1] + (max(ks) + 1) * max(widths) >= args.capacity:
+        ap.error("--capacity must be a multiple of 256 and hold the longest prefix and window (and a trash position)")
     timer = None
     if cuda:
         from gemm_rows import median_ms as timer
@@ -131,7 +159,9 @@ def main() -> None:
     title = (f"One whole forward + head, padded rows against the flat query axis, capacity {args.capacity}, query "
              f"tile {args.q_tile}, widths {args.widths}, prefixes {args.prefixes}, {meta['device']} ({dtype}), torch "
              f"{torch.__version__}, {meta['date']}")
-    table = markdown(title, rows, [("shape", lambda r: r["shape"])] + columns(timer is not None))
+    cols = columns(timer is not None)
+    lines = [title, "", "| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
+    table = "\n".join(lines + ["| " + " | ".join(cell(r) for _, cell in cols) + " |" for r in rows]) + "\n"
     (args.out / "flat_forward.md").write_text(table)
     print(table)
     bad = [r for r in rows if not r["err"] <= tol]

@@ -16,8 +16,8 @@ process (pass 0: cold, pass 1: the same problems again), in each of --modes:
              memory) is in the meta
     flex     the device path with attention "flex" and slots of --warm-positions, graphs captured lazily (no warm-up)
     flat     the same with the step's forward on the flat query axis (DevicePath.flat_tile = --flat-tile: each
-             request's queries back to back, not padded to the widest one's; its keys are not warmed at start-up
-             yet, so this mode's pass 0 captures)
+             request's queries back to back, not padded to the widest one's, for all but the attention; its keys
+             are not warmed at start-up yet, so this mode's pass 0 captures)
 
 Each mode starts ONE model (max_num_seqs = max(--ns)) and runs every (strategy, n) on it in order, as a server
 would see them. Pass 0 of the lazy modes is cold for graphs (each n grows the KV pool, which drops the captured
@@ -236,7 +236,8 @@ def main() -> None:
     ap.add_argument("--warm-positions", type=int, default=2048,
                     help="warm: RunnerConfig.max_positions, KV positions a slot (lopa k=7 needs prompt + 8 x "
                          "gen_length + 1)")
-    ap.add_argument("--flat-tile", type=int, default=128, help="the flat mode's query tile (DevicePath.flat_tile)")
+    ap.add_argument("--flat-tile", type=int, default=1,
+                    help="the flat mode's segments padded to a multiple of this (DevicePath.flat_tile)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model on the CPU (smoke test)")
     ap.add_argument("--family", default="dream", choices=("dream", "sdar", "fast_dllm_v2"),

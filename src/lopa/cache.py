@@ -91,7 +91,7 @@ class CacheView:
     def __init__(self, pool: KVPool, first: int, B: int, Lb: int, write_index: torch.Tensor) -> None:
         assert first + B <= pool.slots and Lb <= pool.capacity, (first, B, pool.slots, Lb, pool.capacity)
         assert write_index.shape[0] == B, write_index.shape
-        self.pool, self.first, self.B, self.Lb = pool, first, B, Lb
+        self.pool, self.first, self.B, self.Lb, self.Qb = pool, first, B, Lb, write_index.shape[1]
         # [B, Qb, Hkv]: each query's row, per KV head, in a layer's slots [first, first + B) viewed as
         # [B * Hkv * cap, D] (rows()), in the order k and v lie in memory ([B, Qb, Hkv, D]: the projection's,
         # transposed to [B, Hkv, Qb, D] as views), so writing them takes no copy
@@ -110,19 +110,39 @@ class CacheView:
         span = slice(self.first, self.first + self.B)
         return self.pool.kv[0, layer, span, :, :self.Lb], self.pool.kv[1, layer, span, :, :self.Lb]
 
+    def to_rows(self, q: torch.Tensor) -> torch.Tensor:
+        """The queries as the attention's rows: a padded step's are its rows already (FlatView lays its flat ones)."""
+        return q
+
+    def from_rows(self, out: torch.Tensor) -> torch.Tensor:
+        """out [B, H, Qb, D] -> [B, Qb, H, D]."""
+        return out.transpose(1, 2)
+
 
 class FlatView:
-    """One flat-axis forward's access to the whole pool (models/attention.py: flat_block_mask): its T queries, of
-    requests in any slots, write their K/V at ``index`` and read every slot's keys as ONE key head.
+    """One forward on the flat query axis (ModelRunner.flat_body): its T queries are a step's rows back to back
+    (runner/step.py: flatten), so the projections, norms and MLP run over T rows, not over B x Qb padded ones.
+    They write their K/V through ``index`` (as CacheView's do) and attend as the padded step: ``to_rows`` lays
+    each flat query into its place in the [B, Qb] rows of slots [first, first + B) (padding zero), the attention
+    runs there under the padded step's block mask, and ``from_rows`` takes each flat query's output back.
 
-    slot [T], position [T] (device, int64): where each query's K/V go (a padding query: its slot's trash position).
+    slot, position [T] (device, int64): where each query's K/V go (a padding query: its row's slot's trash
+    position); place [T]: its place in the padded rows, row * Qb + its column (a padding query: -1).
     """
 
-    def __init__(self, pool: KVPool, slot: torch.Tensor, position: torch.Tensor) -> None:
-        self.pool = pool
-        self.Lb = pool.slots * pool.kv.shape[3] * pool.capacity  # the keys the mask covers
+    def __init__(self, pool: KVPool, first: int, B: int, Qb: int, heads: int, slot: torch.Tensor,
+                 position: torch.Tensor, place: torch.Tensor) -> None:
+        assert first + B <= pool.slots, (first, B, pool.slots)
+        self.pool, self.first, self.B, self.Qb, self.Lb = pool, first, B, Qb, pool.capacity
         # [1, T, Hkv]: each query's row, per KV head, in a layer's pool viewed as [S * Hkv * cap, D] (rows())
         self.index = (_head_rows(slot, pool.kv.shape[3], pool.capacity) + position[:, None])[None]
+        # [T, H]: each (flat query, query head)'s row in the padded queries [B, H, Qb, D] viewed as [B * H * Qb, D];
+        # padding goes to a spare row past them (to_rows) and reads row 0 (from_rows: never read)
+        b, q = place.div(Qb, rounding_mode="floor"), place.remainder(Qb)
+        h = torch.arange(heads, device=place.device)
+        rows = (b[:, None] * heads + h) * Qb + q[:, None]
+        self._to = torch.where(place[:, None] >= 0, rows, B * heads * Qb).view(-1)
+        self._from = torch.where(place[:, None] >= 0, rows, 0).view(-1)
 
     def rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer's K and V of every slot, each [S * Hkv * cap, D] (views)."""
@@ -130,6 +150,18 @@ class FlatView:
         return self.pool.kv[0, layer].view(-1, D), self.pool.kv[1, layer].view(-1, D)
 
     def keys(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """keys/values [1, 1, S * Hkv * cap, D]: the layer's pool as one key head (views, no copy)."""
-        D = self.pool.kv.shape[-1]
-        return self.pool.kv[0, layer].view(1, 1, -1, D), self.pool.kv[1, layer].view(1, 1, -1, D)
+        """keys/values [B, Hkv, cap, D] of the padded rows' slots (views, no copy)."""
+        span = slice(self.first, self.first + self.B)
+        return self.pool.kv[0, layer, span], self.pool.kv[1, layer, span]
+
+    def to_rows(self, q: torch.Tensor) -> torch.Tensor:
+        """q [1, H, T, D] -> [B, H, Qb, D] (contiguous): each flat query at its place in the padded rows."""
+        _, H, T, D = q.shape
+        rows = q.new_zeros(self.B * H * self.Qb + 1, D)
+        rows.index_copy_(0, self._to, q[0].transpose(0, 1).reshape(T * H, D))
+        return rows[:-1].view(self.B, H, self.Qb, D)
+
+    def from_rows(self, out: torch.Tensor) -> torch.Tensor:
+        """out [B, H, Qb, D] of the padded rows -> [1, T, H, D] on the flat axis."""
+        D = out.shape[-1]
+        return out.reshape(-1, D)[self._from].view(1, -1, out.shape[1], D)

@@ -197,6 +197,7 @@ def _warmed(model, spec, max_num_seqs: int, max_tokens: int, device_step: bool =
     return m, set(m.engine.device.graphs)
 
 
+@pytest.mark.diagonal
 def test_after_the_warm_up_every_step_key_was_warmed(ref):
     """After the warm-up the device path's keys hold no length (short and long prompts, k 0 to 7, threshold,
     d2f and lopa, requests joining, queued and leaving): every step of a varied run finds its key among the warmed
@@ -230,6 +231,7 @@ def test_after_the_warm_up_every_step_key_was_warmed(ref):
     assert c.device_steps == c.decode_steps and c.eager_decode_steps > 0 and c.captures_after_start == 0
 
 
+@pytest.mark.diagonal
 def test_wide_slots_stream_and_settle_as_the_host_path(ref):
     """Warmed slots (512 positions) far wider than a step's span (batched.Geometry: Wm or 2*Wm positions), d2f
     and lopa requests of gen_length 72 in blocks of 4 whose answers end early (the EOS tail past the span
@@ -690,6 +692,7 @@ def test_progress_callbacks_see_the_canvas(ref):
     assert seen[True] == seen[False] and len(set(seen[True])) > 2
 
 
+@pytest.mark.diagonal
 def test_step_budget_keeps_every_device_step_on_a_warmed_shape(ref):
     """Issue 25's step budget on the device path, warmed up as load_model does (bodies run once instead of a
     capture): six lopa requests (k 1 and 3, the warmed measure and branch score, the model's own EOS) for four
@@ -732,11 +735,11 @@ def test_step_budget_leaves_a_device_step_of_another_branch_score_whole(ref):
     assert c.device_steps == c.decode_steps > 0 and c.partial_steps == 0 and c.eager_decode_steps > 0
 
 
-def test_the_flat_forward_decodes_as_the_padded_rows(ref, tile=32):
-    """DevicePath.flat_tile: the step's forward on the flat query axis (each request's queries back to back, padded
-    to a multiple of the tile; ModelRunner.forward_flat) gives every request the host strategies' tokens, forwards
-    and winners, staggered, and all at once in fewer slots than requests (slot moves). (A 32-query tile keeps the
-    eager FlexAttention's scores small on the CPU; the tile changes only the padding between requests.)"""
+@pytest.mark.diagonal
+def test_the_flat_forward_decodes_as_the_padded_rows(ref, tile=1):
+    """DevicePath.flat_tile: the step's forward on the flat query axis (each request's queries back to back;
+    ModelRunner.forward_flat) gives every request the host strategies' tokens, forwards and winners, staggered,
+    and all at once in fewer slots than requests (slot moves)."""
     model, spec, prompts, configs, want, _ = ref
     n = len(configs)
     for slots, joins in ((n, [i // 3 * 2 for i in range(n)]), (3, [0] * n)):
@@ -759,7 +762,7 @@ def test_the_flat_forward_commits_what_the_padded_rows_commit(ref):
         dict(strategy="d2f", block_size=8, gen_length=32, tau=0.3),
         dict(strategy="threshold", block_size=16, gen_length=32, tau=0.2))]
     engines = [_engine(model, len(configs), static=True, attention="flex").engine for _ in range(2)]
-    engines[1].device.flat_tile = 32
+    engines[1].device.flat_tile = 8  # each request's queries padded to a multiple of 8
     for engine in engines:
         for p, c in zip(PROMPTS, configs):
             engine.add(engine.prepare(model.tokenizer.encode(p), c))

@@ -272,6 +272,7 @@ def _warmed_flex(model, budget: bool):
     return m
 
 
+@pytest.mark.diagonal
 def test_step_budget_keeps_every_decode_step_on_a_warmed_shape(solo):
     """Issue 25's step budget on the host static path ("flex", warmed up as load_model does on a GPU; here the
     bodies run once instead of a capture): four requests at once, whose decode steps together pass the warmed

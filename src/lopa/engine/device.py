@@ -127,9 +127,8 @@ class DevicePath:
         self._generation = 0  # bumped when the slots are reallocated (graphs read them in place)
         self.warm = False  # after warmup(): the slots never grow, nothing captures, an unwarmed key runs eagerly
         # the forward on the flat query axis, each request's queries padded to a multiple of this many (_flat_queries,
-        # ModelRunner.forward_flat); None: the padded rows. Never warmed at start-up (lazily captured keys only) and
-        # measured slower than the padded rows so far (docs/benchmarks.md, sixteenth session): set only by
-        # benchmarks/host_step.py's "flat" mode and the tests
+        # ModelRunner.forward_flat); None: the padded rows. Never warmed at start-up (lazily captured keys only): set
+        # only by benchmarks/host_step.py's "flat" mode and the tests (docs/architecture.md)
         self.flat_tile: int | None = None
 
     def eligible(self, seq: Sequence) -> bool:

@@ -77,18 +77,18 @@ class Attention(nn.Module):
             keys, values = cache.keys(layer)  # [B, Hkv, Lb, D]
             if isinstance(mask, torch.Tensor):  # additive [B, 1, T, Lb]
                 out = attend(q, keys, values, mask)
+                out = out.transpose(1, 2)  # [B, T, H, D]
             else:  # a FlexAttention BlockMask over the whole slot (models/attention.py: step_block_mask), the query
-                # heads of each KV head on the query axis: [B, Hkv, (H / Hkv) * T, D], each K/V tile read once
-                packed = q.reshape(B, self.Hkv, self.H // self.Hkv * T, self.D)
-                if keys.shape[1] != self.Hkv:  # a flat step: every slot and KV head as one key sequence, each KV
-                    # head's queries reading their own (cache.FlatView, flat_block_mask)
-                    out = ops.flex(packed, keys, values, block_mask=mask, enable_gqa=True)
-                elif mask.kv_num_blocks.shape[1] > 1:  # the keys in chunks, one per extra query head (key_splits)
-                    out = ops.split(q, keys, values, mask)
+                # heads of each KV head on the query axis: [R, Hkv, (H / Hkv) * Q, D], each K/V tile read once; R
+                # rows of Q queries: [B, T] itself, or a flat step's queries laid into its padded rows (cache.FlatView)
+                rows = cache.to_rows(q)
+                R, Q = rows.shape[0], rows.shape[2]
+                if mask.kv_num_blocks.shape[1] > 1:  # the keys in chunks, one per extra query head (key_splits)
+                    out = ops.split(rows, keys, values, mask)
                 else:
-                    out = ops.flex(packed, keys, values, block_mask=mask)
-                out = out.view(B, self.H, T, self.D)
-            out = out.transpose(1, 2)  # [B, T, H, D]
+                    out = ops.flex(rows.reshape(R, self.Hkv, self.H // self.Hkv * Q, self.D), keys, values,
+                                   block_mask=mask)
+                out = cache.from_rows(out.view(R, self.H, Q, self.D))  # [B, T, H, D]
         return self.o(out.reshape(B, T, self.H * self.D))
 
 
@@ -143,8 +143,8 @@ class Transformer(nn.Module):
         if cache is not None:
             assert positions is not None and positions.shape == (B, T), positions
             assert attn_mask is not None, "a cache view needs the step's mask"
-            shape = tuple(attn_mask.shape)  # a block mask covers (H / Hkv) * T packed queries
-            assert shape[0] == B and shape[-1] == cache.Lb and (shape[2] % T == 0 if shape[2] != T else True), shape
+            shape = tuple(attn_mask.shape)  # [rows, ., Qb or (H / Hkv) * Qb packed queries, Lb]
+            assert shape[0] == cache.B and shape[-1] == cache.Lb and shape[2] % cache.Qb == 0, shape
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device)
         cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta)

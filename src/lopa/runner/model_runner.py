@@ -24,7 +24,7 @@ from ..cache import FlatView, KVPool
 from ..decoding.base import Predictions
 from ..models.spec import ModelSpec
 from ..decoding.confidence import predict
-from ..models.attention import flat_block_mask, key_splits, step_block_mask, step_mask
+from ..models.attention import key_splits, step_block_mask, step_mask
 from .graphs import KEY_STEP, GraphExecutor, bucket, predict_rows, round_up
 from .group import LocalGroup
 from .memory import kv_budget
@@ -250,19 +250,25 @@ class ModelRunner:
         view = self.pool.view(first, B, Lb, write)
         return self.model(tokens, cache=view, attn_mask=mask, positions=P[:, None] + col)
 
-    def flat_body(self, inputs: torch.Tensor, T: int, q_tile: int = 128) -> torch.Tensor:
-        """``body`` on ONE query axis: a step in the flat layout (runner/step.py: flatten; its rows back to back,
-        each padded only to a multiple of ``q_tile``, not to the widest row's Qb; T flat queries) -> hidden [1, T,
-        E]. Every slot's keys are read as one sequence (cache.FlatView) under flat_block_mask, and each query
-        writes its K/V where ``body`` writes them (P + its index in its row; a padding query: its row's slot's
-        trash position)."""
-        tokens, col, branch, block, owner, slot, P, start, Q, _, _ = unpack_flat(inputs, T)
+    def flat_body(self, inputs: torch.Tensor, flat: torch.Tensor, T: int, first: int = 0) -> torch.Tensor:
+        """``body`` on the flat query axis: a packed step over slots [first, first + B) (``inputs``) and its flat
+        layout of T queries (``flat``: runner/step.py, flatten; the rows back to back) -> hidden [1, T, E]. The
+        projections, norms and MLP run over the T flat queries, not the B x Qb padded ones; the attention runs on
+        the padded rows as ``body``'s (cache.FlatView lays the queries into them and takes their outputs back), under
+        the same block mask. Each query writes its K/V where ``body`` writes them (P + its column; a padding query:
+        its row's slot's trash position)."""
+        _, _, branch_p, block_p, P_p, _, _ = unpack(inputs)
+        tokens, col, branch, _, owner, slot, P, start, _, _, _ = unpack_flat(flat, T)
+        B, Qb = branch_p.shape
         pool, cfg = self.pool, self.model.config
-        t = torch.arange(T, device=inputs.device)
-        position = torch.where(branch >= 0, P[owner] + t - start[owner], pool.capacity - 1)
-        mask = flat_block_mask(slot, P, start, Q, owner, branch, block, pool.slots, pool.capacity, cfg.num_kv_heads,
-                               groups=cfg.num_heads // cfg.num_kv_heads, q_tile=q_tile)
-        view = FlatView(pool, slot[owner], position)
+        column = torch.arange(T, device=inputs.device) - start[owner]  # [T] each flat query's column in its row
+        real = branch >= 0
+        position = torch.where(real, P[owner] + column, pool.capacity - 1)
+        groups = cfg.num_heads // cfg.num_kv_heads
+        mask = step_block_mask(P_p, branch_p, block_p, pool.capacity, groups=groups,
+                               splits=self.splits_of(B, Qb, pool.capacity), kv_heads=cfg.num_kv_heads)
+        view = FlatView(pool, first, B, Qb, cfg.num_heads, slot[owner], position,
+                        torch.where(real, owner * Qb + column, -1))
         return self.model(tokens[None], cache=view, attn_mask=mask, positions=(P[owner] + col)[None])
 
     def _eager(self, items: list[StepItem]) -> tuple[torch.Tensor, list[Predictions]]:
@@ -360,7 +366,7 @@ class ModelRunner:
         a multiple of ``q_tile``): the same [B, Qb, 3] predictions (its queries past a row's own are not computed:
         what lies there is never read), the hidden states kept flat for commit_winners. Graph-capturable."""
         flat = flatten(inputs, T, q_tile, self.spec.mask_id)
-        self.hidden = self.flat_body(flat, T, q_tile)  # [1, T, E]
+        self.hidden = self.flat_body(inputs, flat, T)  # [1, T, E]
         _, col, branch, _, owner, slot, _, start, _, measure, suppressed = unpack_flat(flat, T)
         self.flat_start = start
         first = (col == 0) & (branch >= 0)
