@@ -16,8 +16,9 @@ process (pass 0: cold, pass 1: the same problems again), in each of --modes:
              memory) is in the meta
     flex     the device path with attention "flex" and slots of --warm-positions, graphs captured lazily (no warm-up)
     flat     the same with the step's forward on the flat query axis (DevicePath.flat_tile = --flat-tile: each
-             request's queries back to back, not padded to the widest one's, for all but the attention; its keys
-             are not warmed at start-up yet, so this mode's pass 0 captures)
+             request's queries back to back, not padded to the widest one's, for all but the attention) where a
+             step has a flat count (engine/device.py: flat_counts)
+    warm-flat  the warm mode with RunnerConfig.flat_queries: the flat counts captured at start-up too
 
 Each mode starts ONE model (max_num_seqs = max(--ns)) and runs every (strategy, n) on it in order, as a server
 would see them. Pass 0 of the lazy modes is cold for graphs (each n grows the KV pool, which drops the captured
@@ -196,7 +197,7 @@ def run_pass(model, prompts: list[list[int]], n: int, config, clock: ForwardCloc
             "device_steps": c.device_steps - before[3], "token_ids": tokens}
 
 
-MODES = ("warm", "host", "device", "eager", "warm-host", "flex", "flat")
+MODES = ("warm", "host", "device", "eager", "warm-host", "flex", "flat", "warm-flat")
 HOST_MODES = ("host", "warm-host")  # the host strategies
 
 
@@ -229,7 +230,7 @@ def main() -> None:
     ap.add_argument("--shape", default=None, help="random weights at a step_latency.py shape (dream-7b, llada-8b, "
                     "...; prompts of random ids, GSM8K-like lengths) instead of the embedded default model")
     ap.add_argument("--modes", default="warm,host,device",
-                    help="warm, host, device, eager, warm-host, flex and/or flat (module docstring)")
+                    help="warm, host, device, eager, warm-host, flex, flat and/or warm-flat (module docstring)")
     ap.add_argument("--warm-tokens", type=int, default=64 * 1024,
                     help="warm: RunnerConfig.max_num_batched_tokens, the padded queries (B bucket x Qb) the warm-up "
                          "captures up to (default: 64 lopa k=7 requests of up to 1024 queries, gen_length 128)")
@@ -280,10 +281,10 @@ def write(out: Path, rows: list[dict], meta: dict) -> None:
 
 def _load(path, args, mode: str, n: int):
     """One model for the mode: the embedded default (or --tiny's), or random weights at --shape."""
-    if mode in ("warm", "warm-host"):
+    if mode in ("warm", "warm-host", "warm-flat"):
         runner = lopa.RunnerConfig(device=args.device, max_num_seqs=n, warmup=True, attention="flex",
-                                   device_step=mode == "warm", max_num_batched_tokens=args.warm_tokens,
-                                   max_positions=args.warm_positions)
+                                   device_step=mode != "warm-host", max_num_batched_tokens=args.warm_tokens,
+                                   max_positions=args.warm_positions, flat_queries=mode == "warm-flat")
     elif mode in ("flex", "flat"):
         runner = lopa.RunnerConfig(device=args.device, max_num_seqs=n, device_step=True, attention="flex",
                                    max_positions=args.warm_positions)
@@ -348,8 +349,8 @@ def measure(path, args, save) -> tuple[list[dict], dict]:
     for mode in modes:
         model = _load(path, args, mode, max(ns))  # one start-up per mode for the whole grid
         meta.update({k: v for k, v in _meta(model, args).items() if k not in meta})
-        if mode == "warm":
-            meta["warm_start"] = _start(model, args)
+        if mode in ("warm", "warm-flat"):
+            meta[mode.replace("-", "_") + "_start"] = _start(model, args)
         problems = prompt_ids(model, args.prompts)
         for name in names:
             for n in ns:
@@ -390,17 +391,19 @@ def _ratios(rows: list[dict]) -> list[dict]:
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
-    warm = meta.get("warm_start")
     lines = [f"Host time per decode step, {meta.get('model')} model on {meta.get('device')} ({meta.get('dtype')}, "
              f"gen_length {meta.get('gen_length')}, commit {meta.get('commit')}, {meta.get('date')}). Every n decodes "
              f"the same {meta.get('prompts')} problems, at most n at a time (each finished request replaced by the "
              "next). Medians over the steps in which n requests ran; host = wall - forward. tok/s: tokens up to EOS / "
              "decode-step seconds; xN1: against n = 1 (the same problems one at a time) of the same mode and pass. "
              "Pass 0: the first time the workload runs in the process; pass 1: the same problems again.", ""]
-    if warm:
-        lines += [f"warm start-up: {warm['graphs']} CUDA graphs ({warm['device_graphs']} of them the device path's) "
-                  f"in {warm['seconds']:.1f} s, {warm['gib']:.2f} GiB, {warm['positions']} positions a slot, "
-                  f"max_num_batched_tokens {warm['max_num_batched_tokens']}.", ""]
+    for mode in ("warm", "warm_flat"):
+        warm = meta.get(mode + "_start")
+        if warm:
+            lines += [f"{mode.replace('_', '-')} start-up: {warm['graphs']} CUDA graphs ({warm['device_graphs']} of "
+                      f"them the device path's) in {warm['seconds']:.1f} s, {warm['gib']:.2f} GiB, "
+                      f"{warm['positions']} positions a slot, max_num_batched_tokens {warm['max_num_batched_tokens']}.",
+                      ""]
     lines += ["| strategy | n | mode | pass 0: wall / host ms | pass 0 tok/s (xN1) | pass 1: wall / forward / host "
               "ms | pass 1 tok/s (xN1) | captures / eager steps (pass 0, 1) | tokens equal | queries real / padded |",
               "|---|---|---|---|---|---|---|---|---|---|"]

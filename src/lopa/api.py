@@ -220,7 +220,8 @@ def build_model(source, runner: RunnerConfig, group=None, name: Path | None = No
     params = sum(p.numel() for p in loaded.model.parameters())
     compiled = compiles_update(runner, model_runner.fuse, params)  # the device path's update through torch.compile
     engine = Engine(model_runner, loaded.spec, runner.max_num_seqs, runner.step_rows, runner.max_lookahead,
-                    runner.max_num_batched_tokens, device_step, device_step_min_of(runner, compiled), compiled)
+                    runner.max_num_batched_tokens, device_step, device_step_min_of(runner, compiled), compiled,
+                    runner.flat_queries)
     if warm:
         _warm_up(model_runner, engine, runner.max_num_batched_tokens)
     model = LopaModel(name or getattr(source, "folder", Path(".")), loaded, model_runner, engine)

@@ -365,6 +365,12 @@ class RunnerConfig:
     # faster than the host strategies from one request on), DEVICE_STEP_MIN_UNFUSED where device_step is auto and
     # it is not, 1 where device_step=True forces the path on. 1 = whenever the device path is on
     device_step_min: int | None = None
+    # The device path's forward on the flat query axis (docs/architecture.md): the requests' queries back to back,
+    # not padded to the widest one's, for the projections, norms, MLP and head (the attention stays on the padded
+    # rows). A step of at least FLAT_MIN padded queries (engine/device.py) takes it when its real queries fit half or
+    # three quarters of them; the warm-up captures each such (B, Qb) key at both counts too: more graphs, more
+    # start-up time. Off by default: not yet measured faster in the engine on a GPU (docs/benchmarks.md)
+    flat_queries: bool = False
 
     def __post_init__(self) -> None:
         check_types(self)

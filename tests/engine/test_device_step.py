@@ -16,7 +16,9 @@ from lopa.config import COMPILE_UPDATE_MAX_PARAMS, DEVICE_STEP_MIN_UNFUSED, comp
 from lopa.decoding import batched
 from lopa.decoding.slots import I, Slots
 from lopa.engine import Engine
+from lopa.engine.device import flat_counts
 from lopa.runner.model_runner import ModelRunner
+from lopa.runner.step import unpack
 
 from decoding.roundtrip import assert_slot_round_trip, assert_slots_round_trip  # tests/decoding
 from engine_steps import run_steps, traced_update  # tests/engine
@@ -184,16 +186,19 @@ def test_bucket_padding_rows_are_inert(ref, attention):
     assert got == [want[i] for i in pick] and m.engine.counters.device_steps > 0
 
 
-def _warmed(model, spec, max_num_seqs: int, max_tokens: int, device_step: bool = True):
+def _warmed(model, spec, max_num_seqs: int, max_tokens: int, device_step: bool = True, flat: bool = False):
     """A "flex" static path warmed up as load_model does on a GPU (here the bodies run once instead of a capture):
-    the static keys, then the device path's update for the same (B, Qb) set. -> (model, the device path's keys)."""
+    the static keys, then the device path's update for the same (B, Qb) set (``flat``: RunnerConfig.flat_queries,
+    every key at its flat counts too, at any size). -> (model, the device path's keys)."""
     m = _engine(model, max_num_seqs, spec=spec, static=True, attention="flex", max_positions=512,
                 device_step=device_step)
     m.runner.warmup(max_tokens)
     if not device_step:
         return m, set()
+    if flat:
+        m.engine.device.flat_tile, m.engine.device.flat_min = 1, 0
     shapes = [key[:2] for key in m.runner.graphs.warmup_keys(max_tokens)]
-    assert m.engine.device.warmup(shapes) == len(shapes) > 0
+    assert m.engine.device.warmup(shapes) == (3 if flat else 1) * len(shapes) > 0
     return m, set(m.engine.device.graphs)
 
 
@@ -223,6 +228,14 @@ def test_after_the_warm_up_every_step_key_was_warmed(ref):
     c = m.engine.counters
     assert c.device_steps == c.decode_steps > 0 and c.eager_decode_steps == 0 and c.captures_after_start == 0
     assert set(m.engine.device.graphs) == keys and m.engine.device.slots is slots
+    flat, flat_keys = _warmed(model, spec, 4, max_tokens=768, flat=True)  # RunnerConfig.flat_queries
+    assert len(flat_keys) == 3 * len(keys) and keys < flat_keys
+    forward_flat, calls = flat.runner.forward_flat, []
+    flat.runner.forward_flat = lambda *args: calls.append(args[1]) or forward_flat(*args)
+    assert _drive(flat, prompts, configs, joins)[0] == want and calls  # steps on the flat axis among them
+    c = flat.engine.counters
+    assert c.device_steps == c.decode_steps > 0 and c.eager_decode_steps == 0 and c.captures_after_start == 0
+    assert set(flat.engine.device.graphs) == flat_keys
     small, _ = _warmed(model, spec, 4, max_tokens=64)  # lopa k=7 rows need more queries: no key for them
     # the host path under the same schedule (the step budget's partial steps; k_policy "load" reads the load)
     host, _ = _warmed(model, spec, 4, max_tokens=64, device_step=False)
@@ -737,18 +750,21 @@ def test_step_budget_leaves_a_device_step_of_another_branch_score_whole(ref):
 
 @pytest.mark.diagonal
 def test_the_flat_forward_decodes_as_the_padded_rows(ref, tile=1):
-    """DevicePath.flat_tile: the step's forward on the flat query axis (each request's queries back to back;
-    ModelRunner.forward_flat) gives every request the host strategies' tokens, forwards and winners, staggered,
-    and all at once in fewer slots than requests (slot moves)."""
+    """DevicePath.flat_tile: the steps whose queries fit one of their key's flat counts take the forward on the flat
+    query axis (each request's queries back to back; ModelRunner.forward_flat), the others the padded rows: every
+    request gets the host strategies' tokens, forwards and winners, staggered, and all at once in fewer slots than
+    requests (slot moves)."""
     model, spec, prompts, configs, want, _ = ref
     n = len(configs)
     for slots, joins in ((n, [i // 3 * 2 for i in range(n)]), (3, [0] * n)):
         m = _engine(model, slots, spec=spec, static=True, attention="flex")
-        m.engine.device.flat_tile = tile
+        m.engine.device.flat_tile, m.engine.device.flat_min = tile, 0
         flat, calls = m.runner.forward_flat, []
-        m.runner.forward_flat = lambda inputs, T, *rest: calls.append(T) or flat(inputs, T, *rest)
+        m.runner.forward_flat = lambda inputs, T, *rest: calls.append((T, *unpack(inputs)[0].shape)) or \
+            flat(inputs, T, *rest)
         assert _drive(m, prompts, configs, joins)[0] == want, (slots, joins)
-        assert len(calls) == m.engine.counters.device_steps > 0 and all(T % tile == 0 for T in calls)
+        assert 0 < len(calls) <= m.engine.counters.device_steps
+        assert all(T in flat_counts(B, Qb, tile, 0) for T, B, Qb in calls)  # at most 3/4 of the padded queries
 
 
 def test_the_flat_forward_commits_what_the_padded_rows_commit(ref):

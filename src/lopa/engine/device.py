@@ -36,7 +36,7 @@ from ..decoding.d2f import D2FStrategy
 from ..decoding.threshold import ThresholdStrategy
 from ..models.fused import COMPILE_LIMITS
 from ..models.spec import ModelSpec
-from ..runner.graphs import MAX_GRAPHS, capturing, query_bucket, round_up
+from ..runner.graphs import MAX_GRAPHS, capturing, round_up
 from ..runner.model_runner import ModelRunner
 from ..runner.step import pack_device
 from .sequence import Sequence
@@ -49,6 +49,17 @@ def widths(Qb: int, lookaheads: int) -> tuple[int, int]:
     from Qb alone, so the rows scored follow the step's size without a row bucket in the graph key: 23 at Qb =
     512, 32 at 1024, where the slots' capacity is 65."""
     return Qb, min(lookaheads + 1, (1 + math.isqrt(1 + 4 * Qb)) // 2)
+
+
+FLAT_MIN = 4096  # padded queries (B x Qb) from which a step may take the flat query axis (RunnerConfig.flat_queries)
+
+
+def flat_counts(B: int, Qb: int, tile: int, least: int = FLAT_MIN) -> tuple[int, ...]:
+    """The flat query counts T of a step keyed (B, Qb) (RunnerConfig.flat_queries): half and three quarters of its B x
+    Qb padded queries, in multiples of ``tile``; none below ``least`` padded queries, where a forward is meant to
+    cost about the same padded or not (the GPU not full). Two counts a key: the warm-up captures each."""
+    full = B * Qb
+    return () if full < least else tuple(sorted({round_up(full * f // 4, tile) for f in (2, 3)}))
 
 
 PHASES = ("queries", "accept", "propose", "answer_ready")  # decoding/batched.py's update, in the order a step calls
@@ -107,7 +118,7 @@ def mark_fixed_widths(slots: Slots, row_budget: torch.Tensor) -> None:
 
 class DevicePath:
     def __init__(self, runner: ModelRunner, spec: ModelSpec, max_lookahead: int = RunnerConfig.max_lookahead,
-                 compiled: bool = False) -> None:
+                 compiled: bool = False, flat_tile: int | None = None) -> None:
         self.runner, self.spec = runner, spec
         # the update's phases: ``compiled`` (RunnerConfig.compile_update where the runner fuses, a GPU) or eager; a
         # step run eagerly after the warm-up (a key it did not capture) calls batched's own, so that nothing
@@ -126,10 +137,11 @@ class DevicePath:
         self._luts: dict[tuple, torch.Tensor] = {}
         self._generation = 0  # bumped when the slots are reallocated (graphs read them in place)
         self.warm = False  # after warmup(): the slots never grow, nothing captures, an unwarmed key runs eagerly
-        # the forward on the flat query axis, each request's queries padded to a multiple of this many (_flat_queries,
-        # ModelRunner.forward_flat); None: the padded rows. Never warmed at start-up (lazily captured keys only): set
-        # only by benchmarks/host_step.py's "flat" mode and the tests (docs/architecture.md)
-        self.flat_tile: int | None = None
+        # RunnerConfig.flat_queries: the forward on the flat query axis (ModelRunner.forward_flat) for the steps that
+        # have a flat count (flat_counts), each request's queries padded to a multiple of this many; None: the padded
+        # rows always
+        self.flat_tile = flat_tile
+        self.flat_min = FLAT_MIN  # flat_counts' least (the tests lower it)
 
     def eligible(self, seq: Sequence) -> bool:
         """Greedy threshold / d2f / sdar / fast_dllm_v2 / lopa over any of them with a device branch score, no
@@ -280,22 +292,22 @@ class DevicePath:
         shape = self._shape(host)
         if self.runner.graphs is not None:
             span = self._keyed_span(shape[3], span)
-        T = self._flat_queries(host)
+        T = self._flat_queries(host, *shape[:2])
         key = (*shape, measures, scores, span) + ((T,) if T else ())
-        if self.warm and key not in self.graphs:
+        if self.warm and key not in self.graphs:  # on the padded rows, SDPA over the span
             self.runner.graphs.stats.eager_steps += 1
             eager = self._shape(host, eager=True)
-            return self._update(*eager, measures, scores, self._keyed_span(eager[3], span), batched, T)
+            return self._update(*eager, measures, scores, self._keyed_span(eager[3], span), batched)
         return self._replay(key, lambda: self._update(*shape, measures, scores, span, T=T))
 
-    def _flat_queries(self, host: list[list[int]]) -> int | None:
-        """T of the step's forward on the flat query axis (``flat_tile``: each request's K*W queries padded to a
-        multiple of it; the total to a query bucket of them), None on the padded rows (the default)."""
-        tile = self.flat_tile
-        if tile is None or self.runner.group.distributed:
+    def _flat_queries(self, host: list[list[int]], B: int, Qb: int) -> int | None:
+        """T of the step's forward on the flat query axis: the smallest of the (B, Qb) key's flat counts that holds
+        the requests' K*W queries, each padded to a multiple of ``flat_tile``; None (the padded rows) without
+        flat_tile, under Branch Parallel, or where none holds them."""
+        if self.flat_tile is None or self.runner.group.distributed:
             return None
-        total = sum(-(-K * W // tile) * tile for _, K, W in host)
-        return round_up(query_bucket(total), tile)
+        total = sum(round_up(K * W, self.flat_tile) for _, K, W in host)
+        return next((T for T in flat_counts(B, Qb, self.flat_tile, self.flat_min) if T >= total), None)
 
     def _update(self, B: int, Qb: int, Lb: int | None, Wm: int, R: int, measures: tuple[str, ...],
                 scores: tuple[str, ...], span: int, update=None, T: int | None = None) -> torch.Tensor:
@@ -370,15 +382,19 @@ class DevicePath:
     def warmup(self, shapes: list[tuple[int, int]], on_graph=None) -> int:
         """After the static path's warm-up (ModelRunner.warmup, "flex", a fixed pool): size the slots for good (every
         pool slot, the longest canvas a slot and the context allow, the engine's largest k) and capture the
-        update of every (B bucket, query bucket) in ``shapes`` for the default measure and branch score, reusing
-        the static path's compiled kernels (the forward is the same); on a CPU run each once. Counted in the
+        update of every (B bucket, query bucket) in ``shapes`` for the default measure and branch score (with
+        ``flat_tile``, at each of its flat counts too: flat_counts), reusing the static path's compiled kernels (the
+        forward is the same); on a CPU run each once. Counted in the
         static path's GraphStats, whose start-up then ends again (GraphExecutor.started). A compiled update sees the
         slots' widths that no request or model changes (the lookahead capacity, the field counts) as constants
         (torch._dynamo.mark_static; benchmarks/update_compile.py: 13% less compiling on a CPU, no gain measured on
         an H100); the slot count and width and the step's sizes stay dynamic, so models of other pool sizes share
-        its graphs. ``on_graph(done, total)`` after each key. Returns the number of keys."""
+        its graphs. ``on_graph(done, total)`` after each key. Returns the number of keys (graphs)."""
         runner = self.runner
-        with runner.graphs.measured(len(shapes)):
+        tile = self.flat_tile
+        keys = [(B, Qb, T) for B, Qb in shapes
+                for T in (None, *(flat_counts(B, Qb, tile, self.flat_min) if tile is not None else ()))]
+        with runner.graphs.measured(len(keys)):
             # a canvas (prompt + gen_length) fits the context (decoding/base.py) and its KV slot; allocated outside
             # inference mode, as lazily grown slots are: load() may write them from either mode
             self._reserve(runner.pool.slots, min(runner.pool.capacity, self.spec.max_length), self.max_lookahead)
@@ -386,26 +402,26 @@ class DevicePath:
                 mark_fixed_widths(self.slots, self.row_budget)
             self.live.zero_()  # every row a free slot: the updates below change no request
             self._live_n = 0
-            self._capture_all(shapes, on_graph)
+            self._capture_all(keys, on_graph)
         runner.graphs.started()
         self.warm = True
-        return len(shapes)
+        return len(keys)
 
     @torch.inference_mode()  # the mode every step runs in (compiled guards match later steps)
-    def _capture_all(self, shapes: list[tuple[int, int]], on_graph) -> None:
+    def _capture_all(self, keys: list[tuple[int, int, int | None]], on_graph) -> None:
         graphs = self.runner.graphs
         measures, scores = (DecodeConfig.confidence,), (DecodeConfig.branch_confidence,)
         self._lut(measures)
         self._captured_for = (self._generation, graphs.pool)
-        for done, (B, Qb) in enumerate(shapes, 1):
+        for done, (B, Qb, T) in enumerate(keys, 1):
             Wm, R = self._widths(Qb)
             span = self._keyed_span(Wm, 0)
-            key = (B, Qb, None, Wm, R, measures, scores, span)  # as _run forms it under "flex"
-            update = functools.partial(self._update, B, Qb, None, Wm, R, measures, scores, span)
-            with graphs.timed_key(f"update B={B} Qb={Qb}"):
+            key = (B, Qb, None, Wm, R, measures, scores, span) + ((T,) if T else ())  # as _run forms it ("flex")
+            update = functools.partial(self._update, B, Qb, None, Wm, R, measures, scores, span, T=T)
+            with graphs.timed_key(f"update B={B} Qb={Qb}" + (f" T={T}" if T else "")):
                 update()  # eagerly first (a compiled update compiles here): lazy initialization stays out of graphs
                 self.graphs[key] = entry = self._capture(update) if graphs.capture else (None, None)
                 if entry[0] is not None:  # launched once here: a graph's first launch uploads it to the device,
                     entry[0].replay()  # which the first request of this shape would pay (as the static path's do)
             if on_graph is not None:
-                on_graph(done, len(shapes))
+                on_graph(done, len(keys))

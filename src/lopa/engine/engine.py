@@ -106,12 +106,13 @@ class Engine:
     def __init__(self, runner: ModelRunner, spec: ModelSpec, max_num_seqs: int = 1, step_rows: int | None = None,
                  max_lookahead: int = RunnerConfig.max_lookahead,
                  max_num_batched_tokens: int = RunnerConfig.max_num_batched_tokens, device_step: bool = False,
-                 device_step_min: int = 1, compile_update: bool = True) -> None:
+                 device_step_min: int = 1, compile_update: bool = True, flat_queries: bool = False) -> None:
         self.runner, self.spec = runner, spec
         # RunnerConfig.device_step: decode steps whose requests all qualify run on the device path; Branch Parallel
         # with CUDA graphs keeps the host path, whose static path captures the forward with its gather
         captured_bp = runner.group.distributed and runner.graphs is not None and runner.graphs.capture
-        self.device = (DevicePath(runner, spec, max_lookahead, compile_update and runner.fuse)
+        self.device = (DevicePath(runner, spec, max_lookahead, compile_update and runner.fuse,
+                                  flat_tile=1 if flat_queries else None)
                        if device_step and not captured_bp else None)
         self.device_min = device_step_min  # config.device_step_min_of: fewer running requests take the host path
         self.step_rows = step_rows  # RunnerConfig.step_rows: the rows a decode step aims at (row_budget)
