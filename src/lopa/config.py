@@ -369,7 +369,8 @@ class RunnerConfig:
     # not padded to the widest one's, for the projections, norms, MLP and head (the attention stays on the padded
     # rows). A step of at least FLAT_MIN padded queries (engine/device.py) takes it when its real queries fit half or
     # three quarters of them; the warm-up captures each such (B, Qb) key at both counts too: more graphs, more
-    # start-up time. Off by default: not yet measured faster in the engine on a GPU (docs/benchmarks.md)
+    # start-up time. Off by default: on one H100 its forward is 1.41x faster at Dream-7B shape but no faster at the
+    # embedded model's, and its engine cost at Dream-7B shape is not yet measured (docs/benchmarks.md)
     flat_queries: bool = False
 
     def __post_init__(self) -> None:
