@@ -778,7 +778,9 @@ def test_the_flat_forward_commits_what_the_padded_rows_commit(ref):
         dict(strategy="d2f", block_size=8, gen_length=32, tau=0.3),
         dict(strategy="threshold", block_size=16, gen_length=32, tau=0.2))]
     engines = [_engine(model, len(configs), static=True, attention="flex").engine for _ in range(2)]
-    engines[1].device.flat_tile = 8  # each request's queries padded to a multiple of 8
+    engines[1].device.flat_tile, engines[1].device.flat_min = 8, 0  # queries padded to a multiple of 8, any size
+    forward_flat, flat_steps = engines[1].runner.forward_flat, []
+    engines[1].runner.forward_flat = lambda *args: flat_steps.append(args[1]) or forward_flat(*args)
     for engine in engines:
         for p, c in zip(PROMPTS, configs):
             engine.add(engine.prepare(model.tokenizer.encode(p), c))
@@ -801,3 +803,4 @@ def test_the_flat_forward_commits_what_the_padded_rows_commit(ref):
                     torch.testing.assert_close(b.last_hidden[slot], a.last_hidden[slot], **tol)
             steps += engines[1].last_step is not None and engines[1].last_step.kind == "decode"
     assert engines[1].counters.device_steps == engines[0].counters.device_steps >= 4 and steps >= 4
+    assert len(flat_steps) >= 4  # on the flat axis
