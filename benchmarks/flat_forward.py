@@ -8,8 +8,9 @@ against the flat query axis (ModelRunner.flat_body), side by side in one run, bo
             runner/step.py: flatten, timed with the forward): the projections, norms, MLP and head run over T rows;
             the attention lays the queries into the padded rows and runs there, as padded's does (cache.FlatView)
 
-(The sixteenth session's flat forward attended on the flat axis itself, every slot's keys as one sequence under
-a mask of its own: 1.6x slower than the padded rows on one H100, docs/benchmarks.md. That attention is gone.)
+On one H100 (docs/benchmarks.md, seventeenth session) flat took 0.70 of padded's time at Dream-7B shape and 1.03-1.2x
+at the embedded model's. (The sixteenth session's flat forward attended on the flat axis itself, every slot's keys
+as one sequence under a mask of its own: 1.6x slower than the padded rows. That attention is gone.)
 
 A step: n lopa k requests (K = k + 1 rows of W columns each, W cycling through --widths: one to three active D2F
 blocks) at prefixes spread over --prefixes, in slots 0..n-1 of a pool of n slots. Both forwards run the model's
