@@ -149,10 +149,7 @@ class FlatView:
         D = self.pool.kv.shape[-1]
         return self.pool.kv[0, layer].view(-1, D), self.pool.kv[1, layer].view(-1, D)
 
-    def keys(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """keys/values [B, Hkv, cap, D] of the padded rows' slots (views, no copy)."""
-        span = slice(self.first, self.first + self.B)
-        return self.pool.kv[0, layer, span], self.pool.kv[1, layer, span]
+    keys = CacheView.keys  # the padded rows' slots, whole (Lb = capacity): [B, Hkv, cap, D] views
 
     def to_rows(self, q: torch.Tensor) -> torch.Tensor:
         """q [1, H, T, D] -> [B, H, Qb, D] (contiguous): each flat query at its place in the padded rows."""
