@@ -46,7 +46,7 @@ import torch
 from ..decoding.base import Predictions
 from ..decoding.confidence import measure_confidence
 from ..models.fused import size_oblivious
-from .step import FIELDS, StepItem, pack, split, unpack
+from .step import FIELDS, StepItem, pack, split
 
 ROW_STEP = 32  # "sdpa": request rows padded to a multiple of this many queries
 KEY_STEP = 256  # KV slot capacities and key spans are multiples of this many positions
@@ -443,14 +443,8 @@ class GraphExecutor:
 
     def _body(self, inputs: torch.Tensor, start: int, Lb: int, measures, suppress):
         """The static forward and batched predict of a packed step over slots [start, start + B)."""
-        runner, model = self.runner, self.runner.model
-        hidden = runner.body(inputs, start, Lb, flex=self.attention == "flex")  # [B, Qb, E]
-        _, col, branch, _, _, measure, suppressed = unpack(inputs)
-        first = (col == 0) & (branch >= 0)  # each branch's column 0 reads the slot's last committed state
-        B = hidden.shape[0]
-        last = runner.pool.last_hidden[start:start + B]
-        logits = model.lm_head(model.predicting_hidden(hidden, last, first))  # [B, Qb, V]
-        return hidden, self.predict(logits, measure, suppressed, measures, suppress)
+        hidden = self.runner.body(inputs, start, Lb, flex=self.attention == "flex")  # [B, Qb, E]
+        return hidden, self.runner.predict_packed(hidden, inputs, start, measures, suppress)
 
     def _capture(self, st: Static, measures, suppress) -> None:
         stream = torch.cuda.Stream()

@@ -353,10 +353,16 @@ class ModelRunner:
         (packed_shape). Graph-capturable: the device path (engine/device.py) captures it with its update."""
         flex = Lb is None
         self.hidden, self.flat_start = self.body(inputs, 0, self.pool.capacity if flex else Lb, flex=flex), None
+        return self.predict_packed(self.hidden, inputs, 0, measures, suppress)
+
+    def predict_packed(self, hidden: torch.Tensor, inputs: torch.Tensor, start: int, measures: tuple[str, ...],
+                       suppress: tuple[int, ...]) -> torch.Tensor:
+        """The head and batched predict of a packed step's hidden states [B, Qb, E] over slots [start, start + B)
+        -> [B, Qb, 3] (token, prob, conf). Graph-capturable."""
         _, col, branch, _, _, measure, suppressed = unpack(inputs)
         first = (col == 0) & (branch >= 0)  # each branch's column 0 reads the slot's last committed state
-        last = self.pool.last_hidden[:inputs.shape[0]]
-        logits = self.model.lm_head(self.model.predicting_hidden(self.hidden, last, first))  # [B, Qb, V]
+        last = self.pool.last_hidden[start:start + hidden.shape[0]]
+        logits = self.model.lm_head(self.model.predicting_hidden(hidden, last, first))  # [B, Qb, V]
         predict = self.graphs.predict if self.graphs is not None else predict_rows  # fused when compiled
         return predict(logits, measure, suppressed, measures, suppress)
 
