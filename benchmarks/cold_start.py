@@ -16,6 +16,9 @@ fresh subprocess, so compiled kernels and captured graphs never carry over betwe
   True: the device path's update eager / compiled whatever the model's size ("warm flex" leaves it to compile_update's
   "auto": compiled for the embedded model, eager at Dream-7B shape), to measure what compiling it costs a start and
   buys a step.
+* "warm flex (flat)" / "warm flex (padded)": "warm flex" with RunnerConfig.flat_queries True / False: the device path's
+  forward on the flat query axis where a step has a flat count (its counts captured at start-up too) or never, to
+  measure what the flat axis costs a start and buys a step ("warm flex" leaves it to flat_queries' default).
 
 Each variant starts with empty on-disk kernel caches of its own (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR in a
 fresh temporary folder), so its start-up is a first start on this machine whatever ran before; a variant named
@@ -64,7 +67,9 @@ VARIANTS = {"lazy sdpa": dict(attention="sdpa", warmup=False), "warm flex": dict
             "warm flex (eager prefill)": dict(attention="flex", warmup=True),
             "warm flex (eager update)": dict(attention="flex", warmup=True, compile_update=False),
             "warm flex (compiled update)": dict(attention="flex", warmup=True, compile_update=True),
-            "warm flex (keys unsplit)": dict(attention="flex", warmup=True, key_splits=1)}
+            "warm flex (keys unsplit)": dict(attention="flex", warmup=True, key_splits=1),
+            "warm flex (flat)": dict(attention="flex", warmup=True, flat_queries=True),
+            "warm flex (padded)": dict(attention="flex", warmup=True, flat_queries=False)}
 STRATEGIES = ("lopa", "d2f", "threshold")
 KS = (0, 3, 7, 14)
 

@@ -64,6 +64,10 @@ SHAPES = {
     "fast-dllm-v2-7b": dict(model_type="fast_dllm_v2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                             num_layers=28, num_heads=28, num_kv_heads=4, rope_theta=1e6, rms_norm_eps=1e-6,
                             max_position_embeddings=32768, mask_token_id=151665, eos_token_id=151645, block_size=32),
+    # JetLM/SDAR-1.7B-Chat (Qwen3-1.7B layout): a small model's point between the embedded model and the 7-8B ones
+    "sdar-1.7b": dict(model_type="sdar", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_layers=28,
+                      num_heads=16, num_kv_heads=8, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768,
+                      mask_token_id=151669, eos_token_id=151643, block_size=4, explicit_head_dim=128),
     "tiny-sdar": dict(model_type="sdar", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
                       num_heads=4, num_kv_heads=2, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=4096,
                       mask_token_id=511, eos_token_id=510, block_size=4),
