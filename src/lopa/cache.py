@@ -35,8 +35,8 @@ class KVPool:
     def capacity(self) -> int:
         return self.kv.shape[4]
 
-    def view(self, first: int, B: int, Lb: int, write_index: torch.Tensor) -> "CacheView":
-        return CacheView(self, first, B, Lb, write_index)
+    def view(self, first: int, B: int, Lb: int, write_index: torch.Tensor, Qk: int | None = None) -> "CacheView":
+        return CacheView(self, first, B, Lb, write_index, Qk)
 
     def commit(self, slots: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy K/V at positions src to dst within each slot (index tensors [N] on the device, src never
@@ -85,13 +85,17 @@ class KVPool:
 class CacheView:
     """One forward's access to slots [first, first + B): where its queries' K/V go, which keys it reads.
 
-    write_index [B, Qb] (device, int64): the position in its slot where each query's K/V are written.
+    write_index [B, Qb] (device, int64): the position in its slot where each query's K/V are written. Qk: the
+    attention's query length a row (FlexAttention's: models/attention.py, kernel_queries), Qb or more.
     """
 
-    def __init__(self, pool: KVPool, first: int, B: int, Lb: int, write_index: torch.Tensor) -> None:
+    def __init__(self, pool: KVPool, first: int, B: int, Lb: int, write_index: torch.Tensor,
+                 Qk: int | None = None) -> None:
         assert first + B <= pool.slots and Lb <= pool.capacity, (first, B, pool.slots, Lb, pool.capacity)
         assert write_index.shape[0] == B, write_index.shape
         self.pool, self.first, self.B, self.Lb, self.Qb = pool, first, B, Lb, write_index.shape[1]
+        self.Qk = Qk or self.Qb
+        assert self.Qk >= self.Qb, (self.Qk, self.Qb)
         # [B, Qb, Hkv]: each query's row, per KV head, in a layer's slots [first, first + B) viewed as
         # [B * Hkv * cap, D] (rows()), in the order k and v lie in memory ([B, Qb, Hkv, D]: the projection's,
         # transposed to [B, Hkv, Qb, D] as views), so writing them takes no copy
@@ -111,37 +115,39 @@ class CacheView:
         return self.pool.kv[0, layer, span, :, :self.Lb], self.pool.kv[1, layer, span, :, :self.Lb]
 
     def to_rows(self, q: torch.Tensor) -> torch.Tensor:
-        """The queries as the attention's rows: a padded step's are its rows already (FlatView lays its flat ones)."""
-        return q
+        """q [B, H, Qb, D] as the attention's rows [B, H, Qk, D]: a padded step's are its rows already, zeros past
+        Qb where the kernel's length is longer (FlatView lays its flat queries into them)."""
+        return q if self.Qk == self.Qb else torch.nn.functional.pad(q, (0, 0, 0, self.Qk - self.Qb))
 
     def from_rows(self, out: torch.Tensor) -> torch.Tensor:
-        """out [B, H, Qb, D] -> [B, Qb, H, D]."""
-        return out.transpose(1, 2)
+        """out [B, H, Qk, D] -> [B, Qb, H, D]."""
+        return out[:, :, :self.Qb].transpose(1, 2)
 
 
 class FlatView:
     """One forward on the flat query axis (ModelRunner.flat_body): its T queries are a step's rows back to back
     (runner/step.py: flatten), so the projections, norms and MLP run over T rows, not over B x Qb padded ones.
     They write their K/V through ``index`` (as CacheView's do) and attend as the padded step: ``to_rows`` lays
-    each flat query into its place in the [B, Qb] rows of slots [first, first + B) (padding zero), the attention
-    runs there under the padded step's block mask, and ``from_rows`` takes each flat query's output back.
+    each flat query into its place in the [B, Qk] rows of slots [first, first + B) (padding zero; Qk: the padded
+    step's attention query length, CacheView's), the attention runs there under the padded step's block mask, and
+    ``from_rows`` takes each flat query's output back.
 
     slot, position [T] (device, int64): where each query's K/V go (a padding query: its row's slot's trash
-    position); place [T]: its place in the padded rows, row * Qb + its column (a padding query: -1).
+    position); place [T]: its place in the padded rows, row * Qk + its column (a padding query: -1).
     """
 
-    def __init__(self, pool: KVPool, first: int, B: int, Qb: int, heads: int, slot: torch.Tensor,
+    def __init__(self, pool: KVPool, first: int, B: int, Qk: int, heads: int, slot: torch.Tensor,
                  position: torch.Tensor, place: torch.Tensor) -> None:
         assert first + B <= pool.slots, (first, B, pool.slots)
-        self.pool, self.first, self.B, self.Qb, self.Lb = pool, first, B, Qb, pool.capacity
+        self.pool, self.first, self.B, self.Qk, self.Lb = pool, first, B, Qk, pool.capacity
         # [1, T, Hkv]: each query's row, per KV head, in a layer's pool viewed as [S * Hkv * cap, D] (rows())
         self.index = (_head_rows(slot, pool.kv.shape[3], pool.capacity) + position[:, None])[None]
-        # [T, H]: each (flat query, query head)'s row in the padded queries [B, H, Qb, D] viewed as [B * H * Qb, D];
+        # [T, H]: each (flat query, query head)'s row in the padded queries [B, H, Qk, D] viewed as [B * H * Qk, D];
         # padding goes to a spare row past them (to_rows) and reads row 0 (from_rows: never read)
-        b, q = place.div(Qb, rounding_mode="floor"), place.remainder(Qb)
+        b, q = place.div(Qk, rounding_mode="floor"), place.remainder(Qk)
         h = torch.arange(heads, device=place.device)
-        rows = (b[:, None] * heads + h) * Qb + q[:, None]
-        self._to = torch.where(place[:, None] >= 0, rows, B * heads * Qb).view(-1)
+        rows = (b[:, None] * heads + h) * Qk + q[:, None]
+        self._to = torch.where(place[:, None] >= 0, rows, B * heads * Qk).view(-1)
         self._from = torch.where(place[:, None] >= 0, rows, 0).view(-1)
 
     def rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,13 +158,13 @@ class FlatView:
     keys = CacheView.keys  # the padded rows' slots, whole (Lb = capacity): [B, Hkv, cap, D] views
 
     def to_rows(self, q: torch.Tensor) -> torch.Tensor:
-        """q [1, H, T, D] -> [B, H, Qb, D] (contiguous): each flat query at its place in the padded rows."""
+        """q [1, H, T, D] -> [B, H, Qk, D] (contiguous): each flat query at its place in the padded rows."""
         _, H, T, D = q.shape
-        rows = q.new_zeros(self.B * H * self.Qb + 1, D)
+        rows = q.new_zeros(self.B * H * self.Qk + 1, D)
         rows.index_copy_(0, self._to, q[0].transpose(0, 1).reshape(T * H, D))
-        return rows[:-1].view(self.B, H, self.Qb, D)
+        return rows[:-1].view(self.B, H, self.Qk, D)
 
     def from_rows(self, out: torch.Tensor) -> torch.Tensor:
-        """out [B, H, Qb, D] of the padded rows -> [1, T, H, D] on the flat axis."""
+        """out [B, H, Qk, D] of the padded rows -> [1, T, H, D] on the flat axis."""
         D = out.shape[-1]
         return out.reshape(-1, D)[self._from].view(1, -1, out.shape[1], D)

@@ -192,6 +192,21 @@ def split_attention(flex, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blo
     return (out.view(B, Hkv, S, Q, D) * weight).sum(2).to(q.dtype)
 
 
+# FlexAttention compiles once per query length (compiled for dynamic lengths it ran at about half the speed:
+# models/fused.py, _static_queries), so a step's query bucket Qb from KERNEL_PAD_MIN on is padded for the kernel to
+# the next power of two: the buckets 384, 768, 1536, 3072 and 6144 share the kernels of 512, 1024, 2048, 4096 and
+# 8192, five compiles fewer at start-up. The padding queries sit past each query head's Qb, in query tiles of their
+# own (Qk a multiple of the 128-query tile), and such a tile reads one key tile (step_block_mask); below 384 a
+# padded tile would hold real queries, which read their whole span
+KERNEL_PAD_MIN = 384
+
+
+def kernel_queries(Qb: int, least: int = KERNEL_PAD_MIN) -> int:
+    """The FlexAttention query length of a step's rows of Qb queries: Qb below ``least``, else the next power of
+    two."""
+    return Qb if Qb < least else 1 << (Qb - 1).bit_length()
+
+
 MAX_KEY_SPLITS = 16  # the chunks' partial outputs ([B, H, Qb, D] each) are merged in one more pass
 # Split only where one row's step leaves the GPU at least this many times idle (one H100, Dream-7B shape, one request
 # at k = 0 and an 8,192-token prefix: 16 chunks made the step 1.69x faster; 2 chunks at k = 7 gained 3% there and lost

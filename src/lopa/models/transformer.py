@@ -143,8 +143,8 @@ class Transformer(nn.Module):
         if cache is not None:
             assert positions is not None and positions.shape == (B, T), positions
             assert attn_mask is not None, "a cache view needs the step's mask"
-            shape = tuple(attn_mask.shape)  # [rows, ., Qb or (H / Hkv) * Qb packed queries, Lb]
-            assert shape[0] == cache.B and shape[-1] == cache.Lb and shape[2] % cache.Qb == 0, shape
+            shape = tuple(attn_mask.shape)  # [rows, ., Qk or (H / Hkv) * Qk packed queries, Lb]
+            assert shape[0] == cache.B and shape[-1] == cache.Lb and shape[2] % cache.Qk == 0, shape
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device)
         cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta)

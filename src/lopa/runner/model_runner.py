@@ -24,7 +24,7 @@ from ..cache import FlatView, KVPool
 from ..decoding.base import Predictions
 from ..models.spec import ModelSpec
 from ..decoding.confidence import predict
-from ..models.attention import key_splits, step_block_mask, step_mask
+from ..models.attention import KERNEL_PAD_MIN, kernel_queries, key_splits, step_block_mask, step_mask
 from .graphs import KEY_STEP, GraphExecutor, bucket, predict_rows, round_up
 from .group import LocalGroup
 from .memory import kv_budget
@@ -51,6 +51,7 @@ class ModelRunner:
         # multiprocessors' count, models/attention.py: key_splits; a CPU never splits)
         self.key_splits = key_splits
         self.sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+        self.kernel_pad_min = KERNEL_PAD_MIN  # "flex": query buckets from this one attend padded (kernel_queries)
         self.graphs = GraphExecutor(self, capture=device.type == "cuda" if capture is None else capture,
                                     fuse=fuse, attention=attention) if static else None
         self.hidden: torch.Tensor | None = None  # [B, Qb, E] of the last forward (commit reads the winners)
@@ -239,16 +240,28 @@ class ModelRunner:
         trash = self.pool.capacity - 1  # padding queries write only there (their rows may lie over running slots)
         write = torch.where(branch >= 0, (P[:, None] + q).clamp(max=trash), trash)
         if flex:
-            cfg = self.model.config  # the query heads of a KV head share the query axis (models/transformer.py)
-            mask = step_block_mask(P, branch, block, Lb, groups=cfg.num_heads // cfg.num_kv_heads,
-                                   splits=self.splits_of(B, Qb, Lb), kv_heads=cfg.num_kv_heads)
+            mask, Qk = self._flex_mask(P, branch, block, Lb)
         else:
             allowed = step_mask(P, branch, block, Lb)  # [B, Qb, Lb]
             # additive, in the model's dtype, built once: SDPA would turn a bool mask into this in every layer
             mask = torch.zeros(B, 1, Qb, Lb, dtype=self.dtype, device=inputs.device)
             mask.masked_fill_(~allowed[:, None], float("-inf"))
-        view = self.pool.view(first, B, Lb, write)
+            Qk = Qb
+        view = self.pool.view(first, B, Lb, write, Qk)
         return self.model(tokens, cache=view, attn_mask=mask, positions=P[:, None] + col)
+
+    def _flex_mask(self, P: torch.Tensor, branch: torch.Tensor, block: torch.Tensor, Lb: int):
+        """The FlexAttention block mask of a step's [B, Qb] rows (step_block_mask) over Qk = kernel_queries(Qb)
+        queries a row, the rest padding (branch -1) -> (mask, Qk)."""
+        B, Qb = branch.shape
+        Qk = kernel_queries(Qb, self.kernel_pad_min)
+        if Qk > Qb:
+            branch = torch.nn.functional.pad(branch, (0, Qk - Qb), value=-1)
+            block = torch.nn.functional.pad(block, (0, Qk - Qb))
+        cfg = self.model.config  # the query heads of a KV head share the query axis (models/transformer.py)
+        mask = step_block_mask(P, branch, block, Lb, groups=cfg.num_heads // cfg.num_kv_heads,
+                               splits=self.splits_of(B, Qk, Lb), kv_heads=cfg.num_kv_heads)
+        return mask, Qk
 
     def flat_body(self, inputs: torch.Tensor, flat: torch.Tensor, T: int, first: int = 0) -> torch.Tensor:
         """``body`` on the flat query axis: a packed step over slots [first, first + B) (``inputs``) and its flat
@@ -264,11 +277,9 @@ class ModelRunner:
         column = torch.arange(T, device=inputs.device) - start[owner]  # [T] each flat query's column in its row
         real = branch >= 0
         position = torch.where(real, P[owner] + column, pool.capacity - 1)
-        groups = cfg.num_heads // cfg.num_kv_heads
-        mask = step_block_mask(P_p, branch_p, block_p, pool.capacity, groups=groups,
-                               splits=self.splits_of(B, Qb, pool.capacity), kv_heads=cfg.num_kv_heads)
-        view = FlatView(pool, first, B, Qb, cfg.num_heads, slot[owner], position,
-                        torch.where(real, owner * Qb + column, -1))
+        mask, Qk = self._flex_mask(P_p, branch_p, block_p, pool.capacity)
+        view = FlatView(pool, first, B, Qk, cfg.num_heads, slot[owner], position,
+                        torch.where(real, owner * Qk + column, -1))
         return self.model(tokens[None], cache=view, attn_mask=mask, positions=(P[owner] + col)[None])
 
     def _eager(self, items: list[StepItem]) -> tuple[torch.Tensor, list[Predictions]]:
