@@ -16,9 +16,10 @@ fresh subprocess, so compiled kernels and captured graphs never carry over betwe
   True: the device path's update eager / compiled whatever the model's size ("warm flex" leaves it to compile_update's
   "auto": compiled for the embedded model, eager at Dream-7B shape), to measure what compiling it costs a start and
   buys a step.
-* "warm flex (flat)" / "warm flex (padded)": "warm flex" with RunnerConfig.flat_queries True / False: the device path's
-  forward on the flat query axis where a step has a flat count (its counts captured at start-up too) or never, to
-  measure what the flat axis costs a start and buys a step ("warm flex" leaves it to flat_queries' default).
+* "warm flex (flat on)" / "warm flex (flat off)": "warm flex" with RunnerConfig.flat_queries True / False: the
+  device path's forward on the flat query axis where a step has a flat count (its counts captured at start-up too)
+  or never, to measure what the flat axis costs a start and buys a step ("warm flex" leaves it to flat_queries'
+  default: off).
 
 Each variant starts with empty on-disk kernel caches of its own (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR in a
 fresh temporary folder), so its start-up is a first start on this machine whatever ran before; a variant named
@@ -68,8 +69,8 @@ VARIANTS = {"lazy sdpa": dict(attention="sdpa", warmup=False), "warm flex": dict
             "warm flex (eager update)": dict(attention="flex", warmup=True, compile_update=False),
             "warm flex (compiled update)": dict(attention="flex", warmup=True, compile_update=True),
             "warm flex (keys unsplit)": dict(attention="flex", warmup=True, key_splits=1),
-            "warm flex (flat)": dict(attention="flex", warmup=True, flat_queries=True),
-            "warm flex (padded)": dict(attention="flex", warmup=True, flat_queries=False)}
+            "warm flex (flat on)": dict(attention="flex", warmup=True, flat_queries=True),
+            "warm flex (flat off)": dict(attention="flex", warmup=True, flat_queries=False)}
 STRATEGIES = ("lopa", "d2f", "threshold")
 KS = (0, 3, 7, 14)
 
@@ -156,8 +157,9 @@ def run_variant(args, variant: str) -> dict:
         row = {"pass": p, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall, "steps": steps,
                "ms_per_step": 1e3 * wall / max(1, steps)}
         for key in ("prefill_s", "decode_s", "prefill_steps", "decode_steps", "captures_after_start",
-                    "recompiles_after_start", "eager_decode_steps", "eager_prefill_steps", "partial_steps"):
-            row[key] = c1[key] - c0[key]
+                    "recompiles_after_start", "eager_decode_steps", "eager_prefill_steps", "partial_steps",
+                    "device_steps", "flat_steps"):
+            row[key] = c1[key] - c0[key] if key in c1 else None  # None: a tree whose counters lack it
         row["new_prefill_shapes"] = len(model.runner.prefill_shapes - shapes)  # met for the first time in this pass
         shapes |= model.runner.prefill_shapes
         row["prefill_shapes"] = len(shapes)
@@ -176,10 +178,10 @@ def sync() -> None:
 def table(results: list[dict]) -> str:
     lines = ["| variant | load s (warm-up s, graphs, GiB) | pass | tokens/s | ms/step | steps | prefill s (steps) | "
              "decode s (steps) | new prefill shapes | captures | recompiles | eager decode / prefill steps | "
-             "pass 0 / pass 1 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "device / flat steps | pass 0 / pass 1 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['variant']} | failed: {r['error'][:100]} |" + "  |" * 11)
+            lines.append(f"| {r['variant']} | failed: {r['error'][:100]} |" + "  |" * 12)
             continue
         for row in r["passes"]:
             start = (f"{r['load_s']:.1f} ({r['warmup_s']:.1f}, {r['warmup_graphs']}, {r['warmup_gib']:.2f})"
@@ -190,7 +192,8 @@ def table(results: list[dict]) -> str:
                          f"{row['prefill_s']:.2f} ({row['prefill_steps']}) | {row['decode_s']:.2f} "
                          f"({row['decode_steps']}) | {row['new_prefill_shapes']} | {row['captures_after_start']} | "
                          f"{row['recompiles_after_start']} | {row['eager_decode_steps']} / "
-                         f"{row['eager_prefill_steps']} | {ratio} |")
+                         f"{row['eager_prefill_steps']} | {row['device_steps']} / {row['flat_steps']} "
+                         f"| {ratio} |")
     warm = [r for r in results if "warmup_compiles" in r]
     if warm:
         lines += ["", "| variant | warm-up s | keys | torch.compile graphs | keys compiling | s in them | s in the "

@@ -512,6 +512,11 @@ def serve(
         show_default=f"auto: under {COMPILE_UPDATE_MAX_PARAMS / 1e9:g}B parameters",
         help="With --fuse, compile the device step's update: faster steps (the embedded model 1.2-1.8x), about 45 s "
              "more on a machine's first start (RunnerConfig.compile_update)."),
+    flat_queries: bool = typer.Option(
+        RunnerConfig.flat_queries, "--flat-queries/--no-flat-queries",
+        help="The device step's forward over the requests' real queries, not padded to the widest one's (Dream-7B "
+             "shape: 1.41x a batched forward on an H100; none on the embedded model); more graphs at start-up "
+             "(RunnerConfig.flat_queries)."),
     max_lookahead: int = typer.Option(RunnerConfig.max_lookahead, help="Largest k a request may ask for (else 400)."),
     max_num_batched_tokens: int = typer.Option(RunnerConfig.max_num_batched_tokens,
                                                help="Most query positions (K x W) of a request's forward (else 400)."),
@@ -551,7 +556,7 @@ def serve(
                               max_lookahead=max_lookahead,
                               max_num_batched_tokens=max_num_batched_tokens, kv_cache_bytes=kv_cache_bytes,
                               warmup=warmup, attention=attention, key_splits=key_splits, device_step=device_step,
-                              device_step_min=device_step_min)
+                              device_step_min=device_step_min, flat_queries=flat_queries)
         with console.status("loading model"):
             model = api.load_model(path, adapter=adapter, runner=runner)
     except LopaError as err:

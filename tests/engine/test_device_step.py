@@ -235,6 +235,7 @@ def test_after_the_warm_up_every_step_key_was_warmed(ref):
     assert _drive(flat, prompts, configs, joins)[0] == want and calls  # steps on the flat axis among them
     c = flat.engine.counters
     assert c.device_steps == c.decode_steps > 0 and c.eager_decode_steps == 0 and c.captures_after_start == 0
+    assert c.flat_steps == len(calls) and m.engine.counters.flat_steps == 0  # counted (engine, /metrics)
     assert set(flat.engine.device.graphs) == flat_keys
     small, _ = _warmed(model, spec, 4, max_tokens=64)  # lopa k=7 rows need more queries: no key for them
     # the host path under the same schedule (the step budget's partial steps; k_policy "load" reads the load)
@@ -638,6 +639,16 @@ def test_compile_update_chooses_the_update_where_the_runner_fuses(tiny_dream_dir
     assert off.engine.device.update is batched
     with pytest.raises(lopa.ConfigError, match="compile_update"):
         lopa.RunnerConfig(compile_update="no")
+
+
+def test_flat_queries_reaches_the_device_path(tiny_dream_dir):
+    """RunnerConfig.flat_queries (off by default): load_model gives the engine's device path a flat tile, or none."""
+    runner = dict(device="cpu", device_step=True)
+    assert lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(**runner)).engine.device.flat_tile is None
+    assert lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(**runner, flat_queries=True)
+                           ).engine.device.flat_tile == 1
+    with pytest.raises(lopa.ConfigError, match="flat_queries"):
+        lopa.RunnerConfig(flat_queries="yes")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="start-up capture needs a GPU")

@@ -66,17 +66,19 @@ def test_device_step_flag_reaches_the_engine_and_metrics(monkeypatch):
 def test_compile_update_and_key_splits_flags_reach_the_runner_config(monkeypatch):
     """--compile-update / --no-compile-update: RunnerConfig.compile_update on / off (the device path's update eager,
     a shorter first start); neither: None, the model's size decides (config.compiles_update). --key-splits N:
-    RunnerConfig.key_splits (default None: by the GPU's size)."""
+    RunnerConfig.key_splits (default None: by the GPU's size). --flat-queries / --no-flat-queries:
+    RunnerConfig.flat_queries (default off)."""
     import lopa.api
 
     seen = []
 
     def fake_load(path, adapter=None, runner=None):
-        seen.append((runner.compile_update, runner.key_splits))
+        seen.append((runner.compile_update, runner.key_splits, runner.flat_queries))
         raise lopa.ConfigError("stop here")
 
     monkeypatch.setattr(lopa.api, "load_model", fake_load)
-    for flags in ([], ["--compile-update"], ["--no-compile-update", "--key-splits", "4"]):
+    for flags in ([], ["--compile-update", "--flat-queries"], ["--no-compile-update", "--key-splits", "4",
+                                                                "--no-flat-queries"]):
         result = CliRunner().invoke(app, ["serve", "--device", "cpu", *flags])
         assert "stop here" in result.output and "Traceback" not in result.output, result.output
-    assert seen == [(None, None), (True, None), (False, 4)]
+    assert seen == [(None, None, False), (True, None, True), (False, 4, False)]

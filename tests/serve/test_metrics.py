@@ -9,7 +9,8 @@ from lopa.serve.metrics import Metrics
 GAUGES = {"lopa_graph_captures_after_startup": "captures_after_start",
           "lopa_recompiles_after_startup": "recompiles_after_start",
           "lopa_eager_decode_steps": "eager_decode_steps", "lopa_eager_prefill_steps": "eager_prefill_steps",
-          "lopa_device_decode_steps": "device_steps", "lopa_partial_decode_steps": "partial_steps",
+          "lopa_device_decode_steps": "device_steps", "lopa_flat_decode_steps": "flat_steps",
+          "lopa_partial_decode_steps": "partial_steps",
           "lopa_deferred_requests": "deferred_requests"}
 
 

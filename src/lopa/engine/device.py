@@ -51,7 +51,10 @@ def widths(Qb: int, lookaheads: int) -> tuple[int, int]:
     return Qb, min(lookaheads + 1, (1 + math.isqrt(1 + 4 * Qb)) // 2)
 
 
-FLAT_MIN = 4096  # padded queries (B x Qb) from which a step may take the flat query axis (RunnerConfig.flat_queries)
+# padded queries (B x Qb) from which a step may take the flat query axis (RunnerConfig.flat_queries): at Dream-7B
+# shape on one H100 the flat forward was 1.41x faster from 3,072 padded queries up (8 requests at k = 3; the GEMMs
+# run at their compute rate from a few hundred rows there); fewer are not measured
+FLAT_MIN = 2048
 
 
 def flat_counts(B: int, Qb: int, tile: int, least: int = FLAT_MIN) -> tuple[int, ...]:
@@ -142,6 +145,7 @@ class DevicePath:
         # rows always
         self.flat_tile = flat_tile
         self.flat_min = FLAT_MIN  # flat_counts' least (the tests lower it)
+        self.flat = False  # the last step's forward took the flat query axis
 
     def eligible(self, seq: Sequence) -> bool:
         """Greedy threshold / d2f / sdar / fast_dllm_v2 / lopa over any of them with a device branch score, no
@@ -294,6 +298,7 @@ class DevicePath:
             span = self._keyed_span(shape[3], span)
         T = self._flat_queries(host, *shape[:2])
         key = (*shape, measures, scores, span) + ((T,) if T else ())
+        self.flat = T is not None and (not self.warm or key in self.graphs)
         if self.warm and key not in self.graphs:  # on the padded rows, SDPA over the span
             self.runner.graphs.stats.eager_steps += 1
             eager = self._shape(host, eager=True)

@@ -73,6 +73,7 @@ class EngineCounters:
     eager_decode_steps: int = 0  # greedy decode steps that ran eagerly: their shape was not captured
     eager_prefill_steps: int = 0  # prefill steps that ran eagerly with exact shapes after the warm-up (no warmed key)
     device_steps: int = 0  # decode steps that ran on the device path (engine/device.py)
+    flat_steps: int = 0  # of those, the steps whose forward took the flat query axis (RunnerConfig.flat_queries)
     # the step budget (engine/scheduler.py): decode steps that ran only the first of the running requests, because
     # all of them together had no warmed shape, and the requests those steps left waiting (summed over the steps)
     partial_steps: int = 0
@@ -87,7 +88,8 @@ class EngineCounters:
         return self.requests / self.decode_steps if self.decode_steps else 0.0
 
     def as_dict(self) -> dict:
-        keys = ("steps", "prefill_steps", "decode_steps", "device_steps", "rows", "requests", "prefill_s", "decode_s",
+        keys = ("steps", "prefill_steps", "decode_steps", "device_steps", "flat_steps", "rows", "requests", "prefill_s",
+                "decode_s",
                 "rows_per_step", "requests_per_step", "captures_after_start", "recompiles_after_start",
                 "eager_decode_steps", "eager_prefill_steps", "partial_steps", "deferred_requests")
         return {k: getattr(self, k) for k in keys}
@@ -321,6 +323,7 @@ class Engine:
         shapes = [self.device.shape(s) for s in seqs]  # (K, W) of each request's forward in this step
         info = self.device.step(seqs, self.row_budget())  # ONE forward
         self.counters.device_steps += 1
+        self.counters.flat_steps += self.device.flat
         self._log_winners(seqs, [row[6] for row in info], False)
         outputs = []
         self.device.finish([s for s, row in zip(seqs, info) if row[0]])  # final canvases to the host states

@@ -55,6 +55,9 @@ class Metrics:
                                     registry=r)
         self.device_steps = Gauge("lopa_device_decode_steps", "Decode steps that iterated every request at once on "
                                   "the device (RunnerConfig.device_step)", registry=r)
+        self.flat_steps = Gauge("lopa_flat_decode_steps", "Device-path decode steps whose forward ran over the "
+                                "requests' real queries, not padded to the widest one's (RunnerConfig.flat_queries)",
+                                registry=r)
         self.partial_steps = Gauge("lopa_partial_decode_steps", "Decode steps that ran only part of the running "
                                    "requests (all of them together had no shape captured at start-up: the step "
                                    "budget, max_num_batched_tokens); the others waited, first in line for the "
@@ -73,6 +76,7 @@ class Metrics:
             self.eager_steps.set(counters.eager_decode_steps)
             self.eager_prefills.set(counters.eager_prefill_steps)
             self.device_steps.set(counters.device_steps)
+            self.flat_steps.set(counters.flat_steps)
             self.partial_steps.set(counters.partial_steps)
             self.deferred.set(counters.deferred_requests)
         self.running.set(running)
