@@ -493,7 +493,7 @@ def test_warm_up_order_puts_the_key_of_the_most_queries_first():
 
 def test_warmup_compiles_flex_attention_once_per_query_bucket(tiny_dream_dir):
     """The compiled FlexAttention is dynamic in the batch from its first call: warming B buckets {1, 2, 4} x two
-    query buckets traces one graph per query bucket (dynamo with the eager backend: graphs are traced and counted,
+    query buckets traces one graph per query bucket, and buckets padded to one kernel length share its graph (dynamo with the eager backend: graphs are traced and counted,
     nothing is generated). Only the attention is compiled here, so graphs.compiles() counts its graphs alone."""
     from lopa.models import fused
 
@@ -511,6 +511,15 @@ def test_warmup_compiles_flex_attention_once_per_query_bucket(tiny_dream_dir):
         stats = runner.graphs.warmup(keys)
         assert stats.warmup_compiles == 2  # one per query bucket (was 4: B = 1, then B >= 2, per query bucket)
         assert len(stats.warmup_key_s) == len(keys) and stats.warmup_key_compiles.count(1) == 2
+        # buckets from kernel_pad_min on attend on the next power of two (models/attention.py: kernel_queries): the
+        # buckets 96 and 128 share one kernel, 64 keeps its own
+        torch._dynamo.reset()
+        runner = ModelRunner(loaded.model, loaded.spec, torch.device("cpu"), torch.float32, max_num_seqs=4,
+                             max_positions=512, static=True, capture=False, attention="flex")
+        runner.reserve(4, runner.slot_capacity())
+        runner.kernel_pad_min = 96
+        keys = [k for k in runner.graphs.warmup_keys(max_tokens=4 * 128) if k[0] in (1, 2) and k[1] in (64, 96, 128)]
+        assert len(keys) == 6 and runner.graphs.warmup(keys).warmup_compiles == 2
     finally:
         loaded.model.ops = fused.EAGER
         torch._dynamo.reset()

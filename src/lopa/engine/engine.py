@@ -89,8 +89,7 @@ class EngineCounters:
 
     def as_dict(self) -> dict:
         keys = ("steps", "prefill_steps", "decode_steps", "device_steps", "flat_steps", "rows", "requests", "prefill_s",
-                "decode_s",
-                "rows_per_step", "requests_per_step", "captures_after_start", "recompiles_after_start",
+                "decode_s", "rows_per_step", "requests_per_step", "captures_after_start", "recompiles_after_start",
                 "eager_decode_steps", "eager_prefill_steps", "partial_steps", "deferred_requests")
         return {k: getattr(self, k) for k in keys}
 

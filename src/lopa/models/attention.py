@@ -194,10 +194,12 @@ def split_attention(flex, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blo
 
 # FlexAttention compiles once per query length (compiled for dynamic lengths it ran at about half the speed:
 # models/fused.py, _static_queries), so a step's query bucket Qb from KERNEL_PAD_MIN on is padded for the kernel to
-# the next power of two: the buckets 384, 768, 1536, 3072 and 6144 share the kernels of 512, 1024, 2048, 4096 and
-# 8192, five compiles fewer at start-up. The padding queries sit past each query head's Qb, in query tiles of their
-# own (Qk a multiple of the 128-query tile), and such a tile reads one key tile (step_block_mask); below 384 a
-# padded tile would hold real queries, which read their whole span
+# the next power of two: the buckets 384, 768, 1536, 3072 and 6144 attend as 512, 1024, 2048, 4096 and 8192, so
+# a warm-up over slots of 8,192 positions compiles 11 kernel lengths for its 15 buckets (9 for 11 at 2,048
+# positions). The padding queries sit past each query head's Qb, in query tiles of their own (Qk a multiple of the
+# 128-query tile), and such a tile reads one key tile (step_block_mask); below 384 a padded tile would hold real
+# queries, which read their whole span. Start-up seconds and step times: not yet measured on a GPU
+# (docs/benchmarks.md, eighteenth session)
 KERNEL_PAD_MIN = 384
 
 

@@ -272,7 +272,7 @@ class ModelRunner:
         its row's slot's trash position)."""
         _, _, branch_p, block_p, P_p, _, _ = unpack(inputs)
         tokens, col, branch, _, owner, slot, P, start, _, _, _ = unpack_flat(flat, T)
-        B, Qb = branch_p.shape
+        B = branch_p.shape[0]
         pool, cfg = self.pool, self.model.config
         column = torch.arange(T, device=inputs.device) - start[owner]  # [T] each flat query's column in its row
         real = branch >= 0
