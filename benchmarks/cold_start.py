@@ -166,7 +166,7 @@ def run_variant(args, variant: str) -> dict:
         result["passes"].append(row)
         print(json.dumps({"variant": variant, **row}), flush=True)
     p0, p1 = result["passes"][0], result["passes"][-1]
-    result["pass0_over_pass1"] = p0["tokens_per_s"] / p1["tokens_per_s"]
+    result["pass0_over_pass1"] = p0["tokens_per_s"] / p1["tokens_per_s"] if len(result["passes"]) > 1 else None
     return result
 
 
@@ -186,7 +186,7 @@ def table(results: list[dict]) -> str:
         for row in r["passes"]:
             start = (f"{r['load_s']:.1f} ({r['warmup_s']:.1f}, {r['warmup_graphs']}, {r['warmup_gib']:.2f})"
                      if row["pass"] == 0 else "")
-            ratio = f"{r['pass0_over_pass1']:.2f}" if row["pass"] == 0 else ""
+            ratio = f"{r['pass0_over_pass1']:.2f}" if row["pass"] == 0 and r["pass0_over_pass1"] else ""
             lines.append(f"| {r['variant'] if row['pass'] == 0 else ''} | {start} | {row['pass']} | "
                          f"{row['tokens_per_s']:.0f} | {row['ms_per_step']:.2f} | {row['steps']} | "
                          f"{row['prefill_s']:.2f} ({row['prefill_steps']}) | {row['decode_s']:.2f} "

@@ -187,6 +187,8 @@ def test_cold_start_tiny(tmp_path):
         assert p0["tokens"] == p1["tokens"] > 0  # the same workload, greedy
         assert p0["prefill_steps"] == p1["prefill_steps"] > 0 and p0["prefill_s"] > 0 and p0["decode_s"] > 0
         assert p0["new_prefill_shapes"] == p0["prefill_shapes"] > 0 and p1["new_prefill_shapes"] == 0
+        assert p0["device_steps"] == p0["flat_steps"] == 0  # a CPU: the host strategies (device_step "auto")
+        assert r["pass0_over_pass1"] > 0
     assert "| warm flex, second start |" in (tmp_path / "cold_start_tiny.md").read_text()
 
 
