@@ -493,8 +493,9 @@ def test_warm_up_order_puts_the_key_of_the_most_queries_first():
 
 def test_warmup_compiles_flex_attention_once_per_query_bucket(tiny_dream_dir):
     """The compiled FlexAttention is dynamic in the batch from its first call: warming B buckets {1, 2, 4} x two
-    query buckets traces one graph per query bucket, and buckets padded to one kernel length share its graph (dynamo with the eager backend: graphs are traced and counted,
-    nothing is generated). Only the attention is compiled here, so graphs.compiles() counts its graphs alone."""
+    query buckets traces one graph per query bucket, and buckets padded to one kernel length share its graph
+    (dynamo with the eager backend: graphs are traced and counted, nothing is generated). Only the attention is
+    compiled here, so graphs.compiles() counts its graphs alone."""
     from lopa.models import fused
 
     model = lopa.load_model(tiny_dream_dir, runner=lopa.RunnerConfig(device="cpu"))
