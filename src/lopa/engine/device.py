@@ -298,11 +298,12 @@ class DevicePath:
             span = self._keyed_span(shape[3], span)
         T = self._flat_queries(host, *shape[:2])
         key = (*shape, measures, scores, span) + ((T,) if T else ())
-        self.flat = T is not None and (not self.warm or key in self.graphs)
         if self.warm and key not in self.graphs:  # on the padded rows, SDPA over the span
+            self.flat = False
             self.runner.graphs.stats.eager_steps += 1
             eager = self._shape(host, eager=True)
             return self._update(*eager, measures, scores, self._keyed_span(eager[3], span), batched)
+        self.flat = T is not None
         return self._replay(key, lambda: self._update(*shape, measures, scores, span, T=T))
 
     def _flat_queries(self, host: list[list[int]], B: int, Qb: int) -> int | None:
